@@ -1,0 +1,195 @@
+"""Finish a dataset from its committed units: rejects, subsets, Zarr store and, last, the manifest.
+
+Used by a single-part ingest at its end and by ``eossl ingest merge`` after ``--part i/N`` runs; both
+read only the unit records, so a merged dataset is the same as one written by a single run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import platform
+import time
+from importlib.metadata import PackageNotFoundError, version
+
+import numpy as np
+
+from .bands import IGBP_CLASSES, IGBP_SIMPLE_CLASSES
+from .format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    PROGRESS_DIR,
+    REJECTS,
+    SUBSETS,
+    WDS_LAYOUT,
+    ZARR_DIR,
+)
+from .shards import unit_record_path, unit_stats_path
+from .splits import budget_subset, non_overlapping
+from .stats import BandStats
+from .storage import Output
+from .writer import IngestError
+
+__all__ = ["eossl_version", "finalize", "merge"]
+
+
+def eossl_version() -> str:
+    try:
+        return version("eossl")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _load_plan(out: Output) -> dict:
+    path = f"{PROGRESS_DIR}/plan.json"
+    if not out.exists(path):
+        raise IngestError(f"{out.path(path)} not found: {out.url} holds no ingest to finish")
+    return json.loads(out.read_bytes(path))
+
+
+def _load_records(out: Output, plan: dict) -> list[dict]:
+    missing = [u for u in range(plan["units"]) if not out.exists(unit_record_path(u))]
+    if missing:
+        parts = sorted(p.rsplit("/", 1)[-1] for p in out.list(PROGRESS_DIR) if "/part-" in p)
+        raise IngestError(
+            f"{len(missing)} of {plan['units']} units are not written yet (e.g. unit {missing[0]}); "
+            f"finished parts: {', '.join(parts) or 'none'}. Run the missing parts (same command) first."
+        )
+    return [json.loads(out.read_bytes(unit_record_path(u))) for u in range(plan["units"])]
+
+
+def _merged_stats(out: Output, units: int) -> dict[str, BandStats]:
+    stats = {m: BandStats.empty(m) for m in ("s1", "s2")}
+    for u in range(units):
+        with np.load(io.BytesIO(out.read_bytes(unit_stats_path(u)))) as data:
+            for mod in stats:
+                stats[mod] = stats[mod].merge(BandStats.from_arrays(mod, data, f"{mod}_"))
+    return stats
+
+
+def _label_summary(samples: list[dict]) -> dict:
+    summary: dict = {"with_labels": sum(1 for s in samples if s["labels"]), "without_labels": 0}
+    summary["without_labels"] = len(samples) - summary["with_labels"]
+    for scheme, classes in (("igbp", IGBP_CLASSES), ("igbp_simple", IGBP_SIMPLE_CLASSES)):
+        single = np.zeros(len(classes), np.int64)
+        multi = np.zeros(len(classes), np.int64)
+        for s in samples:
+            lab = s["labels"]
+            if lab and lab[scheme]:
+                single[lab[scheme] - 1] += 1
+                for c in lab[f"{scheme}_multi"]:
+                    multi[c - 1] += 1
+        summary[scheme] = {"classes": list(classes), "single_label": single.tolist(), "multi_label": multi.tolist()}
+    return summary
+
+
+def _subsets(samples: list[dict], budgets: list[int], seeds: list[int]) -> tuple[dict, dict, list[str]]:
+    """Non-overlapping mask and label-budget index lists (indices are rows in dataset order)."""
+    n = len(samples)
+    scene = [s["scene_id"] for s in samples]
+    crs = [s["crs"] for s in samples]
+    transforms = np.array([s["transform"] for s in samples], dtype=np.float64).reshape(n, 6)
+    keep = non_overlapping(scene, crs, transforms)
+    train = np.array([s["split"] == "train" for s in samples], dtype=bool)
+    labels = np.array([s["labels"]["igbp_simple"] if s["labels"] else 0 for s in samples], dtype=np.int64)
+    subsets: dict[str, list[int]] = {}
+    skipped: list[str] = []
+    for b in budgets:
+        for seed in seeds:
+            name = f"budget_{b}_seed{seed}"
+            try:
+                subsets[name] = budget_subset(labels, train, b, seed).tolist()
+            except ValueError as exc:
+                skipped.append(f"{name}: {exc}")
+    arrays = {"non_overlapping": keep, "train": train}
+    return arrays, subsets, skipped
+
+
+def finalize(out: Output, workers: int, command: tuple[str, ...] | list[str]) -> dict:
+    """Write rejects, subsets, Zarr and manifest from the unit records; returns the manifest."""
+    from .zarr_store import build_zarr  # noqa: PLC0415 - zarr is only needed here
+
+    plan = _load_plan(out)
+    records = _load_records(out, plan)
+    samples = [s for r in records for s in r["samples"]]
+    rejects = [rj for r in records for rj in r["rejects"]]
+    shards = [r["shard"] for r in records if r["shard"] is not None]
+    if plan["patches_found"] != len(samples) + len(rejects):
+        raise IngestError(
+            f"count invariant broken: {plan['patches_found']} patches found but {len(samples)} written + "
+            f"{len(rejects)} rejected; the progress folder {out.path(PROGRESS_DIR)} is inconsistent"
+        )
+    options = plan["options"]
+    split_opts = options["split"]
+    arrays, subsets, skipped = _subsets(samples, split_opts["budgets"], split_opts["budget_seeds"])
+
+    out.write_bytes(REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects).encode())
+    subsets_doc = {
+        "order": "row index in the dataset (Zarr rows = shard order)",
+        "non_overlapping": np.flatnonzero(arrays["non_overlapping"]).tolist(),
+        "train": np.flatnonzero(arrays["train"]).tolist(),
+        "test": np.flatnonzero(~arrays["train"]).tolist(),
+        "budgets": subsets,
+        "label": "igbp_simple single-label, stratified; drawn from the train split",
+    }
+    out.write_bytes(SUBSETS, json.dumps(subsets_doc).encode())
+    stats = {m: st.summary() for m, st in _merged_stats(out, plan["units"]).items()}
+    if "zarr" in options["formats"]:
+        extra = {"non_overlapping": arrays["non_overlapping"]}
+        for name, idx in subsets.items():
+            mask = np.zeros(len(samples), dtype=bool)
+            mask[idx] = True
+            extra[name] = mask
+        build_zarr(out, shards, samples, extra, options["zarr_shard_samples"], workers,
+                   {"normalisation": stats, "splits": plan["splits"]})
+    if "wds" not in options["formats"]:
+        out.remove(f"{PROGRESS_DIR}/staged-shards")
+        shards = []
+
+    scenes = plan["splits"]
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "eossl_version": eossl_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": list(command),
+        "host": {"python": platform.python_version(), "platform": platform.platform()},
+        "source_listing_sha256": plan["listing_sha256"],
+        "options": options,
+        "layout": {"shards": WDS_LAYOUT, "zarr": "CHW", "zarr_path": ZARR_DIR if "zarr" in options["formats"] else None,
+                   "members": {"json": "metadata", "s1.npy": "float32 VV,VH dB", "s2.npy": "uint16 B1..B12 (B8A after B8)",
+                               "lc.npy": "uint8 IGBP,LCCS_LC,LCCS_LU,LCCS_SH"}},
+        "counts": {
+            "patches_found": plan["patches_found"],
+            "samples_written": len(samples),
+            "rejected": len(rejects),
+            **{f"with_{m}": sum(1 for s in samples if s["modalities"][m]) for m in ("s1", "s2", "lc")},
+            "train": int(arrays["train"].sum()),
+            "test": int((~arrays["train"]).sum()),
+            "non_overlapping": int(arrays["non_overlapping"].sum()),
+        },
+        "shards": shards,
+        "stats": stats,
+        "labels": _label_summary(samples),
+        "splits": {
+            "train_scenes": sorted(s for s, v in scenes.items() if v == "train"),
+            "test_scenes": sorted(s for s, v in scenes.items() if v == "test"),
+        },
+        "subsets": {"budgets": {k: len(v) for k, v in subsets.items()}, "skipped": skipped},
+    }
+    manifest["manifest_sha256"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    out.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def merge(dataset: str, workers: int = 1, command: tuple[str, ...] = ()) -> dict:
+    """Finish a dataset written by ``--part i/N`` runs (all parts must have completed)."""
+    out = Output(dataset)
+    plan = _load_plan(out)
+    parts = [json.loads(out.read_bytes(p)) for p in out.list(PROGRESS_DIR) if "/part-" in p]
+    digests = {p["listing_sha256"] for p in parts} | {plan["listing_sha256"]}
+    if len(digests) != 1:
+        raise IngestError("the parts scanned different source listings; re-run them against the same SOURCE")
+    return finalize(out, workers, command)

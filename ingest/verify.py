@@ -1,0 +1,117 @@
+"""``eossl verify``: re-check a finished dataset against its manifest.
+
+Checks, in order of cost: the manifest parses and counts add up (found = written + rejected); every
+listed shard exists with its size and sha256 and no unlisted shard lies beside them; the shards'
+sample keys, in order, are the Zarr ``key`` array and their modality members match the ``has_*``
+flags; with ``deep=True`` every array in the shards equals its Zarr row bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+
+from .bands import MODALITIES
+from .format import FORMAT_NAME, MANIFEST, REJECTS, SHARD_DIR, ZARR_DIR, decode_member
+from .storage import Output
+from .zarr_store import iter_shard_samples
+
+__all__ = ["verify"]
+
+
+def _sha256(out: Output, rel: str) -> tuple[str, int]:
+    h, size = hashlib.sha256(), 0
+    opener = open(out.path(rel), "rb") if out.is_local else out.fs.open(f"{out.root}/{rel}", "rb")
+    with opener as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def verify(dataset: str, deep: bool = False) -> list[str]:
+    """Return the problems found (empty list: the dataset is complete and consistent)."""
+    import zarr  # noqa: PLC0415
+
+    out = Output(dataset)
+    if not out.exists(MANIFEST):
+        return [f"{out.path(MANIFEST)} missing: the ingest did not finish (re-run it to resume)"]
+    try:
+        manifest = json.loads(out.read_bytes(MANIFEST))
+    except json.JSONDecodeError as exc:
+        return [f"{out.path(MANIFEST)} is not valid JSON: {exc}"]
+    problems: list[str] = []
+    if manifest.get("format") != FORMAT_NAME:
+        return [f"{out.path(MANIFEST)}: format {manifest.get('format')!r} is not {FORMAT_NAME!r}"]
+    counts = manifest["counts"]
+    if counts["patches_found"] != counts["samples_written"] + counts["rejected"]:
+        problems.append(f"counts: {counts['patches_found']} found != {counts['samples_written']} written + "
+                        f"{counts['rejected']} rejected")
+    rejects = out.read_bytes(REJECTS).decode().splitlines() if out.exists(REJECTS) else None
+    if rejects is None:
+        problems.append(f"{out.path(REJECTS)} missing")
+    elif len(rejects) != counts["rejected"]:
+        problems.append(f"{REJECTS} lists {len(rejects)} patches, manifest says {counts['rejected']} rejected")
+
+    formats = manifest["options"]["formats"]
+    shard_keys: list[str] = []
+    shard_members: list[set[str]] = []
+    if "wds" in formats:
+        listed = {s["path"] for s in manifest["shards"]}
+        extra = sorted(set(p for p in out.list(SHARD_DIR) if p.endswith(".tar")) - listed)
+        if extra:
+            problems.append(f"shards not listed in the manifest: {', '.join(extra[:5])}")
+        if sum(s["samples"] for s in manifest["shards"]) != counts["samples_written"]:
+            problems.append("shard sample counts do not add up to samples_written")
+        for shard in manifest["shards"]:
+            path = shard["path"]
+            if not out.exists(path):
+                problems.append(f"{out.path(path)} missing")
+                continue
+            digest, size = _sha256(out, path)
+            if digest != shard["sha256"] or size != shard["bytes"]:
+                problems.append(f"{out.path(path)}: sha256/size differ from the manifest (corrupt or replaced)")
+                continue
+            keys = [(k, set(m)) for k, m in iter_shard_samples(out, path)]
+            if len(keys) != shard["samples"]:
+                problems.append(f"{out.path(path)} holds {len(keys)} samples, manifest says {shard['samples']}")
+            shard_keys += [k for k, _ in keys]
+            shard_members += [m for _, m in keys]
+        if len(set(shard_keys)) != len(shard_keys):
+            problems.append("duplicate sample keys across shards")
+
+    if "zarr" in formats:
+        try:
+            group = zarr.open_group(out.zarr_store(ZARR_DIR, read_only=True), mode="r")
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            return [*problems, f"{out.path(ZARR_DIR)} cannot be opened: {exc}"]
+        n = counts["samples_written"]
+        for mod, m in MODALITIES.items():
+            if mod not in group or group[mod].shape != (n, *m.shape_chw):
+                problems.append(f"{ZARR_DIR}/{mod} missing or not of shape {(n, *m.shape_chw)}")
+        zkeys = [str(k) for k in group["key"][:]] if "key" in group else []
+        if len(zkeys) != n:
+            problems.append(f"{ZARR_DIR}/key has {len(zkeys)} entries, expected {n}")
+        if "wds" in formats and not problems:
+            if zkeys != shard_keys:
+                problems.append("Zarr keys and shard keys differ (order or content)")
+            for mod in MODALITIES:
+                has = group[f"has_{mod}"][:]
+                in_tar = np.array([f"{mod}.npy" in m for m in shard_members], dtype=bool)
+                if not np.array_equal(has, in_tar):
+                    problems.append(f"{ZARR_DIR}/has_{mod} disagrees with the shards' {mod} members")
+        if deep and "wds" in formats and not problems:
+            row = 0
+            for shard in manifest["shards"]:
+                for key, members in iter_shard_samples(out, shard["path"]):
+                    for mod in MODALITIES:
+                        data = members.get(f"{mod}.npy")
+                        if data is None:
+                            continue
+                        # Compare bytes, not values: NaN != NaN, and bit-exactness is the claim.
+                        if decode_member(data, "CHW").tobytes() != group[mod][row].tobytes():
+                            problems.append(f"{key}: {mod} differs between {shard['path']} and {ZARR_DIR}")
+                    row += 1
+    return problems

@@ -1,0 +1,160 @@
+"""The ingest driver: plan units, write them in parallel (resumably), and finalize the dataset.
+
+Order of commits, which is what makes a kill at any moment safe:
+  1. ``_progress/plan.json``: listing digest + options; a re-run with other options is refused.
+  2. per unit: tar shard -> ``unit-N.npz`` statistics -> ``unit-N.json`` record (the commit point).
+  3. per part: ``part-i-of-N.json`` once all its units are committed.
+  4. finalize (single run, or ``eossl ingest merge``): rejects.jsonl, subsets.json, data.zarr
+     (block markers), and ``manifest.json`` last. Only a dataset with a manifest is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+
+from tqdm import tqdm
+
+from .bands import MODALITIES
+from .config import IngestConfig
+from .format import MANIFEST, PROGRESS_DIR
+from .layout import SourceListing, scan_source
+from .shards import Unit, process_unit, unit_record_path
+from .splits import scene_split
+from .storage import Output
+
+__all__ = ["IngestError", "IngestSummary", "plan_units", "run_ingest"]
+
+# Bytes of one complete triplet in the shards (s1 + s2 + lc + headers): sets samples per shard.
+FULL_SAMPLE_BYTES = sum(m.nbytes for m in MODALITIES.values()) + 4096
+
+
+class IngestError(RuntimeError):
+    """The run could not complete (as opposed to a rejected input, which is reported and skipped)."""
+
+
+@dataclass
+class IngestSummary:
+    found: int
+    written: int
+    rejected: int
+    units_done: int
+    units_total: int
+    complete: bool
+    seconds: float
+
+    def line(self) -> str:
+        state = "complete" if self.complete else f"part done ({self.units_done}/{self.units_total} units)"
+        rate = self.found / self.seconds if self.seconds > 0 else 0.0
+        return (f"ingest {state}: {self.found} patches found, {self.written} written, {self.rejected} rejected "
+                f"({self.seconds:.1f} s, {rate:.1f} patches/s)")
+
+
+def samples_per_shard(shard_bytes: int) -> int:
+    return max(1, shard_bytes // FULL_SAMPLE_BYTES)
+
+
+def plan_units(listing: SourceListing, cfg: IngestConfig) -> list[Unit]:
+    """Cut the sorted listing into shard-sized units; unit i is shard i, the same in every part."""
+    size = samples_per_shard(cfg.shard_bytes)
+    staging = "wds" not in cfg.formats
+    groups = listing.groups
+    return [Unit(index=u, groups=tuple(groups[s : s + size]), staging=staging)
+            for u, s in enumerate(range(0, len(groups), size))]
+
+
+def _split_of_scenes(listing: SourceListing, cfg: IngestConfig) -> dict[str, str]:
+    scenes = [g.pid.scene_id for g in listing.groups]
+    return scene_split(scenes, cfg.split.holdout_fraction, cfg.split.seed, cfg.split.holdout_scenes)
+
+
+def _check_plan(out: Output, plan: dict) -> None:
+    path = f"{PROGRESS_DIR}/plan.json"
+    plan = json.loads(json.dumps(plan))  # tuples -> lists, as they come back from the file
+    if out.exists(path):
+        previous = json.loads(out.read_bytes(path))
+        if previous != plan:
+            changed = sorted(k for k in set(plan) | set(previous) if plan.get(k) != previous.get(k))
+            raise IngestError(
+                f"{out.path(path)} was written by an ingest with different {', '.join(changed)}; "
+                "re-run with the original options or write to a new dataset folder"
+            )
+    else:
+        out.write_bytes(path, json.dumps(plan, sort_keys=True, indent=1).encode())
+
+
+def _run_units(units: list[Unit], cfg: IngestConfig, splits: dict[str, str], bar: tqdm) -> None:
+    args = (cfg.dataset, cfg.source, cfg.read, splits)
+    if cfg.workers <= 1 or len(units) <= 1:
+        for unit in units:
+            result = process_unit(unit, *args)
+            bar.update(result["patches"])
+        return
+    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=get_context("spawn")) as pool:
+        pending = {pool.submit(process_unit, unit, *args) for unit in units}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for fut in done:
+                if fut.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise fut.exception()
+                bar.update(fut.result()["patches"])
+
+
+def run_ingest(cfg: IngestConfig) -> IngestSummary:
+    """Ingest this part of ``cfg.source`` into ``cfg.dataset``; finalize when it is the only part."""
+    t0 = time.perf_counter()
+    out = Output(cfg.dataset)
+    listing = scan_source(cfg.source)
+    if listing.ignored:
+        examples = ", ".join(p.rsplit("/", 1)[-1] for p in listing.ignored[:3])
+        print(f"warning: ignoring {len(listing.ignored)} files that are not SEN12MS patches (e.g. {examples})",
+              file=sys.stderr)
+    units = plan_units(listing, cfg)
+    splits = _split_of_scenes(listing, cfg)
+    plan = {
+        "listing_sha256": listing.digest,
+        "patches_found": len(listing.groups),
+        "units": len(units),
+        "samples_per_shard": samples_per_shard(cfg.shard_bytes),
+        "options": cfg.plan_options(),
+        "splits": splits,
+    }
+    _check_plan(out, plan)
+    if out.exists(MANIFEST) and cfg.part[1] == 1:
+        manifest = json.loads(out.read_bytes(MANIFEST))
+        c = manifest["counts"]
+        return IngestSummary(c["patches_found"], c["samples_written"], c["rejected"], len(units), len(units),
+                             True, time.perf_counter() - t0)
+    for prefix in (PROGRESS_DIR, "shards", f"{PROGRESS_DIR}/staged-shards"):
+        out.remove_stale_temporaries(prefix)
+
+    i, n = cfg.part
+    mine = [u for u in units if u.index % n == i]
+    todo = [u for u in mine if not out.exists(unit_record_path(u.index))]
+    with tqdm(total=sum(len(u.groups) for u in mine), initial=sum(len(u.groups) for u in mine if u not in todo),
+              unit="patch", desc=f"ingest {i}/{n}" if n > 1 else "ingest", disable=not cfg.progress,
+              file=sys.stderr, smoothing=0.1) as bar:
+        _run_units(todo, cfg, splits, bar)
+    part = {"part": [i, n], "units": [u.index for u in mine], "listing_sha256": listing.digest,
+            "command": list(cfg.command)}
+    out.write_bytes(f"{PROGRESS_DIR}/part-{i}-of-{n}.json", json.dumps(part, sort_keys=True).encode())
+
+    if n == 1:
+        from .finalize import finalize  # noqa: PLC0415 - keeps the unit writer import-light in workers
+
+        manifest = finalize(out, cfg.workers, cfg.command)
+        c = manifest["counts"]
+        return IngestSummary(c["patches_found"], c["samples_written"], c["rejected"], len(units), len(units),
+                             True, time.perf_counter() - t0)
+    records = [json.loads(out.read_bytes(unit_record_path(u.index))) for u in mine]
+    written = sum(len(r["samples"]) for r in records)
+    rejected = sum(len(r["rejects"]) for r in records)
+    return IngestSummary(sum(len(u.groups) for u in mine), written, rejected, len(mine), len(units), False,
+                         time.perf_counter() - t0)
+

@@ -1,0 +1,102 @@
+"""Shared fixtures: real patches, GeoTIFF writing for crafted inputs, synthetic sources, local servers."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import Affine
+
+from eossl.ingest.real_samples import REAL_PATCHES_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+REAL_S1_P30 = REAL_PATCHES_DIR / "ROIs1158_spring/s1_1/ROIs1158_spring_s1_1_p30.tif"
+REAL_LC_P30 = REAL_PATCHES_DIR / "ROIs1158_spring/lc_1/ROIs1158_spring_lc_1_p30.tif"
+REAL_S1_P839 = REAL_PATCHES_DIR / "ROIs1970_fall/s1_139/ROIs1970_fall_s1_139_p839.tif"
+REAL_S2_P839 = REAL_PATCHES_DIR / "ROIs1970_fall/s2_139/ROIs1970_fall_s2_139_p839.tif"
+
+
+def read_tif(path: Path) -> tuple[np.ndarray, dict]:
+    with rasterio.open(path) as ds:
+        return ds.read(), {"crs": ds.crs, "transform": ds.transform}
+
+
+def write_tif(path: Path, data: np.ndarray, crs="EPSG:32650", transform: Affine | None = None, nodata=None) -> Path:
+    """Write a (C, H, W) array as an uncompressed GeoTIFF, like SEN12MS files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    transform = transform or Affine(10.0, 0.0, 701879.9106015414, 0.0, -10.0, 3710139.5406956286)
+    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+                       dtype=data.dtype, crs=crs, transform=transform, nodata=nodata) as ds:
+        ds.write(data)
+    return path
+
+
+def sen12ms_path(root: Path, mod: str, roi: str = "ROIs1970", season: str = "fall", scene: int = 139,
+                 patch: int = 839) -> Path:
+    return root / f"{roi}_{season}" / f"{mod}_{scene}" / f"{roi}_{season}_{mod}_{scene}_p{patch}.tif"
+
+
+def complete_triplet(root: Path, scene: int, patch: int, roi: str = "ROIs1970", season: str = "fall",
+                     x_offset: float = 0.0) -> dict[str, Path]:
+    """A complete triplet built from the real p839 S1/S2 and the real p30 land cover, on p839's grid."""
+    s1, meta = read_tif(REAL_S1_P839)
+    s2, _ = read_tif(REAL_S2_P839)
+    lc, _ = read_tif(REAL_LC_P30)
+    t = meta["transform"] @ Affine.translation(x_offset, 0)
+    return {
+        mod: write_tif(sen12ms_path(root, mod, roi, season, scene, patch), arr, meta["crs"], t)
+        for mod, arr in (("s1", s1), ("s2", s2), ("lc", lc))
+    }
+
+
+@pytest.fixture
+def real_source(tmp_path: Path) -> Path:
+    """The shipped real patches copied to a scratch folder (tests may add files beside them)."""
+    dst = tmp_path / "real"
+    shutil.copytree(REAL_PATCHES_DIR, dst, ignore=shutil.ignore_patterns("*.md"))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def synthetic_source(tmp_path_factory) -> Path:
+    """24 synthetic complete triplets (6 scenes x 4 patches), shared read-only by the session."""
+    from eossl.ingest.sample_data import write_sample_data
+
+    root = tmp_path_factory.mktemp("synthetic") / "sen12ms"
+    write_sample_data(root, 24, seed=0, patches_per_scene=4)
+    return root
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run the real ``eossl`` command in a subprocess."""
+    proc = subprocess.run([sys.executable, "-m", "eossl.launch", *args], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"eossl {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A real S3-compatible server process for the session; sets the standard AWS variables."""
+    import os
+
+    from servers import moto_s3_server, s3_env
+
+    with moto_s3_server(tmp_path_factory.mktemp("moto")) as endpoint:
+        saved = {k: os.environ.get(k) for k in s3_env(endpoint)}
+        os.environ.update(s3_env(endpoint))
+        try:
+            yield endpoint
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
