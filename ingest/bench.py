@@ -102,7 +102,7 @@ def _bare_read(files: list[Path]) -> int:
     return total
 
 
-def bench_ingest(source: str | None = None, patches: int = 48, workers: int = 1) -> dict:
+def bench_ingest(source: str | None = None, patches: int = 48, workers: int = 1, repeat: int = 3) -> dict:
     """Ingest throughput against reading the same GeoTIFFs with rasterio, in one run, same page cache."""
     from .writer import run_ingest
 
@@ -117,21 +117,28 @@ def bench_ingest(source: str | None = None, patches: int = 48, workers: int = 1)
         files = [Path(p) for g in groups for ps in g.files.values() for p in ps]
         tif_bytes = sum(f.stat().st_size for f in files)
         _bare_read(files)  # warm the page cache for both sides
-        t0 = time.perf_counter()
-        raw_bytes = _bare_read(files)
-        bare_s = time.perf_counter() - t0
-        results = {"machine": _machine(), "patches": len(groups),
-                   "files": len(files), "geotiff_bytes": tif_bytes, "workers": workers,
+        bare_times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            raw_bytes = _bare_read(files)
+            bare_times.append(time.perf_counter() - t0)
+        bare_s = float(np.median(bare_times))
+        results = {"machine": _machine(), "patches": len(groups), "files": len(files), "geotiff_bytes": tif_bytes,
+                   "workers": workers, "repeat": repeat, "statistic": "median",
                    "bare_rasterio": {"seconds": round(bare_s, 3), "MBps": round(raw_bytes / bare_s / 1e6, 1)}}
         for formats in (("wds",), ("wds", "zarr")):
-            out = tmp / ("ds-" + "-".join(formats))
-            cfg = IngestConfig(source=source, dataset=str(out), formats=formats, workers=workers, progress=False,
-                               split=_no_budgets())
-            t0 = time.perf_counter()
-            summary = run_ingest(cfg)
-            secs = time.perf_counter() - t0
-            shard_bytes = sum(p.stat().st_size for p in (out / "shards").glob("*.tar"))
-            zarr_bytes = sum(p.stat().st_size for p in (out / "data.zarr").rglob("*") if p.is_file())
+            times = []
+            for r in range(repeat):
+                out = tmp / f"ds-{'-'.join(formats)}-{r}"
+                cfg = IngestConfig(source=source, dataset=str(out), formats=formats, workers=workers,
+                                   progress=False, split=_no_budgets())
+                t0 = time.perf_counter()
+                summary = run_ingest(cfg)
+                times.append(time.perf_counter() - t0)
+                shard_bytes = sum(p.stat().st_size for p in (out / "shards").glob("*.tar"))
+                zarr_bytes = sum(p.stat().st_size for p in (out / "data.zarr").rglob("*") if p.is_file())
+                shutil.rmtree(out)
+            secs = float(np.median(times))
             n = max(summary.written, 1)
             results["ingest_" + "+".join(formats)] = {
                 "seconds": round(secs, 3),

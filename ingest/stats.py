@@ -72,7 +72,7 @@ class BandStats:
             v = values.astype(np.float64, copy=False)
             self.count[c] += v.size
             self.total[c] += v.sum()
-            self.total_sq[c] += np.dot(v, v)
+            self.total_sq[c] += np.square(v).sum()  # not np.dot: BLAS threads oversubscribe the workers
             self.minimum[c] = min(self.minimum[c], v.min())
             self.maximum[c] = max(self.maximum[c], v.max())
 

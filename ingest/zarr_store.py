@@ -131,7 +131,7 @@ def build_zarr(out: Output, shards: list[dict], samples: list[dict], extra: dict
         group.create_array(
             mod, shape=(n, *m.shape_chw), dtype=m.dtype, chunks=(1, *m.shape_chw),
             shards=(shard_samples, *m.shape_chw), compressors=_COMPRESSOR, fill_value=m.fill,
-            dimension_names=("sample", "band", "y", "x"), overwrite=True,
+            dimension_names=("sample", f"{mod}_band", "y", "x"), overwrite=True,
         ).attrs.update({"bands": list(m.bands), "unit": m.unit, "layout": "CHW"})
     write_metadata_arrays(group, samples, extra)
     group.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "patch_size": PATCH_SIZE, **attrs})

@@ -130,7 +130,7 @@ def _run_merge(args) -> int:
 
 def _add_verify(sub) -> None:
     p = sub.add_parser("verify", help="re-check a dataset: checksums, counts, shards vs Zarr")
-    p.add_argument("dataset")
+    p.add_argument("dataset", help="dataset folder or URL")
     p.add_argument("--deep", action="store_true", help="also compare every array in the shards with Zarr")
     p.set_defaults(handler=_run_verify)
 
@@ -152,6 +152,7 @@ def _add_bench(sub) -> None:
     bi.add_argument("--source", help="SEN12MS tree (default: synthetic sample data)")
     bi.add_argument("--patches", type=int, default=48, help="synthetic patches when no --source (48)")
     bi.add_argument("--workers", type=int, default=1)
+    bi.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is reported")
     bi.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     bi.set_defaults(handler=_run_bench_ingest)
     be = bsub.add_parser("encoding", help="bytes/sample and decode MB/s per core of shard encodings")
@@ -163,7 +164,7 @@ def _add_bench(sub) -> None:
 def _run_bench_ingest(args) -> int:
     from eossl.ingest.bench import bench_ingest, print_result
 
-    print_result(bench_ingest(args.source, args.patches, args.workers), args.json)
+    print_result(bench_ingest(args.source, args.patches, args.workers, args.repeat), args.json)
     return 0
 
 

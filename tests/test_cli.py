@@ -42,7 +42,7 @@ def test_bad_usage_exit_codes(tmp_path):
 
 
 def test_bench_ingest_json(tmp_path):
-    proc = run_cli("bench", "ingest", "--patches", "4", "--json")
+    proc = run_cli("bench", "ingest", "--patches", "4", "--repeat", "1", "--json")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["patches"] == 4
     for key in ("ingest_wds", "ingest_wds+zarr"):

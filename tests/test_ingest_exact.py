@@ -123,3 +123,31 @@ def test_default_requirements_reject_incomplete_patch(real_source, tmp_path):
     assert [r["key"] for r in rejects] == ["ROIs1158_spring_1_p30"]
     assert "missing required modality s2" in rejects[0]["reason"]
     assert verify(str(tmp_path / "ds"), deep=True) == []
+
+
+@pytest.mark.parametrize("formats", ["wds", "zarr"])
+def test_single_format_outputs(real_source, tmp_path, formats):
+    out = tmp_path / "ds"
+    cfg = IngestConfig(source=str(real_source), dataset=str(out), formats=(formats,),
+                       read=ReadOptions(required=("s1",)), progress=False)
+    run_ingest(cfg)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (out / "data.zarr").exists() == (formats == "zarr")
+    assert bool(list(out.rglob("*.tar"))) == (formats == "wds")  # zarr-only: staged shards are removed
+    assert bool(manifest["shards"]) == (formats == "wds")
+    if formats == "zarr":
+        group = zarr.open_group(str(out / "data.zarr"), mode="r")
+        row = [str(k) for k in group["key"][:]].index("ROIs1970_fall_139_p839")
+        assert group["s2"][row].tobytes() == read_tif(REAL_S2_P839)[0].tobytes()
+    assert verify(str(out)) == []
+
+
+def test_xarray_opens_the_store(real_dataset):
+    import xarray as xr
+
+    ds = xr.open_zarr(str(real_dataset / "data.zarr"), consolidated=False)
+    assert ds["s2"].dims == ("sample", "s2_band", "y", "x") and ds.sizes["s1_band"] == 2
+    keys = [str(k) for k in ds["key"].values]
+    row = keys.index("ROIs1970_fall_139_p839")
+    assert ds["s2"][row].values.tobytes() == read_tif(REAL_S2_P839)[0].tobytes()
+    assert ds["s2"].attrs["bands"][8] == "B8A"
