@@ -16,7 +16,9 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy as np
 
 from .bands import IGBP_CLASSES, IGBP_SIMPLE_CLASSES
+from .catalog import build_catalog
 from .format import (
+    CATALOG,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
@@ -144,7 +146,12 @@ def finalize(out: Output, workers: int, command: tuple[str, ...] | list[str]) ->
             extra[name] = mask
         build_zarr(out, shards, samples, extra, options["zarr_shard_samples"], workers,
                    {"normalisation": stats, "splits": plan["splits"]})
-    if "wds" not in options["formats"]:
+    catalog = None
+    if "wds" in options["formats"]:
+        data = build_catalog(records).to_bytes()
+        out.write_bytes(CATALOG, data)
+        catalog = {"path": CATALOG, "sha256": hashlib.sha256(data).hexdigest()}
+    else:
         out.remove(f"{PROGRESS_DIR}/staged-shards")
         shards = []
 
@@ -158,7 +165,7 @@ def finalize(out: Output, workers: int, command: tuple[str, ...] | list[str]) ->
         "host": {"python": platform.python_version(), "platform": platform.platform()},
         "source_listing_sha256": plan["listing_sha256"],
         "options": options,
-        "layout": {"shards": WDS_LAYOUT, "zarr": "CHW", "zarr_path": ZARR_DIR if "zarr" in options["formats"] else None,
+        "layout": {"encoding": "npy", "shards": WDS_LAYOUT, "zarr": "CHW", "zarr_path": ZARR_DIR if "zarr" in options["formats"] else None,
                    "members": {"json": "metadata", "s1.npy": "float32 VV,VH dB", "s2.npy": "uint16 B1..B12 (B8A after B8)",
                                "lc.npy": "uint8 IGBP,LCCS_LC,LCCS_LU,LCCS_SH"}},
         "counts": {
@@ -171,6 +178,7 @@ def finalize(out: Output, workers: int, command: tuple[str, ...] | list[str]) ->
             "non_overlapping": int(arrays["non_overlapping"].sum()),
         },
         "shards": shards,
+        "catalog": catalog,
         "stats": stats,
         "labels": _label_summary(samples),
         "splits": {

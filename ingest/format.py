@@ -11,6 +11,7 @@ import io
 import numpy as np
 
 __all__ = [
+    "CATALOG",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST",
@@ -30,6 +31,7 @@ FORMAT_NAME = "eossl-sen12ms"
 FORMAT_VERSION = 1
 
 MANIFEST = "manifest.json"
+CATALOG = "catalog.npz"
 REJECTS = "rejects.jsonl"
 SUBSETS = "subsets.json"
 SHARD_DIR = "shards"

@@ -107,12 +107,15 @@ class _HashingWriter(io.RawIOBase):
         return self.f.write(b)
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> list[int]:
+    """Append one member; return [offset, size] of its data in the tar (readers seek straight to it)."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o444
     info.uid = info.gid = 0
     info.uname = info.gname = ""
+    data_offset = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))
     tar.addfile(info, io.BytesIO(data))
+    return [data_offset, len(data)]
 
 
 def process_unit(
@@ -122,6 +125,7 @@ def process_unit(
     out = Output(out_url)
     stats = {m: BandStats.empty(m) for m in ("s1", "s2")}
     samples: list[dict] = []
+    members: list[dict[str, list[int]]] = []  # per sample: member -> [offset, size] in the tar
     rejects: list[dict] = []
     shard = unit_shard_path(unit)
     shard_info = None
@@ -138,12 +142,13 @@ def process_unit(
                 writer = _HashingWriter(stack.enter_context(out.open_atomic(shard)))
                 tar = stack.enter_context(tarfile.open(fileobj=writer, mode="w", format=tarfile.USTAR_FORMAT))
             meta = sample_metadata(result, group, splits[group.pid.scene_id], source)
-            _add_member(tar, f"{result.key}.json", json.dumps(meta, sort_keys=True).encode())
+            where = {"json": _add_member(tar, f"{result.key}.json", json.dumps(meta, sort_keys=True).encode())}
             for mod, arr in result.arrays.items():
-                _add_member(tar, f"{result.key}.{member_name(mod)}", encode_member(arr))
+                where[mod] = _add_member(tar, f"{result.key}.{member_name(mod)}", encode_member(arr))
                 if mod in stats:
                     stats[mod].update(arr)
             samples.append(meta)
+            members.append(where)
         if tar is not None:
             tar.close()  # writes the end-of-archive blocks before the hash is read
             shard_info = {"path": shard, "samples": len(samples), "sha256": writer.sha.hexdigest(), "bytes": writer.size}
@@ -158,6 +163,7 @@ def process_unit(
         "patches": len(unit.groups),
         "shard": shard_info,
         "samples": samples,
+        "members": members,
         "rejects": rejects,
     }
     out.write_bytes(unit_record_path(unit.index), json.dumps(record, sort_keys=True).encode())

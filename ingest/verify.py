@@ -14,7 +14,8 @@ import json
 import numpy as np
 
 from .bands import MODALITIES
-from .format import FORMAT_NAME, MANIFEST, REJECTS, SHARD_DIR, ZARR_DIR, decode_member
+from .catalog import Catalog
+from .format import CATALOG, FORMAT_NAME, MANIFEST, REJECTS, SHARD_DIR, ZARR_DIR, decode_member
 from .storage import Output
 from .zarr_store import iter_shard_samples
 
@@ -29,6 +30,37 @@ def _sha256(out: Output, rel: str) -> tuple[str, int]:
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size
+
+
+def _check_catalog(out: Output, manifest: dict, shard_keys: list[str], deep: bool) -> list[str]:
+    entry = manifest.get("catalog")
+    if not entry or not out.exists(CATALOG):
+        return [f"{out.path(CATALOG)} missing"]
+    data = out.read_bytes(CATALOG)
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        return [f"{out.path(CATALOG)}: sha256 differs from the manifest"]
+    catalog = Catalog.from_bytes(data)
+    if catalog.key.tolist() != shard_keys:
+        return [f"{CATALOG} keys differ from the shards' keys"]
+    if not deep:
+        return []
+    problems = []
+    shards = manifest["shards"]
+    for i in range(len(catalog)):
+        path = shards[int(catalog.shard[i])]["path"]
+        for member, offsets in catalog.offset.items():
+            start, size = int(offsets[i]), int(catalog.size[member][i])
+            if start < 0:
+                continue
+            raw = out.fs.cat_file(f"{out.root}/{path}", start=start, end=start + size) if not out.is_local else None
+            if raw is None:
+                with open(out.path(path), "rb") as f:
+                    f.seek(start)
+                    raw = f.read(size)
+            ok = raw.startswith(b"{") if member == "json" else raw.startswith(b"\x93NUMPY")
+            if not ok or len(raw) != size:
+                problems.append(f"{CATALOG}: {catalog.key[i]}.{member} offset does not point at its data in {path}")
+    return problems
 
 
 def verify(dataset: str, deep: bool = False) -> list[str]:
@@ -81,6 +113,7 @@ def verify(dataset: str, deep: bool = False) -> list[str]:
             shard_members += [m for _, m in keys]
         if len(set(shard_keys)) != len(shard_keys):
             problems.append("duplicate sample keys across shards")
+        problems += _check_catalog(out, manifest, shard_keys, deep)
 
     if "zarr" in formats:
         try:

@@ -151,3 +151,25 @@ def test_xarray_opens_the_store(real_dataset):
     row = keys.index("ROIs1970_fall_139_p839")
     assert ds["s2"][row].values.tobytes() == read_tif(REAL_S2_P839)[0].tobytes()
     assert ds["s2"].attrs["bands"][8] == "B8A"
+
+
+def test_catalog_offsets_read_members_directly(real_dataset):
+    from eossl.ingest.catalog import Catalog
+
+    manifest = json.loads((real_dataset / "manifest.json").read_text())
+    catalog = Catalog.from_bytes((real_dataset / "catalog.npz").read_bytes())
+    assert sorted(catalog.key.tolist()) == sorted(EXPECTED)
+    for i, key in enumerate(catalog.key.tolist()):
+        shard = real_dataset / manifest["shards"][int(catalog.shard[i])]["path"]
+        with open(shard, "rb") as f:
+            for mod in ("s1", "s2", "lc"):
+                assert bool(catalog.has[mod][i]) == (mod in EXPECTED[key])
+                if mod not in EXPECTED[key]:
+                    assert catalog.offset[mod][i] == -1
+                    continue
+                f.seek(int(catalog.offset[mod][i]))
+                raw = f.read(int(catalog.size[mod][i]))
+                expected, _ = read_tif(EXPECTED[key][mod])
+                assert np.moveaxis(np.load(io.BytesIO(raw)), -1, 0).tobytes() == expected.tobytes()
+            f.seek(int(catalog.offset["json"][i]))
+            assert json.loads(f.read(int(catalog.size["json"][i])))["key"] == key

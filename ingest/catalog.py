@@ -1,0 +1,111 @@
+"""The sample catalog (``catalog.npz``): where every sample's members lie in the shards, plus the
+per-sample facts a loader filters on (availability, split, labels), in dataset order.
+
+Streaming plans epochs over sample ids and reads members by byte range (``os.pread`` locally, one
+ranged GET on S3), so it needs offsets without scanning tar headers, which on object storage would cost
+one request per member. A plain ``.npz`` of flat arrays: ``numpy.load`` reads it with no eossl code.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bands import MODALITY_NAMES
+
+__all__ = ["CATALOG_MEMBERS", "Catalog", "build_catalog"]
+
+CATALOG_MEMBERS = ("json", *MODALITY_NAMES)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Arrays of length N (samples in dataset order = Zarr rows = shard order).
+
+    Attributes:
+        key: sample keys.
+        scene_id: scene of each sample (splits and grouping are by scene).
+        shard: index into the manifest's shard list.
+        offset, size: member -> (N,) int64 byte offset and size of the member's data in its tar; -1 absent.
+        has: modality -> (N,) bool availability.
+        train: (N,) bool, True for the training split.
+        label_igbp, label_igbp_simple: (N,) int16 majority class codes (1-based, 0 = none).
+        multilabel_igbp_simple: (N, 10) bool.
+    """
+
+    key: np.ndarray
+    scene_id: np.ndarray
+    shard: np.ndarray
+    offset: dict[str, np.ndarray]
+    size: dict[str, np.ndarray]
+    has: dict[str, np.ndarray]
+    train: np.ndarray
+    label_igbp: np.ndarray
+    label_igbp_simple: np.ndarray
+    multilabel_igbp_simple: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    def to_bytes(self) -> bytes:
+        arrays = {"key": self.key, "scene_id": self.scene_id, "shard": self.shard, "train": self.train,
+                  "label_igbp": self.label_igbp, "label_igbp_simple": self.label_igbp_simple,
+                  "multilabel_igbp_simple": self.multilabel_igbp_simple}
+        for m in CATALOG_MEMBERS:
+            arrays[f"offset_{m}"] = self.offset[m]
+            arrays[f"size_{m}"] = self.size[m]
+        for m in MODALITY_NAMES:
+            arrays[f"has_{m}"] = self.has[m]
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Catalog:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return cls(
+                key=z["key"], scene_id=z["scene_id"], shard=z["shard"], train=z["train"],
+                label_igbp=z["label_igbp"], label_igbp_simple=z["label_igbp_simple"],
+                multilabel_igbp_simple=z["multilabel_igbp_simple"],
+                offset={m: z[f"offset_{m}"] for m in CATALOG_MEMBERS},
+                size={m: z[f"size_{m}"] for m in CATALOG_MEMBERS},
+                has={m: z[f"has_{m}"] for m in MODALITY_NAMES},
+            )
+
+
+def build_catalog(records: list[dict]) -> Catalog:
+    """Catalog from the writer's unit records (in unit order); shards numbered as in the manifest."""
+    keys, scenes, shard_ids, members, labels = [], [], [], [], []
+    shard_index = 0
+    for record in records:
+        if record["shard"] is None:
+            continue
+        for meta, where in zip(record["samples"], record["members"], strict=True):
+            keys.append(meta["key"])
+            scenes.append(meta["scene_id"])
+            shard_ids.append(shard_index)
+            members.append(where)
+            labels.append(meta)
+        shard_index += 1
+    n = len(keys)
+    offset = {m: np.array([w[m][0] if m in w else -1 for w in members], dtype=np.int64) for m in CATALOG_MEMBERS}
+    size = {m: np.array([w[m][1] if m in w else -1 for w in members], dtype=np.int64) for m in CATALOG_MEMBERS}
+    multi = np.zeros((n, 10), dtype=bool)
+    for i, meta in enumerate(labels):
+        if meta["labels"]:
+            multi[i, [c - 1 for c in meta["labels"]["igbp_simple_multi"]]] = True
+    return Catalog(
+        key=np.array(keys, dtype=str) if n else np.zeros(0, dtype="<U1"),
+        scene_id=np.array(scenes, dtype=str) if n else np.zeros(0, dtype="<U1"),
+        shard=np.array(shard_ids, dtype=np.int32),
+        offset=offset,
+        size=size,
+        has={m: np.array([m in w for w in members], dtype=bool) for m in MODALITY_NAMES},
+        train=np.array([meta["split"] == "train" for meta in labels], dtype=bool),
+        label_igbp=np.array([meta["labels"]["igbp"] if meta["labels"] else 0 for meta in labels], dtype=np.int16),
+        label_igbp_simple=np.array([meta["labels"]["igbp_simple"] if meta["labels"] else 0 for meta in labels],
+                                   dtype=np.int16),
+        multilabel_igbp_simple=multi,
+    )
