@@ -24,6 +24,7 @@ __all__ = [
     "decode_member",
     "encode_member",
     "member_name",
+    "npy_view",
     "shard_name",
 ]
 
@@ -63,9 +64,25 @@ def encode_member(chw: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def npy_view(data: bytes) -> np.ndarray:
+    """Zero-copy read-only array over an ``.npy`` member's bytes (header parse + ``np.frombuffer``)."""
+    f = io.BytesIO(data)
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    if fortran or dtype.hasobject:
+        raise ValueError("unexpected .npy member: Fortran order or object dtype")
+    count = int(np.prod(shape))
+    if f.tell() + count * dtype.itemsize != len(data):
+        raise ValueError(f".npy member is {len(data)} bytes, header says {f.tell() + count * dtype.itemsize}")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=f.tell()).reshape(shape)
+
+
 def decode_member(data: bytes, layout: str = "CHW") -> np.ndarray:
     """Decode a member written by :func:`encode_member`; ``layout="CHW"`` restores the GeoTIFF order."""
-    hwc = np.load(io.BytesIO(data), allow_pickle=False)
+    hwc = npy_view(data)
     if layout == "HWC":
         return hwc
     if layout == "CHW":

@@ -1,0 +1,93 @@
+"""The DALI graph: standardise each sensor once, then resample, jitter and blur every view.
+
+Processing is plain functions of DataNodes (``standardise``, ``augment_view``); ``build_pipeline`` is the
+thin ``@pipeline_def`` wrapper that binds them to the sample source. The same graph runs on the GPU
+(``device="gpu"``) and in DALI's CPU mode (``device_id=None``), which is what CI exercises.
+
+Only operators that DALI supports for any channel count and float input are used: ``math.clamp``,
+``crop_mirror_normalize`` (per-channel mean/std, no layout change), ``cat``, ``warp_affine`` (all geometry
+in one resampling), arithmetic (per-band gain/offset; a zero gain drops a channel) and
+``gaussian_blur`` (per-sample sigma). No colour operator: ``color_twist``/``hsv`` assume RGB and crash on
+2-channel data. Views stay HWC (a transpose costs 3x); the loader hands PyTorch NCHW *views* with
+channels-last strides, which is the memory format convolutions want anyway.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
+
+from .views import ViewSet
+
+__all__ = ["augment_view", "build_pipeline", "standardise"]
+
+
+def standardise(x, mean: np.ndarray, std: np.ndarray, clip: tuple[float, float] | None = None):
+    """(x - mean) / std per channel, after optional clipping; uint16 and float32 in, float32 out."""
+    if clip is not None:
+        x = dmath.clamp(x, float(clip[0]), float(clip[1]))
+    return fn.crop_mirror_normalize(x, mean=mean.tolist(), std=std.tolist(), dtype=types.FLOAT,
+                                    output_layout="HWC")
+
+
+def augment_view(x, matrix, gain, offset, sigma, size: int):
+    """One view: a single affine resampling (crop, flips, rotations, distortion), per-band jitter, blur.
+
+    Out-of-patch pixels (only possible with the random affine) are 0, the band mean after standardising.
+    """
+    y = fn.warp_affine(x, matrix=matrix, size=[size, size], inverse_map=True, interp_type=types.INTERP_LINEAR,
+                       fill_value=0.0)
+    y = y * gain + offset
+    return fn.gaussian_blur(y, sigma=sigma)
+
+
+def build_pipeline(
+    source,
+    views: ViewSet,
+    norm: dict[str, tuple[np.ndarray, np.ndarray]],
+    batch_size: int,
+    device: str,
+    device_id: int | None,
+    num_threads: int,
+    py_workers: int,
+    prefetch: int = 2,
+    seed: int = 0,
+):
+    """Bind ``source`` (a picklable per-sample callable, see loader.SampleSource) to the graph.
+
+    Source outputs, in order: one HWC array per sensor in ``views.sensors``, the int64 ids vector, then
+    (matrix, gain, offset, sigma) for every view.
+    Pipeline outputs: one HWC float32 batch per view, then the ids.
+    """
+    sensors = views.sensors
+    n_views = len(views.views)
+    clip = views.input_spec.s1_clip
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id if device == "gpu" else None,
+                  py_num_workers=max(py_workers, 1), py_start_method="spawn", prefetch_queue_depth=prefetch,
+                  seed=seed, exec_dynamic=True)
+    def pipeline():
+        outs = fn.external_source(
+            source=source, num_outputs=len(sensors) + 1 + 4 * n_views, batch=False, parallel=py_workers > 0,
+            layout=["HWC"] * len(sensors) + [""] * (1 + 4 * n_views),
+        )
+        arrays = dict(zip(sensors, outs[: len(sensors)], strict=True))
+        ids = outs[len(sensors)]
+        params = outs[len(sensors) + 1 :]
+        std_inputs = {}
+        for sensor, arr in arrays.items():
+            if device == "gpu":
+                arr = arr.gpu()
+            std_inputs[sensor] = standardise(arr, *norm[sensor], clip if sensor == "s1" else None)
+        results = []
+        for v, view in enumerate(views.views):
+            parts = [std_inputs[s] for s in view.sensors]
+            x = parts[0] if len(parts) == 1 else fn.cat(*parts, axis=2)
+            matrix, gain, offset, sigma = params[4 * v : 4 * v + 4]
+            if device == "gpu":  # arithmetic operands live with the data; op arguments stay on the CPU
+                gain, offset = gain.gpu(), offset.gpu()
+            results.append(augment_view(x, matrix, gain, offset, sigma, view.size))
+        return (*results, ids)
+
+    return pipeline()

@@ -1,0 +1,316 @@
+"""``SSLLoader``: batches of augmented views for self-supervised training, from local disk or S3.
+
+Flat list of what happens to a sample, and what holds after each stage:
+
+  catalog.npz + split + sensor filter   -> rows: the epoch's sample set (dataset row ids)
+  EpochPlan(seed, epoch, global batch)  -> a global order; rank r's positions of step k are fixed
+  SampleSource (DALI worker process)    -> member bytes by byte range (ShardReader), HWC arrays,
+                                           per-view parameters drawn from (seed, epoch, position)
+  DALI graph (GPU or CPU mode)          -> standardised, resampled, jittered, blurred views (HWC float32)
+  SSLLoader.__iter__                    -> Batch(views=[N,C,H,W channels-last tensors], rows, positions)
+
+Every rank yields ``len(loader)`` batches per epoch; the position (epoch, next step) is ``state_dict()``
+and resuming from it continues with exactly the samples not yet delivered, on any world size that
+divides the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from eossl.ingest.bands import PATCH_SIZE
+from eossl.ingest.catalog import Catalog
+from eossl.ingest.format import CATALOG, MANIFEST, npy_view
+from eossl.ingest.storage import Output
+
+from .plan import EpochPlan, LoaderPosition, PlanConfig, rows_digest
+from .storage import CorruptShardError, ShardReader, StorageOptions
+from .views import ViewConfig, ViewSet
+
+__all__ = ["Batch", "LoaderConfig", "SSLLoader", "SampleSource", "StreamingError", "dist_info", "select_rows"]
+
+SPLITS = ("train", "test", "all")
+
+
+class StreamingError(RuntimeError):
+    """The loader could not deliver a batch (corrupt shard in strict mode, storage unavailable, ...)."""
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Streaming loader settings.
+
+    Attributes:
+        batch_size: samples per rank per step; the global batch is batch_size x world size.
+        split: 'train', 'test' or 'all' (scene-level split written by ingest).
+        plan: shard/sample shuffling of each epoch.
+        views: view mode, inputs and augmentation.
+        storage: cache and retry settings for remote shards.
+        device: 'gpu', 'cpu' or 'auto' (GPU when torch sees one).
+        num_threads: DALI operator threads per rank.
+        workers: reader processes per rank (DALI parallel external source). 0 reads in the main process.
+        prefetch: batches DALI prepares ahead.
+        strict: fail on a corrupt or truncated shard instead of substituting the sample (default:
+            substitute the next readable sample of the epoch's order, warn and count).
+        lookahead_steps: steps ahead whose shards are prefetched into the cache.
+    """
+
+    batch_size: int = 64
+    split: str = "train"
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    device: str = "auto"
+    num_threads: int = 2
+    workers: int = 2
+    prefetch: int = 2
+    strict: bool = False
+    lookahead_steps: int = 4
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.device not in ("gpu", "cpu", "auto"):
+            raise ValueError(f"device must be gpu, cpu or auto, got {self.device!r}")
+        if self.batch_size < 1 or self.workers < 0:
+            raise ValueError("batch_size must be >= 1 and workers >= 0")
+
+
+@dataclass
+class Batch:
+    """One rank's batch: the views, and which samples they came from."""
+
+    views: list[torch.Tensor]  # each (B, C, H, W), channels-last memory format
+    rows: torch.Tensor  # (B,) dataset row ids
+    positions: torch.Tensor  # (B,) positions in the epoch's global order
+    substituted: int  # samples replaced because their shard was corrupt
+    epoch: int
+    step: int
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size): torch.distributed when initialised, else RANK/WORLD_SIZE (set by launchers)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def select_rows(catalog: Catalog, split: str, sensors: tuple[str, ...]) -> np.ndarray:
+    """Row ids of the samples an epoch covers: the split, and only samples that have every sensor read."""
+    mask = np.ones(len(catalog), dtype=bool)
+    if split != "all":
+        mask &= catalog.train if split == "train" else ~catalog.train
+    for sensor in sensors:
+        mask &= catalog.has[sensor]
+    return np.flatnonzero(mask)
+
+
+class SampleSource:
+    """Per-sample callable for DALI's parallel external source (pickled into reader processes).
+
+    Maps DALI's (epoch_idx, iteration, idx_in_batch) to this rank's position in the epoch plan, reads
+    the sample's members and draws its view parameters. Raises StopIteration at the epoch's end.
+    """
+
+    def __init__(self, reader: ShardReader, catalog: Catalog, rows: np.ndarray, views: ViewSet,
+                 s2_index: np.ndarray, s1_fill: np.ndarray, plan_cfg: PlanConfig, global_batch: int, rank: int,
+                 world_size: int, start: LoaderPosition, strict: bool, lookahead_steps: int):
+        self.reader = reader
+        self.shard = catalog.shard
+        self.offset = {s: catalog.offset[s] for s in views.sensors}
+        self.size = {s: catalog.size[s] for s in views.sensors}
+        self.rows = rows
+        self.views = views
+        self.s2_index = s2_index
+        self.s1_fill = s1_fill
+        self.plan_cfg = plan_cfg
+        self.global_batch = global_batch
+        self.rank = rank
+        self.world_size = world_size
+        self.start = start
+        self.strict = strict
+        self.lookahead_steps = lookahead_steps
+        self._plans: dict[int, EpochPlan] = {}
+
+    def plan(self, epoch: int) -> EpochPlan:
+        if epoch not in self._plans:
+            self._plans = {epoch: EpochPlan(self.rows, self.shard[self.rows], self.plan_cfg, epoch, self.global_batch)}
+        return self._plans[epoch]
+
+    def _read(self, row: int) -> list[np.ndarray]:
+        arrays = []
+        for sensor in self.views.sensors:
+            shard = int(self.shard[row])
+            raw = self.reader.read(shard, int(self.offset[sensor][row]), int(self.size[sensor][row]))
+            try:
+                arr = npy_view(raw)
+                if arr.ndim != 3 or arr.shape[:2] != (PATCH_SIZE, PATCH_SIZE):
+                    raise ValueError(f"shape {arr.shape}")
+            except ValueError as exc:
+                raise CorruptShardError(f"{self.reader.url(shard)}: {sensor} member of row {row} is not a "
+                                        f"valid patch array ({exc})") from exc
+            if sensor == "s2":
+                arr = np.ascontiguousarray(arr[..., self.s2_index])
+            elif not np.isfinite(arr).all():  # NaN/Inf kept by ingest (below its threshold): band mean
+                arr = np.where(np.isfinite(arr), arr, self.s1_fill).astype(np.float32)
+            arrays.append(arr)
+        return arrays
+
+    def __call__(self, info):
+        epoch = self.start.epoch + info.epoch_idx
+        step = info.iteration + (self.start.step if info.epoch_idx == 0 else 0)
+        plan = self.plan(epoch)
+        if step >= plan.steps:
+            raise StopIteration
+        position = int(plan.positions(step, self.rank, self.world_size)[info.idx_in_batch])
+        if info.idx_in_batch == 0 and self.lookahead_steps > 0:
+            ahead = plan.order[position : position + self.lookahead_steps * self.global_batch]
+            self.reader.prefetch(list(dict.fromkeys(self.shard[ahead].tolist())))
+        substituted = 0
+        for probe in range(position, position + len(plan.order)):  # substitute forward on corrupt shards
+            row = int(plan.order[probe % len(plan.order)])
+            try:
+                arrays = self._read(row)
+                break
+            except CorruptShardError as exc:
+                if self.strict:
+                    raise
+                warnings.warn(f"skipping sample of a corrupt shard: {exc}", stacklevel=1)
+                substituted = 1
+        else:
+            raise CorruptShardError("every shard of the epoch is corrupt")
+        ids = np.array([row, position, epoch, substituted], dtype=np.int64)
+        params = []
+        for p in self.views.draw(self.plan_cfg.seed, epoch, position):
+            params += [p.matrix, p.gain, p.offset, p.sigma]
+        return (*arrays, ids, *params)
+
+
+class SSLLoader:
+    """Iterates one epoch per ``for`` loop; see the module docstring."""
+
+    def __init__(self, dataset: str, cfg: LoaderConfig, rank: int | None = None, world_size: int | None = None,
+                 position: LoaderPosition | None = None):
+        self.dataset = dataset
+        self.cfg = cfg
+        r, w = dist_info()
+        self.rank = r if rank is None else rank
+        self.world_size = w if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+        out = Output(dataset)
+        if not out.exists(MANIFEST):
+            raise FileNotFoundError(f"{out.path(MANIFEST)} not found: not a finished eossl dataset")
+        self.manifest = json.loads(out.read_bytes(MANIFEST))
+        if not out.exists(CATALOG):
+            raise FileNotFoundError(f"{out.path(CATALOG)} not found: ingest with --formats wds to stream")
+        self.catalog = Catalog.from_bytes(out.read_bytes(CATALOG))
+        self.views = ViewSet(cfg.views)
+        self.rows = select_rows(self.catalog, cfg.split, self.views.sensors)
+        if len(self.rows) == 0:
+            raise ValueError(f"{dataset}: no {cfg.split} samples with {'+'.join(self.views.sensors)}")
+        self.global_batch = cfg.batch_size * self.world_size
+        self.position = position or LoaderPosition()
+        self.device = cfg.device if cfg.device != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+        self.device_id = int(os.environ.get("LOCAL_RANK", 0)) if self.device == "gpu" else None
+        spec = self.views.input_spec
+        mean, std = spec.normalisation(self.manifest)
+        slices = spec.sensor_slices()
+        self.norm = {s: (mean[sl], std[sl]) for s, sl in slices.items()}
+        self._iterator = None
+        self._built_at: LoaderPosition | None = None
+        self.substituted = 0
+
+    # -- the epoch ---------------------------------------------------------------------------------
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        e = self.position.epoch if epoch is None else epoch
+        return EpochPlan(self.rows, self.catalog.shard[self.rows], self.cfg.plan, e, self.global_batch)
+
+    def __len__(self) -> int:
+        """Batches per epoch on every rank."""
+        return self.plan(0).steps
+
+    @property
+    def channels(self) -> list[int]:
+        return [self.views.channels(v) for v in range(len(self.views.views))]
+
+    # -- resume ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {**self.position.to_dict(), "global_batch": self.global_batch, "seed": self.cfg.plan.seed,
+                "rows_digest": rows_digest(self.rows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["global_batch"] != self.global_batch:
+            raise ValueError(f"cannot resume: global batch was {state['global_batch']}, now {self.global_batch} "
+                             "(keep batch_size x world size constant to resume exactly)")
+        if state["rows_digest"] != rows_digest(self.rows) or state["seed"] != self.cfg.plan.seed:
+            raise ValueError("cannot resume: the sample set or seed differs from the checkpoint's")
+        self.position = LoaderPosition(state["epoch"], state["step"])
+        self._close_iterator()
+
+    # -- DALI --------------------------------------------------------------------------------------
+    def _source(self) -> SampleSource:
+        reader = ShardReader(self.dataset, self.manifest["shards"], self.cfg.storage)
+        s1_fill = self.norm["s1"][0] if "s1" in self.norm else np.zeros(2, np.float32)
+        return SampleSource(reader, self.catalog, self.rows, self.views, self.views.input_spec.s2_index, s1_fill,
+                            self.cfg.plan, self.global_batch, self.rank, self.world_size, self.position,
+                            self.cfg.strict, self.cfg.lookahead_steps)
+
+    def _build(self):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        from .dali_pipeline import build_pipeline
+
+        pipe = build_pipeline(self._source(), self.views, self.norm, self.cfg.batch_size, self.device,
+                              self.device_id, self.cfg.num_threads, self.cfg.workers, self.cfg.prefetch,
+                              seed=self.cfg.plan.seed)
+        names = [f"view{v}" for v in range(len(self.views.views))] + ["ids"]
+        self._iterator = DALIGenericIterator([pipe], names, auto_reset=False, prepare_first_batch=False)
+        self._built_at = self.position
+
+    def _close_iterator(self) -> None:
+        self._iterator = None
+        self._built_at = None
+
+    def __iter__(self):
+        steps = self.plan().steps
+        if self.position.step >= steps:
+            self.position = LoaderPosition(self.position.epoch + 1, 0)
+        if self._iterator is None or self._built_at is None:
+            self._build()
+        epoch = self.position.epoch
+        try:
+            while True:
+                try:
+                    out = next(self._iterator)[0]
+                except StopIteration:
+                    break
+                except Exception as exc:  # DALI re-raises reader-process errors as a bare Exception + traceback
+                    self._close_iterator()
+                    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+                    raise StreamingError(f"streaming {self.dataset} failed at epoch {epoch} step "
+                                         f"{self.position.step}: {lines[-1] if lines else exc!r}") from exc
+                ids = out["ids"]
+                batch = Batch(
+                    views=[out[f"view{v}"].permute(0, 3, 1, 2) for v in range(len(self.views.views))],
+                    rows=ids[:, 0].cpu(), positions=ids[:, 1].cpu(), substituted=int(ids[:, 3].sum()),
+                    epoch=epoch, step=self.position.step,
+                )
+                if batch.substituted:
+                    self.substituted += batch.substituted
+                    warnings.warn(f"epoch {epoch} step {batch.step}: {batch.substituted} samples of corrupt or "
+                                  f"truncated shards replaced by the next readable ones ({self.substituted} so far)",
+                                  stacklevel=2)
+                self.position = LoaderPosition(epoch, self.position.step + 1)
+                yield batch
+        except GeneratorExit:  # the consumer stopped mid-epoch: DALI has prefetched past our position
+            self._close_iterator()
+            raise
+        self._iterator.reset()
+        self.position = LoaderPosition(epoch + 1, 0)

@@ -1,0 +1,142 @@
+"""The studies' view modes: which input each view of a sample is made of, and how it is augmented.
+
+Exact definitions (also in docs/METHODS.md); S1 is always stacked before S2, absent channels are zero
+*after* standardisation (i.e. the band mean):
+
+- ``single``: two augmented views of the same input (``inputs.sensors``: s1, s2 or s1s2).
+- ``pair``: view 0 is S1, view 1 is S2 of the same patch (sensor-based positive pairs). With
+  ``pair_geometry="shared"`` both views get the same crop/flip/rotation, so they cover the same ground
+  area; radiometric jitter and blur are drawn per view. ``pair_augment=False`` gives both full patches.
+- ``fusion_all``: both views are S1+S2 stacked.
+- ``fusion_partial``: each *sample* is S1 only, S2 only or S1+S2 (``partial_probs``), the same for both of
+  its views; the absent sensor's channels are zero.
+- ``fusion_optional``: each *view* independently drops one sensor with probability ``optional_drop``
+  (which one uniformly), so a pair can be S1+S2 vs S2, S1 vs S1+S2, S1 vs S2, ...
+- ``multicrop`` (DINO): ``n_global`` crops at ``global_size`` (scale ``global_scale``) then ``n_local`` at
+  ``local_size`` (scale ``local_scale``), all of ``inputs.sensors``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from eossl.ingest.bands import PATCH_SIZE
+
+from .augment import AugmentConfig, ViewParams, draw_geometry, draw_view
+from .inputs import InputSpec
+
+__all__ = ["MODES", "ViewConfig", "ViewSet"]
+
+MODES = ("single", "pair", "fusion_all", "fusion_partial", "fusion_optional", "multicrop")
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """How views are built from a sample.
+
+    Attributes:
+        mode: one of MODES (see module docstring).
+        inputs: sensors, S2 bands and S1 clipping. For ``pair`` and fusion modes both sensors are used.
+        size: output size of each view in ``single``/``pair``/fusion modes (224 for ImageNet-style
+            backbones; 256 keeps the full patch resolution).
+        augment: per-view augmentation.
+        pair_augment: augment sensor pairs (False: both views are the full, unaugmented patch).
+        pair_geometry: 'shared' (same ground area in both views) or 'independent'.
+        partial_probs: probabilities of S1-only, S2-only, S1+S2 samples in ``fusion_partial``.
+        optional_drop: probability that a view drops one sensor in ``fusion_optional``.
+        n_global, global_size, global_scale, n_local, local_size, local_scale: DINO multi-crop.
+    """
+
+    mode: str = "single"
+    inputs: InputSpec = field(default_factory=InputSpec)
+    size: int = 224
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    pair_augment: bool = True
+    pair_geometry: str = "shared"
+    partial_probs: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+    optional_drop: float = 0.5
+    n_global: int = 2
+    global_size: int = 224
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    n_local: int = 6
+    local_size: int = 96
+    local_scale: tuple[float, float] = (0.05, 0.4)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"view mode must be one of {MODES}, got {self.mode!r}")
+        if self.pair_geometry not in ("shared", "independent"):
+            raise ValueError("pair_geometry must be 'shared' or 'independent'")
+        if abs(sum(self.partial_probs) - 1.0) > 1e-6 or min(self.partial_probs) < 0:
+            raise ValueError(f"partial_probs must be 3 probabilities summing to 1, got {self.partial_probs}")
+        if self.mode == "multicrop" and self.n_global < 1:
+            raise ValueError("multicrop needs at least one global crop")
+
+
+@dataclass(frozen=True)
+class _View:
+    sensors: tuple[str, ...]
+    size: int
+    augment: AugmentConfig
+
+
+class ViewSet:
+    """The concrete views of a ViewConfig and the per-sample parameter draw."""
+
+    def __init__(self, cfg: ViewConfig):
+        self.cfg = cfg
+        both = replace(cfg.inputs, sensors=("s1", "s2"))
+        self.input_spec = both if cfg.mode in ("pair", "fusion_all", "fusion_partial", "fusion_optional") else cfg.inputs
+        if cfg.mode == "pair":
+            aug = cfg.augment if cfg.pair_augment else AugmentConfig.none()
+            self.views = [_View(("s1",), cfg.size, aug), _View(("s2",), cfg.size, aug)]
+        elif cfg.mode == "multicrop":
+            g = replace(cfg.augment, crop_scale=cfg.global_scale)
+            loc = replace(cfg.augment, crop_scale=cfg.local_scale)
+            sensors = cfg.inputs.sensors
+            self.views = ([_View(sensors, cfg.global_size, g)] * cfg.n_global
+                          + [_View(sensors, cfg.local_size, loc)] * cfg.n_local)
+        else:
+            self.views = [_View(self.input_spec.sensors, cfg.size, cfg.augment)] * 2
+
+    @property
+    def sensors(self) -> tuple[str, ...]:
+        """Sensors the loader must read for every sample."""
+        return self.input_spec.sensors
+
+    def view_spec(self, v: int) -> InputSpec:
+        return replace(self.input_spec, sensors=self.views[v].sensors)
+
+    def channels(self, v: int) -> int:
+        return self.view_spec(v).channels
+
+    def draw(self, seed: int, epoch: int, position: int) -> list[ViewParams]:
+        """Parameters of every view of the sample at ``position`` of epoch ``epoch``'s global order."""
+        cfg = self.cfg
+        sample_rng = np.random.default_rng([seed, epoch, position, 0x5A])
+        shared = None
+        if cfg.mode == "pair" and cfg.pair_geometry == "shared":
+            shared = draw_geometry(sample_rng, self.views[0].augment, PATCH_SIZE, cfg.size)
+        keep = None
+        if cfg.mode == "fusion_partial":
+            slices = self.input_spec.sensor_slices()
+            choice = int(sample_rng.choice(3, p=list(cfg.partial_probs)))
+            keep = np.ones(self.input_spec.channels, dtype=np.float32)
+            if choice == 0:
+                keep[slices["s2"]] = 0.0
+            elif choice == 1:
+                keep[slices["s1"]] = 0.0
+        params = []
+        for v, view in enumerate(self.views):
+            rng = np.random.default_rng([seed, epoch, position, 0x100 + v])
+            spec = self.view_spec(v)
+            view_keep = keep
+            if cfg.mode == "fusion_optional" and rng.random() < cfg.optional_drop:
+                slices = spec.sensor_slices()
+                view_keep = np.ones(spec.channels, dtype=np.float32)
+                view_keep[slices[("s1", "s2")[int(rng.integers(0, 2))]]] = 0.0
+            params.append(draw_view(rng, view.augment, spec.channels, spec.sensor_slices(), PATCH_SIZE,
+                                    view.size, matrix=shared, keep=view_keep))
+        return params

@@ -1,0 +1,117 @@
+"""The DALI graph (CPU mode) against NumPy references on deterministic parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from nvidia.dali import fn, pipeline_def
+
+from eossl.streaming.augment import NO_BLUR_SIGMA, AugmentConfig, crop_box, draw_view, geometry_matrix
+from eossl.streaming.dali_pipeline import augment_view, standardise
+
+RNG = np.random.default_rng(0)
+IMAGE = RNG.normal(size=(256, 256, 5)).astype(np.float32)
+S2_RAW = RNG.integers(0, 10000, size=(256, 256, 3), dtype=np.uint16)
+
+
+def _run_view(image: np.ndarray, matrix, gain, offset, sigma, size: int) -> np.ndarray:
+    def source(_info):
+        return (image, matrix.astype(np.float32), gain.astype(np.float32), offset.astype(np.float32),
+                np.array(sigma, np.float32))
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, exec_dynamic=True)
+    def pipe():
+        x, m, g, o, s = fn.external_source(source=source, num_outputs=5, batch=False, layout=["HWC", "", "", "", ""])
+        return augment_view(x, m, g, o, s, size)
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    return np.array(out.as_tensor())[0]
+
+
+def _identity_params(c: int):
+    return np.ones(c), np.zeros(c), NO_BLUR_SIGMA
+
+
+@pytest.mark.parametrize(
+    "linear, reference",
+    [
+        (np.eye(2), lambda x: x),
+        (np.diag([-1.0, 1.0]), lambda x: x[:, ::-1]),  # horizontal flip
+        (np.diag([1.0, -1.0]), lambda x: x[::-1, :]),  # vertical flip
+        (np.array([[0.0, -1.0], [1.0, 0.0]]), lambda x: np.rot90(x, k=1, axes=(0, 1))),
+        (np.array([[-1.0, 0.0], [0.0, -1.0]]), lambda x: x[::-1, ::-1]),
+    ],
+)
+def test_flips_and_rotations_are_exact_pixel_permutations(linear, reference):
+    matrix = geometry_matrix((0, 0, 256, 256), 256, linear)
+    out = _run_view(IMAGE, matrix, *_identity_params(5), 256)
+    np.testing.assert_allclose(out, reference(IMAGE), atol=1e-5)
+
+
+def test_crop_resize_matches_bilinear_reference():
+    # An exact 2x downsample of the top-left quadrant... use a crop of the left half at full resolution:
+    matrix = geometry_matrix((64, 32, 128, 128), 128, np.eye(2))
+    out = _run_view(IMAGE, matrix, *_identity_params(5), 128)
+    np.testing.assert_allclose(out, IMAGE[32:160, 64:192], atol=1e-5)
+    # 2x downsampling: output pixel centres fall between 2x2 input pixels -> their mean (bilinear).
+    matrix = geometry_matrix((0, 0, 256, 256), 128, np.eye(2))
+    out = _run_view(IMAGE, matrix, *_identity_params(5), 128)
+    ref = IMAGE.reshape(128, 2, 128, 2, 5).mean(axis=(1, 3))
+    np.testing.assert_allclose(out[1:-1, 1:-1], ref[1:-1, 1:-1], atol=1e-4)
+
+
+def test_gain_offset_and_blur():
+    gain = np.array([1.0, 0.0, 2.0, 0.5, 1.0])
+    offset = np.array([0.0, 0.0, 1.0, -1.0, 0.0])
+    matrix = geometry_matrix((0, 0, 256, 256), 256, np.eye(2))
+    out = _run_view(IMAGE, matrix, gain, offset, NO_BLUR_SIGMA, 256)
+    np.testing.assert_allclose(out, IMAGE * gain + offset, atol=1e-5)
+    assert not out[..., 1].any()  # gain 0 drops a channel
+    blurred = _run_view(IMAGE, matrix, np.ones(5), np.zeros(5), 2.0, 256)
+    # Blur keeps the per-channel mean (away from borders) and cuts the variance of white noise.
+    assert blurred[..., 0].std() < 0.4 * IMAGE[..., 0].std()
+    np.testing.assert_allclose(blurred[20:-20, 20:-20].mean(axis=(0, 1)), IMAGE[20:-20, 20:-20].mean(axis=(0, 1)),
+                               atol=0.02)
+
+
+def test_standardise_uint16_and_clip():
+    mean = np.array([100.0, 200.0, 300.0], np.float32)
+    std = np.array([10.0, 20.0, 30.0], np.float32)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, exec_dynamic=True)
+    def pipe():
+        s2 = fn.external_source(source=lambda _i: S2_RAW, batch=False, layout="HWC")
+        s1 = fn.external_source(source=lambda _i: IMAGE[..., :2] * 20 - 10, batch=False, layout="HWC")
+        return (standardise(s2, mean, std),
+                standardise(s1, np.zeros(2, np.float32), np.ones(2, np.float32), clip=(-25.0, 0.0)))
+
+    p = pipe()
+    p.build()
+    a, b = (np.array(t.as_tensor())[0] for t in p.run())
+    np.testing.assert_allclose(a, (S2_RAW.astype(np.float64) - mean) / std, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(b, np.clip(IMAGE[..., :2] * 20 - 10, -25, 0), atol=1e-5)
+
+
+def test_crop_box_respects_scale_and_bounds():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        x0, y0, w, h = crop_box(rng, 256, (0.2, 1.0), (3 / 4, 4 / 3))
+        assert 0 <= x0 and 0 <= y0 and x0 + w <= 256 + 1e-9 and y0 + h <= 256 + 1e-9
+        assert 0.2 * 256 * 256 * 0.999 <= w * h <= 256 * 256 * 1.001
+
+
+def test_view_params_dropout_and_identity():
+    cfg = AugmentConfig(channel_dropout=0.5, jitter_prob=0.0)
+    rng = np.random.default_rng(3)
+    params = [draw_view(rng, cfg, 12, {"s1": slice(0, 2), "s2": slice(2, 12)}, 256, 224) for _ in range(50)]
+    dropped = np.array([(p.gain == 0).mean() for p in params])
+    assert 0.3 < dropped.mean() < 0.7 and all((p.gain > 0).any() for p in params)
+    sensor = AugmentConfig(sensor_dropout=1.0, jitter_prob=0.0)
+    for _ in range(20):
+        p = draw_view(rng, sensor, 12, {"s1": slice(0, 2), "s2": slice(2, 12)}, 256, 224)
+        assert (not p.gain[:2].any() and p.gain[2:].all()) or (p.gain[:2].all() and not p.gain[2:].any())
+    ident = draw_view(rng, AugmentConfig.none(), 3, {"s2": slice(0, 3)}, 256, 256)
+    np.testing.assert_allclose(ident.matrix, [[1, 0, 0], [0, 1, 0]], atol=1e-6)
+    assert ident.sigma == np.float32(NO_BLUR_SIGMA) and (ident.gain == 1).all() and not ident.offset.any()

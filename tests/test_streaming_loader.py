@@ -1,0 +1,199 @@
+"""SSLLoader end to end in DALI's CPU mode: views, determinism, epoch semantics, resume, faults, S3."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eossl.streaming.augment import AugmentConfig
+from eossl.streaming.inputs import InputSpec
+from eossl.streaming.loader import LoaderConfig, SSLLoader, StreamingError
+from eossl.streaming.plan import PlanConfig
+from eossl.streaming.views import ViewConfig
+
+from conftest import run_cli
+
+GEOMETRY_ONLY = AugmentConfig(blur_prob=0.0, jitter_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def dataset(synthetic_source, tmp_path_factory) -> Path:
+    """24 synthetic patches in 8 shards (3 per shard), 25 % of scenes held out."""
+    out = tmp_path_factory.mktemp("stream") / "ds"
+    run_cli("ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--holdout-fraction", "0.34",
+            "--budgets", "2", "--no-progress")
+    return out
+
+
+def _cfg(**kw) -> LoaderConfig:
+    views = kw.pop("views", ViewConfig(mode="single", inputs=InputSpec(sensors=("s2",)), size=64))
+    base = LoaderConfig(batch_size=kw.pop("batch_size", 4), split=kw.pop("split", "all"), device="cpu",
+                        workers=kw.pop("workers", 1), num_threads=1, views=views,
+                        plan=kw.pop("plan", PlanConfig(seed=3, shuffle_buffer=4)))
+    return replace(base, **kw)
+
+
+def _epoch(loader) -> list:
+    return list(loader)
+
+
+@pytest.mark.parametrize(
+    "views, channels, sizes",
+    [
+        (ViewConfig(mode="single", inputs=InputSpec(sensors=("s1",)), size=64), [2, 2], [64, 64]),
+        (ViewConfig(mode="single", inputs=InputSpec(sensors=("s2",), s2_bands="all"), size=64), [13, 13], [64, 64]),
+        (ViewConfig(mode="single", inputs=InputSpec(sensors=("s1", "s2")), size=64), [12, 12], [64, 64]),
+        (ViewConfig(mode="pair", size=64), [2, 10], [64, 64]),
+        (ViewConfig(mode="fusion_all", size=64), [12, 12], [64, 64]),
+        (ViewConfig(mode="fusion_partial", size=64), [12, 12], [64, 64]),
+        (ViewConfig(mode="fusion_optional", size=64), [12, 12], [64, 64]),
+        (ViewConfig(mode="multicrop", inputs=InputSpec(sensors=("s1",)), global_size=64, local_size=32, n_local=3),
+         [2] * 5, [64, 64, 32, 32, 32]),
+    ],
+    ids=["s1", "s2-all", "s1s2", "pair", "fusion_all", "fusion_partial", "fusion_optional", "multicrop"],
+)
+def test_view_modes_shapes_and_values(dataset, views, channels, sizes):
+    loader = SSLLoader(str(dataset), _cfg(views=views, workers=0))
+    batch = next(iter(loader))
+    assert [v.shape for v in batch.views] == [(4, c, s, s) for c, s in zip(channels, sizes, strict=True)]
+    for v in batch.views:
+        assert v.dtype == torch.float32 and torch.isfinite(v).all()
+        assert v.is_contiguous(memory_format=torch.channels_last)
+        assert v.abs().mean() < 3  # standardised, not raw reflectance or dB
+    if views.mode == "fusion_partial":
+        for i in range(4):  # both views of a sample drop the same sensor (or none)
+            dropped = [tuple(bool(v[i, c].abs().max() == 0) for c in (0, 5)) for v in batch.views]
+            assert dropped[0] == dropped[1]
+
+
+def test_deterministic_per_seed_and_independent_of_workers(dataset):
+    a = _epoch(SSLLoader(str(dataset), _cfg(workers=1)))
+    b = _epoch(SSLLoader(str(dataset), _cfg(workers=2)))
+    c = _epoch(SSLLoader(str(dataset), _cfg(workers=1, plan=PlanConfig(seed=4, shuffle_buffer=4))))
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.rows, y.rows)
+        for vx, vy in zip(x.views, y.views, strict=True):
+            assert torch.equal(vx, vy)
+    assert not all(torch.equal(x.rows, y.rows) for x, y in zip(a, c, strict=True))
+
+
+def test_pair_views_cover_the_same_ground(dataset):
+    """S1 VV and S2 NIR of the synthetic data share one land-cover map: shared geometry keeps them aligned."""
+
+    def correlation(geometry: str) -> float:
+        views = ViewConfig(mode="pair", size=64, augment=GEOMETRY_ONLY, pair_geometry=geometry,
+                           inputs=InputSpec(s2_bands=("B8",)))
+        values = []
+        for batch in SSLLoader(str(dataset), _cfg(views=views, workers=0)):
+            s1, s2 = batch.views[0][:, 0].reshape(4, -1), batch.views[1][:, 0].reshape(4, -1)
+            for x, y in zip(s1, s2, strict=True):
+                values.append(abs(float(np.corrcoef(x.numpy(), y.numpy())[0, 1])))
+        return float(np.mean(values))
+
+    shared, independent = correlation("shared"), correlation("independent")
+    assert shared > 0.15 and shared > 3 * independent, (shared, independent)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_epoch_semantics_across_ranks_and_workers(dataset, world, workers):
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    n_train = manifest["counts"]["train"]
+    seen, lengths = [], []
+    for rank in range(world):
+        loader = SSLLoader(str(dataset), _cfg(split="train", batch_size=2, workers=workers), rank=rank,
+                           world_size=world)
+        batches = _epoch(loader)
+        lengths.append(len(batches))
+        assert len(batches) == len(loader)
+        assert all(len(b.rows) == 2 for b in batches)
+        seen += torch.cat([b.rows for b in batches]).tolist()
+    assert len(set(lengths)) == 1  # every rank: the same number of batches
+    plan = loader.plan(0)
+    assert sorted(set(seen)) == sorted(loader.rows.tolist()) and len(loader.rows) == n_train  # full coverage
+    assert len(seen) - len(set(seen)) == plan.padding  # duplicates only from documented padding
+    assert loader.position.epoch == 1 and loader.position.step == 0
+
+
+def test_resume_mid_epoch_exact_and_elastic(dataset):
+    cfg = _cfg(batch_size=2, workers=1)
+    straight = [b for _ in range(2) for b in _epoch(SSLLoader(str(dataset), cfg))]
+    full = SSLLoader(str(dataset), cfg)
+    first = []
+    for i, b in enumerate(full):
+        first.append(b)
+        if i == 4:
+            break
+    state = full.state_dict()
+    assert state["step"] == 5 and state["epoch"] == 0
+    resumed = SSLLoader(str(dataset), cfg)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    rest = _epoch(resumed) + _epoch(resumed)  # the rest of epoch 0, then all of epoch 1
+    whole = SSLLoader(str(dataset), cfg)
+    ref = _epoch(whole) + _epoch(whole)
+    got = first + rest
+    assert len(got) == len(ref)
+    for x, y in zip(got, ref, strict=True):
+        assert torch.equal(x.rows, y.rows) and (x.epoch, x.step) == (y.epoch, y.step)
+        for vx, vy in zip(x.views, y.views, strict=True):
+            assert torch.equal(vx, vy)
+    assert len(straight) == len(ref)
+
+    # Elastic: 2 ranks x 1 sample -> 1 rank x 2 samples keeps the global batch: same samples follow.
+    two = [SSLLoader(str(dataset), _cfg(batch_size=1, workers=0), rank=r, world_size=2) for r in range(2)]
+    consumed = []
+    for loader in two:
+        it = iter(loader)
+        consumed += [next(it).rows for _ in range(3)]
+        state = loader.state_dict()
+        del it
+    one = SSLLoader(str(dataset), _cfg(batch_size=2, workers=0), rank=0, world_size=1)
+    one.load_state_dict(state)
+    rest = torch.cat([b.rows for b in _epoch(one)])
+    everything = torch.cat([*consumed, rest]).tolist()
+    assert sorted(set(everything)) == sorted(one.rows.tolist())
+    with pytest.raises(ValueError, match="global batch"):
+        SSLLoader(str(dataset), _cfg(batch_size=3, workers=0)).load_state_dict(state)
+
+
+def test_corrupt_shard_is_substituted_or_fails_in_strict_mode(dataset, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    shard = broken / manifest["shards"][2]["path"]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])  # truncated
+    loader = SSLLoader(str(broken), _cfg(workers=1))
+    with pytest.warns(UserWarning, match="corrupt"):
+        batches = _epoch(loader)
+    assert len(batches) == len(loader) and all(len(b.rows) == 4 for b in batches)
+    assert loader.substituted == manifest["shards"][2]["samples"]
+    with pytest.raises(StreamingError, match=r"shard-000002.tar: \d+ bytes, the manifest says"):
+        _epoch(SSLLoader(str(broken), _cfg(workers=1, strict=True)))
+
+
+def test_stream_from_s3_equals_local(dataset, s3_endpoint):
+    from servers import upload_tree
+
+    upload_tree(dataset, "s3://eossl-stream/ds")
+    local = _epoch(SSLLoader(str(dataset), _cfg(workers=1)))
+    remote = _epoch(SSLLoader("s3://eossl-stream/ds", _cfg(workers=1)))
+    assert len(local) == len(remote)
+    for x, y in zip(local, remote, strict=True):
+        assert torch.equal(x.rows, y.rows)
+        assert torch.equal(x.views[0], y.views[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_gpu_mode_matches_cpu_mode(dataset):
+    cpu = _epoch(SSLLoader(str(dataset), _cfg(workers=1)))
+    gpu = _epoch(SSLLoader(str(dataset), _cfg(workers=1, device="gpu")))
+    for x, y in zip(cpu, gpu, strict=True):
+        assert torch.equal(x.rows, y.rows)
+        for vx, vy in zip(x.views, y.views, strict=True):
+            torch.testing.assert_close(vx, vy.cpu(), atol=1e-3, rtol=1e-3)
