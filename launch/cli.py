@@ -175,6 +175,16 @@ def _run_bench_encoding(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    from eossl.train.cli import add_train_arguments, run_train
+
+    p = sub.add_parser("train", help="self-supervised pre-training (MoCo-v2); also via 'accelerate launch -m eossl.train'",
+                       description="Pre-train on an eossl dataset. Multi-process: accelerate launch [flags] -m "
+                       "eossl.train moco --data D --out RUN (configs in launch/accelerate/).")
+    add_train_arguments(p)
+    p.set_defaults(handler=run_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eossl",
@@ -191,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample_data(sub)
     _add_ingest(sub)
     _add_verify(sub)
+    _add_train(sub)
     _add_bench(sub)
     return parser
 

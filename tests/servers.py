@@ -34,10 +34,10 @@ def s3_env(endpoint: str) -> dict[str, str]:
 
 
 @contextmanager
-def moto_s3_server(log_dir: Path):
-    """Start ``moto_server`` on 127.0.0.1:<free port>; yield its endpoint URL; stop it."""
+def moto_s3_server(log_dir: Path, port: int | None = None):
+    """Start ``moto_server`` on 127.0.0.1:<port or a free one>; yield its endpoint URL; stop it."""
     exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-    port = free_port()
+    port = port or free_port()
     log = open(log_dir / f"moto-{port}.log", "wb")
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -72,3 +72,112 @@ def upload_tree(local: Path, url: str) -> None:
     if not fs.exists(bucket):
         fs.mkdir(bucket)
     fs.put(str(local), url.removeprefix("s3://"), recursive=True)
+
+
+class TcpProxy:
+    """A TCP forwarder 127.0.0.1:port -> target port, to cut a real server off the network and back.
+
+    ``stop()`` closes the listener and every open connection (clients see refused/reset connections, as
+    in an outage) while the server behind keeps its data; ``start()`` listens again on the same port.
+    """
+
+    def __init__(self, target_port: int, port: int | None = None):
+        import threading
+
+        self.target_port = target_port
+        self.port = port or free_port()
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import threading
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
+        if listener is not None:
+            listener.close()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+@contextmanager
+def mlflow_server(workdir: Path):
+    """A real MLflow tracking server (sqlite backend, proxied artifacts) on 127.0.0.1; yields its URI."""
+    exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    port = free_port()
+    log = open(workdir / f"mlflow-{port}.log", "wb")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [exe, "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--artifacts-destination",
+         str(workdir / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not start: see {log.name}") from None
+                time.sleep(0.3)
+        yield uri
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()

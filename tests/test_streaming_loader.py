@@ -197,3 +197,45 @@ def test_gpu_mode_matches_cpu_mode(dataset):
         assert torch.equal(x.rows, y.rows)
         for vx, vy in zip(x.views, y.views, strict=True):
             torch.testing.assert_close(vx, vy.cpu(), atol=1e-3, rtol=1e-3)
+
+
+def test_s3_outage_mid_epoch_retries_then_fails_clearly(dataset, tmp_path, monkeypatch):
+    """A real S3 server cut off mid-epoch: a short outage is ridden out, a long one fails naming the object."""
+    import threading
+    import time
+
+    from eossl.streaming.storage import StorageOptions
+
+    from servers import TcpProxy, moto_s3_server, s3_env, upload_tree
+
+    reference = _epoch(SSLLoader(str(dataset), _cfg(workers=1, batch_size=2, prefetch=1)))
+    with moto_s3_server(tmp_path) as server:
+        for k, v in s3_env(server).items():
+            monkeypatch.setenv(k, v)
+        upload_tree(dataset, "s3://outage/ds")
+        proxy = TcpProxy(int(server.rsplit(":", 1)[1]))
+        proxy.start()
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)  # the loader talks to S3 through the proxy
+        try:
+            # 1. Outage of ~2 s during the epoch: retries with backoff carry the loader through.
+            patient = StorageOptions(retries=8, backoff_s=0.5, timeout_s=5)
+            it = iter(SSLLoader("s3://outage/ds", _cfg(workers=1, batch_size=2, prefetch=1, storage=patient)))
+            got = [next(it)]
+            proxy.stop()
+            threading.Timer(2.0, proxy.start).start()
+            got += list(it)
+            assert [b.rows.tolist() for b in got] == [b.rows.tolist() for b in reference]
+            for x, y in zip(got, reference, strict=True):
+                assert torch.equal(x.views[1], y.views[1])
+
+            # 2. The server stays unreachable: a clear error naming the object, in bounded time (no hang).
+            impatient = StorageOptions(retries=2, backoff_s=0.1, timeout_s=2)
+            it = iter(SSLLoader("s3://outage/ds", _cfg(workers=1, batch_size=2, prefetch=1, storage=impatient)))
+            next(it)
+            proxy.stop()
+            t0 = time.monotonic()
+            with pytest.raises(StreamingError, match=r"s3://outage/ds/shards/shard-\d+\.tar: .* failed after 3 attempts"):
+                list(it)
+            assert time.monotonic() - t0 < 60
+        finally:
+            proxy.stop()

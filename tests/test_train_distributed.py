@@ -1,0 +1,103 @@
+"""Real multi-process training on CPU (gloo) through accelerate, and tracking against a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_train_moco import TINY, _cli_set
+
+from conftest import REPO, run_cli
+from servers import free_port, mlflow_server
+
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+
+
+@pytest.fixture(scope="module")
+def dataset(synthetic_source, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist") / "ds"
+    run_cli("ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--budgets", "2", "--no-progress")
+    return out
+
+
+def _train(dataset: Path, out: Path, steps: int = 3) -> list[str]:
+    values = {**TINY, "batch_size": "4", "log_every": "1", "ckpt_every": "0", "moco.momentum": "0.9"}
+    return ["-m", "eossl.train", "moco", "--data", str(dataset), "--out", str(out), "--max-steps", str(steps),
+            *_cli_set(values)]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    return env
+
+
+def _ranks(run: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((run / "ranks").glob("rank-*.json"))]
+
+
+def test_two_processes_one_machine(dataset, tmp_path):
+    run = tmp_path / "run"
+    cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "launch/accelerate/cpu_2proc.yaml"),
+           "--main_process_port", str(free_port()), *_train(dataset, run)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = _ranks(run)
+    assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
+    # Query and key encoders, heads, queue and pointer identical on both ranks.
+    assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+    assert ranks[0]["queue_sha256"] == ranks[1]["queue_sha256"]
+    assert ranks[0]["step"] == 3
+    params = (run / "config.yaml").read_text()
+    assert "batch_size: 4" in params
+
+
+def test_two_nodes_on_localhost(dataset, tmp_path):
+    run = tmp_path / "run"
+    port = str(free_port())
+    procs = []
+    for machine_rank in (0, 1):
+        cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(machine_rank),
+               "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+               "--dynamo_backend", "no", *_train(dataset, run)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()))
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    ranks = _ranks(run)
+    assert len(ranks) == 2 and {r["world_size"] for r in ranks} == {2}
+    assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+    assert ranks[0]["queue_sha256"] == ranks[1]["queue_sha256"]
+
+
+def test_tracking_against_a_real_mlflow_server(dataset, tmp_path):
+    import mlflow
+
+    with mlflow_server(tmp_path) as uri:
+        run = tmp_path / "run"
+        env = {**_env(), "MLFLOW_TRACKING_URI": uri}
+        proc = subprocess.run([sys.executable, *_train(dataset, run)], capture_output=True, text=True, timeout=600,
+                              env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not (run / "mlflow.db").exists()  # the server, not the local default, got the run
+        client = mlflow.MlflowClient(uri)
+        exp = client.get_experiment_by_name("eossl")
+        (r,) = client.search_runs([exp.experiment_id])
+        assert r.data.params["out"] == str(run) and r.data.params["backbone.name"] == "resnet18"
+        assert r.data.params["effective_batch_size"] == "4" and r.data.params["world_size"] == "1"
+        assert r.data.tags["dataset_manifest_sha256"] == json.loads((dataset / "manifest.json").read_text())[
+            "manifest_sha256"]
+        assert "normalisation" in r.data.tags and "git_commit" in r.data.tags
+        history = client.get_metric_history(r.info.run_id, "loss")
+        assert [m.step for m in history] == [1, 2, 3]
+        for name in ("lr", "samples_per_s", "data_wait_fraction", "memory_mb", "epoch"):
+            assert client.get_metric_history(r.info.run_id, name), name
+        artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"config.yaml", "backbone"} <= artifacts
+        backbone = {a.path for a in client.list_artifacts(r.info.run_id, "backbone")}
+        assert {"backbone/backbone.safetensors", "backbone/model_card.json", "backbone/README.md"} <= backbone
+        local = client.download_artifacts(r.info.run_id, "backbone/model_card.json", str(tmp_path))
+        assert json.loads(Path(local).read_text())["timm_model"] == "resnet18"

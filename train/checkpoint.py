@@ -1,0 +1,104 @@
+"""Atomic, resumable checkpoints loadable without arbitrary unpickling.
+
+Layout of ``RUN_DIR/checkpoints/step-NNNNNNN/``: ``model.pt`` (the method's state dict: encoders, heads,
+queue, centers ...), ``optimizer.pt``, ``scaler.pt``, ``rng-rank{R}.pt`` (one per rank: Python, NumPy,
+torch CPU and CUDA generators), ``trainer.json`` (step, epoch, loader position, MLflow run id, world size).
+Everything is written into a temporary folder and renamed into place, then ``checkpoints/latest`` is
+replaced atomically; a run killed at any moment resumes from the last complete checkpoint. Loading uses
+``torch.load(weights_only=True)`` only: tensors, numbers, strings and containers, no code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["CheckpointError", "latest_checkpoint", "load_rng_state", "rng_state", "write_json_atomic"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or incompatible with the run's configuration."""
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def save_tensor_file(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_tensor_file(path: Path):
+    if not path.exists():
+        raise CheckpointError(f"{path} missing: incomplete checkpoint")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict:
+    """Every generator of this process, as weights_only-loadable values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def load_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss_np = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_np))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:07d}"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    if not (path / "trainer.json").exists():
+        raise CheckpointError(f"{pointer} points at {path}, which is incomplete")
+    return path
+
+
+def staging_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f".staging-step-{step:07d}"
+
+
+def publish(run_dir: Path, step: int, keep: int) -> Path:
+    """Move a fully written staging folder into place, point ``latest`` at it, prune old ones."""
+    staging, final = staging_dir(run_dir, step), checkpoint_dir(run_dir, step)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    pointer = run_dir / "checkpoints" / "latest"
+    tmp = pointer.with_name(f".latest.tmp-{os.getpid()}")
+    tmp.write_text(final.name)
+    os.replace(tmp, pointer)
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir())
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in (run_dir / "checkpoints").glob(".staging-*"):
+        if stale != staging:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final

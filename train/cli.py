@@ -1,0 +1,55 @@
+"""Command-line arguments of ``eossl train METHOD`` (also ``python -m eossl.train METHOD``)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_train_arguments", "run_train"]
+
+
+def _kv(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set takes key=value, got {text!r}")
+    k, v = text.split("=", 1)
+    return k.strip(), v.strip()
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("method", choices=["moco"], help="self-supervised method")
+    p.add_argument("--data", required=True, help="dataset folder or URL written by 'eossl ingest'")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, config.yaml, local MLflow store")
+    p.add_argument("--config", help="YAML file of config values (sections or dotted keys)")
+    p.add_argument("--set", dest="overrides", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set backbone=resnet18 --set queue_size=64")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (total, across resumes)")
+    p.add_argument("--seed", type=int, help="seed of data order, augmentation and initialisation")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from RUN_DIR's last checkpoint (also the default when one exists)")
+    p.add_argument("--fresh", action="store_true", help="ignore checkpoints in RUN_DIR (refused if any exist)")
+
+
+def run_train(args) -> int:
+    from pathlib import Path
+
+    from .checkpoint import latest_checkpoint
+    from .config import load_config
+    from .loop import train
+
+    overrides = dict(args.overrides)
+    overrides.update({"data": args.data, "out": args.out})
+    if args.max_steps is not None:
+        overrides["max_steps"] = args.max_steps
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    cfg = load_config(args.method, args.config, overrides)
+    has_ckpt = latest_checkpoint(Path(cfg.out)) is not None
+    if args.fresh and has_ckpt:
+        raise ValueError(f"{cfg.out} already holds checkpoints: use another --out, or --resume")
+    if args.resume and not has_ckpt:
+        print(f"no checkpoint in {cfg.out}: starting a new run")
+    result = train(cfg, resume=not args.fresh)
+    if result.backbone_dir is not None:
+        print(f"run: {result.run_dir}  steps: {result.steps}  final loss: {result.final_loss:.4f}")
+        print(f"mlflow run: {result.mlflow_run_id}")
+        print(f"backbone: {result.backbone_dir}/backbone.safetensors (model card: {result.backbone_dir}/README.md)")
+    return 0

@@ -1,0 +1,303 @@
+"""Training configuration: typed dataclasses, a YAML file and ``--set key=value`` overrides, merged once.
+
+``load_config(method, yaml_path, overrides)`` is the only place values are merged; the result is written
+to the run folder (``config.yaml``) and logged to MLflow as params. Keys of ``--set`` are dotted paths
+(``optim.lr=0.06``) or a unique field name (``queue_size=64``); a key naming a section takes that section's
+``name`` (``backbone=resnet18`` sets ``backbone.name``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "BackboneConfig",
+    "DataConfig",
+    "DinoConfig",
+    "MoCoConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "flatten",
+    "load_config",
+]
+
+
+@dataclass
+class BackboneConfig:
+    """The encoder: a timm model plus an input adapter.
+
+    Attributes:
+        name: any timm model name (resnet50 for the MoCo study; resnet18 for CPU runs; vit_small_patch16_224).
+        adapter: how a C-channel input reaches the backbone: 'native' (timm's ``in_chans=C``: the first
+            layer is built for C channels), 'conv1x1' (a 1x1 conv + BN + ReLU block mapping C channels to
+            ``adapter_channels``, one block per sensor in pair mode, so an RGB-shaped backbone sees every
+            sensor), or 'zeropad' (channels padded with zeros to ``pad_channels``).
+        adapter_mode: for 'conv1x1': 'trainable' (learned with the backbone), 'frozen' (a fixed, seeded
+            random projection: parameters and BN statistics never change), 'random' (re-initialised at
+            the start of every stage, then trained; at evaluation: a fresh adapter on a pre-trained
+            backbone).
+        adapter_channels: output channels of the 1x1 adapter (3: the shape of ImageNet stems).
+        pad_channels: channel count for 'zeropad' (15 = S1 + all 13 S2 bands).
+    """
+
+    name: str = "resnet50"
+    adapter: str = "native"
+    adapter_mode: str = "trainable"
+    adapter_channels: int = 3
+    pad_channels: int = 15
+
+    def __post_init__(self) -> None:
+        if self.adapter not in ("native", "conv1x1", "zeropad"):
+            raise ValueError(f"backbone.adapter must be native, conv1x1 or zeropad, got {self.adapter!r}")
+        if self.adapter_mode not in ("trainable", "frozen", "random"):
+            raise ValueError(f"backbone.adapter_mode must be trainable, frozen or random, got {self.adapter_mode!r}")
+
+
+@dataclass
+class MoCoConfig:
+    """MoCo-v2 (defaults of the study's code).
+
+    Attributes:
+        queue_size: negatives kept (65536); must be a multiple of the global batch size.
+        dim: projection output dimension (128).
+        hidden: projection MLP hidden width (2048 for ResNet-50).
+        momentum: key encoder EMA momentum (0.999; lower, e.g. 0.99, for short runs and small data).
+        temperature: softmax temperature of the InfoNCE loss (0.2).
+        symmetric: sensor pairs: also use view 0 as query against view 1 as key and average both losses.
+        shuffle_bn: stop BatchNorm from leaking the positive pair: keys are computed on a batch shuffled
+            across ranks (multi-process) or in ``bn_splits`` shuffled chunks (one process).
+        bn_splits: chunks of the key batch in one process (2); ignored with several ranks.
+    """
+
+    queue_size: int = 65536
+    dim: int = 128
+    hidden: int = 2048
+    momentum: float = 0.999
+    temperature: float = 0.2
+    symmetric: bool = False
+    shuffle_bn: bool = True
+    bn_splits: int = 2
+
+
+@dataclass
+class DinoConfig:
+    """Placeholder section for the DINO method (issue 6)."""
+
+    out_dim: int = 65536
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedules.
+
+    Attributes:
+        name: 'sgd' (MoCo) or 'adamw'.
+        lr: base learning rate at ``base_batch`` (0.03 for MoCo-v2 at 256).
+        lr_scaling: 'none', 'linear' (lr * global_batch / base_batch) or 'sqrt'.
+        base_batch: batch size at which ``lr`` is the learning rate.
+        momentum, weight_decay: SGD momentum (0.9) and weight decay (1e-4).
+        schedule: 'cosine' (to 0 over the run) or 'constant'.
+        warmup_steps: linear warm-up steps from 0.
+        clip_grad: max global grad norm; 0 disables clipping.
+    """
+
+    name: str = "sgd"
+    lr: float = 0.03
+    lr_scaling: str = "none"
+    base_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    clip_grad: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    """What the loader reads and how views are made (see docs/METHODS.md).
+
+    Attributes:
+        mode: single | pair | fusion_all | fusion_partial | fusion_optional | multicrop.
+        sensors: input of 'single'/'multicrop' views: s1, s2 or s1s2.
+        s2_bands: 'land' (10), 'all' (13), 'rgb' or a comma list.
+        size: view size in pixels.
+        augment: augment views (False: full patches, e.g. sensor pairs without augmentation).
+        split: which split to train on (train, test, all).
+        workers, threads: reader processes and DALI threads per rank.
+        shuffle_buffer: samples in the shuffle buffer.
+        cache_dir: node-local cache for remote shards.
+        device: DALI device: auto, gpu or cpu.
+    """
+
+    mode: str = "single"
+    sensors: str = "s2"
+    s2_bands: str = "land"
+    size: int = 224
+    augment: bool = True
+    split: str = "train"
+    workers: int = 2
+    threads: int = 2
+    shuffle_buffer: int = 2048
+    cache_dir: str | None = None
+    device: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    """One pre-training run.
+
+    Attributes:
+        method: 'moco' (issue 4) or 'dino' (issue 6).
+        data: dataset folder or URL; out: run folder (checkpoints, config, local MLflow store).
+        batch_size: samples per device per step (64 in the MoCo study).
+        epochs: epochs over the training split; max_steps: stop after this many optimiser steps (0 = none).
+        grad_accum: micro-batches per optimiser step (effective batch = batch_size x ranks x grad_accum).
+        precision: 'no', 'bf16' or 'fp16' (fp16 uses a loss scaler).
+        channels_last: NHWC memory format for convolutions.
+        compile: torch.compile the model.
+        seed: seed of everything (data order, augmentation, initialisation).
+        log_every: steps between metric logs; ckpt_every: steps between checkpoints (0: only at the end).
+        experiment: MLflow experiment name.
+    """
+
+    method: str = "moco"
+    data: str = ""
+    out: str = ""
+    batch_size: int = 64
+    epochs: int = 200
+    max_steps: int = 0
+    grad_accum: int = 1
+    precision: str = "no"
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500
+    experiment: str = "eossl"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loader: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> None:
+        if self.method not in ("moco", "dino"):
+            raise ValueError(f"method must be moco or dino, got {self.method!r}")
+        if self.precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"precision must be no, bf16 or fp16, got {self.precision!r}")
+        if not self.data or not self.out:
+            raise ValueError("data and out must be set")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("batch_size and grad_accum must be >= 1")
+        if self.optim.lr_scaling not in ("none", "linear", "sqrt"):
+            raise ValueError(f"optim.lr_scaling must be none, linear or sqrt, got {self.optim.lr_scaling!r}")
+        if self.optim.schedule not in ("cosine", "constant"):
+            raise ValueError(f"optim.schedule must be cosine or constant, got {self.optim.schedule!r}")
+
+
+# --- merging ----------------------------------------------------------------------------------------
+
+
+def _leaves(obj, prefix: str = "") -> dict[str, tuple[Any, str]]:
+    """Dotted path -> (owning dataclass, field name) for every scalar field."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(_leaves(value, path + "."))
+        else:
+            out[path] = (obj, f.name)
+    return out
+
+
+def _resolve(cfg: TrainConfig, key: str) -> tuple[Any, str, str]:
+    leaves = _leaves(cfg)
+    if key in leaves:
+        return (*leaves[key], key)
+    section = getattr(cfg, key, None)
+    if dataclasses.is_dataclass(section) and f"{key}.name" in leaves:
+        return (*leaves[f"{key}.name"], f"{key}.name")
+    matches = [p for p in leaves if p.rsplit(".", 1)[-1] == key]
+    if len(matches) == 1:
+        return (*leaves[matches[0]], matches[0])
+    if len(matches) > 1:
+        raise ValueError(f"config key {key!r} is ambiguous: use one of {', '.join(matches)}")
+    raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(leaves))}")
+
+
+def _coerce(owner, name: str, value: Any, key: str) -> Any:
+    hints = typing.get_type_hints(type(owner))
+    hint = hints[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint)
+    base = args[0] if (typing.get_origin(hint) in (typing.Union, types.UnionType) and args) else hint
+    if isinstance(value, str):
+        if optional and value.lower() in ("none", "null", ""):
+            return None
+        try:
+            if base is bool:
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            if base in (int, float):
+                return base(value)
+            if typing.get_origin(base) is tuple:
+                return tuple(json.loads(value) if value.startswith("[") else value.split(","))
+        except ValueError:
+            raise ValueError(f"config key {key}: cannot read {value!r} as {getattr(base, '__name__', base)}") from None
+        return value
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """Set fields from a flat mapping of keys (dotted or unique) to values (strings are parsed)."""
+    for key, value in overrides.items():
+        owner, name, path = _resolve(cfg, key)
+        setattr(owner, name, _coerce(owner, name, value, path))
+        if hasattr(owner, "__post_init__"):
+            owner.__post_init__()
+    return cfg
+
+
+def _flatten_yaml(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten_yaml(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_config(method: str, yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults <- YAML file <- ``--set`` overrides (and CLI flags, passed as overrides)."""
+    cfg = TrainConfig(method=method)
+    if yaml_path:
+        tree = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"{yaml_path}: a config file must be a mapping of keys to values")
+        apply_overrides(cfg, _flatten_yaml(tree))
+    apply_overrides(cfg, overrides)
+    cfg.validate()
+    return cfg
+
+
+def flatten(cfg: TrainConfig) -> dict[str, Any]:
+    """Dotted key -> value, for MLflow params and config.yaml."""
+    return {path: getattr(owner, name) for path, (owner, name) in _leaves(cfg).items()}
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg))), sort_keys=False)

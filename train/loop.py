@@ -1,0 +1,314 @@
+"""The one training loop for every method, on one CPU, one GPU, many GPUs or many nodes (accelerate).
+
+Each optimiser step reads in a fixed order: schedules -> autocast forward -> loss -> finite check ->
+backward -> clip -> step -> EMA/queue -> log -> checkpoint. One precision path: accelerate's autocast and
+(fp16 only) its gradient scaler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import resource
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from tqdm import tqdm
+
+from eossl.streaming.loader import LoaderConfig, SSLLoader
+from eossl.streaming.plan import PlanConfig
+from eossl.streaming.storage import StorageOptions
+
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_rng_state,
+    load_tensor_file,
+    publish,
+    rng_state,
+    save_tensor_file,
+    staging_dir,
+    write_json_atomic,
+)
+from .config import TrainConfig, flatten, to_yaml
+from .distributed import all_reduce_min
+from .export import export_backbone
+from .methods import get_method
+from .schedules import cosine_schedule, scaled_lr
+from .tracking import start_tracking
+
+__all__ = ["RunResult", "train"]
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    final_loss: float
+    mlflow_run_id: str | None
+    backbone_dir: Path | None
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _loader_config(cfg: TrainConfig, views) -> LoaderConfig:
+    lc = cfg.loader
+    return LoaderConfig(
+        batch_size=cfg.batch_size, split=lc.split, views=views, device=lc.device, num_threads=lc.threads,
+        workers=lc.workers, plan=PlanConfig(seed=cfg.seed, shuffle_buffer=lc.shuffle_buffer),
+        storage=StorageOptions(cache_dir=lc.cache_dir),
+    )
+
+
+def _optimizer(cfg: TrainConfig, params, lr: float) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay)
+    raise ValueError(f"optim.name must be sgd or adamw, got {o.name!r}")
+
+
+def _memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def state_digest(module: torch.nn.Module, which: str = "state") -> str:
+    """sha256 over names and bytes of a module's tensors: 'state' (everything), 'params' or 'buffers'.
+
+    Under DDP parameters are equal on every rank after each step; BatchNorm running statistics are
+    per-rank between forwards (DDP broadcasts rank 0's at the next forward), so compare 'params'.
+    """
+    items = {"state": module.state_dict().items, "params": module.named_parameters,
+             "buffers": module.named_buffers}[which]()
+    h = hashlib.sha256()
+    for name, t in sorted(items):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Run:
+    """State of one run: built once, then ``fit()``; split in methods so each stays short."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.out)
+        if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # gloo ranks (see launch/accelerate/cpu_2proc.yaml)
+        # Sensor pairs train only the query sensor's adapter (S2 query, S1 key) unless symmetric: DDP must
+        # accept parameters without gradients.
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.loader.mode == "pair")
+        self.acc = Accelerator(mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.grad_accum,
+                               log_with="mlflow", kwargs_handlers=[ddp])
+        self.main = self.acc.is_main_process
+        set_seed(cfg.seed)
+        self.spec = get_method(cfg.method)
+        views = self.spec.views(cfg)
+        self.loader = SSLLoader(cfg.data, _loader_config(cfg, views), rank=self.acc.process_index,
+                                world_size=self.acc.num_processes)
+        self.method = self.spec.build(cfg, self.loader.channels, views.mode)
+        if cfg.channels_last:
+            self.method = self.method.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            self.method.encoder_q.compile()
+        self.steps_per_epoch = max(len(self.loader) // cfg.grad_accum, 1)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.stop_step = min(cfg.max_steps, self.total_steps) if cfg.max_steps else self.total_steps
+        self.effective_batch = cfg.batch_size * self.acc.num_processes * cfg.grad_accum
+        self.lr = scaled_lr(cfg.optim.lr, cfg.optim.lr_scaling, self.effective_batch, cfg.optim.base_batch)
+        self.lr_schedule = (cosine_schedule(self.lr, 0.0, self.total_steps, cfg.optim.warmup_steps)
+                            if cfg.optim.schedule == "cosine" else np.full(self.total_steps, self.lr))
+        self.momentum_schedule = self.spec.momentum(cfg, self.total_steps)
+        params = [p for p in self.method.parameters() if p.requires_grad]
+        self.optimizer = _optimizer(cfg, params, self.lr)
+        self.step = 0
+        self.mlflow_run_id = None
+        self.history = self.run_dir / "history.jsonl"
+        if resume:
+            self._resume()
+        self.model, self.optimizer = self.acc.prepare(self.method, self.optimizer)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return
+        trainer = json.loads((ckpt / "trainer.json").read_text())
+        if trainer["config_digest"] != self._config_digest():
+            raise CheckpointError(f"{ckpt} was written with another configuration (only max_steps may change "
+                                  "on resume); start a new run folder")
+        self.method.load_state_dict(load_tensor_file(ckpt / "model.pt"))
+        self.optimizer.load_state_dict(load_tensor_file(ckpt / "optimizer.pt"))
+        if self.acc.scaler is not None and (ckpt / "scaler.pt").exists():
+            self.acc.scaler.load_state_dict(load_tensor_file(ckpt / "scaler.pt"))
+        rng_file = ckpt / f"rng-rank{self.acc.process_index}.pt"
+        if rng_file.exists():  # absent after a change of world size: data order stays exact regardless
+            load_rng_state(load_tensor_file(rng_file))
+        self.loader.load_state_dict(trainer["loader"])
+        self.step = trainer["step"]
+        self.mlflow_run_id = trainer.get("mlflow_run_id")
+        if self.main:
+            print(f"resumed from {ckpt} at step {self.step}")
+
+    def _config_digest(self) -> str:
+        flat = {k: v for k, v in flatten(self.cfg).items() if k not in ("max_steps", "ckpt_every", "log_every")}
+        return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def save_checkpoint(self) -> None:
+        staging = staging_dir(self.run_dir, self.step)
+        if self.main:
+            staging.mkdir(parents=True, exist_ok=True)
+        self.acc.wait_for_everyone()
+        save_tensor_file(rng_state(), staging / f"rng-rank{self.acc.process_index}.pt")
+        self.acc.wait_for_everyone()
+        if self.main:
+            method = self.acc.unwrap_model(self.model)
+            save_tensor_file(method.state_dict(), staging / "model.pt")
+            save_tensor_file(self.optimizer.state_dict(), staging / "optimizer.pt")
+            if self.acc.scaler is not None:
+                save_tensor_file(self.acc.scaler.state_dict(), staging / "scaler.pt")
+            write_json_atomic(staging / "trainer.json", {
+                "step": self.step, "epoch": self.loader.position.epoch, "loader": self.loader.state_dict(),
+                "mlflow_run_id": self.mlflow_run_id, "world_size": self.acc.num_processes,
+                "config_digest": self._config_digest(),
+            })
+            publish(self.run_dir, self.step, keep=2)
+        self.acc.wait_for_everyone()
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def _tracking(self) -> None:
+        manifest = self.loader.manifest
+        spec = self.loader.views.input_spec
+        mean, std = spec.normalisation(manifest)
+        params = {**flatten(self.cfg), "effective_batch_size": self.effective_batch, "lr_scaled": self.lr,
+                  "world_size": self.acc.num_processes, "steps_per_epoch": self.steps_per_epoch,
+                  "total_steps": self.total_steps}
+        tags = {"git_commit": _git_commit(), "dataset_manifest_sha256": manifest.get("manifest_sha256", ""),
+                "dataset": self.cfg.data, "lr_scaling_rule": self.cfg.optim.lr_scaling,
+                "normalisation": json.dumps({"channels": spec.channel_names, "mean": mean.round(6).tolist(),
+                                             "std": std.round(6).tolist()})}
+        self.mlflow_run_id = start_tracking(self.acc, self.cfg, params, tags, self.mlflow_run_id)
+
+    def _log(self, values: dict) -> None:
+        self.acc.log(values, step=self.step)
+        if self.main:
+            with open(self.history, "a") as f:
+                f.write(json.dumps({"step": self.step, **values}) + "\n")
+
+    def fit(self) -> RunResult:
+        cfg, acc = self.cfg, self.acc
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        acc.wait_for_everyone()
+        self._tracking()
+        if self.main:
+            print(f"effective batch size {self.effective_batch} (= {cfg.batch_size} x {acc.num_processes} ranks x "
+                  f"{cfg.grad_accum} accumulation), lr {self.lr:.4g} ({cfg.optim.lr_scaling} scaling of "
+                  f"{cfg.optim.lr} at batch {cfg.optim.base_batch}), {self.total_steps} steps planned, "
+                  f"stopping at {self.stop_step}")
+        bar = tqdm(total=self.stop_step, initial=self.step, disable=not self.main, unit="step", dynamic_ncols=True)
+        loss_value, nonfinite = float("nan"), 0
+        wait, t_last, samples = 0.0, time.perf_counter(), 0
+        self.model.train()
+        while self.step < self.stop_step:
+            micro = 0
+            batches = iter(self.loader)
+            while self.step < self.stop_step:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                wait += time.perf_counter() - t0
+                views = [v.to(acc.device, non_blocking=True) for v in batch.views]
+                samples += views[0].shape[0] * acc.num_processes
+                for group in self.optimizer.param_groups:  # schedules first, indexed by global step
+                    group["lr"] = float(self.lr_schedule[self.step])
+                with acc.accumulate(self.model):
+                    with acc.autocast():
+                        loss, logs = self.model(views)
+                    finite = all_reduce_min(torch.isfinite(loss.detach()).float())  # all ranks skip together
+                    if float(finite) < 1.0:
+                        nonfinite += 1
+                        acc.unwrap_model(self.model).discard_pending()
+                        self.optimizer.zero_grad(set_to_none=True)
+                        acc.print(f"step {self.step}: non-finite loss ({float(loss)}), step skipped")
+                        continue
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.optim.clip_grad > 0:
+                        acc.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                micro += 1
+                if not acc.sync_gradients:
+                    continue
+                acc.unwrap_model(self.model).after_step(float(self.momentum_schedule[self.step]))
+                self.step += 1
+                loss_value = float(acc.reduce(loss.detach().float(), reduction="mean"))
+                values = {"loss": loss_value}
+                if self.step % cfg.log_every == 0 or self.step == self.stop_step:
+                    elapsed = time.perf_counter() - t_last
+                    values.update({
+                        "lr": float(self.lr_schedule[self.step - 1]), "epoch": self.loader.position.epoch,
+                        "samples_per_s": samples / elapsed, "data_wait_fraction": wait / elapsed,
+                        "memory_mb": _memory_mb(), "nonfinite_steps": nonfinite,
+                        **{k: float(v) for k, v in logs.items()},
+                    })
+                    bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{samples / elapsed:.1f}")
+                    wait, t_last, samples = 0.0, time.perf_counter(), 0
+                self._log(values)
+                bar.update(1)
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < self.stop_step:
+                    self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        backbone_dir = self._finish()
+        return RunResult(self.run_dir, self.step, loss_value, self.mlflow_run_id, backbone_dir)
+
+    def _finish(self) -> Path | None:
+        acc = self.acc
+        method = acc.unwrap_model(self.model)
+        digests = {"rank": acc.process_index, "world_size": acc.num_processes, "step": self.step,
+                   "params_sha256": state_digest(method, "params"), "state_sha256": state_digest(method)}
+        if hasattr(method, "queue"):
+            digests["queue_sha256"] = hashlib.sha256(method.queue.cpu().numpy().tobytes()
+                                                     + method.queue_ptr.cpu().numpy().tobytes()).hexdigest()
+        (self.run_dir / "ranks").mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.run_dir / "ranks" / f"rank-{acc.process_index}.json", digests)
+        backbone_dir = None
+        if self.main:
+            backbone_dir = export_backbone(method.backbone(), self.loader, self.cfg, self.step, self.run_dir)
+            import mlflow
+
+            mlflow.log_artifact(str(self.run_dir / "config.yaml"))
+            mlflow.log_artifacts(str(backbone_dir), artifact_path="backbone")
+        acc.wait_for_everyone()
+        acc.end_training()
+        return backbone_dir
+
+
+def train(cfg: TrainConfig, resume: bool = True) -> RunResult:
+    """Run (or continue, when ``resume`` and RUN_DIR has a checkpoint) a pre-training run."""
+    if not math.isfinite(cfg.optim.lr):
+        raise ValueError("optim.lr must be finite")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return _Run(cfg, resume).fit()
