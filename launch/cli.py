@@ -147,7 +147,7 @@ def _run_verify(args) -> int:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (results in docs/BENCHMARKS.md)")
-    bsub = p.add_subparsers(dest="bench", required=True, metavar="{ingest,encoding}")
+    bsub = p.add_subparsers(dest="bench", required=True, metavar="{ingest,encoding,loader,train}")
     bi = bsub.add_parser("ingest", help="ingest patches/s and MB/s against bare rasterio reads")
     bi.add_argument("--source", help="SEN12MS tree (default: synthetic sample data)")
     bi.add_argument("--patches", type=int, default=48, help="synthetic patches when no --source (48)")
@@ -159,6 +159,49 @@ def _add_bench(sub) -> None:
     be.add_argument("--source", help="SEN12MS tree (default: the real patches shipped with eossl)")
     be.add_argument("--json", action="store_true")
     be.set_defaults(handler=_run_bench_encoding)
+    _add_bench_train(bsub)
+
+
+def _add_bench_train(bsub) -> None:
+    bt = bsub.add_parser("train", help="training samples/s fed by the streaming loader vs synthetic on-device data")
+    bt.add_argument("--data", help="dataset (default: a synthetic 64-patch dataset in a temp folder)")
+    bt.add_argument("--method", default="moco", choices=["moco"])
+    bt.add_argument("--steps", type=int, default=30, help="optimiser steps per side (first 20%% are warm-up)")
+    bt.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config overrides (default on CPU: resnet18, batch 16, 96 px; on GPU: resnet50, "
+                    "bf16, batch 64, 224 px, DALI on the GPU)")
+    bt.add_argument("--json", action="store_true")
+    bt.set_defaults(handler=_run_bench_train)
+
+
+def _run_bench_train(args) -> int:
+    import tempfile
+
+    import torch
+
+    from eossl.ingest.bench import print_result
+    from eossl.train.bench import bench_train
+
+    if torch.cuda.is_available():
+        defaults = {"backbone": "resnet50", "batch_size": "64", "precision": "bf16", "size": "224",
+                    "queue_size": "4096", "device": "gpu", "workers": "4", "threads": "4", "split": "all"}
+    else:
+        defaults = {"backbone": "resnet18", "batch_size": "16", "size": "96", "queue_size": "1024",
+                    "hidden": "512", "workers": "1", "threads": "2", "split": "all"}
+    overrides = {**defaults, **dict(o.split("=", 1) for o in args.overrides)}
+    data = args.data
+    if data is None:
+        from eossl.ingest.config import IngestConfig, SplitOptions
+        from eossl.ingest.sample_data import write_sample_data
+        from eossl.ingest.writer import run_ingest
+
+        tmp = tempfile.mkdtemp(prefix="eossl-bench-data-")
+        write_sample_data(f"{tmp}/src", 64, seed=0)
+        data = f"{tmp}/ds"
+        run_ingest(IngestConfig(source=f"{tmp}/src", dataset=data, shard_bytes=32 * 2**20, progress=False,
+                                split=SplitOptions(budgets=())))
+    print_result(bench_train(data, args.method, args.steps, overrides), args.json)
+    return 0
 
 
 def _run_bench_ingest(args) -> int:

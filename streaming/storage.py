@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,9 +146,10 @@ class _OpenFiles:
             self.discard(key)
 
     def __del__(self) -> None:  # a reader dropped without close() does not leak descriptors
-        for fd, refs, _ in self._entries.values():
+        for fd, refs, _ in list(self._entries.values()):
             if refs == 0:
-                os.close(fd)
+                with suppress(OSError):
+                    os.close(fd)
 
     def _shrink(self) -> None:
         idle = [k for k, e in self._entries.items() if e[1] == 0]
@@ -321,6 +322,8 @@ class ShardReader:
         shard_bytes = int(self.shards[shard]["bytes"])
         if offset < 0 or size < 0 or offset + size > shard_bytes:
             raise ValueError(f"bytes {offset}-{offset + size} outside {self.url(shard)} ({shard_bytes} bytes)")
+        if size == 0:
+            return b""
         if self.is_local or self._use_cache:
             data = self._read_file(shard, offset, size)
         else:
@@ -417,7 +420,7 @@ class ShardReader:
                 s3 = protocol in ("s3", "s3a")
                 if s3:  # timeouts on every request; botocore's retries off (ours wrap every request)
                     kwargs["config_kwargs"] = {"connect_timeout": self.options.timeout_s,
-                                               "read_timeout": 15,
+                                               "read_timeout": self.options.timeout_s,
                                                "retries": {"total_max_attempts": 1}}
                 fs, self._fs_root = fsspec.core.url_to_fs(self.dataset, **kwargs)
                 if s3:

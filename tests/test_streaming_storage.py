@@ -1,0 +1,432 @@
+"""Shard storage of the streaming loader: local pread, ranged GETs on S3, the node-local cache, faults.
+
+Real shards written by the real ``eossl ingest``; real ``moto_server`` processes: one per module with
+request recording on (so tests count the HTTP requests the server actually received), and one per fault
+test that is stopped and restarted on the same port. No mocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import pickle
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import s3fs
+
+import eossl.streaming.storage as storage
+from eossl.ingest.catalog import CATALOG_MEMBERS, Catalog
+from eossl.streaming.storage import CorruptShardError, ShardReader, StorageError, StorageOptions
+
+from conftest import complete_triplet, run_cli
+from servers import free_port, s3_env, upload_tree
+
+BUCKET = "eossl-storage"
+
+
+# --- a moto_server we can stop, restart on the same port, and ask which requests it received ---
+
+class MotoProcess:
+    def __init__(self, workdir: Path, port: int | None = None):
+        self.workdir, self.port = workdir, port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> MotoProcess:
+        exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+        env = {**os.environ, "MOTO_RECORDER_FILEPATH": str(self.workdir / f"requests-{self.port}.jsonl")}
+        log = open(self.workdir / f"moto-{self.port}.log", "ab")
+        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], stdout=log,
+                                     stderr=subprocess.STDOUT, cwd=self.workdir, env=env, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2)
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start on port {self.port}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def _api(self, action: str) -> str:
+        with urllib.request.urlopen(f"{self.endpoint}/moto-api/recorder/{action}", timeout=10) as r:
+            return r.read().decode()
+
+    def start_recording(self) -> None:
+        self._api("reset-recording")
+        self._api("start-recording")
+
+    def requests(self, key_part: str = "") -> list[dict]:
+        """Requests received since start_recording() whose URL contains ``key_part``."""
+        rows = [json.loads(line) for line in self._api("download-recording").splitlines() if line.strip()]
+        return [r for r in rows if key_part in r["url"]]
+
+
+@contextmanager
+def aws_environment(endpoint: str):
+    """Point the standard AWS variables at ``endpoint``; restore them (and fsspec's client cache) after."""
+    saved = {k: os.environ.get(k) for k in s3_env(endpoint)}
+    os.environ.update(s3_env(endpoint))
+    s3fs.S3FileSystem.clear_instance_cache()  # cached clients keep the endpoint they were made with
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def upload_shards(root: Path, url: str) -> None:
+    s3fs.S3FileSystem.clear_instance_cache()
+    upload_tree(root / "shards", f"{url}/shards")
+
+
+# --- the dataset: 5 complete triplets in 3 shards (2 + 2 + 1 samples), written by the real CLI ---
+
+@dataclass
+class Dataset:
+    root: Path
+    shards: list[dict]
+    catalog: Catalog
+    expected: dict[tuple[int, str], bytes]  # (row, member) -> bytes read with tarfile
+    items: list[tuple[int, str, int, int, int]]  # (row, member, shard, offset, size) of every member
+
+    def members_of(self, shard: int) -> list[tuple[int, str, int, int, int]]:
+        return [it for it in self.items if it[2] == shard]
+
+
+def _member_name(key: str, member: str) -> str:
+    return f"{key}.json" if member == "json" else f"{key}.{member}.npy"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Dataset:
+    base = tmp_path_factory.mktemp("storage")
+    for patch in range(1, 6):
+        complete_triplet(base / "src", scene=1, patch=patch)
+    run_cli("ingest", str(base / "src"), str(base / "ds"), "--shard-size", "5MB", "--no-progress")
+    shards = json.loads((base / "ds/manifest.json").read_text())["shards"]
+    catalog = Catalog.from_bytes((base / "ds/catalog.npz").read_bytes())
+    assert len(shards) == 3 and len(catalog) == 5
+    expected, items = {}, []
+    for row in range(len(catalog)):
+        shard = int(catalog.shard[row])
+        with tarfile.open(base / "ds" / shards[shard]["path"]) as tar:
+            for m in CATALOG_MEMBERS:
+                if catalog.offset[m][row] >= 0:
+                    expected[row, m] = tar.extractfile(_member_name(str(catalog.key[row]), m)).read()
+                    items.append((row, m, shard, int(catalog.offset[m][row]), int(catalog.size[m][row])))
+    return Dataset(base / "ds", shards, catalog, expected, items)
+
+
+@pytest.fixture(scope="module")
+def moto(dataset, tmp_path_factory):
+    """A recording moto_server holding the dataset's shards at s3://eossl-storage/ds."""
+    server = MotoProcess(tmp_path_factory.mktemp("moto-storage")).start()
+    try:
+        with aws_environment(server.endpoint):
+            upload_shards(dataset.root, f"s3://{BUCKET}/ds")
+            yield server
+    finally:
+        server.stop()
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*.tar"))
+
+
+def _assert_reads_equal(reader: ShardReader, dataset: Dataset, items) -> None:
+    for row, m, shard, offset, size in items:
+        assert reader.read(shard, offset, size) == dataset.expected[row, m], (row, m)
+
+
+# --- local folder ---
+
+def test_local_reads_equal_tarfile_members(dataset):
+    reader = ShardReader(str(dataset.root), dataset.shards)
+    _assert_reads_equal(reader, dataset, dataset.items)
+    row, _, shard, offset, size = next(it for it in dataset.items if it[1] == "s2")
+    s2 = np.load(io.BytesIO(reader.read(shard, offset, size)))
+    assert s2.shape == (256, 256, 13) and s2.dtype == np.uint16
+    assert np.array_equal(s2, np.load(io.BytesIO(dataset.expected[row, "s2"])))
+    assert reader.stats["bytes_read"] == sum(it[4] for it in dataset.items) + size
+    assert reader.stats["requests"] == 0
+    with pytest.raises(ValueError, match="outside"):
+        reader.read(0, dataset.shards[0]["bytes"] - 10, 11)
+    reader.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/self/io")
+def test_local_member_read_does_not_read_the_shard(dataset):
+    def rchar() -> int:
+        return int(next(line for line in Path("/proc/self/io").read_text().splitlines()
+                        if line.startswith("rchar")).split()[1])
+
+    reader = ShardReader(str(dataset.root), dataset.shards)
+    _, _, shard, offset, size = next(it for it in dataset.items if it[1] == "json")
+    reader.read(shard, offset, size)  # opens the file
+    before = rchar()
+    reader.read(shard, offset, size)
+    assert rchar() - before < size + 16_384  # the member (a few kB), not the 5 MB shard
+
+
+def test_local_truncated_and_missing_shards(dataset, tmp_path):
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset.root / "shards", copy / "shards")
+    broken = copy / dataset.shards[1]["path"]
+    with open(broken, "r+b") as f:
+        f.truncate(dataset.shards[1]["bytes"] // 2)
+    reader = ShardReader(str(copy), dataset.shards)
+    _assert_reads_equal(reader, dataset, dataset.members_of(0))  # the intact shard still reads
+    with pytest.raises(CorruptShardError, match=rf"{broken}.*truncated"):
+        reader.read(1, 0, 512)  # even a range that is inside the short file: the size is checked at open
+    (copy / dataset.shards[2]["path"]).unlink()
+    with pytest.raises(StorageError, match="shard-000002.tar: not found"):
+        reader.read(2, 0, 512)
+
+
+def test_local_fd_lru_is_safe_under_threads(dataset, monkeypatch):
+    monkeypatch.setattr(storage, "MAX_OPEN_FILES", 2)  # 3 shards, 2 fds: threads force constant eviction
+    reader = ShardReader(str(dataset.root), dataset.shards)
+    work = dataset.items * 10
+    random.Random(0).shuffle(work)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda it: reader.read(*it[2:]) == dataset.expected[it[0], it[1]], work))
+    assert all(results)
+    shard_dir = str(dataset.root / "shards")
+    open_shards = [fd for fd in os.listdir("/proc/self/fd")
+                   if os.path.realpath(f"/proc/self/fd/{fd}").startswith(shard_dir)]
+    assert len(open_shards) <= 2
+    reader.close()
+
+
+# --- S3 without a cache: one ranged GET per read ---
+
+def test_s3_ranged_reads_one_get_each(dataset, moto):
+    reader = ShardReader(f"s3://{BUCKET}/ds", dataset.shards, StorageOptions(retries=1, backoff_s=0.01))
+    moto.start_recording()
+    _assert_reads_equal(reader, dataset, dataset.items)
+    received = moto.requests("/shards/")
+    assert reader.stats["requests"] == len(dataset.items) == len(received)
+    assert all(r["method"] == "GET" and "bytes=" in r["headers"].get("Range", "") for r in received)
+    assert reader.stats["retries"] == 0 and reader.stats["downloads"] == 0
+
+
+def test_s3_missing_object_fails_at_once(dataset, moto):
+    shards = [{**dataset.shards[0], "path": "shards/shard-999999.tar"}]
+    reader = ShardReader(f"s3://{BUCKET}/ds", shards, StorageOptions(retries=3, backoff_s=2.0))
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match=rf"s3://{BUCKET}/ds/shards/shard-999999.tar: not found"):
+        reader.read(0, 0, 100)
+    assert time.monotonic() - t0 < 1.5 and reader.stats["retries"] == 0  # a 404 is not retried
+
+
+def test_s3_truncated_object_without_cache(dataset, moto):
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.pipe_file(f"{BUCKET}/short/shards/shard-000000.tar", b"x" * 1000)
+    reader = ShardReader(f"s3://{BUCKET}/short", dataset.shards[:1], StorageOptions(retries=0))
+    with pytest.raises(CorruptShardError, match=rf"s3://{BUCKET}/short/shards/shard-000000.tar: short read"):
+        reader.read(0, 512, 4096)
+
+
+# --- S3 with the node-local cache ---
+
+def test_s3_cache_downloads_once_then_hits(dataset, moto, tmp_path):
+    options = StorageOptions(cache_dir=str(tmp_path / "cache"), retries=1, backoff_s=0.01)
+    reader = ShardReader(f"s3://{BUCKET}/ds", dataset.shards, options)
+    moto.start_recording()
+    items = dataset.members_of(0)
+    _assert_reads_equal(reader, dataset, items)
+    assert reader.stats["downloads"] == 1 and reader.stats["requests"] == 1
+    assert reader.stats["cache_misses"] == 1 and reader.stats["cache_hits"] == len(items) - 1
+    assert len(moto.requests("/shards/shard-000000.tar")) == 1
+    (cached,) = (tmp_path / "cache").rglob("*.tar")
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == dataset.shards[0]["sha256"]
+    again = ShardReader(f"s3://{BUCKET}/ds", dataset.shards, options)  # another reader on the node reuses it
+    _assert_reads_equal(again, dataset, items)
+    assert again.stats["downloads"] == 0 and again.stats["cache_hits"] == len(items)
+    assert len(moto.requests("/shards/")) == 1
+
+
+def test_s3_cache_rejects_a_tampered_shard(dataset, moto, tmp_path):
+    data = bytearray((dataset.root / dataset.shards[0]["path"]).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte changed
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.pipe_file(f"{BUCKET}/tampered/shards/shard-000000.tar", bytes(data))
+    cache = tmp_path / "cache"
+    reader = ShardReader(f"s3://{BUCKET}/tampered", dataset.shards[:1],
+                         StorageOptions(cache_dir=str(cache), retries=1, backoff_s=0.01))
+    with pytest.raises(CorruptShardError, match=rf"s3://{BUCKET}/tampered/shards/shard-000000.tar: checksum"):
+        reader.read(0, 0, 512)
+    assert [p.name for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")] == []
+
+
+def _read_in_spawned_process(reader: ShardReader, items, barrier, queue) -> None:
+    barrier.wait(timeout=60)  # both processes ask for the shard at the same moment
+    data = b"".join(reader.read(shard, offset, size) for _, _, shard, offset, size in items)
+    queue.put((reader.stats["downloads"], hashlib.sha256(data).hexdigest()))
+
+
+def test_s3_cache_shared_by_processes_downloads_once(dataset, moto, tmp_path):
+    reader = ShardReader(f"s3://{BUCKET}/ds", dataset.shards,
+                         StorageOptions(cache_dir=str(tmp_path / "cache"), retries=1, backoff_s=0.01))
+    items = dataset.members_of(1)
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    moto.start_recording()
+    procs = [ctx.Process(target=_read_in_spawned_process, args=(reader, items, barrier, queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    want = hashlib.sha256(b"".join(dataset.expected[row, m] for row, m, *_ in items)).hexdigest()
+    assert sorted(d for d, _ in results) == [0, 1] and {h for _, h in results} == {want}
+    assert len(moto.requests("/shards/")) == 1
+    assert len(list((tmp_path / "cache").rglob("*.tar"))) == 1
+
+
+def test_s3_cache_threads_download_each_shard_once(dataset, moto, tmp_path):
+    reader = ShardReader(f"s3://{BUCKET}/ds", dataset.shards,
+                         StorageOptions(cache_dir=str(tmp_path / "cache"), retries=1, backoff_s=0.01))
+    work = dataset.items * 4
+    random.Random(1).shuffle(work)
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(lambda it: reader.read(*it[2:]) == dataset.expected[it[0], it[1]], work))
+    assert reader.stats["downloads"] == reader.stats["cache_misses"] == 3
+    assert reader.stats["cache_hits"] == len(work) - 3
+
+
+def test_s3_cache_bounded_evicts_least_recently_used(dataset, moto, tmp_path):
+    big, small = dataset.shards[0]["bytes"], dataset.shards[2]["bytes"]  # 5 MB, 2.5 MB
+    url = f"s3://{BUCKET}/ds"
+    bound = int(1.4 * big)  # room for one big shard, or one big and not quite one small
+    cache = tmp_path / "bounded"
+    reader = ShardReader(url, dataset.shards, StorageOptions(cache_dir=str(cache), cache_bytes=bound))
+    for step, shard in enumerate([0, 1, 2, 0]):
+        _assert_reads_equal(reader, dataset, dataset.members_of(shard))
+        assert _folder_bytes(cache) <= bound, step
+    assert reader.stats["downloads"] == 4 and reader.stats["evictions"] == 3
+
+    # LRU by use, not by download: shard 0 read again after shard 2 was downloaded is kept.
+    cache = tmp_path / "lru"
+    reader = ShardReader(url, dataset.shards, StorageOptions(cache_dir=str(cache), cache_bytes=2 * big + small // 2))
+    _assert_reads_equal(reader, dataset, dataset.members_of(0))
+    _assert_reads_equal(reader, dataset, dataset.members_of(2))
+    time.sleep(storage.TOUCH_EVERY_S + 0.1)
+    _assert_reads_equal(reader, dataset, dataset.members_of(0))  # touches shard 0
+    _assert_reads_equal(reader, dataset, dataset.members_of(1))  # over the bound: evicts one shard
+    kept = sorted(p.name.split(".")[0] for p in cache.rglob("*.tar"))
+    assert kept == ["shard-000000", "shard-000001"] and reader.stats["evictions"] == 1
+
+
+def test_s3_prefetch_then_pickle_reads_from_cache(dataset, moto, tmp_path):
+    cache = tmp_path / "cache"
+    reader = ShardReader(f"s3://{BUCKET}/ds", dataset.shards, StorageOptions(cache_dir=str(cache)))
+    reader.prefetch([0, 1, 2])
+    deadline = time.monotonic() + 30
+    while len(list(cache.rglob("*.tar"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _assert_reads_equal(reader, dataset, dataset.items)
+    assert reader.stats["downloads"] == 3 and reader.stats["cache_misses"] == 0
+    clone = pickle.loads(pickle.dumps(reader))  # open fds, client and prefetch threads are not pickled
+    _assert_reads_equal(clone, dataset, dataset.items)
+    assert clone.stats["downloads"] == 0 and clone.stats["cache_hits"] == len(dataset.items)
+    reader.close()
+    clone.close()
+
+
+def test_pickled_readers_still_read(dataset, moto):
+    for reader in (ShardReader(str(dataset.root), dataset.shards), ShardReader(f"s3://{BUCKET}/ds", dataset.shards)):
+        _assert_reads_equal(reader, dataset, dataset.items[:3])
+        clone = pickle.loads(pickle.dumps(reader))
+        _assert_reads_equal(clone, dataset, dataset.items)
+        assert clone.dataset == reader.dataset and clone.stats["bytes_read"] == sum(it[4] for it in dataset.items)
+
+
+# --- faults: the server goes away, comes back, or never answers ---
+
+def test_s3_server_down_fails_in_bounded_time_then_recovers_on_restart(dataset, tmp_path):
+    server = MotoProcess(tmp_path).start()
+    url = f"s3://{BUCKET}/faults"
+    try:
+        with aws_environment(server.endpoint):
+            upload_shards(dataset.root, url)
+            (_, _, shard, offset, size), want = dataset.items[-1], dataset.expected[dataset.items[-1][:2]]
+            reader = ShardReader(url, dataset.shards, StorageOptions(retries=2, backoff_s=0.05, timeout_s=2))
+            assert reader.read(shard, offset, size) == want
+            server.stop()
+
+            t0 = time.monotonic()
+            with pytest.raises(StorageError, match=rf"{url}/shards/shard-000002.tar: .*after 3 attempts"):
+                reader.read(shard, offset, size)
+            assert time.monotonic() - t0 < 5 and reader.stats["retries"] == 2
+
+            # The server comes back (same port, data uploaded again: moto keeps it in memory) while a read
+            # waits in its backoff. Restart and upload take ~1 s on a busy 2-core machine, so they start
+            # at the 4th backoff (2-4 s long): no attempt may see a server without the data yet (a missing
+            # object is, rightly, not retried).
+            patient = ShardReader(url, dataset.shards, StorageOptions(retries=6, backoff_s=0.5, timeout_s=2))
+
+            def restart() -> None:
+                while patient.stats["retries"] < 4:
+                    time.sleep(0.01)
+                fs = s3fs.S3FileSystem(skip_instance_cache=True)
+                server.start()
+                fs.mkdir(BUCKET)
+                fs.put_file(str(dataset.root / dataset.shards[shard]["path"]), f"{url}/{dataset.shards[shard]['path']}")
+
+            restarter = threading.Thread(target=restart)
+            t0 = time.monotonic()
+            restarter.start()
+            assert patient.read(shard, offset, size) == want
+            restarter.join()
+            assert 4 <= patient.stats["retries"] <= 5 and time.monotonic() - t0 < 15
+    finally:
+        server.stop()
+
+
+def test_s3_unresponsive_server_times_out(dataset):
+    with socket.socket() as silent:  # accepts connections (kernel backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        with aws_environment(f"http://127.0.0.1:{silent.getsockname()[1]}"):
+            reader = ShardReader(f"s3://{BUCKET}/ds", dataset.shards,
+                                 StorageOptions(retries=1, backoff_s=0.05, timeout_s=0.5))
+            t0 = time.monotonic()
+            with pytest.raises(StorageError, match=rf"s3://{BUCKET}/ds/shards/shard-000000.tar: .*after 2 attempts"):
+                reader.read(0, 0, 100)
+            assert time.monotonic() - t0 < 5  # the client's default read timeout alone is 15 s
