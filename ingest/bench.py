@@ -27,7 +27,7 @@ from .real_samples import REAL_PATCHES_DIR
 __all__ = ["bench_encoding", "bench_ingest", "print_result"]
 
 
-def _machine() -> dict:
+def machine_info() -> dict:
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
 
 
@@ -72,7 +72,7 @@ def bench_encoding(source: str | None = None) -> dict:
         for mod, paths in group.files.items():
             with rasterio.open(paths[0]) as ds:
                 arrays[mod].append(ds.read().astype(MODALITIES[mod].dtype))
-    results: dict = {"machine": _machine(), "source": str(source or "eossl real sample patches"), "modalities": {}}
+    results: dict = {"machine": machine_info(), "source": str(source or "eossl real sample patches"), "modalities": {}}
     for mod, chws in arrays.items():
         if not chws:
             continue
@@ -123,7 +123,7 @@ def bench_ingest(source: str | None = None, patches: int = 48, workers: int = 1,
             raw_bytes = _bare_read(files)
             bare_times.append(time.perf_counter() - t0)
         bare_s = float(np.median(bare_times))
-        results = {"machine": _machine(), "patches": len(groups), "files": len(files), "geotiff_bytes": tif_bytes,
+        results = {"machine": machine_info(), "patches": len(groups), "files": len(files), "geotiff_bytes": tif_bytes,
                    "workers": workers, "repeat": repeat, "statistic": "median",
                    "bare_rasterio": {"seconds": round(bare_s, 3), "MBps": round(raw_bytes / bare_s / 1e6, 1)}}
         for formats in (("wds",), ("wds", "zarr")):

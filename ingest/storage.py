@@ -35,7 +35,9 @@ class Output:
             self.root = Path(url.removeprefix("file://")).resolve()
             self.fs = None
         else:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            # A client of its own: fsspec's instance cache would keep an endpoint read from the environment
+            # when another Output was made (AWS_ENDPOINT_URL may differ between jobs in one process).
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **self.storage_options)
 
     def __repr__(self) -> str:
         return f"Output({self.url!r})"

@@ -159,6 +159,16 @@ def _add_bench(sub) -> None:
     be.add_argument("--source", help="SEN12MS tree (default: the real patches shipped with eossl)")
     be.add_argument("--json", action="store_true")
     be.set_defaults(handler=_run_bench_encoding)
+    bl = bsub.add_parser("loader", help="streaming loader samples/s vs rasterio GeoTIFFs + torch DataLoader")
+    bl.add_argument("--source", help="SEN12MS GeoTIFF tree the dataset was ingested from")
+    bl.add_argument("--dataset", help="dataset of the same patches (default: 64 synthetic patches, temp folder)")
+    bl.add_argument("--s3-dataset", help="the same dataset on S3 (s3://...; endpoint from AWS_ENDPOINT_URL)")
+    bl.add_argument("--workers", type=int, default=2, help="reader processes on both sides (2)")
+    bl.add_argument("--batch-size", type=int, default=32)
+    bl.add_argument("--samples", type=int, default=512, help="samples timed per run (at least two epochs)")
+    bl.add_argument("--repeat", type=int, default=3, help="alternating runs per side; medians reported")
+    bl.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    bl.set_defaults(handler=_run_bench_loader)
     _add_bench_train(bsub)
 
 
@@ -201,6 +211,16 @@ def _run_bench_train(args) -> int:
         run_ingest(IngestConfig(source=f"{tmp}/src", dataset=data, shard_bytes=32 * 2**20, progress=False,
                                 split=SplitOptions(budgets=())))
     print_result(bench_train(data, args.method, args.steps, overrides), args.json)
+    return 0
+
+
+def _run_bench_loader(args) -> int:
+    from eossl.ingest.bench import print_result
+    from eossl.streaming.bench import bench_loader
+
+    result = bench_loader(args.source, args.dataset, workers=args.workers, batch_size=args.batch_size,
+                          samples=args.samples, repeat=args.repeat, s3_dataset=args.s3_dataset)
+    print_result(result, args.json)
     return 0
 
 

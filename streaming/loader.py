@@ -255,7 +255,8 @@ class SSLLoader:
         self._close_iterator()
 
     # -- DALI --------------------------------------------------------------------------------------
-    def _source(self) -> SampleSource:
+    def sample_source(self) -> SampleSource:
+        """The per-sample callable DALI runs (reader, plan, view draws), e.g. to time reading alone."""
         reader = ShardReader(self.dataset, self.manifest["shards"], self.cfg.storage)
         s1_fill = self.norm["s1"][0] if "s1" in self.norm else np.zeros(2, np.float32)
         return SampleSource(reader, self.catalog, self.rows, self.views, self.views.input_spec.s2_index, s1_fill,
@@ -267,7 +268,7 @@ class SSLLoader:
 
         from .dali_pipeline import build_pipeline
 
-        pipe = build_pipeline(self._source(), self.views, self.norm, self.cfg.batch_size, self.device,
+        pipe = build_pipeline(self.sample_source(), self.views, self.norm, self.cfg.batch_size, self.device,
                               self.device_id, self.cfg.num_threads, self.cfg.workers, self.cfg.prefetch,
                               seed=self.cfg.plan.seed)
         names = [f"view{v}" for v in range(len(self.views.views))] + ["ids"]

@@ -67,7 +67,8 @@ def upload_tree(local: Path, url: str) -> None:
     """Copy a local folder to s3://bucket/prefix with s3fs (creating the bucket)."""
     import s3fs
 
-    fs = s3fs.S3FileSystem()
+    # No instance cache: s3fs would reuse a client bound to another test's endpoint.
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     bucket = url.removeprefix("s3://").split("/", 1)[0]
     if not fs.exists(bucket):
         fs.mkdir(bucket)

@@ -137,3 +137,20 @@ def test_run_outputs_export_and_local_mlflow(dataset, tmp_path, monkeypatch):
     runs = client.search_runs([client.get_experiment_by_name("eossl").experiment_id])
     assert len(runs) == 1
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_accumulation_and_clipping(dataset, tmp_path, monkeypatch, precision):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = tmp_path / precision
+    args = _train_args(dataset, run, 2, precision=precision, grad_accum="2", clip_grad="1.0", batch_size="4")
+    if precision == "fp16" and not torch.cuda.is_available():
+        proc = run_cli(*args, check=False)
+        assert proc.returncode == 2 and "fp16 needs a CUDA GPU" in proc.stderr
+        return
+    out = run_cli(*args).stdout
+    assert "effective batch size 8 (= 4 x 1 ranks x 2 accumulation)" in out
+    losses = _losses(run)
+    assert sorted(losses) == [1, 2] and all(v == v for v in losses.values())  # finite, logged per step
+    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    assert (ckpt / "scaler.pt").exists() == (precision == "fp16")  # fp16 trains with a loss scaler

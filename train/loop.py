@@ -111,6 +111,8 @@ class _Run:
     def __init__(self, cfg: TrainConfig, resume: bool):
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
+        if cfg.precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError("precision=fp16 needs a CUDA GPU (its loss scaler runs there); use precision=bf16 on CPU")
         if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # gloo ranks (see launch/accelerate/cpu_2proc.yaml)
         # Sensor pairs train only the query sensor's adapter (S2 query, S1 key) unless symmetric: DDP must

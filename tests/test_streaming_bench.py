@@ -1,0 +1,107 @@
+"""``bench_loader``: the result's shape, and that both sides do the same work on the same data (no speed asserts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eossl.streaming.bench import (
+    GeoTiffPatches,
+    bench_loader,
+    geotiff_files,
+    loader_configs,
+    read_batches,
+    torch_view,
+)
+from eossl.streaming.loader import SSLLoader
+
+from conftest import run_cli
+
+PATCHES = 8
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    """8 synthetic patches (2 scenes) and their ingest in 2 shards."""
+    from eossl.ingest.sample_data import write_sample_data
+
+    root = tmp_path_factory.mktemp("bench")
+    write_sample_data(root / "src", PATCHES, seed=1)
+    run_cli("ingest", str(root / "src"), str(root / "ds"), "--formats", "wds", "--shard-size", "10MB",
+            "--budgets", "2", "--no-progress")
+    return root / "src", root / "ds"
+
+
+def _baseline(source: Path, loader: SSLLoader) -> tuple[GeoTiffPatches, dict[int, int]]:
+    """The baseline dataset over the loader's rows, and row id -> baseline index."""
+    files = geotiff_files(str(source), loader.catalog.key[loader.rows])
+    mean, std = loader.views.input_spec.normalisation(loader.manifest)
+    return GeoTiffPatches(files, loader.views.input_spec, mean, std), {int(r): i for i, r in enumerate(loader.rows)}
+
+
+def test_baseline_read_equals_loader_read_path(tiny):
+    source, dataset = tiny
+    loader = SSLLoader(str(dataset), loader_configs(workers=0, batch_size=4)["read"], rank=0, world_size=1)
+    baseline, index = _baseline(source, loader)
+    epochs = read_batches(loader)
+    batches = list(next(epochs)())
+    epochs.close()
+    seen = set()
+    for batch in batches:
+        assert batch["x"].shape == (4, 12, 256, 256) and batch["x"].dtype == torch.float32
+        for x, row in zip(batch["x"], batch["rows"].tolist(), strict=True):
+            ref = baseline.read(index[row])
+            torch.testing.assert_close(x, ref, atol=1e-4, rtol=1e-5)
+            seen.add(row)
+    assert seen == set(loader.rows.tolist())  # every sample compared
+
+
+def test_baseline_augmentation_equals_loader_views(tiny):
+    """Same parameters (ViewSet.draw at the sample's position) -> the same views, up to interpolation rounding."""
+    source, dataset = tiny
+    loader = SSLLoader(str(dataset), loader_configs(workers=0, batch_size=4)["augment"], rank=0, world_size=1)
+    baseline, index = _baseline(source, loader)
+    batch = next(iter(loader))
+    blurred = 0
+    for j, row in enumerate(batch.rows.tolist()):
+        x = baseline.read(index[row])
+        for v, p in enumerate(loader.views.draw(loader.cfg.plan.seed, batch.epoch, int(batch.positions[j]))):
+            got = batch.views[v][j]
+            ref = torch_view(x, p, 224)
+            assert got.shape == ref.shape == (12, 224, 224)
+            torch.testing.assert_close(got, ref, atol=1e-2, rtol=0)  # values are standardised, |x| ~ 1
+            assert (got - ref).abs().mean() < 1e-3
+            blurred += float(p.sigma) > 0.05
+    assert blurred > 0  # the blur path was compared too
+
+
+def test_bench_loader_reports_every_number(tiny, s3_endpoint):
+    from servers import upload_tree
+
+    source, dataset = tiny
+    upload_tree(dataset, "s3://eossl-bench/ds")
+    result = bench_loader(str(source), str(dataset), workers=1, batch_size=4, samples=8, repeat=1,
+                          s3_dataset="s3://eossl-bench/ds")
+    assert result["samples_in_dataset"] == PATCHES
+    for stage in ("read", "augment"):
+        for side in ("ours", "geotiff_dataloader"):
+            run = result[stage][side]
+            assert run["samples_per_s"] > 0 and run["samples_per_run"] >= 2 * PATCHES and run["epochs_per_run"] >= 2
+            assert run["cpu_ms_per_sample"] > 0
+    for key in ("read_speedup_vs_geotiff", "speedup_vs_geotiff", "read_cpu_efficiency_vs_geotiff",
+                "cpu_efficiency_vs_geotiff", "s3_samples_per_s", "s3_read_samples_per_s"):
+        assert result[key] > 0, key
+    assert result["s3"]["endpoint_from_env"]
+    assert (result["gpu_samples_per_s"] is None) == (not torch.cuda.is_available())
+    assert result["settings"]["workers"] == 1 and result["settings"]["batch_size"] == 4
+    assert np.isfinite(result["machine"]["load_avg_1m_at_end"])
+
+
+def test_bench_loader_rejects_half_given_inputs(tiny):
+    with pytest.raises(ValueError, match="both"):
+        bench_loader(str(tiny[0]), None)
+    with pytest.raises(ValueError, match="s3_dataset"):
+        bench_loader(str(tiny[0]), "s3://bucket/ds")
