@@ -248,6 +248,13 @@ def _add_train(sub) -> None:
     p.set_defaults(handler=run_train)
 
 
+def _add_eval(sub) -> None:
+    from eossl.eval.cli import add_eval_arguments
+
+    p = sub.add_parser("eval", help="evaluation: scene classification grids and result tables")
+    add_eval_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eossl",
@@ -265,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest(sub)
     _add_verify(sub)
     _add_train(sub)
+    _add_eval(sub)
     _add_bench(sub)
     return parser
 

@@ -1,0 +1,81 @@
+"""Command-line arguments of ``eossl eval classify`` and ``eossl eval report``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_eval_arguments"]
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="eval_command", required=True, metavar="{classify,report}")
+    c = sub.add_parser("classify", help="scene classification grid: methods x inputs -> results.csv/.md + MLflow",
+                       description="Train a classifier per (method, input) cell on a label budget and score it on "
+                       "the scene-level hold-out split. Rows: random init and the given pre-training runs.")
+    c.add_argument("--checkpoint", action="append", default=[], metavar="RUN_DIR",
+                   help="pre-training run folder (repeat for several methods)")
+    c.add_argument("--dataset", required=True, help="dataset folder or URL with data.zarr")
+    c.add_argument("--inputs", type=_csv, default=("s1", "s2", "s1s2"), help="table columns (s1,s2,s1s2)")
+    c.add_argument("--s2-bands", default="land", help="land (10, default), all (13), rgb or a comma list")
+    c.add_argument("--budget", default="1024", help="labels per cell: a budget written by ingest, or 'all'")
+    c.add_argument("--protocol", default="linear", choices=["linear", "finetune", "knn"])
+    c.add_argument("--seeds", type=lambda t: tuple(int(v) for v in _csv(t)), default=(0,),
+                   help="seeds (budget subset and classifier init per seed), e.g. 0,1,2")
+    c.add_argument("--label", default="igbp_simple", choices=["igbp_simple", "igbp"])
+    c.add_argument("--multilabel", action="store_true", help="multi-label targets (default: single-label)")
+    c.add_argument("--init", type=_csv, default=("random", "checkpoint"),
+                   help="rows: random, checkpoint, checkpoint-random-adapter, checkpoint-backbone-only")
+    c.add_argument("--random-backbone", help="timm model of the random init (default: the checkpoint's)")
+    c.add_argument("--metric", help="headline metric (default overall_accuracy; map for multi-label)")
+    c.add_argument("--epochs", type=int, help="fine-tuning epochs (default 10)")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--workers", type=int, default=0, help="DataLoader workers reading the Zarr store")
+    c.add_argument("--experiment", default="eossl-eval", help="MLflow experiment")
+    c.add_argument("--out", required=True, help="output folder")
+    c.set_defaults(handler=_run_classify)
+    r = sub.add_parser("report", help="rebuild the results table from MLflow runs, without retraining")
+    r.add_argument("--parent", help="MLflow run id of an 'eval classify' grid (default: every cell of --experiment)")
+    r.add_argument("--experiment", default="eossl-eval")
+    r.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI")
+    r.add_argument("--out", required=True, help="folder for results.csv/.md")
+    r.set_defaults(handler=_run_report)
+
+
+def _run_classify(args) -> int:
+    from dataclasses import replace
+
+    from .classify import ClassifyConfig, run_classification
+    from .probes import ProbeConfig
+
+    probe = ProbeConfig(batch_size=args.batch_size, workers=args.workers)
+    if args.epochs is not None:
+        probe = replace(probe, finetune_epochs=args.epochs)
+    cfg = ClassifyConfig(dataset=args.dataset, out=args.out, checkpoints=tuple(args.checkpoint), inputs=args.inputs,
+                         s2_bands=args.s2_bands, budget=args.budget, protocol=args.protocol, seeds=args.seeds,
+                         label=args.label, multilabel=args.multilabel, inits=args.init,
+                         random_backbone=args.random_backbone, metric=args.metric, probe=probe,
+                         experiment=args.experiment)
+    result = run_classification(cfg, tuple(["eossl", *sys.argv[1:]]))
+    print(result["results_md"].read_text())
+    print(f"results: {result['results_csv']} and {result['results_md']}; MLflow parent run "
+          f"{result['mlflow_parent_run_id']}")
+    return 0
+
+
+def _run_report(args) -> int:
+    from pathlib import Path
+
+    from .report import collect_from_mlflow, write_tables
+
+    cells = collect_from_mlflow(args.tracking_uri, args.parent, args.experiment)
+    if not cells:
+        raise ValueError("no evaluation cells found in MLflow (check --parent / --experiment / the tracking URI)")
+    metric = cells[0]["metric"]
+    _, md = write_tables(cells, Path(args.out), f"SEN12MS scene classification (from MLflow), metric {metric}")
+    print(md.read_text())
+    return 0

@@ -1,0 +1,149 @@
+"""The three training regimes of an evaluation cell: linear probe, k-NN, fine-tuning.
+
+Linear probe and k-NN work on features extracted once (the backbone is frozen: features are cached and
+the backbone's weights are checked unchanged afterwards). Fine-tuning trains every layer plus a linear
+head. All return per-sample scores on the test set: class probabilities (single-label) or per-class
+probabilities (multi-label).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .models import EvalEncoder
+
+__all__ = ["ProbeConfig", "extract_features", "finetune", "knn_scores", "linear_probe", "weights_digest"]
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Training of the classifier.
+
+    Attributes:
+        batch_size: images per batch for feature extraction and fine-tuning.
+        workers: DataLoader workers reading the Zarr store.
+        linear_epochs: full-batch L-BFGS iterations of the linear probe.
+        linear_weight_decay: L2 penalty of the linear probe (on standardised features).
+        knn_k, knn_temperature: neighbours and the temperature of the similarity weights (DINO's 20, 0.07).
+        finetune_epochs, finetune_lr, finetune_weight_decay: AdamW fine-tuning of all layers.
+    """
+
+    batch_size: int = 32
+    workers: int = 0
+    linear_epochs: int = 100
+    linear_weight_decay: float = 1e-4
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    finetune_epochs: int = 10
+    finetune_lr: float = 3e-4
+    finetune_weight_decay: float = 1e-4
+
+
+def weights_digest(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def extract_features(model: EvalEncoder, dataset, cfg: ProbeConfig, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, D) float32, labels) of a dataset, in dataset order, backbone in eval mode."""
+    model.encoder.eval().to(device)
+    feats, labels = [], []
+    for batch in DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers, shuffle=False):
+        feats.append(model.features(batch["x"].to(device)).float().cpu())
+        labels.append(batch["y"])
+    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+
+
+def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, std = train.mean(0, keepdims=True), train.std(0, keepdims=True) + 1e-6
+    return torch.from_numpy((train - mean) / std).float(), torch.from_numpy((test - mean) / std).float()
+
+
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, multilabel: bool,
+                 cfg: ProbeConfig, seed: int) -> np.ndarray:
+    """Logistic regression (softmax or per-class sigmoid) on standardised features; returns test scores."""
+    torch.manual_seed(seed)
+    xtr, xte = _standardise(train_x, test_x)
+    head = nn.Linear(xtr.shape[1], n_classes)
+    ytr = torch.from_numpy(train_y)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=cfg.linear_epochs, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = head(xtr)
+        loss = (F.binary_cross_entropy_with_logits(logits, ytr.float()) if multilabel
+                else F.cross_entropy(logits, ytr.long()))
+        loss = loss + cfg.linear_weight_decay * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        logits = head(xte)
+        return (torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)).numpy()
+
+
+def knn_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, multilabel: bool,
+               cfg: ProbeConfig) -> np.ndarray:
+    """Cosine k-NN with exp(sim / T) weights; scores are weighted label votes (rows sum to 1)."""
+    xtr = F.normalize(torch.from_numpy(train_x).float(), dim=1)
+    xte = F.normalize(torch.from_numpy(test_x).float(), dim=1)
+    k = min(cfg.knn_k, xtr.shape[0])
+    sim, idx = (xte @ xtr.T).topk(k, dim=1)
+    weights = (sim / cfg.knn_temperature).exp()
+    targets = (torch.from_numpy(train_y).float() if multilabel
+               else F.one_hot(torch.from_numpy(train_y).long(), n_classes).float())
+    votes = (weights[..., None] * targets[idx]).sum(1) / weights.sum(1, keepdim=True)
+    return votes.numpy()
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Flips and 90-degree rotations per batch (overhead imagery has no canonical orientation)."""
+    if torch.rand(1, generator=gen) < 0.5:
+        x = x.flip(3)
+    if torch.rand(1, generator=gen) < 0.5:
+        x = x.flip(2)
+    return torch.rot90(x, int(torch.randint(0, 4, (1,), generator=gen)), dims=(2, 3))
+
+
+def finetune(model: EvalEncoder, train_set, test_set, n_classes: int, multilabel: bool, cfg: ProbeConfig,
+             seed: int, device: torch.device) -> np.ndarray:
+    """Train all layers and a linear head; returns test scores."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    enc = model.encoder.to(device)
+    head = nn.Linear(enc.feature_dim, n_classes).to(device)
+    params = [p for p in [*enc.parameters(), *head.parameters()] if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.finetune_lr, weight_decay=cfg.finetune_weight_decay)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, num_workers=cfg.workers, shuffle=True, generator=gen,
+                        drop_last=len(train_set) > cfg.batch_size)
+    for _ in range(cfg.finetune_epochs):
+        enc.train()
+        for batch in loader:
+            x = _augment(batch["x"].to(device), gen)
+            logits = head(model.features(x))
+            y = batch["y"].to(device)
+            loss = (F.binary_cross_entropy_with_logits(logits, y.float()) if multilabel
+                    else F.cross_entropy(logits, y.long()))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    enc.eval()
+    scores = []
+    with torch.no_grad():
+        for batch in DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.workers):
+            logits = head(model.features(batch["x"].to(device)))
+            scores.append((torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).cpu())
+    return torch.cat(scores).numpy()
