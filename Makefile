@@ -22,22 +22,28 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The demo's pre-training is CPU-sized: resnet18 on 96 px views of S2, a 512-key queue, a few epochs.
-DEMO_TRAIN = --set backbone=resnet18 --set batch_size=16 --set size=96 --set queue_size=512 \
-	--set hidden=512 --set epochs=4 --set workers=1 --set moco.momentum=0.99 --set log_every=2 --set ckpt_every=8
+# The demo's pre-training is CPU-sized: resnet18 on 96 px views, partial S1/S2 fusion (so one model is
+# evaluated on s1, s2 and s1s2), a 512-key queue, 15 epochs of 72 patches.
+DEMO_TRAIN = --set backbone=resnet18 --set mode=fusion_partial --set batch_size=16 --set size=96 \
+	--set queue_size=512 --set hidden=512 --set epochs=15 --set workers=1 --set moco.momentum=0.99 \
+	--set log_every=5 --set ckpt_every=25
 
 demo: install
 	@rm -rf $(DEMO)
-	$(PY) -m eossl.launch sample-data $(DEMO)/sen12ms --patches 64 --seed 0
+	$(PY) -m eossl.launch sample-data $(DEMO)/sen12ms --patches 96 --seed 0
 	$(PY) -m eossl.launch ingest $(DEMO)/sen12ms $(DEMO)/dataset --workers 2 --shard-size 32MB --budgets 8,32 --holdout-fraction 0.25
 	$(PY) -m eossl.launch verify $(DEMO)/dataset --deep
 	MLFLOW_TRACKING_URI= $(PY) -m eossl.launch train moco --data $(DEMO)/dataset --out $(DEMO)/runs/moco $(DEMO_TRAIN)
+	MLFLOW_TRACKING_URI= $(PY) -m eossl.launch eval classify --checkpoint $(DEMO)/runs/moco --dataset $(DEMO)/dataset \
+		--budget 32 --seeds 0,1,2 --protocol linear --out $(DEMO)/eval
 	@echo
 	@echo "demo results:"
 	@echo "  synthetic SEN12MS tree : $(DEMO)/sen12ms"
 	@echo "  dataset                : $(DEMO)/dataset  (manifest.json, rejects.jsonl, subsets.json, shards/*.tar, data.zarr)"
 	@echo "  MoCo-v2 run            : $(DEMO)/runs/moco  (config.yaml, history.jsonl, checkpoints/, backbone/)"
+	@echo "  classification table   : $(DEMO)/eval/results.md (and results.csv, cells/*/confusion.png)"
 	@echo "  MLflow                 : mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DEMO)/runs/moco/mlflow.db"
+	@echo "                           mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DEMO)/eval/mlflow.db"
 
 test: install
 	$(PY) -m pytest -q

@@ -211,7 +211,8 @@ def run_classification(cfg: ClassifyConfig, command: tuple[str, ...] = ()) -> di
                     if per_seed[0][1] is not None:
                         confusion = sum(c for _, c, _ in per_seed)
                         png = plot_confusion(confusion, per_seed[0][2], folder / "confusion.png",
-                                             f"{method} / {column}: {cfg.protocol}, {cfg.budget} labels")
+                                             f"{method} / {column}: {cfg.protocol}, {cfg.budget} labels, "
+                                             f"{len(per_seed)} seed(s) summed")
                         mlflow.log_artifact(str(png))
                     cell.update(mean=summary[f"{cfg.headline}_mean"], std=summary[f"{cfg.headline}_std"],
                                 n=len(per_seed), seconds=round(time.perf_counter() - t0, 1))
