@@ -154,3 +154,14 @@ def test_mixed_precision_accumulation_and_clipping(dataset, tmp_path, monkeypatc
     assert sorted(losses) == [1, 2] and all(v == v for v in losses.values())  # finite, logged per step
     ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     assert (ckpt / "scaler.pt").exists() == (precision == "fp16")  # fp16 trains with a loss scaler
+
+
+def test_torch_compile_option(dataset, tmp_path, monkeypatch):
+    """compile=true compiles the query encoder in place: training runs and the export keeps timm's keys."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = tmp_path / "compiled"
+    run_cli(*_train_args(dataset, run, 2, compile="true"))
+    assert sorted(_losses(run)) == [1, 2]
+    card = json.loads((run / "backbone" / "model_card.json").read_text())
+    model = timm.create_model("resnet18", in_chans=card["in_chans"], num_classes=0)
+    model.load_state_dict(load_file(str(run / "backbone" / "backbone.safetensors")))  # no "_orig_mod." keys
