@@ -34,33 +34,43 @@ def s3_env(endpoint: str) -> dict[str, str]:
 
 
 @contextmanager
-def moto_s3_server(log_dir: Path, port: int | None = None):
-    """Start ``moto_server`` on 127.0.0.1:<port or a free one>; yield its endpoint URL; stop it."""
-    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-    port = port or free_port()
-    log = open(log_dir / f"moto-{port}.log", "wb")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
+def serve(cmd: list[str], health_url: str, log_path: Path, start_timeout: float = 60, env: dict | None = None):
+    """Run a server process in its own session until the block ends; wait until ``health_url`` answers."""
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + start_timeout
         while True:
             try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
+                urllib.request.urlopen(health_url, timeout=2)
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start: see {log.name}") from None
+                    raise RuntimeError(f"{cmd[0]} did not start: see {log_path}") from None
                 time.sleep(0.1)
-        yield endpoint
+        yield proc
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # SIGTERM to the session ends the server and its workers
             os.killpg(proc.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+def _exe(name: str) -> str:
+    return shutil.which(name) or str(Path(sys.executable).with_name(name))
+
+
+@contextmanager
+def moto_s3_server(log_dir: Path, port: int | None = None):
+    """Start ``moto_server`` on 127.0.0.1:<port or a free one>; yield its endpoint URL; stop it."""
+    port = port or free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    with serve([_exe("moto_server"), "-H", "127.0.0.1", "-p", str(port)], f"{endpoint}/moto-api/",
+               log_dir / f"moto-{port}.log", start_timeout=30):
+        yield endpoint
 
 
 def upload_tree(local: Path, url: str) -> None:
@@ -154,31 +164,11 @@ class TcpProxy:
 @contextmanager
 def mlflow_server(workdir: Path):
     """A real MLflow tracking server (sqlite backend, proxied artifacts) on 127.0.0.1; yields its URI."""
-    exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     port = free_port()
-    log = open(workdir / f"mlflow-{port}.log", "wb")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        [exe, "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--artifacts-destination",
-         str(workdir / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start: see {log.name}") from None
-                time.sleep(0.3)
+    cmd = [_exe("mlflow"), "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+           "--artifacts-destination", str(workdir / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with serve(cmd, f"{uri}/health", workdir / f"mlflow-{port}.log", start_timeout=90, env=env):
         yield uri
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
