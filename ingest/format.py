@@ -64,9 +64,14 @@ def encode_member(chw: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def npy_view(data: bytes) -> np.ndarray:
-    """Zero-copy read-only array over an ``.npy`` member's bytes (header parse + ``np.frombuffer``)."""
-    f = io.BytesIO(data)
+def npy_view(data: bytes | memoryview) -> np.ndarray:
+    """Zero-copy array over an ``.npy`` member's bytes (header parse + ``np.frombuffer``)."""
+    view = memoryview(data)
+    if len(view) < 12 or bytes(view[:6]) != b"\x93NUMPY":
+        raise ValueError("not an .npy member (bad magic)")
+    start = 10 if view[6] == 1 else 12
+    header_len = int.from_bytes(view[8:start], "little")
+    f = io.BytesIO(bytes(view[: start + header_len]))  # only the header is copied
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
@@ -77,7 +82,7 @@ def npy_view(data: bytes) -> np.ndarray:
     count = int(np.prod(shape))
     if f.tell() + count * dtype.itemsize != len(data):
         raise ValueError(f".npy member is {len(data)} bytes, header says {f.tell() + count * dtype.itemsize}")
-    return np.frombuffer(data, dtype=dtype, count=count, offset=f.tell()).reshape(shape)
+    return np.frombuffer(view, dtype=dtype, count=count, offset=f.tell()).reshape(shape)
 
 
 def decode_member(data: bytes, layout: str = "CHW") -> np.ndarray:

@@ -190,6 +190,18 @@ def _size_or_none(path: Path) -> int | None:
         return None
 
 
+def _pread_into(fd: int, offset: int, out: memoryview, name: str, shard_bytes: int) -> memoryview:
+    """Fill ``out`` from ``offset`` (no allocation: the caller reuses its buffers, avoiding page faults)."""
+    got = 0
+    while got < len(out):
+        n = os.preadv(fd, [out[got:]], offset + got)
+        if n == 0:
+            raise CorruptShardError(f"{name}: short read of bytes {offset}-{offset + len(out)} ({got} of {len(out)} "
+                                    f"bytes): the file ends before the manifest's {shard_bytes} bytes (truncated)")
+        got += n
+    return out
+
+
 def _pread_exact(fd: int, offset: int, size: int, name: str, shard_bytes: int) -> bytes:
     data = os.pread(fd, size, offset)
     if len(data) == size:
@@ -308,8 +320,11 @@ class ShardReader:
         """Where shard ``shard`` lives (a local path or the object URL): used in every error message."""
         return f"{self.dataset}/{self.shards[shard]['path']}"
 
-    def read(self, shard: int, offset: int, size: int) -> bytes:
+    def read(self, shard: int, offset: int, size: int, out: bytearray | None = None) -> bytes | memoryview:
         """Exactly ``size`` bytes of shard ``shard`` from byte ``offset`` (a member's data, from the catalog).
+
+        With ``out`` (a reusable buffer of at least ``size`` bytes) the bytes are read into it and a
+        memoryview of its first ``size`` bytes is returned: no allocation per read.
 
         Raises:
             StorageError: the store is unreachable after the retries, or the shard does not exist.
@@ -324,11 +339,15 @@ class ShardReader:
             raise ValueError(f"bytes {offset}-{offset + size} outside {self.url(shard)} ({shard_bytes} bytes)")
         if size == 0:
             return b""
+        target = memoryview(out)[:size] if out is not None else None
         if self.is_local or self._use_cache:
-            data = self._read_file(shard, offset, size)
+            data = self._read_file(shard, offset, size, target)
         else:
             data = self._retrying(self.url(shard), f"GET bytes {offset}-{offset + size}",
                                   lambda: self._get_range(shard, offset, size))
+            if target is not None:
+                target[:] = data
+                data = target
         self._count(bytes_read=size)
         return data
 
@@ -357,7 +376,7 @@ class ShardReader:
             for key, n in increments.items():
                 self.stats[key] += n
 
-    def _read_file(self, shard: int, offset: int, size: int) -> bytes:
+    def _read_file(self, shard: int, offset: int, size: int, target: memoryview | None = None) -> bytes | memoryview:
         name = str(self._cache_paths[shard]) if self._use_cache else self.url(shard)
         downloaded = False
 
@@ -375,7 +394,10 @@ class ShardReader:
                                f"could be opened (cache_bytes={self.options.cache_bytes} too small?)")
 
         with self._files.use(shard, opener) as fd:
-            data = _pread_exact(fd, offset, size, name, int(self.shards[shard]["bytes"]))
+            if target is not None:
+                data = _pread_into(fd, offset, target, name, int(self.shards[shard]["bytes"]))
+            else:
+                data = _pread_exact(fd, offset, size, name, int(self.shards[shard]["bytes"]))
         if self._use_cache:
             self._count(**{"cache_misses" if downloaded else "cache_hits": 1})
             self._touch(shard)
