@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 
 from eossl.streaming.inputs import InputSpec
 from eossl.streaming.zarr_dataset import ZarrPatchDataset
@@ -51,6 +52,7 @@ class ClassifyConfig:
         random_backbone: timm model for the random init (default: the first checkpoint's backbone).
         metric: headline metric of the table (default: overall_accuracy; mAP for multi-label).
         probe: classifier training settings.
+        precision: 'no' or 'bf16' (autocast of feature extraction and fine-tuning, through accelerate).
         experiment: MLflow experiment.
     """
 
@@ -68,6 +70,7 @@ class ClassifyConfig:
     random_backbone: str | None = None
     metric: str | None = None
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    precision: str = "no"
     experiment: str = "eossl-eval"
 
     def __post_init__(self) -> None:
@@ -78,6 +81,8 @@ class ClassifyConfig:
             raise ValueError(f"unknown init {bad}; choose from {INITS}")
         if any(i != "random" for i in self.inits) and not self.checkpoints:
             raise ValueError("checkpoint inits need at least one --checkpoint RUN_DIR")
+        if self.precision not in ("no", "bf16"):
+            raise ValueError(f"precision must be no or bf16, got {self.precision!r}")
         if self.budget != "all" and not str(self.budget).isdigit():
             raise ValueError(f"budget must be a number of labels or 'all', got {self.budget!r}")
 
@@ -118,18 +123,18 @@ def _datasets(cfg: ClassifyConfig, spec: InputSpec, seed: int):
 
 
 def _one_seed(cfg: ClassifyConfig, init: str, run_dir: str | None, spec: InputSpec, seed: int, backbone: str,
-              device: torch.device) -> tuple[dict, np.ndarray | None, list[str]]:
+              acc: Accelerator) -> tuple[dict, np.ndarray | None, list[str]]:
     train, test = _datasets(cfg, spec, seed)
     torch.manual_seed(seed)
     model = build_eval_encoder(init, spec.channel_names, train.mean, train.std, run_dir, backbone)
     n_classes = len(train.classes)
     if cfg.protocol == "finetune":
-        scores = finetune(model, train, test, n_classes, cfg.multilabel, cfg.probe, seed, device)
+        scores = finetune(model, train, test, n_classes, cfg.multilabel, cfg.probe, seed, acc)
         y_test = test.labels()
     else:
         before = weights_digest(model.encoder)
-        xtr, ytr = extract_features(model, train, cfg.probe, device)
-        xte, y_test = extract_features(model, test, cfg.probe, device)
+        xtr, ytr = extract_features(model, train, cfg.probe, acc)
+        xte, y_test = extract_features(model, test, cfg.probe, acc)
         if weights_digest(model.encoder) != before:
             raise AssertionError("the frozen backbone changed during feature extraction")
         if cfg.protocol == "linear":
@@ -162,7 +167,8 @@ def run_classification(cfg: ClassifyConfig, command: tuple[str, ...] = ()) -> di
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     exp_id = exp.experiment_id if exp else mlflow.create_experiment(
         cfg.experiment, artifact_location=None if os.environ.get("MLFLOW_TRACKING_URI") else str(out.resolve() / "mlartifacts"))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # accelerate picks the device (GPU when present) and runs autocast at the chosen precision, as in training.
+    acc = Accelerator(mixed_precision=cfg.precision)
     backbone = cfg.random_backbone
     if backbone is None:
         backbone = "resnet50"
@@ -192,7 +198,7 @@ def run_classification(cfg: ClassifyConfig, command: tuple[str, ...] = ()) -> di
                                        "budget": cfg.budget, "checkpoint": run_dir or "", "label": cfg.label,
                                        "multilabel": cfg.multilabel, "channels": ",".join(spec.channel_names)})
                     try:
-                        per_seed = [_one_seed(cfg, init, run_dir, spec, s, backbone, device) for s in cfg.seeds]
+                        per_seed = [_one_seed(cfg, init, run_dir, spec, s, backbone, acc) for s in cfg.seeds]
                     except NotApplicable as exc:
                         cell.update(mean=None, std=None, n=0, note=str(exc))
                         mlflow.set_tag("eossl.eval.note", str(exc)[:5000])

@@ -35,6 +35,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--epochs", type=int, help="fine-tuning epochs (default 10)")
     c.add_argument("--batch-size", type=int, default=32)
     c.add_argument("--workers", type=int, default=0, help="DataLoader workers reading the Zarr store")
+    c.add_argument("--precision", default="no", choices=["no", "bf16"], help="autocast precision (accelerate)")
     c.add_argument("--experiment", default="eossl-eval", help="MLflow experiment")
     c.add_argument("--out", required=True, help="output folder")
     c.set_defaults(handler=_run_classify)
@@ -59,7 +60,7 @@ def _run_classify(args) -> int:
                          s2_bands=args.s2_bands, budget=args.budget, protocol=args.protocol, seeds=args.seeds,
                          label=args.label, multilabel=args.multilabel, inits=args.init,
                          random_backbone=args.random_backbone, metric=args.metric, probe=probe,
-                         experiment=args.experiment)
+                         precision=args.precision, experiment=args.experiment)
     result = run_classification(cfg, tuple(["eossl", *sys.argv[1:]]))
     print(result["results_md"].read_text())
     print(f"results: {result['results_csv']} and {result['results_md']}; MLflow parent run "

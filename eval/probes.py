@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -55,12 +56,13 @@ def weights_digest(module: nn.Module) -> str:
 
 
 @torch.no_grad()
-def extract_features(model: EvalEncoder, dataset, cfg: ProbeConfig, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def extract_features(model: EvalEncoder, dataset, cfg: ProbeConfig, acc: Accelerator) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, D) float32, labels) of a dataset, in dataset order, backbone in eval mode."""
-    model.encoder.eval().to(device)
+    model.encoder.eval().to(acc.device)
     feats, labels = [], []
     for batch in DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers, shuffle=False):
-        feats.append(model.features(batch["x"].to(device)).float().cpu())
+        with acc.autocast():
+            feats.append(model.features(batch["x"].to(acc.device)).float().cpu())
         labels.append(batch["y"])
     return torch.cat(feats).numpy(), torch.cat(labels).numpy()
 
@@ -119,10 +121,11 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def finetune(model: EvalEncoder, train_set, test_set, n_classes: int, multilabel: bool, cfg: ProbeConfig,
-             seed: int, device: torch.device) -> np.ndarray:
+             seed: int, acc: Accelerator) -> np.ndarray:
     """Train all layers and a linear head; returns test scores."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    device = acc.device
     enc = model.encoder.to(device)
     head = nn.Linear(enc.feature_dim, n_classes).to(device)
     params = [p for p in [*enc.parameters(), *head.parameters()] if p.requires_grad]
@@ -133,17 +136,19 @@ def finetune(model: EvalEncoder, train_set, test_set, n_classes: int, multilabel
         enc.train()
         for batch in loader:
             x = _augment(batch["x"].to(device), gen)
-            logits = head(model.features(x))
             y = batch["y"].to(device)
+            with acc.autocast():
+                logits = head(model.features(x)).float()
             loss = (F.binary_cross_entropy_with_logits(logits, y.float()) if multilabel
                     else F.cross_entropy(logits, y.long()))
             opt.zero_grad()
-            loss.backward()
+            acc.backward(loss)
             opt.step()
     enc.eval()
     scores = []
     with torch.no_grad():
         for batch in DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.workers):
-            logits = head(model.features(batch["x"].to(device)))
+            with acc.autocast():
+                logits = head(model.features(batch["x"].to(device))).float()
             scores.append((torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).cpu())
     return torch.cat(scores).numpy()

@@ -115,13 +115,14 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("protocol", ["linear", "knn", "finetune"])
-def test_classify_grid_cli_tables_figures_and_mlflow(dataset, pretrained, tmp_path, protocol):
+@pytest.mark.parametrize("protocol, precision", [("linear", "no"), ("knn", "no"), ("finetune", "bf16")])
+def test_classify_grid_cli_tables_figures_and_mlflow(dataset, pretrained, tmp_path, protocol, precision):
     import mlflow
 
     out = tmp_path / "eval"
     args = ["eval", "classify", "--checkpoint", str(pretrained / "fusion"), "--dataset", str(dataset),
-            "--budget", "8", "--protocol", protocol, "--seeds", "0,1", "--out", str(out), "--epochs", "1"]
+            "--budget", "8", "--protocol", protocol, "--seeds", "0,1", "--out", str(out), "--epochs", "1",
+            "--precision", precision]
     proc = run_cli(*args, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
     assert "| random init |" in proc.stdout and "| fusion |" in proc.stdout
     rows = _read_csv(out / "results.csv")
@@ -144,6 +145,7 @@ def test_classify_grid_cli_tables_figures_and_mlflow(dataset, pretrained, tmp_pa
                                   f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     assert len(children) == 6
     assert all(c.data.metrics["seeds"] == 2 and "overall_accuracy_mean" in c.data.metrics for c in children)
+    assert parents[0].data.params["precision"] == precision
 
     report = tmp_path / "report"
     run_cli("eval", "report", "--parent", parents[0].info.run_id, "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}",
