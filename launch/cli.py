@@ -288,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"eossl {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:  # IngestError, WriteError: the run could not complete
+    except (RuntimeError, FloatingPointError) as exc:  # IngestError, WriteError, diverged training
         print(f"eossl {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -22,7 +22,10 @@ def test_overrides_flat_dotted_and_section_names():
     with pytest.raises(ValueError, match="unknown config key 'queue'"):
         apply_overrides(TrainConfig(), {"queue": 3})
     with pytest.raises(ValueError, match="ambiguous"):
-        apply_overrides(TrainConfig(), {"momentum": 0.5})  # moco.momentum or optim.momentum
+        apply_overrides(TrainConfig(), {"name": "sgd"})  # backbone.name or optim.name
+    # A name in the running method's section and another one means the method's.
+    assert apply_overrides(TrainConfig(method="moco"), {"momentum": "0.5"}).moco.momentum == 0.5
+    assert apply_overrides(TrainConfig(method="dino"), {"hidden": "64"}).dino.hidden == 64
     with pytest.raises(ValueError, match="cannot read"):
         apply_overrides(TrainConfig(), {"batch_size": "eight"})
     with pytest.raises(ValueError, match="adapter"):

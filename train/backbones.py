@@ -46,7 +46,7 @@ class Encoder(nn.Module):
         in_chans: channels the backbone's first layer takes.
     """
 
-    def __init__(self, cfg: BackboneConfig, channels: dict[str, int]):
+    def __init__(self, cfg: BackboneConfig, channels: dict[str, int], **timm_kwargs):
         super().__init__()
         self.cfg = cfg
         self.channels = dict(channels)
@@ -70,10 +70,12 @@ class Encoder(nn.Module):
                     adapter.freeze()
         self.in_chans = in_chans
         try:
-            self.backbone = timm.create_model(cfg.name, pretrained=False, num_classes=0, in_chans=in_chans)
+            self.backbone = timm.create_model(cfg.name, pretrained=False, num_classes=0, in_chans=in_chans, **timm_kwargs)
         except RuntimeError as exc:  # timm's "Unknown model"
             raise ValueError(f"backbone {cfg.name!r}: {exc}") from exc
         self.feature_dim = self.backbone.num_features
+        # What a user needs besides in_chans to rebuild the backbone (recorded in the model card).
+        self.timm_kwargs = {k: v for k, v in timm_kwargs.items() if k == "dynamic_img_size"}
 
     def train(self, mode: bool = True) -> Encoder:
         super().train(mode)
@@ -95,6 +97,7 @@ class Encoder(nn.Module):
         return self.backbone(self.adapt(x, sensor))
 
 
-def build_encoder(cfg: BackboneConfig, channels: dict[str, int]) -> Encoder:
-    """Encoder for inputs with ``channels`` (sensor or view name -> channel count)."""
-    return Encoder(cfg, channels)
+def build_encoder(cfg: BackboneConfig, channels: dict[str, int], **timm_kwargs) -> Encoder:
+    """Encoder for inputs with ``channels`` (sensor or view name -> channel count); extra timm arguments
+    (``dynamic_img_size`` for ViTs fed multi-crop views, ``drop_path_rate``) go to ``timm.create_model``."""
+    return Encoder(cfg, channels, **timm_kwargs)

@@ -15,7 +15,7 @@ def _kv(text: str) -> tuple[str, str]:
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("method", choices=["moco"], help="self-supervised method")
+    p.add_argument("method", choices=["moco", "dino"], help="self-supervised method")
     p.add_argument("--data", required=True, help="dataset folder or URL written by 'eossl ingest'")
     p.add_argument("--out", required=True, help="run folder: checkpoints, config.yaml, local MLflow store")
     p.add_argument("--config", help="YAML file of config values (sections or dotted keys)")

@@ -3,7 +3,8 @@
 ``load_config(method, yaml_path, overrides)`` is the only place values are merged; the result is written
 to the run folder (``config.yaml``) and logged to MLflow as params. Keys of ``--set`` are dotted paths
 (``optim.lr=0.06``) or a unique field name (``queue_size=64``); a key naming a section takes that section's
-``name`` (``backbone=resnet18`` sets ``backbone.name``).
+``name`` (``backbone=resnet18`` sets ``backbone.name``); a name that several sections have means the
+running method's section (``hidden`` is ``moco.hidden`` for MoCo, ``dino.hidden`` for DINO).
 """
 
 from __future__ import annotations
@@ -90,9 +91,37 @@ class MoCoConfig:
 
 @dataclass
 class DinoConfig:
-    """Placeholder section for the DINO method (issue 6)."""
+    """DINO (Caron et al. 2021); defaults of the paper's ViT-S/16 recipe.
+
+    Attributes:
+        out_dim: prototypes K of the head's last layer (65536).
+        hidden, bottleneck, nlayers: head MLP (2048 hidden, 256 bottleneck, 3 layers).
+        norm_last_layer: weight-normalised last layer with fixed norm (True is more stable; False can
+            train better ViT-S but may need a lower teacher temperature).
+        momentum_teacher: teacher EMA momentum at the start; cosine-increased to 1.0 at the end.
+        warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs: teacher softmax temperature warmed
+            up linearly (0.04 -> 0.04 by default; 0.07 with 30 warm-up epochs is the long-run recipe).
+        student_temp: student softmax temperature (0.1).
+        center_momentum: EMA of the teacher output center (0.9).
+        freeze_last_layer_epochs: epochs during which the last layer gets no update (1).
+        weight_decay_end: final weight decay of the cosine weight-decay schedule (0.4; start: optim.weight_decay).
+        drop_path: stochastic depth rate of the student ViT (0.1).
+    """
 
     out_dim: int = 65536
+    hidden: int = 2048
+    bottleneck: int = 256
+    nlayers: int = 3
+    norm_last_layer: bool = True
+    momentum_teacher: float = 0.996
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    freeze_last_layer_epochs: int = 1
+    weight_decay_end: float = 0.4
+    drop_path: float = 0.1
 
 
 @dataclass
@@ -107,6 +136,8 @@ class OptimConfig:
         momentum, weight_decay: SGD momentum (0.9) and weight decay (1e-4).
         schedule: 'cosine' (to 0 over the run) or 'constant'.
         warmup_steps: linear warm-up steps from 0.
+        warmup_epochs: warm-up in epochs (converted with the run's steps per epoch; adds to warmup_steps).
+        min_lr: final learning rate of the cosine schedule.
         clip_grad: max global grad norm; 0 disables clipping.
     """
 
@@ -118,6 +149,8 @@ class OptimConfig:
     weight_decay: float = 1e-4
     schedule: str = "cosine"
     warmup_steps: int = 0
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
     clip_grad: float = 0.0
 
 
@@ -136,6 +169,8 @@ class DataConfig:
         shuffle_buffer: samples in the shuffle buffer.
         cache_dir: node-local cache for remote shards.
         device: DALI device: auto, gpu or cpu.
+        n_local, local_size: DINO multi-crop: local crops per sample and their size (global crops use
+            ``size``; scales as in DINO: global 0.4-1, local 0.05-0.4).
     """
 
     mode: str = "single"
@@ -149,6 +184,8 @@ class DataConfig:
     shuffle_buffer: int = 2048
     cache_dir: str | None = None
     device: str = "auto"
+    n_local: int = 6
+    local_size: int = 96
 
 
 @dataclass
@@ -167,6 +204,8 @@ class TrainConfig:
         seed: seed of everything (data order, augmentation, initialisation).
         log_every: steps between metric logs; ckpt_every: steps between checkpoints (0: only at the end).
         experiment: MLflow experiment name.
+        max_nonfinite_steps: stop with an error after this many consecutive non-finite losses (each is
+            skipped on every rank, counted and logged as ``nonfinite_steps``).
     """
 
     method: str = "moco"
@@ -183,6 +222,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500
     experiment: str = "eossl"
+    max_nonfinite_steps: int = 20
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     moco: MoCoConfig = field(default_factory=MoCoConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
@@ -228,6 +268,9 @@ def _resolve(cfg: TrainConfig, key: str) -> tuple[Any, str, str]:
     if dataclasses.is_dataclass(section) and f"{key}.name" in leaves:
         return (*leaves[f"{key}.name"], f"{key}.name")
     matches = [p for p in leaves if p.rsplit(".", 1)[-1] == key]
+    if len(matches) > 1:  # a name in several sections means the running method's (hidden -> moco.hidden)
+        mine = [p for p in matches if p.startswith(f"{cfg.method}.")]
+        matches = mine or matches
     if len(matches) == 1:
         return (*leaves[matches[0]], matches[0])
     if len(matches) > 1:
@@ -281,9 +324,21 @@ def _flatten_yaml(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Method defaults applied over the dataclass defaults (which are MoCo's): DINO's ViT-S/16 recipe on S1.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "moco": {},
+    "dino": {"backbone.name": "vit_small_patch16_224", "optim.name": "adamw", "optim.lr": 0.0005,
+             "optim.lr_scaling": "linear", "optim.base_batch": 256, "optim.weight_decay": 0.04,
+             "optim.warmup_epochs": 10, "optim.min_lr": 1e-6, "optim.clip_grad": 3.0, "loader.mode": "multicrop",
+             "loader.sensors": "s1", "epochs": 100, "channels_last": False},
+}
+
+
 def load_config(method: str, yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults <- YAML file <- ``--set`` overrides (and CLI flags, passed as overrides)."""
-    cfg = TrainConfig(method=method)
+    """Method defaults <- YAML file <- ``--set`` overrides (and CLI flags, passed as overrides)."""
+    if method not in METHOD_DEFAULTS:
+        raise ValueError(f"method must be one of {list(METHOD_DEFAULTS)}, got {method!r}")
+    cfg = apply_overrides(TrainConfig(method=method), METHOD_DEFAULTS[method])
     if yaml_path:
         tree = yaml.safe_load(Path(yaml_path).read_text()) or {}
         if not isinstance(tree, dict):

@@ -36,7 +36,9 @@ def export_backbone(encoder: Encoder, loader, cfg: TrainConfig, step: int, run_d
         "method": cfg.method,
         "timm_model": cfg.backbone.name,
         "in_chans": encoder.in_chans,
-        "load": f"timm.create_model({cfg.backbone.name!r}, in_chans={encoder.in_chans}, num_classes=0)",
+        "timm_kwargs": {"in_chans": encoder.in_chans, "num_classes": 0, **encoder.timm_kwargs},
+        "load": f"timm.create_model({cfg.backbone.name!r}, in_chans={encoder.in_chans}, num_classes=0"
+                + "".join(f", {k}={v!r}" for k, v in encoder.timm_kwargs.items()) + ")",
         "adapter": {"type": cfg.backbone.adapter, "mode": cfg.backbone.adapter_mode,
                     "channels": encoder.channels, "out_channels": cfg.backbone.adapter_channels},
         "view_mode": cfg.loader.mode,

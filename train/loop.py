@@ -136,11 +136,13 @@ class _Run:
         self.stop_step = min(cfg.max_steps, self.total_steps) if cfg.max_steps else self.total_steps
         self.effective_batch = cfg.batch_size * self.acc.num_processes * cfg.grad_accum
         self.lr = scaled_lr(cfg.optim.lr, cfg.optim.lr_scaling, self.effective_batch, cfg.optim.base_batch)
-        self.lr_schedule = (cosine_schedule(self.lr, 0.0, self.total_steps, cfg.optim.warmup_steps)
+        warmup = cfg.optim.warmup_steps + round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        self.lr_schedule = (cosine_schedule(self.lr, cfg.optim.min_lr, self.total_steps, warmup)
                             if cfg.optim.schedule == "cosine" else np.full(self.total_steps, self.lr))
-        self.momentum_schedule = self.spec.momentum(cfg, self.total_steps)
-        params = [p for p in self.method.parameters() if p.requires_grad]
-        self.optimizer = _optimizer(cfg, params, self.lr)
+        self.schedules = self.spec.schedules(cfg, self.total_steps, self.steps_per_epoch)
+        groups = (self.method.param_groups() if hasattr(self.method, "param_groups")
+                  else [{"params": [p for p in self.method.parameters() if p.requires_grad]}])
+        self.optimizer = _optimizer(cfg, groups, self.lr)
         self.step = 0
         self.mlflow_run_id = None
         self.history = self.run_dir / "history.jsonl"
@@ -209,6 +211,11 @@ class _Run:
                                              "std": std.round(6).tolist()})}
         self.mlflow_run_id = start_tracking(self.acc, self.cfg, params, tags, self.mlflow_run_id)
 
+    def _log_nonfinite(self, count: int) -> None:
+        import mlflow
+
+        mlflow.log_metric("nonfinite_steps", count, step=self.step)
+
     def _log(self, values: dict) -> None:
         self.acc.log(values, step=self.step)
         if self.main:
@@ -228,7 +235,7 @@ class _Run:
                   f"{cfg.optim.lr} at batch {cfg.optim.base_batch}), {self.total_steps} steps planned, "
                   f"stopping at {self.stop_step}")
         bar = tqdm(total=self.stop_step, initial=self.step, disable=not self.main, unit="step", dynamic_ncols=True)
-        loss_value, nonfinite = float("nan"), 0
+        loss_value, nonfinite, consecutive = float("nan"), 0, 0
         wait, t_last, samples = 0.0, time.perf_counter(), 0
         self.model.train()
         while self.step < self.stop_step:
@@ -243,41 +250,59 @@ class _Run:
                 wait += time.perf_counter() - t0
                 views = [v.to(acc.device, non_blocking=True) for v in batch.views]
                 samples += views[0].shape[0] * acc.num_processes
+                values = {k: float(v[self.step]) for k, v in self.schedules.items()}
                 for group in self.optimizer.param_groups:  # schedules first, indexed by global step
                     group["lr"] = float(self.lr_schedule[self.step])
+                if "weight_decay" in values:  # the first group is the regularised one
+                    self.optimizer.param_groups[0]["weight_decay"] = values["weight_decay"]
+                unwrapped = acc.unwrap_model(self.model)
+                if hasattr(unwrapped, "set_step"):
+                    unwrapped.set_step(values, self.step // self.steps_per_epoch, cfg.dino.freeze_last_layer_epochs)
                 with acc.accumulate(self.model):
                     with acc.autocast():
                         loss, logs = self.model(views)
                     finite = all_reduce_min(torch.isfinite(loss.detach()).float())  # all ranks skip together
                     if float(finite) < 1.0:
                         nonfinite += 1
-                        acc.unwrap_model(self.model).discard_pending()
+                        consecutive += 1
+                        unwrapped.discard_pending()
                         self.optimizer.zero_grad(set_to_none=True)
-                        acc.print(f"step {self.step}: non-finite loss ({float(loss)}), step skipped")
+                        acc.print(f"step {self.step}: non-finite loss ({float(loss)}), step skipped "
+                                  f"({consecutive} in a row)")
+                        if self.main:
+                            self._log_nonfinite(nonfinite)
+                        if consecutive >= cfg.max_nonfinite_steps:
+                            raise FloatingPointError(
+                                f"{consecutive} consecutive non-finite losses at step {self.step}: training diverged "
+                                "(with fp16 try bf16, a lower lr or teacher temperature, or gradient clipping); "
+                                f"the last checkpoint is in {self.run_dir / 'checkpoints'}")
                         continue
+                    consecutive = 0
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.optim.clip_grad > 0:
                         acc.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+                    if acc.sync_gradients and hasattr(unwrapped, "before_optimizer_step"):
+                        unwrapped.before_optimizer_step()
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 micro += 1
                 if not acc.sync_gradients:
                     continue
-                acc.unwrap_model(self.model).after_step(float(self.momentum_schedule[self.step]))
+                unwrapped.after_step(values["momentum"])
                 self.step += 1
                 loss_value = float(acc.reduce(loss.detach().float(), reduction="mean"))
-                values = {"loss": loss_value}
+                logged = {"loss": loss_value}
                 if self.step % cfg.log_every == 0 or self.step == self.stop_step:
                     elapsed = time.perf_counter() - t_last
-                    values.update({
+                    logged.update({
                         "lr": float(self.lr_schedule[self.step - 1]), "epoch": self.loader.position.epoch,
                         "samples_per_s": samples / elapsed, "data_wait_fraction": wait / elapsed,
                         "memory_mb": _memory_mb(), "nonfinite_steps": nonfinite,
-                        **{k: float(v) for k, v in logs.items()},
+                        **{k: float(v) for k, v in logs.items()}, **{f"schedule_{k}": v for k, v in values.items()},
                     })
                     bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{samples / elapsed:.1f}")
                     wait, t_last, samples = 0.0, time.perf_counter(), 0
-                self._log(values)
+                self._log(logged)
                 bar.update(1)
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < self.stop_step:
                     self.save_checkpoint()

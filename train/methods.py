@@ -2,7 +2,8 @@
 
 A method contributes two functions: the loader's views for a config, and the method module built for the
 views' channel counts. The module implements ``forward(views) -> (loss, logs)``, ``after_step(momentum)``,
-``discard_pending()`` and ``backbone() -> Encoder``; the loop never asks which method it runs.
+``discard_pending()`` and ``backbone() -> Encoder``, and optionally ``param_groups()``, ``set_step(values,
+epoch, freeze_last_layer_epochs)`` and ``before_optimizer_step()``; the loop never asks which method it runs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from eossl.streaming.views import ViewConfig
 
 from .config import TrainConfig
+from .dino import build_dino, dino_schedules, dino_views
 from .moco import build_moco, moco_views
 
 __all__ = ["METHODS", "MethodSpec", "get_method"]
@@ -25,12 +27,14 @@ __all__ = ["METHODS", "MethodSpec", "get_method"]
 class MethodSpec:
     views: Callable[[TrainConfig], ViewConfig]
     build: Callable[[TrainConfig, list[int], str], nn.Module]
-    momentum: Callable[[TrainConfig, int], np.ndarray]  # EMA momentum per optimiser step
+    # Per-step schedules (at least "momentum") for (config, total steps, steps per epoch).
+    schedules: Callable[[TrainConfig, int, int], dict[str, np.ndarray]]
 
 
 METHODS: dict[str, MethodSpec] = {
-    "moco": MethodSpec(views=moco_views, build=build_moco,
-                       momentum=lambda cfg, total: np.full(total, cfg.moco.momentum)),  # MoCo: constant
+    "moco": MethodSpec(views=moco_views, build=build_moco,  # MoCo: constant momentum
+                       schedules=lambda cfg, total, per_epoch: {"momentum": np.full(total, cfg.moco.momentum)}),
+    "dino": MethodSpec(views=dino_views, build=build_dino, schedules=dino_schedules),
 }
 
 

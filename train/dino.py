@@ -1,0 +1,200 @@
+"""DINO as a method object: student and EMA teacher (backbone + DINO head), multi-crop, the centred loss.
+
+``DINOLoss`` owns its ``center`` buffer (saved in checkpoints); the teacher temperature, the EMA momentum
+and the weight decay come from schedules the loop indexes by global step and hands in through
+``set_step``. As for every method, the state updates (teacher EMA, center EMA) happen in ``after_step``,
+after the optimiser step; the center uses the teacher outputs of every rank (all-reduce).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from eossl.streaming.augment import AugmentConfig
+from eossl.streaming.inputs import InputSpec
+from eossl.streaming.views import ViewConfig
+
+from .backbones import build_encoder
+from .config import TrainConfig
+from .distributed import is_dist
+from .schedules import cosine_schedule
+
+__all__ = ["DINO", "DINOHead", "DINOLoss", "build_dino", "dino_schedules", "dino_views"]
+
+
+class DINOHead(nn.Module):
+    """MLP (nlayers, GELU) -> L2-normalised bottleneck -> weight-normalised linear layer to K prototypes."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 2048, bottleneck: int = 256, nlayers: int = 3,
+                 norm_last_layer: bool = True):
+        super().__init__()
+        layers: list[nn.Module] = []
+        dims = [in_dim] + [hidden] * (max(nlayers, 1) - 1) + [bottleneck]
+        for i in range(len(dims) - 1):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < len(dims) - 2:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
+        with torch.no_grad():
+            self.last_layer.parametrizations.weight.original0.fill_(1.0)  # the norm g
+        if norm_last_layer:
+            self.last_layer.parametrizations.weight.original0.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=-1, p=2)
+        return self.last_layer(x)
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between the sharpened, centred teacher and the student over crop pairs.
+
+    Every global teacher crop is compared with every student crop except the same view. The center is
+    an EMA (``center_momentum``) of the mean teacher output over the global batch of all ranks.
+    """
+
+    def __init__(self, out_dim: int, n_crops: int, n_global: int, student_temp: float = 0.1,
+                 center_momentum: float = 0.9):
+        super().__init__()
+        self.n_crops, self.n_global = n_crops, n_global
+        self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self._pending: list[torch.Tensor] = []  # teacher outputs of the step, for the center update
+
+    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """student_out: (n_crops * B, K); teacher_out: (n_global * B, K) -> scalar loss."""
+        student = (student_out.float() / self.student_temp).chunk(self.n_crops)
+        teacher_out = teacher_out.detach().float()
+        teacher = F.softmax((teacher_out - self.center) / teacher_temp, dim=-1).chunk(self.n_global)
+        total, terms = 0.0, 0
+        for iq, q in enumerate(teacher):
+            for v, s in enumerate(student):
+                if v == iq:
+                    continue
+                total = total + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
+                terms += 1
+        self._pending.append(teacher_out)
+        return total / terms
+
+    @torch.no_grad()
+    def update_center(self) -> None:
+        if not self._pending:
+            return
+        out = torch.cat(self._pending)
+        self._pending.clear()
+        total = out.sum(dim=0, keepdim=True)
+        count = torch.tensor([out.shape[0]], dtype=total.dtype, device=total.device)
+        if is_dist():
+            torch.distributed.all_reduce(total)
+            torch.distributed.all_reduce(count)
+        self.center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
+
+
+class _Branch(nn.Module):
+    """Backbone + head over a list of crops, one backbone call per crop resolution (DINO's MultiCropWrapper)."""
+
+    def __init__(self, encoder: nn.Module, head: DINOHead):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        sizes = torch.tensor([c.shape[-1] for c in crops])
+        ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0).tolist()
+        feats, start = [], 0
+        for end in ends:
+            feats.append(self.encoder(torch.cat(crops[start:end])))
+            start = end
+        return self.head(torch.cat(feats))
+
+
+class DINO(nn.Module):
+    """Student and EMA teacher on multi-crop views; only the ``n_global`` first views reach the teacher."""
+
+    def __init__(self, encoder, cfg: TrainConfig, n_global: int, n_crops: int):
+        super().__init__()
+        d = cfg.dino
+        head = DINOHead(encoder.feature_dim, d.out_dim, d.hidden, d.bottleneck, d.nlayers, d.norm_last_layer)
+        self.student = _Branch(encoder, head)
+        self.teacher = copy.deepcopy(self.student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.loss_fn = DINOLoss(d.out_dim, n_crops, n_global, d.student_temp, d.center_momentum)
+        self.n_global = n_global
+        self.teacher_temp = d.teacher_temp
+        self.freeze_last_layer = False
+
+    def param_groups(self) -> list[dict]:
+        """Weights are decayed (on the schedule); biases and norm parameters are not (as in DINO)."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if p.ndim > 1]},
+                {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+    def set_step(self, values: dict[str, float], epoch: int, freeze_last_layer_epochs: int) -> None:
+        self.teacher_temp = values["teacher_temp"]
+        self.freeze_last_layer = epoch < freeze_last_layer_epochs
+
+    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            self.teacher.eval()  # no dropout/drop-path in the teacher
+            teacher_out = self.teacher(views[: self.n_global])
+        student_out = self.student(views)
+        loss = self.loss_fn(student_out, teacher_out, self.teacher_temp)
+        entropy = -(F.softmax(teacher_out.float(), -1) * F.log_softmax(teacher_out.float(), -1)).sum(-1).mean()
+        return loss, {"teacher_entropy": entropy.detach()}
+
+    def before_optimizer_step(self) -> None:
+        """During the first epoch(s) the last layer is not updated (stabilises the start, as in DINO)."""
+        if self.freeze_last_layer:
+            for p in self.student.head.last_layer.parameters():
+                p.grad = None
+
+    @torch.no_grad()
+    def after_step(self, momentum: float) -> None:
+        for ps, pt in zip(self.student.parameters(), self.teacher.parameters(), strict=True):
+            pt.mul_(momentum).add_(ps.detach(), alpha=1 - momentum)
+        self.loss_fn.update_center()
+
+    def discard_pending(self) -> None:
+        self.loss_fn._pending.clear()
+
+    def backbone(self):
+        return self.teacher.encoder  # DINO evaluates the teacher
+
+
+def dino_views(cfg: TrainConfig) -> ViewConfig:
+    lc = cfg.loader
+    inputs = InputSpec.parse(lc.sensors, lc.s2_bands)
+    augment = AugmentConfig() if lc.augment else AugmentConfig.none()
+    return ViewConfig(mode="multicrop", inputs=inputs, augment=augment, global_size=lc.size,
+                      n_local=lc.n_local, local_size=lc.local_size)
+
+
+def build_dino(cfg: TrainConfig, channels: list[int], mode: str) -> DINO:
+    if mode != "multicrop":
+        raise ValueError(f"DINO trains on multi-crop views; loader.mode is {mode!r}")
+    encoder = build_encoder(cfg.backbone, {"input": channels[0]}, dynamic_img_size=True,
+                            drop_path_rate=cfg.dino.drop_path)
+    n_global = 2
+    return DINO(encoder, cfg, n_global=n_global, n_crops=len(channels))
+
+
+def dino_schedules(cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
+    d = cfg.dino
+    warm = min(d.warmup_teacher_temp_epochs * steps_per_epoch, total_steps)
+    temp = np.concatenate([np.linspace(d.warmup_teacher_temp, d.teacher_temp, warm),
+                           np.full(total_steps - warm, d.teacher_temp)])
+    return {
+        "momentum": cosine_schedule(d.momentum_teacher, 1.0, total_steps),
+        "teacher_temp": temp,
+        "weight_decay": cosine_schedule(cfg.optim.weight_decay, d.weight_decay_end, total_steps),
+    }
