@@ -28,6 +28,11 @@ DEMO_TRAIN = --set backbone=resnet18 --set mode=fusion_partial --set batch_size=
 	--set queue_size=512 --set hidden=512 --set epochs=15 --set workers=1 --set moco.momentum=0.99 \
 	--set log_every=5 --set ckpt_every=25
 
+# DINO on S1 only: a tiny ViT, 96 px global and 4 x 48 px local crops, 6 epochs.
+DEMO_DINO = --set backbone=vit_tiny_patch16_224 --set batch_size=16 --set size=96 --set local_size=48 \
+	--set n_local=4 --set out_dim=1024 --set epochs=6 --set warmup_epochs=1 --set workers=1 --set log_every=5 \
+	--set ckpt_every=0
+
 demo: install
 	@rm -rf $(DEMO)
 	$(PY) -m eossl.launch sample-data $(DEMO)/sen12ms --patches 96 --seed 0
@@ -36,12 +41,17 @@ demo: install
 	MLFLOW_TRACKING_URI= $(PY) -m eossl.launch train moco --data $(DEMO)/dataset --out $(DEMO)/runs/moco $(DEMO_TRAIN)
 	MLFLOW_TRACKING_URI= $(PY) -m eossl.launch eval classify --checkpoint $(DEMO)/runs/moco --dataset $(DEMO)/dataset \
 		--budget 32 --seeds 0,1,2 --protocol linear --out $(DEMO)/eval
+	MLFLOW_TRACKING_URI= $(PY) -m eossl.launch train dino --data $(DEMO)/dataset --out $(DEMO)/runs/dino $(DEMO_DINO)
+	MLFLOW_TRACKING_URI= $(PY) -m eossl.launch attention --checkpoint $(DEMO)/runs/dino --dataset $(DEMO)/dataset \
+		--first 3 --out $(DEMO)/attention
 	@echo
 	@echo "demo results:"
 	@echo "  synthetic SEN12MS tree : $(DEMO)/sen12ms"
 	@echo "  dataset                : $(DEMO)/dataset  (manifest.json, rejects.jsonl, subsets.json, shards/*.tar, data.zarr)"
 	@echo "  MoCo-v2 run            : $(DEMO)/runs/moco  (config.yaml, history.jsonl, checkpoints/, backbone/)"
 	@echo "  classification table   : $(DEMO)/eval/results.md (and results.csv, cells/*/confusion.png)"
+	@echo "  DINO run (S1, ViT)     : $(DEMO)/runs/dino"
+	@echo "  attention figures      : $(DEMO)/attention/*.png (summary.json: mIoU of token clusters and masks vs land cover)"
 	@echo "  MLflow                 : mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DEMO)/runs/moco/mlflow.db"
 	@echo "                           mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DEMO)/eval/mlflow.db"
 

@@ -80,3 +80,42 @@ def _run_report(args) -> int:
     _, md = write_tables(cells, Path(args.out), f"SEN12MS scene classification (from MLflow), metric {metric}")
     print(md.read_text())
     return 0
+
+
+def add_attention_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a DINO (ViT) pre-training run folder")
+    p.add_argument("--dataset", required=True, help="dataset folder or URL with data.zarr")
+    p.add_argument("--keys", type=_csv, default=(), help="patch keys, e.g. ROIs1158_spring_1_p30,...")
+    p.add_argument("--first", type=int, default=0,
+                   help="instead of --keys: the first N hold-out patches that have land cover")
+    p.add_argument("--out", required=True, help="folder for <key>.png, attention_metrics.json, summary.json")
+    p.add_argument("--keep-mass", type=float, default=0.6, help="attention mass kept by the masks (0.6, as DINO)")
+    p.add_argument("--clusters", type=int, default=6, help="k-means clusters of the patch tokens")
+    p.add_argument("--inputs", help="input sensors (default: the run's view 0, e.g. s1)")
+    p.add_argument("--mlflow-run", help="MLflow run id to log the figures to (tracking URI from MLFLOW_TRACKING_URI)")
+    p.set_defaults(handler=_run_attention)
+
+
+def _first_test_keys(dataset: str, n: int) -> list[str]:
+    import zarr
+
+    from eossl.ingest.format import ZARR_DIR
+    from eossl.ingest.storage import Output
+
+    group = zarr.open_group(Output(dataset).zarr_store(ZARR_DIR, read_only=True), mode="r")
+    keys, split, has_lc = group["key"][:], group["split"][:], group["has_lc"][:]
+    return [str(k) for k, s, lc in zip(keys, split, has_lc, strict=True) if str(s) == "test" and lc][:n]
+
+
+def _run_attention(args) -> int:
+    from .attention import attention_figures
+
+    keys = list(args.keys) or (_first_test_keys(args.dataset, args.first) if args.first else [])
+    if not keys:
+        raise ValueError("give --keys K1,K2,... or --first N")
+    result = attention_figures(args.checkpoint, args.dataset, keys, args.out, keep_mass=args.keep_mass,
+                               n_clusters=args.clusters, inputs=args.inputs, mlflow_run_id=args.mlflow_run)
+    for path in result["figures"]:
+        print(f"figure: {path}")
+    print(f"metrics: {args.out}/attention_metrics.json, summary: {args.out}/summary.json")
+    return 0

@@ -130,7 +130,8 @@ def build_eval_encoder(init: str, channels: list[str], mean: np.ndarray, std: np
                             f"no layout holds {channels}")
     key = fits[0]
     layout = layouts[key]
-    enc = build_encoder(cfg, key_channels)
+    extra = {k: v for k, v in card.get("timm_kwargs", {}).items() if k not in ("in_chans", "num_classes")}
+    enc = build_encoder(cfg, key_channels, **extra)  # e.g. dynamic_img_size for ViTs trained on multi-crop
     enc.backbone.load_state_dict(load_file(str(folder / "backbone.safetensors")))
     if adapter["type"] == "conv1x1" and init == "checkpoint":
         enc.adapters.load_state_dict(load_file(str(folder / "adapters.safetensors")))

@@ -175,7 +175,7 @@ def _add_bench(sub) -> None:
 def _add_bench_train(bsub) -> None:
     bt = bsub.add_parser("train", help="training samples/s fed by the streaming loader vs synthetic on-device data")
     bt.add_argument("--data", help="dataset (default: a synthetic 64-patch dataset in a temp folder)")
-    bt.add_argument("--method", default="moco", choices=["moco"])
+    bt.add_argument("--method", default="moco", choices=["moco", "dino"])
     bt.add_argument("--steps", type=int, default=30, help="optimiser steps per side (first 20%% are warm-up)")
     bt.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides (default on CPU: resnet18, batch 16, 96 px; on GPU: resnet50, "
@@ -192,7 +192,13 @@ def _run_bench_train(args) -> int:
     from eossl.ingest.bench import print_result
     from eossl.train.bench import bench_train
 
-    if torch.cuda.is_available():
+    gpu = torch.cuda.is_available()
+    if args.method == "dino":  # ViT-S/16 multi-crop (2 x 224 + 6 x 96) on a GPU; a tiny ViT on CPU
+        defaults = ({"backbone": "vit_small_patch16_224", "batch_size": "64", "precision": "bf16", "device": "gpu",
+                     "workers": "4", "threads": "4", "split": "all"} if gpu else
+                    {"backbone": "vit_tiny_patch16_224", "batch_size": "16", "size": "64", "local_size": "32",
+                     "n_local": "4", "out_dim": "4096", "workers": "1", "threads": "2", "split": "all"})
+    elif gpu:
         defaults = {"backbone": "resnet50", "batch_size": "64", "precision": "bf16", "size": "224",
                     "queue_size": "4096", "device": "gpu", "workers": "4", "threads": "4", "split": "all"}
     else:
@@ -255,6 +261,16 @@ def _add_eval(sub) -> None:
     add_eval_arguments(p)
 
 
+def _add_attention(sub) -> None:
+    from eossl.eval.cli import add_attention_arguments
+
+    p = sub.add_parser("attention", help="ViT (DINO) attention maps, token-embedding maps and their mIoU with land cover",
+                       description="Per patch: the input (S1 false colour, S2 true colour, land cover), the last-layer "
+                       "CLS attention of every head, thresholded masks, token PCA and k-means maps, and the "
+                       "matched mIoU of masks and clusters against the land-cover map.")
+    add_attention_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eossl",
@@ -273,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sub)
     _add_train(sub)
     _add_eval(sub)
+    _add_attention(sub)
     _add_bench(sub)
     return parser
 
