@@ -101,3 +101,20 @@ def test_tracking_against_a_real_mlflow_server(dataset, tmp_path):
         assert {"backbone/backbone.safetensors", "backbone/model_card.json", "backbone/README.md"} <= backbone
         local = client.download_artifacts(r.info.run_id, "backbone/model_card.json", str(tmp_path))
         assert json.loads(Path(local).read_text())["timm_model"] == "resnet18"
+
+
+def test_dino_two_processes_same_launch_command(dataset, tmp_path):
+    """DINO through the same accelerate launch kit: teacher, student and center equal on both ranks."""
+    run = tmp_path / "dino"
+    values = {"backbone": "vit_tiny_patch16_224", "batch_size": "4", "size": "32", "local_size": "16",
+              "n_local": "2", "out_dim": "64", "dino.hidden": "64", "bottleneck": "16", "workers": "0",
+              "threads": "1", "split": "all", "device": "cpu", "log_every": "1", "ckpt_every": "0"}
+    cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "launch/accelerate/cpu_2proc.yaml"),
+           "--main_process_port", str(free_port()), "-m", "eossl.train", "dino", "--data", str(dataset),
+           "--out", str(run), "--max-steps", "2", *_cli_set(values)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = _ranks(run)
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+    assert ranks[0]["state_sha256"] == ranks[1]["state_sha256"]  # ViTs have no BN: buffers (center) agree too
