@@ -22,10 +22,11 @@ from accelerate import Accelerator
 
 from eossl.streaming.inputs import InputSpec
 from eossl.streaming.zarr_dataset import ZarrPatchDataset
+from eossl.train.checkpoint import state_digest
 
 from .metrics import mean_and_spread, multi_label_metrics, single_label_metrics
 from .models import INITS, NotApplicable, build_eval_encoder
-from .probes import ProbeConfig, extract_features, finetune, knn_scores, linear_probe, weights_digest
+from .probes import ProbeConfig, extract_features, finetune, knn_scores, linear_probe
 from .report import plot_confusion, write_tables
 
 __all__ = ["ClassifyConfig", "run_classification"]
@@ -132,10 +133,10 @@ def _one_seed(cfg: ClassifyConfig, init: str, run_dir: str | None, spec: InputSp
         scores = finetune(model, train, test, n_classes, cfg.multilabel, cfg.probe, seed, acc)
         y_test = test.labels()
     else:
-        before = weights_digest(model.encoder)
+        before = state_digest(model.encoder)
         xtr, ytr = extract_features(model, train, cfg.probe, acc)
         xte, y_test = extract_features(model, test, cfg.probe, acc)
-        if weights_digest(model.encoder) != before:
+        if state_digest(model.encoder) != before:
             raise AssertionError("the frozen backbone changed during feature extraction")
         if cfg.protocol == "linear":
             scores = linear_probe(xtr, ytr, xte, n_classes, cfg.multilabel, cfg.probe, seed)

@@ -8,7 +8,6 @@ probabilities (multi-label).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from .models import EvalEncoder
 
-__all__ = ["ProbeConfig", "extract_features", "finetune", "knn_scores", "linear_probe", "weights_digest"]
+__all__ = ["ProbeConfig", "extract_features", "finetune", "knn_scores", "linear_probe"]
 
 
 @dataclass(frozen=True)
@@ -45,14 +44,6 @@ class ProbeConfig:
     finetune_epochs: int = 10
     finetune_lr: float = 3e-4
     finetune_weight_decay: float = 1e-4
-
-
-def weights_digest(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 @torch.no_grad()

@@ -85,18 +85,7 @@ def run_cli(*args: str, check: bool = True, timeout: float = 300, **kwargs) -> s
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """A real S3-compatible server process for the session; sets the standard AWS variables."""
-    import os
+    from servers import aws_environment, moto_s3_server
 
-    from servers import moto_s3_server, s3_env
-
-    with moto_s3_server(tmp_path_factory.mktemp("moto")) as endpoint:
-        saved = {k: os.environ.get(k) for k in s3_env(endpoint)}
-        os.environ.update(s3_env(endpoint))
-        try:
-            yield endpoint
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with moto_s3_server(tmp_path_factory.mktemp("moto")) as endpoint, aws_environment(endpoint):
+        yield endpoint

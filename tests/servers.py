@@ -172,3 +172,22 @@ def mlflow_server(workdir: Path):
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with serve(cmd, f"{uri}/health", workdir / f"mlflow-{port}.log", start_timeout=90, env=env):
         yield uri
+
+
+@contextmanager
+def aws_environment(endpoint: str):
+    """Point the standard AWS variables at ``endpoint``; restore them (and s3fs's client cache) after."""
+    import s3fs
+
+    saved = {k: os.environ.get(k) for k in s3_env(endpoint)}
+    os.environ.update(s3_env(endpoint))
+    s3fs.S3FileSystem.clear_instance_cache()  # cached clients keep the endpoint they were made with
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        s3fs.S3FileSystem.clear_instance_cache()

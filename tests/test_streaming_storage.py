@@ -24,7 +24,6 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from eossl.ingest.catalog import CATALOG_MEMBERS, Catalog
 from eossl.streaming.storage import CorruptShardError, ShardReader, StorageError, StorageOptions
 
 from conftest import complete_triplet, run_cli
-from servers import free_port, s3_env, upload_tree
+from servers import aws_environment, free_port, upload_tree
 
 BUCKET = "eossl-storage"
 
@@ -91,21 +90,6 @@ class MotoProcess:
         return [r for r in rows if key_part in r["url"]]
 
 
-@contextmanager
-def aws_environment(endpoint: str):
-    """Point the standard AWS variables at ``endpoint``; restore them (and fsspec's client cache) after."""
-    saved = {k: os.environ.get(k) for k in s3_env(endpoint)}
-    os.environ.update(s3_env(endpoint))
-    s3fs.S3FileSystem.clear_instance_cache()  # cached clients keep the endpoint they were made with
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def upload_shards(root: Path, url: str) -> None:

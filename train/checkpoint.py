@@ -10,6 +10,7 @@ replaced atomically; a run killed at any moment resumes from the last complete c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "latest_checkpoint", "load_rng_state", "rng_state", "write_json_atomic"]
+__all__ = ["CheckpointError", "state_digest", "latest_checkpoint", "load_rng_state", "rng_state", "write_json_atomic"]
 
 
 class CheckpointError(RuntimeError):
@@ -102,3 +103,18 @@ def publish(run_dir: Path, step: int, keep: int) -> Path:
         if stale != staging:
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def state_digest(module: torch.nn.Module, which: str = "state") -> str:
+    """sha256 over names and bytes of a module's tensors: 'state' (everything), 'params' or 'buffers'.
+
+    Under DDP parameters are equal on every rank after each step; BatchNorm running statistics are
+    per-rank between forwards (DDP broadcasts rank 0's at the next forward), so compare 'params'.
+    """
+    items = {"state": module.state_dict().items, "params": module.named_parameters,
+             "buffers": module.named_buffers}[which]()
+    h = hashlib.sha256()
+    for name, t in sorted(items):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

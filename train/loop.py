@@ -36,6 +36,7 @@ from .checkpoint import (
     rng_state,
     save_tensor_file,
     staging_dir,
+    state_digest,
     write_json_atomic,
 )
 from .config import TrainConfig, flatten, to_yaml
@@ -88,21 +89,6 @@ def _memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def state_digest(module: torch.nn.Module, which: str = "state") -> str:
-    """sha256 over names and bytes of a module's tensors: 'state' (everything), 'params' or 'buffers'.
-
-    Under DDP parameters are equal on every rank after each step; BatchNorm running statistics are
-    per-rank between forwards (DDP broadcasts rank 0's at the next forward), so compare 'params'.
-    """
-    items = {"state": module.state_dict().items, "params": module.named_parameters,
-             "buffers": module.named_buffers}[which]()
-    h = hashlib.sha256()
-    for name, t in sorted(items):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 class _Run:

@@ -166,7 +166,6 @@ def build_moco(cfg: TrainConfig, channels: list[int], mode: str) -> MoCo:
         encoder = build_encoder(cfg.backbone, {"s1": channels[0], "s2": channels[1]})
         query_view = 1  # sensor-based positive pairs: S2 query, S1 key (the study's setting)
     else:
-        view_sensors = [None, None]
         encoder = build_encoder(cfg.backbone, {"input": channels[0]})
         view_sensors = ["input", "input"] if cfg.backbone.adapter == "conv1x1" else [None, None]
         query_view = 0
