@@ -392,7 +392,8 @@ def _plot(path: Path, title: str, raw: dict, maps: dict, res: dict, keep_mass: f
 
 # ---------------------------------------------------------------------------------------------- entry
 def attention_figures(run_dir: str, dataset: str, keys: Sequence[str], out: str, *, keep_mass: float = 0.6,
-                      n_clusters: int = 6, inputs: str | None = None, mlflow_run_id: str | None = None) -> dict:
+                      n_clusters: int = 6, inputs: str | None = None, mlflow_run_id: str | None = None,
+                      draw: bool = True) -> dict:
     """Attention and token-embedding figures of a pre-trained ViT, with their agreement with land cover.
 
     Args:
@@ -405,6 +406,7 @@ def attention_figures(run_dir: str, dataset: str, keys: Sequence[str], out: str,
         inputs: 's1', 's2' or 's1s2'; default the card's view0 sensors (what the model was trained on).
         mlflow_run_id: log the PNGs and JSONs as artifacts (``attention/``) of this MLflow run; the
             tracking URI comes from the environment (MLFLOW_TRACKING_URI).
+        draw: False computes and writes only the metrics (no PNG): the segmentation table uses this.
 
     Returns:
         ``{"figures": [png paths], "metrics": {key: per-patch metrics}, "summary": means over patches}``.
@@ -454,9 +456,10 @@ def attention_figures(run_dir: str, dataset: str, keys: Sequence[str], out: str,
         maps = _patch_maps(ev, x)
         res = _analyse(maps, x.cpu().numpy(), raw["lc"], keep_mass, n_clusters)
         per_key[key] = {"row": row, **res["entry"]}
-        path = out_dir / f"{key}.png"
-        _plot(path, f"{key}  |  {model_text}\n{_caption(res['scores'])}", raw, maps, res, keep_mass)
-        figures.append(str(path))
+        if draw:
+            path = out_dir / f"{key}.png"
+            _plot(path, f"{key}  |  {model_text}\n{_caption(res['scores'])}", raw, maps, res, keep_mass)
+            figures.append(str(path))
 
     scored = [e["agreement"] for e in per_key.values() if "agreement" in e]
     mean = lambda vals: float(np.nanmean(vals)) if vals else None  # noqa: E731

@@ -157,8 +157,12 @@ def _scalar_metrics(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
 
 
-def run_classification(cfg: ClassifyConfig, command: tuple[str, ...] = ()) -> dict:
-    """Run the grid; write tables, per-cell metrics and figures; log to MLflow (parent + one child per cell)."""
+def run_classification(cfg: ClassifyConfig, command: tuple[str, ...] = (), parent_run_id: str | None = None,
+                       tags: dict[str, str] | None = None) -> dict:
+    """Run the grid; write tables, per-cell metrics and figures; log to MLflow (parent + one child per cell).
+
+    ``parent_run_id`` nests the grid's run under another (a study cell); ``tags`` are set on it.
+    """
     import mlflow
 
     out = Path(cfg.out)
@@ -181,10 +185,11 @@ def run_classification(cfg: ClassifyConfig, command: tuple[str, ...] = ()) -> di
     title = (f"SEN12MS scene classification, {cfg.label} {'multi' if cfg.multilabel else 'single'}-label, "
              f"{cfg.protocol}, {cfg.budget} labels, metric {cfg.headline}")
     cells: list[dict] = []
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"classify-{cfg.protocol}-{cfg.budget}") as parent:
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"classify-{cfg.protocol}-{cfg.budget}",
+                          parent_run_id=parent_run_id) as parent:
         mlflow.log_params({k: str(v) for k, v in asdict(cfg).items() if k != "probe"})
         mlflow.log_params({f"probe.{k}": v for k, v in asdict(cfg.probe).items()})
-        mlflow.set_tags({"eossl.eval.parent": "1", "command": " ".join(command)})
+        mlflow.set_tags({"eossl.eval.parent": "1", "command": " ".join(command), **(tags or {})})
         for method, init, run_dir in _method_rows(cfg):
             for column in cfg.inputs:
                 spec = InputSpec.parse(column, cfg.s2_bands)

@@ -1,4 +1,4 @@
-"""Command-line arguments of ``eossl eval classify`` and ``eossl eval report``."""
+"""Command-line arguments of ``eossl eval classify``, ``eossl eval segment`` and ``eossl eval report``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="eval_command", required=True, metavar="{classify,report}")
+    sub = p.add_subparsers(dest="eval_command", required=True, metavar="{classify,segment,report}")
     c = sub.add_parser("classify", help="scene classification grid: methods x inputs -> results.csv/.md + MLflow",
                        description="Train a classifier per (method, input) cell on a label budget and score it on "
                        "the scene-level hold-out split. Rows: random init and the given pre-training runs.")
@@ -39,6 +39,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--experiment", default="eossl-eval", help="MLflow experiment")
     c.add_argument("--out", required=True, help="output folder")
     c.set_defaults(handler=_run_classify)
+    _add_segment(sub)
     r = sub.add_parser("report", help="rebuild the results table from MLflow runs, without retraining")
     r.add_argument("--parent", help="MLflow run id of an 'eval classify' grid (default: every cell of --experiment)")
     r.add_argument("--experiment", default="eossl-eval")
@@ -68,6 +69,66 @@ def _run_classify(args) -> int:
     return 0
 
 
+def _add_segment(sub) -> None:
+    from .seg_data import CLASS_WEIGHTINGS, SEG_LABELS
+
+    g = sub.add_parser("segment", help="land-cover segmentation grid: methods x inputs -> results.csv/.md + MLflow",
+                       description="Train a segmentation head per (method, input) cell on a label budget and score "
+                       "per-pixel land cover (mIoU, per-class IoU, pixel accuracy) on the scene-level hold-out "
+                       "split. Rows: a random init per architecture and the given pre-training runs; for ViT runs "
+                       "also the mIoU of their unsupervised token clusters and attention masks.")
+    g.add_argument("--checkpoint", action="append", default=[], required=True, metavar="RUN_DIR",
+                   help="pre-training run folder (repeat for several methods, e.g. a DINO ViT and a MoCo ResNet)")
+    g.add_argument("--dataset", required=True, help="dataset folder or URL with data.zarr")
+    g.add_argument("--inputs", type=_csv, default=("s1", "s2", "s1s2"), help="table columns (s1,s2,s1s2)")
+    g.add_argument("--s2-bands", default="land", help="land (10, default), all (13), rgb or a comma list")
+    g.add_argument("--budget", default="32", help="labelled patches per cell: a budget written by ingest, or 'all'")
+    g.add_argument("--protocol", default="linear", choices=["linear", "finetune"],
+                   help="linear: linear head on frozen features; finetune: light decoder, backbone trained")
+    g.add_argument("--frozen", action="store_true", help="with --protocol finetune: keep the backbone frozen")
+    g.add_argument("--seeds", type=lambda t: tuple(int(v) for v in _csv(t)), default=(0,),
+                   help="seeds (budget subset and head init per seed), e.g. 0,1,2")
+    g.add_argument("--label", default="igbp_simple", choices=list(SEG_LABELS),
+                   help="per-pixel classes from the LC layer (default: simplified IGBP, 10 classes)")
+    g.add_argument("--init", type=_csv, default=("random", "checkpoint"),
+                   help="rows: random, checkpoint, checkpoint-random-adapter, checkpoint-backbone-only")
+    g.add_argument("--epochs", type=int, default=20, help="training epochs over the labelled patches")
+    g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the head (backbone: x0.1)")
+    g.add_argument("--crop", type=int, default=0,
+                   help="train on random crops of this size in px (0: whole patches); evaluation uses whole patches")
+    g.add_argument("--class-weights", default="inverse_sqrt", choices=list(CLASS_WEIGHTINGS),
+                   help="class weighting of the cross-entropy from training pixel frequencies")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--workers", type=int, default=0, help="DataLoader workers reading the Zarr store")
+    g.add_argument("--precision", default="no", choices=["no", "bf16"], help="autocast precision (accelerate)")
+    g.add_argument("--figures", type=int, default=3, help="hold-out patches drawn per cell (input, prediction, reference)")
+    g.add_argument("--write-maps", action="store_true",
+                   help="write each hold-out prediction (first seed) as a GeoTIFF on the patch's grid")
+    g.add_argument("--attention-patches", type=int, default=64,
+                   help="hold-out patches scored with a ViT's token clusters and attention masks (0: skip)")
+    g.add_argument("--experiment", default="eossl-eval", help="MLflow experiment")
+    g.add_argument("--out", required=True, help="output folder")
+    g.set_defaults(handler=_run_segment)
+
+
+def _run_segment(args) -> int:
+    from .seg_train import SegTrainConfig
+    from .segment import SegmentConfig, run_segmentation
+
+    train = SegTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, crop=args.crop,
+                           class_weighting=args.class_weights, workers=args.workers)
+    cfg = SegmentConfig(dataset=args.dataset, out=args.out, checkpoints=tuple(args.checkpoint), inputs=args.inputs,
+                        s2_bands=args.s2_bands, budget=args.budget, protocol=args.protocol,
+                        frozen=True if args.frozen else None, seeds=args.seeds, label=args.label, inits=args.init,
+                        train=train, precision=args.precision, figures=args.figures, write_maps=args.write_maps,
+                        attention_patches=args.attention_patches, experiment=args.experiment)
+    result = run_segmentation(cfg, tuple(["eossl", *sys.argv[1:]]))
+    print(result["results_md"].read_text())
+    print(f"results: {result['results_csv']} and {result['results_md']}; MLflow parent run "
+          f"{result['mlflow_parent_run_id']}")
+    return 0
+
+
 def _run_report(args) -> int:
     from pathlib import Path
 
@@ -77,7 +138,8 @@ def _run_report(args) -> int:
     if not cells:
         raise ValueError("no evaluation cells found in MLflow (check --parent / --experiment / the tracking URI)")
     metric = cells[0]["metric"]
-    _, md = write_tables(cells, Path(args.out), f"SEN12MS scene classification (from MLflow), metric {metric}")
+    task = "land-cover segmentation" if metric == "miou" else "scene classification"
+    _, md = write_tables(cells, Path(args.out), f"SEN12MS {task} (from MLflow), metric {metric}")
     print(md.read_text())
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,11 @@ def _fmt(mean: float | None, std: float | None, n: int | None) -> str:
     return text + (f" ± {100 * std:.2f}" if n and n > 1 and std is not None else "")
 
 
-def write_tables(cells: list[dict], out: Path, title: str) -> tuple[Path, Path]:
-    """``cells``: dicts with method, input, mean, std, n (metric values in [0, 1]); writes results.csv/.md."""
+def write_tables(cells: list[dict], out: Path, title: str, sections: Sequence[str] = ()) -> tuple[Path, Path]:
+    """``cells``: dicts with method, input, mean, std, n (metric values in [0, 1]); writes results.csv/.md.
+
+    ``sections``: Markdown lines appended to results.md after the table and its notes (e.g. per-class scores).
+    """
     out.mkdir(parents=True, exist_ok=True)
     methods = list(dict.fromkeys(c["method"] for c in cells))
     by_key = {(c["method"], c["input"]): c for c in cells}
@@ -51,7 +55,7 @@ def write_tables(cells: list[dict], out: Path, title: str) -> tuple[Path, Path]:
     notes = [c for c in cells if c.get("note")]
     if notes:
         md += ["", "Notes:"] + [f"- {c['method']} / {c['input']}: {c['note']}" for c in notes]
-    md += ["", "Values in percent: mean ± sample standard deviation over seeds."]
+    md += ["", "Values in percent: mean ± sample standard deviation over seeds.", *sections]
     md_path = out / "results.md"
     md_path.write_text("\n".join(md) + "\n")
     return csv_path, md_path

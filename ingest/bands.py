@@ -15,6 +15,9 @@ __all__ = [
     "IGBP_SIMPLE_CLASSES",
     "IGBP_TO_SIMPLE",
     "LC",
+    "LCCS_LC_CLASSES",
+    "LCCS_LU_CLASSES",
+    "LCCS_SH_CLASSES",
     "MODALITIES",
     "MODALITY_NAMES",
     "PATCH_SIZE",
@@ -151,3 +154,24 @@ def igbp_to_simple_lut() -> np.ndarray:
     for igbp, simple in IGBP_TO_SIMPLE.items():
         lut[igbp] = simple
     return lut
+
+
+# The three FAO LCCS layers of MODIS MCD12Q1 (collection 6 user guide, tables 5-7), as stored in SEN12MS
+# LC bands 2-4: MODIS code -> class name. 255 ("unclassified") is not a class.
+LCCS_LC_CLASSES: dict[int, str] = {
+    1: "barren", 2: "permanent snow and ice", 3: "water bodies",
+    11: "evergreen needleleaf forests", 12: "evergreen broadleaf forests", 13: "deciduous needleleaf forests",
+    14: "deciduous broadleaf forests", 15: "mixed broadleaf/needleleaf forests",
+    16: "mixed broadleaf evergreen/deciduous forests", 21: "open forests", 22: "sparse forests",
+    31: "dense herbaceous", 32: "sparse herbaceous", 41: "dense shrublands", 42: "shrubland/grassland mosaics",
+    43: "sparse shrublands",
+}
+LCCS_LU_CLASSES: dict[int, str] = {
+    1: "barren", 2: "permanent snow and ice", 3: "water bodies", 9: "urban and built-up lands",
+    10: "dense forests", 20: "open forests", 25: "forest/cropland mosaics", 30: "natural herbaceous",
+    35: "natural herbaceous/croplands mosaics", 36: "herbaceous croplands", 40: "shrublands",
+}
+LCCS_SH_CLASSES: dict[int, str] = {
+    1: "barren", 2: "permanent snow and ice", 3: "water bodies", 10: "dense forests", 20: "open forests",
+    27: "woody wetlands", 30: "grasslands", 40: "shrublands", 50: "herbaceous wetlands", 51: "tundra",
+}

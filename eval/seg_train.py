@@ -1,0 +1,132 @@
+"""Training a segmentation head (and, fine-tuning, the encoder) and predicting hold-out maps.
+
+One loop for both protocols; what differs is the model (``seg_heads.build_segmenter``: frozen or not, linear
+head or decoder). Per step, in order: learning rate from the cosine schedule precomputed for the run ->
+joint augmentation of input and target -> autocast forward -> class-weighted cross-entropy (ignore index
+255) -> backward -> AdamW step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .seg_data import IGNORE_INDEX
+from .seg_heads import Segmenter
+
+__all__ = ["SegTrainConfig", "augment_pair", "cosine_schedule", "predict", "train_segmenter"]
+
+
+@dataclass(frozen=True)
+class SegTrainConfig:
+    """Optimisation of one cell.
+
+    Attributes:
+        epochs: passes over the labelled patches (the budget is small: 20-50 epochs are usual).
+        batch_size: patches (crops) per step.
+        lr: AdamW learning rate of the head (1e-3 suits both heads on standardised features).
+        backbone_lr_scale: the encoder's learning rate relative to the head's when fine-tuning (0.1: a
+            pre-trained encoder moves less than the fresh head; ``segment`` sets 1 for a random-init encoder).
+        weight_decay: AdamW weight decay (all parameters).
+        crop: training crop size in px (a random crop per batch); 0 trains on whole patches. Evaluation
+            always runs on whole patches. Smaller crops make training cheaper, not the hold-out scores.
+        class_weighting: ``none``, ``inverse_sqrt`` (default) or ``median_frequency`` (seg_data.class_weights).
+        workers: DataLoader workers reading the Zarr store.
+        decoder_width: channels of the decoder heads.
+    """
+
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-3
+    backbone_lr_scale: float = 0.1
+    weight_decay: float = 1e-4
+    crop: int = 0
+    class_weighting: str = "inverse_sqrt"
+    workers: int = 0
+    decoder_width: int = 128
+
+
+def cosine_schedule(base: float, steps: int) -> np.ndarray:
+    """Per-step learning rate: cosine from ``base`` to 0 over ``steps`` (indexed by global step)."""
+    t = np.arange(max(steps, 1)) / max(steps, 1)
+    return base * 0.5 * (1 + np.cos(math.pi * t))
+
+
+def augment_pair(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random crop, flips and 90-degree rotation on a batch of inputs (B, C, H, W) and targets (B, H, W)."""
+    h, w = x.shape[-2:]
+    if 0 < crop < min(h, w):
+        i = int(torch.randint(0, h - crop + 1, (1,), generator=gen))
+        j = int(torch.randint(0, w - crop + 1, (1,), generator=gen))
+        x, y = x[..., i:i + crop, j:j + crop], y[..., i:i + crop, j:j + crop]
+    if torch.rand(1, generator=gen) < 0.5:
+        x, y = x.flip(-1), y.flip(-1)
+    if torch.rand(1, generator=gen) < 0.5:
+        x, y = x.flip(-2), y.flip(-2)
+    k = int(torch.randint(0, 4, (1,), generator=gen))
+    return torch.rot90(x, k, dims=(-2, -1)), torch.rot90(y, k, dims=(-2, -1))
+
+
+def train_segmenter(model: Segmenter | nn.Module, train_set, weights: np.ndarray, cfg: SegTrainConfig, seed: int,
+                    acc: Accelerator) -> list[float]:
+    """Train ``model`` (``forward(x) -> (B, K, H, W)`` logits) in place; returns the per-step losses.
+
+    Parameters under ``model.encoder`` train at ``lr * backbone_lr_scale``, all others at ``lr``; frozen
+    parameters (``requires_grad`` False) are not optimised.
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    device = acc.device
+    model.to(device)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in params if not n.startswith("encoder.")], "scale": 1.0}]
+    enc = [p for n, p in params if n.startswith("encoder.")]
+    if enc:
+        groups.append({"params": enc, "scale": cfg.backbone_lr_scale})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, num_workers=cfg.workers, shuffle=True, generator=gen,
+                        drop_last=len(train_set) > cfg.batch_size)
+    schedule = cosine_schedule(cfg.lr, cfg.epochs * len(loader))
+    class_w = torch.as_tensor(weights, dtype=torch.float32, device=device)
+    losses, step = [], 0
+    for _ in range(cfg.epochs):
+        model.train()
+        for batch in loader:
+            for g in opt.param_groups:
+                g["lr"] = float(schedule[step]) * g["scale"]
+            x, y = augment_pair(batch["x"], batch["y"], gen, cfg.crop)
+            x, y = x.to(device), y.to(device)
+            with acc.autocast():
+                logits = model(x).float()
+            # logits: (B, K, h, w); y: (B, h, w) class indices or IGNORE_INDEX
+            loss = F.cross_entropy(logits, y, weight=class_w, ignore_index=IGNORE_INDEX)
+            if not torch.isfinite(loss):  # a crop with only ignored pixels: nothing to learn from
+                step += 1
+                continue
+            opt.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def predict(model: Segmenter | nn.Module, dataset, batch_size: int, acc: Accelerator, workers: int = 0
+            ) -> Iterator[tuple[dict, np.ndarray]]:
+    """Yield (item without x, predicted class map (H, W) uint8) for every patch, in dataset order."""
+    model.eval().to(acc.device)
+    for batch in DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False):
+        with acc.autocast():
+            pred = model(batch["x"].to(acc.device)).float().argmax(1).to(torch.uint8).cpu().numpy()
+        for i in range(len(pred)):
+            yield {k: v[i] for k, v in batch.items() if k != "x"}, pred[i]
