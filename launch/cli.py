@@ -257,7 +257,7 @@ def _add_train(sub) -> None:
 def _add_eval(sub) -> None:
     from eossl.eval.cli import add_eval_arguments
 
-    p = sub.add_parser("eval", help="evaluation: scene classification grids and result tables")
+    p = sub.add_parser("eval", help="evaluation: scene classification and land-cover segmentation grids, result tables")
     add_eval_arguments(p)
 
 
@@ -269,6 +269,22 @@ def _add_attention(sub) -> None:
                        "CLS attention of every head, thresholded masks, token PCA and k-means maps, and the "
                        "matched mIoU of masks and clusters against the land-cover map.")
     add_attention_arguments(p)
+
+
+def _add_study(sub) -> None:
+    from .study_cli import add_kit_arguments, add_mlflow_arguments, add_study_arguments
+
+    p = sub.add_parser("study", help="scaling study: a grid of pre-training runs, each evaluated (also: study report)",
+                       description="Run a grid (batch size x epochs x any config field) of pre-training runs, each "
+                       "followed by its evaluation, as MLflow runs nested under one parent; re-run to resume. "
+                       "'eossl study report --config FILE' rebuilds the table and plots from MLflow.")
+    add_study_arguments(p)
+    k = sub.add_parser("kit", help="render the SLURM script or Kubernetes manifest of a multi-node training run",
+                       description="Render launch/kits/ for N nodes: each node runs launch/kits/node.sh "
+                       "(accelerate launch for that node; pre-emption safe). Train arguments after --.")
+    add_kit_arguments(k)
+    m = sub.add_parser("mlflow", help="MLflow tracking server (eossl mlflow serve)")
+    add_mlflow_arguments(m)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_attention(sub)
+    _add_study(sub)
     _add_bench(sub)
     return parser
 
@@ -298,6 +315,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["ingest", "merge"]:  # its own parser (a source folder named merge: ./merge)
         args = _merge_parser().parse_args(argv[2:])
+    elif argv[:2] == ["study", "report"]:
+        from .study_cli import study_report_parser
+
+        args = study_report_parser().parse_args(argv[2:])
+    elif argv[:1] == ["kit"] and "--" in argv:  # everything after -- belongs to eossl.train
+        cut = argv.index("--")
+        args = build_parser().parse_args(argv[:cut])
+        args.train_args = tuple(argv[cut + 1:])
     else:
         args = build_parser().parse_args(argv)
     try:

@@ -33,7 +33,7 @@ def run_train(args) -> int:
 
     from .checkpoint import latest_checkpoint
     from .config import load_config
-    from .loop import train
+    from .loop import PREEMPTED_EXIT_CODE, Preempted, train
 
     overrides = dict(args.overrides)
     overrides.update({"data": args.data, "out": args.out})
@@ -47,7 +47,11 @@ def run_train(args) -> int:
         raise ValueError(f"{cfg.out} already holds checkpoints: use another --out, or --resume")
     if args.resume and not has_ckpt:
         print(f"no checkpoint in {cfg.out}: starting a new run")
-    result = train(cfg, resume=not args.fresh)
+    try:
+        result = train(cfg, resume=not args.fresh)
+    except Preempted as exc:
+        print(f"pre-empted: {exc}", flush=True)
+        return PREEMPTED_EXIT_CODE
     if result.backbone_dir is not None:
         print(f"run: {result.run_dir}  steps: {result.steps}  final loss: {result.final_loss:.4f}")
         print(f"mlflow run: {result.mlflow_run_id}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_cat", "all_reduce_min", "broadcast_", "is_dist", "rank", "world_size"]
+__all__ = ["all_gather_cat", "all_reduce_max", "all_reduce_min", "broadcast_", "is_dist", "rank", "world_size"]
 
 
 def is_dist() -> bool:
@@ -46,4 +46,12 @@ def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
     if is_dist():
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return x
+
+
+@torch.no_grad()
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x

@@ -3,6 +3,10 @@
 Each optimiser step reads in a fixed order: schedules -> autocast forward -> loss -> finite check ->
 backward -> clip -> step -> EMA/queue -> log -> checkpoint. One precision path: accelerate's autocast and
 (fp16 only) its gradient scaler.
+
+Pre-emption: SIGTERM or SIGUSR1 (what SLURM and Kubernetes send before they stop a job) sets a flag; at
+the next step boundary every rank agrees on it (one all-reduce), the run checkpoints and ``train`` raises
+:class:`Preempted`. Running the same command again resumes exactly there (launch/slurm requeues).
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import json
 import math
 import os
 import resource
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +46,25 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .config import TrainConfig, flatten, to_yaml
-from .distributed import all_reduce_min
+from .distributed import all_reduce_max, all_reduce_min
 from .export import export_backbone
 from .methods import get_method
 from .schedules import cosine_schedule, scaled_lr
 from .tracking import start_tracking
 
-__all__ = ["RunResult", "train"]
+__all__ = ["PREEMPTED_EXIT_CODE", "Preempted", "RunResult", "train"]
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; launch kits and studies resume on it
+
+
+class Preempted(RuntimeError):
+    """The run stopped on a pre-emption signal after writing a checkpoint; rerun the command to resume."""
+
+    def __init__(self, step: int, signum: int, run_dir: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} after a checkpoint in "
+                         f"{run_dir / 'checkpoints'}; run the same command again to resume")
+        self.step, self.signum = step, signum
 
 
 @dataclass
@@ -156,7 +174,19 @@ class _Run:
         self.step = trainer["step"]
         self.mlflow_run_id = trainer.get("mlflow_run_id")
         if self.main:
+            self._truncate_history()
+        if self.main:
             print(f"resumed from {ckpt} at step {self.step}")
+
+    def _truncate_history(self) -> None:
+        """Drop history rows logged after the checkpoint: the resumed run logs those steps again."""
+        if not self.history.exists():
+            return
+        rows = [line for line in self.history.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= self.step]
+        tmp = self.history.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(r + "\n" for r in rows))
+        os.replace(tmp, self.history)
 
     def _config_digest(self) -> str:
         flat = {k: v for k, v in flatten(self.cfg).items() if k not in ("max_steps", "ckpt_every", "log_every")}
@@ -208,7 +238,40 @@ class _Run:
             with open(self.history, "a") as f:
                 f.write(json.dumps({"step": self.step, **values}) + "\n")
 
+    def _install_signal_handlers(self) -> dict:
+        self.stop_signal = 0
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def on_signal(signum, _frame):
+            if not self.stop_signal:
+                print(f"rank {self.acc.process_index}: {signal.Signals(signum).name} received: checkpointing at "
+                      "the next step boundary", flush=True)
+            self.stop_signal = signum
+
+        return {s: signal.signal(s, on_signal) for s in PREEMPTION_SIGNALS}
+
+    def _stop_requested(self) -> int:
+        """The signal any rank received (0: none): every rank stops at the same step."""
+        return int(all_reduce_max(torch.tensor(float(self.stop_signal), device=self.acc.device)))
+
+    def _preempt(self, signum: int) -> None:
+        self.save_checkpoint()
+        if self.main:
+            import mlflow
+
+            mlflow.end_run(status="KILLED")  # reopened (RUNNING) by the resumed run
+        raise Preempted(self.step, signum, self.run_dir)
+
     def fit(self) -> RunResult:
+        previous = self._install_signal_handlers()
+        try:
+            return self._fit()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _fit(self) -> RunResult:
         cfg, acc = self.cfg, self.acc
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -233,6 +296,11 @@ class _Run:
                     batch = next(batches)
                 except StopIteration:
                     break
+                except Exception:
+                    if self.stop_signal:  # the signal also reached the reader's workers: stop cleanly
+                        bar.close()
+                        self._preempt(self.stop_signal)
+                    raise
                 wait += time.perf_counter() - t0
                 views = [v.to(acc.device, non_blocking=True) for v in batch.views]
                 samples += views[0].shape[0] * acc.num_processes
@@ -290,6 +358,10 @@ class _Run:
                     wait, t_last, samples = 0.0, time.perf_counter(), 0
                 self._log(logged)
                 bar.update(1)
+                signum = self._stop_requested()
+                if signum:
+                    bar.close()
+                    self._preempt(signum)
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < self.stop_step:
                     self.save_checkpoint()
         bar.close()

@@ -1,0 +1,289 @@
+"""``eossl study``: run a scaling study cell by cell, resumably, with every cell a nested MLflow run.
+
+Layout of ``STUDY_OUT``::
+
+    study.json                 parent MLflow run id and the study's digest
+    cells/<cell>/cell.json     the cell's MLflow run id, attempts and finished evaluations
+    cells/<cell>/run/          the pre-training run (checkpoints, history.jsonl, backbone/)
+    cells/<cell>/train.log     the training process's output (appended over attempts)
+    cells/<cell>/eval/<protocol>/   results.csv/.md of the cell's evaluation
+    results.csv, results.md, *.png   the study table and plots (``eossl study report``)
+
+Re-running the same command is the resume: a cell whose evaluation finished is skipped; a cell whose
+training stopped resumes from its last checkpoint into the same MLflow run (``EOSSL_MLFLOW_RUN_ID``); an
+evaluation that was interrupted is redone and its unfinished MLflow run marked KILLED, so every cell ends
+with exactly one finished training run and one finished evaluation per protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from eossl.train.checkpoint import write_json_atomic
+from eossl.train.loop import PREEMPTED_EXIT_CODE
+
+from .study_config import Cell, StudyConfig
+
+__all__ = ["StudyError", "StudyInterrupted", "emit_cluster_jobs", "run_study", "study_tracking_uri", "train_command"]
+
+PARENT_TAG = "eossl.study"
+CELL_TAG = "eossl.study.cell"
+EVAL_TAG = "eossl.study.eval"
+
+
+class StudyError(RuntimeError):
+    """A cell failed; the message names the cell and its log."""
+
+
+class StudyInterrupted(RuntimeError):
+    """The study was asked to stop (SIGTERM/SIGINT) and its running cell checkpointed; re-run to resume."""
+
+
+def study_tracking_uri(cfg: StudyConfig) -> str:
+    """``MLFLOW_TRACKING_URI`` when set (a team server), else a SQLite store in the study folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cfg.out).resolve() / 'mlflow.db'}"
+
+
+def _cell_dir(cfg: StudyConfig, cell: Cell) -> Path:
+    return Path(cfg.out) / "cells" / cell.name
+
+
+def _load_json(path: Path, default: dict) -> dict:
+    return json.loads(path.read_text()) if path.exists() else default
+
+
+def train_command(cfg: StudyConfig, cell: Cell) -> list[str]:
+    """The ``eossl.train`` arguments of a cell (after ``python -m eossl.train`` or ``accelerate launch -m``)."""
+    args = [cfg.method, "--data", cfg.data, "--out", str(_cell_dir(cfg, cell) / "run")]
+    for key, value in cfg.train_values(cell).items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def _launcher(cfg: StudyConfig) -> list[str]:
+    if not cfg.launch.accelerate_config:
+        return [sys.executable, "-m", "eossl.train"]
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    cmd = [accelerate, "launch", "--config_file", cfg.launch.accelerate_config]
+    if cfg.launch.num_processes:
+        cmd += ["--num_processes", str(cfg.launch.num_processes)]
+    return [*cmd, "--main_process_port", str(_free_port()), "-m", "eossl.train"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Tracking:
+    """The study's MLflow experiment, parent run and cell runs (created once, found again on re-runs)."""
+
+    def __init__(self, cfg: StudyConfig):
+        import mlflow
+
+        self.cfg = cfg
+        self.uri = study_tracking_uri(cfg)
+        self.client = mlflow.MlflowClient(self.uri)
+        exp = self.client.get_experiment_by_name(cfg.experiment_name)
+        if exp is None:
+            local = not os.environ.get("MLFLOW_TRACKING_URI")
+            location = (Path(cfg.out).resolve() / "mlartifacts").as_uri() if local else None
+            self.experiment_id = self.client.create_experiment(cfg.experiment_name, artifact_location=location)
+        else:
+            self.experiment_id = exp.experiment_id
+        state_path = Path(cfg.out) / "study.json"
+        state = _load_json(state_path, {})
+        if state.get("digest") not in (None, cfg.digest()):
+            raise ValueError(f"{cfg.out} holds study {state.get('name')!r} with other settings (digest "
+                             f"{state.get('digest')} vs {cfg.digest()}); use another out folder")
+        self.parent_id = state.get("parent_run_id")
+        if self.parent_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=f"study {cfg.name}",
+                                         tags={PARENT_TAG: cfg.name, "eossl.study.grid": json.dumps(cfg.grid)})
+            self.parent_id = run.info.run_id
+            self.client.log_param(self.parent_id, "study_digest", cfg.digest())
+            for key, values in cfg.grid.items():
+                self.client.log_param(self.parent_id, f"grid.{key}", json.dumps(values))
+            self.client.log_param(self.parent_id, "lr_rule", cfg.lr.rule)
+            self.client.log_param(self.parent_id, "eval_protocols", ",".join(cfg.eval.protocols))
+            write_json_atomic(state_path, {"name": cfg.name, "digest": cfg.digest(), "parent_run_id": self.parent_id,
+                                           "tracking_uri": self.uri, "experiment": cfg.experiment_name})
+        else:
+            self.client.update_run(self.parent_id, status="RUNNING")
+
+    def cell_run(self, cell: Cell, state: dict) -> str:
+        if state.get("run_id"):
+            return state["run_id"]
+        run = self.client.create_run(self.experiment_id, run_name=cell.name, tags={
+            "mlflow.parentRunId": self.parent_id, PARENT_TAG: self.cfg.name, CELL_TAG: cell.name,
+            "eossl.study.values": json.dumps(cell.values, default=str)})
+        return run.info.run_id
+
+    def kill_unfinished_evals(self, cell_run_id: str, protocol: str) -> int:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{cell_run_id}' and tags.`{EVAL_TAG}` = '{protocol}'")
+        stale = [r for r in runs if r.info.status != "FINISHED"]
+        for r in stale:
+            self.client.set_terminated(r.info.run_id, status="KILLED")
+        return len(stale)
+
+
+def _train_cell(cfg: StudyConfig, cell: Cell, run_id: str, uri: str, state: dict, state_path: Path) -> None:
+    folder = _cell_dir(cfg, cell)
+    cmd = [*_launcher(cfg), *train_command(cfg, cell)]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "EOSSL_MLFLOW_RUN_ID": run_id}
+    state["train_attempts"] = state.get("train_attempts", 0) + 1
+    write_json_atomic(state_path, state)
+    log = folder / "train.log"
+    with open(log, "a") as out:
+        out.write(f"\n# attempt {state['train_attempts']}: {shlex.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        stop = _forward_signals(proc)
+        try:
+            code = proc.wait()
+        finally:
+            _restore_signals(stop)
+    if code == PREEMPTED_EXIT_CODE or stop.get("signal"):
+        raise StudyInterrupted(f"cell {cell.name}: training checkpointed and stopped; run the study again to "
+                               f"resume (log: {log})")
+    if code != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        raise StudyError(f"cell {cell.name}: training failed with exit code {code}; log: {log}\n{tail}")
+
+
+def _forward_signals(proc: subprocess.Popen) -> dict:
+    """SIGTERM/SIGINT to the study become SIGUSR1 to the training process, which checkpoints and stops."""
+    stop: dict = {"previous": {}}
+
+    def handler(signum, _frame):
+        stop["signal"] = signum
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGUSR1)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        stop["previous"][signum] = signal.signal(signum, handler)
+    return stop
+
+
+def _restore_signals(stop: dict) -> None:
+    for signum, previous in stop["previous"].items():
+        signal.signal(signum, previous)
+
+
+def _evaluate_cell(cfg: StudyConfig, cell: Cell, protocol: str, run_id: str, tracking: _Tracking) -> dict:
+    from eossl.eval.classify import ClassifyConfig, run_classification
+    from eossl.eval.probes import ProbeConfig
+
+    folder = _cell_dir(cfg, cell)
+    e = cfg.eval
+    eval_cfg = ClassifyConfig(
+        dataset=cfg.data, out=str(folder / "eval" / protocol), checkpoints=(str(folder / "run"),), inputs=e.inputs,
+        s2_bands=e.s2_bands, budget=e.budget, protocol=protocol, seeds=e.seeds, label=e.label,
+        multilabel=e.multilabel, inits=e.inits, experiment=cfg.experiment_name,
+        probe=ProbeConfig(batch_size=e.batch_size, finetune_epochs=e.finetune_epochs, workers=0))
+    killed = tracking.kill_unfinished_evals(run_id, protocol)
+    if killed:
+        print(f"  {cell.name}: {killed} interrupted {protocol} evaluation run(s) marked KILLED; evaluating again")
+    result = run_classification(eval_cfg, ("eossl", "study", cfg.name, cell.name, protocol), parent_run_id=run_id,
+                                tags={EVAL_TAG: protocol, PARENT_TAG: cfg.name, CELL_TAG: cell.name})
+    scores = {}
+    for row in result["cells"]:
+        if row["mean"] is None:
+            continue
+        prefix = "eval" if row["init"] == "checkpoint" else f"eval_{row['init']}"
+        key = f"{prefix}.{protocol}.{row['input']}.{row['metric']}"
+        scores[key] = row["mean"]
+        tracking.client.log_metric(run_id, key, row["mean"])
+    return scores
+
+
+def run_study(cfg: StudyConfig, only: tuple[str, ...] = ()) -> dict:
+    """Run (or resume) every cell, or only the named ones, then write the report; returns its paths."""
+    from .study_report import write_report
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri = study_tracking_uri(cfg)  # eval runs in this process
+    tracking = _Tracking(cfg)
+    (out / "study.yaml").write_text(cfg.to_yaml())
+    cells = [cfg.cell(name) for name in only] if only else cfg.cells()
+    print(f"study {cfg.name}: {len(cfg.cells())} cells, MLflow {tracking_uri} (parent run {tracking.parent_id})")
+    for index, cell in enumerate(cells, 1):
+        folder = _cell_dir(cfg, cell)
+        folder.mkdir(parents=True, exist_ok=True)
+        state_path = folder / "cell.json"
+        state = _load_json(state_path, {"name": cell.name, "values": cell.values})
+        todo = [p for p in cfg.eval.protocols if p not in state.get("evaluated", {})]
+        if not todo:
+            print(f"[{index}/{len(cells)}] {cell.name}: finished, skipped")
+            continue
+        state["run_id"] = tracking.cell_run(cell, state)
+        write_json_atomic(state_path, state)
+        t0 = time.perf_counter()
+        if not (folder / "run" / "backbone" / "model_card.json").exists():
+            print(f"[{index}/{len(cells)}] {cell.name}: pre-training ({folder / 'train.log'})", flush=True)
+            _train_cell(cfg, cell, state["run_id"], tracking_uri, state, state_path)
+        for protocol in todo:
+            print(f"[{index}/{len(cells)}] {cell.name}: {protocol} evaluation", flush=True)
+            scores = _evaluate_cell(cfg, cell, protocol, state["run_id"], tracking)
+            state.setdefault("evaluated", {})[protocol] = scores
+            write_json_atomic(state_path, state)
+        tracking.client.set_terminated(state["run_id"], status="FINISHED")
+        print(f"[{index}/{len(cells)}] {cell.name}: done in {time.perf_counter() - t0:.0f} s "
+              f"{json.dumps(state['evaluated'])}", flush=True)
+    finished = all(set(cfg.eval.protocols) <= set(_load_json(_cell_dir(cfg, c) / "cell.json", {}).get("evaluated", {}))
+                   for c in cfg.cells())
+    report = write_report(tracking_uri, tracking.parent_id, out, cfg.plot, log_to_parent=finished)
+    if finished:
+        tracking.client.set_terminated(tracking.parent_id, status="FINISHED")
+    return {**report, "parent_run_id": tracking.parent_id, "finished": finished}
+
+
+def emit_cluster_jobs(cfg: StudyConfig, kind: str, jobs_dir: str, job_template) -> list[Path]:
+    """One cluster job per unfinished cell (SLURM script or Kubernetes manifest), each training through the
+    launch kit and then evaluating on node 0 with ``eossl study --cell``. The MLflow parent and cell runs
+    are created now, so the jobs (and ``eossl study report``) find them through ``MLFLOW_TRACKING_URI``."""
+    from dataclasses import replace
+
+    from .cluster import render_k8s, render_slurm
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        print("warning: MLFLOW_TRACKING_URI is not set: cluster jobs will use the study folder's SQLite store, "
+              "which every node must see on a shared file system (a tracking server is the usual set-up)")
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    tracking = _Tracking(cfg)
+    (Path(cfg.out) / "study.yaml").write_text(cfg.to_yaml())
+    folder = Path(jobs_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for cell in cfg.cells():
+        cell_dir = _cell_dir(cfg, cell)
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        state_path = cell_dir / "cell.json"
+        state = _load_json(state_path, {"name": cell.name, "values": cell.values})
+        if set(cfg.eval.protocols) <= set(state.get("evaluated", {})):
+            continue
+        state["run_id"] = tracking.cell_run(cell, state)
+        write_json_atomic(state_path, state)
+        name = f"{cfg.name}-{cell.name}".lower().replace("_", "-").replace(".", "-")[:52].strip("-")
+        study_file = Path(cfg.out).resolve() / "study.yaml"
+        after = f"eossl study --config {shlex.quote(str(study_file))} --cell {shlex.quote(cell.name)}"
+        job = replace(job_template, train_args=tuple(train_command(cfg, cell)), job_name=name, after_train=after,
+                      env={**job_template.env, "MLFLOW_TRACKING_URI": tracking.uri,
+                           "EOSSL_MLFLOW_RUN_ID": state["run_id"]})
+        path = folder / (f"{cell.name}.sbatch" if kind == "slurm" else f"{cell.name}.yaml")
+        path.write_text(render_slurm(job) if kind == "slurm" else render_k8s(job))
+        written.append(path)
+    return written

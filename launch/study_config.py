@@ -1,0 +1,239 @@
+"""A scaling study: a grid of pre-training runs, each followed by a downstream evaluation.
+
+A study file (YAML) names the dataset, the method, training values shared by every cell, the grid (any
+training config field: ``batch_size``, ``epochs``, ``optim.lr``, ``mode``, ...), the learning-rate rule
+and the evaluation. ``--set`` overrides any of it by dotted key (``--set grid.epochs=[1,2]``,
+``--set train.size=64``, ``--set eval.budget=1024``); values are parsed as YAML.
+
+Cells are the Cartesian product of the grid in the order the file lists it. A cell's name is made of its
+values (``batch_size-32_epochs-100``), so a re-run finds the same folders and MLflow runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["Cell", "EvalPlan", "LrRule", "PlotSpec", "StudyConfig", "StudyLaunch", "load_study"]
+
+
+@dataclass(frozen=True)
+class LrRule:
+    """Learning rate as a function of the effective batch size (logged per cell as ``lr_scaled``).
+
+    Attributes:
+        rule: 'none', 'linear' (lr x B / base_batch, Goyal et al.) or 'sqrt' (lr x sqrt(B / base_batch)).
+        base_lr: learning rate at ``base_batch`` (None: the method's default).
+        base_batch: the batch size at which ``base_lr`` applies.
+        warmup_epochs: linear warm-up (large batches need it with the linear rule).
+    """
+
+    rule: str = "linear"
+    base_lr: float | None = None
+    base_batch: int = 256
+    warmup_epochs: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rule not in ("none", "linear", "sqrt"):
+            raise ValueError(f"lr.rule must be none, linear or sqrt, got {self.rule!r}")
+
+    def overrides(self) -> dict[str, Any]:
+        values: dict[str, Any] = {"optim.lr_scaling": self.rule, "optim.base_batch": self.base_batch,
+                                  "optim.warmup_epochs": self.warmup_epochs}
+        if self.base_lr is not None:
+            values["optim.lr"] = self.base_lr
+        return values
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """The downstream evaluation after each cell's pre-training (``eossl eval classify`` settings).
+
+    Attributes:
+        protocols: any of linear, finetune, knn; each is one evaluation per cell.
+        budget: labels (a budget subset written by ingest, e.g. 1024, or 'all').
+        inputs: input columns (s1, s2, s1s2); those the backbone cannot take are reported as n/a.
+        seeds, label, multilabel, s2_bands: as ``eossl eval classify``.
+        finetune_epochs, batch_size: fine-tuning length and evaluation batch size.
+        inits: rows per cell ('checkpoint'; add 'random' for a from-scratch row in every cell).
+    """
+
+    protocols: tuple[str, ...] = ("linear",)
+    budget: str = "1024"
+    inputs: tuple[str, ...] = ("s2",)
+    seeds: tuple[int, ...] = (0,)
+    label: str = "igbp_simple"
+    multilabel: bool = False
+    s2_bands: str = "land"
+    finetune_epochs: int = 10
+    batch_size: int = 32
+    inits: tuple[str, ...] = ("checkpoint",)
+
+
+@dataclass(frozen=True)
+class PlotSpec:
+    """Which grid field is the x axis of the score plot and which one draws one line per value."""
+
+    x: str = "epochs"
+    lines: str = "batch_size"
+
+
+@dataclass(frozen=True)
+class StudyLaunch:
+    """How each cell's pre-training starts on this machine.
+
+    Attributes:
+        accelerate_config: None: one process (``python -m eossl.train``); else ``accelerate launch`` with
+            this config file (e.g. launch/accelerate/gpu_8.yaml).
+        num_processes: override the config's process count.
+    """
+
+    accelerate_config: str | None = None
+    num_processes: int | None = None
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid point: its name and the training values that differ from the study's shared ones."""
+
+    name: str
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A study (see the module docstring); ``out`` holds every cell's run and evaluation."""
+
+    name: str
+    data: str
+    out: str
+    method: str = "moco"
+    train: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    lr: LrRule = field(default_factory=LrRule)
+    eval: EvalPlan = field(default_factory=EvalPlan)
+    plot: PlotSpec = field(default_factory=PlotSpec)
+    launch: StudyLaunch = field(default_factory=StudyLaunch)
+    experiment: str | None = None
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", self.name):
+            raise ValueError(f"study name {self.name!r}: letters, digits, '.', '_' and '-' only")
+        if self.method not in ("moco", "dino"):
+            raise ValueError(f"method must be moco or dino, got {self.method!r}")
+        if not self.grid:
+            raise ValueError("the study has no grid (e.g. grid: {batch_size: [32, 64], epochs: [10, 20]})")
+        for key, values in self.grid.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"grid.{key} must be a non-empty list, got {values!r}")
+            if len(set(map(str, values))) != len(values):
+                raise ValueError(f"grid.{key} lists a value twice: {values}")
+        fixed = {"data", "out", "method"}
+        bad = fixed & (set(self.grid) | set(self.train))
+        if bad:
+            raise ValueError(f"{sorted(bad)} are set by the study itself, not by train:/grid:")
+        for protocol in self.eval.protocols:
+            if protocol not in ("linear", "finetune", "knn"):
+                raise ValueError(f"eval.protocols: unknown protocol {protocol!r} (linear, finetune, knn)")
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or f"eossl-study-{self.name}"
+
+    def cells(self) -> list[Cell]:
+        keys = list(self.grid)
+        cells = []
+        for combo in itertools.product(*(self.grid[k] for k in keys)):
+            values = dict(zip(keys, combo, strict=True))
+            name = "_".join(f"{k.rsplit('.', 1)[-1]}-{_slug(v)}" for k, v in values.items())
+            cells.append(Cell(name, values))
+        return cells
+
+    def cell(self, name: str) -> Cell:
+        for cell in self.cells():
+            if cell.name == name:
+                return cell
+        raise ValueError(f"no cell {name!r} in study {self.name}; cells: {[c.name for c in self.cells()]}")
+
+    def train_values(self, cell: Cell) -> dict[str, Any]:
+        """Every ``--set`` value of the cell's training run, in a fixed order: shared, lr rule, grid."""
+        return {**self.train, **self.lr.overrides(), "experiment": self.experiment_name, **cell.values}
+
+    def to_yaml(self) -> str:
+        """The study with its overrides applied: what cluster jobs re-read with ``--config``."""
+        return yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(self), default=str)), sort_keys=False)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _slug(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "", str(value)) or "x"
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _tuple(values: Any) -> tuple:
+    if isinstance(values, str):
+        return tuple(v.strip() for v in values.split(",") if v.strip())
+    if isinstance(values, (list, tuple)):
+        return tuple(values)
+    return (values,)
+
+
+def _section(cls, tree: dict | None, where: str):
+    tree = dict(tree or {})
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(tree) - set(names)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(names)}")
+    for key, value in tree.items():
+        if names[key].type.startswith("tuple"):
+            tree[key] = _tuple(value)
+        elif key == "budget":
+            tree[key] = str(value)
+    return cls(**tree)
+
+
+def load_study(path: str | Path | None, overrides: dict[str, str] | None = None) -> StudyConfig:
+    """Read a study file and apply ``--set key=value`` overrides (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        tree = yaml.safe_load(text) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"{path}: a study file is a mapping (name, data, out, train, grid, lr, eval, ...)")
+    tree = copy.deepcopy(tree)
+    for key, raw in (overrides or {}).items():
+        _set_dotted(tree, key, yaml.safe_load(raw) if isinstance(raw, str) else raw)
+    known = {f.name for f in dataclasses.fields(StudyConfig)}
+    unknown = set(tree) - known
+    if unknown:
+        raise ValueError(f"{path or 'study'}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    missing = [k for k in ("name", "data", "out") if not tree.get(k)]
+    if missing:
+        raise ValueError(f"{path or 'study'}: {', '.join(missing)} must be set (in the file or with --set)")
+    return StudyConfig(
+        name=str(tree["name"]), data=str(tree["data"]), out=str(tree["out"]), method=tree.get("method", "moco"),
+        train=dict(tree.get("train") or {}), grid={k: list(v) if isinstance(v, (list, tuple)) else v
+                                                   for k, v in (tree.get("grid") or {}).items()},
+        lr=_section(LrRule, tree.get("lr"), "lr"), eval=_section(EvalPlan, tree.get("eval"), "eval"),
+        plot=_section(PlotSpec, tree.get("plot"), "plot"), launch=_section(StudyLaunch, tree.get("launch"), "launch"),
+        experiment=tree.get("experiment"))

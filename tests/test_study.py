@@ -1,0 +1,151 @@
+"""Scaling studies: the study file, and a real 2 x 2 study killed midway, re-run, and checked in MLflow."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from eossl.launch.study_config import load_study
+
+from conftest import REPO, run_cli
+
+TINY_TRAIN = {"backbone": "resnet18", "size": 32, "queue_size": 32, "hidden": 64, "dim": 32, "workers": 0,
+              "threads": 1, "device": "cpu", "log_every": 1, "ckpt_every": 1, "moco.momentum": 0.9}
+
+
+def _study_file(tmp_path: Path, data: str, out: Path, **extra) -> Path:
+    study = {"name": "bs-ep", "method": "moco", "data": data, "out": str(out), "train": TINY_TRAIN,
+             "grid": {"batch_size": [4, 8], "epochs": [1, 3]},
+             "lr": {"rule": "linear", "base_lr": 0.06, "base_batch": 8, "warmup_epochs": 1},
+             "eval": {"protocols": ["linear"], "budget": 4, "inputs": ["s2"], "seeds": [0]}, **extra}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def test_study_file_cells_overrides_and_errors(tmp_path):
+    path = _study_file(tmp_path, "ds", tmp_path / "out")
+    cfg = load_study(path)
+    assert [c.name for c in cfg.cells()] == ["batch_size-4_epochs-1", "batch_size-4_epochs-3",
+                                             "batch_size-8_epochs-1", "batch_size-8_epochs-3"]
+    values = cfg.train_values(cfg.cells()[3])
+    assert values["batch_size"] == 8 and values["epochs"] == 3 and values["optim.lr_scaling"] == "linear"
+    assert values["optim.lr"] == 0.06 and values["optim.base_batch"] == 8 and values["experiment"] == "eossl-study-bs-ep"
+    # --set: dotted keys, YAML values; any training field can be a grid axis.
+    cfg2 = load_study(path, {"grid.epochs": "[2]", "grid.mode": "[single, fusion_all]", "eval.budget": "1024",
+                             "lr.rule": "sqrt"})
+    assert [c.name for c in cfg2.cells()] == ["batch_size-4_epochs-2_mode-single", "batch_size-4_epochs-2_mode-fusionall",
+                                              "batch_size-8_epochs-2_mode-single", "batch_size-8_epochs-2_mode-fusionall"]
+    assert cfg2.eval.budget == "1024" and cfg2.lr.rule == "sqrt" and cfg2.digest() != cfg.digest()
+    # The effective study round-trips through the file cluster jobs re-read.
+    (tmp_path / "again.yaml").write_text(cfg2.to_yaml())
+    assert load_study(tmp_path / "again.yaml").digest() == cfg2.digest()
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_study(path, {"grid_typo": "[1]"})
+    with pytest.raises(ValueError, match="non-empty list"):
+        load_study(path, {"grid.epochs": "[]"})
+    with pytest.raises(ValueError, match="lr.rule"):
+        load_study(path, {"lr.rule": "cubic"})
+    with pytest.raises(ValueError, match="set by the study itself"):
+        load_study(path, {"grid.out": "[a, b]"})
+
+
+@pytest.fixture(scope="module")
+def dataset(synthetic_source, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("study") / "ds"
+    run_cli("ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--budgets", "4",
+            "--holdout-fraction", "0.34", "--no-progress")
+    return out
+
+
+def _env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+
+
+def _history_steps(run: Path) -> list[int]:
+    history = run / "history.jsonl"
+    return [json.loads(line)["step"] for line in history.read_text().splitlines()] if history.exists() else []
+
+
+def test_study_killed_midway_resumes_and_finishes_every_cell_once(dataset, tmp_path):
+    import mlflow
+
+    out = tmp_path / "study"
+    study = _study_file(tmp_path, str(dataset), out)
+    cmd = [sys.executable, "-m", "eossl.launch", "study", "--config", str(study)]
+    victim = out / "cells" / "batch_size-4_epochs-3" / "run"
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO, start_new_session=True)
+    deadline = time.monotonic() + 400
+    # Kill the study (and its training process) hard while the second cell is half-way through pre-training.
+    while len(_history_steps(victim)) < 4:
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the second cell never started"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    log.close()
+    assert not (victim / "backbone").exists(), "killed too late: the cell's training had finished"
+    first = json.loads((out / "cells" / "batch_size-4_epochs-1" / "cell.json").read_text())
+    assert "linear" in first["evaluated"]  # the first cell had finished before the kill
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "batch_size-4_epochs-1: finished, skipped" in rerun.stdout
+
+    cfg = load_study(study)
+    attempts = {}
+    for cell in cfg.cells():
+        folder = out / "cells" / cell.name
+        state = json.loads((folder / "cell.json").read_text())
+        attempts[cell.name] = state["train_attempts"]
+        assert set(state["evaluated"]) == {"linear"}
+        steps = _history_steps(folder / "run")
+        assert steps == list(range(1, len(steps) + 1)) and steps, f"{cell.name}: steps {steps[:5]}...{steps[-5:]}"
+    assert attempts == {"batch_size-4_epochs-1": 1, "batch_size-4_epochs-3": 2, "batch_size-8_epochs-1": 1,
+                        "batch_size-8_epochs-3": 1}
+    assert "resumed from" in (victim.parent / "train.log").read_text()
+
+    # MLflow: one finished parent; one finished run per cell under it, holding training and evaluation;
+    # one finished evaluation per cell nested under the cell.
+    uri = f"sqlite:///{out.resolve() / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("eossl-study-bs-ep")
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    parents = [r for r in runs if r.data.tags.get("eossl.study") and "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent_id = parents[0].info.run_id
+    cells = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    assert sorted(r.data.tags["eossl.study.cell"] for r in cells) == sorted(c.name for c in cfg.cells())
+    for r in cells:
+        assert r.info.status == "FINISHED"
+        batch = int(r.data.params["batch_size"])
+        assert math.isclose(float(r.data.params["lr_scaled"]), 0.06 * batch / 8)  # the declared linear rule
+        assert 0.0 <= r.data.metrics["eval.linear.s2.overall_accuracy"] <= 1.0
+        evals = [e for e in runs if e.data.tags.get("mlflow.parentRunId") == r.info.run_id]
+        finished = [e for e in evals if e.info.status == "FINISHED"]
+        assert len(finished) == 1 and finished[0].data.tags["eossl.study.eval"] == "linear"
+        losses = client.get_metric_history(r.info.run_id, "loss")
+        assert len({m.step for m in losses}) == int(r.data.params["total_steps"])
+
+    # Table and plots, written and logged to the parent; the report command rebuilds the same table.
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["batch_size"], row["epochs"]) for row in rows] == [("4", "1"), ("4", "3"), ("8", "1"), ("8", "3")]
+    assert all(row["eval.linear.s2.overall_accuracy"] != "n/a" for row in rows)
+    for png in ("score_vs_epochs.png", "loss_curves.png", "throughput_vs_batch.png"):
+        assert (out / png).stat().st_size > 10_000, png
+    logged = {a.path for a in client.list_artifacts(parent_id, "report")}
+    assert {"report/results.csv", "report/score_vs_epochs.png", "report/loss_curves.png"} <= logged
+    report = run_cli("study", "report", "--config", str(study), "--out", str(tmp_path / "report"))
+    assert (tmp_path / "report" / "results.csv").read_text() == (out / "results.csv").read_text(), report.stdout
