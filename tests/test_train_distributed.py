@@ -56,14 +56,16 @@ def test_two_processes_one_machine(dataset, tmp_path):
 
 
 def test_two_nodes_on_localhost(dataset, tmp_path):
+    """Two "nodes" on 127.0.0.1, each started by the launch kit's per-node script (as SLURM/Kubernetes do)."""
     run = tmp_path / "run"
-    port = str(free_port())
+    node_env = {**_env(), "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                "PROCS_PER_NODE": "1", "ACCELERATE_CONFIG": str(REPO / "launch/accelerate/cpu_multinode.yaml"),
+                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     procs = []
-    for machine_rank in (0, 1):
-        cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(machine_rank),
-               "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-               "--dynamo_backend", "no", *_train(dataset, run)]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()))
+    for node_rank in (0, 1):
+        cmd = [str(REPO / "launch/kits/node.sh"), *_train(dataset, run)[2:]]  # node.sh adds -m eossl.train
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**node_env, "NODE_RANK": str(node_rank)}))
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]

@@ -1,0 +1,250 @@
+"""Cluster launch kits: the rendered SLURM script and Kubernetes Job run for real (per-node commands,
+pre-emption, requeue, resume), and ``eossl mlflow serve``.
+
+SLURM itself cannot run here: ``srun`` and ``scontrol`` are small stand-ins on PATH that do what SLURM
+does for this script (start one task per node with SLURM_NODEID set, pass signals on, list host names,
+record a requeue). Everything else is the real script, ``node.sh``, accelerate and training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from eossl.launch.cluster import ClusterJob, render_k8s, render_slurm
+
+from conftest import REPO, run_cli
+from servers import free_port
+
+BIN = Path(sys.executable).parent
+
+SRUN = r"""#!/usr/bin/env bash
+# stand-in for srun --ntasks-per-node=1: one task per node, signals passed on to the tasks
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+trap 'kill -USR1 "${pids[@]}" 2>/dev/null' USR1 TERM
+for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
+status=0
+for p in "${pids[@]}"; do
+  while true; do wait "$p" && s=0 || s=$?; kill -0 "$p" 2>/dev/null || break; done
+  (( s != 0 )) && status=$s
+done
+exit $status
+"""
+
+SCONTROL = r"""#!/usr/bin/env bash
+# stand-in for scontrol: 'show hostnames' and 'requeue JOBID'
+case "$1" in
+  show) printf '%s\n' $STUB_HOSTS ;;
+  requeue) echo "$2" >> "$STUB_REQUEUES" ;;
+  *) exit 1 ;;
+esac
+"""
+
+
+@pytest.fixture
+def slurm_stubs(tmp_path) -> Path:
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    return stubs
+
+
+def _slurm_env(stubs: Path, nodes: int, hosts: str, tmp_path: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RANK", "WORLD_SIZE", "SLURM_"))}
+    env.update({"PATH": f"{stubs}:{BIN}:{env['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NNODES": str(nodes),
+                "SLURM_JOB_NODELIST": "stub", "STUB_HOSTS": hosts, "STUB_REQUEUES": str(tmp_path / "requeues"),
+                "EOSSL_REPO": str(REPO), **extra})
+    return env
+
+
+def _node_commands(text: str) -> dict[int, list[str]]:
+    commands = {}
+    for line in text.splitlines():
+        m = re.match(r"node (\d+)/(\d+): (.*)", line)
+        if m:
+            commands[int(m.group(1))] = shlex.split(m.group(3))
+    return commands
+
+
+def _flag(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+def test_slurm_script_starts_one_accelerate_launch_per_node(slurm_stubs, tmp_path):
+    job = ClusterJob(train_args=("moco", "--data", "s3://bucket/sen12ms", "--out", "/runs/a b"), nodes=3,
+                     gpus_per_node=8, job_name="study-cell", env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"},
+                     after_train="echo AFTER-TRAIN on $(hostname)")
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_slurm(job))
+    header = [line for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --nodes=3" in header and "#SBATCH --gpus-per-node=8" in header
+    assert "#SBATCH --requeue" in header and "#SBATCH --signal=B:USR1@180" in header
+    env = _slurm_env(slurm_stubs, 3, "gpu-a gpu-b gpu-c", tmp_path, EOSSL_DRY_RUN="1")
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    commands = _node_commands(proc.stdout)
+    assert sorted(commands) == [0, 1, 2]
+    for rank, cmd in commands.items():
+        assert cmd[:2] == ["accelerate", "launch"]
+        assert _flag(cmd, "--machine_rank") == str(rank)
+        assert _flag(cmd, "--num_machines") == "3" and _flag(cmd, "--num_processes") == "24"
+        assert _flag(cmd, "--main_process_ip") == "gpu-a"  # the first node of the allocation hosts c10d
+        assert _flag(cmd, "--main_process_port") == str(20000 + 4242 % 20000)
+        assert _flag(cmd, "--config_file") == "launch/accelerate/multinode_8gpu.yaml"
+        assert cmd[cmd.index("-m"):][:3] == ["-m", "eossl.train", "moco"]
+        assert "/runs/a b" in cmd  # arguments survive quoting
+    assert proc.stdout.count("AFTER-TRAIN") == 1
+    config = yaml.safe_load((REPO / "launch/accelerate/multinode_8gpu.yaml").read_text())
+    assert config["rdzv_backend"] == "c10d" and config["mixed_precision"] == "bf16"
+
+
+def test_kubernetes_job_runs_the_same_node_command_per_index(tmp_path):
+    job = ClusterJob(train_args=("dino", "--data", "s3://bucket/sen12ms", "--out", "/runs/dino"), nodes=4,
+                     gpus_per_node=8, job_name="dino-vits", image="registry/eossl:1.0",
+                     env={"MLFLOW_TRACKING_URI": "http://mlflow.team:5000"}, after_train="echo AFTER-TRAIN")
+    service, batch_job = yaml.safe_load_all(render_k8s(job))
+    assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
+    spec = batch_job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 4)
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"] == "dino-vits"
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8 and container["image"] == "registry/eossl:1.0"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["MASTER_ADDR"] == "dino-vits-0.dino-vits" and env["NNODES"] == "4"
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.team:5000"
+    assert {"secretRef", "configMapRef"} <= {k for e in container["envFrom"] for k in e}
+    # Run each pod's command as the pod would (its env, its index), printing instead of launching.
+    outputs = []
+    for index in range(4):
+        penv = {**os.environ, **env, "JOB_COMPLETION_INDEX": str(index), "EOSSL_DRY_RUN": "1"}
+        proc = subprocess.run([*container["command"], *container["args"]], capture_output=True, text=True,
+                              env=penv, cwd=REPO, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(proc.stdout)
+        (cmd,) = _node_commands(proc.stdout).values()
+        assert _flag(cmd, "--machine_rank") == str(index) and _flag(cmd, "--num_processes") == "32"
+        assert _flag(cmd, "--main_process_ip") == "dino-vits-0.dino-vits"
+        assert _flag(cmd, "--main_process_port") == "29500"
+    assert ["AFTER-TRAIN" in out for out in outputs] == [True, False, False, False]
+
+
+def test_kit_cli_writes_the_files(tmp_path):
+    run_cli("kit", "slurm", "--nodes", "2", "--gpus-per-node", "4", "--out", str(tmp_path / "j.sbatch"), "--",
+            "moco", "--data", "s3://b/ds", "--out", "/runs/x", "--set", "epochs=100")
+    text = (tmp_path / "j.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in text and "train_args=(moco --data s3://b/ds --out /runs/x --set epochs=100)" in text
+    bad = run_cli("kit", "k8s", "--env", "AWS_SECRET_ACCESS_KEY=x", "--", "moco", "--data", "d", "--out", "o",
+                  check=False)
+    assert bad.returncode == 2 and "secrets come from the cluster" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def dataset(synthetic_source, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("kits") / "ds"
+    run_cli("ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--no-progress")
+    return out
+
+
+TRAIN = ["--set", "backbone=resnet18", "--set", "batch_size=4", "--set", "queue_size=32", "--set", "hidden=64",
+         "--set", "dim=32", "--set", "size=32", "--set", "workers=0", "--set", "threads=1", "--set", "split=all",
+         "--set", "device=cpu", "--set", "log_every=1", "--set", "ckpt_every=0", "--set", "moco.momentum=0.9"]
+
+
+def _steps(run: Path) -> list[int]:
+    path = run / "history.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_slurm_job_preempted_checkpoints_requeues_and_resumes(dataset, slurm_stubs, tmp_path):
+    """SIGUSR1 to the batch script (what --signal=B:USR1@N sends) -> ranks checkpoint -> requeue -> resume."""
+    run = tmp_path / "run"
+    job = ClusterJob(train_args=("moco", "--data", str(dataset), "--out", str(run), "--max-steps", "30", *TRAIN),
+                     nodes=1, gpus_per_node=2, accelerate_config="launch/accelerate/cpu_multinode.yaml",
+                     after_train="echo TRAINING-DONE", log_dir=str(tmp_path))
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_slurm(job))
+    env = _slurm_env(slurm_stubs, 1, "127.0.0.1", tmp_path, MASTER_PORT=str(free_port()))
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(["bash", str(script)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(_steps(run)) < 3:
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    try:
+        assert proc.wait(timeout=120) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    first = (tmp_path / "first.log").read_text()
+    assert (tmp_path / "requeues").read_text().split() == ["4242"], first[-3000:]
+    steps = _steps(run)
+    checkpoint_step = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
+    assert checkpoint_step == steps[-1] < 30, (checkpoint_step, steps)  # nothing trained is lost
+    assert not (run / "backbone").exists() and "TRAINING-DONE" not in first
+    assert "SIGUSR1 received" in first
+
+    # The requeued job: the same script, resumed from the checkpoint, to the end.
+    again = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    resumed = re.search(r"resumed from \S+step-(\d+)", again.stdout + again.stderr)
+    assert resumed and int(resumed.group(1)) == checkpoint_step
+    assert "TRAINING-DONE" in again.stdout
+    assert _steps(run) == list(range(1, 31))
+    ranks = [json.loads(p.read_text()) for p in sorted((run / "ranks").glob("rank-*.json"))]
+    assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+    assert (tmp_path / "requeues").read_text().split() == ["4242"]  # no second requeue
+
+
+def test_mlflow_serve_answers_and_stops_on_sigterm(tmp_path):
+    import mlflow
+
+    port = free_port()
+    folder = tmp_path / "server"
+    proc = subprocess.Popen([sys.executable, "-m", "eossl.launch", "mlflow", "serve", "--dir", str(folder),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+                time.sleep(0.2)
+        client = mlflow.MlflowClient(uri)
+        exp = client.create_experiment("team")
+        run = client.create_run(exp)
+        client.log_metric(run.info.run_id, "loss", 1.5)
+        note = tmp_path / "note.txt"
+        note.write_text("artifact through the server")
+        client.log_artifact(run.info.run_id, str(note))
+        assert client.get_run(run.info.run_id).data.metrics["loss"] == 1.5
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:{port}" in out
+    assert (folder / "mlflow.db").exists()
+    assert [p.read_text() for p in (folder / "artifacts").rglob("note.txt")] == ["artifact through the server"]
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
