@@ -180,6 +180,10 @@ def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "", str(value)) or "x"
 
 
+def _absolute(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())
+
+
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree
@@ -230,8 +234,9 @@ def load_study(path: str | Path | None, overrides: dict[str, str] | None = None)
     missing = [k for k in ("name", "data", "out") if not tree.get(k)]
     if missing:
         raise ValueError(f"{path or 'study'}: {', '.join(missing)} must be set (in the file or with --set)")
+    # Local paths become absolute: cluster jobs and re-runs from another folder find the same study.
     return StudyConfig(
-        name=str(tree["name"]), data=str(tree["data"]), out=str(tree["out"]), method=tree.get("method", "moco"),
+        name=str(tree["name"]), data=_absolute(str(tree["data"])), out=_absolute(str(tree["out"])), method=tree.get("method", "moco"),
         train=dict(tree.get("train") or {}), grid={k: list(v) if isinstance(v, (list, tuple)) else v
                                                    for k, v in (tree.get("grid") or {}).items()},
         lr=_section(LrRule, tree.get("lr"), "lr"), eval=_section(EvalPlan, tree.get("eval"), "eval"),

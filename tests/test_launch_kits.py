@@ -248,3 +248,40 @@ def test_mlflow_serve_answers_and_stops_on_sigterm(tmp_path):
     assert [p.read_text() for p in (folder / "artifacts").rglob("note.txt")] == ["artifact through the server"]
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_study_emitted_as_slurm_jobs_trains_and_evaluates_a_cell(dataset, slurm_stubs, tmp_path):
+    """``eossl study --emit slurm``: one job per cell; a job trains through the kit, then evaluates on node 0
+    into the cell's MLflow run, which was created up front under the study's parent."""
+    import mlflow
+
+    out = tmp_path / "study"
+    study = {"name": "emitted", "data": str(dataset), "out": str(out),
+             "train": dict(a.split("=", 1) for a in TRAIN[1::2] if not a.startswith("split=")),
+             "grid": {"batch_size": [4, 8], "epochs": [1]},
+             "eval": {"protocols": ["knn"], "budget": "all", "inputs": ["s2"]}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    emitted = run_cli("study", "--config", str(tmp_path / "study.yaml"), "--emit", "slurm", "--nodes", "1",
+                      "--gpus-per-node", "2", "--accelerate-config", "launch/accelerate/cpu_multinode.yaml",
+                      "--repo", str(REPO), "--jobs-dir", str(tmp_path / "jobs"))
+    jobs = sorted((tmp_path / "jobs").glob("*.sbatch"))
+    assert [j.name for j in jobs] == ["batch_size-4_epochs-1.sbatch", "batch_size-8_epochs-1.sbatch"], emitted.stdout
+    cells = {p.parent.name: json.loads(p.read_text()) for p in (out / "cells").glob("*/cell.json")}
+    text = jobs[1].read_text()
+    assert f"export EOSSL_MLFLOW_RUN_ID={cells['batch_size-8_epochs-1']['run_id']}" in text
+    assert "--cell batch_size-8_epochs-1" in text and "--set batch_size=8" in text
+
+    env = _slurm_env(slurm_stubs, 1, "127.0.0.1", tmp_path, MASTER_PORT=str(free_port()))
+    proc = subprocess.run(["bash", str(jobs[1])], capture_output=True, text=True, env=env, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    state = json.loads((out / "cells" / "batch_size-8_epochs-1" / "cell.json").read_text())
+    assert set(state["evaluated"]) == {"knn"} and state.get("train_attempts", 0) == 0  # trained by the job, not the study
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    cell_run = client.get_run(state["run_id"])
+    assert cell_run.data.params["batch_size"] == "8" and cell_run.data.params["world_size"] == "2"
+    assert "eval.knn.s2.overall_accuracy" in cell_run.data.metrics and cell_run.info.status == "FINISHED"
+    parent = json.loads((out / "study.json").read_text())["parent_run_id"]
+    assert cell_run.data.tags["mlflow.parentRunId"] == parent
+    report = run_cli("study", "report", "--config", str(tmp_path / "study.yaml"))
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 3 and "n/a" in rows[1] and "n/a" not in rows[2].split(",")[-2], report.stdout
