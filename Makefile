@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 DEMO   ?= demo-output
 STAMP  := $(VENV)/.installed
 
-.PHONY: all install demo test lint bench clean
+.PHONY: all install demo study test lint bench clean
 
 all: test
 
@@ -54,6 +54,12 @@ demo: install
 	@echo "  attention figures      : $(DEMO)/attention/*.png (summary.json: mIoU of token clusters and masks vs land cover)"
 	@echo "  MLflow                 : mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DEMO)/runs/moco/mlflow.db"
 	@echo "                           mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DEMO)/eval/mlflow.db"
+
+# A 2 x 2 scaling study (batch size 8/32 x 2/6 epochs, linear probes) on the demo dataset (~4 min);
+# re-running it resumes. Table and plots: $(DEMO)/study/results.md, *.png.
+study: install
+	@test -f $(DEMO)/dataset/manifest.json || $(MAKE) demo
+	MLFLOW_TRACKING_URI= $(PY) -m eossl.launch study --config launch/studies/demo_batch_epochs.yaml
 
 test: install
 	$(PY) -m pytest -q

@@ -61,7 +61,7 @@ def _load_json(path: Path, default: dict) -> dict:
 
 def train_command(cfg: StudyConfig, cell: Cell) -> list[str]:
     """The ``eossl.train`` arguments of a cell (after ``python -m eossl.train`` or ``accelerate launch -m``)."""
-    args = [cfg.method, "--data", cfg.data, "--out", str(_cell_dir(cfg, cell) / "run")]
+    args = [cfg.cell_method(cell), "--data", cfg.data, "--out", str(_cell_dir(cfg, cell) / "run")]
     for key, value in cfg.train_values(cell).items():
         args += ["--set", f"{key}={value}"]
     return args
@@ -206,6 +206,7 @@ def _evaluate_cell(cfg: StudyConfig, cell: Cell, protocol: str, run_id: str, tra
         key = f"{prefix}.{protocol}.{row['input']}.{row['metric']}"
         scores[key] = row["mean"]
         tracking.client.log_metric(run_id, key, row["mean"])
+        tracking.client.log_metric(run_id, f"std.{key}", row["std"] or 0.0)  # over seeds: the plots' error bars
     return scores
 
 

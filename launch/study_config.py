@@ -137,10 +137,14 @@ class StudyConfig:
                 raise ValueError(f"grid.{key} must be a non-empty list, got {values!r}")
             if len(set(map(str, values))) != len(values):
                 raise ValueError(f"grid.{key} lists a value twice: {values}")
-        fixed = {"data", "out", "method"}
-        bad = fixed & (set(self.grid) | set(self.train))
+        bad = {"data", "out"} & (set(self.grid) | set(self.train))
         if bad:
             raise ValueError(f"{sorted(bad)} are set by the study itself, not by train:/grid:")
+        if "method" in self.train:
+            raise ValueError("set the method with method: (or as a grid axis), not in train:")
+        for method in self.grid.get("method", []):
+            if method not in ("moco", "dino"):
+                raise ValueError(f"grid.method: unknown method {method!r} (moco, dino)")
         for protocol in self.eval.protocols:
             if protocol not in ("linear", "finetune", "knn"):
                 raise ValueError(f"eval.protocols: unknown protocol {protocol!r} (linear, finetune, knn)")
@@ -164,9 +168,13 @@ class StudyConfig:
                 return cell
         raise ValueError(f"no cell {name!r} in study {self.name}; cells: {[c.name for c in self.cells()]}")
 
+    def cell_method(self, cell: Cell) -> str:
+        return str(cell.values.get("method", self.method))
+
     def train_values(self, cell: Cell) -> dict[str, Any]:
         """Every ``--set`` value of the cell's training run, in a fixed order: shared, lr rule, grid."""
-        return {**self.train, **self.lr.overrides(), "experiment": self.experiment_name, **cell.values}
+        grid = {k: v for k, v in cell.values.items() if k != "method"}
+        return {**self.train, **self.lr.overrides(), "experiment": self.experiment_name, **grid}
 
     def to_yaml(self) -> str:
         """The study with its overrides applied: what cluster jobs re-read with ``--config``."""

@@ -53,6 +53,7 @@ def collect_cells(tracking_uri: str, parent_run_id: str) -> list[dict]:
             "samples_per_s": float(np.median([m.value for m in speed[1:]] or [m.value for m in speed] or [math.nan])),
             "loss_curve": [(m.step / steps_per_epoch, m.value) for m in sorted(loss, key=lambda m: m.step)],
             "scores": {k: v for k, v in metrics.items() if k.startswith("eval")},
+            "spread": {k.removeprefix("std."): v for k, v in metrics.items() if k.startswith("std.eval")},
         })
     return sorted(cells, key=lambda c: [_sortable(v) for v in c["values"].values()])
 
@@ -113,17 +114,18 @@ def plot_scores(cells: list[dict], plot: PlotSpec, path: Path) -> Path | None:
     lines = sorted({c["values"].get(plot.lines, "all") for c in usable}, key=_sortable)
     for ax, score in zip(axes[0], scores, strict=True):
         for line in lines:
-            points = sorted(((c["values"][plot.x], 100 * c["scores"][score]) for c in usable
-                             if c["values"].get(plot.lines, "all") == line and score in c["scores"]),
+            points = sorted(((c["values"][plot.x], 100 * c["scores"][score], 100 * c["spread"].get(score, 0.0))
+                             for c in usable if c["values"].get(plot.lines, "all") == line and score in c["scores"]),
                             key=lambda p: _sortable(p[0]))
             if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{plot.lines}={line}")
+                ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                            capsize=3, label=f"{plot.lines}={line}")
         ax.set_title(score.removeprefix("eval."), fontsize=9)
         ax.set_xlabel(plot.x)
         ax.set_ylabel("score (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("downstream score vs pre-training length", fontsize=10)
+    fig.suptitle("downstream score vs pre-training length (error bars: std over evaluation seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

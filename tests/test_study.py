@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from eossl.launch.study import train_command
 from eossl.launch.study_config import load_study
 
 from conftest import REPO, run_cli
@@ -56,6 +57,9 @@ def test_study_file_cells_overrides_and_errors(tmp_path):
         load_study(path, {"grid.epochs": "[]"})
     with pytest.raises(ValueError, match="lr.rule"):
         load_study(path, {"lr.rule": "cubic"})
+    cfg3 = load_study(path, {"grid": "{method: [moco, dino], batch_size: [8]}"})
+    commands = [train_command(cfg3, c) for c in cfg3.cells()]
+    assert [c[0] for c in commands] == ["moco", "dino"] and not any("method=" in a for c in commands for a in c)
     with pytest.raises(ValueError, match="set by the study itself"):
         load_study(path, {"grid.out": "[a, b]"})
 
