@@ -11,7 +11,6 @@ backbone is bit-identical after a linear probe or k-NN.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from .metrics import mean_and_spread, multi_label_metrics, single_label_metrics
 from .models import INITS, NotApplicable, build_eval_encoder
 from .probes import ProbeConfig, extract_features, finetune, knn_scores, linear_probe
 from .report import plot_confusion, write_tables
+from .tracking import eval_experiment
 
 __all__ = ["ClassifyConfig", "run_classification"]
 
@@ -166,12 +166,7 @@ def run_classification(cfg: ClassifyConfig, command: tuple[str, ...] = (), paren
     import mlflow
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(f"sqlite:///{out.resolve() / 'mlflow.db'}")
-    exp = mlflow.get_experiment_by_name(cfg.experiment)
-    exp_id = exp.experiment_id if exp else mlflow.create_experiment(
-        cfg.experiment, artifact_location=None if os.environ.get("MLFLOW_TRACKING_URI") else str(out.resolve() / "mlartifacts"))
+    exp_id = eval_experiment(out, cfg.experiment)
     # accelerate picks the device (GPU when present) and runs autocast at the chosen precision, as in training.
     acc = Accelerator(mixed_precision=cfg.precision)
     backbone = cfg.random_backbone

@@ -8,7 +8,6 @@ joint augmentation of input and target -> autocast forward -> class-weighted cro
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,10 +18,12 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from eossl.train.schedules import cosine_schedule
+
 from .seg_data import IGNORE_INDEX
 from .seg_heads import Segmenter
 
-__all__ = ["SegTrainConfig", "augment_pair", "cosine_schedule", "predict", "train_segmenter"]
+__all__ = ["SegTrainConfig", "augment_pair", "predict", "train_segmenter"]
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,6 @@ class SegTrainConfig:
     class_weighting: str = "inverse_sqrt"
     workers: int = 0
     decoder_width: int = 128
-
-
-def cosine_schedule(base: float, steps: int) -> np.ndarray:
-    """Per-step learning rate: cosine from ``base`` to 0 over ``steps`` (indexed by global step)."""
-    t = np.arange(max(steps, 1)) / max(steps, 1)
-    return base * 0.5 * (1 + np.cos(math.pi * t))
 
 
 def augment_pair(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +89,7 @@ def train_segmenter(model: Segmenter | nn.Module, train_set, weights: np.ndarray
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, num_workers=cfg.workers, shuffle=True, generator=gen,
                         drop_last=len(train_set) > cfg.batch_size)
-    schedule = cosine_schedule(cfg.lr, cfg.epochs * len(loader))
+    schedule = cosine_schedule(cfg.lr, 0.0, cfg.epochs * len(loader))  # the training loop's schedule
     class_w = torch.as_tensor(weights, dtype=torch.float32, device=device)
     losses, step = [], 0
     for _ in range(cfg.epochs):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -39,6 +38,7 @@ from .seg_figures import plot_predictions, write_map_geotiff
 from .seg_heads import build_segmenter
 from .seg_train import SegTrainConfig, predict, train_segmenter
 from .segmentation_metrics import pixel_confusion, segmentation_scores
+from .tracking import eval_experiment
 
 __all__ = ["SegmentConfig", "run_segmentation"]
 
@@ -248,12 +248,7 @@ def run_segmentation(cfg: SegmentConfig, command: tuple[str, ...] = (), parent_r
     import mlflow
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(f"sqlite:///{out.resolve() / 'mlflow.db'}")
-    exp = mlflow.get_experiment_by_name(cfg.experiment)
-    exp_id = exp.experiment_id if exp else mlflow.create_experiment(
-        cfg.experiment, artifact_location=None if os.environ.get("MLFLOW_TRACKING_URI") else str(out.resolve() / "mlartifacts"))
+    exp_id = eval_experiment(out, cfg.experiment)
     acc = Accelerator(mixed_precision=cfg.precision)
     scheme = label_scheme(cfg.label)
     mode = "frozen" if cfg.is_frozen else "fine-tuned"

@@ -5,14 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from eossl.train.cli import _kv
+
 __all__ = ["add_kit_arguments", "add_mlflow_arguments", "add_study_arguments", "study_report_parser"]
 
 
-def _kv(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--set takes key=value, got {text!r}")
-    k, v = text.split("=", 1)
-    return k.strip(), v.strip()
 
 
 def _add_cluster_options(p: argparse.ArgumentParser) -> None:

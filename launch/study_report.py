@@ -100,12 +100,24 @@ def _sortable(value):
     return (0, float(value)) if isinstance(value, (int, float)) else (1, str(value))
 
 
-def plot_scores(cells: list[dict], plot: PlotSpec, path: Path) -> Path | None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_scores(cells: list[dict], plot: PlotSpec, path: Path) -> Path | None:
+    plt = _pyplot()
     scores = _score_columns(cells)
     usable = [c for c in cells if plot.x in c["values"]]
     if not scores or not usable:
@@ -126,18 +138,11 @@ def plot_scores(cells: list[dict], plot: PlotSpec, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("downstream score vs pre-training length (error bars: std over evaluation seeds)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_loss_curves(cells: list[dict], path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     if not any(c["loss_curve"] for c in cells):
         return None
     fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -148,18 +153,11 @@ def plot_loss_curves(cells: list[dict], path: Path) -> Path | None:
     ax.set_ylabel("pre-training loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_throughput(cells: list[dict], path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     points = sorted((c["effective_batch_size"], c["samples_per_s"]) for c in cells
                     if not math.isnan(c["samples_per_s"]) and not math.isnan(c["effective_batch_size"]))
     if not points:
@@ -170,10 +168,7 @@ def plot_throughput(cells: list[dict], path: Path) -> Path | None:
     ax.set_xlabel("effective batch size")
     ax.set_ylabel("training samples/s (median)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_report(tracking_uri: str, parent_run_id: str, out: Path, plot: PlotSpec, log_to_parent: bool = True) -> dict:

@@ -42,16 +42,16 @@ def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:
+    if is_dist():
+        x = x.clone()
+        dist.all_reduce(x, op=op)
+    return x
+
+
 def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
-    if is_dist():
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.MIN)
-    return x
+    return _all_reduce(x, dist.ReduceOp.MIN)
 
 
-@torch.no_grad()
 def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
-    if is_dist():
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return x
+    return _all_reduce(x, dist.ReduceOp.MAX)

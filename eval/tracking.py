@@ -1,0 +1,22 @@
+"""Where evaluation grids log: ``MLFLOW_TRACKING_URI`` when set, else a SQLite store in the output folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["eval_experiment"]
+
+
+def eval_experiment(out: Path, experiment: str) -> str:
+    """Create ``out``, point MLflow at the tracking store and return the experiment's id (created if new)."""
+    import mlflow
+
+    out.mkdir(parents=True, exist_ok=True)
+    remote = bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    if not remote:
+        mlflow.set_tracking_uri(f"sqlite:///{out.resolve() / 'mlflow.db'}")
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    return mlflow.create_experiment(experiment, artifact_location=None if remote else str(out.resolve() / "mlartifacts"))
