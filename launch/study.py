@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from eossl.train.checkpoint import write_json_atomic
@@ -106,6 +107,9 @@ class _Tracking:
         if state.get("digest") not in (None, cfg.digest()):
             raise ValueError(f"{cfg.out} holds study {state.get('name')!r} with other settings (digest "
                              f"{state.get('digest')} vs {cfg.digest()}); use another out folder")
+        if state.get("tracking_uri") not in (None, self.uri):
+            raise ValueError(f"{cfg.out} was tracked at {state['tracking_uri']}, now {self.uri}: set "
+                             "MLFLOW_TRACKING_URI as in the first run (or unset it for the study's own store)")
         self.parent_id = state.get("parent_run_id")
         if self.parent_id is None:
             run = self.client.create_run(self.experiment_id, run_name=f"study {cfg.name}",
@@ -163,14 +167,32 @@ def _train_cell(cfg: StudyConfig, cell: Cell, run_id: str, uri: str, state: dict
         raise StudyError(f"cell {cell.name}: training failed with exit code {code}; log: {log}\n{tail}")
 
 
+def _training_processes(proc: subprocess.Popen) -> list:
+    """The processes that train: the child itself, or the ranks under an ``accelerate launch`` child (its
+    launcher does not handle SIGUSR1, and answers SIGTERM by killing the ranks after a short grace)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(proc.pid)
+        children = parent.children() if "accelerate" in " ".join(proc.args[:2]) else []
+    except psutil.NoSuchProcess:
+        return []
+    return children or [parent]
+
+
 def _forward_signals(proc: subprocess.Popen) -> dict:
-    """SIGTERM/SIGINT to the study become SIGUSR1 to the training process, which checkpoints and stops."""
+    """SIGTERM/SIGINT to the study become SIGUSR1 to the training processes, which checkpoint and stop."""
+    import psutil
+
     stop: dict = {"previous": {}}
 
     def handler(signum, _frame):
         stop["signal"] = signum
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGUSR1)
+        for process in _training_processes(proc):
+            try:
+                process.send_signal(signal.SIGUSR1)
+            except psutil.NoSuchProcess:
+                pass
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         stop["previous"][signum] = signal.signal(signum, handler)
@@ -210,8 +232,48 @@ def _evaluate_cell(cfg: StudyConfig, cell: Cell, protocol: str, run_id: str, tra
     return scores
 
 
+def _run_cell(cfg: StudyConfig, cell: Cell, tracking: _Tracking, label: str) -> None:
+    folder = _cell_dir(cfg, cell)
+    folder.mkdir(parents=True, exist_ok=True)
+    state_path = folder / "cell.json"
+    state = _load_json(state_path, {"name": cell.name, "values": cell.values})
+    todo = [p for p in cfg.eval.protocols if p not in state.get("evaluated", {})]
+    if not todo:
+        print(f"{label} {cell.name}: finished, skipped")
+        return
+    state["run_id"] = tracking.cell_run(cell, state)
+    state.pop("error", None)
+    write_json_atomic(state_path, state)
+    t0 = time.perf_counter()
+    try:
+        if not (folder / "run" / "backbone" / "model_card.json").exists():
+            print(f"{label} {cell.name}: pre-training ({folder / 'train.log'})", flush=True)
+            _train_cell(cfg, cell, state["run_id"], tracking.uri, state, state_path)
+        for protocol in todo:
+            print(f"{label} {cell.name}: {protocol} evaluation", flush=True)
+            try:
+                scores = _evaluate_cell(cfg, cell, protocol, state["run_id"], tracking)
+            except Exception as exc:  # noqa: BLE001 - any failure of one cell's evaluation stops that cell only
+                traceback.print_exc()
+                raise StudyError(f"cell {cell.name}: {protocol} evaluation failed: {exc!r}") from exc
+            state.setdefault("evaluated", {})[protocol] = scores
+            write_json_atomic(state_path, state)
+    except StudyError as exc:
+        state["error"] = str(exc)
+        write_json_atomic(state_path, state)
+        tracking.client.set_terminated(state["run_id"], status="FAILED")
+        raise
+    tracking.client.set_terminated(state["run_id"], status="FINISHED")
+    print(f"{label} {cell.name}: done in {time.perf_counter() - t0:.0f} s {json.dumps(state['evaluated'])}", flush=True)
+
+
 def run_study(cfg: StudyConfig, only: tuple[str, ...] = ()) -> dict:
-    """Run (or resume) every cell, or only the named ones, then write the report; returns its paths."""
+    """Run (or resume) every cell, or only the named ones, then write the report; returns its paths.
+
+    A cell that fails (training or evaluation) is recorded (``cell.json`` error, MLflow run FAILED) and
+    the study goes on with the next; ``failed`` in the result names them. A stop request (SIGTERM/SIGINT)
+    ends the study after the running cell's checkpoint (:class:`StudyInterrupted`).
+    """
     from .study_report import write_report
 
     out = Path(cfg.out)
@@ -221,35 +283,19 @@ def run_study(cfg: StudyConfig, only: tuple[str, ...] = ()) -> dict:
     (out / "study.yaml").write_text(cfg.to_yaml())
     cells = [cfg.cell(name) for name in only] if only else cfg.cells()
     print(f"study {cfg.name}: {len(cfg.cells())} cells, MLflow {tracking_uri} (parent run {tracking.parent_id})")
+    failed: dict[str, str] = {}
     for index, cell in enumerate(cells, 1):
-        folder = _cell_dir(cfg, cell)
-        folder.mkdir(parents=True, exist_ok=True)
-        state_path = folder / "cell.json"
-        state = _load_json(state_path, {"name": cell.name, "values": cell.values})
-        todo = [p for p in cfg.eval.protocols if p not in state.get("evaluated", {})]
-        if not todo:
-            print(f"[{index}/{len(cells)}] {cell.name}: finished, skipped")
-            continue
-        state["run_id"] = tracking.cell_run(cell, state)
-        write_json_atomic(state_path, state)
-        t0 = time.perf_counter()
-        if not (folder / "run" / "backbone" / "model_card.json").exists():
-            print(f"[{index}/{len(cells)}] {cell.name}: pre-training ({folder / 'train.log'})", flush=True)
-            _train_cell(cfg, cell, state["run_id"], tracking_uri, state, state_path)
-        for protocol in todo:
-            print(f"[{index}/{len(cells)}] {cell.name}: {protocol} evaluation", flush=True)
-            scores = _evaluate_cell(cfg, cell, protocol, state["run_id"], tracking)
-            state.setdefault("evaluated", {})[protocol] = scores
-            write_json_atomic(state_path, state)
-        tracking.client.set_terminated(state["run_id"], status="FINISHED")
-        print(f"[{index}/{len(cells)}] {cell.name}: done in {time.perf_counter() - t0:.0f} s "
-              f"{json.dumps(state['evaluated'])}", flush=True)
+        try:
+            _run_cell(cfg, cell, tracking, f"[{index}/{len(cells)}]")
+        except StudyError as exc:
+            print(f"[{index}/{len(cells)}] {cell.name}: FAILED: {exc}", flush=True)
+            failed[cell.name] = str(exc)
     finished = all(set(cfg.eval.protocols) <= set(_load_json(_cell_dir(cfg, c) / "cell.json", {}).get("evaluated", {}))
                    for c in cfg.cells())
     report = write_report(tracking_uri, tracking.parent_id, out, cfg.plot, log_to_parent=finished)
     if finished:
         tracking.client.set_terminated(tracking.parent_id, status="FINISHED")
-    return {**report, "parent_run_id": tracking.parent_id, "finished": finished}
+    return {**report, "parent_run_id": tracking.parent_id, "finished": finished, "failed": failed}
 
 
 def emit_cluster_jobs(cfg: StudyConfig, kind: str, jobs_dir: str, job_template) -> list[Path]:

@@ -64,7 +64,7 @@ def _run_study(args) -> int:
         submit = "sbatch" if args.emit == "slurm" else "kubectl apply -f"
         for path in jobs:
             print(f"{submit} {path}")
-        print(f"{len(jobs)} job(s); when they are done: eossl study report --config {args.config}")
+        print(f"{len(jobs)} job(s); when they are done: eossl study report --config {Path(cfg.out) / 'study.yaml'}")
         return 0
     result = run_study(cfg, tuple(args.cell))
     print(result["results_md"].read_text())
@@ -72,7 +72,9 @@ def _run_study(args) -> int:
         print(f"figure: {path}")
     state = "finished" if result["finished"] else "not finished (run the same command again to continue)"
     print(f"study {cfg.name} {state}; MLflow parent run {result['parent_run_id']}")
-    return 0
+    for name, error in result["failed"].items():
+        print(f"eossl study: cell {name} failed: {error}", file=sys.stderr)
+    return 1 if result["failed"] else 0
 
 
 def study_report_parser() -> argparse.ArgumentParser:

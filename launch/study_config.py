@@ -34,23 +34,24 @@ class LrRule:
         rule: 'none', 'linear' (lr x B / base_batch, Goyal et al.) or 'sqrt' (lr x sqrt(B / base_batch)).
         base_lr: learning rate at ``base_batch`` (None: the method's default).
         base_batch: the batch size at which ``base_lr`` applies.
-        warmup_epochs: linear warm-up (large batches need it with the linear rule).
+        warmup_epochs: linear warm-up (large batches need it with the linear rule); None: the method's.
     """
 
     rule: str = "linear"
     base_lr: float | None = None
     base_batch: int = 256
-    warmup_epochs: float = 0.0
+    warmup_epochs: float | None = None
 
     def __post_init__(self) -> None:
         if self.rule not in ("none", "linear", "sqrt"):
             raise ValueError(f"lr.rule must be none, linear or sqrt, got {self.rule!r}")
 
     def overrides(self) -> dict[str, Any]:
-        values: dict[str, Any] = {"optim.lr_scaling": self.rule, "optim.base_batch": self.base_batch,
-                                  "optim.warmup_epochs": self.warmup_epochs}
+        values: dict[str, Any] = {"optim.lr_scaling": self.rule, "optim.base_batch": self.base_batch}
         if self.base_lr is not None:
             values["optim.lr"] = self.base_lr
+        if self.warmup_epochs is not None:
+            values["optim.warmup_epochs"] = self.warmup_epochs
         return values
 
 

@@ -153,3 +153,74 @@ def test_study_killed_midway_resumes_and_finishes_every_cell_once(dataset, tmp_p
     assert {"report/results.csv", "report/score_vs_epochs.png", "report/loss_curves.png"} <= logged
     report = run_cli("study", "report", "--config", str(study), "--out", str(tmp_path / "report"))
     assert (tmp_path / "report" / "results.csv").read_text() == (out / "results.csv").read_text(), report.stdout
+
+
+def test_a_failing_cell_is_reported_and_the_others_finish(dataset, tmp_path):
+    import mlflow
+
+    out = tmp_path / "study"
+    study = _study_file(tmp_path, str(dataset), out, grid={"batch_size": [8], "optim.name": ["sgd", "lamb"]})
+    data = yaml.safe_load(study.read_text())
+    data["eval"] = {"protocols": ["knn"], "budget": "all", "inputs": ["s2"]}
+    study.write_text(yaml.safe_dump(data))
+    cmd = [sys.executable, "-m", "eossl.launch", "study", "--config", str(study)]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    assert first.returncode == 1, first.stdout[-2000:] + first.stderr[-2000:]
+    bad = out / "cells" / "batch_size-8_name-lamb"
+    assert "cell batch_size-8_name-lamb failed" in first.stderr and str(bad / "train.log") in first.stderr
+    assert "optim.name must be sgd or adamw" in first.stderr  # the log's tail says why
+    good = json.loads((out / "cells" / "batch_size-8_name-sgd" / "cell.json").read_text())
+    assert set(good["evaluated"]) == {"knn"}
+    state = json.loads((bad / "cell.json").read_text())
+    assert "training failed" in state["error"] and "evaluated" not in state
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    assert client.get_run(state["run_id"]).info.status == "FAILED"
+    assert client.get_run(good["run_id"]).info.status == "FINISHED"
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 3  # both cells in the table; the failed one without scores
+    again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    assert again.returncode == 1 and "batch_size-8_name-sgd: finished, skipped" in again.stdout
+
+
+def test_sigterm_stops_an_accelerate_launched_cell_at_a_checkpoint(dataset, tmp_path):
+    """A study that starts cells with ``accelerate launch`` (two CPU ranks): SIGTERM to the study reaches the
+    ranks, which checkpoint and stop; nothing keeps running; the re-run resumes the cell to the end."""
+    import psutil
+
+    out = tmp_path / "study"
+    study = _study_file(tmp_path, str(dataset), out, grid={"batch_size": [4], "epochs": [6]},
+                        launch={"accelerate_config": str(REPO / "launch/accelerate/cpu_2proc.yaml")})
+    data = yaml.safe_load(study.read_text())
+    data["train"] = {**data["train"], "ckpt_every": 0, "split": "all"}
+    data["eval"] = {"protocols": ["knn"], "budget": "all", "inputs": ["s2"]}
+    study.write_text(yaml.safe_dump(data))
+    cmd = [sys.executable, "-m", "eossl.launch", "study", "--config", str(study)]
+    run = out / "cells" / "batch_size-4_epochs-6" / "run"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(_history_steps(run)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.05)
+        family = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1 and "checkpointed and stopped" in output, output[-3000:]
+    gone, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    steps = _history_steps(run)
+    last = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
+    assert last == steps[-1] and not (run / "backbone").exists()
+    log = (run.parent / "train.log").read_text()
+    assert log.count("SIGUSR1 received") == 2  # both ranks
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    steps = _history_steps(run)
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > last
+    rank_files = sorted((run / "ranks").glob("rank-*.json"))
+    assert [json.loads(p.read_text())["world_size"] for p in rank_files] == [2, 2]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,46 @@ def test_dino_two_processes_same_launch_command(dataset, tmp_path):
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
     assert ranks[0]["state_sha256"] == ranks[1]["state_sha256"]  # ViTs have no BN: buffers (center) agree too
+
+
+def test_elastic_resume_on_another_world_size_keeps_the_global_batch(dataset, tmp_path):
+    """Two ranks x 4 checkpoint at step 2; one rank x 8 resumes there (same global batch, same sample order);
+    one rank x 4 is refused with the batch size that would work."""
+    run = tmp_path / "run"
+    two = [ACCELERATE, "launch", "--config_file", str(REPO / "launch/accelerate/cpu_2proc.yaml"),
+           "--main_process_port", str(free_port()), *_train(dataset, run, steps=2)]
+    proc = subprocess.run(two, capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trainer = json.loads((run / "checkpoints" / "step-0000002" / "trainer.json").read_text())
+    assert trainer["world_size"] == 2 and trainer["global_batch"] == 8
+    seen_before = trainer["loader"]
+
+    wrong = subprocess.run([sys.executable, *_train(dataset, run, steps=4)], capture_output=True, text=True,
+                           timeout=600, env=_env())
+    assert wrong.returncode != 0 and "--set batch_size=8" in wrong.stderr, wrong.stderr[-2000:]
+    one = [sys.executable, *_train(dataset, run, steps=4), "--set", "batch_size=8"]
+    proc = subprocess.run(one, capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "step-0000002" in proc.stdout
+    steps = [json.loads(line)["step"] for line in (run / "history.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    after = json.loads((run / "checkpoints" / "step-0000004" / "trainer.json").read_text())
+    assert after["world_size"] == 1 and after["global_batch"] == 8 and after["loader"] != seen_before
+
+
+def test_a_second_training_process_on_the_same_run_folder_is_refused(dataset, tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, *_train(dataset, run, steps=400)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "history.jsonl").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-2000:]
+            time.sleep(0.1)
+        second = subprocess.run([sys.executable, "-m", "eossl.launch", "train", *_train(dataset, run, steps=400)[2:]],
+                                capture_output=True, text=True, timeout=120, env=_env())
+        assert second.returncode == 1 and "another process is training into this run folder" in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)  # a pre-emption: checkpoint and exit 75
+        first.communicate(timeout=120)
+    assert first.returncode == 75

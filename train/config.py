@@ -68,7 +68,7 @@ class MoCoConfig:
     """MoCo-v2 (defaults of the study's code).
 
     Attributes:
-        queue_size: negatives kept (65536); must be a multiple of the global batch size.
+        queue_size: negatives kept (65536); keys are written round the queue (any size works).
         dim: projection output dimension (128).
         hidden: projection MLP hidden width (2048 for ResNet-50).
         momentum: key encoder EMA momentum (0.999; lower, e.g. 0.99, for short runs and small data).
@@ -167,7 +167,10 @@ class DataConfig:
         split: which split to train on (train, test, all).
         workers, threads: reader processes and DALI threads per rank.
         shuffle_buffer: samples in the shuffle buffer.
-        cache_dir: node-local cache for remote shards.
+        cache_dir: node-local cache for remote shards (shared by the node's ranks and workers).
+        cache_gb: bound on the cache (least recently used shards are evicted); size it to hold at least
+            the shards of a few steps of every rank on the node (docs/SCALING.md).
+        retries, timeout_s: attempts after a failed object-store request, and each request's timeout.
         device: DALI device: auto, gpu or cpu.
         n_local, local_size: DINO multi-crop: local crops per sample and their size (global crops use
             ``size``; scales as in DINO: global 0.4-1, local 0.05-0.4).
@@ -183,6 +186,9 @@ class DataConfig:
     threads: int = 2
     shuffle_buffer: int = 2048
     cache_dir: str | None = None
+    cache_gb: float = 64.0
+    retries: int = 5
+    timeout_s: float = 30.0
     device: str = "auto"
     n_local: int = 6
     local_size: int = 96
@@ -198,7 +204,8 @@ class TrainConfig:
         batch_size: samples per device per step (64 in the MoCo study).
         epochs: epochs over the training split; max_steps: stop after this many optimiser steps (0 = none).
         grad_accum: micro-batches per optimiser step (effective batch = batch_size x ranks x grad_accum).
-        precision: 'no', 'bf16' or 'fp16' (fp16 uses a loss scaler).
+        precision: 'auto' (the launcher's: ``mixed_precision`` of the accelerate config file, else 'no'),
+            'no', 'bf16' or 'fp16' (fp16 uses a loss scaler).
         channels_last: NHWC memory format for convolutions.
         compile: torch.compile the model.
         seed: seed of everything (data order, augmentation, initialisation).
@@ -215,7 +222,7 @@ class TrainConfig:
     epochs: int = 200
     max_steps: int = 0
     grad_accum: int = 1
-    precision: str = "no"
+    precision: str = "auto"
     channels_last: bool = True
     compile: bool = False
     seed: int = 0
@@ -232,8 +239,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.method not in ("moco", "dino"):
             raise ValueError(f"method must be moco or dino, got {self.method!r}")
-        if self.precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"precision must be no, bf16 or fp16, got {self.precision!r}")
+        if self.precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, no, bf16 or fp16, got {self.precision!r}")
         if not self.data or not self.out:
             raise ValueError("data and out must be set")
         if self.batch_size < 1 or self.grad_accum < 1:

@@ -90,7 +90,8 @@ def _loader_config(cfg: TrainConfig, views) -> LoaderConfig:
     return LoaderConfig(
         batch_size=cfg.batch_size, split=lc.split, views=views, device=lc.device, num_threads=lc.threads,
         workers=lc.workers, plan=PlanConfig(seed=cfg.seed, shuffle_buffer=lc.shuffle_buffer),
-        storage=StorageOptions(cache_dir=lc.cache_dir),
+        storage=StorageOptions(cache_dir=lc.cache_dir, cache_bytes=int(lc.cache_gb * 2**30), retries=lc.retries,
+                               timeout_s=lc.timeout_s),
     )
 
 
@@ -115,15 +116,19 @@ class _Run:
     def __init__(self, cfg: TrainConfig, resume: bool):
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
-        if cfg.precision == "fp16" and not torch.cuda.is_available():
-            raise ValueError("precision=fp16 needs a CUDA GPU (its loss scaler runs there); use precision=bf16 on CPU")
         if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # gloo ranks (see launch/accelerate/cpu_2proc.yaml)
         # Sensor pairs train only the query sensor's adapter (S2 query, S1 key) unless symmetric: DDP must
         # accept parameters without gradients.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.loader.mode == "pair")
-        self.acc = Accelerator(mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.grad_accum,
+        if cfg.precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError("precision=fp16 needs a CUDA GPU (its loss scaler runs there); use precision=bf16 on CPU")
+        # 'auto': what the launcher says (accelerate launch exports its config's mixed_precision).
+        precision = None if cfg.precision == "auto" else cfg.precision
+        self.acc = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
                                log_with="mlflow", kwargs_handlers=[ddp])
+        if self.acc.mixed_precision == "fp16" and self.acc.device.type != "cuda":
+            raise ValueError("mixed precision fp16 (from the accelerate config) needs a CUDA GPU; use bf16 on CPU")
         self.main = self.acc.is_main_process
         set_seed(cfg.seed)
         self.spec = get_method(cfg.method)
@@ -161,14 +166,21 @@ class _Run:
             return
         trainer = json.loads((ckpt / "trainer.json").read_text())
         if trainer["config_digest"] != self._config_digest():
-            raise CheckpointError(f"{ckpt} was written with another configuration (only max_steps may change "
-                                  "on resume); start a new run folder")
+            raise CheckpointError(f"{ckpt} was written with another configuration (only max_steps, and batch_size "
+                                  "with the world size, may change on resume); start a new run folder")
+        global_batch = self.cfg.batch_size * self.acc.num_processes
+        if trainer.get("global_batch", global_batch) != global_batch:
+            raise CheckpointError(
+                f"{ckpt} was written at a global batch of {trainer['global_batch']} ({trainer['world_size']} ranks); "
+                f"this run has {global_batch} ({self.cfg.batch_size} x {self.acc.num_processes} ranks). To resume on "
+                f"another number of ranks keep the global batch: --set batch_size="
+                f"{trainer['global_batch'] / self.acc.num_processes:g}")
         self.method.load_state_dict(load_tensor_file(ckpt / "model.pt"))
         self.optimizer.load_state_dict(load_tensor_file(ckpt / "optimizer.pt"))
         if self.acc.scaler is not None and (ckpt / "scaler.pt").exists():
             self.acc.scaler.load_state_dict(load_tensor_file(ckpt / "scaler.pt"))
         rng_file = ckpt / f"rng-rank{self.acc.process_index}.pt"
-        if rng_file.exists():  # absent after a change of world size: data order stays exact regardless
+        if rng_file.exists():  # absent for new ranks after the world size grew: data order stays exact regardless
             load_rng_state(load_tensor_file(rng_file))
         self.loader.load_state_dict(trainer["loader"])
         self.step = trainer["step"]
@@ -189,7 +201,9 @@ class _Run:
         os.replace(tmp, self.history)
 
     def _config_digest(self) -> str:
-        flat = {k: v for k, v in flatten(self.cfg).items() if k not in ("max_steps", "ckpt_every", "log_every")}
+        # batch_size may change with the world size (elastic resume): the global batch is checked instead.
+        skip = ("max_steps", "ckpt_every", "log_every", "batch_size")
+        flat = {k: v for k, v in flatten(self.cfg).items() if k not in skip}
         return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def save_checkpoint(self) -> None:
@@ -208,6 +222,7 @@ class _Run:
             write_json_atomic(staging / "trainer.json", {
                 "step": self.step, "epoch": self.loader.position.epoch, "loader": self.loader.state_dict(),
                 "mlflow_run_id": self.mlflow_run_id, "world_size": self.acc.num_processes,
+                "global_batch": self.cfg.batch_size * self.acc.num_processes,
                 "config_digest": self._config_digest(),
             })
             publish(self.run_dir, self.step, keep=2)
@@ -220,6 +235,7 @@ class _Run:
         mean, std = spec.normalisation(manifest)
         params = {**flatten(self.cfg), "effective_batch_size": self.effective_batch, "lr_scaled": self.lr,
                   "world_size": self.acc.num_processes, "steps_per_epoch": self.steps_per_epoch,
+                  "mixed_precision": self.acc.mixed_precision,
                   "total_steps": self.total_steps}
         tags = {"git_commit": _git_commit(), "dataset_manifest_sha256": manifest.get("manifest_sha256", ""),
                 "dataset": self.cfg.data, "lr_scaling_rule": self.cfg.optim.lr_scaling,
@@ -279,7 +295,7 @@ class _Run:
         acc.wait_for_everyone()
         self._tracking()
         if self.main:
-            print(f"effective batch size {self.effective_batch} (= {cfg.batch_size} x {acc.num_processes} ranks x "
+            print(f"precision {acc.mixed_precision}; effective batch size {self.effective_batch} (= {cfg.batch_size} x {acc.num_processes} ranks x "
                   f"{cfg.grad_accum} accumulation), lr {self.lr:.4g} ({cfg.optim.lr_scaling} scaling of "
                   f"{cfg.optim.lr} at batch {cfg.optim.base_batch}), {self.total_steps} steps planned, "
                   f"stopping at {self.stop_step}")
@@ -391,9 +407,32 @@ class _Run:
         return backbone_dir
 
 
+def _lock_run_dir(run_dir: Path):
+    """One training process group per run folder: a second one (a stale study re-run, a duplicate job)
+    would interleave checkpoints. Global rank 0 holds an exclusive lock; the OS drops it when it dies."""
+    import fcntl
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(run_dir / ".train.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise RuntimeError(f"{run_dir}: another process is training into this run folder (lock "
+                           f"{run_dir / '.train.lock'}); stop it first, or use another --out") from None
+    return lock
+
+
 def train(cfg: TrainConfig, resume: bool = True) -> RunResult:
     """Run (or continue, when ``resume`` and RUN_DIR has a checkpoint) a pre-training run."""
     if not math.isfinite(cfg.optim.lr):
         raise ValueError("optim.lr must be finite")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return _Run(cfg, resume).fit()
+    lock = _lock_run_dir(Path(cfg.out))
+    try:
+        return _Run(cfg, resume).fit()
+    finally:
+        if lock is not None:
+            lock.close()
