@@ -287,3 +287,28 @@ def test_study_emitted_as_slurm_jobs_trains_and_evaluates_a_cell(dataset, slurm_
     report = run_cli("study", "report", "--config", str(tmp_path / "study.yaml"))
     rows = (out / "results.csv").read_text().splitlines()
     assert len(rows) == 3 and "n/a" in rows[1] and "n/a" not in rows[2].split(",")[-2], report.stdout
+
+
+def test_study_emitted_as_kubernetes_jobs(tmp_path):
+    """``--emit k8s``: one Indexed Job per cell, each logging into its pre-created MLflow run and evaluating on
+    index 0 with the study file written next to the results."""
+    out = tmp_path / "study"
+    study = {"name": "k8s", "data": "s3://bucket/sen12ms", "out": str(out), "grid": {"batch_size": [64, 128]},
+             "eval": {"protocols": ["linear"], "budget": 1024, "inputs": ["s2"]}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    run_cli("study", "--config", str(tmp_path / "study.yaml"), "--emit", "k8s", "--nodes", "2",
+            "--image", "registry/eossl:1", "--jobs-dir", str(tmp_path / "jobs"))
+    jobs = sorted((tmp_path / "jobs").glob("*.yaml"))
+    assert [j.name for j in jobs] == ["batch_size-128.yaml", "batch_size-64.yaml"]
+    for path in jobs:
+        cell = path.stem
+        _, job = yaml.safe_load_all(path.read_text())
+        assert job["metadata"]["name"] == f"k8s-{cell}".replace("_", "-")
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        state = json.loads((out / "cells" / cell / "cell.json").read_text())
+        assert env["EOSSL_MLFLOW_RUN_ID"] == state["run_id"] and env["MLFLOW_TRACKING_URI"].startswith("sqlite:")
+        script = container["args"][0]
+        assert f"--set batch_size={cell.split('-')[1]}" in script and f"--cell {cell}" in script
+        assert f"--config {out / 'study.yaml'}" in script
+    assert (out / "study.yaml").exists()
