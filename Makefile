@@ -44,6 +44,8 @@ demo: install
 	MLFLOW_TRACKING_URI= $(PY) -m eossl.launch train dino --data $(DEMO)/dataset --out $(DEMO)/runs/dino $(DEMO_DINO)
 	MLFLOW_TRACKING_URI= $(PY) -m eossl.launch attention --checkpoint $(DEMO)/runs/dino --dataset $(DEMO)/dataset \
 		--first 3 --out $(DEMO)/attention
+	MLFLOW_TRACKING_URI= $(PY) -m eossl.launch eval segment --checkpoint $(DEMO)/runs/dino --dataset $(DEMO)/dataset \
+		--inputs s1 --budget 32 --seeds 0 --protocol finetune --epochs 10 --crop 128 --write-maps --out $(DEMO)/segment
 	@echo
 	@echo "demo results:"
 	@echo "  synthetic SEN12MS tree : $(DEMO)/sen12ms"
@@ -52,6 +54,7 @@ demo: install
 	@echo "  classification table   : $(DEMO)/eval/results.md (and results.csv, cells/*/confusion.png)"
 	@echo "  DINO run (S1, ViT)     : $(DEMO)/runs/dino"
 	@echo "  attention figures      : $(DEMO)/attention/*.png (summary.json: mIoU of token clusters and masks vs land cover)"
+	@echo "  land-cover maps        : $(DEMO)/segment/results.md, cells/*/predictions.png, cells/*/maps/*.tif (GeoTIFF)"
 	@echo "  MLflow                 : mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DEMO)/runs/moco/mlflow.db"
 	@echo "                           mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DEMO)/eval/mlflow.db"
 

@@ -247,7 +247,7 @@ def _run_bench_encoding(args) -> int:
 def _add_train(sub) -> None:
     from eossl.train.cli import add_train_arguments, run_train
 
-    p = sub.add_parser("train", help="self-supervised pre-training (MoCo-v2); also via 'accelerate launch -m eossl.train'",
+    p = sub.add_parser("train", help="self-supervised pre-training (MoCo-v2, DINO); also via 'accelerate launch -m eossl.train'",
                        description="Pre-train on an eossl dataset. Multi-process: accelerate launch [flags] -m "
                        "eossl.train moco --data D --out RUN (configs in launch/accelerate/).")
     add_train_arguments(p)
