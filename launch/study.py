@@ -205,21 +205,30 @@ def _restore_signals(stop: dict) -> None:
 
 
 def _evaluate_cell(cfg: StudyConfig, cell: Cell, protocol: str, run_id: str, tracking: _Tracking) -> dict:
-    from eossl.eval.classify import ClassifyConfig, run_classification
-    from eossl.eval.probes import ProbeConfig
-
     folder = _cell_dir(cfg, cell)
     e = cfg.eval
-    eval_cfg = ClassifyConfig(
-        dataset=cfg.data, out=str(folder / "eval" / protocol), checkpoints=(str(folder / "run"),), inputs=e.inputs,
-        s2_bands=e.s2_bands, budget=e.budget, protocol=protocol, seeds=e.seeds, label=e.label,
-        multilabel=e.multilabel, inits=e.inits, experiment=cfg.experiment_name,
-        probe=ProbeConfig(batch_size=e.batch_size, finetune_epochs=e.finetune_epochs, workers=0))
+    common = {"dataset": cfg.data, "out": str(folder / "eval" / protocol), "checkpoints": (str(folder / "run"),),
+              "inputs": e.inputs, "s2_bands": e.s2_bands, "budget": e.budget, "protocol": protocol, "seeds": e.seeds,
+              "label": e.label, "inits": e.inits, "experiment": cfg.experiment_name}
+    if e.task == "segment":
+        from eossl.eval.seg_train import SegTrainConfig
+        from eossl.eval.segment import SegmentConfig, run_segmentation
+
+        run = run_segmentation
+        eval_cfg = SegmentConfig(**common, train=SegTrainConfig(epochs=e.finetune_epochs, batch_size=e.batch_size),
+                                 attention_patches=0)
+    else:
+        from eossl.eval.classify import ClassifyConfig, run_classification
+        from eossl.eval.probes import ProbeConfig
+
+        run = run_classification
+        eval_cfg = ClassifyConfig(**common, multilabel=e.multilabel, probe=ProbeConfig(
+            batch_size=e.batch_size, finetune_epochs=e.finetune_epochs, workers=0))
     killed = tracking.kill_unfinished_evals(run_id, protocol)
     if killed:
         print(f"  {cell.name}: {killed} interrupted {protocol} evaluation run(s) marked KILLED; evaluating again")
-    result = run_classification(eval_cfg, ("eossl", "study", cfg.name, cell.name, protocol), parent_run_id=run_id,
-                                tags={EVAL_TAG: protocol, PARENT_TAG: cfg.name, CELL_TAG: cell.name})
+    result = run(eval_cfg, ("eossl", "study", cfg.name, cell.name, protocol), parent_run_id=run_id,
+                 tags={EVAL_TAG: protocol, PARENT_TAG: cfg.name, CELL_TAG: cell.name})
     scores = {}
     for row in result["cells"]:
         if row["mean"] is None:

@@ -57,17 +57,19 @@ class LrRule:
 
 @dataclass(frozen=True)
 class EvalPlan:
-    """The downstream evaluation after each cell's pre-training (``eossl eval classify`` settings).
+    """The downstream evaluation after each cell's pre-training (``eossl eval classify|segment`` settings).
 
     Attributes:
-        protocols: any of linear, finetune, knn; each is one evaluation per cell.
+        task: 'classify' (SEN12MS scene classification) or 'segment' (land-cover maps, mIoU).
+        protocols: classify: any of linear, finetune, knn; segment: linear, finetune; one evaluation each.
         budget: labels (a budget subset written by ingest, e.g. 1024, or 'all').
         inputs: input columns (s1, s2, s1s2); those the backbone cannot take are reported as n/a.
         seeds, label, multilabel, s2_bands: as ``eossl eval classify``.
-        finetune_epochs, batch_size: fine-tuning length and evaluation batch size.
+        finetune_epochs, batch_size: fine-tuning (classify) or head-training (segment) epochs, batch size.
         inits: rows per cell ('checkpoint'; add 'random' for a from-scratch row in every cell).
     """
 
+    task: str = "classify"
     protocols: tuple[str, ...] = ("linear",)
     budget: str = "1024"
     inputs: tuple[str, ...] = ("s2",)
@@ -146,9 +148,13 @@ class StudyConfig:
         for method in self.grid.get("method", []):
             if method not in ("moco", "dino"):
                 raise ValueError(f"grid.method: unknown method {method!r} (moco, dino)")
+        known = {"classify": ("linear", "finetune", "knn"), "segment": ("linear", "finetune")}
+        if self.eval.task not in known:
+            raise ValueError(f"eval.task must be classify or segment, got {self.eval.task!r}")
         for protocol in self.eval.protocols:
-            if protocol not in ("linear", "finetune", "knn"):
-                raise ValueError(f"eval.protocols: unknown protocol {protocol!r} (linear, finetune, knn)")
+            if protocol not in known[self.eval.task]:
+                raise ValueError(f"eval.protocols: {protocol!r} is not a {self.eval.task} protocol "
+                                 f"({', '.join(known[self.eval.task])})")
 
     @property
     def experiment_name(self) -> str:

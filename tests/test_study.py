@@ -225,3 +225,25 @@ def test_sigterm_stops_an_accelerate_launched_cell_at_a_checkpoint(dataset, tmp_
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > last
     rank_files = sorted((run / "ranks").glob("rank-*.json"))
     assert [json.loads(p.read_text())["world_size"] for p in rank_files] == [2, 2]
+
+
+def test_a_study_can_score_cells_by_land_cover_segmentation(dataset, tmp_path):
+    """eval.task=segment: each cell's backbone gets a linear head trained into land-cover maps (mIoU)."""
+    import mlflow
+
+    out = tmp_path / "study"
+    study = _study_file(tmp_path, str(dataset), out, grid={"batch_size": [8], "epochs": [1]})
+    data = yaml.safe_load(study.read_text())
+    data["eval"] = {"task": "segment", "protocols": ["linear"], "budget": "all", "inputs": ["s2"],
+                    "finetune_epochs": 1, "batch_size": 8}
+    study.write_text(yaml.safe_dump(data))
+    proc = run_cli("study", "--config", str(study), timeout=600)
+    state = json.loads((out / "cells" / "batch_size-8_epochs-1" / "cell.json").read_text())
+    miou = state["evaluated"]["linear"]["eval.linear.s2.miou"]
+    assert 0.0 <= miou <= 1.0, proc.stdout[-2000:]
+    assert (out / "cells" / "batch_size-8_epochs-1" / "eval" / "linear" / "results.md").exists()
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    assert client.get_run(state["run_id"]).data.metrics["eval.linear.s2.miou"] == pytest.approx(miou)
+    assert "eval.linear.s2.miou" in (out / "results.csv").read_text().splitlines()[0]
+    with pytest.raises(ValueError, match="not a segment protocol"):
+        load_study(study, {"eval.protocols": "[knn]"})
