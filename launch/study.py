@@ -128,6 +128,12 @@ class _Tracking:
     def cell_run(self, cell: Cell, state: dict) -> str:
         if state.get("run_id"):
             return state["run_id"]
+        # A run created just before a kill, whose id never reached cell.json: use it rather than a second one.
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}' and tags.`{CELL_TAG}` = '{cell.name}'")
+        if found:
+            return found[0].info.run_id
         run = self.client.create_run(self.experiment_id, run_name=cell.name, tags={
             "mlflow.parentRunId": self.parent_id, PARENT_TAG: self.cfg.name, CELL_TAG: cell.name,
             "eossl.study.values": json.dumps(cell.values, default=str)})
@@ -242,8 +248,21 @@ def _evaluate_cell(cfg: StudyConfig, cell: Cell, protocol: str, run_id: str, tra
 
 
 def _run_cell(cfg: StudyConfig, cell: Cell, tracking: _Tracking, label: str) -> None:
+    """Run one cell unless another process (a second ``eossl study``, a cluster job's ``--cell``) has it."""
+    import fcntl
+
     folder = _cell_dir(cfg, cell)
     folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".cell.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            print(f"{label} {cell.name}: being run by another process, skipped")
+            return
+        _run_locked_cell(cfg, cell, tracking, label, folder)
+
+
+def _run_locked_cell(cfg: StudyConfig, cell: Cell, tracking: _Tracking, label: str, folder: Path) -> None:
     state_path = folder / "cell.json"
     state = _load_json(state_path, {"name": cell.name, "values": cell.values})
     todo = [p for p in cfg.eval.protocols if p not in state.get("evaluated", {})]
@@ -301,7 +320,7 @@ def run_study(cfg: StudyConfig, only: tuple[str, ...] = ()) -> dict:
             failed[cell.name] = str(exc)
     finished = all(set(cfg.eval.protocols) <= set(_load_json(_cell_dir(cfg, c) / "cell.json", {}).get("evaluated", {}))
                    for c in cfg.cells())
-    report = write_report(tracking_uri, tracking.parent_id, out, cfg.plot, log_to_parent=finished)
+    report = write_report(tracking_uri, tracking.parent_id, out, cfg.plot, log_to_parent=finished, require_cells=False)
     if finished:
         tracking.client.set_terminated(tracking.parent_id, status="FINISHED")
     return {**report, "parent_run_id": tracking.parent_id, "finished": finished, "failed": failed}

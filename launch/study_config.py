@@ -188,7 +188,9 @@ class StudyConfig:
         return yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(self), default=str)), sort_keys=False)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """What the cells' results depend on: how a study is launched or plotted may change between re-runs."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("launch", "plot")}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _slug(value: Any) -> str:

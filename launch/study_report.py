@@ -171,14 +171,15 @@ def plot_throughput(cells: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def write_report(tracking_uri: str, parent_run_id: str, out: Path, plot: PlotSpec, log_to_parent: bool = True) -> dict:
+def write_report(tracking_uri: str, parent_run_id: str, out: Path, plot: PlotSpec, log_to_parent: bool = True,
+                 require_cells: bool = True) -> dict:
     """Tables and plots of the study under ``parent_run_id`` into ``out`` (and the parent run's artifacts)."""
     import mlflow
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cells = collect_cells(tracking_uri, parent_run_id)
-    if not cells:
+    if not cells and require_cells:
         raise ValueError(f"no study cells under MLflow run {parent_run_id} at {tracking_uri}")
     csv_path, md_path = write_tables(cells, out)
     figures = [p for p in (plot_scores(cells, plot, out / f"score_vs_{plot.x.rsplit('.', 1)[-1]}.png"),

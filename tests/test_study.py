@@ -48,6 +48,8 @@ def test_study_file_cells_overrides_and_errors(tmp_path):
     assert [c.name for c in cfg2.cells()] == ["batch_size-4_epochs-2_mode-single", "batch_size-4_epochs-2_mode-fusionall",
                                               "batch_size-8_epochs-2_mode-single", "batch_size-8_epochs-2_mode-fusionall"]
     assert cfg2.eval.budget == "1024" and cfg2.lr.rule == "sqrt" and cfg2.digest() != cfg.digest()
+    # Launching or plotting differently is not another study; what the cells compute is.
+    assert load_study(path, {"launch.accelerate_config": "x.yaml", "plot.x": "batch_size"}).digest() == cfg.digest()
     # The effective study round-trips through the file cluster jobs re-read.
     (tmp_path / "again.yaml").write_text(cfg2.to_yaml())
     assert load_study(tmp_path / "again.yaml").digest() == cfg2.digest()
@@ -247,3 +249,19 @@ def test_a_study_can_score_cells_by_land_cover_segmentation(dataset, tmp_path):
     assert "eval.linear.s2.miou" in (out / "results.csv").read_text().splitlines()[0]
     with pytest.raises(ValueError, match="not a segment protocol"):
         load_study(study, {"eval.protocols": "[knn]"})
+
+
+def test_a_cell_held_by_another_process_is_skipped(tmp_path):
+    """Two studies (or a cluster job's ``--cell`` and a local run) never run the same cell at once."""
+    import fcntl
+
+    out = tmp_path / "study"
+    study = _study_file(tmp_path, str(tmp_path / "no-dataset-needed"), out, grid={"batch_size": [4]})
+    cell = out / "cells" / "batch_size-4"
+    cell.mkdir(parents=True)
+    with open(cell / ".cell.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = run_cli("study", "--config", str(study), "--cell", "batch_size-4", timeout=120)
+    assert "batch_size-4: being run by another process, skipped" in proc.stdout
+    assert not (cell / "run").exists() and not (cell / "train.log").exists()
+    assert "not finished" in proc.stdout
