@@ -93,7 +93,9 @@ def _add_segment(sub) -> None:
     g.add_argument("--init", type=_csv, default=("random", "checkpoint"),
                    help="rows: random, checkpoint, checkpoint-random-adapter, checkpoint-backbone-only")
     g.add_argument("--epochs", type=int, default=20, help="training epochs over the labelled patches")
-    g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the head (backbone: x0.1)")
+    g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the head")
+    g.add_argument("--backbone-lr-scale", type=float, default=0.1,
+                   help="finetune: a pre-trained backbone's lr relative to the head's (a random one trains at 1x)")
     g.add_argument("--crop", type=int, default=0,
                    help="train on random crops of this size in px (0: whole patches); evaluation uses whole patches")
     g.add_argument("--class-weights", default="inverse_sqrt", choices=list(CLASS_WEIGHTINGS),
@@ -116,6 +118,7 @@ def _run_segment(args) -> int:
     from .segment import SegmentConfig, run_segmentation
 
     train = SegTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, crop=args.crop,
+                           backbone_lr_scale=args.backbone_lr_scale,
                            class_weighting=args.class_weights, workers=args.workers)
     cfg = SegmentConfig(dataset=args.dataset, out=args.out, checkpoints=tuple(args.checkpoint), inputs=args.inputs,
                         s2_bands=args.s2_bands, budget=args.budget, protocol=args.protocol,

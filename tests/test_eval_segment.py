@@ -216,7 +216,7 @@ def test_segment_cli_tables_mlflow_figures_and_georeferenced_maps(dataset, synth
     if protocol == "linear":
         args.append("--write-maps")
     else:
-        args += ["--precision", "bf16"]
+        args += ["--precision", "bf16", "--backbone-lr-scale", "0.5"]
     run_cli(*args, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
 
     rows = {r["method"]: r for r in _read_csv(out / "results.csv")}
@@ -243,6 +243,7 @@ def test_segment_cli_tables_mlflow_figures_and_georeferenced_maps(dataset, synth
     parent = client.search_runs([exp.experiment_id], "tags.`eossl.eval.parent` = '1'")[0]
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     scored = [c for c in children if "miou_mean" in c.data.metrics]
+    assert parent.data.params["train.backbone_lr_scale"] == ("0.5" if protocol == "finetune" else "0.1")
     assert len(children) == len(_read_csv(out / "results.csv")) * 2  # every row x (s1, s1s2)
     assert {c.data.tags["eossl.eval.method"] for c in scored if c.data.tags["eossl.eval.input"] == "s1"} >= set(supervised)
 
