@@ -23,6 +23,7 @@ from eossl.streaming.inputs import InputSpec
 from eossl.streaming.zarr_dataset import ZarrPatchDataset
 from eossl.train.checkpoint import state_digest
 
+from .grid import assert_scene_holdout, row_name, training_subset
 from .metrics import mean_and_spread, multi_label_metrics, single_label_metrics
 from .models import INITS, NotApplicable, build_eval_encoder
 from .probes import ProbeConfig, extract_features, finetune, knn_scores, linear_probe
@@ -98,28 +99,20 @@ def _method_rows(cfg: ClassifyConfig) -> list[tuple[str, str, str | None]]:
     if "random" in cfg.inits:
         rows.append(("random init", "random", None))
     for run in cfg.checkpoints:
-        name = Path(run).resolve().name
         for init in cfg.inits:
-            if init == "random":
-                continue
-            rows.append((name if init == "checkpoint" else f"{name} ({init.removeprefix('checkpoint-')})", init, run))
+            if init != "random":
+                rows.append((row_name(run, init), init, run))
     return rows
 
 
-def _scene(keys) -> set[str]:
-    return {k.rsplit("_p", 1)[0] for k in keys}
-
-
 def _datasets(cfg: ClassifyConfig, spec: InputSpec, seed: int):
-    subset = "train" if cfg.budget == "all" else f"budget_{cfg.budget}_seed{seed}"
+    subset = training_subset(cfg.budget, seed)
     train = ZarrPatchDataset(cfg.dataset, spec, rows=subset, label=cfg.label, multilabel=cfg.multilabel)
     test = ZarrPatchDataset(cfg.dataset, spec, rows="test", label=cfg.label, multilabel=cfg.multilabel)
     if cfg.budget != "all" and len(train) != int(cfg.budget):
         raise NotApplicable(f"budget subset {subset} has {len(train)} usable samples, not {cfg.budget} "
                             f"(excluded: {train.excluded})")
-    leaked = _scene(train.keys) & _scene(test.keys)
-    if leaked:  # never expected: ingest splits by scene; this guards against a mixed-up dataset
-        raise AssertionError(f"hold-out scenes in the training rows: {sorted(leaked)[:5]}")
+    assert_scene_holdout(train.keys, test.keys)
     return train, test
 
 

@@ -29,7 +29,7 @@ from eossl.streaming.inputs import InputSpec
 from eossl.train.checkpoint import state_digest
 from eossl.train.vit import is_vit
 
-from .classify import _scene
+from .grid import assert_scene_holdout, row_name, training_subset
 from .metrics import mean_and_spread
 from .models import INITS, NotApplicable, build_eval_encoder
 from .report import write_tables
@@ -125,17 +125,15 @@ def _method_rows(cfg: SegmentConfig) -> list[tuple[str, str, str | None, str]]:
     if "random" in cfg.inits:
         rows += [("random init" if len(archs) == 1 else f"random init ({a})", "random", None, a) for a in archs]
     for run in cfg.checkpoints:
-        name = Path(run).name
         for init in cfg.inits:
             if init != "random":
-                rows.append((name if init == "checkpoint" else f"{name} ({init.removeprefix('checkpoint-')})",
-                             init, run, _card(run)["timm_model"]))
+                rows.append((row_name(run, init), init, run, _card(run)["timm_model"]))
     return rows
 
 
 def _datasets(cfg: SegmentConfig, spec: InputSpec, seed: int) -> tuple[SegmentationPatches, SegmentationPatches]:
     scheme = label_scheme(cfg.label)
-    subset = "train" if cfg.budget == "all" else f"budget_{cfg.budget}_seed{seed}"
+    subset = training_subset(cfg.budget, seed)
     train = SegmentationPatches(cfg.dataset, spec, subset, scheme)
     test = SegmentationPatches(cfg.dataset, spec, "test", scheme)
     if cfg.budget != "all" and len(train) != int(cfg.budget):
@@ -143,9 +141,7 @@ def _datasets(cfg: SegmentConfig, spec: InputSpec, seed: int) -> tuple[Segmentat
                             f"not {cfg.budget} (excluded: {train.excluded})")
     if not len(test):
         raise NotApplicable(f"no hold-out patch has land cover and {spec.sensors} (excluded: {test.excluded})")
-    leaked = _scene(train.keys) & _scene(test.keys)
-    if leaked:  # never expected: ingest splits by scene; this guards against a mixed-up dataset
-        raise AssertionError(f"hold-out scenes in the training rows: {sorted(leaked)[:5]}")
+    assert_scene_holdout(train.keys, test.keys)
     return train, test
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -89,3 +91,14 @@ def s3_endpoint(tmp_path_factory):
 
     with moto_s3_server(tmp_path_factory.mktemp("moto")) as endpoint, aws_environment(endpoint):
         yield endpoint
+
+
+def history_steps(run: Path) -> list[int]:
+    """The steps a training run logged to RUN_DIR/history.jsonl (empty before its first log)."""
+    path = run / "history.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def training_env() -> dict:
+    """This environment without tracking and rank variables, for training subprocesses started by tests."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}

@@ -151,3 +151,14 @@ def test_classify_grid_cli_tables_figures_and_mlflow(dataset, pretrained, tmp_pa
     run_cli("eval", "report", "--parent", parents[0].info.run_id, "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}",
             "--out", str(report))
     assert _read_csv(report / "results.csv") == rows  # the same table, rebuilt from MLflow only
+
+
+def test_grid_subsets_scene_holdout_and_row_names():
+    from eossl.eval.grid import assert_scene_holdout, row_name, training_subset
+
+    assert training_subset("1024", 2) == "budget_1024_seed2" and training_subset("all", 2) == "train"
+    assert_scene_holdout(["ROIs1158_spring_1_p30", "ROIs1158_spring_1_p31"], ["ROIs1158_spring_2_p30"])
+    with pytest.raises(AssertionError, match="ROIs1158_spring_1"):  # p30 and p7 of scene 1 on both sides
+        assert_scene_holdout(["ROIs1158_spring_1_p30", "ROIs1970_fall_1_p2"], ["ROIs1158_spring_1_p7"])
+    assert row_name("runs/moco/", "checkpoint") == "moco"
+    assert row_name("runs/moco", "checkpoint-random-adapter") == "moco (random-adapter)"

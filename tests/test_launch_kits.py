@@ -24,7 +24,7 @@ import yaml
 
 from eossl.launch.cluster import ClusterJob, render_k8s, render_slurm
 
-from conftest import REPO, run_cli
+from conftest import REPO, history_steps, run_cli, training_env
 from servers import free_port
 
 BIN = Path(sys.executable).parent
@@ -64,7 +64,7 @@ def slurm_stubs(tmp_path) -> Path:
 
 
 def _slurm_env(stubs: Path, nodes: int, hosts: str, tmp_path: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RANK", "WORLD_SIZE", "SLURM_"))}
+    env = {k: v for k, v in training_env().items() if not k.startswith("SLURM_")}
     env.update({"PATH": f"{stubs}:{BIN}:{env['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NNODES": str(nodes),
                 "SLURM_JOB_NODELIST": "stub", "STUB_HOSTS": hosts, "STUB_REQUEUES": str(tmp_path / "requeues"),
                 "EOSSL_REPO": str(REPO), **extra})
@@ -167,11 +167,6 @@ TRAIN = ["--set", "backbone=resnet18", "--set", "batch_size=4", "--set", "queue_
          "--set", "device=cpu", "--set", "log_every=1", "--set", "ckpt_every=0", "--set", "moco.momentum=0.9"]
 
 
-def _steps(run: Path) -> list[int]:
-    path = run / "history.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def test_slurm_job_preempted_checkpoints_requeues_and_resumes(dataset, slurm_stubs, tmp_path):
     """SIGUSR1 to the batch script (what --signal=B:USR1@N sends) -> ranks checkpoint -> requeue -> resume."""
     run = tmp_path / "run"
@@ -185,7 +180,7 @@ def test_slurm_job_preempted_checkpoints_requeues_and_resumes(dataset, slurm_stu
     proc = subprocess.Popen(["bash", str(script)], stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     deadline = time.monotonic() + 300
-    while len(_steps(run)) < 3:
+    while len(history_steps(run)) < 3:
         assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -198,7 +193,7 @@ def test_slurm_job_preempted_checkpoints_requeues_and_resumes(dataset, slurm_stu
         log.close()
     first = (tmp_path / "first.log").read_text()
     assert (tmp_path / "requeues").read_text().split() == ["4242"], first[-3000:]
-    steps = _steps(run)
+    steps = history_steps(run)
     checkpoint_step = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
     assert checkpoint_step == steps[-1] < 30, (checkpoint_step, steps)  # nothing trained is lost
     assert not (run / "backbone").exists() and "TRAINING-DONE" not in first
@@ -210,7 +205,7 @@ def test_slurm_job_preempted_checkpoints_requeues_and_resumes(dataset, slurm_stu
     resumed = re.search(r"resumed from \S+step-(\d+)", again.stdout + again.stderr)
     assert resumed and int(resumed.group(1)) == checkpoint_step
     assert "TRAINING-DONE" in again.stdout
-    assert _steps(run) == list(range(1, 31))
+    assert history_steps(run) == list(range(1, 31))
     ranks = [json.loads(p.read_text()) for p in sorted((run / "ranks").glob("rank-*.json"))]
     assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
     assert (tmp_path / "requeues").read_text().split() == ["4242"]  # no second requeue
@@ -312,3 +307,14 @@ def test_study_emitted_as_kubernetes_jobs(tmp_path):
         assert f"--set batch_size={cell.split('-')[1]}" in script and f"--cell {cell}" in script
         assert f"--config {out / 'study.yaml'}" in script
     assert (out / "study.yaml").exists()
+
+
+def test_node_script_refuses_a_rank_outside_the_run_and_a_missing_address():
+    node = str(REPO / "launch/kits/node.sh")
+    env = {**training_env(), "EOSSL_DRY_RUN": "1", "NNODES": "2"}
+    outside = subprocess.run([node, "moco"], capture_output=True, text=True, timeout=30,
+                             env={**env, "MASTER_ADDR": "n0", "NODE_RANK": "2"})
+    assert outside.returncode == 2 and "NODE_RANK=2 is outside 0..1" in outside.stderr
+    no_address = subprocess.run([node, "moco"], capture_output=True, text=True, timeout=30,
+                                env={k: v for k, v in env.items() if k != "MASTER_ADDR"})
+    assert no_address.returncode != 0 and "set MASTER_ADDR" in no_address.stderr

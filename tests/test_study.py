@@ -18,7 +18,7 @@ import yaml
 from eossl.launch.study import train_command
 from eossl.launch.study_config import load_study
 
-from conftest import REPO, run_cli
+from conftest import REPO, history_steps, run_cli, training_env
 
 TINY_TRAIN = {"backbone": "resnet18", "size": 32, "queue_size": 32, "hidden": 64, "dim": 32, "workers": 0,
               "threads": 1, "device": "cpu", "log_every": 1, "ckpt_every": 1, "moco.momentum": 0.9}
@@ -74,15 +74,6 @@ def dataset(synthetic_source, tmp_path_factory) -> Path:
     return out
 
 
-def _env() -> dict:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-
-
-def _history_steps(run: Path) -> list[int]:
-    history = run / "history.jsonl"
-    return [json.loads(line)["step"] for line in history.read_text().splitlines()] if history.exists() else []
-
-
 def test_study_killed_midway_resumes_and_finishes_every_cell_once(dataset, tmp_path):
     import mlflow
 
@@ -91,10 +82,10 @@ def test_study_killed_midway_resumes_and_finishes_every_cell_once(dataset, tmp_p
     cmd = [sys.executable, "-m", "eossl.launch", "study", "--config", str(study)]
     victim = out / "cells" / "batch_size-4_epochs-3" / "run"
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=training_env(), cwd=REPO, start_new_session=True)
     deadline = time.monotonic() + 400
     # Kill the study (and its training process) hard while the second cell is half-way through pre-training.
-    while len(_history_steps(victim)) < 4:
+    while len(history_steps(victim)) < 4:
         assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "the second cell never started"
         time.sleep(0.05)
@@ -105,7 +96,7 @@ def test_study_killed_midway_resumes_and_finishes_every_cell_once(dataset, tmp_p
     first = json.loads((out / "cells" / "batch_size-4_epochs-1" / "cell.json").read_text())
     assert "linear" in first["evaluated"]  # the first cell had finished before the kill
 
-    rerun = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=training_env(), cwd=REPO, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "batch_size-4_epochs-1: finished, skipped" in rerun.stdout
 
@@ -116,7 +107,7 @@ def test_study_killed_midway_resumes_and_finishes_every_cell_once(dataset, tmp_p
         state = json.loads((folder / "cell.json").read_text())
         attempts[cell.name] = state["train_attempts"]
         assert set(state["evaluated"]) == {"linear"}
-        steps = _history_steps(folder / "run")
+        steps = history_steps(folder / "run")
         assert steps == list(range(1, len(steps) + 1)) and steps, f"{cell.name}: steps {steps[:5]}...{steps[-5:]}"
     assert attempts == {"batch_size-4_epochs-1": 1, "batch_size-4_epochs-3": 2, "batch_size-8_epochs-1": 1,
                         "batch_size-8_epochs-3": 1}
@@ -167,7 +158,7 @@ def test_a_failing_cell_is_reported_and_the_others_finish(dataset, tmp_path):
     data["eval"] = {"protocols": ["knn"], "budget": "all", "inputs": ["s2"]}
     study.write_text(yaml.safe_dump(data))
     cmd = [sys.executable, "-m", "eossl.launch", "study", "--config", str(study)]
-    first = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    first = subprocess.run(cmd, capture_output=True, text=True, env=training_env(), cwd=REPO, timeout=600)
     assert first.returncode == 1, first.stdout[-2000:] + first.stderr[-2000:]
     bad = out / "cells" / "batch_size-8_epochs-1_name-lamb"
     assert "cell batch_size-8_epochs-1_name-lamb failed" in first.stderr and str(bad / "train.log") in first.stderr
@@ -181,7 +172,7 @@ def test_a_failing_cell_is_reported_and_the_others_finish(dataset, tmp_path):
     assert client.get_run(good["run_id"]).info.status == "FINISHED"
     rows = (out / "results.csv").read_text().splitlines()
     assert len(rows) == 3  # both cells in the table; the failed one without scores
-    again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    again = subprocess.run(cmd, capture_output=True, text=True, env=training_env(), cwd=REPO, timeout=600)
     assert again.returncode == 1 and "batch_size-8_epochs-1_name-sgd: finished, skipped" in again.stdout
 
 
@@ -199,11 +190,11 @@ def test_sigterm_stops_an_accelerate_launched_cell_at_a_checkpoint(dataset, tmp_
     study.write_text(yaml.safe_dump(data))
     cmd = [sys.executable, "-m", "eossl.launch", "study", "--config", str(study)]
     run = out / "cells" / "batch_size-4_epochs-6" / "run"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=training_env(), cwd=REPO,
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while len(_history_steps(run)) < 2:
+        while len(history_steps(run)) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
             time.sleep(0.05)
         family = psutil.Process(proc.pid).children(recursive=True)
@@ -215,15 +206,15 @@ def test_sigterm_stops_an_accelerate_launched_cell_at_a_checkpoint(dataset, tmp_
     assert proc.returncode == 1 and "checkpointed and stopped" in output, output[-3000:]
     gone, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
-    steps = _history_steps(run)
+    steps = history_steps(run)
     last = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
     assert last == steps[-1] and not (run / "backbone").exists()
     log = (run.parent / "train.log").read_text()
     assert log.count("SIGUSR1 received") == 2  # both ranks
 
-    again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    again = subprocess.run(cmd, capture_output=True, text=True, env=training_env(), cwd=REPO, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    steps = _history_steps(run)
+    steps = history_steps(run)
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > last
     rank_files = sorted((run / "ranks").glob("rank-*.json"))
     assert [json.loads(p.read_text())["world_size"] for p in rank_files] == [2, 2]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_train_moco import TINY, _cli_set
 
-from conftest import REPO, run_cli
+from conftest import REPO, history_steps, run_cli, training_env
 from servers import free_port, mlflow_server
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -32,11 +32,6 @@ def _train(dataset: Path, out: Path, steps: int = 3) -> list[str]:
             *_cli_set(values)]
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-    return env
-
-
 def _ranks(run: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((run / "ranks").glob("rank-*.json"))]
 
@@ -45,7 +40,7 @@ def test_two_processes_one_machine(dataset, tmp_path):
     run = tmp_path / "run"
     cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "launch/accelerate/cpu_2proc.yaml"),
            "--main_process_port", str(free_port()), *_train(dataset, run)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=training_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = _ranks(run)
     assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
@@ -60,7 +55,7 @@ def test_two_processes_one_machine(dataset, tmp_path):
 def test_two_nodes_on_localhost(dataset, tmp_path):
     """Two "nodes" on 127.0.0.1, each started by the launch kit's per-node script (as SLURM/Kubernetes do)."""
     run = tmp_path / "run"
-    node_env = {**_env(), "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+    node_env = {**training_env(), "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                 "PROCS_PER_NODE": "1", "ACCELERATE_CONFIG": str(REPO / "launch/accelerate/cpu_multinode.yaml"),
                 "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     procs = []
@@ -82,7 +77,7 @@ def test_tracking_against_a_real_mlflow_server(dataset, tmp_path):
 
     with mlflow_server(tmp_path) as uri:
         run = tmp_path / "run"
-        env = {**_env(), "MLFLOW_TRACKING_URI": uri}
+        env = {**training_env(), "MLFLOW_TRACKING_URI": uri}
         proc = subprocess.run([sys.executable, *_train(dataset, run)], capture_output=True, text=True, timeout=600,
                               env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -116,7 +111,7 @@ def test_dino_two_processes_same_launch_command(dataset, tmp_path):
     cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "launch/accelerate/cpu_2proc.yaml"),
            "--main_process_port", str(free_port()), "-m", "eossl.train", "dino", "--data", str(dataset),
            "--out", str(run), "--max-steps", "2", *_cli_set(values)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=training_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = _ranks(run)
     assert [r["world_size"] for r in ranks] == [2, 2]
@@ -130,21 +125,20 @@ def test_elastic_resume_on_another_world_size_keeps_the_global_batch(dataset, tm
     run = tmp_path / "run"
     two = [ACCELERATE, "launch", "--config_file", str(REPO / "launch/accelerate/cpu_2proc.yaml"),
            "--main_process_port", str(free_port()), *_train(dataset, run, steps=2)]
-    proc = subprocess.run(two, capture_output=True, text=True, timeout=600, env=_env())
+    proc = subprocess.run(two, capture_output=True, text=True, timeout=600, env=training_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     trainer = json.loads((run / "checkpoints" / "step-0000002" / "trainer.json").read_text())
     assert trainer["world_size"] == 2 and trainer["global_batch"] == 8
     seen_before = trainer["loader"]
 
     wrong = subprocess.run([sys.executable, *_train(dataset, run, steps=4)], capture_output=True, text=True,
-                           timeout=600, env=_env())
+                           timeout=600, env=training_env())
     assert wrong.returncode != 0 and "--set batch_size=8" in wrong.stderr, wrong.stderr[-2000:]
     one = [sys.executable, *_train(dataset, run, steps=4), "--set", "batch_size=8"]
-    proc = subprocess.run(one, capture_output=True, text=True, timeout=600, env=_env())
+    proc = subprocess.run(one, capture_output=True, text=True, timeout=600, env=training_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "step-0000002" in proc.stdout
-    steps = [json.loads(line)["step"] for line in (run / "history.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    assert history_steps(run) == [1, 2, 3, 4]
     after = json.loads((run / "checkpoints" / "step-0000004" / "trainer.json").read_text())
     assert after["world_size"] == 1 and after["global_batch"] == 8 and after["loader"] != seen_before
 
@@ -152,14 +146,14 @@ def test_elastic_resume_on_another_world_size_keeps_the_global_batch(dataset, tm
 def test_a_second_training_process_on_the_same_run_folder_is_refused(dataset, tmp_path):
     run = tmp_path / "run"
     first = subprocess.Popen([sys.executable, *_train(dataset, run, steps=400)], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env=_env())
+                             stderr=subprocess.STDOUT, text=True, env=training_env())
     try:
         deadline = time.monotonic() + 120
         while not (run / "history.jsonl").exists():
             assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-2000:]
             time.sleep(0.1)
         second = subprocess.run([sys.executable, "-m", "eossl.launch", "train", *_train(dataset, run, steps=400)[2:]],
-                                capture_output=True, text=True, timeout=120, env=_env())
+                                capture_output=True, text=True, timeout=120, env=training_env())
         assert second.returncode == 1 and "another process is training into this run folder" in second.stderr
     finally:
         first.send_signal(signal.SIGTERM)  # a pre-emption: checkpoint and exit 75
