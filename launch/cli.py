@@ -162,7 +162,11 @@ def _add_bench(sub) -> None:
     bl = bsub.add_parser("loader", help="streaming loader samples/s vs rasterio GeoTIFFs + torch DataLoader")
     bl.add_argument("--source", help="SEN12MS GeoTIFF tree the dataset was ingested from")
     bl.add_argument("--dataset", help="dataset of the same patches (default: 64 synthetic patches, temp folder)")
-    bl.add_argument("--s3-dataset", help="the same dataset on S3 (s3://...; endpoint from AWS_ENDPOINT_URL)")
+    bl.add_argument("--patches", type=int, default=64, help="synthetic patches when no --source/--dataset (64)")
+    bl.add_argument("--s3-source", help="the GeoTIFF tree on S3 (s3://...; endpoint from AWS_ENDPOINT_URL)")
+    bl.add_argument("--s3-dataset", help="the dataset on S3 (with --s3-source): both sides are also timed from S3")
+    bl.add_argument("--local-s3", action="store_true",
+                    help="start a local S3-compatible server (moto, test extra), upload both and time them from it")
     bl.add_argument("--workers", type=int, default=2, help="reader processes on both sides (2)")
     bl.add_argument("--batch-size", type=int, default=32)
     bl.add_argument("--samples", type=int, default=512, help="samples timed per run (at least two epochs)")
@@ -205,18 +209,18 @@ def _run_bench_train(args) -> int:
         defaults = {"backbone": "resnet18", "batch_size": "16", "size": "96", "queue_size": "1024",
                     "hidden": "512", "workers": "1", "threads": "2", "split": "all"}
     overrides = {**defaults, **dict(o.split("=", 1) for o in args.overrides)}
-    data = args.data
-    if data is None:
-        from eossl.ingest.config import IngestConfig, SplitOptions
-        from eossl.ingest.sample_data import write_sample_data
-        from eossl.ingest.writer import run_ingest
+    if args.data is not None:
+        print_result(bench_train(args.data, args.method, args.steps, overrides), args.json)
+        return 0
+    from eossl.ingest.config import IngestConfig, SplitOptions
+    from eossl.ingest.sample_data import write_sample_data
+    from eossl.ingest.writer import run_ingest
 
-        tmp = tempfile.mkdtemp(prefix="eossl-bench-data-")
+    with tempfile.TemporaryDirectory(prefix="eossl-bench-data-") as tmp:  # removed afterwards, even on error
         write_sample_data(f"{tmp}/src", 64, seed=0)
-        data = f"{tmp}/ds"
-        run_ingest(IngestConfig(source=f"{tmp}/src", dataset=data, shard_bytes=32 * 2**20, progress=False,
+        run_ingest(IngestConfig(source=f"{tmp}/src", dataset=f"{tmp}/ds", shard_bytes=32 * 2**20, progress=False,
                                 split=SplitOptions(budgets=())))
-    print_result(bench_train(data, args.method, args.steps, overrides), args.json)
+        print_result(bench_train(f"{tmp}/ds", args.method, args.steps, overrides), args.json)
     return 0
 
 
@@ -225,7 +229,8 @@ def _run_bench_loader(args) -> int:
     from eossl.streaming.bench import bench_loader
 
     result = bench_loader(args.source, args.dataset, workers=args.workers, batch_size=args.batch_size,
-                          samples=args.samples, repeat=args.repeat, s3_dataset=args.s3_dataset)
+                          samples=args.samples, repeat=args.repeat, patches=args.patches, s3_source=args.s3_source,
+                          s3_dataset=args.s3_dataset, local_s3=args.local_s3)
     print_result(result, args.json)
     return 0
 

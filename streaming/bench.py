@@ -16,6 +16,10 @@ workers and the same batch size on both sides (``bench_loader``):
   (``ViewSet.draw``) applied with torch: ``affine_grid``/``grid_sample`` (bilinear), per-band
   gain/offset, ``torchvision`` Gaussian blur with DALI's window (skipped when the view draws no blur).
   Given the same position, the two sides' views agree to ~3e-3 in standardised units (tested).
+- **from S3** (``s3_source``/``s3_dataset``, or ``local_s3``): both stages again with both sides reading
+  from the object store: the baseline opens ``s3://`` GeoTIFFs with rasterio (GDAL ``/vsis3/``); ours reads
+  the shards through a node-local shard cache (filled by the warm-up epoch) and, separately, without one
+  (a ranged GET per member).
 
 Timing: both sides of a stage are alive together; after one warm-up epoch each, ``repeat`` rounds of
 interleaved runs (ours, baseline, then baseline, ours, ...) so that a shared machine's changing load hits
@@ -42,9 +46,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import rasterio
+import rasterio.errors
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
@@ -58,9 +64,10 @@ from .augment import NO_BLUR_SIGMA, AugmentConfig, ViewParams
 from .inputs import InputSpec
 from .loader import LoaderConfig, SSLLoader
 from .plan import PlanConfig
+from .storage import StorageOptions
 from .views import ViewConfig, ViewSet
 
-__all__ = ["GeoTiffPatches", "bench_loader", "geotiff_files", "loader_configs", "read_batches", "torch_view"]
+__all__ = ["GeoTiffPatches", "bench_loader", "gdal_s3_options", "geotiff_files", "loader_configs", "read_batches", "torch_view"]
 
 GOALS = {"read": 20.0, "augment": 5.0}
 SENSORS = ("s1", "s2")
@@ -98,12 +105,14 @@ class GeoTiffPatches(torch.utils.data.Dataset):
     """What people use today: open each sample's S1 and S2 GeoTIFFs with rasterio on every access.
 
     Item ``i`` is the standardised (C, 256, 256) float32 patch (``views`` is None), or the tuple of its
-    augmented views with parameters ``views.draw(seed, 0, i)``.
+    augmented views with parameters ``views.draw(seed, 0, i)``. Paths may be ``s3://`` URLs, opened by GDAL
+    (``/vsis3/``) with ``gdal_options`` (see ``gdal_s3_options``).
     """
 
     def __init__(self, files: list[tuple[str, str]], spec: InputSpec, mean: np.ndarray, std: np.ndarray,
-                 views: ViewSet | None = None, seed: int = 0):
+                 views: ViewSet | None = None, seed: int = 0, gdal_options: dict[str, str] | None = None):
         self.files = files
+        self.gdal_options = gdal_options or {}
         self.s2_bands = [int(i) + 1 for i in spec.s2_index]  # rasterio band indexes are 1-based
         self.clip = spec.s1_clip
         self.mean = torch.from_numpy(mean)[:, None, None]
@@ -118,10 +127,13 @@ class GeoTiffPatches(torch.utils.data.Dataset):
         """Standardised (C, H, W) float32: GDAL converts into one preallocated array, torch ops in place."""
         s1_path, s2_path = self.files[i]
         out = np.empty((2 + len(self.s2_bands), PATCH_SIZE, PATCH_SIZE), dtype=np.float32)
-        with rasterio.open(s1_path) as ds:
-            ds.read(out=out[:2])
-        with rasterio.open(s2_path) as ds:
-            ds.read(self.s2_bands, out=out[2:])
+        with rasterio.Env(**self.gdal_options):
+            for path, bands, target in ((s1_path, None, out[:2]), (s2_path, self.s2_bands, out[2:])):
+                try:
+                    with rasterio.open(path) as ds:
+                        ds.read(bands, out=target)
+                except rasterio.errors.RasterioError as exc:  # GDAL's message may not name the file
+                    raise OSError(f"{path}: cannot read GeoTIFF: {exc}") from exc
         x = torch.from_numpy(out)
         s1 = x[:2]
         torch.where(torch.isfinite(s1), s1, self.mean[:2], out=s1)  # as the loader: NaN -> band mean
@@ -139,6 +151,25 @@ class GeoTiffPatches(torch.utils.data.Dataset):
 
 def _one_thread(_worker_id: int) -> None:
     torch.set_num_threads(1)
+
+
+def gdal_s3_options(timeout_s: float = 30.0, retries: int = 5) -> dict[str, str]:
+    """GDAL settings for ``rasterio.open("s3://...")`` from the standard AWS environment.
+
+    GDAL does not read ``AWS_ENDPOINT_URL``: a custom endpoint becomes ``AWS_S3_ENDPOINT`` with path-style
+    addressing. ``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR`` is GDAL's own advice for cloud reads (without it
+    every open also lists the folder, looking for sidecar files); timeouts and retries so that no read
+    hangs. Credentials stay in the environment, where GDAL finds them.
+    """
+    options = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_HTTP_TIMEOUT": str(math.ceil(timeout_s)),
+               "GDAL_HTTP_CONNECTTIMEOUT": str(math.ceil(timeout_s)), "GDAL_HTTP_MAX_RETRY": str(retries),
+               "GDAL_HTTP_RETRY_DELAY": "0.5"}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        url = urlparse(endpoint)
+        options.update(AWS_S3_ENDPOINT=url.netloc + url.path.rstrip("/"),
+                       AWS_HTTPS="YES" if url.scheme == "https" else "NO", AWS_VIRTUAL_HOSTING="FALSE")
+    return options
 
 
 def geotiff_files(source: str, keys: np.ndarray) -> list[tuple[str, str]]:
@@ -347,6 +378,65 @@ def loader_configs(workers: int, batch_size: int, seed: int = 0) -> dict[str, Lo
     }
 
 
+S3_BUCKET = "eossl-bench"
+
+
+def _bench_s3(s3_source: str | None, s3_dataset: str | None, cfgs: dict[str, LoaderConfig], probe: SSLLoader,
+              spec: InputSpec, norm: tuple[np.ndarray, np.ndarray], workers: int, batch_size: int, samples: int,
+              repeat: int, seed: int) -> dict:
+    """Both sides from the object store: GeoTIFFs through GDAL vs our shards with and without a node cache."""
+    keys = dict.fromkeys(("s3_read_speedup_vs_geotiff", "s3_speedup_vs_geotiff", "s3_nocache_read_speedup_vs_geotiff",
+                          "s3_nocache_speedup_vs_geotiff", "s3_read_samples_per_s", "s3_samples_per_s"))
+    if s3_dataset is None:
+        return keys
+    files = geotiff_files(s3_source, probe.catalog.key[probe.rows])
+    gdal = gdal_s3_options()
+    report: dict = {
+        "source": s3_source, "dataset": s3_dataset, "endpoint_from_env": bool(os.environ.get("AWS_ENDPOINT_URL")),
+        "baseline": "rasterio.open('s3://...') per GeoTIFF (GDAL /vsis3/, GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR)",
+        "cache": "node-local shard cache in a temporary folder (empty at the start: filled by the warm-up epoch)",
+        "no_cache": "one ranged GET per member",
+    }
+    baseline = {"read": GeoTiffPatches(files, spec, *norm, gdal_options=gdal),
+                "augment": GeoTiffPatches(files, spec, *norm, views=probe.views, seed=seed, gdal_options=gdal)}
+    cache_dir = Path(tempfile.mkdtemp(prefix="eossl-bench-cache-"))
+    try:
+        for stage, epochs in (("read", _read_path_epochs), ("augment", _loader_epochs)):
+            report[stage] = {}
+            for variant, storage in (("cache", StorageOptions(cache_dir=str(cache_dir))), ("no_cache", StorageOptions())):
+                with epochs(s3_dataset, replace(cfgs[stage], storage=storage)) as ours, \
+                        _dataloader_epochs(baseline[stage], workers, batch_size) as theirs:
+                    report[stage][variant] = _compare(ours, theirs, samples, repeat)
+                del ours, theirs
+                gc.collect()
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return {"s3": report,
+            "s3_read_speedup_vs_geotiff": report["read"]["cache"]["speedup"],
+            "s3_speedup_vs_geotiff": report["augment"]["cache"]["speedup"],
+            "s3_nocache_read_speedup_vs_geotiff": report["read"]["no_cache"]["speedup"],
+            "s3_nocache_speedup_vs_geotiff": report["augment"]["no_cache"]["speedup"],
+            "s3_read_samples_per_s": report["read"]["cache"]["ours"]["samples_per_s"],
+            "s3_samples_per_s": report["augment"]["cache"]["ours"]["samples_per_s"]}
+
+
+def _bench_local_s3(source: str, dataset: str, *args) -> dict:
+    """``_bench_s3`` against a ``moto_server`` started here (a child: its CPU counts on both sides).
+
+    The server's log folder is removed afterwards unless the run failed (the error names the log).
+    """
+    from .local_s3 import aws_environment, moto_s3_server, upload_tree
+
+    logs = Path(tempfile.mkdtemp(prefix="eossl-bench-s3-"))
+    with moto_s3_server(logs) as endpoint, aws_environment(endpoint):
+        upload_tree(source, f"s3://{S3_BUCKET}/source")
+        upload_tree(dataset, f"s3://{S3_BUCKET}/dataset")
+        out = _bench_s3(f"s3://{S3_BUCKET}/source", f"s3://{S3_BUCKET}/dataset", *args)
+    shutil.rmtree(logs, ignore_errors=True)
+    out["s3"]["server"] = "moto_server on 127.0.0.1 (started by the bench; objects in memory)"
+    return out
+
+
 def bench_loader(
     source: str | None = None,
     dataset: str | None = None,
@@ -355,7 +445,9 @@ def bench_loader(
     samples: int = 512,
     repeat: int = 3,
     patches: int = 64,
+    s3_source: str | None = None,
     s3_dataset: str | None = None,
+    local_s3: bool = False,
     seed: int = 0,
 ) -> dict:
     """Samples/s of the streaming loader against GeoTIFFs + torch ``DataLoader``, read and augment.
@@ -369,19 +461,29 @@ def bench_loader(
         samples: samples per timed run (whole epochs, at least two).
         repeat: timed runs per measurement; the median is reported.
         patches: patches generated when no dataset is given.
-        s3_dataset: the same dataset on S3 (``s3://...``; endpoint and credentials from the standard AWS
-            environment, e.g. ``AWS_ENDPOINT_URL``): the loader is also timed reading it (no shard cache).
+        s3_source, s3_dataset: the same GeoTIFF tree and dataset on S3 (``s3://...``; endpoint and
+            credentials from the standard AWS environment, e.g. ``AWS_ENDPOINT_URL``): both sides are also
+            timed reading from the object store (the baseline through GDAL's ``/vsis3/``; ours with a
+            node-local shard cache and without one).
+        local_s3: start a local S3-compatible server (``moto_server``, test extra) on 127.0.0.1, upload
+            ``source`` and ``dataset`` to it and time the S3 comparison there; stopped at the end.
         seed: plan and augmentation seed.
 
     Returns:
         A JSON-ready dict: machine, settings, per-side samples/s of ``read`` and ``augment``, the speedups
-        ``read_speedup_vs_geotiff`` and ``speedup_vs_geotiff``, ``s3_samples_per_s`` /
-        ``s3_read_samples_per_s`` and ``gpu_samples_per_s`` (None when not measured).
+        ``read_speedup_vs_geotiff`` and ``speedup_vs_geotiff``; with S3 the same from the object store
+        (``s3_read_speedup_vs_geotiff``, ``s3_speedup_vs_geotiff`` with the shard cache,
+        ``s3_nocache_*`` without it, and ours in ``s3_read_samples_per_s`` / ``s3_samples_per_s``);
+        ``gpu_samples_per_s`` (None when not measured).
     """
     if (source is None) != (dataset is None):
         raise ValueError("give both source (the GeoTIFF tree) and dataset (its ingest), or neither")
     if dataset is not None and "://" in dataset:
         raise ValueError(f"dataset must be a local folder (pass s3_dataset for S3), got {dataset!r}")
+    if (s3_source is None) != (s3_dataset is None):
+        raise ValueError("give both s3_source (the GeoTIFF tree on S3) and s3_dataset (its ingest on S3), or neither")
+    if local_s3 and s3_dataset is not None:
+        raise ValueError("local_s3 uploads source and dataset to a local server: do not also give s3_source/s3_dataset")
     if workers < 0 or batch_size < 1 or samples < 1 or repeat < 1:
         raise ValueError("need workers >= 0, batch_size >= 1, samples >= 1, repeat >= 1")
     tmp = Path(tempfile.mkdtemp(prefix="eossl-bench-loader-")) if source is None else None
@@ -435,17 +537,12 @@ def bench_loader(
         result["cpu_efficiency_vs_geotiff"] = result["augment"]["cpu_efficiency"]
         result["goals"] = {"read_speedup_vs_geotiff": GOALS["read"], "speedup_vs_geotiff": GOALS["augment"]}
 
-        result["s3_samples_per_s"] = result["s3_read_samples_per_s"] = None
-        if s3_dataset:
-            result["s3"] = {"dataset": s3_dataset, "endpoint_from_env": bool(os.environ.get("AWS_ENDPOINT_URL")),
-                            "cache": "none: one ranged GET per member"}
-            for stage, epochs in (("read", _read_path_epochs), ("augment", _loader_epochs)):
-                with epochs(s3_dataset, cfgs[stage]) as ours:
-                    result["s3"][stage] = _single(ours, samples, repeat)
-                del ours
-                gc.collect()
-            result["s3_read_samples_per_s"] = result["s3"]["read"]["samples_per_s"]
-            result["s3_samples_per_s"] = result["s3"]["augment"]["samples_per_s"]
+        if local_s3:
+            result.update(_bench_local_s3(source, dataset, cfgs, probe, spec, (mean, std), workers, batch_size,
+                                          samples, repeat, seed))
+        else:
+            result.update(_bench_s3(s3_source, s3_dataset, cfgs, probe, spec, (mean, std), workers, batch_size,
+                                    samples, repeat, seed))
 
         result["gpu_samples_per_s"] = None
         if torch.cuda.is_available():

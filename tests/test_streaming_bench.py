@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 from eossl.streaming.bench import (
     GeoTiffPatches,
     bench_loader,
+    gdal_s3_options,
     geotiff_files,
     loader_configs,
     read_batches,
@@ -78,26 +81,59 @@ def test_baseline_augmentation_equals_loader_views(tiny):
     assert blurred > 0  # the blur path was compared too
 
 
-def test_bench_loader_reports_every_number(tiny, s3_endpoint):
+def test_baseline_reads_the_same_patches_from_s3(tiny, s3_endpoint):
+    """The S3 baseline (GDAL /vsis3/ with the options derived from AWS_ENDPOINT_URL) reads what is on disk."""
     from servers import upload_tree
 
     source, dataset = tiny
-    upload_tree(dataset, "s3://eossl-bench/ds")
-    result = bench_loader(str(source), str(dataset), workers=1, batch_size=4, samples=8, repeat=1,
-                          s3_dataset="s3://eossl-bench/ds")
+    upload_tree(source, "s3://eossl-bench-geotiff/src")
+    loader = SSLLoader(str(dataset), loader_configs(workers=0, batch_size=4)["read"], rank=0, world_size=1)
+    local, _ = _baseline(source, loader)
+    remote_files = geotiff_files("s3://eossl-bench-geotiff/src", loader.catalog.key[loader.rows])
+    assert all(f.startswith("s3://eossl-bench-geotiff/src/") for pair in remote_files for f in pair)
+    options = gdal_s3_options()
+    assert options["AWS_S3_ENDPOINT"] == s3_endpoint.removeprefix("http://") and options["AWS_HTTPS"] == "NO"
+    remote = GeoTiffPatches(remote_files, loader.views.input_spec,
+                            *loader.views.input_spec.normalisation(loader.manifest), gdal_options=options)
+    for i in (0, len(remote) - 1):
+        torch.testing.assert_close(remote.read(i), local.read(i), atol=0, rtol=0)
+    without_endpoint = GeoTiffPatches(remote_files, loader.views.input_spec,
+                                      *loader.views.input_spec.normalisation(loader.manifest),
+                                      gdal_options={k: v for k, v in options.items() if not k.startswith("AWS_")}
+                                      | {"AWS_S3_ENDPOINT": "127.0.0.1:9", "AWS_HTTPS": "NO",
+                                         "AWS_VIRTUAL_HOSTING": "FALSE", "GDAL_HTTP_MAX_RETRY": "0",
+                                         "GDAL_HTTP_CONNECTTIMEOUT": "2"})
+    with pytest.raises(OSError, match="s3://eossl-bench-geotiff/src/.*_s1_.*cannot read GeoTIFF"):  # names the file, does not hang
+        without_endpoint.read(0)
+
+
+def test_bench_loader_cli_with_local_s3_reports_every_number(tmp_path):
+    """``eossl bench loader --local-s3 --json``: starts its own S3 server, times both sides from disk and S3."""
+    before = set(Path(tempfile.gettempdir()).glob("eossl-bench-*"))
+    proc = run_cli("bench", "loader", "--local-s3", "--patches", str(PATCHES), "--workers", "1", "--batch-size", "4",
+                   "--samples", "8", "--repeat", "1", "--json", timeout=600)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["samples_in_dataset"] == PATCHES
-    for stage in ("read", "augment"):
+    comparisons = [result["read"], result["augment"]] + [result["s3"][stage][variant] for stage in ("read", "augment")
+                                                         for variant in ("cache", "no_cache")]
+    for comparison in comparisons:
         for side in ("ours", "geotiff_dataloader"):
-            run = result[stage][side]
+            run = comparison[side]
             assert run["samples_per_s"] > 0 and run["samples_per_run"] >= 2 * PATCHES and run["epochs_per_run"] >= 2
             assert run["cpu_ms_per_sample"] > 0
+        assert comparison["speedup"] == pytest.approx(comparison["ours"]["samples_per_s"]
+                                                      / comparison["geotiff_dataloader"]["samples_per_s"], rel=0.02)
     for key in ("read_speedup_vs_geotiff", "speedup_vs_geotiff", "read_cpu_efficiency_vs_geotiff",
-                "cpu_efficiency_vs_geotiff", "s3_samples_per_s", "s3_read_samples_per_s"):
+                "cpu_efficiency_vs_geotiff", "s3_read_speedup_vs_geotiff", "s3_speedup_vs_geotiff",
+                "s3_nocache_read_speedup_vs_geotiff", "s3_nocache_speedup_vs_geotiff", "s3_samples_per_s",
+                "s3_read_samples_per_s"):
         assert result[key] > 0, key
-    assert result["s3"]["endpoint_from_env"]
+    assert result["s3_speedup_vs_geotiff"] == result["s3"]["augment"]["cache"]["speedup"]
+    assert result["s3"]["endpoint_from_env"] and result["s3"]["source"].startswith("s3://")
     assert (result["gpu_samples_per_s"] is None) == (not torch.cuda.is_available())
     assert result["settings"]["workers"] == 1 and result["settings"]["batch_size"] == 4
     assert np.isfinite(result["machine"]["load_avg_1m_at_end"])
+    assert set(Path(tempfile.gettempdir()).glob("eossl-bench-*")) <= before  # generated data, shard cache and server logs are removed
 
 
 def test_bench_loader_rejects_half_given_inputs(tiny):
@@ -105,3 +141,7 @@ def test_bench_loader_rejects_half_given_inputs(tiny):
         bench_loader(str(tiny[0]), None)
     with pytest.raises(ValueError, match="s3_dataset"):
         bench_loader(str(tiny[0]), "s3://bucket/ds")
+    with pytest.raises(ValueError, match="s3_source"):
+        bench_loader(str(tiny[0]), str(tiny[1]), s3_dataset="s3://bucket/ds")
+    with pytest.raises(ValueError, match="local_s3"):
+        bench_loader(str(tiny[0]), str(tiny[1]), s3_source="s3://b/src", s3_dataset="s3://b/ds", local_s3=True)
