@@ -176,9 +176,11 @@ def test_a_failing_cell_is_reported_and_the_others_finish(dataset, tmp_path):
     assert again.returncode == 1 and "batch_size-8_epochs-1_name-sgd: finished, skipped" in again.stdout
 
 
-def test_sigterm_stops_an_accelerate_launched_cell_at_a_checkpoint(dataset, tmp_path):
-    """A study that starts cells with ``accelerate launch`` (two CPU ranks): SIGTERM to the study reaches the
-    ranks, which checkpoint and stop; nothing keeps running; the re-run resumes the cell to the end."""
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl_c"])
+def test_a_stop_request_ends_an_accelerate_launched_cell_at_a_checkpoint(dataset, tmp_path, stop):
+    """A study that starts cells with ``accelerate launch`` (two CPU ranks): SIGTERM to the study, or Ctrl-C
+    (SIGINT to the whole process group, as a terminal sends it), reaches the ranks, which checkpoint and
+    stop; nothing keeps running; the re-run resumes the cell to the end."""
     import psutil
 
     out = tmp_path / "study"
@@ -198,7 +200,10 @@ def test_sigterm_stops_an_accelerate_launched_cell_at_a_checkpoint(dataset, tmp_
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
             time.sleep(0.05)
         family = psutil.Process(proc.pid).children(recursive=True)
-        proc.send_signal(signal.SIGTERM)
+        if stop == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
         output, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -210,7 +215,7 @@ def test_sigterm_stops_an_accelerate_launched_cell_at_a_checkpoint(dataset, tmp_
     last = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
     assert last == steps[-1] and not (run / "backbone").exists()
     log = (run.parent / "train.log").read_text()
-    assert log.count("SIGUSR1 received") == 2  # both ranks
+    assert log.count("SIGUSR1 received" if stop == "sigterm" else "SIGINT received") == 2, log  # both ranks
 
     again = subprocess.run(cmd, capture_output=True, text=True, env=training_env(), cwd=REPO, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

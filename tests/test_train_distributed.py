@@ -159,3 +159,35 @@ def test_a_second_training_process_on_the_same_run_folder_is_refused(dataset, tm
         first.send_signal(signal.SIGTERM)  # a pre-emption: checkpoint and exit 75
         first.communicate(timeout=120)
     assert first.returncode == 75
+
+
+def _wait_for_steps(proc: subprocess.Popen, run: Path, n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while len(history_steps(run)) < n:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-2000:]
+        time.sleep(0.05)
+
+
+def test_ctrl_c_checkpoints_at_the_step_boundary_and_the_run_resumes(dataset, tmp_path):
+    """SIGINT to the process group (what a terminal's Ctrl-C does: the reader workers get it too)."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, *_train(dataset, run, steps=400)]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=training_env(),
+                             start_new_session=True)
+    try:
+        _wait_for_steps(first, run, 2)
+        os.killpg(first.pid, signal.SIGINT)
+        out, _ = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 75, out[-3000:]
+    assert "SIGINT received: checkpointing at the next step boundary" in out
+    stopped = history_steps(run)
+    assert stopped == list(range(1, len(stopped) + 1))
+    assert (run / "checkpoints" / f"step-{stopped[-1]:07d}").is_dir()  # the step it stopped at
+
+    resumed = subprocess.run([sys.executable, *_train(dataset, run, steps=len(stopped) + 2)], capture_output=True,
+                             text=True, timeout=600, env=training_env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert history_steps(run) == list(range(1, len(stopped) + 3))

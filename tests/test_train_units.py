@@ -132,3 +132,27 @@ def test_loss_matches_float64_reference():
         ref = -torch.log_softmax(logits, dim=1)[:, 0].mean()
     assert abs(float(loss) - float(ref)) < 1e-5
     assert np.isfinite(float(loss))
+
+
+def test_stop_request_real_signals_first_ctrl_c_flags_second_interrupts(capsys):
+    """Real signals to this process: SIGTERM/SIGUSR1/SIGINT set the flag; a second SIGINT raises at once."""
+    import os
+    import signal
+
+    from eossl.train.loop import StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest(rank=3).installed() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+        assert "rank 3: SIGINT received" in capsys.readouterr().out
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before  # restored
+    with StopRequest().installed() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # after a pre-emption request, Ctrl-C does not abandon the checkpoint
+        assert stop.signum == signal.SIGINT
+    with StopRequest().installed() as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.signum == signal.SIGUSR1

@@ -6,7 +6,8 @@ backward -> clip -> step -> EMA/queue -> log -> checkpoint. One precision path: 
 
 Pre-emption: SIGTERM or SIGUSR1 (what SLURM and Kubernetes send before they stop a job) sets a flag; at
 the next step boundary every rank agrees on it (one all-reduce), the run checkpoints and ``train`` raises
-:class:`Preempted`. Running the same command again resumes exactly there (launch/slurm requeues).
+:class:`Preempted`. Running the same command again resumes exactly there (launch/slurm requeues). Ctrl-C
+(SIGINT) does the same, so an interactive stop loses no steps; a second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,9 +55,11 @@ from .methods import get_method
 from .schedules import cosine_schedule, scaled_lr
 from .tracking import start_tracking
 
-__all__ = ["PREEMPTED_EXIT_CODE", "Preempted", "RunResult", "train"]
+__all__ = ["PREEMPTED_EXIT_CODE", "Preempted", "RunResult", "StopRequest", "train"]
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGTERM/SIGUSR1: pre-emption (SLURM, Kubernetes, studies); SIGINT: Ctrl-C, which a terminal sends to the whole
+# process group, so every rank and reader worker gets it too.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; launch kits and studies resume on it
 
 
@@ -65,6 +70,39 @@ class Preempted(RuntimeError):
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} after a checkpoint in "
                          f"{run_dir / 'checkpoints'}; run the same command again to resume")
         self.step, self.signum = step, signum
+
+
+class StopRequest:
+    """The stop signal this process received (``signum``, 0 for none), acted on at the next step boundary.
+
+    A second Ctrl-C raises ``KeyboardInterrupt`` at once: the user asked twice, so no checkpoint is waited for.
+    """
+
+    def __init__(self, rank: int = 0):
+        self.rank = rank
+        self.signum = 0
+
+    def __call__(self, signum: int, _frame=None) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.signum:
+            again = " (Ctrl-C again to stop without it)" if signum == signal.SIGINT else ""
+            print(f"rank {self.rank}: {signal.Signals(signum).name} received: checkpointing at the next step "
+                  f"boundary{again}", flush=True)
+        self.signum = signum
+
+    @contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        """Handle ``STOP_SIGNALS`` inside the block (main thread only: Python delivers signals there)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self) for s in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 @dataclass
@@ -254,22 +292,9 @@ class _Run:
             with open(self.history, "a") as f:
                 f.write(json.dumps({"step": self.step, **values}) + "\n")
 
-    def _install_signal_handlers(self) -> dict:
-        self.stop_signal = 0
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def on_signal(signum, _frame):
-            if not self.stop_signal:
-                print(f"rank {self.acc.process_index}: {signal.Signals(signum).name} received: checkpointing at "
-                      "the next step boundary", flush=True)
-            self.stop_signal = signum
-
-        return {s: signal.signal(s, on_signal) for s in PREEMPTION_SIGNALS}
-
     def _stop_requested(self) -> int:
         """The signal any rank received (0: none): every rank stops at the same step."""
-        return int(all_reduce_max(torch.tensor(float(self.stop_signal), device=self.acc.device)))
+        return int(all_reduce_max(torch.tensor(float(self.stop.signum), device=self.acc.device)))
 
     def _preempt(self, signum: int) -> None:
         self.save_checkpoint()
@@ -280,12 +305,9 @@ class _Run:
         raise Preempted(self.step, signum, self.run_dir)
 
     def fit(self) -> RunResult:
-        previous = self._install_signal_handlers()
-        try:
+        self.stop = StopRequest(self.acc.process_index)
+        with self.stop.installed():
             return self._fit()
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
 
     def _fit(self) -> RunResult:
         cfg, acc = self.cfg, self.acc
@@ -313,9 +335,9 @@ class _Run:
                 except StopIteration:
                     break
                 except Exception:
-                    if self.stop_signal:  # the signal also reached the reader's workers: stop cleanly
+                    if self.stop.signum:  # the signal also reached the reader's workers: stop cleanly
                         bar.close()
-                        self._preempt(self.stop_signal)
+                        self._preempt(self.stop.signum)
                     raise
                 wait += time.perf_counter() - t0
                 views = [v.to(acc.device, non_blocking=True) for v in batch.views]
