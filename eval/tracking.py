@@ -12,11 +12,12 @@ def eval_experiment(out: Path, experiment: str) -> str:
     """Create ``out``, point MLflow at the tracking store and return the experiment's id (created if new)."""
     import mlflow
 
+    from eossl.train.tracking import artifact_root
+
     out.mkdir(parents=True, exist_ok=True)
-    remote = bool(os.environ.get("MLFLOW_TRACKING_URI"))
-    if not remote:
-        mlflow.set_tracking_uri(f"sqlite:///{out.resolve() / 'mlflow.db'}")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out.resolve() / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is not None:
         return exp.experiment_id
-    return mlflow.create_experiment(experiment, artifact_location=None if remote else str(out.resolve() / "mlartifacts"))
+    return mlflow.create_experiment(experiment, artifact_location=artifact_root(uri))

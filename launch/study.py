@@ -29,6 +29,7 @@ from pathlib import Path
 
 from eossl.train.checkpoint import write_json_atomic
 from eossl.train.loop import PREEMPTED_EXIT_CODE
+from eossl.train.tracking import artifact_root
 
 from .study_config import Cell, StudyConfig
 
@@ -97,9 +98,8 @@ class _Tracking:
         self.client = mlflow.MlflowClient(self.uri)
         exp = self.client.get_experiment_by_name(cfg.experiment_name)
         if exp is None:
-            local = not os.environ.get("MLFLOW_TRACKING_URI")
-            location = (Path(cfg.out).resolve() / "mlartifacts").as_uri() if local else None
-            self.experiment_id = self.client.create_experiment(cfg.experiment_name, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(cfg.experiment_name,
+                                                               artifact_location=artifact_root(self.uri))
         else:
             self.experiment_id = exp.experiment_id
         state_path = Path(cfg.out) / "study.json"
@@ -302,11 +302,23 @@ def run_study(cfg: StudyConfig, only: tuple[str, ...] = ()) -> dict:
     the study goes on with the next; ``failed`` in the result names them. A stop request (SIGTERM/SIGINT)
     ends the study after the running cell's checkpoint (:class:`StudyInterrupted`).
     """
+    tracking_uri = study_tracking_uri(cfg)
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # the evaluations run in this process
+    try:
+        return _run_study(cfg, only, tracking_uri)
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def _run_study(cfg: StudyConfig, only: tuple[str, ...], tracking_uri: str) -> dict:
     from .study_report import write_report
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri = study_tracking_uri(cfg)  # eval runs in this process
     tracking = _Tracking(cfg)
     (out / "study.yaml").write_text(cfg.to_yaml())
     cells = [cfg.cell(name) for name in only] if only else cfg.cells()

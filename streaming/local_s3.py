@@ -46,10 +46,14 @@ def _exe(name: str) -> str:
 @contextmanager
 def serve(cmd: list[str], health_url: str, log_path: Path, start_timeout: float = 60,
           env: dict | None = None) -> Iterator[subprocess.Popen]:
-    """Run a server process in its own session until the block ends; wait until ``health_url`` answers."""
+    """Run a server process in its own session until the block ends; wait until ``health_url`` answers.
+
+    The server runs in the log's folder, so files it writes into its working directory stay there.
+    """
     log = open(log_path, "wb")
     try:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+                                cwd=Path(log_path).parent)
     except FileNotFoundError:
         log.close()
         raise RuntimeError(f"{cmd[0]} is not installed (moto_server comes with pip install -e '.[test]')") from None

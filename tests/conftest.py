@@ -75,6 +75,17 @@ def synthetic_source(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def nothing_is_written_into_the_checkout():
+    """Tests and the processes they start run in the checkout: a file they leave there (MLflow's ``./mlruns``
+    default for a database store, a server's recording) would land wherever a user runs the command."""
+    watched = ("mlruns", "mlartifacts", "mlflow.db", "moto_recording")
+    before = {name for name in watched if (REPO / name).exists()}
+    yield
+    leaked = sorted({name for name in watched if (REPO / name).exists()} - before)
+    assert not leaked, f"the test session wrote {leaked} into {REPO}"
+
+
 def run_cli(*args: str, check: bool = True, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """Run the real ``eossl`` command in a subprocess."""
     proc = subprocess.run([sys.executable, "-m", "eossl.launch", *args], capture_output=True, text=True,

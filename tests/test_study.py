@@ -144,6 +144,10 @@ def test_study_killed_midway_resumes_and_finishes_every_cell_once(dataset, tmp_p
         assert (out / png).stat().st_size > 10_000, png
     logged = {a.path for a in client.list_artifacts(parent_id, "report")}
     assert {"report/results.csv", "report/score_vs_epochs.png", "report/loss_curves.png"} <= logged
+    artifacts = out.resolve() / "mlartifacts"  # beside the study's database, not in the current directory
+    assert exp.artifact_location == artifacts.as_uri()
+    assert (artifacts / parent_id / "artifacts" / "report" / "results.csv").is_file()
+    assert any(artifacts.glob("*/artifacts/backbone"))  # the cells' backbones, logged by their trainers
     report = run_cli("study", "report", "--config", str(study), "--out", str(tmp_path / "report"))
     assert (tmp_path / "report" / "results.csv").read_text() == (out / "results.csv").read_text(), report.stdout
 

@@ -156,3 +156,11 @@ def test_stop_request_real_signals_first_ctrl_c_flags_second_interrupts(capsys):
     with StopRequest().installed() as stop:
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.signum == signal.SIGUSR1
+
+
+def test_artifact_root_keeps_artifacts_beside_a_sqlite_store(tmp_path):
+    from eossl.train.tracking import artifact_root
+
+    assert artifact_root(f"sqlite:///{tmp_path}/study/mlflow.db") == (tmp_path / "study" / "mlartifacts").as_uri()
+    assert artifact_root("http://127.0.0.1:5000") is None  # a server decides (proxied artifacts)
+    assert artifact_root(str(tmp_path / "mlruns")) is None  # a file store keeps them inside itself
