@@ -4,7 +4,7 @@ What is compared, in one run, on the same patches, from a warm page cache, with 
 workers and the same batch size on both sides (``bench_loader``):
 
 - **read** (read + decode + standardise, no augmentation). *Ours*: the loader's real reading path, i.e.
-  ``SampleSource`` (one ``pread`` per member from the shards, ``.npy`` view, S2 band selection, S1 NaN
+  ``SampleSource`` (one ``pread`` per sample from the shards, ``.npy`` view, S2 band selection, S1 NaN
   fill, epoch plan, view-parameter draw) in DALI's parallel external source workers, then the loader's own
   ``standardise`` (S1 clip, per-channel mean/std) and the S1+S2 concatenation in a DALI CPU graph: one
   (B, 12, 256, 256) float32 batch. *Baseline*: a map-style torch ``Dataset`` that opens the sample's S1
@@ -19,7 +19,7 @@ workers and the same batch size on both sides (``bench_loader``):
 - **from S3** (``s3_source``/``s3_dataset``, or ``local_s3``): both stages again with both sides reading
   from the object store: the baseline opens ``s3://`` GeoTIFFs with rasterio (GDAL ``/vsis3/``); ours reads
   the shards through a node-local shard cache (filled by the warm-up epoch) and, separately, without one
-  (a ranged GET per member).
+  (one ranged GET per sample).
 
 Timing: both sides of a stage are alive together; after one warm-up epoch each, ``repeat`` rounds of
 interleaved runs (ours, baseline, then baseline, ours, ...) so that a shared machine's changing load hits
@@ -44,7 +44,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -381,32 +381,47 @@ def loader_configs(workers: int, batch_size: int, seed: int = 0) -> dict[str, Lo
 S3_BUCKET = "eossl-bench"
 
 
-def _bench_s3(s3_source: str | None, s3_dataset: str | None, cfgs: dict[str, LoaderConfig], probe: SSLLoader,
-              spec: InputSpec, norm: tuple[np.ndarray, np.ndarray], workers: int, batch_size: int, samples: int,
-              repeat: int, seed: int) -> dict:
+@dataclass(frozen=True)
+class _Setup:
+    """What every comparison of one bench run shares: loader settings, the dataset's rows and statistics."""
+
+    cfgs: dict[str, LoaderConfig]
+    probe: SSLLoader
+    norm: tuple[np.ndarray, np.ndarray]
+    workers: int
+    batch_size: int
+    samples: int
+    repeat: int
+    seed: int
+
+    def baseline(self, files: list[tuple[str, str]], stage: str, gdal_options: dict | None = None) -> GeoTiffPatches:
+        views = self.probe.views if stage == "augment" else None
+        return GeoTiffPatches(files, self.probe.views.input_spec, *self.norm, views=views, seed=self.seed,
+                              gdal_options=gdal_options)
+
+
+def _bench_s3(s3_source: str | None, s3_dataset: str | None, setup: _Setup) -> dict:
     """Both sides from the object store: GeoTIFFs through GDAL vs our shards with and without a node cache."""
     keys = dict.fromkeys(("s3_read_speedup_vs_geotiff", "s3_speedup_vs_geotiff", "s3_nocache_read_speedup_vs_geotiff",
                           "s3_nocache_speedup_vs_geotiff", "s3_read_samples_per_s", "s3_samples_per_s"))
     if s3_dataset is None:
         return keys
-    files = geotiff_files(s3_source, probe.catalog.key[probe.rows])
+    files = geotiff_files(s3_source, setup.probe.catalog.key[setup.probe.rows])
     gdal = gdal_s3_options()
     report: dict = {
         "source": s3_source, "dataset": s3_dataset, "endpoint_from_env": bool(os.environ.get("AWS_ENDPOINT_URL")),
         "baseline": "rasterio.open('s3://...') per GeoTIFF (GDAL /vsis3/, GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR)",
         "cache": "node-local shard cache in a temporary folder (empty at the start: filled by the warm-up epoch)",
-        "no_cache": "one ranged GET per member",
+        "no_cache": "one ranged GET per sample (its S1 and S2 members lie together in the shard)",
     }
-    baseline = {"read": GeoTiffPatches(files, spec, *norm, gdal_options=gdal),
-                "augment": GeoTiffPatches(files, spec, *norm, views=probe.views, seed=seed, gdal_options=gdal)}
     cache_dir = Path(tempfile.mkdtemp(prefix="eossl-bench-cache-"))
     try:
         for stage, epochs in (("read", _read_path_epochs), ("augment", _loader_epochs)):
             report[stage] = {}
             for variant, storage in (("cache", StorageOptions(cache_dir=str(cache_dir))), ("no_cache", StorageOptions())):
-                with epochs(s3_dataset, replace(cfgs[stage], storage=storage)) as ours, \
-                        _dataloader_epochs(baseline[stage], workers, batch_size) as theirs:
-                    report[stage][variant] = _compare(ours, theirs, samples, repeat)
+                with epochs(s3_dataset, replace(setup.cfgs[stage], storage=storage)) as ours, \
+                        _dataloader_epochs(setup.baseline(files, stage, gdal), setup.workers, setup.batch_size) as theirs:
+                    report[stage][variant] = _compare(ours, theirs, setup.samples, setup.repeat)
                 del ours, theirs
                 gc.collect()
     finally:
@@ -420,7 +435,7 @@ def _bench_s3(s3_source: str | None, s3_dataset: str | None, cfgs: dict[str, Loa
             "s3_samples_per_s": report["augment"]["cache"]["ours"]["samples_per_s"]}
 
 
-def _bench_local_s3(source: str, dataset: str, *args) -> dict:
+def _bench_local_s3(source: str, dataset: str, setup: _Setup) -> dict:
     """``_bench_s3`` against a ``moto_server`` started here (a child: its CPU counts on both sides).
 
     The server's log folder is removed afterwards unless the run failed (the error names the log).
@@ -431,7 +446,7 @@ def _bench_local_s3(source: str, dataset: str, *args) -> dict:
     with moto_s3_server(logs) as endpoint, aws_environment(endpoint):
         upload_tree(source, f"s3://{S3_BUCKET}/source")
         upload_tree(dataset, f"s3://{S3_BUCKET}/dataset")
-        out = _bench_s3(f"s3://{S3_BUCKET}/source", f"s3://{S3_BUCKET}/dataset", *args)
+        out = _bench_s3(f"s3://{S3_BUCKET}/source", f"s3://{S3_BUCKET}/dataset", setup)
     shutil.rmtree(logs, ignore_errors=True)
     out["s3"]["server"] = "moto_server on 127.0.0.1 (started by the bench; objects in memory)"
     return out
@@ -519,15 +534,14 @@ def bench_loader(
             },
             "bytes_per_sample": {"geotiff_s1_s2": tif_bytes // len(files), "shard_members_s1_s2": member_bytes // len(files)},
         }
-        baseline = {"read": GeoTiffPatches(files, spec, mean, std),
-                    "augment": GeoTiffPatches(files, spec, mean, std, views=probe.views, seed=seed)}
+        setup = _Setup(cfgs, probe, (mean, std), workers, batch_size, samples, repeat, seed)
         with _read_path_epochs(dataset, cfgs["read"]) as ours, \
-                _dataloader_epochs(baseline["read"], workers, batch_size) as theirs:
+                _dataloader_epochs(setup.baseline(files, "read"), workers, batch_size) as theirs:
             result["read"] = _compare(ours, theirs, samples, repeat)
         del ours, theirs
         gc.collect()  # end both sides' workers before the next comparison
         with _loader_epochs(dataset, cfgs["augment"]) as ours, \
-                _dataloader_epochs(baseline["augment"], workers, batch_size) as theirs:
+                _dataloader_epochs(setup.baseline(files, "augment"), workers, batch_size) as theirs:
             result["augment"] = _compare(ours, theirs, samples, repeat)
         del ours, theirs
         gc.collect()
@@ -538,11 +552,9 @@ def bench_loader(
         result["goals"] = {"read_speedup_vs_geotiff": GOALS["read"], "speedup_vs_geotiff": GOALS["augment"]}
 
         if local_s3:
-            result.update(_bench_local_s3(source, dataset, cfgs, probe, spec, (mean, std), workers, batch_size,
-                                          samples, repeat, seed))
+            result.update(_bench_local_s3(source, dataset, setup))
         else:
-            result.update(_bench_s3(s3_source, s3_dataset, cfgs, probe, spec, (mean, std), workers, batch_size,
-                                    samples, repeat, seed))
+            result.update(_bench_s3(s3_source, s3_dataset, setup))
 
         result["gpu_samples_per_s"] = None
         if torch.cuda.is_available():

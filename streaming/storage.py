@@ -57,9 +57,10 @@ class StorageOptions:
 
     Attributes:
         cache_dir: node-local folder for whole-shard copies of a remote dataset (fast local disk, shared by
-            every rank and worker on the node); None reads each member with one ranged GET. A cache pays
-            when epochs re-read the same shards (the whole dataset, or a node's share of it, fits on disk);
-            without one, random access costs one request per member. Ignored for local datasets.
+            every rank and worker on the node); None reads each sample with one ranged GET (its members lie
+            together in the shard). A cache pays when epochs re-read the same shards (the whole dataset, or
+            a node's share of it, fits on disk); without one, random access costs one request per sample.
+            Ignored for local datasets.
         cache_bytes: bound on the size of ``cache_dir`` (all datasets in it); least recently used shards
             are evicted after each download. Leave room for one shard per concurrent download.
         retries: attempts per request after the first failure (0 = fail on the first error).
