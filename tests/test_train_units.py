@@ -153,6 +153,11 @@ def test_stop_request_real_signals_first_ctrl_c_flags_second_interrupts(capsys):
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGINT)  # after a pre-emption request, Ctrl-C does not abandon the checkpoint
         assert stop.signum == signal.SIGINT
+    with StopRequest().installed() as stop:  # Ctrl-C under a study: SIGINT, the study's SIGUSR1, Ctrl-C again
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
     with StopRequest().installed() as stop:
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.signum == signal.SIGUSR1

@@ -75,16 +75,20 @@ class Preempted(RuntimeError):
 class StopRequest:
     """The stop signal this process received (``signum``, 0 for none), acted on at the next step boundary.
 
-    A second Ctrl-C raises ``KeyboardInterrupt`` at once: the user asked twice, so no checkpoint is waited for.
+    A second Ctrl-C raises ``KeyboardInterrupt`` at once: the user asked twice, so no checkpoint is waited for
+    (counted apart from other signals: under a study, the first Ctrl-C is followed by the study's SIGUSR1).
     """
 
     def __init__(self, rank: int = 0):
         self.rank = rank
         self.signum = 0
+        self.interrupts = 0
 
     def __call__(self, signum: int, _frame=None) -> None:
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt
         if not self.signum:
             again = " (Ctrl-C again to stop without it)" if signum == signal.SIGINT else ""
             print(f"rank {self.rank}: {signal.Signals(signum).name} received: checkpointing at the next step "
