@@ -163,6 +163,8 @@ def _add_bench(sub) -> None:
     bl.add_argument("--source", help="SEN12MS GeoTIFF tree the dataset was ingested from")
     bl.add_argument("--dataset", help="dataset of the same patches (default: 64 synthetic patches, temp folder)")
     bl.add_argument("--patches", type=int, default=64, help="synthetic patches when no --source/--dataset (64)")
+    bl.add_argument("--max-samples", type=int, default=256,
+                    help="bench the first N samples of the dataset, a few shards (256; 0: all)")
     bl.add_argument("--s3-source", help="the GeoTIFF tree on S3 (s3://...; endpoint from AWS_ENDPOINT_URL)")
     bl.add_argument("--s3-dataset", help="the dataset on S3 (with --s3-source): both sides are also timed from S3")
     bl.add_argument("--local-s3", action="store_true",
@@ -229,7 +231,8 @@ def _run_bench_loader(args) -> int:
     from eossl.streaming.bench import bench_loader
 
     result = bench_loader(args.source, args.dataset, workers=args.workers, batch_size=args.batch_size,
-                          samples=args.samples, repeat=args.repeat, patches=args.patches, s3_source=args.s3_source,
+                          samples=args.samples, repeat=args.repeat, patches=args.patches,
+                          max_samples=args.max_samples or None, s3_source=args.s3_source,
                           s3_dataset=args.s3_dataset, local_s3=args.local_s3)
     print_result(result, args.json)
     return 0

@@ -57,6 +57,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from eossl.ingest.bands import PATCH_SIZE
 from eossl.ingest.bench import machine_info
+from eossl.ingest.format import CATALOG, MANIFEST
 from eossl.ingest.layout import scan_source
 from eossl.ingest.storage import Output
 
@@ -367,11 +368,12 @@ def _generate(tmp: Path, patches: int) -> tuple[str, str]:
     return str(source), str(dataset)
 
 
-def loader_configs(workers: int, batch_size: int, seed: int = 0) -> dict[str, LoaderConfig]:
+def loader_configs(workers: int, batch_size: int, seed: int = 0, max_samples: int | None = None
+                   ) -> dict[str, LoaderConfig]:
     """The two loader settings compared: identity 256 px views (read path) and default MoCo views."""
     spec = InputSpec(sensors=SENSORS)
     base = LoaderConfig(batch_size=batch_size, split="all", device="cpu", workers=workers, num_threads=max(workers, 1),
-                        plan=PlanConfig(seed=seed))
+                        plan=PlanConfig(seed=seed), max_samples=max_samples)
     return {
         "read": replace(base, views=ViewConfig(mode="single", inputs=spec, size=PATCH_SIZE, augment=AugmentConfig.none())),
         "augment": replace(base, views=ViewConfig(mode="single", inputs=spec, size=224)),
@@ -398,6 +400,12 @@ class _Setup:
         views = self.probe.views if stage == "augment" else None
         return GeoTiffPatches(files, self.probe.views.input_spec, *self.norm, views=views, seed=self.seed,
                               gdal_options=gdal_options)
+
+
+def _shard_paths(dataset: str, probe: SSLLoader) -> list[Path]:
+    """The shard files that hold the benched samples."""
+    shards = probe.manifest["shards"]
+    return [Path(Output(dataset).path(shards[i]["path"])) for i in sorted(set(probe.catalog.shard[probe.rows].tolist()))]
 
 
 def _bench_s3(s3_source: str | None, s3_dataset: str | None, setup: _Setup) -> dict:
@@ -435,17 +443,20 @@ def _bench_s3(s3_source: str | None, s3_dataset: str | None, setup: _Setup) -> d
             "s3_samples_per_s": report["augment"]["cache"]["ours"]["samples_per_s"]}
 
 
-def _bench_local_s3(source: str, dataset: str, setup: _Setup) -> dict:
+def _bench_local_s3(source: str, dataset: str, files: list[tuple[str, str]], setup: _Setup) -> dict:
     """``_bench_s3`` against a ``moto_server`` started here (a child: its CPU counts on both sides).
 
-    The server's log folder is removed afterwards unless the run failed (the error names the log).
+    Only what the bench reads is uploaded (the benched samples' GeoTIFFs; the manifest, catalog and their
+    shards), so a full-size dataset costs no more than its benched part. The server's log folder is
+    removed afterwards unless the run failed (the error names the log).
     """
-    from .local_s3 import aws_environment, moto_s3_server, upload_tree
+    from .local_s3 import aws_environment, moto_s3_server, upload_files
 
     logs = Path(tempfile.mkdtemp(prefix="eossl-bench-s3-"))
     with moto_s3_server(logs) as endpoint, aws_environment(endpoint):
-        upload_tree(source, f"s3://{S3_BUCKET}/source")
-        upload_tree(dataset, f"s3://{S3_BUCKET}/dataset")
+        upload_files(source, [f for pair in files for f in pair], f"s3://{S3_BUCKET}/source")
+        upload_files(dataset, [Path(dataset) / MANIFEST, Path(dataset) / CATALOG, *_shard_paths(dataset, setup.probe)],
+                     f"s3://{S3_BUCKET}/dataset")
         out = _bench_s3(f"s3://{S3_BUCKET}/source", f"s3://{S3_BUCKET}/dataset", setup)
     shutil.rmtree(logs, ignore_errors=True)
     out["s3"]["server"] = "moto_server on 127.0.0.1 (started by the bench; objects in memory)"
@@ -460,6 +471,7 @@ def bench_loader(
     samples: int = 512,
     repeat: int = 3,
     patches: int = 64,
+    max_samples: int | None = 256,
     s3_source: str | None = None,
     s3_dataset: str | None = None,
     local_s3: bool = False,
@@ -476,6 +488,8 @@ def bench_loader(
         samples: samples per timed run (whole epochs, at least two).
         repeat: timed runs per measurement; the median is reported.
         patches: patches generated when no dataset is given.
+        max_samples: bench the first N samples of the dataset (catalog order, so a few shards), None for
+            all: an epoch of a full-size dataset would take hours, and every timed run is whole epochs.
         s3_source, s3_dataset: the same GeoTIFF tree and dataset on S3 (``s3://...``; endpoint and
             credentials from the standard AWS environment, e.g. ``AWS_ENDPOINT_URL``): both sides are also
             timed reading from the object store (the baseline through GDAL's ``/vsis3/``; ours with a
@@ -499,20 +513,19 @@ def bench_loader(
         raise ValueError("give both s3_source (the GeoTIFF tree on S3) and s3_dataset (its ingest on S3), or neither")
     if local_s3 and s3_dataset is not None:
         raise ValueError("local_s3 uploads source and dataset to a local server: do not also give s3_source/s3_dataset")
-    if workers < 0 or batch_size < 1 or samples < 1 or repeat < 1:
-        raise ValueError("need workers >= 0, batch_size >= 1, samples >= 1, repeat >= 1")
+    if workers < 0 or batch_size < 1 or samples < 1 or repeat < 1 or (max_samples is not None and max_samples < 1):
+        raise ValueError("need workers >= 0, batch_size >= 1, samples >= 1, repeat >= 1, max_samples >= 1")
     tmp = Path(tempfile.mkdtemp(prefix="eossl-bench-loader-")) if source is None else None
     try:
         if tmp is not None:
             source, dataset = _generate(tmp, patches)
-        cfgs = loader_configs(workers, batch_size, seed)
+        cfgs = loader_configs(workers, batch_size, seed, max_samples)
         probe = SSLLoader(dataset, cfgs["augment"], rank=0, world_size=1)
         files = geotiff_files(source, probe.catalog.key[probe.rows])
         spec = probe.views.input_spec
         mean, std = spec.normalisation(probe.manifest)
-        shard_paths = [Path(Output(dataset).path(s["path"])) for s in probe.manifest["shards"]]
         tif_bytes = _warm_page_cache([Path(f) for pair in files for f in pair])
-        _warm_page_cache(shard_paths)
+        _warm_page_cache(_shard_paths(dataset, probe))
         os.sync()  # no writeback of freshly generated files during the timed runs
         member_bytes = sum(int(probe.catalog.size[s][probe.rows].sum()) for s in SENSORS)
         result: dict = {
@@ -522,6 +535,7 @@ def bench_loader(
             "samples_in_dataset": len(files),
             "settings": {
                 "workers": workers, "batch_size": batch_size, "samples_per_run": samples, "repeat": repeat,
+                "max_samples": max_samples,
                 "statistic": "median", "seed": seed, "split": "all", "device": "cpu (DALI CPU mode)",
                 "inputs": spec.channel_names,
                 "read": "read + decode + S1 NaN fill/clip + standardise + stack -> (B, 12, 256, 256) float32",
@@ -552,7 +566,7 @@ def bench_loader(
         result["goals"] = {"read_speedup_vs_geotiff": GOALS["read"], "speedup_vs_geotiff": GOALS["augment"]}
 
         if local_s3:
-            result.update(_bench_local_s3(source, dataset, setup))
+            result.update(_bench_local_s3(source, dataset, files, setup))
         else:
             result.update(_bench_s3(s3_source, s3_dataset, setup))
 

@@ -60,6 +60,8 @@ class LoaderConfig:
         strict: fail on a corrupt or truncated shard instead of substituting the sample (default:
             substitute the next readable sample of the epoch's order, warn and count).
         lookahead_steps: steps ahead whose shards are prefetched into the cache.
+        max_samples: only the first N samples of the split, in catalog (shard) order: benchmarks and smoke
+            runs on a full-size dataset read a few shards instead of all of them. None: every sample.
     """
 
     batch_size: int = 64
@@ -73,6 +75,7 @@ class LoaderConfig:
     prefetch: int = 2
     strict: bool = False
     lookahead_steps: int = 4
+    max_samples: int | None = None
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -81,6 +84,8 @@ class LoaderConfig:
             raise ValueError(f"device must be gpu, cpu or auto, got {self.device!r}")
         if self.batch_size < 1 or self.workers < 0:
             raise ValueError("batch_size must be >= 1 and workers >= 0")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1 or None, got {self.max_samples}")
 
 
 @dataclass
@@ -250,7 +255,7 @@ class SSLLoader:
             raise FileNotFoundError(f"{out.path(CATALOG)} not found: ingest with --formats wds to stream")
         self.catalog = Catalog.from_bytes(out.read_bytes(CATALOG))
         self.views = ViewSet(cfg.views)
-        self.rows = select_rows(self.catalog, cfg.split, self.views.sensors)
+        self.rows = select_rows(self.catalog, cfg.split, self.views.sensors)[: cfg.max_samples]
         if len(self.rows) == 0:
             raise ValueError(f"{dataset}: no {cfg.split} samples with {'+'.join(self.views.sensors)}")
         self.global_batch = cfg.batch_size * self.world_size

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["aws_environment", "free_port", "moto_s3_server", "s3_env", "serve", "upload_tree"]
+__all__ = ["aws_environment", "free_port", "moto_s3_server", "s3_env", "serve", "upload_files", "upload_tree"]
 
 
 def free_port() -> int:
@@ -108,8 +108,7 @@ def aws_environment(endpoint: str) -> Iterator[None]:
         s3fs.S3FileSystem.clear_instance_cache()
 
 
-def upload_tree(local: str | Path, url: str) -> None:
-    """Copy a local folder to s3://bucket/prefix with s3fs (creating the bucket), endpoint from the environment."""
+def _filesystem(url: str):
     import s3fs
 
     # No instance cache: s3fs would reuse a client bound to another endpoint.
@@ -117,4 +116,17 @@ def upload_tree(local: str | Path, url: str) -> None:
     bucket = url.removeprefix("s3://").split("/", 1)[0]
     if not fs.exists(bucket):
         fs.mkdir(bucket)
-    fs.put(str(local), url.removeprefix("s3://"), recursive=True)
+    return fs
+
+
+def upload_tree(local: str | Path, url: str) -> None:
+    """Copy a local folder to s3://bucket/prefix with s3fs (creating the bucket), endpoint from the environment."""
+    _filesystem(url).put(str(local), url.removeprefix("s3://"), recursive=True)
+
+
+def upload_files(local_root: str | Path, files: list[str | Path], url: str) -> None:
+    """Copy some files of a local folder to s3://bucket/prefix, keeping their paths relative to the folder."""
+    root = Path(local_root)
+    relative = [Path(f).resolve().relative_to(root.resolve()).as_posix() for f in files]
+    prefix = url.removeprefix("s3://").rstrip("/")
+    _filesystem(url).put([str(root / r) for r in relative], [f"{prefix}/{r}" for r in relative])

@@ -110,16 +110,17 @@ def test_baseline_reads_the_same_patches_from_s3(tiny, s3_endpoint):
 def test_bench_loader_cli_with_local_s3_reports_every_number(tmp_path):
     """``eossl bench loader --local-s3 --json``: starts its own S3 server, times both sides from disk and S3."""
     before = set(Path(tempfile.gettempdir()).glob("eossl-bench-*"))
-    proc = run_cli("bench", "loader", "--local-s3", "--patches", str(PATCHES), "--workers", "1", "--batch-size", "4",
-                   "--samples", "8", "--repeat", "1", "--json", timeout=600)
+    proc = run_cli("bench", "loader", "--local-s3", "--patches", str(PATCHES), "--max-samples", "6", "--workers", "1",
+                   "--batch-size", "3", "--samples", "8", "--repeat", "1", "--json", timeout=600)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["samples_in_dataset"] == PATCHES
+    assert result["samples_in_dataset"] == 6 and result["settings"]["max_samples"] == 6  # of 8 patches
     comparisons = [result["read"], result["augment"]] + [result["s3"][stage][variant] for stage in ("read", "augment")
                                                          for variant in ("cache", "no_cache")]
     for comparison in comparisons:
         for side in ("ours", "geotiff_dataloader"):
             run = comparison[side]
-            assert run["samples_per_s"] > 0 and run["samples_per_run"] >= 2 * PATCHES and run["epochs_per_run"] >= 2
+            assert run["samples_per_s"] > 0 and run["epochs_per_run"] == 2
+            assert run["samples_per_run"] == 12  # epochs of the 6 benched samples, on both sides
             assert run["cpu_ms_per_sample"] > 0
         assert comparison["speedup"] == pytest.approx(comparison["ours"]["samples_per_s"]
                                                       / comparison["geotiff_dataloader"]["samples_per_s"], rel=0.02)
@@ -131,7 +132,7 @@ def test_bench_loader_cli_with_local_s3_reports_every_number(tmp_path):
     assert result["s3_speedup_vs_geotiff"] == result["s3"]["augment"]["cache"]["speedup"]
     assert result["s3"]["endpoint_from_env"] and result["s3"]["source"].startswith("s3://")
     assert (result["gpu_samples_per_s"] is None) == (not torch.cuda.is_available())
-    assert result["settings"]["workers"] == 1 and result["settings"]["batch_size"] == 4
+    assert result["settings"]["workers"] == 1 and result["settings"]["batch_size"] == 3
     assert np.isfinite(result["machine"]["load_avg_1m_at_end"])
     assert set(Path(tempfile.gettempdir()).glob("eossl-bench-*")) <= before  # generated data, shard cache and server logs are removed
 
