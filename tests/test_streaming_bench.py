@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import tempfile
+import os
 from pathlib import Path
 
 import numpy as np
@@ -109,9 +109,11 @@ def test_baseline_reads_the_same_patches_from_s3(tiny, s3_endpoint):
 
 def test_bench_loader_cli_with_local_s3_reports_every_number(tmp_path):
     """``eossl bench loader --local-s3 --json``: starts its own S3 server, times both sides from disk and S3."""
-    before = set(Path(tempfile.gettempdir()).glob("eossl-bench-*"))
+    scratch = tmp_path / "tmp"  # the command's temporary folder: nothing of the bench may stay there
+    scratch.mkdir()
     proc = run_cli("bench", "loader", "--local-s3", "--patches", str(PATCHES), "--max-samples", "6", "--workers", "1",
-                   "--batch-size", "3", "--samples", "8", "--repeat", "1", "--json", timeout=600)
+                   "--batch-size", "3", "--samples", "8", "--repeat", "1", "--json", timeout=600,
+                   env={**os.environ, "TMPDIR": str(scratch)})
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["samples_in_dataset"] == 6 and result["settings"]["max_samples"] == 6  # of 8 patches
     comparisons = [result["read"], result["augment"]] + [result["s3"][stage][variant] for stage in ("read", "augment")
@@ -134,7 +136,7 @@ def test_bench_loader_cli_with_local_s3_reports_every_number(tmp_path):
     assert (result["gpu_samples_per_s"] is None) == (not torch.cuda.is_available())
     assert result["settings"]["workers"] == 1 and result["settings"]["batch_size"] == 3
     assert np.isfinite(result["machine"]["load_avg_1m_at_end"])
-    assert set(Path(tempfile.gettempdir()).glob("eossl-bench-*")) <= before  # generated data, shard cache and server logs are removed
+    assert list(scratch.glob("eossl-bench-*")) == []  # generated data, shard cache and server logs are removed
 
 
 def test_bench_loader_rejects_half_given_inputs(tiny):
