@@ -138,6 +138,7 @@ def test_stop_request_real_signals_first_ctrl_c_flags_second_interrupts(capsys):
     """Real signals to this process: SIGTERM/SIGUSR1/SIGINT set the flag; a second SIGINT raises at once."""
     import os
     import signal
+    import time
 
     from eossl.train.loop import StopRequest
 
@@ -146,6 +147,8 @@ def test_stop_request_real_signals_first_ctrl_c_flags_second_interrupts(capsys):
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signum == signal.SIGINT
         assert "rank 3: SIGINT received" in capsys.readouterr().out
+        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C forwarded by accelerate's agent: no effect
+        time.sleep(StopRequest.REPEAT_AFTER_S)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before  # restored
@@ -156,6 +159,7 @@ def test_stop_request_real_signals_first_ctrl_c_flags_second_interrupts(capsys):
     with StopRequest().installed() as stop:  # Ctrl-C under a study: SIGINT, the study's SIGUSR1, Ctrl-C again
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(StopRequest.REPEAT_AFTER_S)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     with StopRequest().installed() as stop:

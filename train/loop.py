@@ -75,19 +75,25 @@ class Preempted(RuntimeError):
 class StopRequest:
     """The stop signal this process received (``signum``, 0 for none), acted on at the next step boundary.
 
-    A second Ctrl-C raises ``KeyboardInterrupt`` at once: the user asked twice, so no checkpoint is waited for
-    (counted apart from other signals: under a study, the first Ctrl-C is followed by the study's SIGUSR1).
+    A second Ctrl-C raises ``KeyboardInterrupt`` at once: the user asked twice, so no checkpoint is waited for.
+    It counts only from ``REPEAT_AFTER_S`` after the first: one Ctrl-C reaches a rank twice under ``accelerate
+    launch`` (from the terminal to the process group, and forwarded by the launcher's agent). Other signals in
+    between (a study's SIGUSR1) do not reset it.
     """
+
+    REPEAT_AFTER_S = 1.0
 
     def __init__(self, rank: int = 0):
         self.rank = rank
         self.signum = 0
-        self.interrupts = 0
+        self.first_interrupt: float | None = None
 
     def __call__(self, signum: int, _frame=None) -> None:
         if signum == signal.SIGINT:
-            self.interrupts += 1
-            if self.interrupts > 1:
+            now = time.monotonic()
+            if self.first_interrupt is None:
+                self.first_interrupt = now
+            elif now - self.first_interrupt >= self.REPEAT_AFTER_S:
                 raise KeyboardInterrupt
         if not self.signum:
             again = " (Ctrl-C again to stop without it)" if signum == signal.SIGINT else ""
