@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from eossl.train.tracking import artifact_root
+
 __all__ = ["eval_experiment"]
 
 
 def eval_experiment(out: Path, experiment: str) -> str:
     """Create ``out``, point MLflow at the tracking store and return the experiment's id (created if new)."""
     import mlflow
-
-    from eossl.train.tracking import artifact_root
 
     out.mkdir(parents=True, exist_ok=True)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out.resolve() / 'mlflow.db'}"

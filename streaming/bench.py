@@ -390,16 +390,17 @@ class _Setup:
     cfgs: dict[str, LoaderConfig]
     probe: SSLLoader
     norm: tuple[np.ndarray, np.ndarray]
-    workers: int
-    batch_size: int
     samples: int
     repeat: int
-    seed: int
 
-    def baseline(self, files: list[tuple[str, str]], stage: str, gdal_options: dict | None = None) -> GeoTiffPatches:
+    def compare(self, ours: Epochs, files: list[tuple[str, str]], stage: str, gdal_options: dict | None = None) -> dict:
+        """``ours`` against the GeoTIFF baseline over ``files`` with the same workers, batch and views."""
+        cfg = self.cfgs[stage]
         views = self.probe.views if stage == "augment" else None
-        return GeoTiffPatches(files, self.probe.views.input_spec, *self.norm, views=views, seed=self.seed,
-                              gdal_options=gdal_options)
+        baseline = GeoTiffPatches(files, self.probe.views.input_spec, *self.norm, views=views, seed=cfg.plan.seed,
+                                  gdal_options=gdal_options)
+        with _dataloader_epochs(baseline, cfg.workers, cfg.batch_size) as theirs:
+            return _compare(ours, theirs, self.samples, self.repeat)
 
 
 def _shard_paths(dataset: str, probe: SSLLoader) -> list[Path]:
@@ -427,11 +428,10 @@ def _bench_s3(s3_source: str | None, s3_dataset: str | None, setup: _Setup) -> d
         for stage, epochs in (("read", _read_path_epochs), ("augment", _loader_epochs)):
             report[stage] = {}
             for variant, storage in (("cache", StorageOptions(cache_dir=str(cache_dir))), ("no_cache", StorageOptions())):
-                with epochs(s3_dataset, replace(setup.cfgs[stage], storage=storage)) as ours, \
-                        _dataloader_epochs(setup.baseline(files, stage, gdal), setup.workers, setup.batch_size) as theirs:
-                    report[stage][variant] = _compare(ours, theirs, setup.samples, setup.repeat)
-                del ours, theirs
-                gc.collect()
+                with epochs(s3_dataset, replace(setup.cfgs[stage], storage=storage)) as ours:
+                    report[stage][variant] = setup.compare(ours, files, stage, gdal)
+                del ours
+                gc.collect()  # end both sides' workers before the next comparison
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     return {"s3": report,
@@ -548,17 +548,12 @@ def bench_loader(
             },
             "bytes_per_sample": {"geotiff_s1_s2": tif_bytes // len(files), "shard_members_s1_s2": member_bytes // len(files)},
         }
-        setup = _Setup(cfgs, probe, (mean, std), workers, batch_size, samples, repeat, seed)
-        with _read_path_epochs(dataset, cfgs["read"]) as ours, \
-                _dataloader_epochs(setup.baseline(files, "read"), workers, batch_size) as theirs:
-            result["read"] = _compare(ours, theirs, samples, repeat)
-        del ours, theirs
-        gc.collect()  # end both sides' workers before the next comparison
-        with _loader_epochs(dataset, cfgs["augment"]) as ours, \
-                _dataloader_epochs(setup.baseline(files, "augment"), workers, batch_size) as theirs:
-            result["augment"] = _compare(ours, theirs, samples, repeat)
-        del ours, theirs
-        gc.collect()
+        setup = _Setup(cfgs, probe, (mean, std), samples, repeat)
+        for stage, epochs in (("read", _read_path_epochs), ("augment", _loader_epochs)):
+            with epochs(dataset, cfgs[stage]) as ours:
+                result[stage] = setup.compare(ours, files, stage)
+            del ours
+            gc.collect()  # end both sides' workers before the next comparison
         result["read_speedup_vs_geotiff"] = result["read"]["speedup"]
         result["speedup_vs_geotiff"] = result["augment"]["speedup"]
         result["read_cpu_efficiency_vs_geotiff"] = result["read"]["cpu_efficiency"]

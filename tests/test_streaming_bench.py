@@ -19,7 +19,7 @@ from eossl.streaming.bench import (
     read_batches,
     torch_view,
 )
-from eossl.streaming.loader import SSLLoader
+from eossl.streaming.loader import LoaderConfig, SSLLoader
 
 from conftest import run_cli
 
@@ -146,5 +146,9 @@ def test_bench_loader_rejects_half_given_inputs(tiny):
         bench_loader(str(tiny[0]), "s3://bucket/ds")
     with pytest.raises(ValueError, match="s3_source"):
         bench_loader(str(tiny[0]), str(tiny[1]), s3_dataset="s3://bucket/ds")
+    with pytest.raises(ValueError, match="max_samples"):
+        bench_loader(str(tiny[0]), str(tiny[1]), max_samples=0)
+    with pytest.raises(ValueError, match="max_samples"):
+        LoaderConfig(max_samples=0)
     with pytest.raises(ValueError, match="local_s3"):
         bench_loader(str(tiny[0]), str(tiny[1]), s3_source="s3://b/src", s3_dataset="s3://b/ds", local_s3=True)

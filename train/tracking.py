@@ -2,7 +2,8 @@
 
 The tracking URI is MLflow's standard ``MLFLOW_TRACKING_URI``; without it, runs go to a SQLite store in
 the run folder (``RUN_DIR/mlflow.db``, artifacts in ``RUN_DIR/mlartifacts``), so a run always has its
-history next to its checkpoints. A SQLite store keeps artifacts beside its database (``artifact_root``). A resumed run continues the same MLflow run (its id is checkpointed). A run created beforehand by an
+history next to its checkpoints. A SQLite store keeps artifacts beside its database (``artifact_root``).
+A resumed run continues the same MLflow run (its id is checkpointed). A run created beforehand by an
 orchestrator (a study cell nested under its study) is named by ``EOSSL_MLFLOW_RUN_ID``.
 """
 
@@ -49,8 +50,9 @@ def start_tracking(acc: Accelerator, cfg: TrainConfig, params: dict, tags: dict,
     run_id = run_id or os.environ.get("EOSSL_MLFLOW_RUN_ID") or None
     if run_id:
         init["run_id"] = run_id
-    if artifact_root(uri):
-        init["logging_dir"] = artifact_root(uri)  # artifact location of a new experiment in a SQLite store
+    artifacts = artifact_root(uri)
+    if artifacts:
+        init["logging_dir"] = artifacts  # artifact location of a new experiment in a SQLite store
     # A resumed run keeps the params logged at its start (MLflow refuses changed param values).
     acc.init_trackers(cfg.experiment, config=None if resumed else params, init_kwargs={"mlflow": init})
     if not acc.is_main_process:
