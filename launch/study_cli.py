@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from eossl.train.cli import _kv
+from eossl.train.overrides import parse_assignment
 
 __all__ = ["add_kit_arguments", "add_mlflow_arguments", "add_study_arguments", "study_report_parser"]
 
@@ -18,7 +18,7 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accelerate-config", default="launch/accelerate/multinode_8gpu.yaml",
                    help="accelerate config, relative to the repository on the nodes")
     p.add_argument("--repo", default="/opt/eossl", help="the eossl checkout on the nodes (image working dir)")
-    p.add_argument("--env", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--env", type=parse_assignment, action="append", default=[], metavar="KEY=VALUE",
                    help="environment for every node (no secrets: those come from the cluster)")
     p.add_argument("--time", default="24:00:00", help="SLURM time limit")
     p.add_argument("--signal-seconds", type=int, default=180,
@@ -37,7 +37,7 @@ def _job_template(args, train_args: tuple[str, ...] = ("moco",)):
 
 def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="study file (YAML: name, data, out, train, grid, lr, eval)")
-    p.add_argument("--set", dest="overrides", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", type=parse_assignment, action="append", default=[], metavar="KEY=VALUE",
                    help="override a study field by dotted key, e.g. --set grid.epochs=[1,2] --set train.size=64")
     p.add_argument("--cell", action="append", default=[], help="run only this cell (repeatable)")
     p.add_argument("--list", action="store_true", help="print the cells and their training commands, run nothing")
@@ -81,7 +81,7 @@ def study_report_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eossl study report",
                                 description="Rebuild a study's table and plots from its MLflow runs.")
     p.add_argument("--config", help="the study file (finds the parent run in STUDY_OUT/study.json)")
-    p.add_argument("--set", dest="overrides", type=_kv, action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", type=parse_assignment, action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--parent", help="instead of --config: the study's MLflow parent run id")
     p.add_argument("--tracking-uri", help="with --parent (default: MLFLOW_TRACKING_URI)")
     p.add_argument("--out", help="folder for results.csv/.md and the plots (default: STUDY_OUT)")

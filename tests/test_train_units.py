@@ -19,13 +19,19 @@ def test_overrides_flat_dotted_and_section_names():
     assert cfg.backbone.name == "resnet18" and cfg.moco.queue_size == 64 and cfg.optim.lr == 0.06
     assert cfg.batch_size == 8 and cfg.moco.symmetric is True and cfg.loader.cache_dir is None
     assert cfg.channels_last is False
-    with pytest.raises(ValueError, match="unknown config key 'queue'"):
+    with pytest.raises(ValueError, match="unknown config key 'queue'; did you mean moco.queue_size"):
         apply_overrides(TrainConfig(), {"queue": 3})
+    with pytest.raises(ValueError, match="unknown config key 'szie'; did you mean loader.size"):
+        apply_overrides(TrainConfig(), {"szie": 64})
     with pytest.raises(ValueError, match="ambiguous"):
         apply_overrides(TrainConfig(), {"name": "sgd"})  # backbone.name or optim.name
-    # A name in the running method's section and another one means the method's.
-    assert apply_overrides(TrainConfig(method="moco"), {"momentum": "0.5"}).moco.momentum == 0.5
+    # The optimiser's momentum or MoCo's key-encoder EMA: refused with both full keys, never guessed.
+    with pytest.raises(ValueError, match="'momentum' is ambiguous: it could be moco.momentum or optim.momentum"):
+        apply_overrides(TrainConfig(method="moco"), {"momentum": "0.5"})
+    assert apply_overrides(TrainConfig(method="moco"), {"moco.momentum": "0.5"}).moco.momentum == 0.5
+    # The sections of methods that are not running are not searched by short names.
     assert apply_overrides(TrainConfig(method="dino"), {"hidden": "64"}).dino.hidden == 64
+    assert apply_overrides(TrainConfig(method="moco"), {"hidden": "64"}).moco.hidden == 64
     with pytest.raises(ValueError, match="cannot read"):
         apply_overrides(TrainConfig(), {"batch_size": "eight"})
     with pytest.raises(ValueError, match="adapter"):

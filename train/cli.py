@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from .overrides import parse_assignment
+
 __all__ = ["add_train_arguments", "run_train"]
-
-
-def _kv(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--set takes key=value, got {text!r}")
-    k, v = text.split("=", 1)
-    return k.strip(), v.strip()
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,7 +14,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset folder or URL written by 'eossl ingest'")
     p.add_argument("--out", required=True, help="run folder: checkpoints, config.yaml, local MLflow store")
     p.add_argument("--config", help="YAML file of config values (sections or dotted keys)")
-    p.add_argument("--set", dest="overrides", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", type=parse_assignment, action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set backbone=resnet18 --set queue_size=64")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (total, across resumes)")
     p.add_argument("--seed", type=int, help="seed of data order, augmentation and initialisation")

@@ -3,21 +3,22 @@
 ``load_config(method, yaml_path, overrides)`` is the only place values are merged; the result is written
 to the run folder (``config.yaml``) and logged to MLflow as params. Keys of ``--set`` are dotted paths
 (``optim.lr=0.06``) or a unique field name (``queue_size=64``); a key naming a section takes that section's
-``name`` (``backbone=resnet18`` sets ``backbone.name``); a name that several sections have means the
-running method's section (``hidden`` is ``moco.hidden`` for MoCo, ``dino.hidden`` for DINO).
+``name`` (``backbone=resnet18`` sets ``backbone.name``); the other methods' sections are not searched
+(``hidden`` is ``moco.hidden`` for MoCo, ``dino.hidden`` for DINO), and a short name still shared is an
+error listing the full keys (``momentum``: ``optim.momentum`` or ``moco.momentum``). See ``overrides``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
+
+from . import overrides as overrides_mod
+from .overrides import config_keys, read_yaml_overrides
 
 __all__ = [
     "BackboneConfig",
@@ -254,81 +255,14 @@ class TrainConfig:
 # --- merging ----------------------------------------------------------------------------------------
 
 
-def _leaves(obj, prefix: str = "") -> dict[str, tuple[Any, str]]:
-    """Dotted path -> (owning dataclass, field name) for every scalar field."""
-    out = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        path = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            out.update(_leaves(value, path + "."))
-        else:
-            out[path] = (obj, f.name)
-    return out
-
-
-def _resolve(cfg: TrainConfig, key: str) -> tuple[Any, str, str]:
-    leaves = _leaves(cfg)
-    if key in leaves:
-        return (*leaves[key], key)
-    section = getattr(cfg, key, None)
-    if dataclasses.is_dataclass(section) and f"{key}.name" in leaves:
-        return (*leaves[f"{key}.name"], f"{key}.name")
-    matches = [p for p in leaves if p.rsplit(".", 1)[-1] == key]
-    if len(matches) > 1:  # a name in several sections means the running method's (hidden -> moco.hidden)
-        mine = [p for p in matches if p.startswith(f"{cfg.method}.")]
-        matches = mine or matches
-    if len(matches) == 1:
-        return (*leaves[matches[0]], matches[0])
-    if len(matches) > 1:
-        raise ValueError(f"config key {key!r} is ambiguous: use one of {', '.join(matches)}")
-    raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(leaves))}")
-
-
-def _coerce(owner, name: str, value: Any, key: str) -> Any:
-    hints = typing.get_type_hints(type(owner))
-    hint = hints[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    optional = type(None) in typing.get_args(hint)
-    base = args[0] if (typing.get_origin(hint) in (typing.Union, types.UnionType) and args) else hint
-    if isinstance(value, str):
-        if optional and value.lower() in ("none", "null", ""):
-            return None
-        try:
-            if base is bool:
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            if base in (int, float):
-                return base(value)
-            if typing.get_origin(base) is tuple:
-                return tuple(json.loads(value) if value.startswith("[") else value.split(","))
-        except ValueError:
-            raise ValueError(f"config key {key}: cannot read {value!r} as {getattr(base, '__name__', base)}") from None
-        return value
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+def _other_methods(cfg: TrainConfig) -> tuple[str, ...]:
+    """Sections of the methods not running: a short key never means them (``hidden`` is MoCo's for MoCo)."""
+    return tuple(m for m in METHOD_DEFAULTS if m != cfg.method)
 
 
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
     """Set fields from a flat mapping of keys (dotted or unique) to values (strings are parsed)."""
-    for key, value in overrides.items():
-        owner, name, path = _resolve(cfg, key)
-        setattr(owner, name, _coerce(owner, name, value, path))
-        if hasattr(owner, "__post_init__"):
-            owner.__post_init__()
-    return cfg
-
-
-def _flatten_yaml(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten_yaml(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    return overrides_mod.apply_overrides(cfg, overrides, skip_sections=_other_methods(cfg))
 
 
 # Method defaults applied over the dataclass defaults (which are MoCo's): DINO's ViT-S/16 recipe on S1.
@@ -347,10 +281,7 @@ def load_config(method: str, yaml_path: str | None, overrides: dict[str, Any]) -
         raise ValueError(f"method must be one of {list(METHOD_DEFAULTS)}, got {method!r}")
     cfg = apply_overrides(TrainConfig(method=method), METHOD_DEFAULTS[method])
     if yaml_path:
-        tree = yaml.safe_load(Path(yaml_path).read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ValueError(f"{yaml_path}: a config file must be a mapping of keys to values")
-        apply_overrides(cfg, _flatten_yaml(tree))
+        apply_overrides(cfg, read_yaml_overrides(yaml_path))
     apply_overrides(cfg, overrides)
     cfg.validate()
     return cfg
@@ -358,7 +289,7 @@ def load_config(method: str, yaml_path: str | None, overrides: dict[str, Any]) -
 
 def flatten(cfg: TrainConfig) -> dict[str, Any]:
     """Dotted key -> value, for MLflow params and config.yaml."""
-    return {path: getattr(owner, name) for path, (owner, name) in _leaves(cfg).items()}
+    return {path: getattr(owner, name) for path, (owner, name) in config_keys(cfg).items()}
 
 
 def to_yaml(cfg: TrainConfig) -> str:
