@@ -68,7 +68,7 @@ def test_each_mode_reduces_the_loss_on_a_fixed_batch(dataset, mode, extra):
         # A fixed batch would fill the queue with its own keys (negatives = positives): keep the queue
         # fixed and apply only the key-encoder EMA.
         model.discard_pending()
-        model.after_step(0.5)
+        model.after_step({"momentum": 0.5})
         losses.append(float(loss))
     assert sum(losses[-3:]) / 3 < losses[0] - 0.1, losses
 
