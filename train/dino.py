@@ -4,7 +4,8 @@
 and the weight decay come from schedules the loop indexes by global step and hands in through
 ``set_step`` and ``after_step``; the epochs of the frozen last layer come from
 ``dino.freeze_last_layer_epochs`` when the method is built. As for every method, the state updates
-(teacher EMA, center EMA) happen in ``after_step``, after the optimiser step; the center uses the teacher outputs of every rank (all-reduce).
+(teacher EMA, center EMA) happen in ``after_step``, after the optimiser step; the center uses the teacher
+outputs of every rank (all-reduce).
 """
 
 from __future__ import annotations
