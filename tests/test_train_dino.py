@@ -86,12 +86,12 @@ def dataset(synthetic_source, tmp_path_factory) -> Path:
 
 def _views(dataset: Path, cfg):
     from eossl.streaming.loader import SSLLoader
-    from eossl.train.loop import _loader_config
+    from eossl.train.builders import loader_config
     from eossl.train.methods import get_method
 
     spec = get_method("dino")
     views = spec.views(cfg)
-    loader = SSLLoader(str(dataset), _loader_config(cfg, views), rank=0, world_size=1)
+    loader = SSLLoader(str(dataset), loader_config(cfg, views), rank=0, world_size=1)
     return loader, next(iter(loader))
 
 

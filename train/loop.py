@@ -17,22 +17,18 @@ import json
 import math
 import os
 import resource
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from eossl.streaming.loader import LoaderConfig, SSLLoader
-from eossl.streaming.plan import PlanConfig
-from eossl.streaming.storage import StorageOptions
+from eossl.streaming.loader import SSLLoader
 
+from .builders import build_accelerator, build_optimizer, loader_config, lr_schedule
 from .checkpoint import state_digest, write_json_atomic
 from .config import TrainConfig, flatten, to_yaml
 from .distributed import all_reduce_max, all_reduce_min
@@ -40,8 +36,8 @@ from .export import export_backbone
 from .methods import get_method
 from .preemption import Preempted, StopRequest, lock_run_dir
 from .resume import RunCheckpointer, config_digest
-from .schedules import cosine_schedule, scaled_lr
-from .tracking import start_tracking
+from .schedules import scaled_lr
+from .tracking import git_commit, start_tracking
 
 __all__ = ["RunResult", "train"]
 
@@ -53,34 +49,6 @@ class RunResult:
     final_loss: float
     mlflow_run_id: str | None
     backbone_dir: Path | None
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _loader_config(cfg: TrainConfig, views) -> LoaderConfig:
-    lc = cfg.loader
-    return LoaderConfig(
-        batch_size=cfg.batch_size, split=lc.split, views=views, device=lc.device, num_threads=lc.threads,
-        workers=lc.workers, plan=PlanConfig(seed=cfg.seed, shuffle_buffer=lc.shuffle_buffer),
-        storage=StorageOptions(cache_dir=lc.cache_dir, cache_bytes=int(lc.cache_gb * 2**30),
-                               retries=lc.retries, timeout_s=lc.timeout_s),
-    )
-
-
-def _optimizer(cfg: TrainConfig, params, lr: float) -> torch.optim.Optimizer:
-    o = cfg.optim
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay)
-    raise ValueError(f"optim.name must be sgd or adamw, got {o.name!r}")
 
 
 def _memory_mb() -> float:
@@ -109,12 +77,12 @@ class _Run:
     def __init__(self, cfg: TrainConfig, resume: bool):
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
-        self.acc = _accelerator(cfg)
+        self.acc = build_accelerator(cfg)
         self.main = self.acc.is_main_process
         set_seed(cfg.seed)
         method_cls = get_method(cfg.method)
         views = method_cls.views(cfg)
-        self.loader = SSLLoader(cfg.data, _loader_config(cfg, views), rank=self.acc.process_index,
+        self.loader = SSLLoader(cfg.data, loader_config(cfg, views), rank=self.acc.process_index,
                                 world_size=self.acc.num_processes)
         self.method = method_cls.build(cfg, self.loader.channels, views.mode)
         if cfg.channels_last:
@@ -126,11 +94,9 @@ class _Run:
         self.stop_step = min(cfg.max_steps, self.total_steps) if cfg.max_steps else self.total_steps
         self.effective_batch = cfg.batch_size * self.acc.num_processes * cfg.grad_accum
         self.lr = scaled_lr(cfg.optim.lr, cfg.optim.lr_scaling, self.effective_batch, cfg.optim.base_batch)
-        warmup = cfg.optim.warmup_steps + round(cfg.optim.warmup_epochs * self.steps_per_epoch)
-        self.lr_schedule = (cosine_schedule(self.lr, cfg.optim.min_lr, self.total_steps, warmup)
-                            if cfg.optim.schedule == "cosine" else np.full(self.total_steps, self.lr))
+        self.lr_schedule = lr_schedule(cfg, self.lr, self.total_steps, self.steps_per_epoch)
         self.schedules = method_cls.schedules(cfg, self.total_steps, self.steps_per_epoch)
-        self.optimizer = _optimizer(cfg, self.method.param_groups(), self.lr)
+        self.optimizer = build_optimizer(cfg, self.method.param_groups(), self.lr)
         self.checkpointer = RunCheckpointer(self.acc, cfg, config_digest(cfg, method_cls.resume_may_change))
         self.step = 0
         self.mlflow_run_id = None
@@ -252,7 +218,7 @@ class _Run:
         meter.consecutive += 1
         self.method.discard_pending()
         self.optimizer.zero_grad(set_to_none=True)
-        self.acc.print(f"step {self.step}: non-finite loss ({float(loss)}), step skipped "
+        self.acc.print(f"step {self.step}: non-finite loss ({float(loss.detach())}), step skipped "
                        f"({meter.consecutive} in a row)")
         if self.main:
             self._log_nonfinite(meter.nonfinite)
@@ -281,7 +247,7 @@ class _Run:
                   "world_size": self.acc.num_processes, "steps_per_epoch": self.steps_per_epoch,
                   "mixed_precision": self.acc.mixed_precision,
                   "total_steps": self.total_steps}
-        tags = {"git_commit": _git_commit(), "dataset_manifest_sha256": manifest.get("manifest_sha256", ""),
+        tags = {"git_commit": git_commit(), "dataset_manifest_sha256": manifest.get("manifest_sha256", ""),
                 "dataset": self.cfg.data, "lr_scaling_rule": self.cfg.optim.lr_scaling,
                 "normalisation": json.dumps({"channels": spec.channel_names, "mean": mean.round(6).tolist(),
                                              "std": std.round(6).tolist()})}
@@ -344,27 +310,6 @@ class _Run:
         acc.wait_for_everyone()
         acc.end_training()
         return backbone_dir
-
-
-def _accelerator(cfg: TrainConfig) -> Accelerator:
-    """The run's accelerator: precision from the config or the launcher, gloo ranks without a GPU."""
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # gloo ranks (see launch/accelerate/cpu_2proc.yaml)
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    # Sensor pairs train only the query sensor's adapter (S2 query, S1 key) unless symmetric: DDP must
-    # accept parameters without gradients.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.loader.mode == "pair")
-    if cfg.precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("precision=fp16 needs a CUDA GPU (its loss scaler runs there); "
-                         "use precision=bf16 on CPU")
-    # 'auto': what the launcher says (accelerate launch exports its config's mixed_precision).
-    precision = None if cfg.precision == "auto" else cfg.precision
-    acc = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
-                      log_with="mlflow", kwargs_handlers=[ddp])
-    if acc.mixed_precision == "fp16" and acc.device.type != "cuda":
-        raise ValueError("mixed precision fp16 (from the accelerate config) needs a CUDA GPU; "
-                         "use bf16 on CPU")
-    return acc
 
 
 def train(cfg: TrainConfig, resume: bool = True) -> RunResult:
