@@ -11,8 +11,8 @@ import argparse
 from .methods import method_names
 from .overrides import parse_assignment
 
-# Flags that set a config field: flag destination -> config key.
-_CONFIG_FLAGS = {"data": "data", "out": "out", "max_steps": "max_steps", "seed": "seed"}
+# Flags that set the config field of the same name.
+_CONFIG_FLAGS = ("data", "out", "max_steps", "seed")
 
 __all__ = ["add_train_arguments", "run_train"]
 
@@ -45,7 +45,7 @@ def run_train(args) -> int:
     from .preemption import PREEMPTED_EXIT_CODE, Preempted
 
     overrides = dict(args.overrides)
-    overrides.update({key: getattr(args, dest) for dest, key in _CONFIG_FLAGS.items() if hasattr(args, dest)})
+    overrides.update({key: getattr(args, key) for key in _CONFIG_FLAGS if hasattr(args, key)})
     cfg = load_config(args.method, args.config, overrides)
     has_ckpt = latest_checkpoint(Path(cfg.out)) is not None
     if args.fresh and has_ckpt:
