@@ -28,7 +28,7 @@ import traceback
 from pathlib import Path
 
 from eossl.train.checkpoint import write_json_atomic
-from eossl.train.loop import PREEMPTED_EXIT_CODE
+from eossl.train.preemption import PREEMPTED_EXIT_CODE
 from eossl.train.tracking import artifact_root
 
 from .study_config import Cell, StudyConfig

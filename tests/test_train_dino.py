@@ -86,17 +86,18 @@ def dataset(synthetic_source, tmp_path_factory) -> Path:
 
 def _views(dataset: Path, cfg):
     from eossl.streaming.loader import SSLLoader
-    from eossl.train.loop import _loader_config
+    from eossl.train.builders import loader_config
     from eossl.train.methods import get_method
 
     spec = get_method("dino")
     views = spec.views(cfg)
-    loader = SSLLoader(str(dataset), _loader_config(cfg, views), rank=0, world_size=1)
+    loader = SSLLoader(str(dataset), loader_config(cfg, views), rank=0, world_size=1)
     return loader, next(iter(loader))
 
 
 def test_teacher_ema_frozen_last_layer_and_learning_on_a_fixed_batch(dataset):
-    cfg = load_config("dino", None, {**TINY, "data": str(dataset), "out": "unused"})
+    cfg = load_config("dino", None, {**TINY, "data": str(dataset), "out": "unused",
+                                      "freeze_last_layer_epochs": "1"})
     loader, batch = _views(dataset, cfg)
     assert [v.shape[-1] for v in batch.views] == [32, 32, 16, 16]
     torch.manual_seed(0)
@@ -104,19 +105,19 @@ def test_teacher_ema_frozen_last_layer_and_learning_on_a_fixed_batch(dataset):
     opt = torch.optim.AdamW(model.param_groups(), lr=1e-3)
     last = model.student.head.last_layer.parametrizations.weight.original1
     # Epoch 0: the last layer is frozen.
-    model.set_step({"teacher_temp": 0.04}, epoch=0, freeze_last_layer_epochs=1)
+    model.set_step({"teacher_temp": 0.04}, epoch=0)
     before_last, before_teacher = last.detach().clone(), [p.clone() for p in model.teacher.parameters()]
     loss, _ = model(batch.views)
     loss.backward()
     model.before_optimizer_step()
     opt.step()
     assert torch.equal(last, before_last)
-    model.after_step(0.9)
+    model.after_step({"momentum": 0.9})
     s_now = list(model.student.parameters())
     for t0, s1, t1 in zip(before_teacher, s_now, model.teacher.parameters(), strict=True):
         torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * s1.detach())
     # Later epochs: the last layer trains, and the loss on a fixed batch goes down.
-    model.set_step({"teacher_temp": 0.04}, epoch=1, freeze_last_layer_epochs=1)
+    model.set_step({"teacher_temp": 0.04}, epoch=1)
     losses = []
     for _ in range(15):
         opt.zero_grad()
@@ -124,7 +125,7 @@ def test_teacher_ema_frozen_last_layer_and_learning_on_a_fixed_batch(dataset):
         loss.backward()
         model.before_optimizer_step()
         opt.step()
-        model.after_step(0.9)
+        model.after_step({"momentum": 0.9})
         losses.append(float(loss))
     assert not torch.equal(last, before_last)
     assert np.mean(losses[-3:]) < losses[0] - 0.05, losses

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from eossl.streaming.loader import SSLLoader
+from eossl.train.builders import loader_config
 from eossl.train.config import load_config
-from eossl.train.loop import _loader_config
 from eossl.train.methods import get_method
 
 from conftest import run_cli
@@ -53,7 +53,7 @@ def test_each_mode_reduces_the_loss_on_a_fixed_batch(dataset, mode, extra):
                                       "moco.momentum": "0.5", **extra})
     spec = get_method("moco")
     views_cfg = spec.views(cfg)
-    loader = SSLLoader(str(dataset), _loader_config(cfg, views_cfg), rank=0, world_size=1)
+    loader = SSLLoader(str(dataset), loader_config(cfg, views_cfg), rank=0, world_size=1)
     batch = next(iter(loader))
     torch.manual_seed(0)
     model = spec.build(cfg, loader.channels, views_cfg.mode)
@@ -68,7 +68,7 @@ def test_each_mode_reduces_the_loss_on_a_fixed_batch(dataset, mode, extra):
         # A fixed batch would fill the queue with its own keys (negatives = positives): keep the queue
         # fixed and apply only the key-encoder EMA.
         model.discard_pending()
-        model.after_step(0.5)
+        model.after_step({"momentum": 0.5})
         losses.append(float(loss))
     assert sum(losses[-3:]) / 3 < losses[0] - 0.1, losses
 

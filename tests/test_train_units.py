@@ -102,7 +102,7 @@ def test_queue_contents_and_pointer_wrap():
     for step in range(3):  # 12 keys into a queue of 10: wraps around
         model(views)
         pending = model._pending[0].clone()
-        model.after_step(0.99)
+        model.after_step({"momentum": 0.99})
         seen.append(pending)
         assert int(model.queue_ptr) == (4 * (step + 1)) % 10
     keys = torch.cat(seen)  # 12 x dim, in enqueue order
@@ -119,7 +119,7 @@ def test_momentum_update_is_the_ema():
             p.add_(1.0)
     q = [p.clone() for p in model.encoder_q.parameters()]
     k = [p.clone() for p in model.encoder_k.parameters()]
-    model.after_step(0.9)
+    model.after_step({"momentum": 0.9})
     for pq, pk, new in zip(q, k, model.encoder_k.parameters(), strict=True):
         torch.testing.assert_close(new, 0.9 * pk + 0.1 * pq)
     assert not any(p.requires_grad for p in model.key_parameters())
@@ -140,37 +140,57 @@ def test_loss_matches_float64_reference():
     assert np.isfinite(float(loss))
 
 
+class _FakeClock:
+    """Seconds that pass only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_stop_request_real_signals_first_ctrl_c_flags_second_interrupts(capsys):
     """Real signals to this process: SIGTERM/SIGUSR1/SIGINT set the flag; a second SIGINT raises at once."""
     import os
     import signal
-    import time
 
-    from eossl.train.loop import StopRequest
+    from eossl.train.preemption import StopRequest
 
     before = signal.getsignal(signal.SIGINT)
-    with StopRequest(rank=3).installed() as stop:
+    clock = _FakeClock()
+    with StopRequest(rank=3, clock=clock).installed() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signum == signal.SIGINT
         assert "rank 3: SIGINT received" in capsys.readouterr().out
+        clock.now += StopRequest.REPEAT_AFTER_S / 2
         os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C forwarded by accelerate's agent: no effect
-        time.sleep(StopRequest.REPEAT_AFTER_S)
+        assert stop.signum == signal.SIGINT
+        clock.now += StopRequest.REPEAT_AFTER_S / 2
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before  # restored
-    with StopRequest().installed() as stop:
+    with StopRequest(clock=clock).installed() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGINT)  # after a pre-emption request, Ctrl-C does not abandon the checkpoint
         assert stop.signum == signal.SIGINT
-    with StopRequest().installed() as stop:  # Ctrl-C under a study: SIGINT, the study's SIGUSR1, Ctrl-C again
+    with StopRequest(clock=clock).installed() as stop:  # Ctrl-C under a study: SIGINT, SIGUSR1, Ctrl-C again
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGUSR1)
-        time.sleep(StopRequest.REPEAT_AFTER_S)
+        clock.now += StopRequest.REPEAT_AFTER_S
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
-    with StopRequest().installed() as stop:
+    with StopRequest(clock=clock).installed() as stop:
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.signum == signal.SIGUSR1
+
+
+def test_stop_request_default_clock_is_monotonic():
+    import time
+
+    from eossl.train.preemption import StopRequest
+
+    assert StopRequest().clock is time.monotonic
 
 
 def test_artifact_root_keeps_artifacts_beside_a_sqlite_store(tmp_path):

@@ -1,26 +1,39 @@
-"""Command-line arguments of ``eossl train METHOD`` (also ``python -m eossl.train METHOD``)."""
+"""Command-line arguments of ``eossl train METHOD`` (also ``python -m eossl.train METHOD``).
+
+The command passes on only what the user typed: a flag not given is absent (``argparse.SUPPRESS``), so
+every default comes from the config (dataclass defaults, then the method's, then ``--config``).
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from .methods import method_names
 from .overrides import parse_assignment
+
+# Flags that set the config field of the same name.
+_CONFIG_FLAGS = ("data", "out", "max_steps", "seed")
 
 __all__ = ["add_train_arguments", "run_train"]
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("method", choices=["moco", "dino"], help="self-supervised method")
+    p.add_argument("method", choices=method_names(), help="self-supervised method")
     p.add_argument("--data", required=True, help="dataset folder or URL written by 'eossl ingest'")
     p.add_argument("--out", required=True, help="run folder: checkpoints, config.yaml, local MLflow store")
     p.add_argument("--config", help="YAML file of config values (sections or dotted keys)")
-    p.add_argument("--set", dest="overrides", type=parse_assignment, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", type=parse_assignment, action="append", default=[],
+                   metavar="KEY=VALUE",
                    help="override any config field, e.g. --set backbone=resnet18 --set queue_size=64")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (total, across resumes)")
-    p.add_argument("--seed", type=int, help="seed of data order, augmentation and initialisation")
+    p.add_argument("--max-steps", type=int, default=argparse.SUPPRESS,
+                   help="stop after this many optimiser steps (total, across resumes; default: the config's "
+                   "max_steps, 0 = the whole run)")
+    p.add_argument("--seed", type=int, default=argparse.SUPPRESS,
+                   help="seed of data order, augmentation and initialisation (default: the config's seed)")
     p.add_argument("--resume", action="store_true",
                    help="continue from RUN_DIR's last checkpoint (also the default when one exists)")
-    p.add_argument("--fresh", action="store_true", help="ignore checkpoints in RUN_DIR (refused if any exist)")
+    p.add_argument("--fresh", action="store_true",
+                   help="ignore checkpoints in RUN_DIR (refused if any exist)")
 
 
 def run_train(args) -> int:
@@ -28,14 +41,11 @@ def run_train(args) -> int:
 
     from .checkpoint import latest_checkpoint
     from .config import load_config
-    from .loop import PREEMPTED_EXIT_CODE, Preempted, train
+    from .loop import train
+    from .preemption import PREEMPTED_EXIT_CODE, Preempted
 
     overrides = dict(args.overrides)
-    overrides.update({"data": args.data, "out": args.out})
-    if args.max_steps is not None:
-        overrides["max_steps"] = args.max_steps
-    if args.seed is not None:
-        overrides["seed"] = args.seed
+    overrides.update({key: getattr(args, key) for key in _CONFIG_FLAGS if hasattr(args, key)})
     cfg = load_config(args.method, args.config, overrides)
     has_ckpt = latest_checkpoint(Path(cfg.out)) is not None
     if args.fresh and has_ckpt:
@@ -50,5 +60,6 @@ def run_train(args) -> int:
     if result.backbone_dir is not None:
         print(f"run: {result.run_dir}  steps: {result.steps}  final loss: {result.final_loss:.4f}")
         print(f"mlflow run: {result.mlflow_run_id}")
-        print(f"backbone: {result.backbone_dir}/backbone.safetensors (model card: {result.backbone_dir}/README.md)")
+        print(f"backbone: {result.backbone_dir}/backbone.safetensors "
+              f"(model card: {result.backbone_dir}/README.md)")
     return 0

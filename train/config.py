@@ -17,7 +17,14 @@ from typing import Any
 
 import yaml
 
+from eossl.streaming.inputs import InputSpec
+from eossl.streaming.loader import LoaderConfig
+from eossl.streaming.plan import PlanConfig
+from eossl.streaming.storage import StorageOptions
+from eossl.streaming.views import ViewConfig
+
 from . import overrides as overrides_mod
+from .methods import get_method, method_names
 from .overrides import config_keys, read_yaml_overrides
 
 __all__ = [
@@ -159,6 +166,9 @@ class OptimConfig:
 class DataConfig:
     """What the loader reads and how views are made (see docs/METHODS.md).
 
+    The defaults are those of the streaming configs each field feeds (``ViewConfig``, ``LoaderConfig``,
+    ``PlanConfig``, ``StorageOptions``), read from them so that each default is stated once.
+
     Attributes:
         mode: single | pair | fusion_all | fusion_partial | fusion_optional | multicrop.
         sensors: input of 'single'/'multicrop' views: s1, s2 or s1s2.
@@ -177,22 +187,22 @@ class DataConfig:
             ``size``; scales as in DINO: global 0.4-1, local 0.05-0.4).
     """
 
-    mode: str = "single"
+    mode: str = ViewConfig.mode
     sensors: str = "s2"
-    s2_bands: str = "land"
-    size: int = 224
+    s2_bands: str = InputSpec.s2_bands
+    size: int = ViewConfig.size
     augment: bool = True
-    split: str = "train"
-    workers: int = 2
-    threads: int = 2
-    shuffle_buffer: int = 2048
-    cache_dir: str | None = None
-    cache_gb: float = 64.0
-    retries: int = 5
-    timeout_s: float = 30.0
-    device: str = "auto"
-    n_local: int = 6
-    local_size: int = 96
+    split: str = LoaderConfig.split
+    workers: int = LoaderConfig.workers
+    threads: int = LoaderConfig.num_threads
+    shuffle_buffer: int = PlanConfig.shuffle_buffer
+    cache_dir: str | None = StorageOptions.cache_dir
+    cache_gb: float = StorageOptions.cache_bytes / 2**30
+    retries: int = StorageOptions.retries
+    timeout_s: float = StorageOptions.timeout_s
+    device: str = LoaderConfig.device
+    n_local: int = ViewConfig.n_local
+    local_size: int = ViewConfig.local_size
 
 
 @dataclass
@@ -200,7 +210,7 @@ class TrainConfig:
     """One pre-training run.
 
     Attributes:
-        method: 'moco' (issue 4) or 'dino' (issue 6).
+        method: a registered method (``train/methods.py``): 'moco' or 'dino'.
         data: dataset folder or URL; out: run folder (checkpoints, config, local MLflow store).
         batch_size: samples per device per step (64 in the MoCo study).
         epochs: epochs over the training split; max_steps: stop after this many optimiser steps (0 = none).
@@ -219,7 +229,7 @@ class TrainConfig:
     method: str = "moco"
     data: str = ""
     out: str = ""
-    batch_size: int = 64
+    batch_size: int = LoaderConfig.batch_size
     epochs: int = 200
     max_steps: int = 0
     grad_accum: int = 1
@@ -238,8 +248,8 @@ class TrainConfig:
     loader: DataConfig = field(default_factory=DataConfig)
 
     def validate(self) -> None:
-        if self.method not in ("moco", "dino"):
-            raise ValueError(f"method must be moco or dino, got {self.method!r}")
+        if self.method not in method_names():
+            raise ValueError(f"method must be one of {', '.join(method_names())}, got {self.method!r}")
         if self.precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, no, bf16 or fp16, got {self.precision!r}")
         if not self.data or not self.out:
@@ -257,7 +267,7 @@ class TrainConfig:
 
 def _other_methods(cfg: TrainConfig) -> tuple[str, ...]:
     """Sections of the methods not running: a short key never means them (``hidden`` is MoCo's for MoCo)."""
-    return tuple(m for m in METHOD_DEFAULTS if m != cfg.method)
+    return tuple(m for m in method_names() if m != cfg.method)
 
 
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
@@ -265,21 +275,15 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
     return overrides_mod.apply_overrides(cfg, overrides, skip_sections=_other_methods(cfg))
 
 
-# Method defaults applied over the dataclass defaults (which are MoCo's): DINO's ViT-S/16 recipe on S1.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "moco": {},
-    "dino": {"backbone.name": "vit_small_patch16_224", "optim.name": "adamw", "optim.lr": 0.0005,
-             "optim.lr_scaling": "linear", "optim.base_batch": 256, "optim.weight_decay": 0.04,
-             "optim.warmup_epochs": 10, "optim.min_lr": 1e-6, "optim.clip_grad": 3.0, "loader.mode": "multicrop",
-             "loader.sensors": "s1", "epochs": 100, "channels_last": False},
-}
-
-
 def load_config(method: str, yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfig:
-    """Method defaults <- YAML file <- ``--set`` overrides (and CLI flags, passed as overrides)."""
-    if method not in METHOD_DEFAULTS:
-        raise ValueError(f"method must be one of {list(METHOD_DEFAULTS)}, got {method!r}")
-    cfg = apply_overrides(TrainConfig(method=method), METHOD_DEFAULTS[method])
+    """Method defaults <- YAML file <- ``--set`` overrides (and CLI flags, passed as overrides).
+
+    The method defaults are the method class's ``config_defaults`` (DINO: its ViT-S/16 recipe), applied
+    over the dataclass defaults.
+    """
+    if method not in method_names():
+        raise ValueError(f"method must be one of {list(method_names())}, got {method!r}")
+    cfg = apply_overrides(TrainConfig(method=method), get_method(method).config_defaults)
     if yaml_path:
         apply_overrides(cfg, read_yaml_overrides(yaml_path))
     apply_overrides(cfg, overrides)

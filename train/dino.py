@@ -2,13 +2,17 @@
 
 ``DINOLoss`` owns its ``center`` buffer (saved in checkpoints); the teacher temperature, the EMA momentum
 and the weight decay come from schedules the loop indexes by global step and hands in through
-``set_step``. As for every method, the state updates (teacher EMA, center EMA) happen in ``after_step``,
-after the optimiser step; the center uses the teacher outputs of every rank (all-reduce).
+``set_step`` and ``after_step``; the epochs of the frozen last layer come from
+``dino.freeze_last_layer_epochs`` when the method is built. As for every method, the state updates
+(teacher EMA, center EMA) happen in ``after_step``, after the optimiser step; the center uses the teacher
+outputs of every rank (all-reduce).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -23,6 +27,7 @@ from eossl.streaming.views import ViewConfig
 from .backbones import build_encoder
 from .config import TrainConfig
 from .distributed import is_dist
+from .method import SSLMethod
 from .schedules import cosine_schedule
 
 __all__ = ["DINO", "DINOHead", "DINOLoss", "build_dino", "dino_schedules", "dino_views"]
@@ -117,8 +122,16 @@ class _Branch(nn.Module):
         return self.head(torch.cat(feats))
 
 
-class DINO(nn.Module):
+class DINO(SSLMethod):
     """Student and EMA teacher on multi-crop views; only the ``n_global`` first views reach the teacher."""
+
+    # DINO's ViT-S/16 recipe on S1, applied over the dataclass defaults (which are MoCo's).
+    config_defaults: ClassVar[Mapping[str, Any]] = {
+        "backbone.name": "vit_small_patch16_224", "optim.name": "adamw", "optim.lr": 0.0005,
+        "optim.lr_scaling": "linear", "optim.base_batch": 256, "optim.weight_decay": 0.04,
+        "optim.warmup_epochs": 10, "optim.min_lr": 1e-6, "optim.clip_grad": 3.0, "loader.mode": "multicrop",
+        "loader.sensors": "s1", "epochs": 100, "channels_last": False,
+    }
 
     def __init__(self, encoder, cfg: TrainConfig, n_global: int, n_crops: int):
         super().__init__()
@@ -131,7 +144,23 @@ class DINO(nn.Module):
         self.loss_fn = DINOLoss(d.out_dim, n_crops, n_global, d.student_temp, d.center_momentum)
         self.n_global = n_global
         self.teacher_temp = d.teacher_temp
+        self.freeze_last_layer_epochs = d.freeze_last_layer_epochs
         self.freeze_last_layer = False
+
+    @classmethod
+    def views(cls, cfg: TrainConfig) -> ViewConfig:
+        return dino_views(cfg)
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, channels: list[int], mode: str) -> DINO:
+        return build_dino(cfg, channels, mode)
+
+    @classmethod
+    def schedules(cls, cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
+        return dino_schedules(cfg, total_steps, steps_per_epoch)
+
+    def compile_target(self) -> nn.Module:
+        return self.student  # the teacher (exported) only follows it by EMA
 
     def param_groups(self) -> list[dict]:
         """Weights are decayed (on the schedule); biases and norm parameters are not (as in DINO)."""
@@ -139,9 +168,9 @@ class DINO(nn.Module):
         return [{"params": [p for p in params if p.ndim > 1]},
                 {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
-    def set_step(self, values: dict[str, float], epoch: int, freeze_last_layer_epochs: int) -> None:
+    def set_step(self, values: Mapping[str, float], epoch: int) -> None:
         self.teacher_temp = values["teacher_temp"]
-        self.freeze_last_layer = epoch < freeze_last_layer_epochs
+        self.freeze_last_layer = epoch < self.freeze_last_layer_epochs
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
@@ -159,7 +188,9 @@ class DINO(nn.Module):
                 p.grad = None
 
     @torch.no_grad()
-    def after_step(self, momentum: float) -> None:
+    def after_step(self, values: Mapping[str, float]) -> None:
+        """Teacher EMA (``values["momentum"]``), then the center EMA."""
+        momentum = values["momentum"]
         for ps, pt in zip(self.student.parameters(), self.teacher.parameters(), strict=True):
             pt.mul_(momentum).add_(ps.detach(), alpha=1 - momentum)
         self.loss_fn.update_center()

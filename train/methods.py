@@ -1,44 +1,35 @@
-"""The registry of self-supervised methods the training loop knows.
+"""The registry of self-supervised methods: a name -> the :class:`~eossl.train.method.SSLMethod` subclass.
 
-A method contributes two functions: the loader's views for a config, and the method module built for the
-views' channel counts. The module implements ``forward(views) -> (loss, logs)``, ``after_step(momentum)``,
-``discard_pending()`` and ``backbone() -> Encoder``, and optionally ``param_groups()``, ``set_step(values,
-epoch, freeze_last_layer_epochs)`` and ``before_optimizer_step()``; the loop never asks which method it runs.
+Entries name the class as ``"module:Class"`` and are imported on first use, so the command line and the
+config validation list method names without importing torch. A new method is one module with its
+``SSLMethod`` subclass plus one line here; the method's config section (if it has one) is the
+``TrainConfig`` field of the same name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import importlib
+from typing import TYPE_CHECKING
 
-import numpy as np
-from torch import nn
+if TYPE_CHECKING:
+    from .method import SSLMethod
 
-from eossl.streaming.views import ViewConfig
+__all__ = ["METHODS", "get_method", "method_names"]
 
-from .config import TrainConfig
-from .dino import build_dino, dino_schedules, dino_views
-from .moco import build_moco, moco_views
-
-__all__ = ["METHODS", "MethodSpec", "get_method"]
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    views: Callable[[TrainConfig], ViewConfig]
-    build: Callable[[TrainConfig, list[int], str], nn.Module]
-    # Per-step schedules (at least "momentum") for (config, total steps, steps per epoch).
-    schedules: Callable[[TrainConfig, int, int], dict[str, np.ndarray]]
-
-
-METHODS: dict[str, MethodSpec] = {
-    "moco": MethodSpec(views=moco_views, build=build_moco,  # MoCo: constant momentum
-                       schedules=lambda cfg, total, per_epoch: {"momentum": np.full(total, cfg.moco.momentum)}),
-    "dino": MethodSpec(views=dino_views, build=build_dino, schedules=dino_schedules),
+METHODS: dict[str, str] = {
+    "moco": "eossl.train.moco:MoCo",
+    "dino": "eossl.train.dino:DINO",
 }
 
 
-def get_method(name: str) -> MethodSpec:
+def method_names() -> tuple[str, ...]:
+    """Every registered method name, in registry order."""
+    return tuple(METHODS)
+
+
+def get_method(name: str) -> type[SSLMethod]:
+    """The method class registered under ``name``."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
-    return METHODS[name]
+    module, _, attr = METHODS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)

@@ -2,14 +2,18 @@
 
 The method owns its state as buffers (``queue``, ``queue_ptr``) so a checkpoint of the module is a
 checkpoint of the method. The training loop calls ``forward(views)`` for the loss and, after every
-optimiser step, ``after_step(momentum)`` for the key-encoder EMA and the enqueue of the step's keys (the
-order the loop keeps for every method: step, then EMA/queue).
+optimiser step, ``after_step(values)`` for the key-encoder EMA (momentum ``values["momentum"]``, a constant
+schedule of ``moco.momentum``) and the enqueue of the step's keys (the order the loop keeps for every
+method: step, then EMA/queue).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+from collections.abc import Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +24,7 @@ from eossl.streaming.views import ViewConfig
 from .backbones import Encoder, build_encoder
 from .config import TrainConfig
 from .distributed import all_gather_cat, broadcast_, rank, world_size
+from .method import SSLMethod
 
 __all__ = ["MoCo", "ProjectionHead", "build_moco", "moco_views"]
 
@@ -35,7 +40,7 @@ class ProjectionHead(nn.Module):
         return self.net(x)
 
 
-class MoCo(nn.Module):
+class MoCo(SSLMethod):
     """MoCo-v2 on two views.
 
     Args:
@@ -120,16 +125,39 @@ class MoCo(nn.Module):
             loss, acc = (loss + loss2) / 2, (acc + acc2) / 2
         return loss, {"acc": acc.detach()}
 
-    # -- per-step state ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def after_step(self, momentum: float) -> None:
-        """Key encoder EMA, then enqueue the keys of the step (gathered from every rank).
+    # -- building, for the loop ----------------------------------------------------------------------
+    @classmethod
+    def views(cls, cfg: TrainConfig) -> ViewConfig:
+        return moco_views(cfg)
 
-        As in MoCo, only parameters follow the EMA; the key encoder's BN statistics come from its own
-        (shuffled) forward passes.
-        """
+    @classmethod
+    def build(cls, cfg: TrainConfig, channels: list[int], mode: str) -> MoCo:
+        return build_moco(cfg, channels, mode)
+
+    @classmethod
+    def schedules(cls, cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
+        """MoCo's key-encoder momentum is constant."""
+        return {"momentum": np.full(total_steps, cfg.moco.momentum)}
+
+    def compile_target(self) -> nn.Module:
+        return self.encoder_q
+
+    # -- per-step state ------------------------------------------------------------------------------
+    def after_step(self, values: Mapping[str, float]) -> None:
+        """After each optimiser step: key encoder EMA (``values["momentum"]``), then the enqueue."""
+        self._momentum_update_key_encoder(values["momentum"])
+        self._dequeue_and_enqueue()
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self, momentum: float) -> None:
+        """As in MoCo, only parameters follow the EMA; the key encoder's BN statistics come from its own
+        (shuffled) forward passes."""
         for pq, pk in self.query_pairs():
             pk.mul_(momentum).add_(pq.detach(), alpha=1 - momentum)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self) -> None:
+        """Write the keys of the step (gathered from every rank) round the queue."""
         if not self._pending:
             return
         keys = all_gather_cat(torch.cat(self._pending))  # (N x world x micro-batches) x C
@@ -145,6 +173,11 @@ class MoCo(nn.Module):
 
     def backbone(self) -> Encoder:
         return self.encoder_q
+
+    def state_digests(self) -> dict[str, str]:
+        """The queue and its pointer: equal on every rank (each enqueues the keys gathered from all)."""
+        data = self.queue.cpu().numpy().tobytes() + self.queue_ptr.cpu().numpy().tobytes()
+        return {"queue_sha256": hashlib.sha256(data).hexdigest()}
 
 
 def moco_views(cfg: TrainConfig) -> ViewConfig:

@@ -10,13 +10,24 @@ orchestrator (a study cell nested under its study) is named by ``EOSSL_MLFLOW_RU
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 from accelerate import Accelerator
 
 from .config import TrainConfig
 
-__all__ = ["artifact_root", "local_tracking_uri", "start_tracking"]
+__all__ = ["artifact_root", "git_commit", "local_tracking_uri", "start_tracking"]
+
+
+def git_commit() -> str:
+    """The commit of the code that trains (a run's ``git_commit`` tag); "unknown" outside a checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def local_tracking_uri(run_dir: Path) -> str:
