@@ -120,7 +120,8 @@ class ClassifyTask(GridTask):
         cfg, backbone = self.cfg, _random_backbone(self.cfg)
         rows = [GridRow("random init", "random", None, backbone)] if "random" in cfg.inits else []
         for run in cfg.checkpoints:
-            rows += [GridRow(row_name(run, init), init, run, backbone) for init in cfg.inits if init != "random"]
+            rows += [GridRow(row_name(run, init), init, run, backbone)
+                     for init in cfg.inits if init != "random"]
         return rows
 
     def cell_params(self, row: GridRow, column: str, spec: InputSpec) -> dict:

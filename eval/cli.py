@@ -66,9 +66,10 @@ class _GridFlags:
         self.add("--budget", "budget", "labels per cell: a budget written by ingest, or 'all'")
         self.add("--protocol", "protocol", protocol_help, choices=self.config.PROTOCOLS, metavar=None)
         self.add("--seeds", "seeds", seeds_help, type=_seeds)
-        self.add("--init", "inits", "rows: random, checkpoint, checkpoint-random-adapter, checkpoint-backbone-only",
-                 type=_csv)
-        self.add("--precision", "precision", "autocast precision (accelerate)", choices=PRECISIONS, metavar=None)
+        self.add("--init", "inits", "rows: random, checkpoint, checkpoint-random-adapter, "
+                 "checkpoint-backbone-only", type=_csv)
+        self.add("--precision", "precision", "autocast precision (accelerate)", choices=PRECISIONS,
+                 metavar=None)
         self.add("--experiment", "experiment", "MLflow experiment")
 
     def done(self, handler) -> None:
@@ -80,7 +81,8 @@ def _grid_config(config: type[GridConfig], args: argparse.Namespace) -> GridConf
     from .config import load_grid_config
 
     flags = {k: getattr(args, k) for k in args.config_flags if hasattr(args, k)}
-    return load_grid_config(config, {"dataset": args.dataset, "out": args.out}, args.config, args.overrides, flags)
+    required = {"dataset": args.dataset, "out": args.out}
+    return load_grid_config(config, required, args.config, args.overrides, flags)
 
 
 def _print_result(result: dict) -> None:
@@ -110,7 +112,8 @@ def _add_classify(sub) -> None:
     g = _GridFlags(c, ClassifyConfig, "--set budget=all --set finetune_lr=1e-4")
     g.common("linear (frozen features), finetune (all layers) or knn (frozen features)",
              "seeds (budget subset and classifier init per seed), e.g. 0,1,2")
-    g.add("--label", "label", "classes: igbp_simple (10) or igbp (17)", choices=["igbp_simple", "igbp"], metavar=None)
+    g.add("--label", "label", "classes: igbp_simple (10) or igbp (17)", choices=["igbp_simple", "igbp"],
+          metavar=None)
     g.add("--multilabel", "multilabel", "multi-label targets", action="store_const", const=True)
     g.add("--random-backbone", "random_backbone", "timm model of the random init (default: the checkpoint's)",
           show_default=False)
@@ -148,7 +151,8 @@ def _add_segment(sub) -> None:
     g.add("--epochs", "train.epochs", "training epochs over the labelled patches", type=int)
     g.add("--lr", "train.lr", "AdamW learning rate of the head", type=float)
     g.add("--backbone-lr-scale", "train.backbone_lr_scale",
-          "finetune: a pre-trained backbone's lr relative to the head's (a random one trains at 1x)", type=float)
+          "finetune: a pre-trained backbone's lr relative to the head's (a random one trains at 1x)",
+          type=float)
     g.add("--crop", "train.crop", "train on random crops of this size in px (0: whole patches); evaluation "
           "uses whole patches", type=int)
     g.add("--class-weights", "train.class_weighting", "class weighting of the cross-entropy from training "

@@ -16,8 +16,8 @@ from typing import Any, ClassVar, TypeVar
 
 from eossl.train.overrides import apply_overrides, read_yaml_overrides
 
-__all__ = ["INITS", "PRECISIONS", "ClassifyConfig", "GridConfig", "ProbeConfig", "SegTrainConfig", "SegmentConfig",
-           "field_default", "load_grid_config"]
+__all__ = ["INITS", "PRECISIONS", "ClassifyConfig", "GridConfig", "ProbeConfig", "SegTrainConfig",
+           "SegmentConfig", "field_default", "load_grid_config"]
 
 PRECISIONS = ("no", "bf16")
 # checkpoint: backbone and its adapter; checkpoint-random-adapter: pre-trained backbone behind a fresh 1x1
@@ -63,8 +63,9 @@ class GridConfig:
     experiment: str = "eossl-eval"
 
     def __post_init__(self) -> None:
-        """Normalise what a YAML file or ``--set`` gives (lists, numbers as text) and check each field alone."""
-        self.checkpoints, self.inputs, self.inits = tuple(self.checkpoints), tuple(self.inputs), tuple(self.inits)
+        """Normalise what a YAML file or ``--set`` gives (lists, numbers as text); check each field alone."""
+        self.checkpoints, self.inputs = tuple(self.checkpoints), tuple(self.inputs)
+        self.inits = tuple(self.inits)
         self.seeds = tuple(int(s) for s in self.seeds)
         self.budget = str(self.budget)
         if self.protocol not in self.PROTOCOLS:
@@ -78,7 +79,7 @@ class GridConfig:
             raise ValueError(f"budget must be a number of labels or 'all', got {self.budget!r}")
 
     def validate(self) -> None:
-        """Checks across fields, once every source has been applied (a file may set inits before checkpoints)."""
+        """Checks across fields, once every source is applied (a file may set inits before checkpoints)."""
         if any(i != "random" for i in self.inits) and not self.checkpoints:
             raise ValueError("checkpoint inits need at least one --checkpoint RUN_DIR")
 
@@ -166,7 +167,8 @@ class SegmentConfig(GridConfig):
 
     Attributes:
         budget: labelled training patches per cell (segmentation needs far fewer than classification).
-        label: per-pixel classes: igbp_simple (10), igbp (17), lccs_lc, lccs_lu, lccs_sh (segment.data.SEG_LABELS).
+        label: per-pixel classes: igbp_simple (10), igbp (17), lccs_lc, lccs_lu, lccs_sh
+            (segment.data.SEG_LABELS).
         frozen: override whether the backbone is frozen (None: frozen for linear, trained for finetune).
         train: optimisation of a cell.
         figures: hold-out patches drawn per cell (first seed); 0 draws none.
@@ -191,8 +193,8 @@ class SegmentConfig(GridConfig):
 
     def validate(self) -> None:
         if not self.checkpoints:
-            raise ValueError("segmentation needs at least one --checkpoint RUN_DIR (it also fixes the architecture "
-                             "of the random init)")
+            raise ValueError("segmentation needs at least one --checkpoint RUN_DIR (it also fixes the "
+                             "architecture of the random init)")
         super().validate()
 
     @property
@@ -220,7 +222,8 @@ def field_default(cls: type, key: str) -> Any:
 
 
 def load_grid_config(cls: type[C], required: Mapping[str, Any], config_file: str | None = None,
-                     assignments: Iterable[tuple[str, Any]] = (), flags: Mapping[str, Any] | None = None) -> C:
+                     assignments: Iterable[tuple[str, Any]] = (),
+                     flags: Mapping[str, Any] | None = None) -> C:
     """Dataclass defaults <- YAML file <- ``--set`` assignments <- flags typed on the command line.
 
     Args:

@@ -157,7 +157,8 @@ def _config_params(cfg: GridConfig) -> dict[str, Any]:
     return params
 
 
-def _log_cell(exp_id: str, task: GridTask, cell: dict, params: dict, metrics: dict, artifacts: list[str]) -> None:
+def _log_cell(exp_id: str, task: GridTask, cell: dict, params: dict, metrics: dict,
+              artifacts: list[str]) -> None:
     """The cell's child run: the tags ``eossl eval report`` reads, params, metrics, files."""
     import mlflow
 
@@ -174,7 +175,7 @@ def _log_cell(exp_id: str, task: GridTask, cell: dict, params: dict, metrics: di
 
 
 def _run_cell(task: GridTask, exp_id: str, row: GridRow, column: str, out: Path, acc) -> dict:
-    """Every seed of one (row, input) cell, summed up and logged; a ``NotApplicable`` cell keeps its reason."""
+    """Every seed of one (row, input) cell, summed up and logged; a ``NotApplicable`` cell keeps why."""
     cfg = task.cfg
     spec = InputSpec.parse(column, cfg.s2_bands)
     folder = task.cell_folder(out, row, column)
@@ -210,7 +211,7 @@ def run_grid(task: GridTask, command: tuple[str, ...] = (), parent_run_id: str |
     cfg.validate()
     out = Path(cfg.out)
     exp_id = eval_experiment(out, cfg.experiment)
-    # accelerate picks the device (GPU when present) and runs autocast at the chosen precision, as in training.
+    # accelerate picks the device (GPU when present) and autocasts at the chosen precision, as in training.
     acc = Accelerator(mixed_precision=cfg.precision)
     rows = task.rows()
     cells: list[dict] = []

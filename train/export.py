@@ -65,7 +65,7 @@ def export_backbone(encoder: Encoder, loader, cfg: TrainConfig, step: int, run_d
 
 
 def read_model_card(run_dir: str | Path) -> dict:
-    """The model card a finished run exported: read here, beside its writer, so readers never restate its path.
+    """The model card a finished run exported: read beside its writer, so no reader restates its path.
 
     Raises:
         FileNotFoundError: the run has no card (not finished, or not an eossl pre-training run).

@@ -245,7 +245,8 @@ def attention_figures(run_dir: str, dataset: str, keys: Sequence[str], out: str,
         per_key[key] = {"row": row, **analysis.entry}
         if draw:
             path = out_dir / f"{key}.png"
-            plot_patch(path, f"{key}  |  {model_text}\n{caption(analysis.scores)}", raw, maps, analysis, keep_mass)
+            title = f"{key}  |  {model_text}\n{caption(analysis.scores)}"
+            plot_patch(path, title, raw, maps, analysis, keep_mass)
             figures.append(str(path))
 
     scored = [e["agreement"] for e in per_key.values() if "agreement" in e]

@@ -145,7 +145,8 @@ class SegmentTask(GridTask):
     def title(self) -> str:
         cfg = self.cfg
         mode = "frozen" if cfg.is_frozen else "fine-tuned"
-        return (f"SEN12MS land-cover segmentation, {cfg.label} ({len(label_scheme(cfg.label).classes)} classes), "
+        classes = len(label_scheme(cfg.label).classes)
+        return (f"SEN12MS land-cover segmentation, {cfg.label} ({classes} classes), "
                 f"{cfg.protocol} ({cfg.head} head, backbone {mode}), {cfg.budget} labelled patches, "
                 "metric hold-out mIoU")
 
@@ -172,7 +173,8 @@ class SegmentTask(GridTask):
         cfg = self.cfg
         return {"method": row.name, "input": column, "init": row.init, "protocol": cfg.protocol,
                 "head": cfg.head, "frozen": cfg.is_frozen, "budget": cfg.budget, "label": cfg.label,
-                "checkpoint": row.run_dir or "", "backbone": row.backbone, "channels": ",".join(spec.channel_names)}
+                "checkpoint": row.run_dir or "", "backbone": row.backbone,
+                "channels": ",".join(spec.channel_names)}
 
     def run_seed(self, row: GridRow, spec: InputSpec, seed: int, folder: Path, first: bool,
                  acc: Accelerator) -> dict:
@@ -230,7 +232,7 @@ class SegmentTask(GridTask):
 
 def run_segmentation(cfg: SegmentConfig, command: tuple[str, ...] = (), parent_run_id: str | None = None,
                      tags: dict[str, str] | None = None) -> dict:
-    """Run the grid; write tables, per-cell metrics, figures and maps; log to MLflow (parent + one child per cell).
+    """Run the grid; write tables, per-cell metrics, figures and maps; log to MLflow (parent + a run per cell).
 
     ``parent_run_id`` nests the grid's run under another (a study cell); ``tags`` are set on it.
     """

@@ -49,7 +49,7 @@ def _scores(cfg: SegmentConfig, run_dir: str, column: str, folder: Path) -> dict
 
 
 def unsupervised_cells(cfg: SegmentConfig, rows: list[GridRow], folder_of) -> list[ExtraCell]:
-    """The '(no labels)' cells of every plain-checkpoint row and input; ``folder_of(row, column)``: its folder."""
+    """The '(no labels)' cells of every plain-checkpoint row and input (``folder_of(row, column)``: where)."""
     cells = []
     for row in rows:
         if row.init != "checkpoint":
