@@ -1,134 +1,177 @@
-"""Command-line arguments of ``eossl eval classify``, ``eossl eval segment`` and ``eossl eval report``."""
+"""Command-line arguments of ``eossl eval classify``, ``eossl eval segment`` and ``eossl eval report``.
+
+A grid's settings come from its config dataclass (``eval/config.py``), whose defaults are the only
+defaults: a flag is passed on only when typed, and its help shows the dataclass default. Each grid also
+takes ``--config FILE`` and ``--set key=value`` as ``eossl train`` does; the sources apply in the order
+dataclass defaults <- FILE <- --set <- flags, so a typed flag always wins.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
-__all__ = ["add_eval_arguments"]
+from eossl.train.overrides import parse_assignment
+
+from .config import PRECISIONS, ClassifyConfig, GridConfig, SegmentConfig, field_default
+
+__all__ = ["add_attention_arguments", "add_eval_arguments"]
+
+_ORDER = ("Settings apply in this order, later winning: the defaults shown, --config FILE, --set KEY=VALUE, "
+          "then the flags given here.")
 
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in _csv(text))
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return "none" if value is None else str(value)
+
+
+class _GridFlags:
+    """Adds a grid's flags: each one sets a config key, passes nothing unless typed, and says its default."""
+
+    def __init__(self, parser: argparse.ArgumentParser, config: type[GridConfig], set_example: str) -> None:
+        self.parser, self.config, self.keys = parser, config, []
+        parser.add_argument("--dataset", required=True, help="dataset folder or URL with data.zarr")
+        parser.add_argument("--out", required=True, help="output folder")
+        parser.add_argument("--config", help="YAML file of config values (sections or dotted keys)")
+        parser.add_argument("--set", dest="overrides", type=parse_assignment, action="append", default=[],
+                            metavar="KEY=VALUE", help=f"set any config field, e.g. {set_example} (a short "
+                            "key names the one field it can mean)")
+
+    def add(self, flag: str, key: str, text: str, show_default: bool = True, **kwargs: Any) -> None:
+        """``flag`` sets config ``key``; its help is ``text`` plus the dataclass default."""
+        if show_default:
+            text = f"{text} (default: {_shown(field_default(self.config, key))})"
+        if kwargs.get("action") != "store_const":
+            kwargs.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
+        self.parser.add_argument(flag, dest=key, default=argparse.SUPPRESS, help=text, **kwargs)
+        self.keys.append(key)
+
+    def common(self, protocol_help: str, seeds_help: str) -> None:
+        """The flags of every grid's shared fields (``GridConfig``)."""
+        self.add("--checkpoint", "checkpoints", "pre-training run folder (repeat for several methods)",
+                 show_default=False, action="append", metavar="RUN_DIR")
+        self.add("--inputs", "inputs", "table columns (s1,s2,s1s2)", type=_csv)
+        self.add("--s2-bands", "s2_bands", "land (10), all (13), rgb or a comma list")
+        self.add("--budget", "budget", "labels per cell: a budget written by ingest, or 'all'")
+        self.add("--protocol", "protocol", protocol_help, choices=self.config.PROTOCOLS, metavar=None)
+        self.add("--seeds", "seeds", seeds_help, type=_seeds)
+        self.add("--init", "inits", "rows: random, checkpoint, checkpoint-random-adapter, "
+                 "checkpoint-backbone-only", type=_csv)
+        self.add("--precision", "precision", "autocast precision (accelerate)", choices=PRECISIONS,
+                 metavar=None)
+        self.add("--experiment", "experiment", "MLflow experiment")
+
+    def done(self, handler) -> None:
+        self.parser.set_defaults(handler=handler, config_flags=tuple(self.keys))
+
+
+def _grid_config(config: type[GridConfig], args: argparse.Namespace) -> GridConfig:
+    """The config of a grid command: defaults <- --config FILE <- --set <- the flags typed."""
+    from .config import load_grid_config
+
+    flags = {k: getattr(args, k) for k in args.config_flags if hasattr(args, k)}
+    required = {"dataset": args.dataset, "out": args.out}
+    return load_grid_config(config, required, args.config, args.overrides, flags)
+
+
+def _print_result(result: dict) -> None:
+    print(result["results_md"].read_text())
+    print(f"results: {result['results_csv']} and {result['results_md']}; MLflow parent run "
+          f"{result['mlflow_parent_run_id']}")
+
+
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="eval_command", required=True, metavar="{classify,segment,report}")
-    c = sub.add_parser("classify", help="scene classification grid: methods x inputs -> results.csv/.md + MLflow",
-                       description="Train a classifier per (method, input) cell on a label budget and score it on "
-                       "the scene-level hold-out split. Rows: random init and the given pre-training runs.")
-    c.add_argument("--checkpoint", action="append", default=[], metavar="RUN_DIR",
-                   help="pre-training run folder (repeat for several methods)")
-    c.add_argument("--dataset", required=True, help="dataset folder or URL with data.zarr")
-    c.add_argument("--inputs", type=_csv, default=("s1", "s2", "s1s2"), help="table columns (s1,s2,s1s2)")
-    c.add_argument("--s2-bands", default="land", help="land (10, default), all (13), rgb or a comma list")
-    c.add_argument("--budget", default="1024", help="labels per cell: a budget written by ingest, or 'all'")
-    c.add_argument("--protocol", default="linear", choices=["linear", "finetune", "knn"])
-    c.add_argument("--seeds", type=lambda t: tuple(int(v) for v in _csv(t)), default=(0,),
-                   help="seeds (budget subset and classifier init per seed), e.g. 0,1,2")
-    c.add_argument("--label", default="igbp_simple", choices=["igbp_simple", "igbp"])
-    c.add_argument("--multilabel", action="store_true", help="multi-label targets (default: single-label)")
-    c.add_argument("--init", type=_csv, default=("random", "checkpoint"),
-                   help="rows: random, checkpoint, checkpoint-random-adapter, checkpoint-backbone-only")
-    c.add_argument("--random-backbone", help="timm model of the random init (default: the checkpoint's)")
-    c.add_argument("--metric", help="headline metric (default overall_accuracy; map for multi-label)")
-    c.add_argument("--epochs", type=int, help="fine-tuning epochs (default 10)")
-    c.add_argument("--batch-size", type=int, default=32)
-    c.add_argument("--workers", type=int, default=0, help="DataLoader workers reading the Zarr store")
-    c.add_argument("--precision", default="no", choices=["no", "bf16"], help="autocast precision (accelerate)")
-    c.add_argument("--experiment", default="eossl-eval", help="MLflow experiment")
-    c.add_argument("--out", required=True, help="output folder")
-    c.set_defaults(handler=_run_classify)
+    _add_classify(sub)
     _add_segment(sub)
     r = sub.add_parser("report", help="rebuild the results table from MLflow runs, without retraining")
     r.add_argument("--parent", help="MLflow run id of an 'eval classify' grid (default: every cell of --experiment)")
-    r.add_argument("--experiment", default="eossl-eval")
+    r.add_argument("--experiment", default=field_default(GridConfig, "experiment"),
+                   help="MLflow experiment (default: %(default)s)")
     r.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI")
     r.add_argument("--out", required=True, help="folder for results.csv/.md")
     r.set_defaults(handler=_run_report)
 
 
+def _add_classify(sub) -> None:
+    c = sub.add_parser("classify", help="scene classification grid: methods x inputs -> results.csv/.md + MLflow",
+                       description="Train a classifier per (method, input) cell on a label budget and score it on "
+                       "the scene-level hold-out split. Rows: random init and the given pre-training runs.",
+                       epilog=_ORDER)
+    g = _GridFlags(c, ClassifyConfig, "--set budget=all --set finetune_lr=1e-4")
+    g.common("linear (frozen features), finetune (all layers) or knn (frozen features)",
+             "seeds (budget subset and classifier init per seed), e.g. 0,1,2")
+    g.add("--label", "label", "classes: igbp_simple (10) or igbp (17)", choices=["igbp_simple", "igbp"],
+          metavar=None)
+    g.add("--multilabel", "multilabel", "multi-label targets", action="store_const", const=True)
+    g.add("--random-backbone", "random_backbone", "timm model of the random init (default: the checkpoint's)",
+          show_default=False)
+    g.add("--metric", "metric", "headline metric (default overall_accuracy; map for multi-label)",
+          show_default=False)
+    g.add("--epochs", "probe.finetune_epochs", "fine-tuning epochs", type=int)
+    g.add("--batch-size", "probe.batch_size", "images per batch (features and fine-tuning)", type=int)
+    g.add("--workers", "probe.workers", "DataLoader workers reading the Zarr store", type=int)
+    g.done(_run_classify)
+
+
 def _run_classify(args) -> int:
-    from dataclasses import replace
+    from .classify import run_classification
 
-    from .classify import ClassifyConfig, run_classification
-    from .probes import ProbeConfig
-
-    probe = ProbeConfig(batch_size=args.batch_size, workers=args.workers)
-    if args.epochs is not None:
-        probe = replace(probe, finetune_epochs=args.epochs)
-    cfg = ClassifyConfig(dataset=args.dataset, out=args.out, checkpoints=tuple(args.checkpoint), inputs=args.inputs,
-                         s2_bands=args.s2_bands, budget=args.budget, protocol=args.protocol, seeds=args.seeds,
-                         label=args.label, multilabel=args.multilabel, inits=args.init,
-                         random_backbone=args.random_backbone, metric=args.metric, probe=probe,
-                         precision=args.precision, experiment=args.experiment)
-    result = run_classification(cfg, tuple(["eossl", *sys.argv[1:]]))
-    print(result["results_md"].read_text())
-    print(f"results: {result['results_csv']} and {result['results_md']}; MLflow parent run "
-          f"{result['mlflow_parent_run_id']}")
+    _print_result(run_classification(_grid_config(ClassifyConfig, args), tuple(["eossl", *sys.argv[1:]])))
     return 0
 
 
 def _add_segment(sub) -> None:
-    from .seg_data import CLASS_WEIGHTINGS, SEG_LABELS
+    from .segment.data import CLASS_WEIGHTINGS, SEG_LABELS
 
-    g = sub.add_parser("segment", help="land-cover segmentation grid: methods x inputs -> results.csv/.md + MLflow",
+    s = sub.add_parser("segment", help="land-cover segmentation grid: methods x inputs -> results.csv/.md + MLflow",
                        description="Train a segmentation head per (method, input) cell on a label budget and score "
                        "per-pixel land cover (mIoU, per-class IoU, pixel accuracy) on the scene-level hold-out "
                        "split. Rows: a random init per architecture and the given pre-training runs; for ViT runs "
-                       "also the mIoU of their unsupervised token clusters and attention masks.")
-    g.add_argument("--checkpoint", action="append", default=[], required=True, metavar="RUN_DIR",
-                   help="pre-training run folder (repeat for several methods, e.g. a DINO ViT and a MoCo ResNet)")
-    g.add_argument("--dataset", required=True, help="dataset folder or URL with data.zarr")
-    g.add_argument("--inputs", type=_csv, default=("s1", "s2", "s1s2"), help="table columns (s1,s2,s1s2)")
-    g.add_argument("--s2-bands", default="land", help="land (10, default), all (13), rgb or a comma list")
-    g.add_argument("--budget", default="32", help="labelled patches per cell: a budget written by ingest, or 'all'")
-    g.add_argument("--protocol", default="linear", choices=["linear", "finetune"],
-                   help="linear: linear head on frozen features; finetune: light decoder, backbone trained")
-    g.add_argument("--frozen", action="store_true", help="with --protocol finetune: keep the backbone frozen")
-    g.add_argument("--seeds", type=lambda t: tuple(int(v) for v in _csv(t)), default=(0,),
-                   help="seeds (budget subset and head init per seed), e.g. 0,1,2")
-    g.add_argument("--label", default="igbp_simple", choices=list(SEG_LABELS),
-                   help="per-pixel classes from the LC layer (default: simplified IGBP, 10 classes)")
-    g.add_argument("--init", type=_csv, default=("random", "checkpoint"),
-                   help="rows: random, checkpoint, checkpoint-random-adapter, checkpoint-backbone-only")
-    g.add_argument("--epochs", type=int, default=20, help="training epochs over the labelled patches")
-    g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the head")
-    g.add_argument("--backbone-lr-scale", type=float, default=0.1,
-                   help="finetune: a pre-trained backbone's lr relative to the head's (a random one trains at 1x)")
-    g.add_argument("--crop", type=int, default=0,
-                   help="train on random crops of this size in px (0: whole patches); evaluation uses whole patches")
-    g.add_argument("--class-weights", default="inverse_sqrt", choices=list(CLASS_WEIGHTINGS),
-                   help="class weighting of the cross-entropy from training pixel frequencies")
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--workers", type=int, default=0, help="DataLoader workers reading the Zarr store")
-    g.add_argument("--precision", default="no", choices=["no", "bf16"], help="autocast precision (accelerate)")
-    g.add_argument("--figures", type=int, default=3, help="hold-out patches drawn per cell (input, prediction, reference)")
-    g.add_argument("--write-maps", action="store_true",
-                   help="write each hold-out prediction (first seed) as a GeoTIFF on the patch's grid")
-    g.add_argument("--attention-patches", type=int, default=64,
-                   help="hold-out patches scored with a ViT's token clusters and attention masks (0: skip)")
-    g.add_argument("--experiment", default="eossl-eval", help="MLflow experiment")
-    g.add_argument("--out", required=True, help="output folder")
-    g.set_defaults(handler=_run_segment)
+                       "also the mIoU of their unsupervised token clusters and attention masks. At least one "
+                       "--checkpoint (or checkpoints in --config) is needed: it also fixes the random init's "
+                       "architecture.", epilog=_ORDER)
+    g = _GridFlags(s, SegmentConfig, "--set budget=all --set weight_decay=0")
+    g.common("linear: linear head on frozen features; finetune: light decoder, backbone trained",
+             "seeds (budget subset and head init per seed), e.g. 0,1,2")
+    g.add("--label", "label", "per-pixel classes from the LC layer", choices=list(SEG_LABELS), metavar=None)
+    g.add("--frozen", "frozen", "with --protocol finetune: keep the backbone frozen", show_default=False,
+          action="store_const", const=True)
+    g.add("--epochs", "train.epochs", "training epochs over the labelled patches", type=int)
+    g.add("--lr", "train.lr", "AdamW learning rate of the head", type=float)
+    g.add("--backbone-lr-scale", "train.backbone_lr_scale",
+          "finetune: a pre-trained backbone's lr relative to the head's (a random one trains at 1x)",
+          type=float)
+    g.add("--crop", "train.crop", "train on random crops of this size in px (0: whole patches); evaluation "
+          "uses whole patches", type=int)
+    g.add("--class-weights", "train.class_weighting", "class weighting of the cross-entropy from training "
+          "pixel frequencies", choices=list(CLASS_WEIGHTINGS),
+          metavar=None)
+    g.add("--batch-size", "train.batch_size", "patches (crops) per step", type=int)
+    g.add("--workers", "train.workers", "DataLoader workers reading the Zarr store", type=int)
+    g.add("--figures", "figures", "hold-out patches drawn per cell (input, prediction, reference)", type=int)
+    g.add("--write-maps", "write_maps", "write each hold-out prediction (first seed) as a GeoTIFF on the "
+          "patch's grid", show_default=False, action="store_const", const=True)
+    g.add("--attention-patches", "attention_patches", "hold-out patches scored with a ViT's token clusters "
+          "and attention masks (0: skip)", type=int)
+    g.done(_run_segment)
 
 
 def _run_segment(args) -> int:
-    from .seg_train import SegTrainConfig
-    from .segment import SegmentConfig, run_segmentation
+    from .segment import run_segmentation
 
-    train = SegTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, crop=args.crop,
-                           backbone_lr_scale=args.backbone_lr_scale,
-                           class_weighting=args.class_weights, workers=args.workers)
-    cfg = SegmentConfig(dataset=args.dataset, out=args.out, checkpoints=tuple(args.checkpoint), inputs=args.inputs,
-                        s2_bands=args.s2_bands, budget=args.budget, protocol=args.protocol,
-                        frozen=True if args.frozen else None, seeds=args.seeds, label=args.label, inits=args.init,
-                        train=train, precision=args.precision, figures=args.figures, write_maps=args.write_maps,
-                        attention_patches=args.attention_patches, experiment=args.experiment)
-    result = run_segmentation(cfg, tuple(["eossl", *sys.argv[1:]]))
-    print(result["results_md"].read_text())
-    print(f"results: {result['results_csv']} and {result['results_md']}; MLflow parent run "
-          f"{result['mlflow_parent_run_id']}")
+    _print_result(run_segmentation(_grid_config(SegmentConfig, args), tuple(["eossl", *sys.argv[1:]])))
     return 0
 
 

@@ -1,11 +1,33 @@
-"""What the classification and segmentation grids share: budget subsets, the scene hold-out, row names."""
+"""One evaluation grid runner for every task: rows are methods, columns inputs, a cell the mean over seeds.
+
+A task (scene classification, land-cover segmentation, ...) is a ``GridTask``: its table rows, its
+per-seed cell and how seeds are summed up into a cell. The runner owns what every grid does the same way:
+the accelerator, the MLflow experiment, a parent run with the config as params and one child run per cell
+(tags ``eossl.eval.cell``, ``.method``, ``.input``, ``.metric``, which ``eossl eval report`` reads back),
+a cell that cannot be evaluated becoming a note in the table instead of an error, and results.csv/.md and
+cells.json at the end. Also here: what the grids share about data (budget subsets, the scene hold-out,
+row names).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["assert_scene_holdout", "row_name", "training_subset"]
+from eossl.streaming.inputs import InputSpec
+
+from .config import GridConfig
+from .models import NotApplicable
+from .report import write_tables
+from .tracking import eval_experiment
+
+__all__ = ["CellOutcome", "ExtraCell", "GridRow", "GridTask", "assert_scene_holdout", "row_name", "run_grid",
+           "training_subset"]
 
 
 def training_subset(budget: str, seed: int) -> str:
@@ -28,3 +50,184 @@ def row_name(run_dir: str, init: str) -> str:
     """A table row of a pre-training run: its folder name, with the init when it is not the plain checkpoint."""
     name = Path(run_dir).resolve().name
     return name if init == "checkpoint" else f"{name} ({init.removeprefix('checkpoint-')})"
+
+
+@dataclass(frozen=True)
+class GridRow:
+    """A table row: its name, the init, the pre-training run (None for random) and the timm model."""
+
+    name: str
+    init: str
+    run_dir: str | None
+    backbone: str
+
+
+@dataclass
+class CellOutcome:
+    """What a task makes of one cell's seeds.
+
+    Attributes:
+        values: merged into the cell's record (mean, std, n and the task's extra columns).
+        metrics: logged to the cell's MLflow run.
+        artifacts: files logged to the cell's MLflow run.
+    """
+
+    values: dict[str, Any]
+    metrics: dict[str, float]
+    artifacts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExtraCell:
+    """A table cell that is not one (row, input, seeds) training, e.g. a score computed without labels."""
+
+    cell: dict[str, Any]
+    metrics: dict[str, float]
+    params: dict[str, Any]
+
+
+class GridTask:
+    """What a task gives the runner. Subclass it, set ``name``, ``metric`` and ``tags``, and fill the methods.
+
+    Attributes:
+        cfg: the grid's config (a ``GridConfig`` subclass).
+        name: the parent run's name prefix (``<name>-<protocol>-<budget>``).
+        tags: set on the parent and every cell run, besides the cell tags.
+    """
+
+    name = "grid"
+    tags: dict[str, str] = {}
+
+    def __init__(self, cfg: GridConfig) -> None:
+        self.cfg = cfg
+
+    @property
+    def metric(self) -> str:
+        """The headline metric: a cell's mean, the table's values, the ``eossl.eval.metric`` tag."""
+        raise NotImplementedError
+
+    def title(self) -> str:
+        """The table's heading."""
+        raise NotImplementedError
+
+    def rows(self) -> list[GridRow]:
+        raise NotImplementedError
+
+    def cell_folder(self, out: Path, row: GridRow, column: str) -> Path:
+        """Where a cell's metrics.json and figures go."""
+        return out / "cells" / f"{row.name.replace(' ', '_').replace('/', '_')}__{column}"
+
+    def cell_fields(self, row: GridRow) -> dict[str, Any]:
+        """Columns of a cell's record besides method, input, metric, init, checkpoint and note."""
+        return {}
+
+    def cell_params(self, row: GridRow, column: str, spec: InputSpec) -> dict[str, Any]:
+        """MLflow params of a cell's run."""
+        raise NotImplementedError
+
+    def run_seed(self, row: GridRow, spec: InputSpec, seed: int, folder: Path, first: bool, acc) -> Any:
+        """One seed of a cell; ``NotApplicable`` makes the whole cell a note in the table."""
+        raise NotImplementedError
+
+    def summarise(self, cell: dict, per_seed: list, folder: Path, started: float) -> CellOutcome:
+        """The cell from its seeds (``started``: ``time.perf_counter()`` before the first seed)."""
+        raise NotImplementedError
+
+    def extra_cells(self, rows: list[GridRow], out: Path) -> list[ExtraCell]:
+        """Cells appended after the trained ones (none by default)."""
+        return []
+
+    def sections(self, cells: list[dict]) -> list[str]:
+        """Markdown lines appended to results.md after the table."""
+        return []
+
+
+def _config_params(cfg: GridConfig) -> dict[str, Any]:
+    """The parent run's params: scalar fields as text, each section's fields as ``<section>.<field>``."""
+    params: dict[str, Any] = {}
+    sections = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            sections[f.name] = value
+        else:
+            params[f.name] = str(value)
+    for name, section in sections.items():
+        params.update({f"{name}.{k}": v for k, v in dataclasses.asdict(section).items()})
+    return params
+
+
+def _log_cell(exp_id: str, task: GridTask, cell: dict, params: dict, metrics: dict,
+              artifacts: list[str]) -> None:
+    """The cell's child run: the tags ``eossl eval report`` reads, params, metrics, files."""
+    import mlflow
+
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"{cell['method']} / {cell['input']}", nested=True):
+        mlflow.set_tags({"eossl.eval.cell": "1", "eossl.eval.method": cell["method"],
+                         "eossl.eval.input": cell["input"], "eossl.eval.metric": cell["metric"], **task.tags})
+        mlflow.log_params(params)
+        if cell.get("note"):
+            mlflow.set_tag("eossl.eval.note", cell["note"][:5000])
+        if metrics:
+            mlflow.log_metrics(metrics)
+        for path in artifacts:
+            mlflow.log_artifact(path)
+
+
+def _run_cell(task: GridTask, exp_id: str, row: GridRow, column: str, out: Path, acc) -> dict:
+    """Every seed of one (row, input) cell, summed up and logged; a ``NotApplicable`` cell keeps why."""
+    cfg = task.cfg
+    spec = InputSpec.parse(column, cfg.s2_bands)
+    folder = task.cell_folder(out, row, column)
+    cell = {"method": row.name, "input": column, "metric": task.metric, "init": row.init,
+            "checkpoint": row.run_dir, **task.cell_fields(row), "note": ""}
+    params = task.cell_params(row, column, spec)
+    started = time.perf_counter()
+    try:
+        per_seed = [task.run_seed(row, spec, s, folder, i == 0, acc) for i, s in enumerate(cfg.seeds)]
+        outcome = task.summarise(cell, per_seed, folder, started)
+    except NotApplicable as exc:
+        cell.update(mean=None, std=None, n=0, note=str(exc))
+        _log_cell(exp_id, task, cell, params, {}, [])
+        return cell
+    cell.update(outcome.values)
+    _log_cell(exp_id, task, cell, params, outcome.metrics, outcome.artifacts)
+    return cell
+
+
+def run_grid(task: GridTask, command: tuple[str, ...] = (), parent_run_id: str | None = None,
+             tags: dict[str, str] | None = None) -> dict:
+    """Run a task's grid; write tables, per-cell metrics and figures; log to MLflow (parent + a run per cell).
+
+    ``parent_run_id`` nests the grid's run under another (a study cell); ``tags`` are set on it.
+
+    Returns:
+        ``{"cells", "results_csv", "results_md", "mlflow_parent_run_id"}``.
+    """
+    import mlflow
+    from accelerate import Accelerator
+
+    cfg = task.cfg
+    cfg.validate()
+    out = Path(cfg.out)
+    exp_id = eval_experiment(out, cfg.experiment)
+    # accelerate picks the device (GPU when present) and autocasts at the chosen precision, as in training.
+    acc = Accelerator(mixed_precision=cfg.precision)
+    rows = task.rows()
+    cells: list[dict] = []
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"{task.name}-{cfg.protocol}-{cfg.budget}",
+                          parent_run_id=parent_run_id) as parent:
+        mlflow.log_params(_config_params(cfg))
+        mlflow.set_tags({"eossl.eval.parent": "1", **task.tags, "command": " ".join(command), **(tags or {})})
+        for row in rows:
+            for column in cfg.inputs:
+                cells.append(_run_cell(task, exp_id, row, column, out, acc))
+        for extra in task.extra_cells(rows, out):
+            _log_cell(exp_id, task, extra.cell, extra.params, extra.metrics, [])
+            cells.append(extra.cell)
+        csv_path, md_path = write_tables(cells, out, task.title(), task.sections(cells))
+        (out / "cells.json").write_text(json.dumps(cells, indent=1))
+        mlflow.log_artifact(str(csv_path))
+        mlflow.log_artifact(str(md_path))
+        parent_id = parent.info.run_id
+    return {"cells": cells, "results_csv": csv_path, "results_md": md_path, "mlflow_parent_run_id": parent_id}

@@ -8,7 +8,6 @@ partial-fusion training mode), so a fusion model is evaluated on S1 alone, S2 al
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,14 +17,11 @@ from safetensors.torch import load_file
 
 from eossl.train.backbones import Encoder, build_encoder
 from eossl.train.config import BackboneConfig
+from eossl.train.export import read_model_card
+
+from .config import INITS
 
 __all__ = ["INITS", "EvalEncoder", "build_eval_encoder"]
-
-# checkpoint: backbone and its adapter; checkpoint-random-adapter: pre-trained backbone behind a fresh 1x1
-# adapter; checkpoint-backbone-only: the backbone without its adapter (an RGB-shaped backbone then takes the
-# S2 B4, B3, B2 bands directly); random: everything freshly initialised (supervised from scratch).
-INITS = ("random", "checkpoint", "checkpoint-random-adapter", "checkpoint-backbone-only")
-
 
 class NotApplicable(ValueError):
     """This (model, input) cell cannot be evaluated, with the reason for the results table."""
@@ -109,9 +105,7 @@ def build_eval_encoder(init: str, channels: list[str], mean: np.ndarray, std: np
     if run_dir is None:
         raise ValueError(f"init {init!r} needs a pre-training run folder")
     folder = Path(run_dir) / "backbone"
-    if not (folder / "model_card.json").exists():
-        raise FileNotFoundError(f"{folder / 'model_card.json'} not found: not a finished eossl pre-training run")
-    card = json.loads((folder / "model_card.json").read_text())
+    card = read_model_card(run_dir)
     layouts = _layouts(card)
     adapter = card["adapter"]
     if init == "checkpoint-backbone-only" and adapter["type"] == "conv1x1":

@@ -8,8 +8,6 @@ probabilities (multi-label).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,33 +15,10 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .config import ProbeConfig
 from .models import EvalEncoder
 
 __all__ = ["ProbeConfig", "extract_features", "finetune", "knn_scores", "linear_probe"]
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """Training of the classifier.
-
-    Attributes:
-        batch_size: images per batch for feature extraction and fine-tuning.
-        workers: DataLoader workers reading the Zarr store.
-        linear_epochs: full-batch L-BFGS iterations of the linear probe.
-        linear_weight_decay: L2 penalty of the linear probe (on standardised features).
-        knn_k, knn_temperature: neighbours and the temperature of the similarity weights (DINO's 20, 0.07).
-        finetune_epochs, finetune_lr, finetune_weight_decay: AdamW fine-tuning of all layers.
-    """
-
-    batch_size: int = 32
-    workers: int = 0
-    linear_epochs: int = 100
-    linear_weight_decay: float = 1e-4
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    finetune_epochs: int = 10
-    finetune_lr: float = 3e-4
-    finetune_weight_decay: float = 1e-4
 
 
 @torch.no_grad()

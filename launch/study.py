@@ -217,8 +217,7 @@ def _evaluate_cell(cfg: StudyConfig, cell: Cell, protocol: str, run_id: str, tra
               "inputs": e.inputs, "s2_bands": e.s2_bands, "budget": e.budget, "protocol": protocol, "seeds": e.seeds,
               "label": e.label, "inits": e.inits, "experiment": cfg.experiment_name}
     if e.task == "segment":
-        from eossl.eval.seg_train import SegTrainConfig
-        from eossl.eval.segment import SegmentConfig, run_segmentation
+        from eossl.eval.segment import SegmentConfig, SegTrainConfig, run_segmentation
 
         run = run_segmentation
         eval_cfg = SegmentConfig(**common, train=SegTrainConfig(epochs=e.finetune_epochs, batch_size=e.batch_size),

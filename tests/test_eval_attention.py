@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from eossl.eval.attention import attention_figures, keep_mass_masks, kmeans, token_pca_rgb, upsample_tokens
-from eossl.eval.segmentation_metrics import matched_miou
+from eossl.eval.segment.metrics import matched_miou
 from eossl.streaming.inputs import InputSpec
 from eossl.train.vit import last_self_attention
 

@@ -19,10 +19,10 @@ from test_eval_attention import fake_dino_run
 from torch import nn
 
 from eossl.eval.models import build_eval_encoder
-from eossl.eval.seg_data import IGNORE_INDEX, SegmentationPatches, class_weights, label_scheme
-from eossl.eval.seg_heads import LinearHead, build_segmenter
-from eossl.eval.seg_train import SegTrainConfig, predict, train_segmenter
-from eossl.eval.segmentation_metrics import pixel_confusion, segmentation_scores
+from eossl.eval.segment.data import IGNORE_INDEX, SegmentationPatches, class_weights, label_scheme
+from eossl.eval.segment.heads import LinearHead, build_segmenter
+from eossl.eval.segment.metrics import pixel_confusion, segmentation_scores
+from eossl.eval.segment.train import SegTrainConfig, predict, train_segmenter
 from eossl.streaming.inputs import InputSpec
 from eossl.train.checkpoint import state_digest
 

@@ -15,7 +15,9 @@ from safetensors.torch import save_file
 from .backbones import Encoder
 from .config import TrainConfig
 
-__all__ = ["export_backbone"]
+__all__ = ["MODEL_CARD", "export_backbone", "read_model_card"]
+
+MODEL_CARD = "backbone/model_card.json"  # inside a run folder
 
 
 def export_backbone(encoder: Encoder, loader, cfg: TrainConfig, step: int, run_dir: Path) -> Path:
@@ -60,3 +62,15 @@ def export_backbone(encoder: Encoder, loader, cfg: TrainConfig, step: int, run_d
     lines += ["", f"S1 is clipped to {inputs['view0']['s1_clip']} dB before normalisation: {card['normalisation']}."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     return out
+
+
+def read_model_card(run_dir: str | Path) -> dict:
+    """The model card a finished run exported: read beside its writer, so no reader restates its path.
+
+    Raises:
+        FileNotFoundError: the run has no card (not finished, or not an eossl pre-training run).
+    """
+    path = Path(run_dir) / MODEL_CARD
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: not a finished eossl pre-training run")
+    return json.loads(path.read_text())

@@ -1,6 +1,6 @@
 """Training a segmentation head (and, fine-tuning, the encoder) and predicting hold-out maps.
 
-One loop for both protocols; what differs is the model (``seg_heads.build_segmenter``: frozen or not, linear
+One loop for both protocols; what differs is the model (``heads.build_segmenter``: frozen or not, linear
 head or decoder). Per step, in order: learning rate from the cosine schedule precomputed for the run ->
 joint augmentation of input and target -> autocast forward -> class-weighted cross-entropy (ignore index
 255) -> backward -> AdamW step.
@@ -9,7 +9,6 @@ joint augmentation of input and target -> autocast forward -> class-weighted cro
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,39 +19,11 @@ from torch.utils.data import DataLoader
 
 from eossl.train.schedules import cosine_schedule
 
-from .seg_data import IGNORE_INDEX
-from .seg_heads import Segmenter
+from ..config import SegTrainConfig
+from .data import IGNORE_INDEX
+from .heads import Segmenter
 
 __all__ = ["SegTrainConfig", "augment_pair", "predict", "train_segmenter"]
-
-
-@dataclass(frozen=True)
-class SegTrainConfig:
-    """Optimisation of one cell.
-
-    Attributes:
-        epochs: passes over the labelled patches (the budget is small: 20-50 epochs are usual).
-        batch_size: patches (crops) per step.
-        lr: AdamW learning rate of the head (1e-3 suits both heads on standardised features).
-        backbone_lr_scale: the encoder's learning rate relative to the head's when fine-tuning (0.1: a
-            pre-trained encoder moves less than the fresh head; ``segment`` sets 1 for a random-init encoder).
-        weight_decay: AdamW weight decay (all parameters).
-        crop: training crop size in px (a random crop per batch); 0 trains on whole patches. Evaluation
-            always runs on whole patches. Smaller crops make training cheaper, not the hold-out scores.
-        class_weighting: ``none``, ``inverse_sqrt`` (default) or ``median_frequency`` (seg_data.class_weights).
-        workers: DataLoader workers reading the Zarr store.
-        decoder_width: channels of the decoder heads.
-    """
-
-    epochs: int = 20
-    batch_size: int = 16
-    lr: float = 1e-3
-    backbone_lr_scale: float = 0.1
-    weight_decay: float = 1e-4
-    crop: int = 0
-    class_weighting: str = "inverse_sqrt"
-    workers: int = 0
-    decoder_width: int = 128
 
 
 def augment_pair(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, crop: int) -> tuple[torch.Tensor, torch.Tensor]:

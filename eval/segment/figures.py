@@ -17,12 +17,12 @@ import zarr
 from eossl.ingest.format import ZARR_DIR
 from eossl.ingest.storage import Output
 
-from .attention import LC_COLOURS, s1_composite, s2_true_colour
-from .seg_data import IGNORE_INDEX, LabelScheme
+from ..attention.figure import LC_COLOURS, s1_composite, s2_true_colour
+from .data import IGNORE_INDEX, LabelScheme
 
 __all__ = ["class_colours", "plot_predictions", "write_map_geotiff"]
 
-_IGNORED = "#000000"  # ignored reference pixels: black, as "no data" in the land-cover panels of attention.py
+_IGNORED = "#000000"  # ignored reference pixels: black, as "no data" in the land-cover panels of eossl attention
 
 
 def class_colours(scheme: LabelScheme) -> list[str]:
@@ -46,7 +46,7 @@ def plot_predictions(path: Path, dataset: str, rows: list[int], keys: list[str],
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.patches import Patch
 
-    from .segmentation_metrics import pixel_confusion, segmentation_scores
+    from .metrics import pixel_confusion, segmentation_scores
 
     group = zarr.open_group(Output(dataset).zarr_store(ZARR_DIR, read_only=True), mode="r")
     colours = class_colours(scheme)

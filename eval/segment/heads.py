@@ -25,7 +25,7 @@ from torch import nn
 
 from eossl.train.vit import is_vit
 
-from .models import EvalEncoder
+from ..models import EvalEncoder
 
 __all__ = ["HEADS", "FPNHead", "LinearHead", "ProgressiveUpsamplingHead", "Segmenter", "build_segmenter"]
 
