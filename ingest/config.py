@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field
 
 from .bands import MODALITIES
 from .read import ReadOptions
 
-__all__ = ["FORMATS", "IngestConfig", "SplitOptions", "parse_part", "parse_size"]
+__all__ = ["FORMATS", "IngestConfig", "SplitOptions", "default_workers", "parse_part", "parse_size"]
 
 FORMATS = ("wds", "zarr")
+
+
+def default_workers() -> int:
+    """One reader/writer process per core (GeoTIFF decoding is CPU bound), at most 4."""
+    return min(4, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -40,11 +46,13 @@ class IngestConfig:
         source: SEN12MS tree, local folder or fsspec URL.
         dataset: output folder or URL.
         formats: which outputs to keep: 'wds' (tar shards), 'zarr' (random access store).
-        workers: parallel reader/writer processes (GeoTIFF decoding is CPU bound: one per core).
+        workers: parallel reader/writer processes (GeoTIFF decoding is CPU bound: one per core, see
+            :func:`default_workers`).
         part: (i, n): this process handles units i, i+n, i+2n, ... so n machines can ingest in
             parallel; ``eossl ingest merge`` finishes the dataset when all parts are done.
-        shard_bytes: target tar shard size. 100-500 MB keeps S3 request rates low while leaving
-            enough shards for ranks x workers to share (see docs/FORMAT.md).
+        shard_bytes: target tar shard size (256 MB = 256 x 10^6 bytes, as ``--shard-size 256MB``).
+            100-500 MB keeps S3 request rates low while leaving enough shards for ranks x workers to
+            share (see docs/FORMAT.md).
         zarr_shard_samples: samples per Zarr shard (one file per shard per array).
         read: acceptance rules for patches.
         split: split and subset options.
@@ -55,9 +63,9 @@ class IngestConfig:
     source: str
     dataset: str
     formats: tuple[str, ...] = FORMATS
-    workers: int = 1
+    workers: int = field(default_factory=default_workers)
     part: tuple[int, int] = (0, 1)
-    shard_bytes: int = 256 * 2**20
+    shard_bytes: int = 256 * 10**6
     zarr_shard_samples: int = 64
     read: ReadOptions = field(default_factory=ReadOptions)
     split: SplitOptions = field(default_factory=SplitOptions)

@@ -17,6 +17,7 @@ import numpy as np
 
 from .bands import IGBP_CLASSES, IGBP_SIMPLE_CLASSES
 from .catalog import build_catalog
+from .config import default_workers
 from .format import (
     CATALOG,
     FORMAT_NAME,
@@ -192,12 +193,15 @@ def finalize(out: Output, workers: int, command: tuple[str, ...] | list[str]) ->
     return manifest
 
 
-def merge(dataset: str, workers: int = 1, command: tuple[str, ...] = ()) -> dict:
-    """Finish a dataset written by ``--part i/N`` runs (all parts must have completed)."""
+def merge(dataset: str, workers: int | None = None, command: tuple[str, ...] = ()) -> dict:
+    """Finish a dataset written by ``--part i/N`` runs (all parts must have completed).
+
+    ``workers`` defaults to :func:`~eossl.ingest.config.default_workers`, as for the ingest itself.
+    """
     out = Output(dataset)
     plan = _load_plan(out)
     parts = [json.loads(out.read_bytes(p)) for p in out.list(PROGRESS_DIR) if "/part-" in p]
     digests = {p["listing_sha256"] for p in parts} | {plan["listing_sha256"]}
     if len(digests) != 1:
         raise IngestError("the parts scanned different source listings; re-run them against the same SOURCE")
-    return finalize(out, workers, command)
+    return finalize(out, default_workers() if workers is None else workers, command)

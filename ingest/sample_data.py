@@ -327,7 +327,7 @@ def _write_scene(out: Path, scene: _Scene, seed: int, dominant: int) -> list[Pat
 
 def write_sample_data(
     out_dir: str | Path,
-    patches: int,
+    patches: int = 32,
     seed: int = 0,
     *,
     seasons: int | None = None,

@@ -1,148 +1,82 @@
-"""The ``eossl`` command: one entry point, one subcommand per stage.
+"""The ``eossl`` command: one entry point that mounts each stage's commands.
 
-Handlers import their stage lazily so ``eossl --help`` stays instant and a stage's heavy dependencies
-(torch, DALI) load only when that stage runs. Exit codes: 0 done, 1 could not complete, 2 bad usage.
+Every stage declares its own arguments and handlers (``eossl.ingest.cli``, ``eossl.train.cli``,
+``eossl.eval.cli``, ``eossl.launch.study.cli``, ...); this module only lists them. A command's module is
+imported only when that command runs, so ``eossl --help`` and ``eossl ingest ...`` never load torch or
+DALI. Exit codes: 0 done, 1 could not complete, 2 bad usage.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 __all__ = ["build_parser", "main"]
 
 
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())
+@dataclass(frozen=True)
+class _Mount:
+    """A command: the line ``eossl --help`` lists, and where its arguments are declared.
+
+    Attributes:
+        help: the one-line summary in ``eossl --help``.
+        arguments: ``module:function`` that adds the command's arguments (and usually its handler).
+        description: the text above the command's own ``--help``, when the stage does not set one.
+        handler: ``module:function`` that runs the command, when ``arguments`` does not set one.
+    """
+
+    help: str
+    arguments: str
+    description: str | None = None
+    handler: str | None = None
 
 
-def _csv_int(text: str) -> tuple[int, ...]:
-    return tuple(int(t) for t in _csv(text))
+_COMMANDS: dict[str, _Mount] = {
+    "sample-data": _Mount("write a synthetic SEN12MS-layout tree of complete triplets",
+                          "eossl.ingest.cli:add_sample_data_arguments"),
+    "ingest": _Mount("SEN12MS GeoTIFFs -> WebDataset shards + Zarr store (+ 'ingest merge')",
+                     "eossl.ingest.cli:add_ingest_arguments"),
+    "verify": _Mount("re-check a dataset: checksums, counts, shards vs Zarr",
+                     "eossl.ingest.cli:add_verify_arguments"),
+    "train": _Mount("self-supervised pre-training (MoCo-v2, DINO); also via "
+                    "'accelerate launch -m eossl.train'", "eossl.train.cli:add_train_arguments",
+                    handler="eossl.train.cli:run_train",
+                    description="Pre-train on an eossl dataset. Multi-process: accelerate launch [flags] -m "
+                    "eossl.train moco --data D --out RUN (configs in launch/accelerate/)."),
+    "eval": _Mount("evaluation: scene classification and land-cover segmentation grids, result tables",
+                   "eossl.eval.cli:add_eval_arguments"),
+    "attention": _Mount("ViT (DINO) attention maps, token-embedding maps and their mIoU with land cover",
+                        "eossl.eval.cli:add_attention_arguments",
+                        description="Per patch: the input (S1 false colour, S2 true colour, land cover), "
+                        "the last-layer CLS attention of every head, thresholded masks, token PCA and "
+                        "k-means maps, and the matched mIoU of masks and clusters against the land-cover "
+                        "map."),
+    "study": _Mount("scaling study: a grid of pre-training runs, each evaluated (also: study report)",
+                    "eossl.launch.study.cli:add_study_arguments",
+                    description="Run a grid (batch size x epochs x any config field) of pre-training runs, "
+                    "each followed by its evaluation, as MLflow runs nested under one parent; re-run to "
+                    "resume. 'eossl study report --config FILE' rebuilds the table and plots from MLflow."),
+    "kit": _Mount("render the SLURM script or Kubernetes manifest of a multi-node training run",
+                  "eossl.launch.cluster_cli:add_kit_arguments",
+                  description="Render launch/kits/ for N nodes: each node runs launch/kits/node.sh "
+                  "(accelerate launch for that node; pre-emption safe). Train arguments after --."),
+    "mlflow": _Mount("MLflow tracking server (eossl mlflow serve)",
+                     "eossl.launch.mlflow_server:add_mlflow_arguments"),
+}
+
+# Two-word commands with a parser of their own (a source folder named "merge" is then "./merge").
+_OWN_PARSERS = {
+    ("ingest", "merge"): "eossl.ingest.cli:ingest_merge_parser",
+    ("study", "report"): "eossl.launch.study.cli:study_report_parser",
+}
 
 
-def _add_sample_data(sub) -> None:
-    p = sub.add_parser("sample-data", help="write a synthetic SEN12MS-layout tree of complete triplets",
-                       description="Synthetic s1/s2/lc triplets calibrated on real SEN12MS patches, with one "
-                       "land-cover map behind all three sensors (so classes are learnable from either).")
-    p.add_argument("dir", help="output folder (created)")
-    p.add_argument("--patches", type=int, default=32, help="number of patch triplets (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
-    p.add_argument("--patches-per-scene", type=int, default=4, help="patches cut from each scene (default 4)")
-    p.set_defaults(handler=_run_sample_data)
-
-
-def _run_sample_data(args) -> int:
-    from eossl.ingest.sample_data import write_sample_data
-
-    files = write_sample_data(args.dir, args.patches, args.seed, patches_per_scene=args.patches_per_scene)
-    print(f"wrote {len(files)} GeoTIFFs ({args.patches} patches) to {args.dir}")
-    return 0
-
-
-def _add_ingest(sub) -> None:
-    p = sub.add_parser(
-        "ingest", help="SEN12MS GeoTIFFs -> WebDataset shards + Zarr store (+ 'ingest merge')",
-        description="Ingest a SEN12MS tree (local folder or URL such as s3://bucket/sen12ms/) into DATASET "
-        "(folder or URL). Re-running the same command resumes. 'eossl ingest merge DATASET' finishes a "
-        "dataset written by --part runs. Exit 0 when the run completed, also with rejected inputs.",
-    )
-    p.add_argument("source", help="SEN12MS root: ROIs*_<season>/{s1,s2,lc}_<scene>/*.tif")
-    p.add_argument("dataset", help="output dataset folder or URL")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="parallel processes (GeoTIFF decoding is CPU bound: about one per core)")
-    p.add_argument("--part", default="0/1", help="i/N: ingest a deterministic 1/N of the units (then merge)")
-    p.add_argument("--formats", type=_csv, default=("wds", "zarr"), help="wds,zarr (default both)")
-    p.add_argument("--shard-size", default="256MB",
-                   help="target tar shard size (default 256MB; 100-500MB suits object stores)")
-    p.add_argument("--zarr-shard-samples", type=int, default=64, help="samples per Zarr shard file")
-    p.add_argument("--required", type=_csv, default=("s1", "s2"),
-                   help="modalities a patch must have (default s1,s2; lc optional: no lc = no labels)")
-    p.add_argument("--max-s1-invalid", type=float, default=0.01,
-                   help="reject a patch with more than this fraction of NaN/Inf/nodata S1 pixels (0.01)")
-    p.add_argument("--multilabel-threshold", type=float, default=0.1,
-                   help="area fraction for a class to count in multi-label targets (0.1, as SEN12MS)")
-    p.add_argument("--holdout-scenes", help="file with one test scene per line (e.g. ROIs1158_spring_1)")
-    p.add_argument("--holdout-fraction", type=float, default=0.1, help="share of scenes held out (0.1)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the scene split")
-    p.add_argument("--budgets", type=_csv_int, default=(64, 256, 1024), help="label budgets (64,256,1024)")
-    p.add_argument("--budget-seeds", type=_csv_int, default=(0, 1, 2), help="seeds per budget (0,1,2)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_run_ingest)
-
-
-
-def _merge_parser() -> argparse.ArgumentParser:
-    m = argparse.ArgumentParser(prog="eossl ingest merge",
-                                description="Finish a dataset written by 'eossl ingest --part i/N' runs: "
-                                "checks every part is done, then writes rejects, subsets, Zarr and manifest.")
-    m.add_argument("dataset", help="the DATASET all parts wrote into")
-    m.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    m.set_defaults(handler=_run_merge, command="ingest merge")
-    return m
-
-
-def _ingest_config(args):
-    from eossl.ingest.config import IngestConfig, SplitOptions, parse_part, parse_size
-    from eossl.ingest.read import ReadOptions
-
-    holdout = None
-    if args.holdout_scenes:
-        with open(args.holdout_scenes) as f:
-            holdout = tuple(line.strip() for line in f if line.strip() and not line.startswith("#"))
-    return IngestConfig(
-        source=args.source,
-        dataset=args.dataset,
-        formats=args.formats,
-        workers=args.workers,
-        part=parse_part(args.part),
-        shard_bytes=parse_size(args.shard_size),
-        zarr_shard_samples=args.zarr_shard_samples,
-        read=ReadOptions(required=args.required, max_s1_invalid_fraction=args.max_s1_invalid,
-                         multilabel_threshold=args.multilabel_threshold),
-        split=SplitOptions(holdout_fraction=args.holdout_fraction, seed=args.split_seed, holdout_scenes=holdout,
-                           budgets=args.budgets, budget_seeds=args.budget_seeds),
-        progress=not args.no_progress,
-        command=tuple(["eossl", *sys.argv[1:]]),
-    )
-
-
-def _run_ingest(args) -> int:
-    from eossl.ingest.writer import run_ingest
-
-    summary = run_ingest(_ingest_config(args))
-    print(summary.line())
-    if summary.complete:
-        print(f"dataset: {args.dataset} (manifest.json, rejects.jsonl, shards/, data.zarr)")
-    return 0
-
-
-def _run_merge(args) -> int:
-    from eossl.ingest.finalize import merge
-
-    manifest = merge(args.dataset, args.workers, tuple(["eossl", *sys.argv[1:]]))
-    c = manifest["counts"]
-    print(f"merge complete: {c['patches_found']} patches found, {c['samples_written']} written, "
-          f"{c['rejected']} rejected -> {args.dataset}")
-    return 0
-
-
-def _add_verify(sub) -> None:
-    p = sub.add_parser("verify", help="re-check a dataset: checksums, counts, shards vs Zarr")
-    p.add_argument("dataset", help="dataset folder or URL")
-    p.add_argument("--deep", action="store_true", help="also compare every array in the shards with Zarr")
-    p.set_defaults(handler=_run_verify)
-
-
-def _run_verify(args) -> int:
-    from eossl.ingest.verify import verify
-
-    problems = verify(args.dataset, deep=args.deep)
-    for p in problems:
-        print(f"FAIL {p}")
-    print(f"verify {'failed' if problems else 'ok'}: {args.dataset}" + (f" ({len(problems)} problems)" if problems else ""))
-    return 1 if problems else 0
+def _load(target: str):
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _add_bench(sub) -> None:
@@ -252,50 +186,9 @@ def _run_bench_encoding(args) -> int:
     return 0
 
 
-def _add_train(sub) -> None:
-    from eossl.train.cli import add_train_arguments, run_train
-
-    p = sub.add_parser("train", help="self-supervised pre-training (MoCo-v2, DINO); also via 'accelerate launch -m eossl.train'",
-                       description="Pre-train on an eossl dataset. Multi-process: accelerate launch [flags] -m "
-                       "eossl.train moco --data D --out RUN (configs in launch/accelerate/).")
-    add_train_arguments(p)
-    p.set_defaults(handler=run_train)
-
-
-def _add_eval(sub) -> None:
-    from eossl.eval.cli import add_eval_arguments
-
-    p = sub.add_parser("eval", help="evaluation: scene classification and land-cover segmentation grids, result tables")
-    add_eval_arguments(p)
-
-
-def _add_attention(sub) -> None:
-    from eossl.eval.cli import add_attention_arguments
-
-    p = sub.add_parser("attention", help="ViT (DINO) attention maps, token-embedding maps and their mIoU with land cover",
-                       description="Per patch: the input (S1 false colour, S2 true colour, land cover), the last-layer "
-                       "CLS attention of every head, thresholded masks, token PCA and k-means maps, and the "
-                       "matched mIoU of masks and clusters against the land-cover map.")
-    add_attention_arguments(p)
-
-
-def _add_study(sub) -> None:
-    from .study_cli import add_kit_arguments, add_mlflow_arguments, add_study_arguments
-
-    p = sub.add_parser("study", help="scaling study: a grid of pre-training runs, each evaluated (also: study report)",
-                       description="Run a grid (batch size x epochs x any config field) of pre-training runs, each "
-                       "followed by its evaluation, as MLflow runs nested under one parent; re-run to resume. "
-                       "'eossl study report --config FILE' rebuilds the table and plots from MLflow.")
-    add_study_arguments(p)
-    k = sub.add_parser("kit", help="render the SLURM script or Kubernetes manifest of a multi-node training run",
-                       description="Render launch/kits/ for N nodes: each node runs launch/kits/node.sh "
-                       "(accelerate launch for that node; pre-emption safe). Train arguments after --.")
-    add_kit_arguments(k)
-    m = sub.add_parser("mlflow", help="MLflow tracking server (eossl mlflow serve)")
-    add_mlflow_arguments(m)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The ``eossl`` parser. Only ``commands`` (None: all) get their arguments, which imports their stage;
+    the others are listed by name and help line."""
     parser = argparse.ArgumentParser(
         prog="eossl",
         description="eossl: stream SEN12MS (Sentinel-1/2, MODIS land cover) for self-supervised pre-training.",
@@ -308,31 +201,27 @@ def build_parser() -> argparse.ArgumentParser:
         v = "unknown"
     parser.add_argument("--version", action="version", version=f"eossl {v}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_sample_data(sub)
-    _add_ingest(sub)
-    _add_verify(sub)
-    _add_train(sub)
-    _add_eval(sub)
-    _add_attention(sub)
-    _add_study(sub)
+    for name, mount in _COMMANDS.items():
+        p = sub.add_parser(name, help=mount.help, description=mount.description)
+        if commands is None or name in commands:
+            _load(mount.arguments)(p)
+            if mount.handler:
+                p.set_defaults(handler=_load(mount.handler))
     _add_bench(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["ingest", "merge"]:  # its own parser (a source folder named merge: ./merge)
-        args = _merge_parser().parse_args(argv[2:])
-    elif argv[:2] == ["study", "report"]:
-        from .study_cli import study_report_parser
-
-        args = study_report_parser().parse_args(argv[2:])
+    own_parser = _OWN_PARSERS.get(tuple(argv[:2]))
+    if own_parser:
+        args = _load(own_parser)().parse_args(argv[2:])
     elif argv[:1] == ["kit"] and "--" in argv:  # everything after -- belongs to eossl.train
         cut = argv.index("--")
-        args = build_parser().parse_args(argv[:cut])
+        args = build_parser(argv[:1]).parse_args(argv[:cut])
         args.train_args = tuple(argv[cut + 1:])
     else:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv[:1]).parse_args(argv)
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:

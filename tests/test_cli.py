@@ -1,8 +1,16 @@
-"""The real ``eossl`` command end to end: help, sample data -> ingest -> verify, exit codes, bench."""
+"""The real ``eossl`` command end to end: help, sample data -> ingest -> verify, exit codes, bench; help texts
+show the dataclass defaults, and building the command line imports no stage."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+
+import pytest
+
+from eossl.ingest.cli import default_of, shown
+from eossl.launch.cli import build_parser, main
 
 from conftest import run_cli
 
@@ -50,3 +58,61 @@ def test_bench_ingest_json(tmp_path):
         assert row["patches_per_s"] > 0 and row["ratio_vs_bare_read"] > 0
         assert row["shard_bytes_per_sample"] > 2_400_000  # raw arrays: s1 + s2 + lc
     assert result["ingest_wds+zarr"]["zarr_bytes_per_sample"] < result["ingest_wds+zarr"]["shard_bytes_per_sample"]
+
+
+def test_help_of_data_and_launch_commands_imports_no_torch():
+    """Mounting a command imports nothing until it runs: ``eossl --help`` and the ingest and launch
+    commands' help stay instant (torch alone takes seconds to import)."""
+    commands = [["--help"], ["ingest", "--help"], ["ingest", "merge", "--help"], ["sample-data", "--help"],
+                ["verify", "--help"], ["kit", "--help"], ["study", "--help"], ["mlflow", "serve", "--help"]]
+    script = (
+        "import contextlib, io, sys\n"
+        "from eossl.launch.cli import main\n"
+        f"for argv in {commands!r}:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "    assert 'torch' not in sys.modules, f'eossl {\" \".join(argv)} imported torch'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return capsys.readouterr().out
+
+
+def test_help_shows_the_dataclass_defaults_and_flags_not_given_are_not_passed(capsys, monkeypatch):
+    from eossl.ingest.config import IngestConfig, default_workers
+    from eossl.ingest.read import ReadOptions
+    from eossl.ingest.sample_data import write_sample_data
+    from eossl.launch.cluster import ClusterJob
+    from eossl.launch.mlflow_server import ServerConfig
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option: no value is wrapped
+    cfg, read = IngestConfig("src", "ds"), ReadOptions()
+    ingest = _help(capsys, "ingest")
+    for value in (cfg.workers, cfg.zarr_shard_samples, read.required, read.max_s1_invalid_fraction,
+                  read.multilabel_threshold, cfg.split.holdout_fraction, cfg.split.seed, cfg.split.budgets,
+                  cfg.split.budget_seeds, cfg.formats):
+        assert f"(default {shown(value)}" in ingest or f"; default {shown(value)}" in ingest, value
+    assert f"default {cfg.shard_bytes // 10**6}MB;" in ingest and "default 0/1)" in ingest
+    assert f"(default {default_workers()})" in _help(capsys, "ingest", "merge")
+    sample = _help(capsys, "sample-data")
+    for name in ("patches", "seed", "patches_per_scene"):
+        assert f"(default {default_of(write_sample_data, name)})" in sample
+    job = ClusterJob(train_args=("moco",))
+    kit = _help(capsys, "kit")
+    for value in (job.nodes, job.gpus_per_node, job.accelerate_config, job.repo, job.time, job.signal_seconds,
+                  job.image, job.runs_claim, job.job_name):
+        assert f"default {value})" in kit, value
+    serve = _help(capsys, "mlflow", "serve")
+    server = ServerConfig()
+    for value in (server.folder, server.host, server.port, server.workers):
+        assert f"default {value})" in serve, value
+    # Flags the user did not give are absent, so the dataclass defaults apply.
+    args = build_parser(["ingest"]).parse_args(["ingest", "a", "b"])
+    assert set(vars(args)) == {"command", "source", "dataset", "holdout_scenes", "no_progress", "handler"}
+    args = build_parser(["kit"]).parse_args(["kit", "slurm"])
+    assert set(vars(args)) == {"command", "kind", "out", "handler", "train_args"}

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from eossl.launch.study import train_command
-from eossl.launch.study_config import load_study
+from eossl.launch.study.config import load_study
+from eossl.launch.study.run import train_command
 
 from conftest import REPO, history_steps, run_cli, training_env
 
@@ -64,6 +64,20 @@ def test_study_file_cells_overrides_and_errors(tmp_path):
     assert [c[0] for c in commands] == ["moco", "dino"] and not any("method=" in a for c in commands for a in c)
     with pytest.raises(ValueError, match="set by the study itself"):
         load_study(path, {"grid.out": "[a, b]"})
+
+
+def test_study_keys_unknown_key_names_the_closest_and_methods_come_from_the_registry(tmp_path):
+    from eossl.train.methods import METHODS
+
+    path = _study_file(tmp_path, "ds", tmp_path / "out")
+    with pytest.raises(ValueError, match=r"did you mean eval\.budget\?"):
+        load_study(path, {"budget": "64"})  # a study field given without its section
+    with pytest.raises(ValueError, match=r"eval: unknown keys \['budgt'\].*did you mean eval\.budget"):
+        load_study(path, {"eval.budgt": "64"})
+    with pytest.raises(ValueError, match="training config keys go under train: or grid:"):
+        load_study(path, {"queue_size": "64"})
+    with pytest.raises(ValueError, match=" or ".join(METHODS)):
+        load_study(path, {"method": "simclr"})
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .study_config import PlotSpec
+from .config import PlotSpec
 
 __all__ = ["collect_cells", "write_report"]
 

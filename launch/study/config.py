@@ -3,7 +3,9 @@
 A study file (YAML) names the dataset, the method, training values shared by every cell, the grid (any
 training config field: ``batch_size``, ``epochs``, ``optim.lr``, ``mode``, ...), the learning-rate rule
 and the evaluation. ``--set`` overrides any of it by dotted key (``--set grid.epochs=[1,2]``,
-``--set train.size=64``, ``--set eval.budget=1024``); values are parsed as YAML.
+``--set train.size=64``, ``--set eval.budget=1024``); values are parsed as YAML. ``train:`` and ``grid:``
+take any training config key (checked by ``eossl train`` with its own resolver); every other key is a
+field of the dataclasses below, and an unknown one is refused with the closest valid keys.
 
 Cells are the Cartesian product of the grid in the order the file lists it. A cell's name is made of its
 values (``batch_size-32_epochs-100``), so a re-run finds the same folders and MLflow runs.
@@ -13,15 +15,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
 import itertools
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ..methods import method_names
 
 __all__ = ["Cell", "EvalPlan", "LrRule", "PlotSpec", "StudyConfig", "StudyLaunch", "load_study"]
 
@@ -131,8 +137,9 @@ class StudyConfig:
     def __post_init__(self) -> None:
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", self.name):
             raise ValueError(f"study name {self.name!r}: letters, digits, '.', '_' and '-' only")
-        if self.method not in ("moco", "dino"):
-            raise ValueError(f"method must be moco or dino, got {self.method!r}")
+        methods = method_names()
+        if self.method not in methods:
+            raise ValueError(f"method must be {' or '.join(methods)}, got {self.method!r}")
         if not self.grid:
             raise ValueError("the study has no grid (e.g. grid: {batch_size: [32, 64], epochs: [10, 20]})")
         for key, values in self.grid.items():
@@ -146,8 +153,8 @@ class StudyConfig:
         if "method" in self.train:
             raise ValueError("set the method with method: (or as a grid axis), not in train:")
         for method in self.grid.get("method", []):
-            if method not in ("moco", "dino"):
-                raise ValueError(f"grid.method: unknown method {method!r} (moco, dino)")
+            if method not in methods:
+                raise ValueError(f"grid.method: unknown method {method!r} ({', '.join(methods)})")
         known = {"classify": ("linear", "finetune", "knn"), "segment": ("linear", "finetune")}
         if self.eval.task not in known:
             raise ValueError(f"eval.task must be classify or segment, got {self.eval.task!r}")
@@ -188,7 +195,7 @@ class StudyConfig:
         return yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(self), default=str)), sort_keys=False)
 
     def digest(self) -> str:
-        """What the cells' results depend on: how a study is launched or plotted may change between re-runs."""
+        """What the cells' results depend on (not how a study is launched or plotted: that may change)."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("launch", "plot")}
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -219,12 +226,42 @@ def _tuple(values: Any) -> tuple:
     return (values,)
 
 
+# the study's dataclass sections; train: and grid: are open mappings of training config keys
+_SECTIONS = {"lr": LrRule, "eval": EvalPlan, "plot": PlotSpec, "launch": StudyLaunch}
+
+
+def _study_keys() -> list[str]:
+    """Every dotted key a study file or ``--set`` may name outside ``train:`` and ``grid:``."""
+    keys = []
+    for f in dataclasses.fields(StudyConfig):
+        if f.name in _SECTIONS:
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(_SECTIONS[f.name])]
+        elif f.name not in ("train", "grid"):
+            keys.append(f.name)
+    return keys
+
+
+def _unknown_keys(where: str, unknown: set[str], known: Iterable[str], prefix: str = "") -> ValueError:
+    """The error for misspelt keys: what is known there, and the closest valid dotted keys anywhere."""
+    keys = _study_keys()
+    by_name = {k.rsplit(".", 1)[-1]: k for k in keys}
+    near: list[str] = []
+    for key in sorted(unknown):
+        near += difflib.get_close_matches(prefix + key, keys, n=3, cutoff=0.6)
+        near += [by_name[n] for n in difflib.get_close_matches(key, by_name, n=3, cutoff=0.6)]
+    near = list(dict.fromkeys(near))[:3]
+    hint = f"; did you mean {' or '.join(near)}?" if near else ""
+    if not prefix:
+        hint += " (training config keys go under train: or grid:)"
+    return ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}{hint}")
+
+
 def _section(cls, tree: dict | None, where: str):
     tree = dict(tree or {})
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(tree) - set(names)
     if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(names)}")
+        raise _unknown_keys(where, unknown, names, prefix=f"{where}.")
     for key, value in tree.items():
         if names[key].type.startswith("tuple"):
             tree[key] = _tuple(value)
@@ -240,22 +277,25 @@ def load_study(path: str | Path | None, overrides: dict[str, str] | None = None)
         text = Path(path).read_text()
         tree = yaml.safe_load(text) or {}
         if not isinstance(tree, dict):
-            raise ValueError(f"{path}: a study file is a mapping (name, data, out, train, grid, lr, eval, ...)")
+            raise ValueError(f"{path}: a study file is a mapping "
+                             "(name, data, out, train, grid, lr, eval, ...)")
     tree = copy.deepcopy(tree)
     for key, raw in (overrides or {}).items():
         _set_dotted(tree, key, yaml.safe_load(raw) if isinstance(raw, str) else raw)
     known = {f.name for f in dataclasses.fields(StudyConfig)}
     unknown = set(tree) - known
     if unknown:
-        raise ValueError(f"{path or 'study'}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        raise _unknown_keys(str(path or "study"), unknown, known)
     missing = [k for k in ("name", "data", "out") if not tree.get(k)]
     if missing:
         raise ValueError(f"{path or 'study'}: {', '.join(missing)} must be set (in the file or with --set)")
+    optional = {key: tree[key] for key in ("method", "experiment") if key in tree}  # else the field defaults
+    grid = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in (tree.get("grid") or {}).items()}
     # Local paths become absolute: cluster jobs and re-runs from another folder find the same study.
     return StudyConfig(
-        name=str(tree["name"]), data=_absolute(str(tree["data"])), out=_absolute(str(tree["out"])), method=tree.get("method", "moco"),
-        train=dict(tree.get("train") or {}), grid={k: list(v) if isinstance(v, (list, tuple)) else v
-                                                   for k, v in (tree.get("grid") or {}).items()},
+        name=str(tree["name"]), data=_absolute(str(tree["data"])), out=_absolute(str(tree["out"])),
+        **optional,
+        train=dict(tree.get("train") or {}), grid=grid,
         lr=_section(LrRule, tree.get("lr"), "lr"), eval=_section(EvalPlan, tree.get("eval"), "eval"),
-        plot=_section(PlotSpec, tree.get("plot"), "plot"), launch=_section(StudyLaunch, tree.get("launch"), "launch"),
-        experiment=tree.get("experiment"))
+        plot=_section(PlotSpec, tree.get("plot"), "plot"),
+        launch=_section(StudyLaunch, tree.get("launch"), "launch"))

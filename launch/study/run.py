@@ -31,7 +31,7 @@ from eossl.train.checkpoint import write_json_atomic
 from eossl.train.preemption import PREEMPTED_EXIT_CODE
 from eossl.train.tracking import artifact_root
 
-from .study_config import Cell, StudyConfig
+from .config import Cell, StudyConfig
 
 __all__ = ["StudyError", "StudyInterrupted", "emit_cluster_jobs", "run_study", "study_tracking_uri", "train_command"]
 
@@ -314,7 +314,7 @@ def run_study(cfg: StudyConfig, only: tuple[str, ...] = ()) -> dict:
 
 
 def _run_study(cfg: StudyConfig, only: tuple[str, ...], tracking_uri: str) -> dict:
-    from .study_report import write_report
+    from .report import write_report
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -343,7 +343,7 @@ def emit_cluster_jobs(cfg: StudyConfig, kind: str, jobs_dir: str, job_template) 
     are created now, so the jobs (and ``eossl study report``) find them through ``MLFLOW_TRACKING_URI``."""
     from dataclasses import replace
 
-    from .cluster import render_k8s, render_slurm
+    from eossl.launch.cluster import render_k8s, render_slurm
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         print("warning: MLFLOW_TRACKING_URI is not set: cluster jobs will use the study folder's SQLite store, "
