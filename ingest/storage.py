@@ -17,7 +17,20 @@ from pathlib import Path
 
 import fsspec
 
-__all__ = ["Output", "WriteError"]
+__all__ = ["Output", "WriteError", "is_remote", "url_scheme"]
+
+
+def url_scheme(url: str) -> str | None:
+    """The scheme of a URL (``"s3"``, ``"gs"``, ``"file"``), None for a plain path.
+
+    The one place that tells a path from a URL, so that every stage agrees on what ``DATASET`` means.
+    """
+    return url.split("://", 1)[0] if "://" in url else None
+
+
+def is_remote(url: str) -> bool:
+    """True for an object-store URL read through fsspec; a plain path or a ``file://`` URL is local."""
+    return url_scheme(url) not in (None, "file")
 
 
 class WriteError(RuntimeError):
@@ -29,7 +42,7 @@ class Output:
 
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url.rstrip("/")
-        self.is_local = "://" not in url or url.startswith("file://")
+        self.is_local = not is_remote(url)
         self.storage_options = storage_options or {}
         if self.is_local:
             self.root = Path(url.removeprefix("file://")).resolve()

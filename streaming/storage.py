@@ -3,11 +3,12 @@
 The loader plans which samples to read from ``catalog.npz`` and then asks for single tar members by byte
 range, so a sample costs one ``os.pread`` (local) or one ranged GET (remote) and never a walk over tar
 headers or a whole-shard read. Optionally, remote shards are downloaded whole into a node-local cache
-(``StorageOptions.cache_dir``) shared by every process on the node, and read with ``pread`` from there.
+(``StorageOptions.cache_dir``, ``shard_cache.py``) shared by every process on the node, and read with
+``pread`` from there.
 
-Failure policy: every network request gets the client's own timeouts and *our* retry loop (exponential
-backoff with jitter, the client's retries turned off so that the two do not multiply); after the last
-attempt a ``StorageError`` names the object. A missing object is not retried. Bytes that disagree with the
+Failure policy: every network request gets the client's own timeouts and *our* retry loop (``retry.py``:
+exponential backoff with jitter, the client's retries turned off so that the two do not multiply); after
+the last attempt a ``StorageError`` names the object. A missing object is not retried. Bytes that disagree with the
 manifest (a file shorter than its ``bytes``, a short read, a downloaded shard whose sha256 differs) raise
 ``CorruptShardError``: retrying cannot fix them.
 
@@ -17,11 +18,8 @@ Endpoints and credentials come from the standard environment (``AWS_ENDPOINT_URL
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import logging
 import os
-import random
 import threading
 import time
 from collections import OrderedDict
@@ -31,24 +29,19 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from eossl.ingest.storage import is_remote, url_scheme
+
+from .retry import RetryPolicy, retry
+from .shard_cache import ShardCache
+from .storage_errors import CorruptShardError, StorageError
+
 __all__ = ["CorruptShardError", "ShardReader", "StorageError", "StorageOptions"]
 
 log = logging.getLogger(__name__)
 
 MAX_OPEN_FILES = 64  # shard file descriptors kept open per reader (least recently used are closed)
-BACKOFF_CAP_S = 30.0
 PREFETCH_WORKERS = 2  # concurrent whole-shard downloads started by prefetch()
-TOUCH_EVERY_S = 1.0  # how often a cached shard's mtime is refreshed while it is being read
-_HASH_CHUNK = 8 * 2**20
 STAT_KEYS = ("requests", "retries", "bytes_read", "cache_hits", "cache_misses", "downloads", "evictions")
-
-
-class StorageError(RuntimeError):
-    """The object store or file is unavailable (after retries, or not found): names the object URL."""
-
-
-class CorruptShardError(RuntimeError):
-    """A shard's bytes disagree with the manifest (truncated, short read, checksum): names the file/URL."""
 
 
 @dataclass(frozen=True)
@@ -88,10 +81,10 @@ class StorageOptions:
         if self.cache_bytes <= 0:
             raise ValueError(f"cache_bytes must be > 0, got {self.cache_bytes}")
 
-
-def backoff_delay(attempt: int, base_s: float, rng: random.Random | None = None) -> float:
-    """Delay before retry number ``attempt`` (0-based): base * 2**attempt capped at 30 s, times U[0.5, 1]."""
-    return min(BACKOFF_CAP_S, base_s * 2**attempt) * (0.5 + 0.5 * (rng or random).random())
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """The back-off schedule of every network request (``retries``, ``backoff_s``)."""
+        return RetryPolicy(retries=self.retries, backoff_s=self.backoff_s)
 
 
 class _OpenFiles:
@@ -158,39 +151,6 @@ class _OpenFiles:
             os.close(self._entries.pop(key)[0])
 
 
-@contextmanager
-def _file_lock(path: Path, timeout_s: float, what: str) -> Iterator[None]:
-    """Exclusive ``flock`` on ``path`` (created if absent), waiting at most ``timeout_s``.
-
-    The kernel releases the lock when its holder exits or dies, so a killed downloader never blocks the
-    node. Lock files are left in place: deleting one would race with a process that just opened it.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = time.monotonic() + timeout_s
-        delay = 0.005
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise StorageError(f"{what}: waited {timeout_s:.0f} s for another process downloading it "
-                                       f"(lock {path})") from None
-                time.sleep(delay)
-                delay = min(2 * delay, 0.1)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _size_or_none(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return None
-
-
 def _pread_into(fd: int, offset: int, out: memoryview, name: str, shard_bytes: int) -> memoryview:
     """Fill ``out`` from ``offset`` (no allocation: the caller reuses its buffers, avoiding page faults)."""
     got = 0
@@ -219,40 +179,29 @@ def _pread_exact(fd: int, offset: int, size: int, name: str, shard_bytes: int) -
     return b"".join(parts)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class ShardReader:
     """Reads member bytes of the dataset's shards from a local folder or an fsspec URL (s3://...).
 
     Thread-safe (DALI calls ``read`` from several threads) and picklable (DALI's parallel external source
-    pickles it into spawned workers): file descriptors, the network client and the prefetch threads are
-    opened lazily and dropped by pickling, so each process opens its own. ``stats`` counts this process's
-    network ``requests`` (local preads are not requests), ``retries``, ``bytes_read`` (member bytes
-    returned), per-read ``cache_hits``/``cache_misses``, whole-shard ``downloads`` and ``evictions``.
-
-    Cache sharing: the cache holds ``<cache_dir>/<sha256(dataset URL)[:16]>/shard-NNNNNN.<sha256[:12]>.tar``
-    (the content hash in the name means a dataset rewritten at the same URL never serves stale shards).
-    Downloads go to a temporary name and appear by ``os.replace``; a per-shard ``flock`` makes one process
-    download while the others wait and then reuse the file. Eviction unlinks least recently used shards
-    (mtime, refreshed while read); a process that still has an evicted shard open keeps reading it (POSIX:
-    an open fd survives unlink; the space is freed when it closes) and notices at its next touch, closes it
-    and downloads it again if needed.
+    pickles it into spawned workers): file descriptors, the network client, the cache's bookkeeping and
+    the prefetch threads are made lazily and dropped by pickling, so each process makes its own. ``stats``
+    counts this process's network ``requests`` (local preads are not requests), ``retries``,
+    ``bytes_read`` (member bytes returned), per-read ``cache_hits``/``cache_misses``, whole-shard
+    ``downloads`` and ``evictions``. The node-local cache is ``shard_cache.ShardCache``; the retry loop
+    is ``retry.retry`` with ``options.retry_policy``.
 
     Args:
         dataset: dataset root: a local folder (or ``file://``) or an fsspec URL (``s3://bucket/prefix``).
         shards: the manifest's ``shards`` list ({path, samples, bytes, sha256}); index = catalog ``shard``.
         options: cache, retry and timeout settings.
+        sleep: waits between retries (tests pass a recording function).
+        clock: monotonic seconds of the cache's touch interval (tests pass a fake clock).
     """
 
-    def __init__(self, dataset: str, shards: list[dict], options: StorageOptions | None = None):
+    def __init__(self, dataset: str, shards: list[dict], options: StorageOptions | None = None, *,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
         self.dataset = str(dataset).rstrip("/")
-        self.is_local = "://" not in self.dataset or self.dataset.startswith("file://")
+        self.is_local = not is_remote(self.dataset)
         if self.is_local:
             self.dataset = str(Path(self.dataset.removeprefix("file://")).resolve())
         for i, entry in enumerate(shards):
@@ -261,12 +210,7 @@ class ShardReader:
         self.shards = [dict(entry) for entry in shards]
         self.options = options or StorageOptions()
         self._use_cache = self.options.cache_dir is not None and not self.is_local
-        if self._use_cache:
-            key = hashlib.sha256(self.dataset.encode()).hexdigest()[:16]
-            self._cache_root = Path(self.options.cache_dir).resolve()
-            self._cache_folder = self._cache_root / key
-            self._cache_paths = [self._cache_folder / self._cache_name(e) for e in self.shards]
-            self._shard_of_path = {p: i for i, p in enumerate(self._cache_paths)}
+        self._sleep, self._clock = sleep, clock
         self.stats = dict.fromkeys(STAT_KEYS, 0)
         self._init_runtime()
 
@@ -280,7 +224,9 @@ class ShardReader:
         self._fs_root = ""
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: set[int] = set()
-        self._touched: dict[int, float] = {}
+        self._cache = (ShardCache(self.dataset, self.shards, self.options, fetch=self._download_retrying,
+                                  count=self._count, forget=self._files.discard, clock=self._clock)
+                       if self._use_cache else None)
 
     def _check_process(self) -> None:
         if self._pid != os.getpid():  # forked: the parent's client, threads and locks are not ours
@@ -288,8 +234,7 @@ class ShardReader:
             self.stats = dict.fromkeys(STAT_KEYS, 0)
 
     def __getstate__(self) -> dict:
-        keep = ("dataset", "is_local", "shards", "options", "_use_cache", "_cache_root", "_cache_folder",
-                "_cache_paths", "_shard_of_path")
+        keep = ("dataset", "is_local", "shards", "options", "_use_cache", "_sleep", "_clock")
         return {k: self.__dict__[k] for k in keep if k in self.__dict__}
 
     def __setstate__(self, state: dict) -> None:
@@ -344,7 +289,7 @@ class ShardReader:
         if self.is_local or self._use_cache:
             data = self._read_file(shard, offset, size, target)
         else:
-            data = self._retrying(self.url(shard), f"GET bytes {offset}-{offset + size}",
+            data = self._retrying(shard, f"GET bytes {offset}-{offset + size}",
                                   lambda: self._get_range(shard, offset, size))
             if target is not None:
                 target[:] = data
@@ -365,7 +310,7 @@ class ShardReader:
                 self._pool = ThreadPoolExecutor(PREFETCH_WORKERS, thread_name_prefix="eossl-prefetch")
             for shard in shards:
                 shard = int(shard)
-                if shard in self._inflight or _size_or_none(self._cache_paths[shard]) == self.shards[shard]["bytes"]:
+                if shard in self._inflight or self._cache.is_complete(shard):
                     continue
                 self._inflight.add(shard)
                 self._pool.submit(self._prefetch_one, shard)
@@ -378,30 +323,30 @@ class ShardReader:
                 self.stats[key] += n
 
     def _read_file(self, shard: int, offset: int, size: int, target: memoryview | None = None) -> bytes | memoryview:
-        name = str(self._cache_paths[shard]) if self._use_cache else self.url(shard)
+        name = str(self._cache.paths[shard]) if self._cache is not None else self.url(shard)
         downloaded = False
 
         def opener() -> int:
             nonlocal downloaded
-            if not self._use_cache:
+            if self._cache is None:
                 return self._open_checked(Path(self.url(shard)), shard)
             for _ in range(3):  # another process may evict the shard between the download and the open
-                path, downloaded = self._ensure_cached(shard)
+                path, downloaded = self._cache.ensure(shard)
                 try:
                     return self._open_checked(path, shard)
                 except StorageError:
                     continue
-            raise StorageError(f"{self.url(shard)}: evicted from the cache {self._cache_folder} faster than it "
-                               f"could be opened (cache_bytes={self.options.cache_bytes} too small?)")
+            raise StorageError(f"{self.url(shard)}: evicted from the cache {self._cache.folder} faster than "
+                               f"it could be opened (cache_bytes={self.options.cache_bytes} too small?)")
 
         with self._files.use(shard, opener) as fd:
             if target is not None:
                 data = _pread_into(fd, offset, target, name, int(self.shards[shard]["bytes"]))
             else:
                 data = _pread_exact(fd, offset, size, name, int(self.shards[shard]["bytes"]))
-        if self._use_cache:
+        if self._cache is not None:
             self._count(**{"cache_misses" if downloaded else "cache_hits": 1})
-            self._touch(shard)
+            self._cache.touch(shard)
         return data
 
     def _open_checked(self, path: Path, shard: int) -> int:
@@ -419,18 +364,6 @@ class ShardReader:
             raise CorruptShardError(f"{path}: {size} bytes, the manifest says {expected} ({reason})")
         return fd
 
-    def _touch(self, shard: int) -> None:
-        """Refresh the cached shard's mtime (the LRU clock); notice when another process evicted it."""
-        now = time.monotonic()
-        with self._lock:
-            if now - self._touched.get(shard, -TOUCH_EVERY_S) < TOUCH_EVERY_S:
-                return
-            self._touched[shard] = now
-        try:
-            os.utime(self._cache_paths[shard])
-        except FileNotFoundError:  # evicted: drop our fd so its space is freed; the next read downloads
-            self._files.discard(shard)
-
     # --- network ---
 
     def _filesystem(self):
@@ -438,7 +371,7 @@ class ShardReader:
             if self._fs is None:
                 import fsspec
 
-                protocol = self.dataset.split("://", 1)[0]
+                protocol = url_scheme(self.dataset)
                 kwargs: dict = {"skip_instance_cache": True}
                 s3 = protocol in ("s3", "s3a")
                 if s3:  # timeouts on every request; botocore's retries off (ours wrap every request)
@@ -465,102 +398,24 @@ class ShardReader:
                                     f"{self.shards[shard]['bytes']} bytes (truncated)")
         return data
 
-    def _retrying(self, url: str, what: str, request: Callable[[], bytes | None]):
-        """Run ``request`` with our retry policy; raise StorageError naming ``url`` when it gives up."""
-        attempts = self.options.retries + 1
-        last: BaseException | None = None
-        for attempt in range(attempts):
-            try:
-                return request()
-            except FileNotFoundError as exc:
-                raise StorageError(f"{url}: not found ({what})") from exc
-            except PermissionError as exc:
-                raise StorageError(f"{url}: access denied ({what}): {exc}") from exc
-            except (CorruptShardError, StorageError, ValueError, TypeError):
-                raise
-            except Exception as exc:  # connection refused/reset, timeouts, 5xx, throttling, client errors
-                last = exc
-                if attempt + 1 < attempts:
-                    self._count(retries=1)
-                    delay = backoff_delay(attempt, self.options.backoff_s)
-                    log.warning("%s: %s failed (%s: %s); retry %d/%d in %.2f s", url, what, type(exc).__name__,
-                                exc, attempt + 1, attempts - 1, delay)
-                    time.sleep(delay)
-        raise StorageError(f"{url}: {what} failed after {attempts} attempts; last error: "
-                           f"{type(last).__name__}: {last}") from last
-
-    # --- node-local cache ---
-
-    @staticmethod
-    def _cache_name(entry: dict) -> str:
-        stem = Path(entry["path"]).name.removesuffix(".tar")
-        return f"{stem}.{entry['sha256'][:12]}.tar" if entry.get("sha256") else f"{stem}.tar"
-
-    def _prefetch_one(self, shard: int) -> None:
-        try:
-            self._ensure_cached(shard)
-        except Exception as exc:  # read() retries and raises; prefetch only warms the cache
-            log.warning("prefetch of %s failed: %s", self.url(shard), exc)
-        finally:
-            with self._lock:
-                self._inflight.discard(shard)
-
-    def _ensure_cached(self, shard: int) -> tuple[Path, bool]:
-        """The cached copy of ``shard``, downloaded (once per node) if absent; True when this call downloaded."""
-        path, expected = self._cache_paths[shard], int(self.shards[shard]["bytes"])
-        if _size_or_none(path) == expected:
-            return path, False
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(path.with_name(path.name + ".lock"), self.options.lock_timeout_s, self.url(shard)):
-            if _size_or_none(path) == expected:  # another process downloaded it while we waited
-                return path, False
-            tmp = path.with_name(path.name + ".tmp")  # only the lock holder writes it: a fixed name is safe
-            try:
-                self._retrying(self.url(shard), "download", lambda: self._download(shard, tmp))
-                self._check_download(shard, tmp)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-            self._count(downloads=1)
-            with self._lock:
-                self._touched[shard] = time.monotonic()
-            self._evict(keep=path)
-        return path, True
+    def _retrying(self, shard: int, what: str, request: Callable[[], bytes | None]):
+        """Run ``request`` with the options' retry policy; StorageError naming the shard's URL on give-up."""
+        return retry(request, self.options.retry_policy, self.url(shard), what, sleep=self._sleep,
+                     on_retry=lambda: self._count(retries=1))
 
     def _download(self, shard: int, tmp: Path) -> None:
         fs = self._filesystem()
         self._count(requests=1)
         fs.get_file(self._remote_path(shard), str(tmp))  # one streamed GET (parallel ranges if very large)
 
-    def _check_download(self, shard: int, tmp: Path) -> None:
-        entry = self.shards[shard]
-        size = tmp.stat().st_size
-        if size != int(entry["bytes"]):
-            raise CorruptShardError(f"{self.url(shard)}: downloaded {size} bytes, the manifest says {entry['bytes']}"
-                                    f" ({'truncated' if size < int(entry['bytes']) else 'size mismatch'})")
-        if self.options.verify_downloads and entry.get("sha256"):
-            digest = _sha256_file(tmp)
-            if digest != entry["sha256"]:
-                raise CorruptShardError(f"{self.url(shard)}: checksum mismatch: sha256 {digest}, the manifest says "
-                                        f"{entry['sha256']}")
+    def _download_retrying(self, shard: int, tmp: Path) -> None:
+        self._retrying(shard, "download", lambda: self._download(shard, tmp))
 
-    def _evict(self, keep: Path) -> None:
-        """Unlink least recently used shards (any dataset in cache_dir) until the folder fits cache_bytes."""
-        found = []
-        for p in self._cache_root.glob("*/*.tar"):
-            try:
-                st = p.stat()
-            except FileNotFoundError:  # evicted by another process meanwhile
-                continue
-            found.append((st.st_mtime_ns, st.st_size, p))
-        total = sum(size for _, size, _ in found)
-        for _, size, p in sorted(found):
-            if total <= self.options.cache_bytes:
-                break
-            if p == keep:  # never the shard just downloaded (alone it may exceed the bound)
-                continue
-            p.unlink(missing_ok=True)
-            total -= size
-            self._count(evictions=1)
-            if p in self._shard_of_path:  # close our fd so the space is freed now
-                self._files.discard(self._shard_of_path[p])
+    def _prefetch_one(self, shard: int) -> None:
+        try:
+            self._cache.ensure(shard)
+        except Exception as exc:  # read() retries and raises; prefetch only warms the cache
+            log.warning("prefetch of %s failed: %s", self.url(shard), exc)
+        finally:
+            with self._lock:
+                self._inflight.discard(shard)

@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from eossl.ingest.storage import url_scheme
+
 from ..methods import method_names
 
 __all__ = ["Cell", "EvalPlan", "LrRule", "PlotSpec", "StudyConfig", "StudyLaunch", "load_study"]
@@ -205,7 +207,7 @@ def _slug(value: Any) -> str:
 
 
 def _absolute(path: str) -> str:
-    return path if "://" in path else str(Path(path).resolve())
+    return path if url_scheme(path) is not None else str(Path(path).resolve())
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

@@ -1,24 +1,23 @@
-"""``bench_loader``: the result's shape, and that both sides do the same work on the same data (no speed asserts)."""
+"""``eossl bench loader``: the result's shape, and that both sides do the same work on the same data.
+
+No speed asserts: only what holds on any machine.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from eossl.streaming.bench import (
-    GeoTiffPatches,
-    bench_loader,
-    gdal_s3_options,
-    geotiff_files,
-    loader_configs,
-    read_batches,
-    torch_view,
-)
+from eossl.launch.bench.configs import LoaderBenchConfig
+from eossl.launch.bench.geotiff_baseline import GeoTiffPatches, gdal_s3_options, geotiff_files, torch_view
+from eossl.launch.bench.loader import bench_loader
+from eossl.launch.bench.loader_sides import loader_configs, read_batches
 from eossl.streaming.loader import LoaderConfig, SSLLoader
 
 from conftest import run_cli
@@ -141,14 +140,33 @@ def test_bench_loader_cli_with_local_s3_reports_every_number(tmp_path):
 
 def test_bench_loader_rejects_half_given_inputs(tiny):
     with pytest.raises(ValueError, match="both"):
-        bench_loader(str(tiny[0]), None)
+        bench_loader(LoaderBenchConfig(str(tiny[0]), None))
     with pytest.raises(ValueError, match="s3_dataset"):
-        bench_loader(str(tiny[0]), "s3://bucket/ds")
+        bench_loader(LoaderBenchConfig(str(tiny[0]), "s3://bucket/ds"))
     with pytest.raises(ValueError, match="s3_source"):
-        bench_loader(str(tiny[0]), str(tiny[1]), s3_dataset="s3://bucket/ds")
+        bench_loader(LoaderBenchConfig(str(tiny[0]), str(tiny[1]), s3_dataset="s3://bucket/ds"))
     with pytest.raises(ValueError, match="max_samples"):
-        bench_loader(str(tiny[0]), str(tiny[1]), max_samples=0)
+        bench_loader(LoaderBenchConfig(str(tiny[0]), str(tiny[1]), max_samples=0))
     with pytest.raises(ValueError, match="max_samples"):
         LoaderConfig(max_samples=0)
     with pytest.raises(ValueError, match="local_s3"):
-        bench_loader(str(tiny[0]), str(tiny[1]), s3_source="s3://b/src", s3_dataset="s3://b/ds", local_s3=True)
+        bench_loader(LoaderBenchConfig(str(tiny[0]), str(tiny[1]), s3_source="s3://b/src", s3_dataset="s3://b/ds",
+                                       local_s3=True))
+
+
+def test_bench_loader_help_shows_the_config_defaults():
+    """Every timed setting's default on the command line is the dataclass's, and --help says it."""
+    text = run_cli("bench", "loader", "--help").stdout
+    options = re.split(r"\n  (?=-)", text.split("options:", 1)[1])  # one block per option
+    help_of = {block.split()[0].rstrip(","): " ".join(block.split()) for block in options if block.strip()}
+    defaults = LoaderBenchConfig()
+    for flag, value in (("--workers", defaults.workers), ("--batch-size", defaults.batch_size),
+                        ("--samples", defaults.samples), ("--repeat", defaults.repeat),
+                        ("--patches", defaults.patches), ("--max-samples", defaults.max_samples)):
+        assert help_of[flag].endswith(f"(default: {value})"), help_of[flag]
+    from eossl.launch.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "loader"])
+    assert (args.workers, args.batch_size, args.samples, args.repeat, args.patches, args.max_samples) == (
+        defaults.workers, defaults.batch_size, defaults.samples, defaults.repeat, defaults.patches,
+        defaults.max_samples)

@@ -1,0 +1,97 @@
+"""The object-store side of ``eossl bench loader``: both sides again, reading from S3.
+
+The baseline opens ``s3://`` GeoTIFFs with rasterio (GDAL ``/vsis3/``); ours reads the shards through a
+node-local shard cache (filled by the warm-up epoch) and, separately, without one (one ranged GET per
+sample). ``bench_local_s3`` runs the same against a ``moto_server`` it starts itself.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from eossl.ingest.format import CATALOG, MANIFEST
+from eossl.streaming.local_s3 import aws_environment, moto_s3_server, upload_files
+from eossl.streaming.storage import StorageOptions
+
+from .geotiff_baseline import gdal_s3_options, geotiff_files
+from .loader_sides import Setup, loader_epochs, read_path_epochs, shard_paths
+
+__all__ = ["S3_BUCKET", "S3_KEYS", "bench_local_s3", "bench_s3"]
+
+S3_BUCKET = "eossl-bench"
+S3_KEYS = (
+    "s3_read_speedup_vs_geotiff",
+    "s3_speedup_vs_geotiff",
+    "s3_nocache_read_speedup_vs_geotiff",
+    "s3_nocache_speedup_vs_geotiff",
+    "s3_read_samples_per_s",
+    "s3_samples_per_s",
+)
+
+
+def bench_s3(s3_source: str | None, s3_dataset: str | None, setup: Setup) -> dict:
+    """Both sides from the object store: GeoTIFFs through GDAL vs our shards with and without a node cache."""
+    if s3_dataset is None:
+        return dict.fromkeys(S3_KEYS)
+    files = geotiff_files(s3_source, setup.probe.catalog.key[setup.probe.rows])
+    gdal = gdal_s3_options()
+    report: dict = {
+        "source": s3_source,
+        "dataset": s3_dataset,
+        "endpoint_from_env": bool(os.environ.get("AWS_ENDPOINT_URL")),
+        "baseline": "rasterio.open('s3://...') per GeoTIFF "
+        "(GDAL /vsis3/, GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR)",
+        "cache": "node-local shard cache in a temporary folder "
+        "(empty at the start: filled by the warm-up epoch)",
+        "no_cache": "one ranged GET per sample (its S1 and S2 members lie together in the shard)",
+    }
+    cache_dir = Path(tempfile.mkdtemp(prefix="eossl-bench-cache-"))
+    try:
+        for stage, epochs in (("read", read_path_epochs), ("augment", loader_epochs)):
+            report[stage] = {}
+            for variant, storage in (
+                ("cache", StorageOptions(cache_dir=str(cache_dir))),
+                ("no_cache", StorageOptions()),
+            ):
+                with epochs(s3_dataset, replace(setup.cfgs[stage], storage=storage)) as ours:
+                    report[stage][variant] = setup.compare(ours, files, stage, gdal)
+                del ours
+                gc.collect()  # end both sides' workers before the next comparison
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return {
+        "s3": report,
+        "s3_read_speedup_vs_geotiff": report["read"]["cache"]["speedup"],
+        "s3_speedup_vs_geotiff": report["augment"]["cache"]["speedup"],
+        "s3_nocache_read_speedup_vs_geotiff": report["read"]["no_cache"]["speedup"],
+        "s3_nocache_speedup_vs_geotiff": report["augment"]["no_cache"]["speedup"],
+        "s3_read_samples_per_s": report["read"]["cache"]["ours"]["samples_per_s"],
+        "s3_samples_per_s": report["augment"]["cache"]["ours"]["samples_per_s"],
+    }
+
+
+def bench_local_s3(source: str, dataset: str, files: list[tuple[str, str]], setup: Setup) -> dict:
+    """``bench_s3`` against a ``moto_server`` started here (a child: its CPU counts on both sides).
+
+    Only what the bench reads is uploaded (the benched samples' GeoTIFFs; the manifest, catalog and their
+    shards), so a full-size dataset costs no more than its benched part. The server's log folder is
+    removed afterwards unless the run failed (the error names the log).
+    """
+
+    logs = Path(tempfile.mkdtemp(prefix="eossl-bench-s3-"))
+    with moto_s3_server(logs) as endpoint, aws_environment(endpoint):
+        upload_files(source, [f for pair in files for f in pair], f"s3://{S3_BUCKET}/source")
+        upload_files(
+            dataset,
+            [Path(dataset) / MANIFEST, Path(dataset) / CATALOG, *shard_paths(dataset, setup.probe)],
+            f"s3://{S3_BUCKET}/dataset",
+        )
+        out = bench_s3(f"s3://{S3_BUCKET}/source", f"s3://{S3_BUCKET}/dataset", setup)
+    shutil.rmtree(logs, ignore_errors=True)
+    out["s3"]["server"] = "moto_server on 127.0.0.1 (started by the bench; objects in memory)"
+    return out
