@@ -54,14 +54,6 @@ def test_multilabel_linear_probe_learns_independent_classes():
 
 
 @pytest.fixture(scope="module")
-def dataset(synthetic_source, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("eval") / "ds"
-    run_cli("ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--budgets", "4,8",
-            "--budget-seeds", "0,1", "--holdout-fraction", "0.34", "--no-progress")
-    return out
-
-
-@pytest.fixture(scope="module")
 def pretrained(dataset, tmp_path_factory) -> Path:
     """A 3-step partial-fusion MoCo run (so one model serves s1, s2 and s1s2) and a conv1x1 pair run."""
     runs = tmp_path_factory.mktemp("runs")

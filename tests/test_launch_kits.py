@@ -24,7 +24,7 @@ import yaml
 
 from eossl.launch.cluster import ClusterJob, render_k8s, render_slurm
 
-from conftest import REPO, history_steps, run_cli, training_env
+from conftest import REPO, TINY_MOCO, cli_set, history_steps, run_cli, training_env
 from servers import free_port
 
 BIN = Path(sys.executable).parent
@@ -155,16 +155,8 @@ def test_kit_cli_writes_the_files(tmp_path):
     assert bad.returncode == 2 and "secrets come from the cluster" in bad.stderr
 
 
-@pytest.fixture(scope="module")
-def dataset(synthetic_source, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("kits") / "ds"
-    run_cli("ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--no-progress")
-    return out
-
-
-TRAIN = ["--set", "backbone=resnet18", "--set", "batch_size=4", "--set", "queue_size=32", "--set", "hidden=64",
-         "--set", "dim=32", "--set", "size=32", "--set", "workers=0", "--set", "threads=1", "--set", "split=all",
-         "--set", "device=cpu", "--set", "log_every=1", "--set", "ckpt_every=0", "--set", "moco.momentum=0.9"]
+TRAIN = cli_set({**TINY_MOCO, "batch_size": "4", "size": "32", "log_every": "1", "ckpt_every": "0",
+                 "moco.momentum": "0.9"})
 
 
 def test_slurm_job_preempted_checkpoints_requeues_and_resumes(dataset, slurm_stubs, tmp_path):

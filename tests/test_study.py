@@ -66,14 +66,6 @@ def test_study_file_cells_overrides_and_errors(tmp_path):
         load_study(path, {"grid.out": "[a, b]"})
 
 
-@pytest.fixture(scope="module")
-def dataset(synthetic_source, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("study") / "ds"
-    run_cli("ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--budgets", "4",
-            "--holdout-fraction", "0.34", "--no-progress")
-    return out
-
-
 def test_study_killed_midway_resumes_and_finishes_every_cell_once(dataset, tmp_path):
     import mlflow
 

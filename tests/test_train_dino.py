@@ -15,11 +15,7 @@ import torch.multiprocessing as mp
 from eossl.train.config import load_config
 from eossl.train.dino import DINOLoss, build_dino
 
-from conftest import run_cli
-
-TINY = {"backbone": "vit_tiny_patch16_224", "batch_size": "8", "size": "32", "local_size": "16", "n_local": "2",
-        "out_dim": "64", "dino.hidden": "64", "bottleneck": "16", "workers": "0", "threads": "1", "split": "all",
-        "device": "cpu", "dino.drop_path": "0.0"}
+from conftest import TINY_DINO, cli_set, run_cli
 
 
 def _reference_loss(student, teacher, center, n_crops, n_global, t_student, t_teacher) -> float:
@@ -77,13 +73,6 @@ def test_center_update_over_two_ranks(tmp_path):
         torch.testing.assert_close(c, expected)
 
 
-@pytest.fixture(scope="module")
-def dataset(synthetic_source, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dino") / "ds"
-    run_cli("ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--budgets", "2", "--no-progress")
-    return out
-
-
 def _views(dataset: Path, cfg):
     from eossl.streaming.loader import SSLLoader
     from eossl.train.loop import _loader_config
@@ -96,7 +85,7 @@ def _views(dataset: Path, cfg):
 
 
 def test_teacher_ema_frozen_last_layer_and_learning_on_a_fixed_batch(dataset):
-    cfg = load_config("dino", None, {**TINY, "data": str(dataset), "out": "unused"})
+    cfg = load_config("dino", None, {**TINY_DINO, "data": str(dataset), "out": "unused"})
     loader, batch = _views(dataset, cfg)
     assert [v.shape[-1] for v in batch.views] == [32, 32, 16, 16]
     torch.manual_seed(0)
@@ -131,9 +120,9 @@ def test_teacher_ema_frozen_last_layer_and_learning_on_a_fixed_batch(dataset):
 
 
 def _train_args(dataset: Path, out: Path, steps: int, **extra) -> list[str]:
-    values = {**TINY, "ckpt_every": "2", "log_every": "1", **extra}
+    values = {**TINY_DINO, "ckpt_every": "2", "log_every": "1", **extra}
     return ["train", "dino", "--data", str(dataset), "--out", str(out), "--max-steps", str(steps), "--seed", "3",
-            *[a for k, v in values.items() for a in ("--set", f"{k}={v}")]]
+            *cli_set(values)]
 
 
 def _losses(run: Path) -> dict[int, float]:

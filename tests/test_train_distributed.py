@@ -11,25 +11,17 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train_moco import TINY, _cli_set
 
-from conftest import REPO, history_steps, run_cli, training_env
+from conftest import REPO, TINY_MOCO, cli_set, history_steps, training_env
 from servers import free_port, mlflow_server
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
-@pytest.fixture(scope="module")
-def dataset(synthetic_source, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dist") / "ds"
-    run_cli("ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--budgets", "2", "--no-progress")
-    return out
-
-
 def _train(dataset: Path, out: Path, steps: int = 3) -> list[str]:
-    values = {**TINY, "batch_size": "4", "log_every": "1", "ckpt_every": "0", "moco.momentum": "0.9"}
+    values = {**TINY_MOCO, "batch_size": "4", "log_every": "1", "ckpt_every": "0", "moco.momentum": "0.9"}
     return ["-m", "eossl.train", "moco", "--data", str(dataset), "--out", str(out), "--max-steps", str(steps),
-            *_cli_set(values)]
+            *cli_set(values)]
 
 
 def _ranks(run: Path) -> list[dict]:
@@ -110,7 +102,7 @@ def test_dino_two_processes_same_launch_command(dataset, tmp_path):
               "threads": "1", "split": "all", "device": "cpu", "log_every": "1", "ckpt_every": "0"}
     cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "launch/accelerate/cpu_2proc.yaml"),
            "--main_process_port", str(free_port()), "-m", "eossl.train", "dino", "--data", str(dataset),
-           "--out", str(run), "--max-steps", "2", *_cli_set(values)]
+           "--out", str(run), "--max-steps", "2", *cli_set(values)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=training_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = _ranks(run)

@@ -19,21 +19,7 @@ from eossl.train.config import load_config
 from eossl.train.loop import _loader_config
 from eossl.train.methods import get_method
 
-from conftest import run_cli
-
-TINY = {"backbone": "resnet18", "batch_size": "8", "queue_size": "32", "hidden": "64", "dim": "32", "size": "64",
-        "workers": "0", "threads": "1", "split": "all", "device": "cpu"}
-
-
-@pytest.fixture(scope="module")
-def dataset(synthetic_source, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("train") / "ds"
-    run_cli("ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--budgets", "2", "--no-progress")
-    return out
-
-
-def _cli_set(values: dict) -> list[str]:
-    return [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
+from conftest import TINY_MOCO, cli_set, run_cli
 
 
 @pytest.mark.parametrize("mode, extra", [
@@ -49,7 +35,7 @@ def _cli_set(values: dict) -> list[str]:
 ], ids=["s1", "s2", "s1s2", "pair", "pair-noaug-symmetric", "pair-zeropad", "fusion_all", "fusion_partial",
         "fusion_optional"])
 def test_each_mode_reduces_the_loss_on_a_fixed_batch(dataset, mode, extra):
-    cfg = load_config("moco", None, {**TINY, "mode": mode, "data": str(dataset), "out": "unused",
+    cfg = load_config("moco", None, {**TINY_MOCO, "mode": mode, "data": str(dataset), "out": "unused",
                                       "moco.momentum": "0.5", **extra})
     spec = get_method("moco")
     views_cfg = spec.views(cfg)
@@ -74,9 +60,9 @@ def test_each_mode_reduces_the_loss_on_a_fixed_batch(dataset, mode, extra):
 
 
 def _train_args(dataset: Path, out: Path, steps: int, **extra) -> list[str]:
-    values = {**TINY, "ckpt_every": "2", "log_every": "1", "moco.momentum": "0.9", **extra}
+    values = {**TINY_MOCO, "ckpt_every": "2", "log_every": "1", "moco.momentum": "0.9", **extra}
     return ["train", "moco", "--data", str(dataset), "--out", str(out), "--max-steps", str(steps), "--seed", "1",
-            *_cli_set(values)]
+            *cli_set(values)]
 
 
 def _history(run: Path) -> list[dict]:
