@@ -59,6 +59,7 @@ def test_view_modes_shapes_and_values(dataset, views, channels, sizes):
             assert dropped[0] == dropped[1]
 
 
+@pytest.mark.slow
 def test_deterministic_per_seed_and_independent_of_workers(dataset):
     a = _epoch(SSLLoader(str(dataset), _cfg(workers=1)))
     b = _epoch(SSLLoader(str(dataset), _cfg(workers=2)))
@@ -87,6 +88,7 @@ def test_pair_views_cover_the_same_ground(dataset):
     assert shared > 0.15 and shared > 3 * independent, (shared, independent)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_epoch_semantics_across_ranks_and_workers(dataset, world, workers):
@@ -108,6 +110,7 @@ def test_epoch_semantics_across_ranks_and_workers(dataset, world, workers):
     assert loader.position.epoch == 1 and loader.position.step == 0
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_exact_and_elastic(dataset):
     cfg = _cfg(batch_size=2, workers=1)
     straight = [b for _ in range(2) for b in _epoch(SSLLoader(str(dataset), cfg))]
@@ -149,6 +152,7 @@ def test_resume_mid_epoch_exact_and_elastic(dataset):
         SSLLoader(str(dataset), _cfg(batch_size=3, workers=0)).load_state_dict(state)
 
 
+@pytest.mark.slow
 def test_corrupt_shard_is_substituted_or_fails_in_strict_mode(copy_of_dataset):
     broken = copy_of_dataset
     manifest = json.loads((broken / "manifest.json").read_text())
@@ -163,6 +167,7 @@ def test_corrupt_shard_is_substituted_or_fails_in_strict_mode(copy_of_dataset):
         _epoch(SSLLoader(str(broken), _cfg(workers=1, strict=True)))
 
 
+@pytest.mark.slow
 def test_stream_from_s3_equals_local(dataset, s3_endpoint):
     from servers import upload_tree
 
@@ -185,6 +190,7 @@ def test_gpu_mode_matches_cpu_mode(dataset):
             torch.testing.assert_close(vx, vy.cpu(), atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_s3_outage_mid_epoch_retries_then_fails_clearly(dataset, tmp_path, monkeypatch):
     """A real S3 server cut off mid-epoch: a short outage is ridden out, a long one fails naming the object."""
     import threading
