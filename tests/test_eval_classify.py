@@ -78,6 +78,7 @@ def test_budgets_are_exact_and_hold_out_scenes_never_train(dataset, budget, seed
     assert {k.rsplit("_p", 1)[0] for k in test.keys} <= held_out
 
 
+@pytest.mark.slow
 def test_eval_encoder_layouts(pretrained):
     mean, std = np.zeros(12, np.float32), np.ones(12, np.float32)
     s1s2 = InputSpec.parse("s1s2").channel_names
@@ -107,6 +108,7 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol, precision", [("linear", "no"), ("knn", "no"), ("finetune", "bf16")])
 def test_classify_grid_cli_tables_figures_and_mlflow(dataset, pretrained, tmp_path, protocol, precision):
     import mlflow

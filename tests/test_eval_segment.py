@@ -194,6 +194,7 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["linear", "finetune"])
 def test_segment_cli_tables_mlflow_figures_and_georeferenced_maps(dataset, synthetic_source, tmp_path, protocol):
     import mlflow

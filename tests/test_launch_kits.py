@@ -159,6 +159,7 @@ TRAIN = cli_set({**TINY_MOCO, "batch_size": "4", "size": "32", "log_every": "1",
                  "moco.momentum": "0.9"})
 
 
+@pytest.mark.slow
 def test_slurm_job_preempted_checkpoints_requeues_and_resumes(dataset, slurm_stubs, tmp_path):
     """SIGUSR1 to the batch script (what --signal=B:USR1@N sends) -> ranks checkpoint -> requeue -> resume."""
     run = tmp_path / "run"
@@ -203,6 +204,7 @@ def test_slurm_job_preempted_checkpoints_requeues_and_resumes(dataset, slurm_stu
     assert (tmp_path / "requeues").read_text().split() == ["4242"]  # no second requeue
 
 
+@pytest.mark.slow
 def test_mlflow_serve_answers_and_stops_on_sigterm(tmp_path):
     import mlflow
 
@@ -239,6 +241,7 @@ def test_mlflow_serve_answers_and_stops_on_sigterm(tmp_path):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
 
 
+@pytest.mark.slow
 def test_study_emitted_as_slurm_jobs_trains_and_evaluates_a_cell(dataset, slurm_stubs, tmp_path):
     """``eossl study --emit slurm``: one job per cell; a job trains through the kit, then evaluates on node 0
     into the cell's MLflow run, which was created up front under the study's parent."""

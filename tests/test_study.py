@@ -66,6 +66,7 @@ def test_study_file_cells_overrides_and_errors(tmp_path):
         load_study(path, {"grid.out": "[a, b]"})
 
 
+@pytest.mark.slow
 def test_study_killed_midway_resumes_and_finishes_every_cell_once(dataset, tmp_path):
     import mlflow
 
@@ -144,6 +145,7 @@ def test_study_killed_midway_resumes_and_finishes_every_cell_once(dataset, tmp_p
     assert (tmp_path / "report" / "results.csv").read_text() == (out / "results.csv").read_text(), report.stdout
 
 
+@pytest.mark.slow
 def test_a_failing_cell_is_reported_and_the_others_finish(dataset, tmp_path):
     import mlflow
 
@@ -172,6 +174,7 @@ def test_a_failing_cell_is_reported_and_the_others_finish(dataset, tmp_path):
     assert again.returncode == 1 and "batch_size-8_epochs-1_name-sgd: finished, skipped" in again.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", ["sigterm", "ctrl_c"])
 def test_a_stop_request_ends_an_accelerate_launched_cell_at_a_checkpoint(dataset, tmp_path, stop):
     """A study that starts cells with ``accelerate launch`` (two CPU ranks): SIGTERM to the study, or Ctrl-C
@@ -224,6 +227,7 @@ def test_a_stop_request_ends_an_accelerate_launched_cell_at_a_checkpoint(dataset
     assert [json.loads(p.read_text())["world_size"] for p in rank_files] == [2, 2]
 
 
+@pytest.mark.slow
 def test_a_study_can_score_cells_by_land_cover_segmentation(dataset, tmp_path):
     """eval.task=segment: each cell's backbone gets a linear head trained into land-cover maps (mIoU)."""
     import mlflow

@@ -64,6 +64,7 @@ def _center_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_center_update_over_two_ranks(tmp_path):
     """Mean over the global batch of both ranks (weighted by rows): (2*1 + 4*2) / 6, identical on both."""
     mp.spawn(_center_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
@@ -84,6 +85,7 @@ def _views(dataset: Path, cfg):
     return loader, next(iter(loader))
 
 
+@pytest.mark.slow
 def test_teacher_ema_frozen_last_layer_and_learning_on_a_fixed_batch(dataset):
     cfg = load_config("dino", None, {**TINY_DINO, "data": str(dataset), "out": "unused"})
     loader, batch = _views(dataset, cfg)
@@ -129,6 +131,7 @@ def _losses(run: Path) -> dict[int, float]:
     return {json.loads(line)["step"]: json.loads(line)["loss"] for line in (run / "history.jsonl").read_text().splitlines()}
 
 
+@pytest.mark.slow
 def test_exact_resume_and_export(dataset, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -150,6 +153,7 @@ def test_exact_resume_and_export(dataset, tmp_path):
     assert "schedule_teacher_temp" in history[-1] and history[-1]["schedule_momentum"] > 0.996
 
 
+@pytest.mark.slow
 def test_diverging_run_stops_with_a_clear_message(dataset, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
     run = tmp_path / "nan"

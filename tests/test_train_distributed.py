@@ -28,6 +28,7 @@ def _ranks(run: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((run / "ranks").glob("rank-*.json"))]
 
 
+@pytest.mark.slow
 def test_two_processes_one_machine(dataset, tmp_path):
     run = tmp_path / "run"
     cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "launch/accelerate/cpu_2proc.yaml"),
@@ -44,6 +45,7 @@ def test_two_processes_one_machine(dataset, tmp_path):
     assert "batch_size: 4" in params
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost(dataset, tmp_path):
     """Two "nodes" on 127.0.0.1, each started by the launch kit's per-node script (as SLURM/Kubernetes do)."""
     run = tmp_path / "run"
@@ -64,6 +66,7 @@ def test_two_nodes_on_localhost(dataset, tmp_path):
     assert ranks[0]["queue_sha256"] == ranks[1]["queue_sha256"]
 
 
+@pytest.mark.slow
 def test_tracking_against_a_real_mlflow_server(dataset, tmp_path):
     import mlflow
 
@@ -94,6 +97,7 @@ def test_tracking_against_a_real_mlflow_server(dataset, tmp_path):
         assert json.loads(Path(local).read_text())["timm_model"] == "resnet18"
 
 
+@pytest.mark.slow
 def test_dino_two_processes_same_launch_command(dataset, tmp_path):
     """DINO through the same accelerate launch kit: teacher, student and center equal on both ranks."""
     run = tmp_path / "dino"
@@ -111,6 +115,7 @@ def test_dino_two_processes_same_launch_command(dataset, tmp_path):
     assert ranks[0]["state_sha256"] == ranks[1]["state_sha256"]  # ViTs have no BN: buffers (center) agree too
 
 
+@pytest.mark.slow
 def test_elastic_resume_on_another_world_size_keeps_the_global_batch(dataset, tmp_path):
     """Two ranks x 4 checkpoint at step 2; one rank x 8 resumes there (same global batch, same sample order);
     one rank x 4 is refused with the batch size that would work."""
@@ -135,6 +140,7 @@ def test_elastic_resume_on_another_world_size_keeps_the_global_batch(dataset, tm
     assert after["world_size"] == 1 and after["global_batch"] == 8 and after["loader"] != seen_before
 
 
+@pytest.mark.slow
 def test_a_second_training_process_on_the_same_run_folder_is_refused(dataset, tmp_path):
     run = tmp_path / "run"
     first = subprocess.Popen([sys.executable, *_train(dataset, run, steps=400)], stdout=subprocess.PIPE,
@@ -160,6 +166,7 @@ def _wait_for_steps(proc: subprocess.Popen, run: Path, n: int, timeout: float = 
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_at_the_step_boundary_and_the_run_resumes(dataset, tmp_path):
     """SIGINT to the process group (what a terminal's Ctrl-C does: the reader workers get it too)."""
     run = tmp_path / "run"

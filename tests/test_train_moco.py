@@ -22,6 +22,7 @@ from eossl.train.methods import get_method
 from conftest import TINY_MOCO, cli_set, run_cli
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, extra", [
     ("single", {"sensors": "s1"}),
     ("single", {"sensors": "s2"}),
@@ -73,6 +74,7 @@ def _losses(run: Path) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in _history(run)}
 
 
+@pytest.mark.slow
 def test_exact_resume_after_kill_mid_epoch(dataset, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     straight = tmp_path / "straight"
@@ -101,6 +103,7 @@ def test_exact_resume_after_kill_mid_epoch(dataset, tmp_path, monkeypatch):
     assert a["state_sha256"] == b["state_sha256"]  # weights, heads, queue and pointer identical
 
 
+@pytest.mark.slow
 def test_run_outputs_export_and_local_mlflow(dataset, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = tmp_path / "run"
@@ -125,6 +128,7 @@ def test_run_outputs_export_and_local_mlflow(dataset, tmp_path, monkeypatch):
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2, 3]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_accumulation_and_clipping(dataset, tmp_path, monkeypatch, precision):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -142,6 +146,7 @@ def test_mixed_precision_accumulation_and_clipping(dataset, tmp_path, monkeypatc
     assert (ckpt / "scaler.pt").exists() == (precision == "fp16")  # fp16 trains with a loss scaler
 
 
+@pytest.mark.slow
 def test_torch_compile_option(dataset, tmp_path, monkeypatch):
     """compile=true compiles the query encoder in place: training runs and the export keeps timm's keys."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
