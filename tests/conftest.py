@@ -1,4 +1,5 @@
-"""Shared fixtures: real patches, GeoTIFF writing for crafted inputs, synthetic sources, local servers."""
+"""Shared fixtures: real patches, GeoTIFF writing for crafted inputs, synthetic sources, the shared ingested
+dataset, tiny training configs, local servers."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +77,52 @@ def synthetic_source(tmp_path_factory) -> Path:
     return root
 
 
+# The union of what the modules reading ``dataset`` need: budgets 2, 4 and 8 for seeds 0 and 1 (evaluation
+# grids), two of the six scenes held out (scene-split tests), 8 MB shards (3 patches each: 8 shards). Extra
+# budgets change nothing else: each (budget, seed) subset is its own seeded draw, and the band statistics
+# cover every patch whatever the split.
+DATASET_INGEST = ("--shard-size", "8MB", "--budgets", "2,4,8", "--budget-seeds", "0,1", "--holdout-fraction", "0.34")
+
+# The smallest MoCo and DINO runs that still exercise every part of the method on CPU, as ``--set`` values.
+TINY_MOCO = {"backbone": "resnet18", "batch_size": "8", "queue_size": "32", "hidden": "64", "dim": "32",
+             "size": "64", "workers": "0", "threads": "1", "split": "all", "device": "cpu"}
+TINY_DINO = {"backbone": "vit_tiny_patch16_224", "batch_size": "8", "size": "32", "local_size": "16",
+             "n_local": "2", "out_dim": "64", "dino.hidden": "64", "bottleneck": "16", "workers": "0",
+             "threads": "1", "split": "all", "device": "cpu", "dino.drop_path": "0.0"}
+
+
+def cli_set(values: dict) -> list[str]:
+    """``--set key=value`` arguments for the training command."""
+    return [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
+
+
+def _file_states(root: Path) -> dict[str, tuple[int, int]]:
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def dataset(synthetic_source, tmp_path_factory) -> Iterator[Path]:
+    """``synthetic_source`` ingested once by the real CLI (``DATASET_INGEST``), shared read-only by the session.
+
+    Ingesting is the slow part of most end-to-end tests, so every module reads this one. A test that changes
+    files takes ``copy_of_dataset``; a module that needs other ingest options on purpose (shard size, budgets,
+    hold-out) defines its own ``dataset`` fixture, which replaces this one for that module. A file changed
+    here fails the session at teardown, since later tests would read it.
+    """
+    out = tmp_path_factory.mktemp("ingested") / "ds"
+    run_cli("ingest", str(synthetic_source), str(out), *DATASET_INGEST, "--no-progress")
+    before = _file_states(out)
+    yield out
+    assert _file_states(out) == before, f"a test changed the shared dataset {out}: use copy_of_dataset"
+
+
+@pytest.fixture
+def copy_of_dataset(dataset: Path, tmp_path: Path) -> Path:
+    """A private copy of ``dataset`` for a test that corrupts or rewrites files."""
+    return Path(shutil.copytree(dataset, tmp_path / "dataset-copy"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_is_written_into_the_checkout():
     """Tests and the processes they start run in the checkout: a file they leave there (MLflow's ``./mlruns``
@@ -113,3 +161,14 @@ def history_steps(run: Path) -> list[int]:
 def training_env() -> dict:
     """This environment without tracking and rank variables, for training subprocesses started by tests."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped where CUDA is not available, so the marker alone says it."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            for item in gpu:
+                item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU"))

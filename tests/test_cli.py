@@ -22,6 +22,7 @@ def test_help_lists_subcommands():
     assert "merge" in run_cli("ingest", "--help").stdout
 
 
+@pytest.mark.slow
 def test_sample_data_ingest_verify_and_tamper(tmp_path):
     src, ds = tmp_path / "src", tmp_path / "ds"
     assert "wrote 24 GeoTIFFs" in run_cli("sample-data", str(src), "--patches", "8", "--seed", "3").stdout
@@ -49,6 +50,7 @@ def test_bad_usage_exit_codes(tmp_path):
     assert run_cli("frobnicate", check=False).returncode == 2
 
 
+@pytest.mark.slow
 def test_bench_ingest_json(tmp_path):
     proc = run_cli("bench", "ingest", "--patches", "4", "--repeat", "1", "--json")
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -185,6 +185,7 @@ def real_dataset(real_source, tmp_path) -> Path:
     return ds
 
 
+@pytest.mark.slow
 def test_attention_figures_on_real_patches(real_dataset, tmp_path, monkeypatch):
     import matplotlib.image
     import mlflow

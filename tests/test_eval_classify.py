@@ -54,14 +54,6 @@ def test_multilabel_linear_probe_learns_independent_classes():
 
 
 @pytest.fixture(scope="module")
-def dataset(synthetic_source, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("eval") / "ds"
-    run_cli("ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--budgets", "4,8",
-            "--budget-seeds", "0,1", "--holdout-fraction", "0.34", "--no-progress")
-    return out
-
-
-@pytest.fixture(scope="module")
 def pretrained(dataset, tmp_path_factory) -> Path:
     """A 3-step partial-fusion MoCo run (so one model serves s1, s2 and s1s2) and a conv1x1 pair run."""
     runs = tmp_path_factory.mktemp("runs")
@@ -86,6 +78,7 @@ def test_budgets_are_exact_and_hold_out_scenes_never_train(dataset, budget, seed
     assert {k.rsplit("_p", 1)[0] for k in test.keys} <= held_out
 
 
+@pytest.mark.slow
 def test_eval_encoder_layouts(pretrained):
     mean, std = np.zeros(12, np.float32), np.ones(12, np.float32)
     s1s2 = InputSpec.parse("s1s2").channel_names
@@ -115,6 +108,7 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol, precision", [("linear", "no"), ("knn", "no"), ("finetune", "bf16")])
 def test_classify_grid_cli_tables_figures_and_mlflow(dataset, pretrained, tmp_path, protocol, precision):
     import mlflow

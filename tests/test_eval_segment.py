@@ -153,14 +153,6 @@ def test_linear_head_reads_label_features_and_stays_at_chance_on_shuffled_labels
 
 
 # -------------------------------------------------------------------------------------- on a dataset
-@pytest.fixture(scope="module")
-def dataset(synthetic_source, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("seg") / "ds"
-    run_cli("ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--budgets", "4",
-            "--budget-seeds", "0,1", "--holdout-fraction", "0.34", "--no-progress")
-    return out
-
-
 def fake_resnet_run(run_dir: Path, dataset: Path) -> Path:
     """A run folder as train/export.py writes it, with a randomly initialised ResNet-18 on S1 (native input)."""
     torch.manual_seed(0)
@@ -202,6 +194,7 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["linear", "finetune"])
 def test_segment_cli_tables_mlflow_figures_and_georeferenced_maps(dataset, synthetic_source, tmp_path, protocol):
     import mlflow

@@ -62,6 +62,7 @@ def test_reference_dataset_is_consistent(reference):
     assert verify(str(reference), deep=True) == []
 
 
+@pytest.mark.slow
 def test_resume_after_kill_finishes_without_redoing_units(source, reference, tmp_path):
     out = tmp_path / "ds"
     cmd = [sys.executable, "-m", "eossl.launch", "ingest", str(source), str(out), "--workers", "1", "--no-progress",
@@ -92,6 +93,7 @@ def test_resume_after_kill_finishes_without_redoing_units(source, reference, tmp
     assert verify(str(out)) == []
 
 
+@pytest.mark.slow
 def test_parts_then_merge_equal_one_run(source, reference, tmp_path):
     out = tmp_path / "ds"
     common = ("--workers", "2", "--no-progress", *ONE_PER_SHARD)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import s3fs
 import zarr
 
@@ -15,6 +16,7 @@ from conftest import complete_triplet, run_cli
 from servers import upload_tree
 
 
+@pytest.mark.slow
 def test_ingest_s3_to_s3_equals_local(s3_endpoint, real_source, tmp_path):
     complete_triplet(real_source, scene=7, patch=1)
     complete_triplet(real_source, scene=7, patch=2, x_offset=1280.0)

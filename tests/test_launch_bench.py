@@ -80,6 +80,7 @@ def test_baseline_augmentation_equals_loader_views(tiny):
     assert blurred > 0  # the blur path was compared too
 
 
+@pytest.mark.slow
 def test_baseline_reads_the_same_patches_from_s3(tiny, s3_endpoint):
     """The S3 baseline (GDAL /vsis3/ with the options derived from AWS_ENDPOINT_URL) reads what is on disk."""
     from servers import upload_tree
@@ -106,6 +107,7 @@ def test_baseline_reads_the_same_patches_from_s3(tiny, s3_endpoint):
         without_endpoint.read(0)
 
 
+@pytest.mark.slow
 def test_bench_loader_cli_with_local_s3_reports_every_number(tmp_path):
     """``eossl bench loader --local-s3 --json``: starts its own S3 server, times both sides from disk and S3."""
     scratch = tmp_path / "tmp"  # the command's temporary folder: nothing of the bench may stay there

@@ -24,7 +24,7 @@ import yaml
 
 from eossl.launch.cluster import ClusterJob, render_k8s, render_slurm
 
-from conftest import REPO, history_steps, run_cli, training_env
+from conftest import REPO, TINY_MOCO, cli_set, history_steps, run_cli, training_env
 from servers import free_port
 
 BIN = Path(sys.executable).parent
@@ -155,18 +155,11 @@ def test_kit_cli_writes_the_files(tmp_path):
     assert bad.returncode == 2 and "secrets come from the cluster" in bad.stderr
 
 
-@pytest.fixture(scope="module")
-def dataset(synthetic_source, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("kits") / "ds"
-    run_cli("ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--no-progress")
-    return out
+TRAIN = cli_set({**TINY_MOCO, "batch_size": "4", "size": "32", "log_every": "1", "ckpt_every": "0",
+                 "moco.momentum": "0.9"})
 
 
-TRAIN = ["--set", "backbone=resnet18", "--set", "batch_size=4", "--set", "queue_size=32", "--set", "hidden=64",
-         "--set", "dim=32", "--set", "size=32", "--set", "workers=0", "--set", "threads=1", "--set", "split=all",
-         "--set", "device=cpu", "--set", "log_every=1", "--set", "ckpt_every=0", "--set", "moco.momentum=0.9"]
-
-
+@pytest.mark.slow
 def test_slurm_job_preempted_checkpoints_requeues_and_resumes(dataset, slurm_stubs, tmp_path):
     """SIGUSR1 to the batch script (what --signal=B:USR1@N sends) -> ranks checkpoint -> requeue -> resume."""
     run = tmp_path / "run"
@@ -211,6 +204,7 @@ def test_slurm_job_preempted_checkpoints_requeues_and_resumes(dataset, slurm_stu
     assert (tmp_path / "requeues").read_text().split() == ["4242"]  # no second requeue
 
 
+@pytest.mark.slow
 def test_mlflow_serve_answers_and_stops_on_sigterm(tmp_path):
     import mlflow
 
@@ -247,6 +241,7 @@ def test_mlflow_serve_answers_and_stops_on_sigterm(tmp_path):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
 
 
+@pytest.mark.slow
 def test_study_emitted_as_slurm_jobs_trains_and_evaluates_a_cell(dataset, slurm_stubs, tmp_path):
     """``eossl study --emit slurm``: one job per cell; a job trains through the kit, then evaluates on node 0
     into the cell's MLflow run, which was created up front under the study's parent."""

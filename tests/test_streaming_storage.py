@@ -316,6 +316,7 @@ def _read_in_spawned_process(reader: ShardReader, items, barrier, queue) -> None
     queue.put((reader.stats["downloads"], hashlib.sha256(data).hexdigest()))
 
 
+@pytest.mark.slow
 def test_s3_cache_shared_by_processes_downloads_once(dataset, moto, tmp_path):
     reader = ShardReader(f"s3://{BUCKET}/ds", dataset.shards,
                          StorageOptions(cache_dir=str(tmp_path / "cache"), retries=1, backoff_s=0.01))
@@ -402,6 +403,7 @@ def test_pickled_readers_still_read(dataset, moto):
 
 # --- faults: the server goes away, comes back, or never answers ---
 
+@pytest.mark.slow
 def test_s3_server_down_fails_in_bounded_time_then_recovers_on_restart(dataset, tmp_path):
     server = MotoProcess(tmp_path).start()
     url = f"s3://{BUCKET}/faults"
@@ -442,6 +444,7 @@ def test_s3_server_down_fails_in_bounded_time_then_recovers_on_restart(dataset, 
         server.stop()
 
 
+@pytest.mark.slow
 def test_s3_unresponsive_server_times_out(dataset):
     with socket.socket() as silent:  # accepts connections (kernel backlog) but never answers
         silent.bind(("127.0.0.1", 0))

@@ -80,14 +80,7 @@ def test_study_keys_unknown_key_names_the_closest_and_methods_come_from_the_regi
         load_study(path, {"method": "simclr"})
 
 
-@pytest.fixture(scope="module")
-def dataset(synthetic_source, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("study") / "ds"
-    run_cli("ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--budgets", "4",
-            "--holdout-fraction", "0.34", "--no-progress")
-    return out
-
-
+@pytest.mark.slow
 def test_study_killed_midway_resumes_and_finishes_every_cell_once(dataset, tmp_path):
     import mlflow
 
@@ -166,6 +159,7 @@ def test_study_killed_midway_resumes_and_finishes_every_cell_once(dataset, tmp_p
     assert (tmp_path / "report" / "results.csv").read_text() == (out / "results.csv").read_text(), report.stdout
 
 
+@pytest.mark.slow
 def test_a_failing_cell_is_reported_and_the_others_finish(dataset, tmp_path):
     import mlflow
 
@@ -194,6 +188,7 @@ def test_a_failing_cell_is_reported_and_the_others_finish(dataset, tmp_path):
     assert again.returncode == 1 and "batch_size-8_epochs-1_name-sgd: finished, skipped" in again.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", ["sigterm", "ctrl_c"])
 def test_a_stop_request_ends_an_accelerate_launched_cell_at_a_checkpoint(dataset, tmp_path, stop):
     """A study that starts cells with ``accelerate launch`` (two CPU ranks): SIGTERM to the study, or Ctrl-C
@@ -246,6 +241,7 @@ def test_a_stop_request_ends_an_accelerate_launched_cell_at_a_checkpoint(dataset
     assert [json.loads(p.read_text())["world_size"] for p in rank_files] == [2, 2]
 
 
+@pytest.mark.slow
 def test_a_study_can_score_cells_by_land_cover_segmentation(dataset, tmp_path):
     """eval.task=segment: each cell's backbone gets a linear head trained into land-cover maps (mIoU)."""
     import mlflow

@@ -15,11 +15,7 @@ import torch.multiprocessing as mp
 from eossl.train.config import load_config
 from eossl.train.dino import DINOLoss, build_dino
 
-from conftest import run_cli
-
-TINY = {"backbone": "vit_tiny_patch16_224", "batch_size": "8", "size": "32", "local_size": "16", "n_local": "2",
-        "out_dim": "64", "dino.hidden": "64", "bottleneck": "16", "workers": "0", "threads": "1", "split": "all",
-        "device": "cpu", "dino.drop_path": "0.0"}
+from conftest import TINY_DINO, cli_set, run_cli
 
 
 def _reference_loss(student, teacher, center, n_crops, n_global, t_student, t_teacher) -> float:
@@ -68,6 +64,7 @@ def _center_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_center_update_over_two_ranks(tmp_path):
     """Mean over the global batch of both ranks (weighted by rows): (2*1 + 4*2) / 6, identical on both."""
     mp.spawn(_center_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
@@ -75,13 +72,6 @@ def test_center_update_over_two_ranks(tmp_path):
     expected = torch.full((1, 4), 0.5 * (10 / 6))
     for c in centers:
         torch.testing.assert_close(c, expected)
-
-
-@pytest.fixture(scope="module")
-def dataset(synthetic_source, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dino") / "ds"
-    run_cli("ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--budgets", "2", "--no-progress")
-    return out
 
 
 def _views(dataset: Path, cfg):
@@ -95,8 +85,9 @@ def _views(dataset: Path, cfg):
     return loader, next(iter(loader))
 
 
+@pytest.mark.slow
 def test_teacher_ema_frozen_last_layer_and_learning_on_a_fixed_batch(dataset):
-    cfg = load_config("dino", None, {**TINY, "data": str(dataset), "out": "unused",
+    cfg = load_config("dino", None, {**TINY_DINO, "data": str(dataset), "out": "unused",
                                       "freeze_last_layer_epochs": "1"})
     loader, batch = _views(dataset, cfg)
     assert [v.shape[-1] for v in batch.views] == [32, 32, 16, 16]
@@ -132,15 +123,16 @@ def test_teacher_ema_frozen_last_layer_and_learning_on_a_fixed_batch(dataset):
 
 
 def _train_args(dataset: Path, out: Path, steps: int, **extra) -> list[str]:
-    values = {**TINY, "ckpt_every": "2", "log_every": "1", **extra}
+    values = {**TINY_DINO, "ckpt_every": "2", "log_every": "1", **extra}
     return ["train", "dino", "--data", str(dataset), "--out", str(out), "--max-steps", str(steps), "--seed", "3",
-            *[a for k, v in values.items() for a in ("--set", f"{k}={v}")]]
+            *cli_set(values)]
 
 
 def _losses(run: Path) -> dict[int, float]:
     return {json.loads(line)["step"]: json.loads(line)["loss"] for line in (run / "history.jsonl").read_text().splitlines()}
 
 
+@pytest.mark.slow
 def test_exact_resume_and_export(dataset, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -162,6 +154,7 @@ def test_exact_resume_and_export(dataset, tmp_path):
     assert "schedule_teacher_temp" in history[-1] and history[-1]["schedule_momentum"] > 0.996
 
 
+@pytest.mark.slow
 def test_diverging_run_stops_with_a_clear_message(dataset, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
     run = tmp_path / "nan"

@@ -11,31 +11,24 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train_moco import TINY, _cli_set
 
-from conftest import REPO, history_steps, run_cli, training_env
+from conftest import REPO, TINY_MOCO, cli_set, history_steps, training_env
 from servers import free_port, mlflow_server
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
-@pytest.fixture(scope="module")
-def dataset(synthetic_source, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dist") / "ds"
-    run_cli("ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--budgets", "2", "--no-progress")
-    return out
-
-
 def _train(dataset: Path, out: Path, steps: int = 3) -> list[str]:
-    values = {**TINY, "batch_size": "4", "log_every": "1", "ckpt_every": "0", "moco.momentum": "0.9"}
+    values = {**TINY_MOCO, "batch_size": "4", "log_every": "1", "ckpt_every": "0", "moco.momentum": "0.9"}
     return ["-m", "eossl.train", "moco", "--data", str(dataset), "--out", str(out), "--max-steps", str(steps),
-            *_cli_set(values)]
+            *cli_set(values)]
 
 
 def _ranks(run: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((run / "ranks").glob("rank-*.json"))]
 
 
+@pytest.mark.slow
 def test_two_processes_one_machine(dataset, tmp_path):
     run = tmp_path / "run"
     cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "launch/accelerate/cpu_2proc.yaml"),
@@ -52,6 +45,7 @@ def test_two_processes_one_machine(dataset, tmp_path):
     assert "batch_size: 4" in params
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost(dataset, tmp_path):
     """Two "nodes" on 127.0.0.1, each started by the launch kit's per-node script (as SLURM/Kubernetes do)."""
     run = tmp_path / "run"
@@ -72,6 +66,7 @@ def test_two_nodes_on_localhost(dataset, tmp_path):
     assert ranks[0]["queue_sha256"] == ranks[1]["queue_sha256"]
 
 
+@pytest.mark.slow
 def test_tracking_against_a_real_mlflow_server(dataset, tmp_path):
     import mlflow
 
@@ -102,6 +97,7 @@ def test_tracking_against_a_real_mlflow_server(dataset, tmp_path):
         assert json.loads(Path(local).read_text())["timm_model"] == "resnet18"
 
 
+@pytest.mark.slow
 def test_dino_two_processes_same_launch_command(dataset, tmp_path):
     """DINO through the same accelerate launch kit: teacher, student and center equal on both ranks."""
     run = tmp_path / "dino"
@@ -110,7 +106,7 @@ def test_dino_two_processes_same_launch_command(dataset, tmp_path):
               "threads": "1", "split": "all", "device": "cpu", "log_every": "1", "ckpt_every": "0"}
     cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "launch/accelerate/cpu_2proc.yaml"),
            "--main_process_port", str(free_port()), "-m", "eossl.train", "dino", "--data", str(dataset),
-           "--out", str(run), "--max-steps", "2", *_cli_set(values)]
+           "--out", str(run), "--max-steps", "2", *cli_set(values)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=training_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = _ranks(run)
@@ -119,6 +115,7 @@ def test_dino_two_processes_same_launch_command(dataset, tmp_path):
     assert ranks[0]["state_sha256"] == ranks[1]["state_sha256"]  # ViTs have no BN: buffers (center) agree too
 
 
+@pytest.mark.slow
 def test_elastic_resume_on_another_world_size_keeps_the_global_batch(dataset, tmp_path):
     """Two ranks x 4 checkpoint at step 2; one rank x 8 resumes there (same global batch, same sample order);
     one rank x 4 is refused with the batch size that would work."""
@@ -143,6 +140,7 @@ def test_elastic_resume_on_another_world_size_keeps_the_global_batch(dataset, tm
     assert after["world_size"] == 1 and after["global_batch"] == 8 and after["loader"] != seen_before
 
 
+@pytest.mark.slow
 def test_a_second_training_process_on_the_same_run_folder_is_refused(dataset, tmp_path):
     run = tmp_path / "run"
     first = subprocess.Popen([sys.executable, *_train(dataset, run, steps=400)], stdout=subprocess.PIPE,
@@ -168,6 +166,7 @@ def _wait_for_steps(proc: subprocess.Popen, run: Path, n: int, timeout: float = 
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_at_the_step_boundary_and_the_run_resumes(dataset, tmp_path):
     """SIGINT to the process group (what a terminal's Ctrl-C does: the reader workers get it too)."""
     run = tmp_path / "run"

@@ -19,23 +19,10 @@ from eossl.train.builders import loader_config
 from eossl.train.config import load_config
 from eossl.train.methods import get_method
 
-from conftest import run_cli
-
-TINY = {"backbone": "resnet18", "batch_size": "8", "queue_size": "32", "hidden": "64", "dim": "32", "size": "64",
-        "workers": "0", "threads": "1", "split": "all", "device": "cpu"}
+from conftest import TINY_MOCO, cli_set, run_cli
 
 
-@pytest.fixture(scope="module")
-def dataset(synthetic_source, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("train") / "ds"
-    run_cli("ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--budgets", "2", "--no-progress")
-    return out
-
-
-def _cli_set(values: dict) -> list[str]:
-    return [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, extra", [
     ("single", {"sensors": "s1"}),
     ("single", {"sensors": "s2"}),
@@ -49,7 +36,7 @@ def _cli_set(values: dict) -> list[str]:
 ], ids=["s1", "s2", "s1s2", "pair", "pair-noaug-symmetric", "pair-zeropad", "fusion_all", "fusion_partial",
         "fusion_optional"])
 def test_each_mode_reduces_the_loss_on_a_fixed_batch(dataset, mode, extra):
-    cfg = load_config("moco", None, {**TINY, "mode": mode, "data": str(dataset), "out": "unused",
+    cfg = load_config("moco", None, {**TINY_MOCO, "mode": mode, "data": str(dataset), "out": "unused",
                                       "moco.momentum": "0.5", **extra})
     spec = get_method("moco")
     views_cfg = spec.views(cfg)
@@ -74,9 +61,9 @@ def test_each_mode_reduces_the_loss_on_a_fixed_batch(dataset, mode, extra):
 
 
 def _train_args(dataset: Path, out: Path, steps: int, **extra) -> list[str]:
-    values = {**TINY, "ckpt_every": "2", "log_every": "1", "moco.momentum": "0.9", **extra}
+    values = {**TINY_MOCO, "ckpt_every": "2", "log_every": "1", "moco.momentum": "0.9", **extra}
     return ["train", "moco", "--data", str(dataset), "--out", str(out), "--max-steps", str(steps), "--seed", "1",
-            *_cli_set(values)]
+            *cli_set(values)]
 
 
 def _history(run: Path) -> list[dict]:
@@ -87,6 +74,7 @@ def _losses(run: Path) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in _history(run)}
 
 
+@pytest.mark.slow
 def test_exact_resume_after_kill_mid_epoch(dataset, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     straight = tmp_path / "straight"
@@ -115,6 +103,7 @@ def test_exact_resume_after_kill_mid_epoch(dataset, tmp_path, monkeypatch):
     assert a["state_sha256"] == b["state_sha256"]  # weights, heads, queue and pointer identical
 
 
+@pytest.mark.slow
 def test_run_outputs_export_and_local_mlflow(dataset, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = tmp_path / "run"
@@ -139,6 +128,7 @@ def test_run_outputs_export_and_local_mlflow(dataset, tmp_path, monkeypatch):
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2, 3]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_accumulation_and_clipping(dataset, tmp_path, monkeypatch, precision):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -156,6 +146,7 @@ def test_mixed_precision_accumulation_and_clipping(dataset, tmp_path, monkeypatc
     assert (ckpt / "scaler.pt").exists() == (precision == "fp16")  # fp16 trains with a loss scaler
 
 
+@pytest.mark.slow
 def test_torch_compile_option(dataset, tmp_path, monkeypatch):
     """compile=true compiles the query encoder in place: training runs and the export keeps timm's keys."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -144,6 +144,7 @@ def test_with_lc_returns_the_stored_map(dataset, group):
     assert "lc" not in ZarrPatchDataset(str(dataset), InputSpec())[0]
 
 
+@pytest.mark.slow
 def test_nan_and_inf_s1_pixels_give_finite_x(tmp_path):
     src, out = tmp_path / "src", tmp_path / "ds"
     complete_triplet(src, scene=1, patch=1)
@@ -176,6 +177,7 @@ def test_nan_and_inf_s1_pixels_give_finite_x(tmp_path):
             np.testing.assert_allclose(x[:2][~bad], good[~bad], rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_samples_lacking_a_sensor_or_label_are_excluded(real_source, tmp_path):
     # The shipped real patches: ROIs1158_spring_1_p30 has s1+lc (no s2), ROIs1970_fall_139_p839 s1+s2 (no lc).
     out = tmp_path / "ds"
@@ -205,6 +207,7 @@ def _stack(items: list[dict]) -> dict:
     return out | {"row": [it["row"] for it in items]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_dataloader_workers_match_direct_indexing(dataset, context):
     ds = ZarrPatchDataset(str(dataset), InputSpec(), rows="train")
@@ -218,6 +221,7 @@ def test_dataloader_workers_match_direct_indexing(dataset, context):
     assert ds._pid is not None and ds.__getstate__()["_group"] is None
 
 
+@pytest.mark.slow
 def test_s3_items_equal_local(dataset, s3_endpoint):
     upload_tree(dataset, "s3://eossl-zarr-dataset/ds")
     url = "s3://eossl-zarr-dataset/ds"
