@@ -60,7 +60,13 @@ def _add_ingest(sub) -> None:
     p.add_argument("--required", type=_csv, default=("s1", "s2"),
                    help="modalities a patch must have (default s1,s2; lc optional: no lc = no labels)")
     p.add_argument("--max-s1-invalid", type=float, default=0.01,
-                   help="reject a patch with more than this fraction of NaN/Inf/nodata S1 pixels (0.01)")
+                   help="reject a patch with more than this fraction of invalid S1 pixels in one band: "
+                   "NaN/Inf/nodata or outside [-60, 40] dB (0.01)")
+    p.add_argument("--max-s2-invalid", type=float, default=0.01,
+                   help="reject a patch with more than this fraction of invalid S2 pixels in one band: "
+                   "0 (nodata) or above 20000, incl. 65535 saturated (0.01)")
+    p.add_argument("--max-lc-invalid", type=float, default=0.01,
+                   help="reject a patch with more than this fraction of LC codes outside a layer's legend (0.01)")
     p.add_argument("--multilabel-threshold", type=float, default=0.1,
                    help="area fraction for a class to count in multi-label targets (0.1, as SEN12MS)")
     p.add_argument("--holdout-scenes", help="file with one test scene per line (e.g. ROIs1158_spring_1)")
@@ -100,6 +106,7 @@ def _ingest_config(args):
         shard_bytes=parse_size(args.shard_size),
         zarr_shard_samples=args.zarr_shard_samples,
         read=ReadOptions(required=args.required, max_s1_invalid_fraction=args.max_s1_invalid,
+                         max_s2_invalid_fraction=args.max_s2_invalid, max_lc_invalid_fraction=args.max_lc_invalid,
                          multilabel_threshold=args.multilabel_threshold),
         split=SplitOptions(holdout_fraction=args.holdout_fraction, seed=args.split_seed, holdout_scenes=holdout,
                            budgets=args.budgets, budget_seeds=args.budget_seeds),

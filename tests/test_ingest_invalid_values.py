@@ -254,3 +254,20 @@ def test_truncated_or_edited_manifest_is_a_clear_error(small_dataset):
         read_manifest(out)
     with pytest.raises(DatasetCorruptError, match=r"manifest\.json is corrupt"):
         SSLLoader(str(small_dataset), LoaderConfig(batch_size=1, device="cpu"))
+
+
+def test_cli_invalid_limits(tmp_path):
+    """``--max-s2-invalid`` / ``--max-lc-invalid`` reach the reader and the manifest."""
+    src = tmp_path / "src"
+    files = complete_triplet(src, scene=1, patch=1)
+    s2 = read_tif(files["s2"])[0]
+    s2[0].reshape(-1)[:1310] = 65535  # 2 % of one band
+    _rewrite(files["s2"], s2)
+    out = tmp_path / "ds"
+    proc = run_cli("ingest", str(src), str(out), "--no-progress", "--max-s2-invalid", "0.05",
+                   "--max-lc-invalid", "0.02")
+    assert "1 written, 0 rejected" in proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["read"]["max_s2_invalid_fraction"] == 0.05
+    assert manifest["options"]["read"]["max_lc_invalid_fraction"] == 0.02
+    assert manifest["counts"]["invalid_pixels"]["s2"] == 1310
