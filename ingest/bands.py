@@ -15,6 +15,8 @@ __all__ = [
     "IGBP_SIMPLE_CLASSES",
     "IGBP_TO_SIMPLE",
     "LC",
+    "LC_LEGENDS",
+    "LC_UNCLASSIFIED",
     "LCCS_LC_CLASSES",
     "LCCS_LU_CLASSES",
     "LCCS_SH_CLASSES",
@@ -42,6 +44,11 @@ class Modality:
         accepted_dtypes: GeoTIFF dtypes accepted on input.
         fill: value written where a patch lacks this modality.
         unit: physical meaning of the values.
+        valid_range: inclusive [low, high] of physically possible values; a pixel outside it (or
+            non-finite, or the file's declared nodata) is invalid: counted, left as stored, and kept
+            out of the statistics. ``None`` for class codes, which are checked against a legend.
+        max_plausible_std: dataset-wide standard deviation of one band above which the band's spread
+            cannot come from real scenes (the manifest flags it). ``None``: not checked.
     """
 
     name: str
@@ -50,6 +57,8 @@ class Modality:
     accepted_dtypes: tuple[str, ...]
     fill: float
     unit: str
+    valid_range: tuple[float, float] | None = None
+    max_plausible_std: float | None = None
 
     @property
     def channels(self) -> int:
@@ -70,7 +79,17 @@ S1 = Modality(
     dtype="float32",
     accepted_dtypes=("float32",),
     fill=float("nan"),
-    unit="backscatter sigma0 in dB (SEN12MS clips VV/VH to [-25, 0] only in some releases; eossl keeps values as stored)",
+    unit="backscatter sigma0 in dB (SEN12MS clips VV/VH to [-25, 0] only in some releases; eossl keeps values "
+    "as stored)",
+    # Sigma0 of real scenes lies within about -50..+30 dB: the instrument noise floor (NESZ) of IW GRD is
+    # about -22 dB and nothing darker than ~25 dB below it is measured; the brightest urban double-bounce
+    # and corner-reflector returns reach +20..+30 dB (real SEN12MS VV is sometimes clipped at 0 dB).
+    # 10 dB of margin on both sides: [-60, +40] dB. Outside it a value is a fill or a corrupt export
+    # (1e30, -9999, log10 of 0), not backscatter.
+    valid_range=(-60.0, 40.0),
+    # A 50/50 mix of calm water (-25 dB) and dense urban (+5 dB), the widest spread of real land cover,
+    # has a std of 15 dB; above 20 dB the band holds values no scene produces.
+    max_plausible_std=20.0,
 )
 S2 = Modality(
     name="s2",
@@ -80,6 +99,13 @@ S2 = Modality(
     accepted_dtypes=("uint16",),
     fill=0,
     unit="Sentinel-2 L1C top-of-atmosphere reflectance x 10000",
+    # L1C encodes no data as 0 and saturated pixels as 65535. Top-of-atmosphere reflectance of real
+    # surfaces and clouds stays below ~1.6 (16,000) even for bright clouds at low sun; 2.0 (20,000) leaves
+    # margin, and a value above it is a fill or a corrupt export, not reflectance.
+    valid_range=(1.0, 20000.0),
+    # A 50/50 mix of reflectance 0 (deep water) and 1.0 (fresh snow) has a std of 5,000: the widest
+    # spread real scenes can give one band.
+    max_plausible_std=5000.0,
 )
 LC = Modality(
     name="lc",
@@ -90,6 +116,7 @@ LC = Modality(
     accepted_dtypes=("uint8", "uint16"),
     fill=0,
     unit="MODIS MCD12Q1 class codes",
+    # Checked per layer against its legend (LC_LEGENDS), not a range.
 )
 
 MODALITIES: dict[str, Modality] = {m.name: m for m in (S1, S2, LC)}
@@ -175,3 +202,20 @@ LCCS_SH_CLASSES: dict[int, str] = {
     1: "barren", 2: "permanent snow and ice", 3: "water bodies", 10: "dense forests", 20: "open forests",
     27: "woody wetlands", 30: "grasslands", 40: "shrublands", 50: "herbaceous wetlands", 51: "tundra",
 }
+
+# MODIS MCD12Q1 writes 255 ("unclassified") in every layer: a documented value, not a class, and not an
+# error. Labels ignore it like any code outside 1..17.
+LC_UNCLASSIFIED = 255
+
+# Codes a valid LC file may hold, per band in LC.bands order. Any other code is invalid: counted, and a
+# patch with more than ``max_lc_invalid_fraction`` of them in one layer is rejected (its file is not a
+# MODIS land-cover export of the documented collection).
+LC_LEGENDS: tuple[frozenset[int], ...] = tuple(
+    frozenset(codes) | {LC_UNCLASSIFIED}
+    for codes in (
+        range(1, len(IGBP_CLASSES) + 1),
+        LCCS_LC_CLASSES,
+        LCCS_LU_CLASSES,
+        LCCS_SH_CLASSES,
+    )
+)

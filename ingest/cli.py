@@ -96,6 +96,7 @@ def _run_sample_data(args: argparse.Namespace) -> int:
 # flag dest -> field, for IngestConfig and its read/split sections (--part and --shard-size are parsed)
 _INGEST_FIELDS = {"workers": "workers", "formats": "formats", "zarr_shard_samples": "zarr_shard_samples"}
 _READ_FIELDS = {"required": "required", "max_s1_invalid": "max_s1_invalid_fraction",
+                "max_s2_invalid": "max_s2_invalid_fraction", "max_lc_invalid": "max_lc_invalid_fraction",
                 "multilabel_threshold": "multilabel_threshold"}
 _SPLIT_FIELDS = {"holdout_fraction": "holdout_fraction", "split_seed": "seed", "budgets": "budgets",
                  "budget_seeds": "budget_seeds"}
@@ -130,8 +131,14 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"modalities a patch must have (default {default('read.required')}; lc optional: "
                    "no lc = no labels)")
     p.add_argument("--max-s1-invalid", type=float, default=argparse.SUPPRESS,
-                   help="reject a patch with more than this fraction of NaN/Inf/nodata S1 pixels "
-                   f"(default {default('read.max_s1_invalid_fraction')})")
+                   help="reject a patch with more than this fraction of invalid S1 pixels in one band: "
+                   f"NaN/Inf/nodata or outside [-60, 40] dB (default {default('read.max_s1_invalid_fraction')})")
+    p.add_argument("--max-s2-invalid", type=float, default=argparse.SUPPRESS,
+                   help="reject a patch with more than this fraction of invalid S2 pixels in one band: 0 "
+                   f"(nodata) or above 20000, incl. 65535 saturated (default {default('read.max_s2_invalid_fraction')})")
+    p.add_argument("--max-lc-invalid", type=float, default=argparse.SUPPRESS,
+                   help="reject a patch with more than this fraction of LC codes outside a layer's legend "
+                   f"(default {default('read.max_lc_invalid_fraction')})")
     p.add_argument("--multilabel-threshold", type=float, default=argparse.SUPPRESS,
                    help="area fraction for a class to count in multi-label targets "
                    f"(default {default('read.multilabel_threshold')}, as SEN12MS)")

@@ -29,9 +29,10 @@ from .format import (
     WDS_LAYOUT,
     ZARR_DIR,
 )
+from .integrity import manifest_digest
 from .shards import unit_record_path, unit_stats_path
 from .splits import budget_subset, non_overlapping
-from .stats import BandStats
+from .stats import BandStats, implausible_spread
 from .storage import Output
 from .writer import IngestError
 
@@ -177,10 +178,14 @@ def finalize(out: Output, workers: int, command: tuple[str, ...] | list[str]) ->
             "train": int(arrays["train"].sum()),
             "test": int((~arrays["train"]).sum()),
             "non_overlapping": int(arrays["non_overlapping"].sum()),
+            # Pixels written as stored but kept out of the statistics (see docs/FORMAT.md).
+            "invalid_pixels": {m: sum(s.get(f"{m}_invalid_pixels", 0) for s in samples)
+                               for m in ("s1", "s2", "lc")},
         },
         "shards": shards,
         "catalog": catalog,
         "stats": stats,
+        "flags": [msg for mod, summary in stats.items() for msg in implausible_spread(mod, summary)],
         "labels": _label_summary(samples),
         "splits": {
             "train_scenes": sorted(s for s, v in scenes.items() if v == "train"),
@@ -188,7 +193,7 @@ def finalize(out: Output, workers: int, command: tuple[str, ...] | list[str]) ->
         },
         "subsets": {"budgets": {k: len(v) for k, v in subsets.items()}, "skipped": skipped},
     }
-    manifest["manifest_sha256"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     out.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
 

@@ -18,6 +18,7 @@ from rasterio.errors import RasterioError
 from .bands import MODALITIES, PATCH_SIZE, Modality
 from .labels import PatchLabels, patch_labels
 from .layout import PatchGroup
+from .validity import invalid_mask, invalid_reason, worst_band_fraction
 
 __all__ = ["ReadOptions", "Reject", "Sample", "read_patch"]
 
@@ -26,18 +27,37 @@ __all__ = ["ReadOptions", "Reject", "Sample", "read_patch"]
 class ReadOptions:
     """What makes a patch acceptable.
 
+    A pixel is invalid when :func:`~eossl.ingest.validity.invalid_mask` says so (non-finite, declared
+    nodata, outside the modality's physical range, or an LC code outside its legend). Below the limits
+    invalid pixels are kept as stored, counted in the sample metadata and left out of the statistics;
+    streaming replaces non-finite S1 values and, by default, clips S1 to [-25, 0] dB.
+
     Attributes:
         required: modalities a patch must have to be written (others are optional).
-        max_s1_invalid_fraction: reject a patch whose S1 has more NaN/Inf/nodata pixels than this
-            fraction (per band, worst band). Below it the values are kept as stored and counted in the
-            sample metadata; readers replace them (streaming does ``nan_to_num`` before augmenting).
+        max_s1_invalid_fraction: reject a patch whose S1 has more invalid pixels (NaN/Inf/nodata or
+            outside [-60, 40] dB) than this fraction (per band, worst band).
+        max_s2_invalid_fraction: the same for S2 (0 = L1C nodata, above 20,000 incl. 65535 saturated).
+        max_lc_invalid_fraction: the same for LC codes outside each layer's legend. A patch above it is
+            rejected rather than written without labels: such a file is not the documented MODIS product,
+            and silently unlabelled patches would shrink the labelled set without anyone noticing.
         multilabel_threshold: area fraction above which a class is a positive in multi-label targets
             (0.1 in the SEN12MS classification code).
     """
 
     required: tuple[str, ...] = ("s1", "s2")
     max_s1_invalid_fraction: float = 0.01
+    max_s2_invalid_fraction: float = 0.01
+    max_lc_invalid_fraction: float = 0.01
     multilabel_threshold: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("max_s1_invalid_fraction", "max_s2_invalid_fraction", "max_lc_invalid_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a fraction in [0, 1], got {getattr(self, name)}")
+
+    def max_invalid_fraction(self, modality: str) -> float:
+        return {"s1": self.max_s1_invalid_fraction, "s2": self.max_s2_invalid_fraction,
+                "lc": self.max_lc_invalid_fraction}[modality]
 
 
 @dataclass
@@ -49,8 +69,13 @@ class Sample:
     crs: str
     transform: tuple[float, ...]
     files: dict[str, str]
-    s1_invalid: int = 0
+    invalid: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> (C, H, W) bool mask
     labels: PatchLabels | None = None
+
+    def invalid_pixels(self, modality: str) -> int:
+        """Invalid pixels of one modality, all bands together (0 when the patch lacks it)."""
+        mask = self.invalid.get(modality)
+        return int(mask.sum()) if mask is not None else 0
 
 
 @dataclass
@@ -145,7 +170,7 @@ def read_patch(group: PatchGroup, options: ReadOptions) -> Sample | Reject:
 
     arrays: dict[str, np.ndarray] = {}
     grids: dict[str, tuple[str, tuple[float, ...]]] = {}
-    s1_invalid = 0
+    invalid: dict[str, np.ndarray] = {}
     for mod in MODALITIES:  # fixed order: s1, s2, lc
         if mod not in group.files:
             continue
@@ -155,19 +180,11 @@ def read_patch(group: PatchGroup, options: ReadOptions) -> Sample | Reject:
         except _BadFile as bad:
             errors.append({"file": bad.path, "reason": bad.reason})
             continue
-        if mod == "s1":
-            invalid = ~np.isfinite(data)
-            if nodata is not None and np.isfinite(nodata):
-                invalid |= data == np.float32(nodata)
-            per_band = invalid.reshape(data.shape[0], -1).mean(axis=1)
-            s1_invalid = int(invalid.sum())
-            if per_band.max() > options.max_s1_invalid_fraction:
-                errors.append({
-                    "file": path,
-                    "reason": f"S1 has {100 * per_band.max():.2f}% NaN/Inf/nodata pixels in one band "
-                    f"(limit {100 * options.max_s1_invalid_fraction:g}%)",
-                })
-                continue
+        invalid[mod] = invalid_mask(mod, data, nodata)
+        fraction, limit = worst_band_fraction(invalid[mod]), options.max_invalid_fraction(mod)
+        if fraction > limit:
+            errors.append({"file": path, "reason": invalid_reason(mod, fraction, limit)})
+            continue
         arrays[mod] = data
         grids[mod] = (crs, transform)
     if errors:
@@ -191,6 +208,6 @@ def read_patch(group: PatchGroup, options: ReadOptions) -> Sample | Reject:
         crs=ref_crs,
         transform=ref_transform,
         files={m: p[0] for m, p in group.files.items()},
-        s1_invalid=s1_invalid,
+        invalid=invalid,
         labels=labels,
     )

@@ -81,7 +81,7 @@ def sample_metadata(sample: Sample, group: PatchGroup, split: str, source: str) 
         "layout": WDS_LAYOUT,
         "dtypes": {m: str(a.dtype) for m, a in sample.arrays.items()},
         "bands": {m: list(MODALITIES[m].bands) for m in sample.arrays},
-        "s1_invalid_pixels": sample.s1_invalid,
+        **{f"{m}_invalid_pixels": sample.invalid_pixels(m) for m in MODALITIES},
         "labels": sample.labels.to_json() if sample.labels is not None else None,
         "split": split,
         "files": {m: _relative(p, source) for m, p in sample.files.items()},
@@ -146,7 +146,7 @@ def process_unit(
             for mod, arr in result.arrays.items():
                 where[mod] = _add_member(tar, f"{result.key}.{member_name(mod)}", encode_member(arr))
                 if mod in stats:
-                    stats[mod].update(arr)
+                    stats[mod].update(arr, valid=~result.invalid[mod])
             samples.append(meta)
             members.append(where)
         if tar is not None:

@@ -7,6 +7,13 @@ is addition, so ``--workers`` and ``--part i/N`` give the same numbers as one se
 Percentiles come from the histograms: exact for uint16 S2 (one bin per digital number) and to within
 the bin width (0.01 dB) for S1 in [-80, 40] dB; values outside fall into the edge bins (their exact
 min/max are kept separately).
+
+Robustness comes from what enters, not from trimming what is left: the writer passes each patch's
+valid-pixel mask (bands.py ranges, validity.py), so a fill value such as 1e30 never reaches the sums,
+and every value that does is physically bounded. A patch within the invalid-pixel limits can then move
+a band's mean and std only as much as real values can. The summary adds a robust spread
+(``robust_std`` = IQR / 1.349, the normal-consistent interquartile estimate) beside the exact ``std``,
+and :func:`implausible_spread` names every band whose std no real scene can produce.
 """
 
 from __future__ import annotations
@@ -17,11 +24,12 @@ import numpy as np
 
 from .bands import MODALITIES
 
-__all__ = ["PERCENTILES", "BandStats", "S1_HIST_RANGE", "S1_HIST_STEP"]
+__all__ = ["PERCENTILES", "BandStats", "S1_HIST_RANGE", "S1_HIST_STEP", "implausible_spread"]
 
 PERCENTILES = (0.1, 1.0, 2.0, 5.0, 25.0, 50.0, 75.0, 95.0, 98.0, 99.0, 99.9)
 S1_HIST_RANGE = (-80.0, 40.0)
 S1_HIST_STEP = 0.01
+_IQR_PER_STD = 1.349  # interquartile range of a normal distribution, in standard deviations
 
 
 def _bins_for(modality: str) -> int:
@@ -33,7 +41,8 @@ def _bins_for(modality: str) -> int:
 
 @dataclass
 class BandStats:
-    """Running statistics of one modality's bands over valid (finite) pixels."""
+    """Running statistics of one modality's bands over valid pixels (finite and, when the writer passes
+    a mask, within the modality's physical range)."""
 
     modality: str
     count: np.ndarray  # (C,) int64
@@ -56,15 +65,22 @@ class BandStats:
             hist=np.zeros((c, _bins_for(modality)), np.int64),
         )
 
-    def update(self, chw: np.ndarray) -> None:
-        """Add one patch (C, H, W) in the stored dtype."""
+    def update(self, chw: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Add one patch (C, H, W) in the stored dtype.
+
+        Args:
+            chw: the patch.
+            valid: (C, H, W) bool, True for pixels that may enter the statistics; ``None``: every
+                finite pixel.
+        """
         for c, band in enumerate(chw):
+            keep = np.isfinite(band) if valid is None else valid[c] & np.isfinite(band)
             if self.modality == "s1":
-                values = band[np.isfinite(band)].astype(np.float64)
+                values = band[keep].astype(np.float64)
                 lo, _ = S1_HIST_RANGE
                 idx = np.clip(((values - lo) / S1_HIST_STEP).astype(np.int64), 0, self.hist.shape[1] - 1)
             else:
-                values = band.ravel()
+                values = band.ravel() if valid is None else band[keep]
                 idx = values.astype(np.int64)
             if values.size == 0:
                 continue
@@ -134,14 +150,31 @@ class BandStats:
             return [None if not np.isfinite(v) else round(float(v), 6) for v in values]
 
         channels = range(len(self.count))
+        quartiles = np.array([[self._percentile(c, q) for c in channels] for q in (25.0, 75.0)])
         return {
             "bands": list(MODALITIES[self.modality].bands),
             "count": [int(v) for v in self.count],
             "mean": clean(mean),
             "std": clean(std),
+            "robust_std": clean((quartiles[1] - quartiles[0]) / _IQR_PER_STD),
             "min": clean(self.minimum),
             "max": clean(self.maximum),
             "percentiles": {
                 f"p{q:g}": clean([self._percentile(c, q) for c in channels]) for q in PERCENTILES
             },
         }
+
+
+def implausible_spread(modality: str, summary: dict) -> list[str]:
+    """One message per band of ``summary`` (from :meth:`BandStats.summary`) whose std exceeds the
+    modality's ``max_plausible_std``: such a spread means values that are not measurements entered the
+    statistics, and every view normalised with them would be noise."""
+    bound = MODALITIES[modality].max_plausible_std
+    if bound is None:
+        return []
+    return [
+        f"stats.{modality} band {band}: std {std:.6g} above the plausible {bound:g} "
+        f"(robust std {robust}); normalising with it would flatten every {modality} view"
+        for band, std, robust in zip(summary["bands"], summary["std"], summary["robust_std"], strict=True)
+        if std is not None and std > bound
+    ]

@@ -1,21 +1,21 @@
 """``eossl verify``: re-check a finished dataset against its manifest.
 
-Checks, in order of cost: the manifest parses and counts add up (found = written + rejected); every
-listed shard exists with its size and sha256 and no unlisted shard lies beside them; the shards'
+Checks, in order of cost: the manifest parses and matches its ``manifest_sha256``, counts add up
+(found = written + rejected); every listed shard exists with its size and sha256 and no unlisted shard lies beside them; the shards'
 sample keys, in order, are the Zarr ``key`` array and their modality members match the ``has_*``
-flags; with ``deep=True`` every array in the shards equals its Zarr row bit for bit.
+flags; with ``deep=True`` every array in the shards equals its Zarr row bit for bit. Last, every band
+the manifest flags for an implausible spread is reported: the dataset is whole, but unfit to train on.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 
 import numpy as np
 
 from .bands import MODALITIES
-from .catalog import Catalog
 from .format import CATALOG, FORMAT_NAME, MANIFEST, REJECTS, SHARD_DIR, ZARR_DIR, decode_member
+from .integrity import DatasetCorruptError, read_catalog, read_manifest
 from .storage import Output
 from .zarr_store import iter_shard_samples
 
@@ -33,13 +33,12 @@ def _sha256(out: Output, rel: str) -> tuple[str, int]:
 
 
 def _check_catalog(out: Output, manifest: dict, shard_keys: list[str], deep: bool) -> list[str]:
-    entry = manifest.get("catalog")
-    if not entry or not out.exists(CATALOG):
+    if not manifest.get("catalog") or not out.exists(CATALOG):
         return [f"{out.path(CATALOG)} missing"]
-    data = out.read_bytes(CATALOG)
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        return [f"{out.path(CATALOG)}: sha256 differs from the manifest"]
-    catalog = Catalog.from_bytes(data)
+    try:
+        catalog = read_catalog(out, manifest)
+    except DatasetCorruptError as exc:
+        return [str(exc)]
     if catalog.key.tolist() != shard_keys:
         return [f"{CATALOG} keys differ from the shards' keys"]
     if not deep:
@@ -71,12 +70,12 @@ def verify(dataset: str, deep: bool = False) -> list[str]:
     if not out.exists(MANIFEST):
         return [f"{out.path(MANIFEST)} missing: the ingest did not finish (re-run it to resume)"]
     try:
-        manifest = json.loads(out.read_bytes(MANIFEST))
-    except json.JSONDecodeError as exc:
-        return [f"{out.path(MANIFEST)} is not valid JSON: {exc}"]
-    problems: list[str] = []
+        manifest = read_manifest(out)
+    except DatasetCorruptError as exc:
+        return [str(exc)]
     if manifest.get("format") != FORMAT_NAME:
         return [f"{out.path(MANIFEST)}: format {manifest.get('format')!r} is not {FORMAT_NAME!r}"]
+    problems: list[str] = []
     counts = manifest["counts"]
     if counts["patches_found"] != counts["samples_written"] + counts["rejected"]:
         problems.append(f"counts: {counts['patches_found']} found != {counts['samples_written']} written + "
@@ -147,4 +146,5 @@ def verify(dataset: str, deep: bool = False) -> list[str]:
                         if decode_member(data, "CHW").tobytes() != group[mod][row].tobytes():
                             problems.append(f"{key}: {mod} differs between {shard['path']} and {ZARR_DIR}")
                     row += 1
-    return problems
+    # Bands whose spread no real scene produces: the files are consistent but the statistics are unusable.
+    return problems + [f"{out.path(MANIFEST)} flags {flag}" for flag in manifest.get("flags", [])]

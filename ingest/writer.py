@@ -22,6 +22,7 @@ from tqdm import tqdm
 from .bands import MODALITIES
 from .config import IngestConfig
 from .format import MANIFEST, PROGRESS_DIR
+from .integrity import read_manifest
 from .layout import SourceListing, scan_source
 from .shards import Unit, process_unit, unit_record_path
 from .splits import scene_split
@@ -127,7 +128,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     }
     _check_plan(out, plan)
     if out.exists(MANIFEST) and cfg.part[1] == 1:
-        manifest = json.loads(out.read_bytes(MANIFEST))
+        manifest = read_manifest(out)
         c = manifest["counts"]
         return IngestSummary(c["patches_found"], c["samples_written"], c["rejected"], len(units), len(units),
                              True, time.perf_counter() - t0)

@@ -97,8 +97,11 @@ def write_metadata_arrays(group: zarr.Group, samples: list[dict], extra: dict[st
     for mod in MODALITIES:
         _create(group, f"has_{mod}", np.array([s["modalities"][mod] for s in samples], dtype=bool), ("sample",),
                 description=f"True where the patch has {mod}; elsewhere {mod} holds its fill value")
-    _create(group, "s1_invalid_pixels", np.array([s["s1_invalid_pixels"] for s in samples], dtype=np.int32),
-            ("sample",), description="NaN/Inf/nodata pixels kept in s1 (below the reject threshold)")
+    for mod in MODALITIES:
+        _create(group, f"{mod}_invalid_pixels",
+                np.array([s.get(f"{mod}_invalid_pixels", 0) for s in samples], dtype=np.int32), ("sample",),
+                description=f"invalid pixels kept as stored in {mod} (below the reject threshold; outside the "
+                "physical range, non-finite, nodata or not in the legend)")
     labels = [s["labels"] for s in samples]
     for scheme, classes in (("igbp", IGBP_CLASSES), ("igbp_simple", IGBP_SIMPLE_CLASSES)):
         single = np.array([lab[scheme] if lab else 0 for lab in labels], dtype=np.int16)

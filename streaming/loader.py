@@ -16,7 +16,6 @@ divides the same global batch.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +25,8 @@ import torch
 
 from eossl.ingest.bands import PATCH_SIZE
 from eossl.ingest.catalog import Catalog
-from eossl.ingest.format import CATALOG, MANIFEST, npy_view
+from eossl.ingest.format import npy_view
+from eossl.ingest.integrity import read_catalog, read_manifest
 from eossl.ingest.storage import Output
 
 from .plan import EpochPlan, LoaderPosition, PlanConfig, rows_digest
@@ -248,12 +248,8 @@ class SSLLoader:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
         out = Output(dataset)
-        if not out.exists(MANIFEST):
-            raise FileNotFoundError(f"{out.path(MANIFEST)} not found: not a finished eossl dataset")
-        self.manifest = json.loads(out.read_bytes(MANIFEST))
-        if not out.exists(CATALOG):
-            raise FileNotFoundError(f"{out.path(CATALOG)} not found: ingest with --formats wds to stream")
-        self.catalog = Catalog.from_bytes(out.read_bytes(CATALOG))
+        self.manifest = read_manifest(out)  # both checked against their recorded sha256
+        self.catalog = read_catalog(out, self.manifest)
         self.views = ViewSet(cfg.views)
         self.rows = select_rows(self.catalog, cfg.split, self.views.sensors)[: cfg.max_samples]
         if len(self.rows) == 0:

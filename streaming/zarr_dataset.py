@@ -27,6 +27,7 @@ import zarr
 
 from eossl.ingest.bands import IGBP_CLASSES, IGBP_SIMPLE_CLASSES
 from eossl.ingest.format import FORMAT_NAME, MANIFEST, SUBSETS, ZARR_DIR
+from eossl.ingest.integrity import read_manifest
 from eossl.ingest.storage import Output
 
 from .inputs import InputSpec
@@ -105,7 +106,10 @@ class ZarrPatchDataset(torch.utils.data.Dataset):
         self.multilabel = multilabel
         self.with_lc = with_lc
         out = Output(dataset)
-        manifest = _read_json(out, MANIFEST, "not a complete eossl dataset (the manifest is written last)")
+        if not out.exists(MANIFEST):
+            raise ValueError(f"{out.path(MANIFEST)} not found: not a complete eossl dataset (the manifest is "
+                             "written last)")
+        manifest = read_manifest(out)  # checked against its manifest_sha256
         if not out.exists(f"{ZARR_DIR}/zarr.json"):
             raise ValueError(f"{out.path(ZARR_DIR)} not found: dataset ingested without --formats zarr")
         self.mean, self.std = inputs.normalisation(manifest)
