@@ -208,9 +208,9 @@ def _first_test_keys(dataset: str, n: int) -> list[str]:
     import zarr
 
     from eossl.ingest.format import ZARR_DIR
-    from eossl.ingest.storage import Output
+    from eossl.ingest.storage import DatasetRoot
 
-    group = zarr.open_group(Output(dataset).zarr_store(ZARR_DIR, read_only=True), mode="r")
+    group = zarr.open_group(DatasetRoot(dataset).zarr_store(ZARR_DIR, read_only=True), mode="r")
     keys, split, has_lc = group["key"][:], group["split"][:], group["has_lc"][:]
     return [str(k) for k, s, lc in zip(keys, split, has_lc, strict=True) if str(s) == "test" and lc][:n]
 

@@ -33,7 +33,7 @@ from .integrity import manifest_digest
 from .shards import unit_record_path, unit_stats_path
 from .splits import budget_subset, non_overlapping
 from .stats import BandStats, implausible_spread
-from .storage import Output
+from .storage import DatasetRoot
 from .writer import IngestError
 
 __all__ = ["eossl_version", "finalize", "merge"]
@@ -46,14 +46,14 @@ def eossl_version() -> str:
         return "unknown"
 
 
-def _load_plan(out: Output) -> dict:
+def _load_plan(out: DatasetRoot) -> dict:
     path = f"{PROGRESS_DIR}/plan.json"
     if not out.exists(path):
         raise IngestError(f"{out.path(path)} not found: {out.url} holds no ingest to finish")
     return json.loads(out.read_bytes(path))
 
 
-def _load_records(out: Output, plan: dict) -> list[dict]:
+def _load_records(out: DatasetRoot, plan: dict) -> list[dict]:
     missing = [u for u in range(plan["units"]) if not out.exists(unit_record_path(u))]
     if missing:
         parts = sorted(p.rsplit("/", 1)[-1] for p in out.list(PROGRESS_DIR) if "/part-" in p)
@@ -64,7 +64,7 @@ def _load_records(out: Output, plan: dict) -> list[dict]:
     return [json.loads(out.read_bytes(unit_record_path(u))) for u in range(plan["units"])]
 
 
-def _merged_stats(out: Output, units: int) -> dict[str, BandStats]:
+def _merged_stats(out: DatasetRoot, units: int) -> dict[str, BandStats]:
     stats = {m: BandStats.empty(m) for m in ("s1", "s2")}
     for u in range(units):
         with np.load(io.BytesIO(out.read_bytes(unit_stats_path(u)))) as data:
@@ -111,7 +111,7 @@ def _subsets(samples: list[dict], budgets: list[int], seeds: list[int]) -> tuple
     return arrays, subsets, skipped
 
 
-def finalize(out: Output, workers: int, command: tuple[str, ...] | list[str]) -> dict:
+def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str]) -> dict:
     """Write rejects, subsets, Zarr and manifest from the unit records; returns the manifest."""
     from .zarr_store import build_zarr  # noqa: PLC0415 - zarr is only needed here
 
@@ -203,7 +203,7 @@ def merge(dataset: str, workers: int | None = None, command: tuple[str, ...] = (
 
     ``workers`` defaults to :func:`~eossl.ingest.config.default_workers`, as for the ingest itself.
     """
-    out = Output(dataset)
+    out = DatasetRoot(dataset)
     plan = _load_plan(out)
     parts = [json.loads(out.read_bytes(p)) for p in out.list(PROGRESS_DIR) if "/part-" in p]
     digests = {p["listing_sha256"] for p in parts} | {plan["listing_sha256"]}

@@ -15,7 +15,7 @@ import zipfile
 
 from .catalog import Catalog
 from .format import CATALOG, MANIFEST
-from .storage import Output
+from .storage import DatasetRoot
 
 __all__ = ["DatasetCorruptError", "manifest_digest", "read_catalog", "read_manifest"]
 
@@ -37,7 +37,7 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def read_manifest(out: Output) -> dict:
+def read_manifest(out: DatasetRoot) -> dict:
     """The dataset's manifest, checked against its ``manifest_sha256``.
 
     Raises:
@@ -59,7 +59,7 @@ def read_manifest(out: Output) -> dict:
     return manifest
 
 
-def read_catalog(out: Output, manifest: dict) -> Catalog:
+def read_catalog(out: DatasetRoot, manifest: dict) -> Catalog:
     """The dataset's catalog, checked against the sha256 the manifest records for it.
 
     Raises:

@@ -30,7 +30,7 @@ from .format import (
 from .layout import PatchGroup
 from .read import ReadOptions, Reject, Sample, read_patch
 from .stats import BandStats
-from .storage import Output
+from .storage import DatasetRoot
 
 __all__ = ["Unit", "process_unit", "sample_metadata", "unit_record_path", "unit_stats_path"]
 
@@ -122,7 +122,7 @@ def process_unit(
     unit: Unit, out_url: str, source: str, read_options: ReadOptions, splits: dict[str, str]
 ) -> dict:
     """Read, validate and write one unit; return its record (also stored as JSON)."""
-    out = Output(out_url)
+    out = DatasetRoot(out_url)
     stats = {m: BandStats.empty(m) for m in ("s1", "s2")}
     samples: list[dict] = []
     members: list[dict[str, list[int]]] = []  # per sample: member -> [offset, size] in the tar

@@ -1,4 +1,5 @@
-"""Where a dataset is written: a local folder or an fsspec URL (``s3://...``), behind one small interface.
+"""Where a dataset lives: a local folder or an fsspec URL (``s3://...``), read and written through one
+small interface, :class:`DatasetRoot`, by the writer, ``verify``, the loaders and evaluation alike.
 
 Every write is atomic: a local file is written under a temporary name, flushed and renamed; a remote
 object is uploaded whole in one PUT. So a killed ingest never leaves a half-written shard or manifest
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import fsspec
 
-__all__ = ["Output", "WriteError", "is_remote", "url_scheme"]
+__all__ = ["DatasetRoot", "WriteError", "is_remote", "url_scheme"]
 
 
 def url_scheme(url: str) -> str | None:
@@ -37,8 +38,9 @@ class WriteError(RuntimeError):
     """A dataset file could not be written (disk full, permissions, network): names the file."""
 
 
-class Output:
-    """A dataset root, local or remote. Paths passed to methods are relative ('shards/shard-000000.tar')."""
+class DatasetRoot:
+    """A dataset root, local or remote, to read from or write into. Paths passed to methods are relative
+    ('shards/shard-000000.tar')."""
 
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url.rstrip("/")
@@ -49,11 +51,11 @@ class Output:
             self.fs = None
         else:
             # A client of its own: fsspec's instance cache would keep an endpoint read from the environment
-            # when another Output was made (AWS_ENDPOINT_URL may differ between jobs in one process).
+            # when another DatasetRoot was made (AWS_ENDPOINT_URL may differ between jobs in one process).
             self.fs, self.root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **self.storage_options)
 
     def __repr__(self) -> str:
-        return f"Output({self.url!r})"
+        return f"DatasetRoot({self.url!r})"
 
     def path(self, rel: str) -> str:
         return str(self.root / rel) if self.is_local else f"{self.url}/{rel}"

@@ -16,13 +16,13 @@ import numpy as np
 from .bands import MODALITIES
 from .format import CATALOG, FORMAT_NAME, MANIFEST, REJECTS, SHARD_DIR, ZARR_DIR, decode_member
 from .integrity import DatasetCorruptError, read_catalog, read_manifest
-from .storage import Output
+from .storage import DatasetRoot
 from .zarr_store import iter_shard_samples
 
 __all__ = ["verify"]
 
 
-def _sha256(out: Output, rel: str) -> tuple[str, int]:
+def _sha256(out: DatasetRoot, rel: str) -> tuple[str, int]:
     h, size = hashlib.sha256(), 0
     opener = open(out.path(rel), "rb") if out.is_local else out.fs.open(f"{out.root}/{rel}", "rb")
     with opener as f:
@@ -32,7 +32,7 @@ def _sha256(out: Output, rel: str) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _check_catalog(out: Output, manifest: dict, shard_keys: list[str], deep: bool) -> list[str]:
+def _check_catalog(out: DatasetRoot, manifest: dict, shard_keys: list[str], deep: bool) -> list[str]:
     if not manifest.get("catalog") or not out.exists(CATALOG):
         return [f"{out.path(CATALOG)} missing"]
     try:
@@ -66,7 +66,7 @@ def verify(dataset: str, deep: bool = False) -> list[str]:
     """Return the problems found (empty list: the dataset is complete and consistent)."""
     import zarr  # noqa: PLC0415
 
-    out = Output(dataset)
+    out = DatasetRoot(dataset)
     if not out.exists(MANIFEST):
         return [f"{out.path(MANIFEST)} missing: the ingest did not finish (re-run it to resume)"]
     try:

@@ -26,7 +26,7 @@ from .integrity import read_manifest
 from .layout import SourceListing, scan_source
 from .shards import Unit, process_unit, unit_record_path
 from .splits import scene_split
-from .storage import Output
+from .storage import DatasetRoot
 
 __all__ = ["IngestError", "IngestSummary", "plan_units", "run_ingest"]
 
@@ -73,7 +73,7 @@ def _split_of_scenes(listing: SourceListing, cfg: IngestConfig) -> dict[str, str
     return scene_split(scenes, cfg.split.holdout_fraction, cfg.split.seed, cfg.split.holdout_scenes)
 
 
-def _check_plan(out: Output, plan: dict) -> None:
+def _check_plan(out: DatasetRoot, plan: dict) -> None:
     path = f"{PROGRESS_DIR}/plan.json"
     plan = json.loads(json.dumps(plan))  # tuples -> lists, as they come back from the file
     if out.exists(path):
@@ -110,7 +110,7 @@ def _run_units(units: list[Unit], cfg: IngestConfig, splits: dict[str, str], bar
 def run_ingest(cfg: IngestConfig) -> IngestSummary:
     """Ingest this part of ``cfg.source`` into ``cfg.dataset``; finalize when it is the only part."""
     t0 = time.perf_counter()
-    out = Output(cfg.dataset)
+    out = DatasetRoot(cfg.dataset)
     listing = scan_source(cfg.source)
     if listing.ignored:
         examples = ", ".join(p.rsplit("/", 1)[-1] for p in listing.ignored[:3])

@@ -19,7 +19,7 @@ from zarr.codecs import BloscCodec
 
 from .bands import IGBP_CLASSES, IGBP_SIMPLE_CLASSES, MODALITIES, PATCH_SIZE
 from .format import FORMAT_NAME, FORMAT_VERSION, PROGRESS_DIR, ZARR_DIR, decode_member
-from .storage import Output
+from .storage import DatasetRoot
 
 __all__ = ["build_zarr", "iter_shard_samples"]
 
@@ -28,7 +28,7 @@ __all__ = ["build_zarr", "iter_shard_samples"]
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 
-def iter_shard_samples(out: Output, shard_path: str):
+def iter_shard_samples(out: DatasetRoot, shard_path: str):
     """Yield (key, {member_ext: bytes}) for every sample of a tar shard, in order."""
     with (
         open(out.path(shard_path), "rb") if out.is_local else out.fs.open(f"{out.root}/{shard_path}", "rb")
@@ -55,7 +55,7 @@ def _write_block(out_url: str, block: int, rows: tuple[int, int], sources: list[
     Args:
         sources: (shard_path, first_row_of_shard, samples_in_shard) for the shards overlapping the rows.
     """
-    out = Output(out_url)
+    out = DatasetRoot(out_url)
     group = zarr.open_group(out.zarr_store(ZARR_DIR), mode="r+")
     start, stop = rows
     blocks = {m: np.full((stop - start, *MODALITIES[m].shape_chw), MODALITIES[m].fill, dtype=MODALITIES[m].dtype)
@@ -121,7 +121,7 @@ def write_metadata_arrays(group: zarr.Group, samples: list[dict], extra: dict[st
         _create(group, name, values, ("sample",) if values.ndim == 1 else ("sample", "index"))
 
 
-def build_zarr(out: Output, shards: list[dict], samples: list[dict], extra: dict[str, np.ndarray],
+def build_zarr(out: DatasetRoot, shards: list[dict], samples: list[dict], extra: dict[str, np.ndarray],
                shard_samples: int, workers: int, attrs: dict) -> None:
     """Create (or resume) ``data.zarr`` with data arrays filled from ``shards`` and metadata arrays."""
     n = len(samples)

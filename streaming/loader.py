@@ -27,7 +27,7 @@ from eossl.ingest.bands import PATCH_SIZE
 from eossl.ingest.catalog import Catalog
 from eossl.ingest.format import npy_view
 from eossl.ingest.integrity import read_catalog, read_manifest
-from eossl.ingest.storage import Output
+from eossl.ingest.storage import DatasetRoot
 
 from .plan import EpochPlan, LoaderPosition, PlanConfig, rows_digest
 from .storage import CorruptShardError, ShardReader, StorageOptions
@@ -247,7 +247,7 @@ class SSLLoader:
         self.world_size = w if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
-        out = Output(dataset)
+        out = DatasetRoot(dataset)
         self.manifest = read_manifest(out)  # both checked against their recorded sha256
         self.catalog = read_catalog(out, self.manifest)
         self.views = ViewSet(cfg.views)

@@ -28,7 +28,7 @@ import zarr
 from eossl.ingest.bands import IGBP_CLASSES, IGBP_SIMPLE_CLASSES
 from eossl.ingest.format import FORMAT_NAME, MANIFEST, SUBSETS, ZARR_DIR
 from eossl.ingest.integrity import read_manifest
-from eossl.ingest.storage import Output
+from eossl.ingest.storage import DatasetRoot
 
 from .inputs import InputSpec
 
@@ -39,17 +39,17 @@ LABEL_SCHEMES: dict[str, int] = {"igbp_simple": len(IGBP_SIMPLE_CLASSES), "igbp"
 _FIXED_SUBSETS = ("train", "test", "non_overlapping")
 
 
-def _read_json(out: Output, rel: str, what: str) -> dict:
+def _read_json(out: DatasetRoot, rel: str, what: str) -> dict:
     if not out.exists(rel):
         raise ValueError(f"{out.path(rel)} not found: {what}")
     return json.loads(out.read_bytes(rel))
 
 
-def _open_group(out: Output) -> zarr.Group:
+def _open_group(out: DatasetRoot) -> zarr.Group:
     return zarr.open_group(out.zarr_store(ZARR_DIR, read_only=True), mode="r")
 
 
-def resolve_rows(out: Output, rows: Sequence[int] | np.ndarray | str | None, n: int) -> np.ndarray:
+def resolve_rows(out: DatasetRoot, rows: Sequence[int] | np.ndarray | str | None, n: int) -> np.ndarray:
     """Row indices (int64, in the given order) from explicit indices, a subset name or None (all rows).
 
     Raises:
@@ -105,7 +105,7 @@ class ZarrPatchDataset(torch.utils.data.Dataset):
         self.label = label
         self.multilabel = multilabel
         self.with_lc = with_lc
-        out = Output(dataset)
+        out = DatasetRoot(dataset)
         if not out.exists(MANIFEST):
             raise ValueError(f"{out.path(MANIFEST)} not found: not a complete eossl dataset (the manifest is "
                              "written last)")
@@ -184,7 +184,7 @@ class ZarrPatchDataset(torch.utils.data.Dataset):
 
     def _array(self, name: str) -> zarr.Array:
         if self._pid != os.getpid():  # first access in this process, or a forked child of one that had it
-            self._group = _open_group(Output(self.dataset))
+            self._group = _open_group(DatasetRoot(self.dataset))
             self._arrays = {}
             self._pid = os.getpid()
         if name not in self._arrays:

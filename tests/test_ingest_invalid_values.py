@@ -19,7 +19,7 @@ from eossl.ingest.integrity import DatasetCorruptError, read_catalog, read_manif
 from eossl.ingest.read import ReadOptions
 from eossl.ingest.sample_data import write_sample_data
 from eossl.ingest.stats import BandStats, implausible_spread
-from eossl.ingest.storage import Output
+from eossl.ingest.storage import DatasetRoot
 from eossl.ingest.validity import invalid_mask
 from eossl.ingest.verify import verify
 from eossl.ingest.writer import run_ingest
@@ -224,7 +224,7 @@ def test_flipped_byte_in_catalog_is_a_clear_error(small_dataset):
     data = bytearray(catalog.read_bytes())
     data[len(data) // 2] ^= 0x01
     catalog.write_bytes(bytes(data))
-    out = Output(str(small_dataset))
+    out = DatasetRoot(str(small_dataset))
     with pytest.raises(DatasetCorruptError, match=r"catalog\.npz is corrupt: its sha256 differs.*re-run"):
         read_catalog(out, read_manifest(out))
     with pytest.raises(DatasetCorruptError, match=r"catalog\.npz is corrupt"):
@@ -240,7 +240,7 @@ def test_flipped_byte_in_catalog_is_a_clear_error(small_dataset):
 def test_truncated_or_edited_manifest_is_a_clear_error(small_dataset):
     manifest = small_dataset / "manifest.json"
     text = manifest.read_text()
-    out = Output(str(small_dataset))
+    out = DatasetRoot(str(small_dataset))
     assert read_manifest(out)["manifest_sha256"]  # the written manifest matches its digest
     manifest.write_text(text[: len(text) // 2])
     with pytest.raises(DatasetCorruptError, match=r"manifest\.json is corrupt: not valid JSON .*eossl verify"):

@@ -9,7 +9,7 @@ import pytest
 import s3fs
 import zarr
 
-from eossl.ingest.storage import Output
+from eossl.ingest.storage import DatasetRoot
 from eossl.ingest.verify import verify
 
 from conftest import complete_triplet, run_cli
@@ -34,7 +34,7 @@ def test_ingest_s3_to_s3_equals_local(s3_endpoint, real_source, tmp_path):
     # Same bytes in the shards whatever the storage (relative file paths in the JSON members).
     assert [(s["path"], s["sha256"]) for s in remote["shards"]] == [(s["path"], s["sha256"]) for s in manifest["shards"]]
     assert remote["counts"] == manifest["counts"] and remote["stats"] == manifest["stats"]
-    group = zarr.open_group(Output("s3://eossl-out/ds").zarr_store("data.zarr", read_only=True), mode="r")
+    group = zarr.open_group(DatasetRoot("s3://eossl-out/ds").zarr_store("data.zarr", read_only=True), mode="r")
     local_group = zarr.open_group(str(local / "data.zarr"), mode="r")
     assert np.array_equal(group["key"][:], local_group["key"][:])
     assert group["s2"][:].tobytes() == local_group["s2"][:].tobytes()

@@ -39,7 +39,7 @@ import zarr
 
 from eossl.ingest.bands import IGBP_SIMPLE_CLASSES, igbp_to_simple_lut
 from eossl.ingest.format import ZARR_DIR
-from eossl.ingest.storage import Output
+from eossl.ingest.storage import DatasetRoot
 from eossl.streaming.inputs import InputSpec, parse_sensors
 from eossl.streaming.zarr_dataset import ZarrPatchDataset
 from eossl.train.export import read_model_card
@@ -221,7 +221,7 @@ def attention_figures(run_dir: str, dataset: str, keys: Sequence[str], out: str,
     if not keys:
         raise ValueError("no patch keys given")
     card = read_model_card(run_dir)
-    group = zarr.open_group(Output(dataset).zarr_store(ZARR_DIR, read_only=True), mode="r")
+    group = zarr.open_group(DatasetRoot(dataset).zarr_store(ZARR_DIR, read_only=True), mode="r")
     row_of = _rows_of(group, keys, dataset)
     spec = _input_spec(card, inputs)
     ds = ZarrPatchDataset(dataset, spec, rows=[row_of[k] for k in keys], label=None)

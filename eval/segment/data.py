@@ -24,7 +24,7 @@ from eossl.ingest.bands import (
     igbp_to_simple_lut,
 )
 from eossl.ingest.format import ZARR_DIR
-from eossl.ingest.storage import Output
+from eossl.ingest.storage import DatasetRoot
 from eossl.streaming.inputs import InputSpec
 from eossl.streaming.zarr_dataset import ZarrPatchDataset
 
@@ -92,7 +92,7 @@ def label_scheme(name: str) -> LabelScheme:
 
 
 def _open(dataset: str) -> zarr.Group:
-    return zarr.open_group(Output(dataset).zarr_store(ZARR_DIR, read_only=True), mode="r")
+    return zarr.open_group(DatasetRoot(dataset).zarr_store(ZARR_DIR, read_only=True), mode="r")
 
 
 class SegmentationPatches(torch.utils.data.Dataset):

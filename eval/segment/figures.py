@@ -15,7 +15,7 @@ import numpy as np
 import zarr
 
 from eossl.ingest.format import ZARR_DIR
-from eossl.ingest.storage import Output
+from eossl.ingest.storage import DatasetRoot
 
 from ..attention.figure import LC_COLOURS, s1_composite, s2_true_colour
 from .data import IGNORE_INDEX, LabelScheme
@@ -48,7 +48,7 @@ def plot_predictions(path: Path, dataset: str, rows: list[int], keys: list[str],
 
     from .metrics import pixel_confusion, segmentation_scores
 
-    group = zarr.open_group(Output(dataset).zarr_store(ZARR_DIR, read_only=True), mode="r")
+    group = zarr.open_group(DatasetRoot(dataset).zarr_store(ZARR_DIR, read_only=True), mode="r")
     colours = class_colours(scheme)
     k = len(colours)
     cmap = ListedColormap([*colours, _IGNORED])  # index k: ignored reference pixels

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from eossl.ingest.bands import PATCH_SIZE
-from eossl.ingest.storage import Output
+from eossl.ingest.storage import DatasetRoot
 from eossl.streaming.augment import AugmentConfig
 from eossl.streaming.inputs import InputSpec
 from eossl.streaming.loader import LoaderConfig, SSLLoader
@@ -179,6 +179,6 @@ def shard_paths(dataset: str, probe: SSLLoader) -> list[Path]:
     """The shard files that hold the benched samples."""
     shards = probe.manifest["shards"]
     return [
-        Path(Output(dataset).path(shards[i]["path"]))
+        Path(DatasetRoot(dataset).path(shards[i]["path"]))
         for i in sorted(set(probe.catalog.shard[probe.rows].tolist()))
     ]
