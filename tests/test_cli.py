@@ -15,6 +15,7 @@ from eossl.launch.cli import build_parser, main
 from conftest import run_cli
 
 
+@pytest.mark.slow
 def test_help_lists_subcommands():
     out = run_cli("--help").stdout
     for cmd in ("sample-data", "ingest", "verify", "bench"):
@@ -44,6 +45,7 @@ def test_sample_data_ingest_verify_and_tamper(tmp_path):
     assert proc.returncode == 1 and "shard-000001.tar" in proc.stdout and "sha256" in proc.stdout
 
 
+@pytest.mark.slow
 def test_bad_usage_exit_codes(tmp_path):
     assert run_cli("ingest", "a", "b", "--part", "3/2", check=False).returncode == 2
     assert run_cli("ingest", "a", "b", "--shard-size", "big", check=False).returncode == 2

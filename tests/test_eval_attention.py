@@ -235,6 +235,7 @@ def test_attention_figures_on_real_patches(real_dataset, tmp_path, monkeypatch):
                                rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_attention_figures_rejects_unknown_keys(real_dataset, tmp_path):
     run = fake_dino_run(tmp_path / "run", real_dataset)
     with pytest.raises(ValueError, match=f"unknown patch keys.*{P30}"):

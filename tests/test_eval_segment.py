@@ -137,6 +137,7 @@ def _scores_after_training(train, test, seed=0):
     return segmentation_scores(cm)
 
 
+@pytest.mark.slow
 def test_linear_head_reads_label_features_and_stays_at_chance_on_shuffled_labels():
     rng = np.random.default_rng(0)
     codes = rng.normal(size=(4, 16)).astype(np.float32) * 2
@@ -171,6 +172,7 @@ def fake_resnet_run(run_dir: Path, dataset: Path) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("frozen", [True, False])
 def test_backbone_is_unchanged_in_the_frozen_protocol(dataset, frozen):
     spec = InputSpec.parse("s1")

@@ -79,6 +79,7 @@ def _bad_tree(root: Path) -> dict[str, str]:
     return expected
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_rejected_with_reasons(tmp_path):
     src = tmp_path / "src"
     expected = _bad_tree(src)
@@ -122,6 +123,7 @@ def test_bad_inputs_are_rejected_with_reasons(tmp_path):
     assert verify(str(out), deep=True) == []
 
 
+@pytest.mark.slow
 def test_unreadable_source_is_a_clear_error(tmp_path):
     proc = run_cli("ingest", str(tmp_path / "nope"), str(tmp_path / "ds"), check=False)
     assert proc.returncode == 2
@@ -141,6 +143,7 @@ def test_duplicate_files_for_one_patch_are_rejected(tmp_path):
     assert "duplicate" in reject["reason"] and "extra" in reject["reason"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="RLIMIT_FSIZE is POSIX")
 def test_write_error_is_clear_and_leaves_no_corrupt_output(tmp_path):
     """A file-size limit makes every large write fail with EFBIG, like a full disk."""

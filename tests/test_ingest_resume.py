@@ -110,6 +110,7 @@ def test_parts_then_merge_equal_one_run(source, reference, tmp_path):
     assert run_cli("verify", str(out), "--deep").returncode == 0
 
 
+@pytest.mark.slow
 def test_rerun_with_other_options_is_refused(source, reference, tmp_path):
     out = tmp_path / "ds"
     run_cli("ingest", str(source), str(out), "--part", "0/3", "--no-progress", *ONE_PER_SHARD)

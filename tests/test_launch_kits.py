@@ -279,6 +279,7 @@ def test_study_emitted_as_slurm_jobs_trains_and_evaluates_a_cell(dataset, slurm_
     assert len(rows) == 3 and "n/a" in rows[1] and "n/a" not in rows[2].split(",")[-2], report.stdout
 
 
+@pytest.mark.slow
 def test_study_emitted_as_kubernetes_jobs(tmp_path):
     """``--emit k8s``: one Indexed Job per cell, each logging into its pre-created MLflow run and evaluating on
     index 0 with the study file written next to the results."""

@@ -264,6 +264,7 @@ def test_a_study_can_score_cells_by_land_cover_segmentation(dataset, tmp_path):
         load_study(study, {"eval.protocols": "[knn]"})
 
 
+@pytest.mark.slow
 def test_a_cell_held_by_another_process_is_skipped(tmp_path):
     """Two studies (or a cluster job's ``--cell`` and a local run) never run the same cell at once."""
     import fcntl
