@@ -49,8 +49,10 @@ def _datasets(cfg: ClassifyConfig, spec: InputSpec, seed: int):
     train = ZarrPatchDataset(cfg.dataset, spec, rows=subset, label=cfg.label, multilabel=cfg.multilabel)
     test = ZarrPatchDataset(cfg.dataset, spec, rows="test", label=cfg.label, multilabel=cfg.multilabel)
     if cfg.budget != "all" and len(train) != int(cfg.budget):
-        raise NotApplicable(f"budget subset {subset} has {len(train)} usable samples, not {cfg.budget} "
-                            f"(excluded: {train.excluded})")
+        raise NotApplicable(
+            f"budget subset {subset} has {len(train)} usable samples, not {cfg.budget} "
+            f"(excluded: {train.excluded})"
+        )
     assert_scene_holdout(train.keys, test.keys)
     return train, test
 
@@ -113,25 +115,37 @@ class ClassifyTask(GridTask):
 
     def title(self) -> str:
         cfg = self.cfg
-        return (f"SEN12MS scene classification, {cfg.label} {'multi' if cfg.multilabel else 'single'}-label, "
-                f"{cfg.protocol}, {cfg.budget} labels, metric {cfg.headline}")
+        return (
+            f"SEN12MS scene classification, {cfg.label} {'multi' if cfg.multilabel else 'single'}-label, "
+            f"{cfg.protocol}, {cfg.budget} labels, metric {cfg.headline}"
+        )
 
     def rows(self) -> list[GridRow]:
         cfg, backbone = self.cfg, _random_backbone(self.cfg)
         rows = [GridRow("random init", "random", None, backbone)] if "random" in cfg.inits else []
         for run in cfg.checkpoints:
-            rows += [GridRow(row_name(run, init), init, run, backbone)
-                     for init in cfg.inits if init != "random"]
+            rows += [
+                GridRow(row_name(run, init), init, run, backbone) for init in cfg.inits if init != "random"
+            ]
         return rows
 
     def cell_params(self, row: GridRow, column: str, spec: InputSpec) -> dict:
         cfg = self.cfg
-        return {"method": row.name, "input": column, "init": row.init, "protocol": cfg.protocol,
-                "budget": cfg.budget, "checkpoint": row.run_dir or "", "label": cfg.label,
-                "multilabel": cfg.multilabel, "channels": ",".join(spec.channel_names)}
+        return {
+            "method": row.name,
+            "input": column,
+            "init": row.init,
+            "protocol": cfg.protocol,
+            "budget": cfg.budget,
+            "checkpoint": row.run_dir or "",
+            "label": cfg.label,
+            "multilabel": cfg.multilabel,
+            "channels": ",".join(spec.channel_names),
+        }
 
-    def run_seed(self, row: GridRow, spec: InputSpec, seed: int, folder: Path, first: bool,
-                 acc: Accelerator) -> SeedResult:
+    def run_seed(
+        self, row: GridRow, spec: InputSpec, seed: int, folder: Path, first: bool, acc: Accelerator
+    ) -> SeedResult:
         return _one_seed(self.cfg, row, spec, seed, acc)
 
     def summarise(self, cell: dict, per_seed: list[SeedResult], folder: Path, started: float) -> CellOutcome:
@@ -142,22 +156,37 @@ class ClassifyTask(GridTask):
             summary[f"{name}_mean"], summary[f"{name}_std"] = stats["mean"], stats["std"]
         summary["seeds"] = len(per_seed)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "metrics.json").write_text(json.dumps(
-            {"cell": cell, "summary": summary, "per_seed": [s.metrics for s in per_seed]}, indent=1))
+        (folder / "metrics.json").write_text(
+            json.dumps(
+                {"cell": cell, "summary": summary, "per_seed": [s.metrics for s in per_seed]}, indent=1
+            )
+        )
         artifacts = [str(folder / "metrics.json")]
         if per_seed[0].confusion is not None:
             confusion = sum(s.confusion for s in per_seed)
-            png = plot_confusion(confusion, per_seed[0].classes, folder / "confusion.png",
-                                 f"{cell['method']} / {cell['input']}: {cfg.protocol}, {cfg.budget} labels, "
-                                 f"{len(per_seed)} seed(s) summed")
+            png = plot_confusion(
+                confusion,
+                per_seed[0].classes,
+                folder / "confusion.png",
+                f"{cell['method']} / {cell['input']}: {cfg.protocol}, {cfg.budget} labels, "
+                f"{len(per_seed)} seed(s) summed",
+            )
             artifacts.append(str(png))
-        values = {"mean": summary[f"{cfg.headline}_mean"], "std": summary[f"{cfg.headline}_std"],
-                  "n": len(per_seed), "seconds": round(time.perf_counter() - started, 1)}
+        values = {
+            "mean": summary[f"{cfg.headline}_mean"],
+            "std": summary[f"{cfg.headline}_std"],
+            "n": len(per_seed),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
         return CellOutcome(values, summary, artifacts)
 
 
-def run_classification(cfg: ClassifyConfig, command: tuple[str, ...] = (), parent_run_id: str | None = None,
-                       tags: dict[str, str] | None = None) -> dict:
+def run_classification(
+    cfg: ClassifyConfig,
+    command: tuple[str, ...] = (),
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> dict:
     """Run the grid; write tables, per-cell metrics and figures; log to MLflow (parent + one child per cell).
 
     ``parent_run_id`` nests the grid's run under another (a study cell); ``tags`` are set on it.

@@ -16,8 +16,17 @@ from typing import Any, ClassVar, TypeVar
 
 from eossl.train.overrides import apply_overrides, read_yaml_overrides
 
-__all__ = ["INITS", "PRECISIONS", "ClassifyConfig", "GridConfig", "ProbeConfig", "SegTrainConfig",
-           "SegmentConfig", "field_default", "load_grid_config"]
+__all__ = [
+    "INITS",
+    "PRECISIONS",
+    "ClassifyConfig",
+    "GridConfig",
+    "ProbeConfig",
+    "SegTrainConfig",
+    "SegmentConfig",
+    "field_default",
+    "load_grid_config",
+]
 
 PRECISIONS = ("no", "bf16")
 # checkpoint: backbone and its adapter; checkpoint-random-adapter: pre-trained backbone behind a fresh 1x1
@@ -193,8 +202,10 @@ class SegmentConfig(GridConfig):
 
     def validate(self) -> None:
         if not self.checkpoints:
-            raise ValueError("segmentation needs at least one --checkpoint RUN_DIR (it also fixes the "
-                             "architecture of the random init)")
+            raise ValueError(
+                "segmentation needs at least one --checkpoint RUN_DIR (it also fixes the "
+                "architecture of the random init)"
+            )
         super().validate()
 
     @property
@@ -221,9 +232,13 @@ def field_default(cls: type, key: str) -> Any:
     return field_default(type(value), rest) if rest else value
 
 
-def load_grid_config(cls: type[C], required: Mapping[str, Any], config_file: str | None = None,
-                     assignments: Iterable[tuple[str, Any]] = (),
-                     flags: Mapping[str, Any] | None = None) -> C:
+def load_grid_config(
+    cls: type[C],
+    required: Mapping[str, Any],
+    config_file: str | None = None,
+    assignments: Iterable[tuple[str, Any]] = (),
+    flags: Mapping[str, Any] | None = None,
+) -> C:
     """Dataclass defaults <- YAML file <- ``--set`` assignments <- flags typed on the command line.
 
     Args:

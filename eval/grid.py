@@ -26,8 +26,16 @@ from .models import NotApplicable
 from .report import write_tables
 from .tracking import eval_experiment
 
-__all__ = ["CellOutcome", "ExtraCell", "GridRow", "GridTask", "assert_scene_holdout", "row_name", "run_grid",
-           "training_subset"]
+__all__ = [
+    "CellOutcome",
+    "ExtraCell",
+    "GridRow",
+    "GridTask",
+    "assert_scene_holdout",
+    "row_name",
+    "run_grid",
+    "training_subset",
+]
 
 
 def training_subset(budget: str, seed: int) -> str:
@@ -36,7 +44,9 @@ def training_subset(budget: str, seed: int) -> str:
 
 
 def _scenes(keys: Iterable[str]) -> set[str]:
-    return {str(k).rsplit("_p", 1)[0] for k in keys}  # ROIs1158_spring_1_p30 -> ROIs1158_spring_1 (PatchId.scene_id)
+    return {
+        str(k).rsplit("_p", 1)[0] for k in keys
+    }  # ROIs1158_spring_1_p30 -> ROIs1158_spring_1 (PatchId.scene_id)
 
 
 def assert_scene_holdout(train_keys: Iterable[str], test_keys: Iterable[str]) -> None:
@@ -47,7 +57,8 @@ def assert_scene_holdout(train_keys: Iterable[str], test_keys: Iterable[str]) ->
 
 
 def row_name(run_dir: str, init: str) -> str:
-    """A table row of a pre-training run: its folder name, with the init when it is not the plain checkpoint."""
+    """A table row of a pre-training run: its folder name, with the init when it is not the plain
+    checkpoint."""
     name = Path(run_dir).resolve().name
     return name if init == "checkpoint" else f"{name} ({init.removeprefix('checkpoint-')})"
 
@@ -157,14 +168,22 @@ def _config_params(cfg: GridConfig) -> dict[str, Any]:
     return params
 
 
-def _log_cell(exp_id: str, task: GridTask, cell: dict, params: dict, metrics: dict,
-              artifacts: list[str]) -> None:
+def _log_cell(
+    exp_id: str, task: GridTask, cell: dict, params: dict, metrics: dict, artifacts: list[str]
+) -> None:
     """The cell's child run: the tags ``eossl eval report`` reads, params, metrics, files."""
     import mlflow
 
     with mlflow.start_run(experiment_id=exp_id, run_name=f"{cell['method']} / {cell['input']}", nested=True):
-        mlflow.set_tags({"eossl.eval.cell": "1", "eossl.eval.method": cell["method"],
-                         "eossl.eval.input": cell["input"], "eossl.eval.metric": cell["metric"], **task.tags})
+        mlflow.set_tags(
+            {
+                "eossl.eval.cell": "1",
+                "eossl.eval.method": cell["method"],
+                "eossl.eval.input": cell["input"],
+                "eossl.eval.metric": cell["metric"],
+                **task.tags,
+            }
+        )
         mlflow.log_params(params)
         if cell.get("note"):
             mlflow.set_tag("eossl.eval.note", cell["note"][:5000])
@@ -179,8 +198,15 @@ def _run_cell(task: GridTask, exp_id: str, row: GridRow, column: str, out: Path,
     cfg = task.cfg
     spec = InputSpec.parse(column, cfg.s2_bands)
     folder = task.cell_folder(out, row, column)
-    cell = {"method": row.name, "input": column, "metric": task.metric, "init": row.init,
-            "checkpoint": row.run_dir, **task.cell_fields(row), "note": ""}
+    cell = {
+        "method": row.name,
+        "input": column,
+        "metric": task.metric,
+        "init": row.init,
+        "checkpoint": row.run_dir,
+        **task.cell_fields(row),
+        "note": "",
+    }
     params = task.cell_params(row, column, spec)
     started = time.perf_counter()
     try:
@@ -195,8 +221,12 @@ def _run_cell(task: GridTask, exp_id: str, row: GridRow, column: str, out: Path,
     return cell
 
 
-def run_grid(task: GridTask, command: tuple[str, ...] = (), parent_run_id: str | None = None,
-             tags: dict[str, str] | None = None) -> dict:
+def run_grid(
+    task: GridTask,
+    command: tuple[str, ...] = (),
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> dict:
     """Run a task's grid; write tables, per-cell metrics and figures; log to MLflow (parent + a run per cell).
 
     ``parent_run_id`` nests the grid's run under another (a study cell); ``tags`` are set on it.
@@ -215,8 +245,9 @@ def run_grid(task: GridTask, command: tuple[str, ...] = (), parent_run_id: str |
     acc = Accelerator(mixed_precision=cfg.precision)
     rows = task.rows()
     cells: list[dict] = []
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"{task.name}-{cfg.protocol}-{cfg.budget}",
-                          parent_run_id=parent_run_id) as parent:
+    with mlflow.start_run(
+        experiment_id=exp_id, run_name=f"{task.name}-{cfg.protocol}-{cfg.budget}", parent_run_id=parent_run_id
+    ) as parent:
         mlflow.log_params(_config_params(cfg))
         mlflow.set_tags({"eossl.eval.parent": "1", **task.tags, "command": " ".join(command), **(tags or {})})
         for row in rows:

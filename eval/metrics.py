@@ -35,6 +35,7 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------- helpers
 
+
 def _json_list(values: np.ndarray) -> list[float | None]:
     """Float array -> list of Python floats, NaN -> None (JSON has no NaN)."""
     return [None if math.isnan(v) else float(v) for v in np.asarray(values, dtype=np.float64).tolist()]
@@ -93,6 +94,7 @@ def _check_single(y_true, y_pred, n_classes: int) -> tuple[np.ndarray, np.ndarra
 
 # ------------------------------------------------------------------------------------------ single-label
 
+
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
     """Counts of (true, predicted) class pairs.
 
@@ -112,8 +114,9 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
     return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k).astype(np.int64)
 
 
-def single_label_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
-                         class_names: Sequence[str] | None = None) -> dict:
+def single_label_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, class_names: Sequence[str] | None = None
+) -> dict:
     """Scores of a single-label classifier (one IGBP class per patch).
 
     Args:
@@ -144,13 +147,13 @@ def single_label_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
     n = int(y_true.size)
 
     tp = np.diag(cm).astype(np.float64)
-    support = cm.sum(axis=1)                 # (K,) true count per class
-    predicted = cm.sum(axis=0)               # (K,) predicted count per class
+    support = cm.sum(axis=1)  # (K,) true count per class
+    predicted = cm.sum(axis=0)  # (K,) predicted count per class
     fp = predicted - tp
     fn = support - tp
-    precision = _safe_ratio(tp, predicted)   # NaN: never predicted
-    recall = _safe_ratio(tp, support)        # NaN: never true
-    f1 = _f1_counts(tp, fp, fn)              # NaN: neither true nor predicted
+    precision = _safe_ratio(tp, predicted)  # NaN: never predicted
+    recall = _safe_ratio(tp, support)  # NaN: never true
+    f1 = _f1_counts(tp, fp, fn)  # NaN: neither true nor predicted
 
     present = support > 0
     tp_all, fp_all, fn_all = tp.sum(), fp.sum(), fn.sum()
@@ -163,7 +166,7 @@ def single_label_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
         "n": n,
         "overall_accuracy": float(tp_all / n),
         "average_accuracy": float(recall[present].mean()),
-        "f1_macro": float(np.nanmean(f1)),   # at least one class is present since n > 0
+        "f1_macro": float(np.nanmean(f1)),  # at least one class is present since n > 0
         "f1_micro": float(2 * tp_all / (2 * tp_all + fp_all + fn_all)),
         "kappa": _json_float(kappa),
         "per_class": {
@@ -179,6 +182,7 @@ def single_label_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
 
 
 # ------------------------------------------------------------------------------------------- multi-label
+
 
 def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
     """Average precision of one binary ranking, as ``sklearn.metrics.average_precision_score``.
@@ -234,8 +238,9 @@ def _check_multi(y_true, scores, threshold) -> tuple[np.ndarray, np.ndarray]:
     return y_true.astype(bool), scores
 
 
-def multi_label_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5,
-                        class_names: Sequence[str] | None = None) -> dict:
+def multi_label_metrics(
+    y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5, class_names: Sequence[str] | None = None
+) -> dict:
     """Scores of a multi-label classifier (every IGBP class present in a patch is a label).
 
     Args:
@@ -264,9 +269,9 @@ def multi_label_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float
     y, s = _check_multi(y_true, scores, threshold)
     n, k = y.shape
     names = _check_names(class_names, k)
-    pred = s >= threshold                                     # (N, K) bool
+    pred = s >= threshold  # (N, K) bool
 
-    tp = (y & pred).sum(axis=0).astype(np.float64)            # (K,) per class
+    tp = (y & pred).sum(axis=0).astype(np.float64)  # (K,) per class
     fp = (~y & pred).sum(axis=0).astype(np.float64)
     fn = (y & ~pred).sum(axis=0).astype(np.float64)
     support = y.sum(axis=0)
@@ -275,7 +280,7 @@ def multi_label_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float
     f1 = _f1_counts(tp, fp, fn)
     ap = np.array([average_precision(y[:, c], s[:, c]) for c in range(k)])
 
-    tp_s = (y & pred).sum(axis=1)                             # (N,) per sample
+    tp_s = (y & pred).sum(axis=1)  # (N,) per sample
     fp_s = (~y & pred).sum(axis=1)
     fn_s = (y & ~pred).sum(axis=1)
     f1_s = np.nan_to_num(_f1_counts(tp_s, fp_s, fn_s), nan=1.0)  # empty truth, empty prediction: 1
@@ -303,6 +308,7 @@ def multi_label_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float
 
 
 # ------------------------------------------------------------------------------------------ across runs
+
 
 def mean_and_spread(values: Sequence[float]) -> dict:
     """Summary of one score over repeated runs (seeds, folds).

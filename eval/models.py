@@ -23,6 +23,7 @@ from .config import INITS
 
 __all__ = ["INITS", "EvalEncoder", "build_eval_encoder"]
 
+
 class NotApplicable(ValueError):
     """This (model, input) cell cannot be evaluated, with the reason for the results table."""
 
@@ -53,8 +54,10 @@ class EvalEncoder:
         out = torch.zeros(x.shape[0], len(self.layout), *x.shape[2:], dtype=x.dtype, device=x.device)
         have = idx >= 0
         out[:, have] = x[:, idx[have]]
-        out = out * self.renorm_scale.to(x.device)[None, :, None, None] + self.renorm_shift.to(x.device)[
-            None, :, None, None]
+        out = (
+            out * self.renorm_scale.to(x.device)[None, :, None, None]
+            + self.renorm_shift.to(x.device)[None, :, None, None]
+        )
         out[:, ~have] = 0.0
         return out.contiguous(memory_format=torch.channels_last)
 
@@ -82,8 +85,14 @@ def _card_stats(card: dict) -> dict[str, tuple[float, float]]:
     return stats
 
 
-def build_eval_encoder(init: str, channels: list[str], mean: np.ndarray, std: np.ndarray,
-                       run_dir: str | None = None, backbone: str = "resnet50") -> EvalEncoder:
+def build_eval_encoder(
+    init: str,
+    channels: list[str],
+    mean: np.ndarray,
+    std: np.ndarray,
+    run_dir: str | None = None,
+    backbone: str = "resnet50",
+) -> EvalEncoder:
     """The encoder of one evaluation cell.
 
     Args:
@@ -113,15 +122,21 @@ def build_eval_encoder(init: str, channels: list[str], mean: np.ndarray, std: np
         cfg = BackboneConfig(name=card["timm_model"], adapter="native")
         key_channels = {"input": card["in_chans"]}
     else:
-        cfg = BackboneConfig(name=card["timm_model"], adapter=adapter["type"],
-                             adapter_mode="trainable", adapter_channels=adapter["out_channels"],
-                             pad_channels=card["in_chans"] if adapter["type"] == "zeropad" else 15)
+        cfg = BackboneConfig(
+            name=card["timm_model"],
+            adapter=adapter["type"],
+            adapter_mode="trainable",
+            adapter_channels=adapter["out_channels"],
+            pad_channels=card["in_chans"] if adapter["type"] == "zeropad" else 15,
+        )
         key_channels = adapter["channels"]
     wanted = set(channels)
     fits = [k for k, names in layouts.items() if wanted <= set(names)]
     if not fits:
-        raise NotApplicable(f"{card['timm_model']} from {run_dir} takes {sorted(layouts.items(), key=str)}; "
-                            f"no layout holds {channels}")
+        raise NotApplicable(
+            f"{card['timm_model']} from {run_dir} takes {sorted(layouts.items(), key=str)}; "
+            f"no layout holds {channels}"
+        )
     key = fits[0]
     layout = layouts[key]
     extra = {k: v for k, v in card.get("timm_kwargs", {}).items() if k not in ("in_chans", "num_classes")}
@@ -140,5 +155,11 @@ def build_eval_encoder(init: str, channels: list[str], mean: np.ndarray, std: np
             # x_card = (v - m_card) / s_card with v = x * std + mean
             scale[j] = float(std[i]) / s_card
             shift[j] = (float(mean[i]) - m_card) / s_card
-    return EvalEncoder(enc, key if adapter["type"] == "conv1x1" and init != "checkpoint-backbone-only" else None,
-                       list(layout), index, scale, shift)
+    return EvalEncoder(
+        enc,
+        key if adapter["type"] == "conv1x1" and init != "checkpoint-backbone-only" else None,
+        list(layout),
+        index,
+        scale,
+        shift,
+    )

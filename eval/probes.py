@@ -22,7 +22,9 @@ __all__ = ["ProbeConfig", "extract_features", "finetune", "knn_scores", "linear_
 
 
 @torch.no_grad()
-def extract_features(model: EvalEncoder, dataset, cfg: ProbeConfig, acc: Accelerator) -> tuple[np.ndarray, np.ndarray]:
+def extract_features(
+    model: EvalEncoder, dataset, cfg: ProbeConfig, acc: Accelerator
+) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, D) float32, labels) of a dataset, in dataset order, backbone in eval mode."""
     model.encoder.eval().to(acc.device)
     feats, labels = [], []
@@ -38,21 +40,32 @@ def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, tor
     return torch.from_numpy((train - mean) / std).float(), torch.from_numpy((test - mean) / std).float()
 
 
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, multilabel: bool,
-                 cfg: ProbeConfig, seed: int) -> np.ndarray:
+def linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    n_classes: int,
+    multilabel: bool,
+    cfg: ProbeConfig,
+    seed: int,
+) -> np.ndarray:
     """Logistic regression (softmax or per-class sigmoid) on standardised features; returns test scores."""
     torch.manual_seed(seed)
     xtr, xte = _standardise(train_x, test_x)
     head = nn.Linear(xtr.shape[1], n_classes)
     ytr = torch.from_numpy(train_y)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=cfg.linear_epochs, history_size=20,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        head.parameters(), lr=1.0, max_iter=cfg.linear_epochs, history_size=20, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()
         logits = head(xtr)
-        loss = (F.binary_cross_entropy_with_logits(logits, ytr.float()) if multilabel
-                else F.cross_entropy(logits, ytr.long()))
+        loss = (
+            F.binary_cross_entropy_with_logits(logits, ytr.float())
+            if multilabel
+            else F.cross_entropy(logits, ytr.long())
+        )
         loss = loss + cfg.linear_weight_decay * head.weight.pow(2).sum()
         loss.backward()
         return loss
@@ -63,16 +76,25 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n
         return (torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)).numpy()
 
 
-def knn_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, multilabel: bool,
-               cfg: ProbeConfig) -> np.ndarray:
+def knn_scores(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    n_classes: int,
+    multilabel: bool,
+    cfg: ProbeConfig,
+) -> np.ndarray:
     """Cosine k-NN with exp(sim / T) weights; scores are weighted label votes (rows sum to 1)."""
     xtr = F.normalize(torch.from_numpy(train_x).float(), dim=1)
     xte = F.normalize(torch.from_numpy(test_x).float(), dim=1)
     k = min(cfg.knn_k, xtr.shape[0])
     sim, idx = (xte @ xtr.T).topk(k, dim=1)
     weights = (sim / cfg.knn_temperature).exp()
-    targets = (torch.from_numpy(train_y).float() if multilabel
-               else F.one_hot(torch.from_numpy(train_y).long(), n_classes).float())
+    targets = (
+        torch.from_numpy(train_y).float()
+        if multilabel
+        else F.one_hot(torch.from_numpy(train_y).long(), n_classes).float()
+    )
     votes = (weights[..., None] * targets[idx]).sum(1) / weights.sum(1, keepdim=True)
     return votes.numpy()
 
@@ -86,8 +108,16 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.rot90(x, int(torch.randint(0, 4, (1,), generator=gen)), dims=(2, 3))
 
 
-def finetune(model: EvalEncoder, train_set, test_set, n_classes: int, multilabel: bool, cfg: ProbeConfig,
-             seed: int, acc: Accelerator) -> np.ndarray:
+def finetune(
+    model: EvalEncoder,
+    train_set,
+    test_set,
+    n_classes: int,
+    multilabel: bool,
+    cfg: ProbeConfig,
+    seed: int,
+    acc: Accelerator,
+) -> np.ndarray:
     """Train all layers and a linear head; returns test scores."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -96,8 +126,14 @@ def finetune(model: EvalEncoder, train_set, test_set, n_classes: int, multilabel
     head = nn.Linear(enc.feature_dim, n_classes).to(device)
     params = [p for p in [*enc.parameters(), *head.parameters()] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.finetune_lr, weight_decay=cfg.finetune_weight_decay)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, num_workers=cfg.workers, shuffle=True, generator=gen,
-                        drop_last=len(train_set) > cfg.batch_size)
+    loader = DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.workers,
+        shuffle=True,
+        generator=gen,
+        drop_last=len(train_set) > cfg.batch_size,
+    )
     for _ in range(cfg.finetune_epochs):
         enc.train()
         for batch in loader:
@@ -105,8 +141,11 @@ def finetune(model: EvalEncoder, train_set, test_set, n_classes: int, multilabel
             y = batch["y"].to(device)
             with acc.autocast():
                 logits = head(model.features(x)).float()
-            loss = (F.binary_cross_entropy_with_logits(logits, y.float()) if multilabel
-                    else F.cross_entropy(logits, y.long()))
+            loss = (
+                F.binary_cross_entropy_with_logits(logits, y.float())
+                if multilabel
+                else F.cross_entropy(logits, y.long())
+            )
             opt.zero_grad()
             acc.backward(loss)
             opt.step()

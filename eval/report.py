@@ -81,8 +81,15 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title:
     for i in range(k):
         for j in range(k):
             if cm[i, j]:
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
     fig.tight_layout()
@@ -92,7 +99,9 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title:
     return path
 
 
-def collect_from_mlflow(tracking_uri: str | None, parent_run_id: str | None, experiment: str | None) -> list[dict]:
+def collect_from_mlflow(
+    tracking_uri: str | None, parent_run_id: str | None, experiment: str | None
+) -> list[dict]:
     """Evaluation cells logged by ``eossl eval classify`` (child runs tagged ``eossl.eval.cell``)."""
     import mlflow
 
@@ -111,10 +120,17 @@ def collect_from_mlflow(tracking_uri: str | None, parent_run_id: str | None, exp
     for run in runs:
         tags, metrics = run.data.tags, run.data.metrics
         metric = tags.get("eossl.eval.metric", "overall_accuracy")
-        cells.append({
-            "method": tags["eossl.eval.method"], "input": tags["eossl.eval.input"],
-            "mean": metrics.get(f"{metric}_mean"), "std": metrics.get(f"{metric}_std"),
-            "n": int(metrics.get("seeds", 1)), "note": tags.get("eossl.eval.note", ""),
-            "metric": metric, "run_id": run.info.run_id, "params": json.loads(json.dumps(run.data.params)),
-        })
+        cells.append(
+            {
+                "method": tags["eossl.eval.method"],
+                "input": tags["eossl.eval.input"],
+                "mean": metrics.get(f"{metric}_mean"),
+                "std": metrics.get(f"{metric}_std"),
+                "n": int(metrics.get("seeds", 1)),
+                "note": tags.get("eossl.eval.note", ""),
+                "metric": metric,
+                "run_id": run.info.run_id,
+                "params": json.loads(json.dumps(run.data.params)),
+            }
+        )
     return cells

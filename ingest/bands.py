@@ -79,8 +79,10 @@ S1 = Modality(
     dtype="float32",
     accepted_dtypes=("float32",),
     fill=float("nan"),
-    unit="backscatter sigma0 in dB (SEN12MS clips VV/VH to [-25, 0] only in some releases; eossl keeps values "
-    "as stored)",
+    unit=(
+        "backscatter sigma0 in dB (SEN12MS clips VV/VH to [-25, 0] only in some releases; eossl keeps "
+        "values as stored)"
+    ),
     # Sigma0 of real scenes lies within about -50..+30 dB: the instrument noise floor (NESZ) of IW GRD is
     # about -22 dB and nothing darker than ~25 dB below it is measured; the brightest urban double-bounce
     # and corner-reflector returns reach +20..+30 dB (real SEN12MS VV is sometimes clipped at 0 dB).
@@ -162,12 +164,19 @@ IGBP_SIMPLE_CLASSES: tuple[str, ...] = (
 
 # IGBP code (1..17) -> simplified class code (1..10).
 IGBP_TO_SIMPLE: dict[int, int] = {
-    1: 1, 2: 1, 3: 1, 4: 1, 5: 1,  # forests
-    6: 2, 7: 2,  # shrublands
-    8: 3, 9: 3,  # savannas
+    1: 1,
+    2: 1,
+    3: 1,
+    4: 1,
+    5: 1,  # forests
+    6: 2,
+    7: 2,  # shrublands
+    8: 3,
+    9: 3,  # savannas
     10: 4,  # grassland
     11: 5,  # wetlands
-    12: 6, 14: 6,  # croplands incl. cropland/natural vegetation mosaics
+    12: 6,
+    14: 6,  # croplands incl. cropland/natural vegetation mosaics
     13: 7,  # urban
     15: 8,  # snow/ice
     16: 9,  # barren
@@ -186,21 +195,47 @@ def igbp_to_simple_lut() -> np.ndarray:
 # The three FAO LCCS layers of MODIS MCD12Q1 (collection 6 user guide, tables 5-7), as stored in SEN12MS
 # LC bands 2-4: MODIS code -> class name. 255 ("unclassified") is not a class.
 LCCS_LC_CLASSES: dict[int, str] = {
-    1: "barren", 2: "permanent snow and ice", 3: "water bodies",
-    11: "evergreen needleleaf forests", 12: "evergreen broadleaf forests", 13: "deciduous needleleaf forests",
-    14: "deciduous broadleaf forests", 15: "mixed broadleaf/needleleaf forests",
-    16: "mixed broadleaf evergreen/deciduous forests", 21: "open forests", 22: "sparse forests",
-    31: "dense herbaceous", 32: "sparse herbaceous", 41: "dense shrublands", 42: "shrubland/grassland mosaics",
+    1: "barren",
+    2: "permanent snow and ice",
+    3: "water bodies",
+    11: "evergreen needleleaf forests",
+    12: "evergreen broadleaf forests",
+    13: "deciduous needleleaf forests",
+    14: "deciduous broadleaf forests",
+    15: "mixed broadleaf/needleleaf forests",
+    16: "mixed broadleaf evergreen/deciduous forests",
+    21: "open forests",
+    22: "sparse forests",
+    31: "dense herbaceous",
+    32: "sparse herbaceous",
+    41: "dense shrublands",
+    42: "shrubland/grassland mosaics",
     43: "sparse shrublands",
 }
 LCCS_LU_CLASSES: dict[int, str] = {
-    1: "barren", 2: "permanent snow and ice", 3: "water bodies", 9: "urban and built-up lands",
-    10: "dense forests", 20: "open forests", 25: "forest/cropland mosaics", 30: "natural herbaceous",
-    35: "natural herbaceous/croplands mosaics", 36: "herbaceous croplands", 40: "shrublands",
+    1: "barren",
+    2: "permanent snow and ice",
+    3: "water bodies",
+    9: "urban and built-up lands",
+    10: "dense forests",
+    20: "open forests",
+    25: "forest/cropland mosaics",
+    30: "natural herbaceous",
+    35: "natural herbaceous/croplands mosaics",
+    36: "herbaceous croplands",
+    40: "shrublands",
 }
 LCCS_SH_CLASSES: dict[int, str] = {
-    1: "barren", 2: "permanent snow and ice", 3: "water bodies", 10: "dense forests", 20: "open forests",
-    27: "woody wetlands", 30: "grasslands", 40: "shrublands", 50: "herbaceous wetlands", 51: "tundra",
+    1: "barren",
+    2: "permanent snow and ice",
+    3: "water bodies",
+    10: "dense forests",
+    20: "open forests",
+    27: "woody wetlands",
+    30: "grasslands",
+    40: "shrublands",
+    50: "herbaceous wetlands",
+    51: "tundra",
 }
 
 # MODIS MCD12Q1 writes 255 ("unclassified") in every layer: a documented value, not a class, and not an

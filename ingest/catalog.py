@@ -50,9 +50,15 @@ class Catalog:
         return len(self.key)
 
     def to_bytes(self) -> bytes:
-        arrays = {"key": self.key, "scene_id": self.scene_id, "shard": self.shard, "train": self.train,
-                  "label_igbp": self.label_igbp, "label_igbp_simple": self.label_igbp_simple,
-                  "multilabel_igbp_simple": self.multilabel_igbp_simple}
+        arrays = {
+            "key": self.key,
+            "scene_id": self.scene_id,
+            "shard": self.shard,
+            "train": self.train,
+            "label_igbp": self.label_igbp,
+            "label_igbp_simple": self.label_igbp_simple,
+            "multilabel_igbp_simple": self.multilabel_igbp_simple,
+        }
         for m in CATALOG_MEMBERS:
             arrays[f"offset_{m}"] = self.offset[m]
             arrays[f"size_{m}"] = self.size[m]
@@ -66,8 +72,12 @@ class Catalog:
     def from_bytes(cls, data: bytes) -> Catalog:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return cls(
-                key=z["key"], scene_id=z["scene_id"], shard=z["shard"], train=z["train"],
-                label_igbp=z["label_igbp"], label_igbp_simple=z["label_igbp_simple"],
+                key=z["key"],
+                scene_id=z["scene_id"],
+                shard=z["shard"],
+                train=z["train"],
+                label_igbp=z["label_igbp"],
+                label_igbp_simple=z["label_igbp_simple"],
                 multilabel_igbp_simple=z["multilabel_igbp_simple"],
                 offset={m: z[f"offset_{m}"] for m in CATALOG_MEMBERS},
                 size={m: z[f"size_{m}"] for m in CATALOG_MEMBERS},
@@ -90,8 +100,12 @@ def build_catalog(records: list[dict]) -> Catalog:
             labels.append(meta)
         shard_index += 1
     n = len(keys)
-    offset = {m: np.array([w[m][0] if m in w else -1 for w in members], dtype=np.int64) for m in CATALOG_MEMBERS}
-    size = {m: np.array([w[m][1] if m in w else -1 for w in members], dtype=np.int64) for m in CATALOG_MEMBERS}
+    offset = {
+        m: np.array([w[m][0] if m in w else -1 for w in members], dtype=np.int64) for m in CATALOG_MEMBERS
+    }
+    size = {
+        m: np.array([w[m][1] if m in w else -1 for w in members], dtype=np.int64) for m in CATALOG_MEMBERS
+    }
     multi = np.zeros((n, 10), dtype=bool)
     for i, meta in enumerate(labels):
         if meta["labels"]:
@@ -104,8 +118,11 @@ def build_catalog(records: list[dict]) -> Catalog:
         size=size,
         has={m: np.array([m in w for w in members], dtype=bool) for m in MODALITY_NAMES},
         train=np.array([meta["split"] == "train" for meta in labels], dtype=bool),
-        label_igbp=np.array([meta["labels"]["igbp"] if meta["labels"] else 0 for meta in labels], dtype=np.int16),
-        label_igbp_simple=np.array([meta["labels"]["igbp_simple"] if meta["labels"] else 0 for meta in labels],
-                                   dtype=np.int16),
+        label_igbp=np.array(
+            [meta["labels"]["igbp"] if meta["labels"] else 0 for meta in labels], dtype=np.int16
+        ),
+        label_igbp_simple=np.array(
+            [meta["labels"]["igbp_simple"] if meta["labels"] else 0 for meta in labels], dtype=np.int16
+        ),
         multilabel_igbp_simple=multi,
     )

@@ -69,18 +69,33 @@ def _megabytes(n_bytes: int) -> str:
 def add_sample_data_arguments(p: argparse.ArgumentParser) -> None:
     from .sample_data import write_sample_data
 
-    p.description = ("Synthetic s1/s2/lc triplets calibrated on real SEN12MS patches, with one land-cover "
-                     "map behind all three sensors (so classes are learnable from either).")
+    p.description = (
+        "Synthetic s1/s2/lc triplets calibrated on real SEN12MS patches, with one land-cover "
+        "map behind all three sensors (so classes are learnable from either)."
+    )
     p.add_argument("dir", help="output folder (created)")
+
     def default(name: str) -> str:
         return shown(default_of(write_sample_data, name))
 
-    p.add_argument("--patches", type=int, default=argparse.SUPPRESS,
-                   help=f"number of patch triplets (default {default('patches')})")
-    p.add_argument("--seed", type=int, default=argparse.SUPPRESS,
-                   help=f"random seed; same seed, same bytes (default {default('seed')})")
-    p.add_argument("--patches-per-scene", type=int, default=argparse.SUPPRESS,
-                   help=f"patches cut from each scene (default {default('patches_per_scene')})")
+    p.add_argument(
+        "--patches",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=f"number of patch triplets (default {default('patches')})",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=f"random seed; same seed, same bytes (default {default('seed')})",
+    )
+    p.add_argument(
+        "--patches-per-scene",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=f"patches cut from each scene (default {default('patches_per_scene')})",
+    )
     p.set_defaults(handler=_run_sample_data)
 
 
@@ -95,11 +110,19 @@ def _run_sample_data(args: argparse.Namespace) -> int:
 
 # flag dest -> field, for IngestConfig and its read/split sections (--part and --shard-size are parsed)
 _INGEST_FIELDS = {"workers": "workers", "formats": "formats", "zarr_shard_samples": "zarr_shard_samples"}
-_READ_FIELDS = {"required": "required", "max_s1_invalid": "max_s1_invalid_fraction",
-                "max_s2_invalid": "max_s2_invalid_fraction", "max_lc_invalid": "max_lc_invalid_fraction",
-                "multilabel_threshold": "multilabel_threshold"}
-_SPLIT_FIELDS = {"holdout_fraction": "holdout_fraction", "split_seed": "seed", "budgets": "budgets",
-                 "budget_seeds": "budget_seeds"}
+_READ_FIELDS = {
+    "required": "required",
+    "max_s1_invalid": "max_s1_invalid_fraction",
+    "max_s2_invalid": "max_s2_invalid_fraction",
+    "max_lc_invalid": "max_lc_invalid_fraction",
+    "multilabel_threshold": "multilabel_threshold",
+}
+_SPLIT_FIELDS = {
+    "holdout_fraction": "holdout_fraction",
+    "split_seed": "seed",
+    "budgets": "budgets",
+    "budget_seeds": "budget_seeds",
+}
 
 
 def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
@@ -109,48 +132,104 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
         return shown(default_of(IngestConfig, path))
 
     i, n = default_of(IngestConfig, "part")
-    p.description = ("Ingest a SEN12MS tree (local folder or URL such as s3://bucket/sen12ms/) into DATASET "
-                     "(folder or URL). Re-running the same command resumes. 'eossl ingest merge DATASET' "
-                     "finishes a dataset written by --part runs. Exit 0 when the run completed, also with "
-                     "rejected inputs.")
+    p.description = (
+        "Ingest a SEN12MS tree (local folder or URL such as s3://bucket/sen12ms/) into DATASET "
+        "(folder or URL). Re-running the same command resumes. 'eossl ingest merge DATASET' "
+        "finishes a dataset written by --part runs. Exit 0 when the run completed, also with "
+        "rejected inputs."
+    )
     p.add_argument("source", help="SEN12MS root: ROIs*_<season>/{s1,s2,lc}_<scene>/*.tif")
     p.add_argument("dataset", help="output dataset folder or URL")
-    p.add_argument("--workers", type=int, default=argparse.SUPPRESS,
-                   help="parallel processes (GeoTIFF decoding is CPU bound: about one per core; "
-                   f"default {default('workers')})")
-    p.add_argument("--part", default=argparse.SUPPRESS,
-                   help=f"i/N: ingest a deterministic 1/N of the units (then merge; default {i}/{n})")
-    p.add_argument("--formats", type=_csv, default=argparse.SUPPRESS,
-                   help=f"wds, zarr or both (default {default('formats')})")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="parallel processes (GeoTIFF decoding is CPU bound: about one per core; "
+        f"default {default('workers')})",
+    )
+    p.add_argument(
+        "--part",
+        default=argparse.SUPPRESS,
+        help=f"i/N: ingest a deterministic 1/N of the units (then merge; default {i}/{n})",
+    )
+    p.add_argument(
+        "--formats",
+        type=_csv,
+        default=argparse.SUPPRESS,
+        help=f"wds, zarr or both (default {default('formats')})",
+    )
     shard_size = _megabytes(default_of(IngestConfig, "shard_bytes"))
-    p.add_argument("--shard-size", default=argparse.SUPPRESS,
-                   help=f"target tar shard size (default {shard_size}; 100-500MB suits object stores)")
-    p.add_argument("--zarr-shard-samples", type=int, default=argparse.SUPPRESS,
-                   help=f"samples per Zarr shard file (default {default('zarr_shard_samples')})")
-    p.add_argument("--required", type=_csv, default=argparse.SUPPRESS,
-                   help=f"modalities a patch must have (default {default('read.required')}; lc optional: "
-                   "no lc = no labels)")
-    p.add_argument("--max-s1-invalid", type=float, default=argparse.SUPPRESS,
-                   help="reject a patch with more than this fraction of invalid S1 pixels in one band: "
-                   f"NaN/Inf/nodata or outside [-60, 40] dB (default {default('read.max_s1_invalid_fraction')})")
-    p.add_argument("--max-s2-invalid", type=float, default=argparse.SUPPRESS,
-                   help="reject a patch with more than this fraction of invalid S2 pixels in one band: 0 "
-                   f"(nodata) or above 20000, incl. 65535 saturated (default {default('read.max_s2_invalid_fraction')})")
-    p.add_argument("--max-lc-invalid", type=float, default=argparse.SUPPRESS,
-                   help="reject a patch with more than this fraction of LC codes outside a layer's legend "
-                   f"(default {default('read.max_lc_invalid_fraction')})")
-    p.add_argument("--multilabel-threshold", type=float, default=argparse.SUPPRESS,
-                   help="area fraction for a class to count in multi-label targets "
-                   f"(default {default('read.multilabel_threshold')}, as SEN12MS)")
+    p.add_argument(
+        "--shard-size",
+        default=argparse.SUPPRESS,
+        help=f"target tar shard size (default {shard_size}; 100-500MB suits object stores)",
+    )
+    p.add_argument(
+        "--zarr-shard-samples",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=f"samples per Zarr shard file (default {default('zarr_shard_samples')})",
+    )
+    p.add_argument(
+        "--required",
+        type=_csv,
+        default=argparse.SUPPRESS,
+        help=f"modalities a patch must have (default {default('read.required')}; lc optional: "
+        "no lc = no labels)",
+    )
+    p.add_argument(
+        "--max-s1-invalid",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="reject a patch with more than this fraction of invalid S1 pixels in one band: "
+        f"NaN/Inf/nodata or outside [-60, 40] dB (default {default('read.max_s1_invalid_fraction')})",
+    )
+    p.add_argument(
+        "--max-s2-invalid",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="reject a patch with more than this fraction of invalid S2 pixels in one band: 0 "
+        f"(nodata) or above 20000, incl. 65535 saturated (default {default('read.max_s2_invalid_fraction')})",
+    )
+    p.add_argument(
+        "--max-lc-invalid",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="reject a patch with more than this fraction of LC codes outside a layer's legend "
+        f"(default {default('read.max_lc_invalid_fraction')})",
+    )
+    p.add_argument(
+        "--multilabel-threshold",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="area fraction for a class to count in multi-label targets "
+        f"(default {default('read.multilabel_threshold')}, as SEN12MS)",
+    )
     p.add_argument("--holdout-scenes", help="file with one test scene per line (e.g. ROIs1158_spring_1)")
-    p.add_argument("--holdout-fraction", type=float, default=argparse.SUPPRESS,
-                   help=f"share of scenes held out (default {default('split.holdout_fraction')})")
-    p.add_argument("--split-seed", type=int, default=argparse.SUPPRESS,
-                   help=f"seed of the scene split (default {default('split.seed')})")
-    p.add_argument("--budgets", type=_csv_int, default=argparse.SUPPRESS,
-                   help=f"label budgets (default {default('split.budgets')})")
-    p.add_argument("--budget-seeds", type=_csv_int, default=argparse.SUPPRESS,
-                   help=f"seeds per budget (default {default('split.budget_seeds')})")
+    p.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=argparse.SUPPRESS,
+        help=f"share of scenes held out (default {default('split.holdout_fraction')})",
+    )
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=f"seed of the scene split (default {default('split.seed')})",
+    )
+    p.add_argument(
+        "--budgets",
+        type=_csv_int,
+        default=argparse.SUPPRESS,
+        help=f"label budgets (default {default('split.budgets')})",
+    )
+    p.add_argument(
+        "--budget-seeds",
+        type=_csv_int,
+        default=argparse.SUPPRESS,
+        help=f"seeds per budget (default {default('split.budget_seeds')})",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_run_ingest)
 
@@ -167,11 +246,18 @@ def _ingest_config(args: argparse.Namespace):
     split = given(args, _SPLIT_FIELDS)
     if args.holdout_scenes:
         with open(args.holdout_scenes) as f:
-            split["holdout_scenes"] = tuple(line.strip() for line in f
-                                            if line.strip() and not line.startswith("#"))
-    return IngestConfig(source=args.source, dataset=args.dataset, **options,
-                        read=ReadOptions(**given(args, _READ_FIELDS)), split=SplitOptions(**split),
-                        progress=not args.no_progress, command=tuple(["eossl", *sys.argv[1:]]))
+            split["holdout_scenes"] = tuple(
+                line.strip() for line in f if line.strip() and not line.startswith("#")
+            )
+    return IngestConfig(
+        source=args.source,
+        dataset=args.dataset,
+        **options,
+        read=ReadOptions(**given(args, _READ_FIELDS)),
+        split=SplitOptions(**split),
+        progress=not args.no_progress,
+        command=tuple(["eossl", *sys.argv[1:]]),
+    )
 
 
 def _run_ingest(args: argparse.Namespace) -> int:
@@ -188,12 +274,18 @@ def ingest_merge_parser() -> argparse.ArgumentParser:
     """``eossl ingest merge``: its own parser, so a source folder named ``merge`` is still ``./merge``."""
     from .config import default_workers
 
-    m = argparse.ArgumentParser(prog="eossl ingest merge",
-                                description="Finish a dataset written by 'eossl ingest --part i/N' runs: "
-                                "checks every part is done, then writes rejects, subsets, Zarr and manifest.")
+    m = argparse.ArgumentParser(
+        prog="eossl ingest merge",
+        description="Finish a dataset written by 'eossl ingest --part i/N' runs: "
+        "checks every part is done, then writes rejects, subsets, Zarr and manifest.",
+    )
     m.add_argument("dataset", help="the DATASET all parts wrote into")
-    m.add_argument("--workers", type=int, default=argparse.SUPPRESS,
-                   help=f"parallel processes (default {default_workers()})")
+    m.add_argument(
+        "--workers",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=f"parallel processes (default {default_workers()})",
+    )
     m.set_defaults(handler=_run_merge, command="ingest merge")
     return m
 
@@ -204,8 +296,10 @@ def _run_merge(args: argparse.Namespace) -> int:
     command = tuple(["eossl", *sys.argv[1:]])
     manifest = merge(args.dataset, command=command, **given(args, {"workers": "workers"}))
     c = manifest["counts"]
-    print(f"merge complete: {c['patches_found']} patches found, {c['samples_written']} written, "
-          f"{c['rejected']} rejected -> {args.dataset}")
+    print(
+        f"merge complete: {c['patches_found']} patches found, {c['samples_written']} written, "
+        f"{c['rejected']} rejected -> {args.dataset}"
+    )
     return 0
 
 

@@ -85,7 +85,11 @@ def _label_summary(samples: list[dict]) -> dict:
                 single[lab[scheme] - 1] += 1
                 for c in lab[f"{scheme}_multi"]:
                     multi[c - 1] += 1
-        summary[scheme] = {"classes": list(classes), "single_label": single.tolist(), "multi_label": multi.tolist()}
+        summary[scheme] = {
+            "classes": list(classes),
+            "single_label": single.tolist(),
+            "multi_label": multi.tolist(),
+        }
     return summary
 
 
@@ -146,8 +150,15 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
             mask = np.zeros(len(samples), dtype=bool)
             mask[idx] = True
             extra[name] = mask
-        build_zarr(out, shards, samples, extra, options["zarr_shard_samples"], workers,
-                   {"normalisation": stats, "splits": plan["splits"]})
+        build_zarr(
+            out,
+            shards,
+            samples,
+            extra,
+            options["zarr_shard_samples"],
+            workers,
+            {"normalisation": stats, "splits": plan["splits"]},
+        )
     catalog = None
     if "wds" in options["formats"]:
         data = build_catalog(records).to_bytes()
@@ -167,9 +178,18 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
         "host": {"python": platform.python_version(), "platform": platform.platform()},
         "source_listing_sha256": plan["listing_sha256"],
         "options": options,
-        "layout": {"encoding": "npy", "shards": WDS_LAYOUT, "zarr": "CHW", "zarr_path": ZARR_DIR if "zarr" in options["formats"] else None,
-                   "members": {"json": "metadata", "s1.npy": "float32 VV,VH dB", "s2.npy": "uint16 B1..B12 (B8A after B8)",
-                               "lc.npy": "uint8 IGBP,LCCS_LC,LCCS_LU,LCCS_SH"}},
+        "layout": {
+            "encoding": "npy",
+            "shards": WDS_LAYOUT,
+            "zarr": "CHW",
+            "zarr_path": ZARR_DIR if "zarr" in options["formats"] else None,
+            "members": {
+                "json": "metadata",
+                "s1.npy": "float32 VV,VH dB",
+                "s2.npy": "uint16 B1..B12 (B8A after B8)",
+                "lc.npy": "uint8 IGBP,LCCS_LC,LCCS_LU,LCCS_SH",
+            },
+        },
         "counts": {
             "patches_found": plan["patches_found"],
             "samples_written": len(samples),
@@ -179,8 +199,9 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
             "test": int((~arrays["train"]).sum()),
             "non_overlapping": int(arrays["non_overlapping"].sum()),
             # Pixels written as stored but kept out of the statistics (see docs/FORMAT.md).
-            "invalid_pixels": {m: sum(s.get(f"{m}_invalid_pixels", 0) for s in samples)
-                               for m in ("s1", "s2", "lc")},
+            "invalid_pixels": {
+                m: sum(s.get(f"{m}_invalid_pixels", 0) for s in samples) for m in ("s1", "s2", "lc")
+            },
         },
         "shards": shards,
         "catalog": catalog,

@@ -19,8 +19,10 @@ from .storage import DatasetRoot
 
 __all__ = ["DatasetCorruptError", "manifest_digest", "read_catalog", "read_manifest"]
 
-_RECOVER = ("re-run the same ingest command into a new folder, or run `eossl verify DATASET` to see what else "
-            "is damaged")
+_RECOVER = (
+    "re-run the same ingest command into a new folder, or run `eossl verify DATASET` to see what else "
+    "is damaged"
+)
 
 
 class DatasetCorruptError(ValueError):
@@ -76,4 +78,6 @@ def read_catalog(out: DatasetRoot, manifest: dict) -> Catalog:
     try:
         return Catalog.from_bytes(data)
     except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError) as exc:
-        raise DatasetCorruptError(out.path(CATALOG), f"cannot be decoded ({type(exc).__name__}: {exc})") from exc
+        raise DatasetCorruptError(
+            out.path(CATALOG), f"cannot be decoded ({type(exc).__name__}: {exc})"
+        ) from exc

@@ -56,8 +56,11 @@ class ReadOptions:
                 raise ValueError(f"{name} must be a fraction in [0, 1], got {getattr(self, name)}")
 
     def max_invalid_fraction(self, modality: str) -> float:
-        return {"s1": self.max_s1_invalid_fraction, "s2": self.max_s2_invalid_fraction,
-                "lc": self.max_lc_invalid_fraction}[modality]
+        return {
+            "s1": self.max_s1_invalid_fraction,
+            "s2": self.max_s2_invalid_fraction,
+            "lc": self.max_lc_invalid_fraction,
+        }[modality]
 
 
 @dataclass
@@ -120,7 +123,9 @@ def _read_geotiff(path: str, modality: Modality) -> tuple[np.ndarray, str, tuple
                     f"({', '.join(modality.bands)})",
                 )
             if (ds.height, ds.width) != (PATCH_SIZE, PATCH_SIZE):
-                raise _BadFile(path, f"wrong shape {ds.height}x{ds.width}, expected {PATCH_SIZE}x{PATCH_SIZE}")
+                raise _BadFile(
+                    path, f"wrong shape {ds.height}x{ds.width}, expected {PATCH_SIZE}x{PATCH_SIZE}"
+                )
             dtypes = set(ds.dtypes)
             if len(dtypes) != 1 or next(iter(dtypes)) not in modality.accepted_dtypes:
                 raise _BadFile(
@@ -165,7 +170,8 @@ def read_patch(group: PatchGroup, options: ReadOptions) -> Sample | Reject:
     missing = [m for m in options.required if m not in group.files]
     if missing:
         return reject(
-            f"missing required modality {', '.join(missing)} (found: {', '.join(sorted(group.files)) or 'none'})"
+            f"missing required modality {', '.join(missing)} "
+            f"(found: {', '.join(sorted(group.files)) or 'none'})"
         )
 
     arrays: dict[str, np.ndarray] = {}
@@ -194,10 +200,14 @@ def read_patch(group: PatchGroup, options: ReadOptions) -> Sample | Reject:
     ref_crs, ref_transform = grids[ref_mod]
     for mod, (crs, transform) in grids.items():
         if crs != ref_crs or not _same_grid(transform, ref_transform):
-            errors.append({
-                "file": group.files[mod][0],
-                "reason": f"grid mismatch: {mod} is {crs} {transform}, {ref_mod} is {ref_crs} {ref_transform}",
-            })
+            errors.append(
+                {
+                    "file": group.files[mod][0],
+                    "reason": (
+                        f"grid mismatch: {mod} is {crs} {transform}, {ref_mod} is {ref_crs} {ref_transform}"
+                    ),
+                }
+            )
     if errors:
         return reject("; ".join(f"{e['file']}: {e['reason']}" for e in errors))
 

@@ -61,7 +61,7 @@ def _relative(path: str, source: str) -> str:
     src = source.rstrip("/")
     for prefix in (src + "/", src.split("://", 1)[-1] + "/"):
         if path.startswith(prefix):
-            return path[len(prefix):]
+            return path[len(prefix) :]
     return path
 
 
@@ -142,7 +142,9 @@ def process_unit(
                 writer = _HashingWriter(stack.enter_context(out.open_atomic(shard)))
                 tar = stack.enter_context(tarfile.open(fileobj=writer, mode="w", format=tarfile.USTAR_FORMAT))
             meta = sample_metadata(result, group, splits[group.pid.scene_id], source)
-            where = {"json": _add_member(tar, f"{result.key}.json", json.dumps(meta, sort_keys=True).encode())}
+            where = {
+                "json": _add_member(tar, f"{result.key}.json", json.dumps(meta, sort_keys=True).encode())
+            }
             for mod, arr in result.arrays.items():
                 where[mod] = _add_member(tar, f"{result.key}.{member_name(mod)}", encode_member(arr))
                 if mod in stats:
@@ -151,7 +153,12 @@ def process_unit(
             members.append(where)
         if tar is not None:
             tar.close()  # writes the end-of-archive blocks before the hash is read
-            shard_info = {"path": shard, "samples": len(samples), "sha256": writer.sha.hexdigest(), "bytes": writer.size}
+            shard_info = {
+                "path": shard,
+                "samples": len(samples),
+                "sha256": writer.sha.hexdigest(),
+                "bytes": writer.size,
+            }
     arrays: dict[str, np.ndarray] = {}
     for mod, st in stats.items():
         arrays.update(st.arrays(f"{mod}_"))
@@ -167,4 +174,9 @@ def process_unit(
         "rejects": rejects,
     }
     out.write_bytes(unit_record_path(unit.index), json.dumps(record, sort_keys=True).encode())
-    return {"unit": unit.index, "patches": len(unit.groups), "written": len(samples), "rejected": len(rejects)}
+    return {
+        "unit": unit.index,
+        "patches": len(unit.groups),
+        "written": len(samples),
+        "rejected": len(rejects),
+    }

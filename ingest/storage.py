@@ -52,7 +52,9 @@ class DatasetRoot:
         else:
             # A client of its own: fsspec's instance cache would keep an endpoint read from the environment
             # when another DatasetRoot was made (AWS_ENDPOINT_URL may differ between jobs in one process).
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **self.storage_options)
+            self.fs, self.root = fsspec.core.url_to_fs(
+                self.url, skip_instance_cache=True, **self.storage_options
+            )
 
     def __repr__(self) -> str:
         return f"DatasetRoot({self.url!r})"
@@ -74,7 +76,11 @@ class DatasetRoot:
         """Relative paths of the files directly under folder ``prefix`` (sorted)."""
         if self.is_local:
             folder = self.root / prefix
-            return sorted(f"{prefix}/{p.name}" for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+            return (
+                sorted(f"{prefix}/{p.name}" for p in folder.iterdir() if p.is_file())
+                if folder.is_dir()
+                else []
+            )
         base = f"{self.root}/{prefix}"
         if not self.fs.exists(base):
             return []
@@ -137,4 +143,6 @@ class DatasetRoot:
         if self.is_local:
             return zarr.storage.LocalStore(str(self.root / rel), read_only=read_only)
         options = {**self.storage_options, "asynchronous": True}
-        return zarr.storage.FsspecStore.from_url(f"{self.url}/{rel}", storage_options=options, read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(
+            f"{self.url}/{rel}", storage_options=options, read_only=read_only
+        )

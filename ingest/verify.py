@@ -1,10 +1,10 @@
 """``eossl verify``: re-check a finished dataset against its manifest.
 
 Checks, in order of cost: the manifest parses and matches its ``manifest_sha256``, counts add up
-(found = written + rejected); every listed shard exists with its size and sha256 and no unlisted shard lies beside them; the shards'
-sample keys, in order, are the Zarr ``key`` array and their modality members match the ``has_*``
-flags; with ``deep=True`` every array in the shards equals its Zarr row bit for bit. Last, every band
-the manifest flags for an implausible spread is reported: the dataset is whole, but unfit to train on.
+(found = written + rejected); every listed shard exists with its size and sha256 and no unlisted shard lies
+beside them; the shards' sample keys, in order, are the Zarr ``key`` array and their modality members match
+the ``has_*`` flags; with ``deep=True`` every array in the shards equals its Zarr row bit for bit. Last, every
+band the manifest flags for an implausible spread is reported: the dataset is whole, but unfit to train on.
 """
 
 from __future__ import annotations
@@ -51,14 +51,20 @@ def _check_catalog(out: DatasetRoot, manifest: dict, shard_keys: list[str], deep
             start, size = int(offsets[i]), int(catalog.size[member][i])
             if start < 0:
                 continue
-            raw = out.fs.cat_file(f"{out.root}/{path}", start=start, end=start + size) if not out.is_local else None
+            raw = (
+                out.fs.cat_file(f"{out.root}/{path}", start=start, end=start + size)
+                if not out.is_local
+                else None
+            )
             if raw is None:
                 with open(out.path(path), "rb") as f:
                     f.seek(start)
                     raw = f.read(size)
             ok = raw.startswith(b"{") if member == "json" else raw.startswith(b"\x93NUMPY")
             if not ok or len(raw) != size:
-                problems.append(f"{CATALOG}: {catalog.key[i]}.{member} offset does not point at its data in {path}")
+                problems.append(
+                    f"{CATALOG}: {catalog.key[i]}.{member} offset does not point at its data in {path}"
+                )
     return problems
 
 
@@ -78,13 +84,17 @@ def verify(dataset: str, deep: bool = False) -> list[str]:
     problems: list[str] = []
     counts = manifest["counts"]
     if counts["patches_found"] != counts["samples_written"] + counts["rejected"]:
-        problems.append(f"counts: {counts['patches_found']} found != {counts['samples_written']} written + "
-                        f"{counts['rejected']} rejected")
+        problems.append(
+            f"counts: {counts['patches_found']} found != {counts['samples_written']} written + "
+            f"{counts['rejected']} rejected"
+        )
     rejects = out.read_bytes(REJECTS).decode().splitlines() if out.exists(REJECTS) else None
     if rejects is None:
         problems.append(f"{out.path(REJECTS)} missing")
     elif len(rejects) != counts["rejected"]:
-        problems.append(f"{REJECTS} lists {len(rejects)} patches, manifest says {counts['rejected']} rejected")
+        problems.append(
+            f"{REJECTS} lists {len(rejects)} patches, manifest says {counts['rejected']} rejected"
+        )
 
     formats = manifest["options"]["formats"]
     shard_keys: list[str] = []
@@ -103,11 +113,15 @@ def verify(dataset: str, deep: bool = False) -> list[str]:
                 continue
             digest, size = _sha256(out, path)
             if digest != shard["sha256"] or size != shard["bytes"]:
-                problems.append(f"{out.path(path)}: sha256/size differ from the manifest (corrupt or replaced)")
+                problems.append(
+                    f"{out.path(path)}: sha256/size differ from the manifest (corrupt or replaced)"
+                )
                 continue
             keys = [(k, set(m)) for k, m in iter_shard_samples(out, path)]
             if len(keys) != shard["samples"]:
-                problems.append(f"{out.path(path)} holds {len(keys)} samples, manifest says {shard['samples']}")
+                problems.append(
+                    f"{out.path(path)} holds {len(keys)} samples, manifest says {shard['samples']}"
+                )
             shard_keys += [k for k, _ in keys]
             shard_members += [m for _, m in keys]
         if len(set(shard_keys)) != len(shard_keys):

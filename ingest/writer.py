@@ -51,8 +51,10 @@ class IngestSummary:
     def line(self) -> str:
         state = "complete" if self.complete else f"part done ({self.units_done}/{self.units_total} units)"
         rate = self.found / self.seconds if self.seconds > 0 else 0.0
-        return (f"ingest {state}: {self.found} patches found, {self.written} written, {self.rejected} rejected "
-                f"({self.seconds:.1f} s, {rate:.1f} patches/s)")
+        return (
+            f"ingest {state}: {self.found} patches found, {self.written} written, {self.rejected} rejected "
+            f"({self.seconds:.1f} s, {rate:.1f} patches/s)"
+        )
 
 
 def samples_per_shard(shard_bytes: int) -> int:
@@ -64,8 +66,10 @@ def plan_units(listing: SourceListing, cfg: IngestConfig) -> list[Unit]:
     size = samples_per_shard(cfg.shard_bytes)
     staging = "wds" not in cfg.formats
     groups = listing.groups
-    return [Unit(index=u, groups=tuple(groups[s : s + size]), staging=staging)
-            for u, s in enumerate(range(0, len(groups), size))]
+    return [
+        Unit(index=u, groups=tuple(groups[s : s + size]), staging=staging)
+        for u, s in enumerate(range(0, len(groups), size))
+    ]
 
 
 def _split_of_scenes(listing: SourceListing, cfg: IngestConfig) -> dict[str, str]:
@@ -114,8 +118,10 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     listing = scan_source(cfg.source)
     if listing.ignored:
         examples = ", ".join(p.rsplit("/", 1)[-1] for p in listing.ignored[:3])
-        print(f"warning: ignoring {len(listing.ignored)} files that are not SEN12MS patches (e.g. {examples})",
-              file=sys.stderr)
+        print(
+            f"warning: ignoring {len(listing.ignored)} files that are not SEN12MS patches (e.g. {examples})",
+            file=sys.stderr,
+        )
     units = plan_units(listing, cfg)
     splits = _split_of_scenes(listing, cfg)
     plan = {
@@ -130,20 +136,37 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     if out.exists(MANIFEST) and cfg.part[1] == 1:
         manifest = read_manifest(out)
         c = manifest["counts"]
-        return IngestSummary(c["patches_found"], c["samples_written"], c["rejected"], len(units), len(units),
-                             True, time.perf_counter() - t0)
+        return IngestSummary(
+            c["patches_found"],
+            c["samples_written"],
+            c["rejected"],
+            len(units),
+            len(units),
+            True,
+            time.perf_counter() - t0,
+        )
     for prefix in (PROGRESS_DIR, "shards", f"{PROGRESS_DIR}/staged-shards"):
         out.remove_stale_temporaries(prefix)
 
     i, n = cfg.part
     mine = [u for u in units if u.index % n == i]
     todo = [u for u in mine if not out.exists(unit_record_path(u.index))]
-    with tqdm(total=sum(len(u.groups) for u in mine), initial=sum(len(u.groups) for u in mine if u not in todo),
-              unit="patch", desc=f"ingest {i}/{n}" if n > 1 else "ingest", disable=not cfg.progress,
-              file=sys.stderr, smoothing=0.1) as bar:
+    with tqdm(
+        total=sum(len(u.groups) for u in mine),
+        initial=sum(len(u.groups) for u in mine if u not in todo),
+        unit="patch",
+        desc=f"ingest {i}/{n}" if n > 1 else "ingest",
+        disable=not cfg.progress,
+        file=sys.stderr,
+        smoothing=0.1,
+    ) as bar:
         _run_units(todo, cfg, splits, bar)
-    part = {"part": [i, n], "units": [u.index for u in mine], "listing_sha256": listing.digest,
-            "command": list(cfg.command)}
+    part = {
+        "part": [i, n],
+        "units": [u.index for u in mine],
+        "listing_sha256": listing.digest,
+        "command": list(cfg.command),
+    }
     out.write_bytes(f"{PROGRESS_DIR}/part-{i}-of-{n}.json", json.dumps(part, sort_keys=True).encode())
 
     if n == 1:
@@ -151,11 +174,24 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
 
         manifest = finalize(out, cfg.workers, cfg.command)
         c = manifest["counts"]
-        return IngestSummary(c["patches_found"], c["samples_written"], c["rejected"], len(units), len(units),
-                             True, time.perf_counter() - t0)
+        return IngestSummary(
+            c["patches_found"],
+            c["samples_written"],
+            c["rejected"],
+            len(units),
+            len(units),
+            True,
+            time.perf_counter() - t0,
+        )
     records = [json.loads(out.read_bytes(unit_record_path(u.index))) for u in mine]
     written = sum(len(r["samples"]) for r in records)
     rejected = sum(len(r["rejects"]) for r in records)
-    return IngestSummary(sum(len(u.groups) for u in mine), written, rejected, len(mine), len(units), False,
-                         time.perf_counter() - t0)
-
+    return IngestSummary(
+        sum(len(u.groups) for u in mine),
+        written,
+        rejected,
+        len(mine),
+        len(units),
+        False,
+        time.perf_counter() - t0,
+    )

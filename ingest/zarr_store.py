@@ -31,8 +31,13 @@ _COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 def iter_shard_samples(out: DatasetRoot, shard_path: str):
     """Yield (key, {member_ext: bytes}) for every sample of a tar shard, in order."""
     with (
-        open(out.path(shard_path), "rb") if out.is_local else out.fs.open(f"{out.root}/{shard_path}", "rb")
-    ) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        (
+            open(out.path(shard_path), "rb")
+            if out.is_local
+            else out.fs.open(f"{out.root}/{shard_path}", "rb")
+        ) as f,
+        tarfile.open(fileobj=f, mode="r|") as tar,
+    ):
         key, members = None, {}
         for info in tar:
             k, ext = info.name.split(".", 1)
@@ -58,8 +63,10 @@ def _write_block(out_url: str, block: int, rows: tuple[int, int], sources: list[
     out = DatasetRoot(out_url)
     group = zarr.open_group(out.zarr_store(ZARR_DIR), mode="r+")
     start, stop = rows
-    blocks = {m: np.full((stop - start, *MODALITIES[m].shape_chw), MODALITIES[m].fill, dtype=MODALITIES[m].dtype)
-              for m in MODALITIES}
+    blocks = {
+        m: np.full((stop - start, *MODALITIES[m].shape_chw), MODALITIES[m].fill, dtype=MODALITIES[m].dtype)
+        for m in MODALITIES
+    }
     for shard_path, first, _count in sources:
         for offset, (_key, members) in enumerate(iter_shard_samples(out, shard_path)):
             row = first + offset
@@ -86,22 +93,38 @@ def _create(group: zarr.Group, name: str, data: np.ndarray, dims: tuple[str, ...
 def write_metadata_arrays(group: zarr.Group, samples: list[dict], extra: dict[str, np.ndarray]) -> None:
     """Per-sample metadata as plain arrays (readable by zarr/xarray without eossl)."""
     n = len(samples)
-    text = {f: np.array([s[f] for s in samples], dtype=str) if n else np.zeros(0, dtype=str)
-            for f in ("key", "scene_id", "roi", "season", "crs", "split")}
+    text = {
+        f: np.array([s[f] for s in samples], dtype=str) if n else np.zeros(0, dtype=str)
+        for f in ("key", "scene_id", "roi", "season", "crs", "split")
+    }
     for field, values in text.items():
         _create(group, field, values, ("sample",))
     _create(group, "scene", np.array([s["scene"] for s in samples], dtype=np.int32), ("sample",))
     _create(group, "patch", np.array([s["patch"] for s in samples], dtype=np.int32), ("sample",))
-    _create(group, "transform", np.array([s["transform"] for s in samples], dtype=np.float64).reshape(n, 6),
-            ("sample", "coef"), description="affine a, b, c, d, e, f (rasterio order) of each patch")
+    _create(
+        group,
+        "transform",
+        np.array([s["transform"] for s in samples], dtype=np.float64).reshape(n, 6),
+        ("sample", "coef"),
+        description="affine a, b, c, d, e, f (rasterio order) of each patch",
+    )
     for mod in MODALITIES:
-        _create(group, f"has_{mod}", np.array([s["modalities"][mod] for s in samples], dtype=bool), ("sample",),
-                description=f"True where the patch has {mod}; elsewhere {mod} holds its fill value")
+        _create(
+            group,
+            f"has_{mod}",
+            np.array([s["modalities"][mod] for s in samples], dtype=bool),
+            ("sample",),
+            description=f"True where the patch has {mod}; elsewhere {mod} holds its fill value",
+        )
     for mod in MODALITIES:
-        _create(group, f"{mod}_invalid_pixels",
-                np.array([s.get(f"{mod}_invalid_pixels", 0) for s in samples], dtype=np.int32), ("sample",),
-                description=f"invalid pixels kept as stored in {mod} (below the reject threshold; outside the "
-                "physical range, non-finite, nodata or not in the legend)")
+        _create(
+            group,
+            f"{mod}_invalid_pixels",
+            np.array([s.get(f"{mod}_invalid_pixels", 0) for s in samples], dtype=np.int32),
+            ("sample",),
+            description=f"invalid pixels kept as stored in {mod} (below the reject threshold; outside the "
+            "physical range, non-finite, nodata or not in the legend)",
+        )
     labels = [s["labels"] for s in samples]
     for scheme, classes in (("igbp", IGBP_CLASSES), ("igbp_simple", IGBP_SIMPLE_CLASSES)):
         single = np.array([lab[scheme] if lab else 0 for lab in labels], dtype=np.int16)
@@ -112,17 +135,36 @@ def write_metadata_arrays(group: zarr.Group, samples: list[dict], extra: dict[st
                 multi[i, [c - 1 for c in lab[f"{scheme}_multi"]]] = True
                 frac[i] = lab["igbp_fractions" if scheme == "igbp" else "simple_fractions"]
         names = list(classes)
-        _create(group, f"label_{scheme}", single, ("sample",), classes=names,
-                description="majority class code, 1-based; 0 = no land cover")
-        _create(group, f"multilabel_{scheme}", multi, ("sample", scheme), classes=names,
-                description="classes covering at least the multi-label threshold of the patch")
+        _create(
+            group,
+            f"label_{scheme}",
+            single,
+            ("sample",),
+            classes=names,
+            description="majority class code, 1-based; 0 = no land cover",
+        )
+        _create(
+            group,
+            f"multilabel_{scheme}",
+            multi,
+            ("sample", scheme),
+            classes=names,
+            description="classes covering at least the multi-label threshold of the patch",
+        )
         _create(group, f"fractions_{scheme}", frac, ("sample", scheme), classes=names)
     for name, values in extra.items():
         _create(group, name, values, ("sample",) if values.ndim == 1 else ("sample", "index"))
 
 
-def build_zarr(out: DatasetRoot, shards: list[dict], samples: list[dict], extra: dict[str, np.ndarray],
-               shard_samples: int, workers: int, attrs: dict) -> None:
+def build_zarr(
+    out: DatasetRoot,
+    shards: list[dict],
+    samples: list[dict],
+    extra: dict[str, np.ndarray],
+    shard_samples: int,
+    workers: int,
+    attrs: dict,
+) -> None:
     """Create (or resume) ``data.zarr`` with data arrays filled from ``shards`` and metadata arrays."""
     n = len(samples)
     store = out.zarr_store(ZARR_DIR)
@@ -132,12 +174,20 @@ def build_zarr(out: DatasetRoot, shards: list[dict], samples: list[dict], extra:
         if existing is not None and existing.shape == (n, *m.shape_chw):
             continue
         group.create_array(
-            mod, shape=(n, *m.shape_chw), dtype=m.dtype, chunks=(1, *m.shape_chw),
-            shards=(shard_samples, *m.shape_chw), compressors=_COMPRESSOR, fill_value=m.fill,
-            dimension_names=("sample", f"{mod}_band", "y", "x"), overwrite=True,
+            mod,
+            shape=(n, *m.shape_chw),
+            dtype=m.dtype,
+            chunks=(1, *m.shape_chw),
+            shards=(shard_samples, *m.shape_chw),
+            compressors=_COMPRESSOR,
+            fill_value=m.fill,
+            dimension_names=("sample", f"{mod}_band", "y", "x"),
+            overwrite=True,
         ).attrs.update({"bands": list(m.bands), "unit": m.unit, "layout": "CHW"})
     write_metadata_arrays(group, samples, extra)
-    group.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "patch_size": PATCH_SIZE, **attrs})
+    group.attrs.update(
+        {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "patch_size": PATCH_SIZE, **attrs}
+    )
 
     firsts = np.cumsum([0] + [s["samples"] for s in shards])
     jobs = []
@@ -145,8 +195,11 @@ def build_zarr(out: DatasetRoot, shards: list[dict], samples: list[dict], extra:
         stop = min(start + shard_samples, n)
         if out.exists(_block_marker(block)):
             continue
-        sources = [(s["path"], int(f), s["samples"]) for s, f in zip(shards, firsts[:-1], strict=True)
-                   if f < stop and f + s["samples"] > start]
+        sources = [
+            (s["path"], int(f), s["samples"])
+            for s, f in zip(shards, firsts[:-1], strict=True)
+            if f < stop and f + s["samples"] > start
+        ]
         jobs.append((out.url, block, (start, stop), sources))
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:

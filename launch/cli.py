@@ -35,37 +35,55 @@ class _Mount:
 
 
 _COMMANDS: dict[str, _Mount] = {
-    "sample-data": _Mount("write a synthetic SEN12MS-layout tree of complete triplets",
-                          "eossl.ingest.cli:add_sample_data_arguments"),
-    "ingest": _Mount("SEN12MS GeoTIFFs -> WebDataset shards + Zarr store (+ 'ingest merge')",
-                     "eossl.ingest.cli:add_ingest_arguments"),
-    "verify": _Mount("re-check a dataset: checksums, counts, shards vs Zarr",
-                     "eossl.ingest.cli:add_verify_arguments"),
-    "train": _Mount("self-supervised pre-training (MoCo-v2, DINO); also via "
-                    "'accelerate launch -m eossl.train'", "eossl.train.cli:add_train_arguments",
-                    handler="eossl.train.cli:run_train",
-                    description="Pre-train on an eossl dataset. Multi-process: accelerate launch [flags] -m "
-                    "eossl.train moco --data D --out RUN (configs in launch/accelerate/)."),
-    "eval": _Mount("evaluation: scene classification and land-cover segmentation grids, result tables",
-                   "eossl.eval.cli:add_eval_arguments"),
-    "attention": _Mount("ViT (DINO) attention maps, token-embedding maps and their mIoU with land cover",
-                        "eossl.eval.cli:add_attention_arguments",
-                        description="Per patch: the input (S1 false colour, S2 true colour, land cover), "
-                        "the last-layer CLS attention of every head, thresholded masks, token PCA and "
-                        "k-means maps, and the matched mIoU of masks and clusters against the land-cover "
-                        "map."),
-    "study": _Mount("scaling study: a grid of pre-training runs, each evaluated (also: study report)",
-                    "eossl.launch.study.cli:add_study_arguments",
-                    description="Run a grid (batch size x epochs x any config field) of pre-training runs, "
-                    "each followed by its evaluation, as MLflow runs nested under one parent; re-run to "
-                    "resume. 'eossl study report --config FILE' rebuilds the table and plots from MLflow."),
-    "kit": _Mount("render the SLURM script or Kubernetes manifest of a multi-node training run",
-                  "eossl.launch.cluster_cli:add_kit_arguments",
-                  description="Render launch/kits/ for N nodes: each node runs launch/kits/node.sh "
-                  "(accelerate launch for that node; pre-emption safe). Train arguments after --."),
-    "bench": _Mount("benchmarks (results in docs/BENCHMARKS.md)", "eossl.launch.bench.cli:add_bench_arguments"),
-    "mlflow": _Mount("MLflow tracking server (eossl mlflow serve)",
-                     "eossl.launch.mlflow_server:add_mlflow_arguments"),
+    "sample-data": _Mount(
+        "write a synthetic SEN12MS-layout tree of complete triplets",
+        "eossl.ingest.cli:add_sample_data_arguments",
+    ),
+    "ingest": _Mount(
+        "SEN12MS GeoTIFFs -> WebDataset shards + Zarr store (+ 'ingest merge')",
+        "eossl.ingest.cli:add_ingest_arguments",
+    ),
+    "verify": _Mount(
+        "re-check a dataset: checksums, counts, shards vs Zarr", "eossl.ingest.cli:add_verify_arguments"
+    ),
+    "train": _Mount(
+        "self-supervised pre-training (MoCo-v2, DINO); also via 'accelerate launch -m eossl.train'",
+        "eossl.train.cli:add_train_arguments",
+        handler="eossl.train.cli:run_train",
+        description="Pre-train on an eossl dataset. Multi-process: accelerate launch [flags] -m "
+        "eossl.train moco --data D --out RUN (configs in launch/accelerate/).",
+    ),
+    "eval": _Mount(
+        "evaluation: scene classification and land-cover segmentation grids, result tables",
+        "eossl.eval.cli:add_eval_arguments",
+    ),
+    "attention": _Mount(
+        "ViT (DINO) attention maps, token-embedding maps and their mIoU with land cover",
+        "eossl.eval.cli:add_attention_arguments",
+        description="Per patch: the input (S1 false colour, S2 true colour, land cover), "
+        "the last-layer CLS attention of every head, thresholded masks, token PCA and "
+        "k-means maps, and the matched mIoU of masks and clusters against the land-cover "
+        "map.",
+    ),
+    "study": _Mount(
+        "scaling study: a grid of pre-training runs, each evaluated (also: study report)",
+        "eossl.launch.study.cli:add_study_arguments",
+        description="Run a grid (batch size x epochs x any config field) of pre-training runs, "
+        "each followed by its evaluation, as MLflow runs nested under one parent; re-run to "
+        "resume. 'eossl study report --config FILE' rebuilds the table and plots from MLflow.",
+    ),
+    "kit": _Mount(
+        "render the SLURM script or Kubernetes manifest of a multi-node training run",
+        "eossl.launch.cluster_cli:add_kit_arguments",
+        description="Render launch/kits/ for N nodes: each node runs launch/kits/node.sh "
+        "(accelerate launch for that node; pre-emption safe). Train arguments after --.",
+    ),
+    "bench": _Mount(
+        "benchmarks (results in docs/BENCHMARKS.md)", "eossl.launch.bench.cli:add_bench_arguments"
+    ),
+    "mlflow": _Mount(
+        "MLflow tracking server (eossl mlflow serve)", "eossl.launch.mlflow_server:add_mlflow_arguments"
+    ),
 }
 
 # Two-word commands with a parser of their own (a source folder named "merge" is then "./merge").
@@ -85,7 +103,9 @@ def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentPa
     the others are listed by name and help line."""
     parser = argparse.ArgumentParser(
         prog="eossl",
-        description="eossl: stream SEN12MS (Sentinel-1/2, MODIS land cover) for self-supervised pre-training.",
+        description=(
+            "eossl: stream SEN12MS (Sentinel-1/2, MODIS land cover) for self-supervised pre-training."
+        ),
     )
     from importlib.metadata import PackageNotFoundError, version
 
@@ -112,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif argv[:1] == ["kit"] and "--" in argv:  # everything after -- belongs to eossl.train
         cut = argv.index("--")
         args = build_parser(argv[:1]).parse_args(argv[:cut])
-        args.train_args = tuple(argv[cut + 1:])
+        args.train_args = tuple(argv[cut + 1 :])
     else:
         args = build_parser(argv[:1]).parse_args(argv)
     try:

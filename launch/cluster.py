@@ -61,21 +61,27 @@ class ClusterJob:
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1:
-            raise ValueError(f"nodes and gpus_per_node must be >= 1, "
-                             f"got {self.nodes} and {self.gpus_per_node}")
+            raise ValueError(
+                f"nodes and gpus_per_node must be >= 1, got {self.nodes} and {self.gpus_per_node}"
+            )
         if not _NAME.match(self.job_name) or len(self.job_name) > 52:
-            raise ValueError(f"job name {self.job_name!r} must be a lower-case DNS label "
-                             "(a-z, 0-9, '-'; <= 52)")
+            raise ValueError(
+                f"job name {self.job_name!r} must be a lower-case DNS label (a-z, 0-9, '-'; <= 52)"
+            )
         methods = method_names()
         if not self.train_args or self.train_args[0] not in methods:
-            raise ValueError(f"train arguments must start with the method ({' or '.join(methods)}), "
-                             f"got {self.train_args[:1]}")
+            raise ValueError(
+                f"train arguments must start with the method ({' or '.join(methods)}), "
+                f"got {self.train_args[:1]}"
+            )
         for key in self.env:
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
                 raise ValueError(f"bad environment variable name {key!r}")
             if any(word in key.upper() for word in ("SECRET", "PASSWORD", "TOKEN")):
-                raise ValueError(f"{key}: secrets come from the cluster (SLURM environment, "
-                                 "Kubernetes Secret), not from the rendered file")
+                raise ValueError(
+                    f"{key}: secrets come from the cluster (SLURM environment, "
+                    "Kubernetes Secret), not from the rendered file"
+                )
 
 
 def _fill(template: str, values: dict[str, object]) -> str:
@@ -88,21 +94,36 @@ def _fill(template: str, values: dict[str, object]) -> str:
 
 
 def _common(job: ClusterJob) -> dict[str, object]:
-    return {"JOB_NAME": job.job_name, "NODES": job.nodes, "GPUS_PER_NODE": job.gpus_per_node,
-            "ACCELERATE_CONFIG": job.accelerate_config, "REPO": job.repo,
-            "SIGNAL_SECONDS": job.signal_seconds}
+    return {
+        "JOB_NAME": job.job_name,
+        "NODES": job.nodes,
+        "GPUS_PER_NODE": job.gpus_per_node,
+        "ACCELERATE_CONFIG": job.accelerate_config,
+        "REPO": job.repo,
+        "SIGNAL_SECONDS": job.signal_seconds,
+    }
 
 
 def render_slurm(job: ClusterJob) -> str:
     """The sbatch script of ``job`` (submit with ``sbatch FILE``)."""
     exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(job.env.items()))
-    after = (f"# After training, once, on node 0 (this batch shell runs there).\n{job.after_train}\n"
-             if job.after_train else "")
-    return _fill((KIT_DIR / "slurm.sbatch").read_text(), {
-        **_common(job), "CPUS_PER_TASK": job.cpus_per_task, "TIME": job.time, "LOG_DIR": job.log_dir,
-        "EXPORTS": exports, "TRAIN_ARGS": " ".join(shlex.quote(a) for a in job.train_args),
-        "AFTER_TRAIN": after,
-    })
+    after = (
+        f"# After training, once, on node 0 (this batch shell runs there).\n{job.after_train}\n"
+        if job.after_train
+        else ""
+    )
+    return _fill(
+        (KIT_DIR / "slurm.sbatch").read_text(),
+        {
+            **_common(job),
+            "CPUS_PER_TASK": job.cpus_per_task,
+            "TIME": job.time,
+            "LOG_DIR": job.log_dir,
+            "EXPORTS": exports,
+            "TRAIN_ARGS": " ".join(shlex.quote(a) for a in job.train_args),
+            "AFTER_TRAIN": after,
+        },
+    )
 
 
 def pod_script(job: ClusterJob) -> str:
@@ -124,9 +145,18 @@ def render_k8s(job: ClusterJob) -> str:
     """The Kubernetes manifest of ``job``: a headless Service and an Indexed Job (``kubectl apply -f``)."""
     script = pod_script(job)
     block = "|\n" + "\n".join(" " * 16 + line for line in script.splitlines())
-    env = "\n".join(f"            - {{name: {k}, value: {json.dumps(v)}}}"
-                    for k, v in sorted(job.env.items()))
-    return _fill((KIT_DIR / "k8s-job.yaml").read_text(), {
-        **_common(job), "MASTER_PORT": job.master_port, "IMAGE": job.image, "POD_SCRIPT": block, "ENV": env,
-        "RUNS_CLAIM": job.runs_claim, "RUNS_MOUNT": job.runs_mount,
-    })
+    env = "\n".join(
+        f"            - {{name: {k}, value: {json.dumps(v)}}}" for k, v in sorted(job.env.items())
+    )
+    return _fill(
+        (KIT_DIR / "k8s-job.yaml").read_text(),
+        {
+            **_common(job),
+            "MASTER_PORT": job.master_port,
+            "IMAGE": job.image,
+            "POD_SCRIPT": block,
+            "ENV": env,
+            "RUNS_CLAIM": job.runs_claim,
+            "RUNS_MOUNT": job.runs_mount,
+        },
+    )

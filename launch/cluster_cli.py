@@ -17,8 +17,20 @@ from .cluster import ClusterJob
 __all__ = ["add_cluster_options", "add_kit_arguments", "cluster_job"]
 
 # flag dest -> ClusterJob field
-_JOB_FIELDS = {name: name for name in ("nodes", "gpus_per_node", "accelerate_config", "repo", "env", "time",
-                                       "signal_seconds", "image", "runs_claim")}
+_JOB_FIELDS = {
+    name: name
+    for name in (
+        "nodes",
+        "gpus_per_node",
+        "accelerate_config",
+        "repo",
+        "env",
+        "time",
+        "signal_seconds",
+        "image",
+        "runs_claim",
+    )
+}
 
 
 def _default(name: str) -> str:
@@ -28,25 +40,53 @@ def _default(name: str) -> str:
 def add_cluster_options(p: argparse.ArgumentParser) -> None:
     """The options of a multi-node job: nodes, processes, accelerate config, SLURM and Kubernetes settings."""
     suppress = argparse.SUPPRESS
-    p.add_argument("--nodes", type=int, default=suppress,
-                   help=f"nodes per job (one accelerate launch each; default {_default('nodes')})")
-    p.add_argument("--gpus-per-node", type=int, default=suppress,
-                   help=f"processes per node (default {_default('gpus_per_node')})")
-    p.add_argument("--accelerate-config", default=suppress,
-                   help=f"accelerate config, relative to the repository on the nodes "
-                   f"(default {_default('accelerate_config')})")
-    p.add_argument("--repo", default=suppress,
-                   help=f"the eossl checkout on the nodes (image working dir; default {_default('repo')})")
-    p.add_argument("--env", type=parse_assignment, action="append", default=suppress, metavar="KEY=VALUE",
-                   help="environment for every node (no secrets: those come from the cluster)")
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=suppress,
+        help=f"nodes per job (one accelerate launch each; default {_default('nodes')})",
+    )
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=suppress,
+        help=f"processes per node (default {_default('gpus_per_node')})",
+    )
+    p.add_argument(
+        "--accelerate-config",
+        default=suppress,
+        help=f"accelerate config, relative to the repository on the nodes "
+        f"(default {_default('accelerate_config')})",
+    )
+    p.add_argument(
+        "--repo",
+        default=suppress,
+        help=f"the eossl checkout on the nodes (image working dir; default {_default('repo')})",
+    )
+    p.add_argument(
+        "--env",
+        type=parse_assignment,
+        action="append",
+        default=suppress,
+        metavar="KEY=VALUE",
+        help="environment for every node (no secrets: those come from the cluster)",
+    )
     p.add_argument("--time", default=suppress, help=f"SLURM time limit (default {_default('time')})")
-    p.add_argument("--signal-seconds", type=int, default=suppress,
-                   help="SLURM warning before the limit / Kubernetes grace period, to write a checkpoint "
-                   f"(default {_default('signal_seconds')})")
-    p.add_argument("--image", default=suppress,
-                   help=f"Kubernetes container image (default {_default('image')})")
-    p.add_argument("--runs-claim", default=suppress,
-                   help=f"Kubernetes PersistentVolumeClaim of run folders (default {_default('runs_claim')})")
+    p.add_argument(
+        "--signal-seconds",
+        type=int,
+        default=suppress,
+        help="SLURM warning before the limit / Kubernetes grace period, to write a checkpoint "
+        f"(default {_default('signal_seconds')})",
+    )
+    p.add_argument(
+        "--image", default=suppress, help=f"Kubernetes container image (default {_default('image')})"
+    )
+    p.add_argument(
+        "--runs-claim",
+        default=suppress,
+        help=f"Kubernetes PersistentVolumeClaim of run folders (default {_default('runs_claim')})",
+    )
 
 
 def cluster_job(args: argparse.Namespace, train_args: tuple[str, ...], **fields: str) -> ClusterJob:
@@ -59,15 +99,23 @@ def cluster_job(args: argparse.Namespace, train_args: tuple[str, ...], **fields:
 
 def add_kit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=["slurm", "k8s"], help="SLURM batch script or Kubernetes manifest")
-    p.add_argument("--job-name", default=argparse.SUPPRESS,
-                   help=f"SLURM job / Kubernetes object name (default {_default('job_name')})")
-    p.add_argument("--after-train", default=argparse.SUPPRESS,
-                   help="shell command run once on node 0 after training (default: none)")
+    p.add_argument(
+        "--job-name",
+        default=argparse.SUPPRESS,
+        help=f"SLURM job / Kubernetes object name (default {_default('job_name')})",
+    )
+    p.add_argument(
+        "--after-train",
+        default=argparse.SUPPRESS,
+        help="shell command run once on node 0 after training (default: none)",
+    )
     p.add_argument("--out", help="file to write (default: standard output)")
     add_cluster_options(p)
     p.set_defaults(handler=_run_kit, train_args=())
-    p.epilog = ("After --: the eossl.train arguments, e.g. -- moco --data s3://bucket/ds --out /runs/x "
-                "--set epochs=100")
+    p.epilog = (
+        "After --: the eossl.train arguments, e.g. -- moco --data s3://bucket/ds --out /runs/x "
+        "--set epochs=100"
+    )
 
 
 def _run_kit(args: argparse.Namespace) -> int:
@@ -76,10 +124,12 @@ def _run_kit(args: argparse.Namespace) -> int:
     from .cluster import render_k8s, render_slurm
 
     if not args.train_args:
-        raise ValueError("give the training arguments after --, e.g. eossl kit slurm --nodes 2 -- moco "
-                         "--data D --out R")
-    job = cluster_job(args, tuple(args.train_args), **given(args, {"job_name": "job_name",
-                                                                    "after_train": "after_train"}))
+        raise ValueError(
+            "give the training arguments after --, e.g. eossl kit slurm --nodes 2 -- moco --data D --out R"
+        )
+    job = cluster_job(
+        args, tuple(args.train_args), **given(args, {"job_name": "job_name", "after_train": "after_train"})
+    )
     text = render_slurm(job) if args.kind == "slurm" else render_k8s(job)
     if args.out:
         Path(args.out).write_text(text)

@@ -48,8 +48,20 @@ def server_command(cfg: ServerConfig) -> list[str]:
     backend = cfg.backend_store_uri or f"sqlite:///{folder / 'mlflow.db'}"
     artifacts = cfg.artifacts_destination or str(folder / "artifacts")
     mlflow = str(Path(sys.executable).with_name("mlflow"))
-    return [mlflow, "server", "--backend-store-uri", backend, "--artifacts-destination", artifacts,
-            "--host", cfg.host, "--port", str(cfg.port), "--workers", str(cfg.workers)]
+    return [
+        mlflow,
+        "server",
+        "--backend-store-uri",
+        backend,
+        "--artifacts-destination",
+        artifacts,
+        "--host",
+        cfg.host,
+        "--port",
+        str(cfg.port),
+        "--workers",
+        str(cfg.workers),
+    ]
 
 
 def _healthy(uri: str) -> bool:
@@ -79,15 +91,18 @@ def serve(cfg: ServerConfig) -> int:
         deadline = time.monotonic() + cfg.start_timeout_s
         while not _healthy(cfg.uri):
             if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with code {proc.returncode} "
-                                   f"before answering at {cfg.uri}")
+                raise RuntimeError(
+                    f"mlflow server exited with code {proc.returncode} before answering at {cfg.uri}"
+                )
             if time.monotonic() > deadline:
                 os.killpg(proc.pid, signal.SIGTERM)
-                raise RuntimeError(f"mlflow server did not answer at {cfg.uri}/health "
-                                   f"within {cfg.start_timeout_s} s")
+                raise RuntimeError(
+                    f"mlflow server did not answer at {cfg.uri}/health within {cfg.start_timeout_s} s"
+                )
             time.sleep(0.2)
-        print("MLflow server ready; point runs at it with:\n"
-              f"  export MLFLOW_TRACKING_URI={cfg.uri}", flush=True)
+        print(
+            f"MLflow server ready; point runs at it with:\n  export MLFLOW_TRACKING_URI={cfg.uri}", flush=True
+        )
         try:
             code = proc.wait()
         except KeyboardInterrupt:
@@ -105,8 +120,14 @@ def serve(cfg: ServerConfig) -> int:
 
 
 # flag dest -> ServerConfig field
-_SERVE_FIELDS = {"dir": "folder", "host": "host", "port": "port", "backend_store_uri": "backend_store_uri",
-                 "artifacts_destination": "artifacts_destination", "workers": "workers"}
+_SERVE_FIELDS = {
+    "dir": "folder",
+    "host": "host",
+    "port": "port",
+    "backend_store_uri": "backend_store_uri",
+    "artifacts_destination": "artifacts_destination",
+    "workers": "workers",
+}
 
 
 def add_mlflow_arguments(p: argparse.ArgumentParser) -> None:
@@ -117,18 +138,29 @@ def add_mlflow_arguments(p: argparse.ArgumentParser) -> None:
 
     suppress = argparse.SUPPRESS
     sub = p.add_subparsers(dest="mlflow_command", required=True, metavar="{serve}")
-    s = sub.add_parser("serve", help="an MLflow tracking server with a SQLite store and an artifact root",
-                       description="Start mlflow server for a team or a study: runs reach it with "
-                       "MLFLOW_TRACKING_URI=http://HOST:PORT. Stops on Ctrl-C / SIGTERM.")
-    s.add_argument("--dir", default=suppress,
-                   help=f"folder of mlflow.db and artifacts/ (default {default('folder')})")
-    s.add_argument("--host", default=suppress,
-                   help=f"127.0.0.1 (this machine) or 0.0.0.0 (a shared server; default {default('host')})")
+    s = sub.add_parser(
+        "serve",
+        help="an MLflow tracking server with a SQLite store and an artifact root",
+        description="Start mlflow server for a team or a study: runs reach it with "
+        "MLFLOW_TRACKING_URI=http://HOST:PORT. Stops on Ctrl-C / SIGTERM.",
+    )
+    s.add_argument(
+        "--dir", default=suppress, help=f"folder of mlflow.db and artifacts/ (default {default('folder')})"
+    )
+    s.add_argument(
+        "--host",
+        default=suppress,
+        help=f"127.0.0.1 (this machine) or 0.0.0.0 (a shared server; default {default('host')})",
+    )
     s.add_argument("--port", type=int, default=suppress, help=f"(default {default('port')})")
-    s.add_argument("--backend-store-uri", default=suppress,
-                   help="instead of DIR/mlflow.db, e.g. postgresql://... for a shared server")
-    s.add_argument("--artifacts-destination", default=suppress,
-                   help="instead of DIR/artifacts, e.g. s3://bucket/mlflow")
+    s.add_argument(
+        "--backend-store-uri",
+        default=suppress,
+        help="instead of DIR/mlflow.db, e.g. postgresql://... for a shared server",
+    )
+    s.add_argument(
+        "--artifacts-destination", default=suppress, help="instead of DIR/artifacts, e.g. s3://bucket/mlflow"
+    )
     s.add_argument("--workers", type=int, default=suppress, help=f"(default {default('workers')})")
     s.set_defaults(handler=_run_mlflow_serve)
 

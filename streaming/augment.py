@@ -60,8 +60,15 @@ class AugmentConfig:
     @classmethod
     def none(cls) -> AugmentConfig:
         """Identity: full patch, no flips, no blur, no jitter (for 'without augmentation' pairs and tests)."""
-        return cls(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0, vflip=0.0, rot90=False,
-                   blur_prob=0.0, jitter_prob=0.0)
+        return cls(
+            crop_scale=(1.0, 1.0),
+            crop_ratio=(1.0, 1.0),
+            hflip=0.0,
+            vflip=0.0,
+            rot90=False,
+            blur_prob=0.0,
+            jitter_prob=0.0,
+        )
 
 
 # A sigma this small makes DALI's per-sample window 3 taps with edge weights ~e^-5000 == 0: an exact
@@ -122,8 +129,12 @@ def _linear_part(rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
     if cfg.affine_prob > 0 and rng.random() < cfg.affine_prob:
         a = math.radians(rng.uniform(-cfg.affine_rotate_deg, cfg.affine_rotate_deg))
         rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-        shear = np.array([[1.0, rng.uniform(-cfg.affine_shear, cfg.affine_shear)],
-                          [rng.uniform(-cfg.affine_shear, cfg.affine_shear), 1.0]])
+        shear = np.array(
+            [
+                [1.0, rng.uniform(-cfg.affine_shear, cfg.affine_shear)],
+                [rng.uniform(-cfg.affine_shear, cfg.affine_shear), 1.0],
+            ]
+        )
         scale = np.diag(rng.uniform(*cfg.affine_scale, size=2))
         linear = rot @ shear @ scale @ linear
     return linear
@@ -171,5 +182,9 @@ def draw_view(
     sigma = NO_BLUR_SIGMA
     if cfg.blur_prob > 0 and rng.random() < cfg.blur_prob:
         sigma = rng.uniform(*cfg.blur_sigma)
-    return ViewParams(matrix=matrix.astype(np.float32), gain=gain * mask, offset=offset * mask,
-                      sigma=np.array(sigma, dtype=np.float32))
+    return ViewParams(
+        matrix=matrix.astype(np.float32),
+        gain=gain * mask,
+        offset=offset * mask,
+        sigma=np.array(sigma, dtype=np.float32),
+    )

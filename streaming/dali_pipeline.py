@@ -27,8 +27,9 @@ def standardise(x, mean: np.ndarray, std: np.ndarray, clip: tuple[float, float] 
     """(x - mean) / std per channel, after optional clipping; uint16 and float32 in, float32 out."""
     if clip is not None:
         x = dmath.clamp(x, float(clip[0]), float(clip[1]))
-    return fn.crop_mirror_normalize(x, mean=mean.tolist(), std=std.tolist(), dtype=types.FLOAT,
-                                    output_layout="HWC")
+    return fn.crop_mirror_normalize(
+        x, mean=mean.tolist(), std=std.tolist(), dtype=types.FLOAT, output_layout="HWC"
+    )
 
 
 def augment_view(x, matrix, gain, offset, sigma, size: int):
@@ -36,8 +37,9 @@ def augment_view(x, matrix, gain, offset, sigma, size: int):
 
     Out-of-patch pixels (only possible with the random affine) are 0, the band mean after standardising.
     """
-    y = fn.warp_affine(x, matrix=matrix, size=[size, size], inverse_map=True, interp_type=types.INTERP_LINEAR,
-                       fill_value=0.0)
+    y = fn.warp_affine(
+        x, matrix=matrix, size=[size, size], inverse_map=True, interp_type=types.INTERP_LINEAR, fill_value=0.0
+    )
     y = y * gain + offset
     return fn.gaussian_blur(y, sigma=sigma)
 
@@ -64,12 +66,22 @@ def build_pipeline(
     n_views = len(views.views)
     clip = views.input_spec.s1_clip
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id if device == "gpu" else None,
-                  py_num_workers=max(py_workers, 1), py_start_method="spawn", prefetch_queue_depth=prefetch,
-                  seed=seed, exec_dynamic=True)
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id if device == "gpu" else None,
+        py_num_workers=max(py_workers, 1),
+        py_start_method="spawn",
+        prefetch_queue_depth=prefetch,
+        seed=seed,
+        exec_dynamic=True,
+    )
     def pipeline():
         outs = fn.external_source(
-            source=source, num_outputs=len(sensors) + 1 + 4 * n_views, batch=False, parallel=py_workers > 0,
+            source=source,
+            num_outputs=len(sensors) + 1 + 4 * n_views,
+            batch=False,
+            parallel=py_workers > 0,
             layout=["HWC"] * len(sensors) + [""] * (1 + 4 * n_views),
         )
         arrays = dict(zip(sensors, outs[: len(sensors)], strict=True))

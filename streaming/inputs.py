@@ -49,8 +49,10 @@ class InputSpec:
     s1_clip: tuple[float, float] | None = (-25.0, 0.0)
 
     def __post_init__(self) -> None:
-        if not self.sensors or any(s not in ("s1", "s2") for s in self.sensors) or len(set(self.sensors)) != len(
-            self.sensors
+        if (
+            not self.sensors
+            or any(s not in ("s1", "s2") for s in self.sensors)
+            or len(set(self.sensors)) != len(self.sensors)
         ):
             raise ValueError(f"sensors must be a subset of ('s1', 's2'), got {self.sensors}")
         bands = self.bands_s2
@@ -62,8 +64,11 @@ class InputSpec:
 
     @classmethod
     def parse(cls, sensors: str, s2_bands: str = "land", s1_clip: tuple[float, float] | None = (-25.0, 0.0)):
-        bands: tuple[str, ...] | str = s2_bands if s2_bands in S2_BAND_SETS else tuple(
-            b.strip() for b in s2_bands.split(",") if b.strip())
+        bands: tuple[str, ...] | str = (
+            s2_bands
+            if s2_bands in S2_BAND_SETS
+            else tuple(b.strip() for b in s2_bands.split(",") if b.strip())
+        )
         return cls(sensors=parse_sensors(sensors), s2_bands=bands, s1_clip=s1_clip)
 
     @property
@@ -119,5 +124,9 @@ class InputSpec:
         return np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
     def to_json(self) -> dict:
-        return {"sensors": list(self.sensors), "s2_bands": list(self.bands_s2),
-                "s1_clip": list(self.s1_clip) if self.s1_clip else None, "channels": self.channel_names}
+        return {
+            "sensors": list(self.sensors),
+            "s2_bands": list(self.bands_s2),
+            "s1_clip": list(self.s1_clip) if self.s1_clip else None,
+            "channels": self.channel_names,
+        }

@@ -124,9 +124,22 @@ class SampleSource:
     the sample's members and draws its view parameters. Raises StopIteration at the epoch's end.
     """
 
-    def __init__(self, reader: ShardReader, catalog: Catalog, rows: np.ndarray, views: ViewSet,
-                 s2_index: np.ndarray, s1_fill: np.ndarray, plan_cfg: PlanConfig, global_batch: int, rank: int,
-                 world_size: int, start: LoaderPosition, strict: bool, lookahead_steps: int):
+    def __init__(
+        self,
+        reader: ShardReader,
+        catalog: Catalog,
+        rows: np.ndarray,
+        views: ViewSet,
+        s2_index: np.ndarray,
+        s1_fill: np.ndarray,
+        plan_cfg: PlanConfig,
+        global_batch: int,
+        rank: int,
+        world_size: int,
+        start: LoaderPosition,
+        strict: bool,
+        lookahead_steps: int,
+    ):
         self.reader = reader
         self.shard = catalog.shard
         self.offset = {s: catalog.offset[s] for s in views.sensors}
@@ -150,7 +163,9 @@ class SampleSource:
 
     def plan(self, epoch: int) -> EpochPlan:
         if epoch not in self._plans:
-            self._plans = {epoch: EpochPlan(self.rows, self.shard[self.rows], self.plan_cfg, epoch, self.global_batch)}
+            self._plans = {
+                epoch: EpochPlan(self.rows, self.shard[self.rows], self.plan_cfg, epoch, self.global_batch)
+            }
         return self._plans[epoch]
 
     def _buffer(self, key: tuple, nbytes: int, dtype=np.uint8, shape=None):
@@ -195,8 +210,10 @@ class SampleSource:
                 if arr.ndim != 3 or arr.shape[:2] != (PATCH_SIZE, PATCH_SIZE):
                     raise ValueError(f"shape {arr.shape}")
             except ValueError as exc:
-                raise CorruptShardError(f"{self.reader.url(shard)}: {sensor} member of row {row} is not a "
-                                        f"valid patch array ({exc})") from exc
+                raise CorruptShardError(
+                    f"{self.reader.url(shard)}: {sensor} member of row {row} is not a "
+                    f"valid patch array ({exc})"
+                ) from exc
             if sensor == "s2":
                 sel = self._buffer(("s2", slot), 0, arr.dtype, (*arr.shape[:2], len(self.s2_index)))
                 arr = np.take(arr, self.s2_index, axis=2, out=sel)
@@ -238,8 +255,14 @@ class SampleSource:
 class SSLLoader:
     """Iterates one epoch per ``for`` loop; see the module docstring."""
 
-    def __init__(self, dataset: str, cfg: LoaderConfig, rank: int | None = None, world_size: int | None = None,
-                 position: LoaderPosition | None = None):
+    def __init__(
+        self,
+        dataset: str,
+        cfg: LoaderConfig,
+        rank: int | None = None,
+        world_size: int | None = None,
+        position: LoaderPosition | None = None,
+    ):
         self.dataset = dataset
         self.cfg = cfg
         r, w = dist_info()
@@ -281,13 +304,19 @@ class SSLLoader:
 
     # -- resume ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {**self.position.to_dict(), "global_batch": self.global_batch, "seed": self.cfg.plan.seed,
-                "rows_digest": rows_digest(self.rows)}
+        return {
+            **self.position.to_dict(),
+            "global_batch": self.global_batch,
+            "seed": self.cfg.plan.seed,
+            "rows_digest": rows_digest(self.rows),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["global_batch"] != self.global_batch:
-            raise ValueError(f"cannot resume: global batch was {state['global_batch']}, now {self.global_batch} "
-                             "(keep batch_size x world size constant to resume exactly)")
+            raise ValueError(
+                f"cannot resume: global batch was {state['global_batch']}, now {self.global_batch} "
+                "(keep batch_size x world size constant to resume exactly)"
+            )
         if state["rows_digest"] != rows_digest(self.rows) or state["seed"] != self.cfg.plan.seed:
             raise ValueError("cannot resume: the sample set or seed differs from the checkpoint's")
         self.position = LoaderPosition(state["epoch"], state["step"])
@@ -298,18 +327,39 @@ class SSLLoader:
         """The per-sample callable DALI runs (reader, plan, view draws), e.g. to time reading alone."""
         reader = ShardReader(self.dataset, self.manifest["shards"], self.cfg.storage)
         s1_fill = self.norm["s1"][0] if "s1" in self.norm else np.zeros(2, np.float32)
-        return SampleSource(reader, self.catalog, self.rows, self.views, self.views.input_spec.s2_index, s1_fill,
-                            self.cfg.plan, self.global_batch, self.rank, self.world_size, self.position,
-                            self.cfg.strict, self.cfg.lookahead_steps)
+        return SampleSource(
+            reader,
+            self.catalog,
+            self.rows,
+            self.views,
+            self.views.input_spec.s2_index,
+            s1_fill,
+            self.cfg.plan,
+            self.global_batch,
+            self.rank,
+            self.world_size,
+            self.position,
+            self.cfg.strict,
+            self.cfg.lookahead_steps,
+        )
 
     def _build(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         from .dali_pipeline import build_pipeline
 
-        pipe = build_pipeline(self.sample_source(), self.views, self.norm, self.cfg.batch_size, self.device,
-                              self.device_id, self.cfg.num_threads, self.cfg.workers, self.cfg.prefetch,
-                              seed=self.cfg.plan.seed)
+        pipe = build_pipeline(
+            self.sample_source(),
+            self.views,
+            self.norm,
+            self.cfg.batch_size,
+            self.device,
+            self.device_id,
+            self.cfg.num_threads,
+            self.cfg.workers,
+            self.cfg.prefetch,
+            seed=self.cfg.plan.seed,
+        )
         names = [f"view{v}" for v in range(len(self.views.views))] + ["ids"]
         self._iterator = DALIGenericIterator([pipe], names, auto_reset=False, prepare_first_batch=False)
         self._built_at = self.position
@@ -331,22 +381,31 @@ class SSLLoader:
                     out = next(self._iterator)[0]
                 except StopIteration:
                     break
-                except Exception as exc:  # DALI re-raises reader-process errors as a bare Exception + traceback
+                except (
+                    Exception
+                ) as exc:  # DALI re-raises reader-process errors as a bare Exception + traceback
                     self._close_iterator()
                     lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-                    raise StreamingError(f"streaming {self.dataset} failed at epoch {epoch} step "
-                                         f"{self.position.step}: {lines[-1] if lines else exc!r}") from exc
+                    raise StreamingError(
+                        f"streaming {self.dataset} failed at epoch {epoch} step "
+                        f"{self.position.step}: {lines[-1] if lines else exc!r}"
+                    ) from exc
                 ids = out["ids"]
                 batch = Batch(
                     views=[out[f"view{v}"].permute(0, 3, 1, 2) for v in range(len(self.views.views))],
-                    rows=ids[:, 0].cpu(), positions=ids[:, 1].cpu(), substituted=int(ids[:, 3].sum()),
-                    epoch=epoch, step=self.position.step,
+                    rows=ids[:, 0].cpu(),
+                    positions=ids[:, 1].cpu(),
+                    substituted=int(ids[:, 3].sum()),
+                    epoch=epoch,
+                    step=self.position.step,
                 )
                 if batch.substituted:
                     self.substituted += batch.substituted
-                    warnings.warn(f"epoch {epoch} step {batch.step}: {batch.substituted} samples of corrupt or "
-                                  f"truncated shards replaced by the next readable ones ({self.substituted} so far)",
-                                  stacklevel=2)
+                    warnings.warn(
+                        f"epoch {epoch} step {batch.step}: {batch.substituted} samples of corrupt or "
+                        f"truncated shards replaced by the next readable ones ({self.substituted} so far)",
+                        stacklevel=2,
+                    )
                 self.position = LoaderPosition(epoch, self.position.step + 1)
                 yield batch
         except GeneratorExit:  # the consumer stopped mid-epoch: DALI has prefetched past our position

@@ -44,19 +44,28 @@ def _exe(name: str) -> str:
 
 
 @contextmanager
-def serve(cmd: list[str], health_url: str, log_path: Path, start_timeout: float = 60,
-          env: dict | None = None) -> Iterator[subprocess.Popen]:
+def serve(
+    cmd: list[str], health_url: str, log_path: Path, start_timeout: float = 60, env: dict | None = None
+) -> Iterator[subprocess.Popen]:
     """Run a server process in its own session until the block ends; wait until ``health_url`` answers.
 
     The server runs in the log's folder, so files it writes into its working directory stay there.
     """
     log = open(log_path, "wb")
     try:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-                                cwd=Path(log_path).parent)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+            cwd=Path(log_path).parent,
+        )
     except FileNotFoundError:
         log.close()
-        raise RuntimeError(f"{cmd[0]} is not installed (moto_server comes with pip install -e '.[test]')") from None
+        raise RuntimeError(
+            f"{cmd[0]} is not installed (moto_server comes with pip install -e '.[test]')"
+        ) from None
     try:
         deadline = time.monotonic() + start_timeout
         while True:
@@ -84,8 +93,12 @@ def moto_s3_server(log_dir: Path, port: int | None = None) -> Iterator[str]:
     """Start ``moto_server`` on 127.0.0.1:<port or a free one>; yield its endpoint URL; stop it."""
     port = port or free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    with serve([_exe("moto_server"), "-H", "127.0.0.1", "-p", str(port)], f"{endpoint}/moto-api/",
-               Path(log_dir) / f"moto-{port}.log", start_timeout=30):
+    with serve(
+        [_exe("moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        f"{endpoint}/moto-api/",
+        Path(log_dir) / f"moto-{port}.log",
+        start_timeout=30,
+    ):
         yield endpoint
 
 
@@ -120,7 +133,8 @@ def _filesystem(url: str):
 
 
 def upload_tree(local: str | Path, url: str) -> None:
-    """Copy a local folder to s3://bucket/prefix with s3fs (creating the bucket), endpoint from the environment."""
+    """Copy a local folder to s3://bucket/prefix with s3fs (creating the bucket), endpoint from the
+    environment."""
     _filesystem(url).put(str(local), url.removeprefix("s3://"), recursive=True)
 
 

@@ -101,7 +101,9 @@ class EpochPlan:
         if len(self.rows) == 0:
             raise ValueError("the epoch has no samples (check the split and sensor filters)")
         if self.cfg.drop_last and len(self.rows) < self.global_batch:
-            raise ValueError(f"drop_last with {len(self.rows)} samples < global batch {self.global_batch}: no step")
+            raise ValueError(
+                f"drop_last with {len(self.rows)} samples < global batch {self.global_batch}: no step"
+            )
 
     @cached_property
     def order(self) -> np.ndarray:

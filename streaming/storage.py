@@ -1,4 +1,5 @@
-"""Where the loader reads shard bytes from: a local folder or an fsspec URL (``s3://...``), one member at a time.
+"""Where the loader reads shard bytes from: a local folder or an fsspec URL (``s3://...``), one member at a
+time.
 
 The loader plans which samples to read from ``catalog.npz`` and then asks for single tar members by byte
 range, so a sample costs one ``os.pread`` (local) or one ranged GET (remote) and never a walk over tar
@@ -8,9 +9,9 @@ headers or a whole-shard read. Optionally, remote shards are downloaded whole in
 
 Failure policy: every network request gets the client's own timeouts and *our* retry loop (``retry.py``:
 exponential backoff with jitter, the client's retries turned off so that the two do not multiply); after
-the last attempt a ``StorageError`` names the object. A missing object is not retried. Bytes that disagree with the
-manifest (a file shorter than its ``bytes``, a short read, a downloaded shard whose sha256 differs) raise
-``CorruptShardError``: retrying cannot fix them.
+the last attempt a ``StorageError`` names the object. A missing object is not retried. Bytes that disagree
+with the manifest (a file shorter than its ``bytes``, a short read, a downloaded shard whose sha256 differs)
+raise ``CorruptShardError``: retrying cannot fix them.
 
 Endpoints and credentials come from the standard environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``
 ..., honoured by botocore/s3fs), never from code, and are never logged.
@@ -157,8 +158,10 @@ def _pread_into(fd: int, offset: int, out: memoryview, name: str, shard_bytes: i
     while got < len(out):
         n = os.preadv(fd, [out[got:]], offset + got)
         if n == 0:
-            raise CorruptShardError(f"{name}: short read of bytes {offset}-{offset + len(out)} ({got} of {len(out)} "
-                                    f"bytes): the file ends before the manifest's {shard_bytes} bytes (truncated)")
+            raise CorruptShardError(
+                f"{name}: short read of bytes {offset}-{offset + len(out)} ({got} of {len(out)} "
+                f"bytes): the file ends before the manifest's {shard_bytes} bytes (truncated)"
+            )
         got += n
     return out
 
@@ -172,8 +175,10 @@ def _pread_exact(fd: int, offset: int, size: int, name: str, shard_bytes: int) -
     while got < size:  # pread may return less than asked (huge reads, signals); empty means end of file
         more = os.pread(fd, size - got, offset + got)
         if not more:
-            raise CorruptShardError(f"{name}: short read of bytes {offset}-{offset + size} ({got} of {size} bytes): "
-                                    f"the file ends before the manifest's {shard_bytes} bytes (truncated)")
+            raise CorruptShardError(
+                f"{name}: short read of bytes {offset}-{offset + size} ({got} of {size} bytes): "
+                f"the file ends before the manifest's {shard_bytes} bytes (truncated)"
+            )
         parts.append(more)
         got += len(more)
     return b"".join(parts)
@@ -198,8 +203,15 @@ class ShardReader:
         clock: monotonic seconds of the cache's touch interval (tests pass a fake clock).
     """
 
-    def __init__(self, dataset: str, shards: list[dict], options: StorageOptions | None = None, *,
-                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        dataset: str,
+        shards: list[dict],
+        options: StorageOptions | None = None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.dataset = str(dataset).rstrip("/")
         self.is_local = not is_remote(self.dataset)
         if self.is_local:
@@ -224,9 +236,19 @@ class ShardReader:
         self._fs_root = ""
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: set[int] = set()
-        self._cache = (ShardCache(self.dataset, self.shards, self.options, fetch=self._download_retrying,
-                                  count=self._count, forget=self._files.discard, clock=self._clock)
-                       if self._use_cache else None)
+        self._cache = (
+            ShardCache(
+                self.dataset,
+                self.shards,
+                self.options,
+                fetch=self._download_retrying,
+                count=self._count,
+                forget=self._files.discard,
+                clock=self._clock,
+            )
+            if self._use_cache
+            else None
+        )
 
     def _check_process(self) -> None:
         if self._pid != os.getpid():  # forked: the parent's client, threads and locks are not ours
@@ -282,15 +304,18 @@ class ShardReader:
             raise ValueError(f"shard {shard} out of range: {self.dataset} has {len(self.shards)} shards")
         shard_bytes = int(self.shards[shard]["bytes"])
         if offset < 0 or size < 0 or offset + size > shard_bytes:
-            raise ValueError(f"bytes {offset}-{offset + size} outside {self.url(shard)} ({shard_bytes} bytes)")
+            raise ValueError(
+                f"bytes {offset}-{offset + size} outside {self.url(shard)} ({shard_bytes} bytes)"
+            )
         if size == 0:
             return b""
         target = memoryview(out)[:size] if out is not None else None
         if self.is_local or self._use_cache:
             data = self._read_file(shard, offset, size, target)
         else:
-            data = self._retrying(shard, f"GET bytes {offset}-{offset + size}",
-                                  lambda: self._get_range(shard, offset, size))
+            data = self._retrying(
+                shard, f"GET bytes {offset}-{offset + size}", lambda: self._get_range(shard, offset, size)
+            )
             if target is not None:
                 target[:] = data
                 data = target
@@ -322,7 +347,9 @@ class ShardReader:
             for key, n in increments.items():
                 self.stats[key] += n
 
-    def _read_file(self, shard: int, offset: int, size: int, target: memoryview | None = None) -> bytes | memoryview:
+    def _read_file(
+        self, shard: int, offset: int, size: int, target: memoryview | None = None
+    ) -> bytes | memoryview:
         name = str(self._cache.paths[shard]) if self._cache is not None else self.url(shard)
         downloaded = False
 
@@ -336,8 +363,10 @@ class ShardReader:
                     return self._open_checked(path, shard)
                 except StorageError:
                     continue
-            raise StorageError(f"{self.url(shard)}: evicted from the cache {self._cache.folder} faster than "
-                               f"it could be opened (cache_bytes={self.options.cache_bytes} too small?)")
+            raise StorageError(
+                f"{self.url(shard)}: evicted from the cache {self._cache.folder} faster than "
+                f"it could be opened (cache_bytes={self.options.cache_bytes} too small?)"
+            )
 
         with self._files.use(shard, opener) as fd:
             if target is not None:
@@ -375,9 +404,11 @@ class ShardReader:
                 kwargs: dict = {"skip_instance_cache": True}
                 s3 = protocol in ("s3", "s3a")
                 if s3:  # timeouts on every request; botocore's retries off (ours wrap every request)
-                    kwargs["config_kwargs"] = {"connect_timeout": self.options.timeout_s,
-                                               "read_timeout": self.options.timeout_s,
-                                               "retries": {"total_max_attempts": 1}}
+                    kwargs["config_kwargs"] = {
+                        "connect_timeout": self.options.timeout_s,
+                        "read_timeout": self.options.timeout_s,
+                        "retries": {"total_max_attempts": 1},
+                    }
                 fs, self._fs_root = fsspec.core.url_to_fs(self.dataset, **kwargs)
                 if s3:
                     fs.retries = 1  # s3fs's own retry loop (a class attribute, not an argument): one attempt
@@ -393,15 +424,23 @@ class ShardReader:
         self._count(requests=1)
         data = fs.cat_file(self._remote_path(shard), start=offset, end=offset + size)  # one ranged GET
         if len(data) != size:
-            raise CorruptShardError(f"{self.url(shard)}: short read of bytes {offset}-{offset + size} "
-                                    f"({len(data)} of {size} bytes): the object is shorter than the manifest's "
-                                    f"{self.shards[shard]['bytes']} bytes (truncated)")
+            raise CorruptShardError(
+                f"{self.url(shard)}: short read of bytes {offset}-{offset + size} "
+                f"({len(data)} of {size} bytes): the object is shorter than the manifest's "
+                f"{self.shards[shard]['bytes']} bytes (truncated)"
+            )
         return data
 
     def _retrying(self, shard: int, what: str, request: Callable[[], bytes | None]):
         """Run ``request`` with the options' retry policy; StorageError naming the shard's URL on give-up."""
-        return retry(request, self.options.retry_policy, self.url(shard), what, sleep=self._sleep,
-                     on_retry=lambda: self._count(retries=1))
+        return retry(
+            request,
+            self.options.retry_policy,
+            self.url(shard),
+            what,
+            sleep=self._sleep,
+            on_retry=lambda: self._count(retries=1),
+        )
 
     def _download(self, shard: int, tmp: Path) -> None:
         fs = self._filesystem()

@@ -88,7 +88,9 @@ class ViewSet:
     def __init__(self, cfg: ViewConfig):
         self.cfg = cfg
         both = replace(cfg.inputs, sensors=("s1", "s2"))
-        self.input_spec = both if cfg.mode in ("pair", "fusion_all", "fusion_partial", "fusion_optional") else cfg.inputs
+        self.input_spec = (
+            both if cfg.mode in ("pair", "fusion_all", "fusion_partial", "fusion_optional") else cfg.inputs
+        )
         if cfg.mode == "pair":
             aug = cfg.augment if cfg.pair_augment else AugmentConfig.none()
             self.views = [_View(("s1",), cfg.size, aug), _View(("s2",), cfg.size, aug)]
@@ -96,8 +98,9 @@ class ViewSet:
             g = replace(cfg.augment, crop_scale=cfg.global_scale)
             loc = replace(cfg.augment, crop_scale=cfg.local_scale)
             sensors = cfg.inputs.sensors
-            self.views = ([_View(sensors, cfg.global_size, g)] * cfg.n_global
-                          + [_View(sensors, cfg.local_size, loc)] * cfg.n_local)
+            self.views = [_View(sensors, cfg.global_size, g)] * cfg.n_global + [
+                _View(sensors, cfg.local_size, loc)
+            ] * cfg.n_local
         else:
             self.views = [_View(self.input_spec.sensors, cfg.size, cfg.augment)] * 2
 
@@ -137,6 +140,16 @@ class ViewSet:
                 slices = spec.sensor_slices()
                 view_keep = np.ones(spec.channels, dtype=np.float32)
                 view_keep[slices[("s1", "s2")[int(rng.integers(0, 2))]]] = 0.0
-            params.append(draw_view(rng, view.augment, spec.channels, spec.sensor_slices(), PATCH_SIZE,
-                                    view.size, matrix=shared, keep=view_keep))
+            params.append(
+                draw_view(
+                    rng,
+                    view.augment,
+                    spec.channels,
+                    spec.sensor_slices(),
+                    PATCH_SIZE,
+                    view.size,
+                    matrix=shared,
+                    keep=view_keep,
+                )
+            )
         return params

@@ -94,8 +94,15 @@ class ZarrPatchDataset(torch.utils.data.Dataset):
         mean, std: per-channel float32 statistics used for ``x``.
     """
 
-    def __init__(self, dataset: str, inputs: InputSpec, rows: Sequence[int] | str | None = None,
-                 label: str | None = "igbp_simple", multilabel: bool = False, with_lc: bool = False):
+    def __init__(
+        self,
+        dataset: str,
+        inputs: InputSpec,
+        rows: Sequence[int] | str | None = None,
+        label: str | None = "igbp_simple",
+        multilabel: bool = False,
+        with_lc: bool = False,
+    ):
         if label is not None and label not in LABEL_SCHEMES:
             raise ValueError(f"label must be one of {list(LABEL_SCHEMES)} or None, got {label!r}")
         if multilabel and label is None:
@@ -107,8 +114,9 @@ class ZarrPatchDataset(torch.utils.data.Dataset):
         self.with_lc = with_lc
         out = DatasetRoot(dataset)
         if not out.exists(MANIFEST):
-            raise ValueError(f"{out.path(MANIFEST)} not found: not a complete eossl dataset (the manifest is "
-                             "written last)")
+            raise ValueError(
+                f"{out.path(MANIFEST)} not found: not a complete eossl dataset (the manifest is written last)"
+            )
         manifest = read_manifest(out)  # checked against its manifest_sha256
         if not out.exists(f"{ZARR_DIR}/zarr.json"):
             raise ValueError(f"{out.path(ZARR_DIR)} not found: dataset ingested without --formats zarr")
@@ -159,9 +167,11 @@ class ZarrPatchDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __repr__(self) -> str:
-        return (f"ZarrPatchDataset({self.dataset!r}, sensors={self.inputs.sensors}, "
-                f"channels={self.inputs.channels}, samples={len(self)}, label={self.label!r}, "
-                f"excluded={self.excluded})")
+        return (
+            f"ZarrPatchDataset({self.dataset!r}, sensors={self.inputs.sensors}, "
+            f"channels={self.inputs.channels}, samples={len(self)}, label={self.label!r}, "
+            f"excluded={self.excluded})"
+        )
 
     @property
     def classes(self) -> list[str]:

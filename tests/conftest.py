@@ -31,23 +31,37 @@ def read_tif(path: Path) -> tuple[np.ndarray, dict]:
         return ds.read(), {"crs": ds.crs, "transform": ds.transform}
 
 
-def write_tif(path: Path, data: np.ndarray, crs="EPSG:32650", transform: Affine | None = None, nodata=None) -> Path:
+def write_tif(
+    path: Path, data: np.ndarray, crs="EPSG:32650", transform: Affine | None = None, nodata=None
+) -> Path:
     """Write a (C, H, W) array as an uncompressed GeoTIFF, like SEN12MS files."""
     path.parent.mkdir(parents=True, exist_ok=True)
     transform = transform or Affine(10.0, 0.0, 701879.9106015414, 0.0, -10.0, 3710139.5406956286)
-    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
-                       dtype=data.dtype, crs=crs, transform=transform, nodata=nodata) as ds:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=data.shape[2],
+        height=data.shape[1],
+        count=data.shape[0],
+        dtype=data.dtype,
+        crs=crs,
+        transform=transform,
+        nodata=nodata,
+    ) as ds:
         ds.write(data)
     return path
 
 
-def sen12ms_path(root: Path, mod: str, roi: str = "ROIs1970", season: str = "fall", scene: int = 139,
-                 patch: int = 839) -> Path:
+def sen12ms_path(
+    root: Path, mod: str, roi: str = "ROIs1970", season: str = "fall", scene: int = 139, patch: int = 839
+) -> Path:
     return root / f"{roi}_{season}" / f"{mod}_{scene}" / f"{roi}_{season}_{mod}_{scene}_p{patch}.tif"
 
 
-def complete_triplet(root: Path, scene: int, patch: int, roi: str = "ROIs1970", season: str = "fall",
-                     x_offset: float = 0.0) -> dict[str, Path]:
+def complete_triplet(
+    root: Path, scene: int, patch: int, roi: str = "ROIs1970", season: str = "fall", x_offset: float = 0.0
+) -> dict[str, Path]:
     """A complete triplet built from the real p839 S1/S2 and the real p30 land cover, on p839's grid."""
     s1, meta = read_tif(REAL_S1_P839)
     s2, _ = read_tif(REAL_S2_P839)
@@ -81,14 +95,45 @@ def synthetic_source(tmp_path_factory) -> Path:
 # grids), two of the six scenes held out (scene-split tests), 8 MB shards (3 patches each: 8 shards). Extra
 # budgets change nothing else: each (budget, seed) subset is its own seeded draw, and the band statistics
 # cover every patch whatever the split.
-DATASET_INGEST = ("--shard-size", "8MB", "--budgets", "2,4,8", "--budget-seeds", "0,1", "--holdout-fraction", "0.34")
+DATASET_INGEST = (
+    "--shard-size",
+    "8MB",
+    "--budgets",
+    "2,4,8",
+    "--budget-seeds",
+    "0,1",
+    "--holdout-fraction",
+    "0.34",
+)
 
 # The smallest MoCo and DINO runs that still exercise every part of the method on CPU, as ``--set`` values.
-TINY_MOCO = {"backbone": "resnet18", "batch_size": "8", "queue_size": "32", "hidden": "64", "dim": "32",
-             "size": "64", "workers": "0", "threads": "1", "split": "all", "device": "cpu"}
-TINY_DINO = {"backbone": "vit_tiny_patch16_224", "batch_size": "8", "size": "32", "local_size": "16",
-             "n_local": "2", "out_dim": "64", "dino.hidden": "64", "bottleneck": "16", "workers": "0",
-             "threads": "1", "split": "all", "device": "cpu", "dino.drop_path": "0.0"}
+TINY_MOCO = {
+    "backbone": "resnet18",
+    "batch_size": "8",
+    "queue_size": "32",
+    "hidden": "64",
+    "dim": "32",
+    "size": "64",
+    "workers": "0",
+    "threads": "1",
+    "split": "all",
+    "device": "cpu",
+}
+TINY_DINO = {
+    "backbone": "vit_tiny_patch16_224",
+    "batch_size": "8",
+    "size": "32",
+    "local_size": "16",
+    "n_local": "2",
+    "out_dim": "64",
+    "dino.hidden": "64",
+    "bottleneck": "16",
+    "workers": "0",
+    "threads": "1",
+    "split": "all",
+    "device": "cpu",
+    "dino.drop_path": "0.0",
+}
 
 
 def cli_set(values: dict) -> list[str]:
@@ -97,13 +142,17 @@ def cli_set(values: dict) -> list[str]:
 
 
 def _file_states(root: Path) -> dict[str, tuple[int, int]]:
-    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="session")
 def dataset(synthetic_source, tmp_path_factory) -> Iterator[Path]:
-    """``synthetic_source`` ingested once by the real CLI (``DATASET_INGEST``), shared read-only by the session.
+    """``synthetic_source`` ingested once by the real CLI (``DATASET_INGEST``), shared read-only by the
+    session.
 
     Ingesting is the slow part of most end-to-end tests, so every module reads this one. A test that changes
     files takes ``copy_of_dataset``; a module that needs other ingest options on purpose (shard size, budgets,
@@ -136,8 +185,13 @@ def nothing_is_written_into_the_checkout():
 
 def run_cli(*args: str, check: bool = True, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """Run the real ``eossl`` command in a subprocess."""
-    proc = subprocess.run([sys.executable, "-m", "eossl.launch", *args], capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+    proc = subprocess.run(
+        [sys.executable, "-m", "eossl.launch", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"eossl {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -160,7 +214,11 @@ def history_steps(run: Path) -> list[int]:
 
 def training_env() -> dict:
     """This environment without tracking and rank variables, for training subprocesses started by tests."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    }
 
 
 def pytest_collection_modifyitems(config, items):

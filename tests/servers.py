@@ -1,4 +1,5 @@
-"""Real local servers for tests: S3-compatible (moto_server, from eossl.streaming.local_s3), MLflow, a cuttable proxy.
+"""Real local servers for tests: S3-compatible (moto_server, from eossl.streaming.local_s3), MLflow, a
+cuttable proxy.
 
 Not an in-process mock: the product talks HTTP to it exactly as it would to S3, through boto3/s3fs,
 GDAL or DALI, with credentials and the endpoint taken from the standard AWS variables.
@@ -103,9 +104,20 @@ def mlflow_server(workdir: Path):
     """A real MLflow tracking server (sqlite backend, proxied artifacts) on 127.0.0.1; yields its URI."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    cmd = [_exe("mlflow"), "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-           "--artifacts-destination", str(workdir / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
+    cmd = [
+        _exe("mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{workdir / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(workdir / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with serve(cmd, f"{uri}/health", workdir / f"mlflow-{port}.log", start_timeout=90, env=env):
         yield uri

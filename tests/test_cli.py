@@ -27,8 +27,19 @@ def test_help_lists_subcommands():
 def test_sample_data_ingest_verify_and_tamper(tmp_path):
     src, ds = tmp_path / "src", tmp_path / "ds"
     assert "wrote 24 GeoTIFFs" in run_cli("sample-data", str(src), "--patches", "8", "--seed", "3").stdout
-    proc = run_cli("ingest", str(src), str(ds), "--workers", "2", "--shard-size", "8MB", "--budgets", "2",
-                   "--holdout-fraction", "0.5")
+    proc = run_cli(
+        "ingest",
+        str(src),
+        str(ds),
+        "--workers",
+        "2",
+        "--shard-size",
+        "8MB",
+        "--budgets",
+        "2",
+        "--holdout-fraction",
+        "0.5",
+    )
     assert "8 patches found, 8 written, 0 rejected" in proc.stdout
     assert "patch/s" in proc.stderr  # the progress bar reports rate and ETA
     manifest = json.loads((ds / "manifest.json").read_text())
@@ -61,14 +72,25 @@ def test_bench_ingest_json(tmp_path):
         row = result[key]
         assert row["patches_per_s"] > 0 and row["ratio_vs_bare_read"] > 0
         assert row["shard_bytes_per_sample"] > 2_400_000  # raw arrays: s1 + s2 + lc
-    assert result["ingest_wds+zarr"]["zarr_bytes_per_sample"] < result["ingest_wds+zarr"]["shard_bytes_per_sample"]
+    assert (
+        result["ingest_wds+zarr"]["zarr_bytes_per_sample"]
+        < result["ingest_wds+zarr"]["shard_bytes_per_sample"]
+    )
 
 
 def test_help_of_data_and_launch_commands_imports_no_torch():
     """Mounting a command imports nothing until it runs: ``eossl --help`` and the ingest and launch
     commands' help stay instant (torch alone takes seconds to import)."""
-    commands = [["--help"], ["ingest", "--help"], ["ingest", "merge", "--help"], ["sample-data", "--help"],
-                ["verify", "--help"], ["kit", "--help"], ["study", "--help"], ["mlflow", "serve", "--help"]]
+    commands = [
+        ["--help"],
+        ["ingest", "--help"],
+        ["ingest", "merge", "--help"],
+        ["sample-data", "--help"],
+        ["verify", "--help"],
+        ["kit", "--help"],
+        ["study", "--help"],
+        ["mlflow", "serve", "--help"],
+    ]
     script = (
         "import contextlib, io, sys\n"
         "from eossl.launch.cli import main\n"
@@ -97,9 +119,18 @@ def test_help_shows_the_dataclass_defaults_and_flags_not_given_are_not_passed(ca
     monkeypatch.setenv("COLUMNS", "1000")  # one line per option: no value is wrapped
     cfg, read = IngestConfig("src", "ds"), ReadOptions()
     ingest = _help(capsys, "ingest")
-    for value in (cfg.workers, cfg.zarr_shard_samples, read.required, read.max_s1_invalid_fraction,
-                  read.multilabel_threshold, cfg.split.holdout_fraction, cfg.split.seed, cfg.split.budgets,
-                  cfg.split.budget_seeds, cfg.formats):
+    for value in (
+        cfg.workers,
+        cfg.zarr_shard_samples,
+        read.required,
+        read.max_s1_invalid_fraction,
+        read.multilabel_threshold,
+        cfg.split.holdout_fraction,
+        cfg.split.seed,
+        cfg.split.budgets,
+        cfg.split.budget_seeds,
+        cfg.formats,
+    ):
         assert f"(default {shown(value)}" in ingest or f"; default {shown(value)}" in ingest, value
     assert f"default {cfg.shard_bytes // 10**6}MB;" in ingest and "default 0/1)" in ingest
     assert f"(default {default_workers()})" in _help(capsys, "ingest", "merge")
@@ -108,8 +139,17 @@ def test_help_shows_the_dataclass_defaults_and_flags_not_given_are_not_passed(ca
         assert f"(default {default_of(write_sample_data, name)})" in sample
     job = ClusterJob(train_args=("moco",))
     kit = _help(capsys, "kit")
-    for value in (job.nodes, job.gpus_per_node, job.accelerate_config, job.repo, job.time, job.signal_seconds,
-                  job.image, job.runs_claim, job.job_name):
+    for value in (
+        job.nodes,
+        job.gpus_per_node,
+        job.accelerate_config,
+        job.repo,
+        job.time,
+        job.signal_seconds,
+        job.image,
+        job.runs_claim,
+        job.job_name,
+    ):
         assert f"default {value})" in kit, value
     serve = _help(capsys, "mlflow", "serve")
     server = ServerConfig()

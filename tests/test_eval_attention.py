@@ -94,8 +94,21 @@ def test_matched_miou_rejects_bad_input():
 @pytest.mark.parametrize("reg_tokens", [0, 2])
 def test_last_self_attention_is_the_attention_the_block_applies(reg_tokens):
     torch.manual_seed(0)
-    model = VisionTransformer(img_size=32, patch_size=8, in_chans=2, embed_dim=24, depth=2, num_heads=3,
-                              num_classes=0, reg_tokens=reg_tokens, dynamic_img_size=True).double().eval()
+    model = (
+        VisionTransformer(
+            img_size=32,
+            patch_size=8,
+            in_chans=2,
+            embed_dim=24,
+            depth=2,
+            num_heads=3,
+            num_classes=0,
+            reg_tokens=reg_tokens,
+            dynamic_img_size=True,
+        )
+        .double()
+        .eval()
+    )
     block = model.blocks[-1]
     with torch.no_grad():
         torch.nn.init.normal_(block.attn.qkv.weight, std=0.5)  # peaked attention: a wrong map cannot hide
@@ -147,9 +160,10 @@ def test_kmeans_pca_and_upsampling():
     assert rgb.shape == (100, 3) and rgb.min() == 0.0 and rgb.max() == 1.0
     assert var[0] > var[1] > var[2] and var.sum() <= 1.0 + 1e-12
     grid = np.arange(4).reshape(2, 2)
-    np.testing.assert_array_equal(upsample_tokens(grid, (2, 2), (5, 5)),
-                                  [[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [2, 2, 3, 3, 3], [2, 2, 3, 3, 3],
-                                   [2, 2, 3, 3, 3]])
+    np.testing.assert_array_equal(
+        upsample_tokens(grid, (2, 2), (5, 5)),
+        [[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [2, 2, 3, 3, 3], [2, 2, 3, 3, 3], [2, 2, 3, 3, 3]],
+    )
 
 
 # ---------------------------------------------------------------------------------------- end to end
@@ -164,13 +178,18 @@ def fake_dino_run(run_dir: Path, dataset: Path, timm_kwargs: bool = True) -> Pat
     spec = InputSpec(("s1",))
     mean, std = spec.normalisation(json.loads((dataset / "manifest.json").read_text()))
     card = {
-        "method": "dino", "timm_model": name, "in_chans": 2,
+        "method": "dino",
+        "timm_model": name,
+        "in_chans": 2,
         "load": f"timm.create_model({name!r}, in_chans=2, num_classes=0, dynamic_img_size=True)",
         "adapter": {"type": "native", "mode": "trainable", "channels": {"input": 2}, "out_channels": 3},
         "view_mode": "multicrop",
         "inputs": {"view0": {**spec.to_json(), "mean": mean.round(6).tolist(), "std": std.round(6).tolist()}},
         "normalisation": "(x - mean) / std per channel after clipping S1 to s1_clip (dB)",
-        "dataset": str(dataset), "dataset_manifest_sha256": None, "steps": 0, "feature_dim": model.num_features,
+        "dataset": str(dataset),
+        "dataset_manifest_sha256": None,
+        "steps": 0,
+        "feature_dim": model.num_features,
     }
     if timm_kwargs:
         card["timm_kwargs"] = {"in_chans": 2, "num_classes": 0, "dynamic_img_size": True}
@@ -210,9 +229,15 @@ def test_attention_figures_on_real_patches(real_dataset, tmp_path, monkeypatch):
     assert "agreement" not in metrics[P839]
     agree = metrics[P30]["agreement"]
     assert agree["lc_classes_present"] == [1, 3]  # forest, savanna
-    values = [agree["kmeans"]["miou"], agree["kmeans_input_baseline"]["miou"], agree["attention"]["best_miou"],
-              agree["attention"]["mean_miou"], agree["attention"]["mean_attention_miou"],
-              *agree["attention"]["per_head_miou"], *agree["kmeans"]["per_class"].values()]
+    values = [
+        agree["kmeans"]["miou"],
+        agree["kmeans_input_baseline"]["miou"],
+        agree["attention"]["best_miou"],
+        agree["attention"]["mean_miou"],
+        agree["attention"]["mean_attention_miou"],
+        *agree["attention"]["per_head_miou"],
+        *agree["kmeans"]["per_class"].values(),
+    ]
     assert all(0.0 <= v <= 1.0 for v in values)
     assert len(agree["attention"]["per_head_miou"]) == 3  # ViT-Ti: 3 heads
     assert agree["attention"]["best_miou"] == max(agree["attention"]["per_head_miou"])
@@ -231,8 +256,9 @@ def test_attention_figures_on_real_patches(real_dataset, tmp_path, monkeypatch):
     old = fake_dino_run(tmp_path / "old", real_dataset, timm_kwargs=False)
     res_old = attention_figures(str(old), str(real_dataset), [P839], str(tmp_path / "old_figs"))
     assert res_old["metrics"][P839]["mask_area_fraction"] == metrics[P839]["mask_area_fraction"]
-    np.testing.assert_allclose(res_old["metrics"][P839]["cls_to_patches"], metrics[P839]["cls_to_patches"],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        res_old["metrics"][P839]["cls_to_patches"], metrics[P839]["cls_to_patches"], rtol=1e-5
+    )
 
 
 @pytest.mark.slow

@@ -57,12 +57,50 @@ def test_multilabel_linear_probe_learns_independent_classes():
 def pretrained(dataset, tmp_path_factory) -> Path:
     """A 3-step partial-fusion MoCo run (so one model serves s1, s2 and s1s2) and a conv1x1 pair run."""
     runs = tmp_path_factory.mktemp("runs")
-    common = ["--max-steps", "3", "--set", "backbone=resnet18", "--set", "batch_size=8", "--set", "size=64",
-              "--set", "queue_size=32", "--set", "hidden=64", "--set", "workers=0", "--set", "split=train"]
-    run_cli("train", "moco", "--data", str(dataset), "--out", str(runs / "fusion"), "--set", "mode=fusion_partial",
-            *common, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
-    run_cli("train", "moco", "--data", str(dataset), "--out", str(runs / "pair"), "--set", "mode=pair",
-            "--set", "adapter=conv1x1", *common, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    common = [
+        "--max-steps",
+        "3",
+        "--set",
+        "backbone=resnet18",
+        "--set",
+        "batch_size=8",
+        "--set",
+        "size=64",
+        "--set",
+        "queue_size=32",
+        "--set",
+        "hidden=64",
+        "--set",
+        "workers=0",
+        "--set",
+        "split=train",
+    ]
+    run_cli(
+        "train",
+        "moco",
+        "--data",
+        str(dataset),
+        "--out",
+        str(runs / "fusion"),
+        "--set",
+        "mode=fusion_partial",
+        *common,
+        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+    )
+    run_cli(
+        "train",
+        "moco",
+        "--data",
+        str(dataset),
+        "--out",
+        str(runs / "pair"),
+        "--set",
+        "mode=pair",
+        "--set",
+        "adapter=conv1x1",
+        *common,
+        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+    )
     return runs
 
 
@@ -82,25 +120,40 @@ def test_budgets_are_exact_and_hold_out_scenes_never_train(dataset, budget, seed
 def test_eval_encoder_layouts(pretrained):
     mean, std = np.zeros(12, np.float32), np.ones(12, np.float32)
     s1s2 = InputSpec.parse("s1s2").channel_names
-    fusion = build_eval_encoder("checkpoint", InputSpec.parse("s1").channel_names, mean[:2], std[:2],
-                                str(pretrained / "fusion"))
+    fusion = build_eval_encoder(
+        "checkpoint", InputSpec.parse("s1").channel_names, mean[:2], std[:2], str(pretrained / "fusion")
+    )
     assert fusion.layout == s1s2 and (fusion.index[2:] == -1).all()  # S2 channels zero-filled
-    pair = build_eval_encoder("checkpoint", InputSpec.parse("s1").channel_names, mean[:2], std[:2],
-                              str(pretrained / "pair"))
+    pair = build_eval_encoder(
+        "checkpoint", InputSpec.parse("s1").channel_names, mean[:2], std[:2], str(pretrained / "pair")
+    )
     assert pair.sensor == "s1" and pair.layout == ["s1:VV", "s1:VH"]
     with pytest.raises(NotApplicable):
         build_eval_encoder("checkpoint", s1s2, mean, std, str(pretrained / "pair"))
-    only = build_eval_encoder("checkpoint-backbone-only", InputSpec.parse("s2", "rgb").channel_names, mean[:3],
-                              std[:3], str(pretrained / "pair"))
+    only = build_eval_encoder(
+        "checkpoint-backbone-only",
+        InputSpec.parse("s2", "rgb").channel_names,
+        mean[:3],
+        std[:3],
+        str(pretrained / "pair"),
+    )
     assert only.layout == ["s2:B4", "s2:B3", "s2:B2"] and only.sensor is None
-    fresh = build_eval_encoder("checkpoint-random-adapter", InputSpec.parse("s2").channel_names, mean[:10],
-                               std[:10], str(pretrained / "pair"))
-    loaded = build_eval_encoder("checkpoint", InputSpec.parse("s2").channel_names, mean[:10], std[:10],
-                                str(pretrained / "pair"))
+    fresh = build_eval_encoder(
+        "checkpoint-random-adapter",
+        InputSpec.parse("s2").channel_names,
+        mean[:10],
+        std[:10],
+        str(pretrained / "pair"),
+    )
+    loaded = build_eval_encoder(
+        "checkpoint", InputSpec.parse("s2").channel_names, mean[:10], std[:10], str(pretrained / "pair")
+    )
     w_fresh, w_loaded = fresh.encoder.adapters["s2"].conv.weight, loaded.encoder.adapters["s2"].conv.weight
     assert not np.allclose(w_fresh.detach().numpy(), w_loaded.detach().numpy())
-    np.testing.assert_array_equal(fresh.encoder.backbone.conv1.weight.detach().numpy(),
-                                  loaded.encoder.backbone.conv1.weight.detach().numpy())
+    np.testing.assert_array_equal(
+        fresh.encoder.backbone.conv1.weight.detach().numpy(),
+        loaded.encoder.backbone.conv1.weight.detach().numpy(),
+    )
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -114,9 +167,26 @@ def test_classify_grid_cli_tables_figures_and_mlflow(dataset, pretrained, tmp_pa
     import mlflow
 
     out = tmp_path / "eval"
-    args = ["eval", "classify", "--checkpoint", str(pretrained / "fusion"), "--dataset", str(dataset),
-            "--budget", "8", "--protocol", protocol, "--seeds", "0,1", "--out", str(out), "--epochs", "1",
-            "--precision", precision]
+    args = [
+        "eval",
+        "classify",
+        "--checkpoint",
+        str(pretrained / "fusion"),
+        "--dataset",
+        str(dataset),
+        "--budget",
+        "8",
+        "--protocol",
+        protocol,
+        "--seeds",
+        "0,1",
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--precision",
+        precision,
+    ]
     proc = run_cli(*args, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
     assert "| random init |" in proc.stdout and "| fusion |" in proc.stdout
     rows = _read_csv(out / "results.csv")
@@ -135,15 +205,24 @@ def test_classify_grid_cli_tables_figures_and_mlflow(dataset, pretrained, tmp_pa
     exp = client.get_experiment_by_name("eossl-eval")
     parents = client.search_runs([exp.experiment_id], "tags.`eossl.eval.parent` = '1'")
     assert len(parents) == 1
-    children = client.search_runs([exp.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'"
+    )
     assert len(children) == 6
     assert all(c.data.metrics["seeds"] == 2 and "overall_accuracy_mean" in c.data.metrics for c in children)
     assert parents[0].data.params["precision"] == precision
 
     report = tmp_path / "report"
-    run_cli("eval", "report", "--parent", parents[0].info.run_id, "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}",
-            "--out", str(report))
+    run_cli(
+        "eval",
+        "report",
+        "--parent",
+        parents[0].info.run_id,
+        "--tracking-uri",
+        f"sqlite:///{out / 'mlflow.db'}",
+        "--out",
+        str(report),
+    )
     assert _read_csv(report / "results.csv") == rows  # the same table, rebuilt from MLflow only
 
 

@@ -32,35 +32,84 @@ def _parse(*argv: str) -> argparse.Namespace:
 
 def test_config_file_then_set_then_flags(tmp_path):
     path = tmp_path / "grid.yaml"
-    path.write_text("checkpoints: [run]\nbudget: all\nseeds: [0, 1]\n"
-                    "probe:\n  batch_size: 8\n  finetune_epochs: 3\n")
-    cfg = load_grid_config(ClassifyConfig, {"dataset": "d", "out": "o"}, str(path),
-                           [("finetune_epochs", "5"), ("inputs", "s1,s2")], {"probe.batch_size": 4})
+    path.write_text(
+        "checkpoints: [run]\nbudget: all\nseeds: [0, 1]\nprobe:\n  batch_size: 8\n  finetune_epochs: 3\n"
+    )
+    cfg = load_grid_config(
+        ClassifyConfig,
+        {"dataset": "d", "out": "o"},
+        str(path),
+        [("finetune_epochs", "5"), ("inputs", "s1,s2")],
+        {"probe.batch_size": 4},
+    )
     assert cfg.budget == "all" and cfg.seeds == (0, 1) and cfg.inputs == ("s1", "s2")
     assert cfg.probe.finetune_epochs == 5  # --set after the file
     assert cfg.probe.batch_size == 4  # a typed flag after --set
     assert cfg.probe.workers == field_default(ClassifyConfig, "probe.workers")  # untouched: dataclass default
-    seg = load_grid_config(SegmentConfig, {"dataset": "d", "out": "o"}, None,
-                           [("checkpoints", "run"), ("crop", "32"), ("budget", "64")])
+    seg = load_grid_config(
+        SegmentConfig,
+        {"dataset": "d", "out": "o"},
+        None,
+        [("checkpoints", "run"), ("crop", "32"), ("budget", "64")],
+    )
     assert seg.train.crop == 32 and seg.budget == "64" and seg.checkpoints == ("run",)
 
 
 def test_cli_passes_only_typed_flags(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text("protocol: knn\nprobe:\n  batch_size: 8\n")
-    args = _parse("classify", "--dataset", "d", "--out", "o", "--config", str(path), "--set", "batch_size=16",
-                  "--inputs", "s2", "--init", "random")
+    args = _parse(
+        "classify",
+        "--dataset",
+        "d",
+        "--out",
+        "o",
+        "--config",
+        str(path),
+        "--set",
+        "batch_size=16",
+        "--inputs",
+        "s2",
+        "--init",
+        "random",
+    )
     assert {"probe.batch_size", "probe.workers", "protocol", "budget"}.isdisjoint(vars(args))
     from eossl.eval.cli import _grid_config
 
     cfg = _grid_config(ClassifyConfig, args)
     assert (cfg.protocol, cfg.probe.batch_size, cfg.inputs, cfg.inits) == ("knn", 16, ("s2",), ("random",))
     assert cfg.budget == field_default(ClassifyConfig, "budget") == "1024"
-    args = _parse("classify", "--dataset", "d", "--out", "o", "--set", "batch_size=16", "--batch-size", "2",
-                  "--init", "random")
+    args = _parse(
+        "classify",
+        "--dataset",
+        "d",
+        "--out",
+        "o",
+        "--set",
+        "batch_size=16",
+        "--batch-size",
+        "2",
+        "--init",
+        "random",
+    )
     assert _grid_config(ClassifyConfig, args).probe.batch_size == 2  # the typed flag wins over --set
-    seg = _grid_config(SegmentConfig, _parse("segment", "--dataset", "d", "--out", "o", "--checkpoint", "r",
-                                             "--frozen", "--epochs", "3", "--protocol", "finetune"))
+    seg = _grid_config(
+        SegmentConfig,
+        _parse(
+            "segment",
+            "--dataset",
+            "d",
+            "--out",
+            "o",
+            "--checkpoint",
+            "r",
+            "--frozen",
+            "--epochs",
+            "3",
+            "--protocol",
+            "finetune",
+        ),
+    )
     assert (seg.frozen, seg.train.epochs, seg.train.batch_size, seg.checkpoints) == (True, 3, 16, ("r",))
 
 
@@ -73,10 +122,12 @@ class _TwoSections(ClassifyConfig):
 
 def test_ambiguous_and_unknown_keys_are_refused():
     with pytest.raises(ValueError, match="ambiguous.*probe.batch_size or train.batch_size"):
-        load_grid_config(_TwoSections, {"dataset": "d", "out": "o"}, None,
-                         [("inits", "random"), ("batch_size", "8")])
-    cfg = load_grid_config(_TwoSections, {"dataset": "d", "out": "o"}, None,
-                           [("inits", "random"), ("train.batch_size", "8")])
+        load_grid_config(
+            _TwoSections, {"dataset": "d", "out": "o"}, None, [("inits", "random"), ("batch_size", "8")]
+        )
+    cfg = load_grid_config(
+        _TwoSections, {"dataset": "d", "out": "o"}, None, [("inits", "random"), ("train.batch_size", "8")]
+    )
     assert (cfg.train.batch_size, cfg.probe.batch_size) == (8, 32)
     with pytest.raises(ValueError, match="did you mean probe.batch_size"):
         load_grid_config(ClassifyConfig, {"dataset": "d", "out": "o"}, None, [("batsh_size", "8")])
@@ -88,8 +139,17 @@ def test_ambiguous_and_unknown_keys_are_refused():
 
 @pytest.mark.slow
 def test_eval_cli_refuses_a_misspelt_key(tmp_path):
-    proc = run_cli("eval", "classify", "--dataset", str(tmp_path), "--out", str(tmp_path / "o"),
-                   "--set", "batsh_size=8", check=False)
+    proc = run_cli(
+        "eval",
+        "classify",
+        "--dataset",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "o"),
+        "--set",
+        "batsh_size=8",
+        check=False,
+    )
     assert proc.returncode != 0
     assert "did you mean probe.batch_size" in proc.stdout + proc.stderr
 
@@ -136,10 +196,15 @@ def test_a_task_plugs_into_the_grid(tmp_path, monkeypatch):
     cfg = ClassifyConfig(dataset="unused", out=str(tmp_path), inputs=("s1",), seeds=(0, 1), inits=("random",))
     result = run_grid(_ConstantTask(cfg), ("test",))
     with open(result["results_csv"]) as f:
-        assert list(csv.reader(f)) == [["method", "s1", "s2", "s1s2"], ["half seed", "25.00", "", ""],
-                                       ["nothing", "", "", ""]]
+        assert list(csv.reader(f)) == [
+            ["method", "s1", "s2", "s1s2"],
+            ["half seed", "25.00", "", ""],
+            ["nothing", "", "", ""],
+        ]
     cells = json.loads((Path(tmp_path) / "cells.json").read_text())
     assert [c["note"] for c in cells] == ["", "no rows to score"]
     logged = collect_from_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", result["mlflow_parent_run_id"], None)
-    assert [(c["method"], c["mean"], c["metric"]) for c in logged] == [("half seed", 0.25, "score"),
-                                                                        ("nothing", None, "score")]
+    assert [(c["method"], c["mean"], c["metric"]) for c in logged] == [
+        ("half seed", 0.25, "score"),
+        ("nothing", None, "score"),
+    ]

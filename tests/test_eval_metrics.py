@@ -32,7 +32,11 @@ def test_confusion_matrix_rows_true_cols_predicted():
     cm = confusion_matrix(Y_TRUE_3, Y_PRED_3, 3)
     assert cm.dtype == np.int64 and cm.tolist() == CM_3
     # a class never seen still gets its row and column
-    assert confusion_matrix(np.array([0, 1]), np.array([1, 1]), 3).tolist() == [[0, 1, 0], [0, 1, 0], [0, 0, 0]]
+    assert confusion_matrix(np.array([0, 1]), np.array([1, 1]), 3).tolist() == [
+        [0, 1, 0],
+        [0, 1, 0],
+        [0, 0, 0],
+    ]
 
 
 def test_single_label_three_classes_by_hand():
@@ -101,8 +105,17 @@ def test_single_label_kappa_edge_cases():
 # s5    0 0 0       .1  .2  .3           0 0 0   no positive, none predicted -> sample F1 1
 # s6    1 1 0       .7  .1  .05          1 0 0   TP 1, FN 1 -> sample F1 2/3
 Y_ML = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 0]])
-S_ML = np.array([[.9, .2, .1], [.6, .7, .3], [.4, .6, .2], [.3, .4, .1], [.8, .1, .0], [.1, .2, .3],
-                 [.7, .1, .05]])
+S_ML = np.array(
+    [
+        [0.9, 0.2, 0.1],
+        [0.6, 0.7, 0.3],
+        [0.4, 0.6, 0.2],
+        [0.3, 0.4, 0.1],
+        [0.8, 0.1, 0.0],
+        [0.1, 0.2, 0.3],
+        [0.7, 0.1, 0.05],
+    ]
+)
 
 
 def test_multi_label_by_hand():
@@ -153,7 +166,7 @@ def test_multi_label_class_predicted_but_never_true():
 
 def test_multi_label_threshold_is_applied_with_ge():
     y = np.array([[1, 0], [0, 1]])
-    s = np.array([[0.5, 0.2], [0.49, 0.7]])   # 0.5 is a positive decision, 0.49 is not
+    s = np.array([[0.5, 0.2], [0.49, 0.7]])  # 0.5 is a positive decision, 0.49 is not
     m = multi_label_metrics(y, s)
     assert m["overall_accuracy"] == 1.0
     assert multi_label_metrics(y, s, threshold=0.6)["per_class"]["recall"] == [0.0, 1.0]
@@ -161,7 +174,8 @@ def test_multi_label_threshold_is_applied_with_ge():
 
 def test_ap_ties_scored_as_a_block():
     # neg .9, then a tie at .5 holding pos, pos, neg. As one block: at .9 P=0, R=0; at .5 TP2 FP2 -> AP = 1/2.
-    # Breaking the tie would give (1/2 + 2/3)/2 = 7/12 (positives first) or (1/3 + 2/4)/2 = 5/12 (negative first).
+    # Breaking the tie would give (1/2 + 2/3)/2 = 7/12 (positives first) or (1/3 + 2/4)/2 = 5/12 (negative
+    # first).
     assert average_precision(np.array([0, 1, 1, 0]), np.array([0.9, 0.5, 0.5, 0.5])) == pytest.approx(0.5)
     assert average_precision(np.array([0, 1, 0, 1]), np.array([0.9, 0.5, 0.5, 0.5])) == pytest.approx(0.5)
     # y = [1, 0, 1, 0] with scores .9 .5 .5 .1: 1/2 * 1 + 1/2 * 2/3 = 5/6
@@ -189,8 +203,8 @@ def test_ap_matches_brute_force_with_ties(seed):
     rng = np.random.default_rng(seed)
     n, k = 60, 5
     y = (rng.random((n, k)) < rng.uniform(0.1, 0.6, size=k)).astype(int)
-    y[0] = 1                                            # every class has a positive
-    s = rng.integers(0, 8, size=(n, k)) / 8.0           # 8 levels over 60 samples: many ties
+    y[0] = 1  # every class has a positive
+    s = rng.integers(0, 8, size=(n, k)) / 8.0  # 8 levels over 60 samples: many ties
     m = multi_label_metrics(y, s)
     ref = [_brute_force_ap(y[:, c], s[:, c]) for c in range(k)]
     assert m["per_class"]["ap"] == pytest.approx(ref, abs=1e-12)
@@ -207,7 +221,7 @@ def test_ap_matches_brute_force_with_ties(seed):
 def test_multi_label_perfect_and_all_wrong():
     rng = np.random.default_rng(3)
     y = rng.random((20, 4)) < 0.4
-    y[0], y[1] = True, False                             # each class has a positive and a negative
+    y[0], y[1] = True, False  # each class has a positive and a negative
     perfect = multi_label_metrics(y, np.where(y, 0.9, 0.1))
     for key in ("overall_accuracy", "subset_accuracy", "f1_macro", "f1_micro", "f1_samples", "map"):
         assert perfect[key] == 1.0, key
@@ -230,36 +244,47 @@ def test_multi_label_no_positive_anywhere():
 
 # ------------------------------------------------------------------------------------------ across runs
 
+
 def test_mean_and_spread():
     m = mean_and_spread([2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0])
     # mean 5, sum of squared deviations 32, sample variance 32 / 7
     assert m == {"mean": 5.0, "std": pytest.approx((32 / 7) ** 0.5), "n": 8, "min": 2.0, "max": 9.0}
     assert mean_and_spread([0.7]) == {"mean": 0.7, "std": 0.0, "n": 1, "min": 0.7, "max": 0.7}
-    assert mean_and_spread((1, 2))["std"] == pytest.approx(2 ** -0.5)
+    assert mean_and_spread((1, 2))["std"] == pytest.approx(2**-0.5)
     assert all(type(v) in (float, int) for v in m.values())
 
 
 # ----------------------------------------------------------------------------------------- bad inputs
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: single_label_metrics(np.array([0, 1]), np.array([0, 1, 1]), 2), "samples"),
-    (lambda: single_label_metrics(np.array([0, 3]), np.array([0, 1]), 3), "class index 3 outside 0..2"),
-    (lambda: single_label_metrics(np.array([0, -1]), np.array([0, 1]), 3), "class index -1"),
-    (lambda: single_label_metrics(np.array([0.0, 1.0]), np.array([0, 1]), 2), "integer class indices"),
-    (lambda: single_label_metrics(np.array([[0, 1]]), np.array([[0, 1]]), 2), "1-D"),
-    (lambda: single_label_metrics(np.array([], dtype=int), np.array([], dtype=int), 2), "no samples"),
-    (lambda: single_label_metrics(np.array([0]), np.array([0]), 0), "n_classes"),
-    (lambda: single_label_metrics(np.array([0]), np.array([0]), 2, ["a"]), "class_names has 1"),
-    (lambda: confusion_matrix(np.array([0, 2]), np.array([0, 1]), 2), "outside"),
-    (lambda: multi_label_metrics(np.zeros((2, 3)), np.zeros((2, 2))), "shape"),
-    (lambda: multi_label_metrics(np.zeros(3), np.zeros(3)), r"\(N, K\)"),
-    (lambda: multi_label_metrics(np.array([[0, 2]]), np.zeros((1, 2))), "0/1"),
-    (lambda: multi_label_metrics(np.array([[0, 1]]), np.array([[0.1, np.nan]])), "NaN.*sample 0, class 1"),
-    (lambda: multi_label_metrics(np.array([[0, 1]]), np.zeros((1, 2)), threshold=float("nan")), "threshold"),
-    (lambda: multi_label_metrics(np.zeros((0, 2)), np.zeros((0, 2))), "no samples"),
-    (lambda: mean_and_spread([]), "non-empty"),
-    (lambda: mean_and_spread([1.0, float("nan")]), "finite"),
-])
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: single_label_metrics(np.array([0, 1]), np.array([0, 1, 1]), 2), "samples"),
+        (lambda: single_label_metrics(np.array([0, 3]), np.array([0, 1]), 3), "class index 3 outside 0..2"),
+        (lambda: single_label_metrics(np.array([0, -1]), np.array([0, 1]), 3), "class index -1"),
+        (lambda: single_label_metrics(np.array([0.0, 1.0]), np.array([0, 1]), 2), "integer class indices"),
+        (lambda: single_label_metrics(np.array([[0, 1]]), np.array([[0, 1]]), 2), "1-D"),
+        (lambda: single_label_metrics(np.array([], dtype=int), np.array([], dtype=int), 2), "no samples"),
+        (lambda: single_label_metrics(np.array([0]), np.array([0]), 0), "n_classes"),
+        (lambda: single_label_metrics(np.array([0]), np.array([0]), 2, ["a"]), "class_names has 1"),
+        (lambda: confusion_matrix(np.array([0, 2]), np.array([0, 1]), 2), "outside"),
+        (lambda: multi_label_metrics(np.zeros((2, 3)), np.zeros((2, 2))), "shape"),
+        (lambda: multi_label_metrics(np.zeros(3), np.zeros(3)), r"\(N, K\)"),
+        (lambda: multi_label_metrics(np.array([[0, 2]]), np.zeros((1, 2))), "0/1"),
+        (
+            lambda: multi_label_metrics(np.array([[0, 1]]), np.array([[0.1, np.nan]])),
+            "NaN.*sample 0, class 1",
+        ),
+        (
+            lambda: multi_label_metrics(np.array([[0, 1]]), np.zeros((1, 2)), threshold=float("nan")),
+            "threshold",
+        ),
+        (lambda: multi_label_metrics(np.zeros((0, 2)), np.zeros((0, 2))), "no samples"),
+        (lambda: mean_and_spread([]), "non-empty"),
+        (lambda: mean_and_spread([1.0, float("nan")]), "finite"),
+    ],
+)
 def test_invalid_inputs_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()

@@ -110,19 +110,25 @@ class _OnFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.stride
-        return self.head([x[..., s // 2::s, s // 2::s]], tuple(x.shape[-2:]))
+        return self.head([x[..., s // 2 :: s, s // 2 :: s]], tuple(x.shape[-2:]))
 
 
 def _label_features(n: int, rng: np.random.Generator, codes: np.ndarray, size: int = 64, cell: int = 16):
-    """Label maps constant on 16 px cells (4 tokens wide, as 46 px MODIS cells are ~3 ViT tokens) with 5 % ignored pixels, and features that hold each
-    pixel's class (its code vector, ``codes`` (K, D)) plus noise."""
+    """Label maps constant on 16 px cells (4 tokens wide, as 46 px MODIS cells are ~3 ViT tokens) with 5 %
+    ignored pixels, and features that hold each pixel's class (its code vector, ``codes`` (K, D)) plus
+    noise."""
     items = []
     for _ in range(n):
         grid = rng.integers(0, len(codes), size=(size // cell, size // cell))
         y = np.kron(grid, np.ones((cell, cell), dtype=np.int64))
-        x = codes[y].transpose(2, 0, 1) + rng.normal(size=(codes.shape[1], size, size)).astype(np.float32) * 0.5
+        x = (
+            codes[y].transpose(2, 0, 1)
+            + rng.normal(size=(codes.shape[1], size, size)).astype(np.float32) * 0.5
+        )
         y = np.where(rng.random(y.shape) < 0.05, IGNORE_INDEX, y)
-        items.append({"x": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), "y": torch.from_numpy(y)})
+        items.append(
+            {"x": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), "y": torch.from_numpy(y)}
+        )
     return items
 
 
@@ -148,14 +154,17 @@ def test_linear_head_reads_label_features_and_stays_at_chance_on_shuffled_labels
     ys = torch.stack([t["y"] for t in train])
     perm = torch.from_numpy(rng.permutation(ys.numel()))
     shuffled = ys.flatten()[perm].reshape(ys.shape)
-    chance = _scores_after_training([{"x": t["x"], "y": y} for t, y in zip(train, shuffled, strict=True)], test)
+    chance = _scores_after_training(
+        [{"x": t["x"], "y": y} for t, y in zip(train, shuffled, strict=True)], test
+    )
     # Chance for 4 balanced classes: pixel accuracy 0.25; mIoU 1/7 for uniform guesses, 1/16 for one class.
     assert chance["pixel_accuracy"] < 0.35 and chance["miou"] < 0.25
 
 
 # -------------------------------------------------------------------------------------- on a dataset
 def fake_resnet_run(run_dir: Path, dataset: Path) -> Path:
-    """A run folder as train/export.py writes it, with a randomly initialised ResNet-18 on S1 (native input)."""
+    """A run folder as train/export.py writes it, with a randomly initialised ResNet-18 on S1 (native
+    input)."""
     torch.manual_seed(0)
     model = timm.create_model("resnet18", pretrained=False, num_classes=0, in_chans=2)
     out = run_dir / "backbone"
@@ -163,11 +172,16 @@ def fake_resnet_run(run_dir: Path, dataset: Path) -> Path:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "backbone.safetensors"))
     spec = InputSpec(("s1",))
     mean, std = spec.normalisation(json.loads((dataset / "manifest.json").read_text()))
-    card = {"method": "moco", "timm_model": "resnet18", "in_chans": 2,
-            "timm_kwargs": {"in_chans": 2, "num_classes": 0},
-            "adapter": {"type": "native", "mode": "trainable", "channels": {"input": 2}, "out_channels": 3},
-            "inputs": {"view0": {**spec.to_json(), "mean": mean.tolist(), "std": std.tolist()}},
-            "steps": 0, "feature_dim": model.num_features}
+    card = {
+        "method": "moco",
+        "timm_model": "resnet18",
+        "in_chans": 2,
+        "timm_kwargs": {"in_chans": 2, "num_classes": 0},
+        "adapter": {"type": "native", "mode": "trainable", "channels": {"input": 2}, "out_channels": 3},
+        "inputs": {"view0": {**spec.to_json(), "mean": mean.tolist(), "std": std.tolist()}},
+        "steps": 0,
+        "feature_dim": model.num_features,
+    }
     (out / "model_card.json").write_text(json.dumps(card))
     return run_dir
 
@@ -183,8 +197,9 @@ def test_backbone_is_unchanged_in_the_frozen_protocol(dataset, frozen):
     model = build_segmenter(ev, len(scheme.classes), "linear" if frozen else "decoder", frozen, width=16)
     before, head_before = state_digest(model.encoder), state_digest(model.head)
     cfg = SegTrainConfig(epochs=1, batch_size=2, crop=32)
-    losses = train_segmenter(model, train, class_weights(train.pixel_counts(), cfg.class_weighting), cfg, 0,
-                             Accelerator(cpu=True))
+    losses = train_segmenter(
+        model, train, class_weights(train.pixel_counts(), cfg.class_weighting), cfg, 0, Accelerator(cpu=True)
+    )
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert state_digest(model.head) != head_before  # the head did train
     # Frozen: weights and BatchNorm statistics bit-identical; fine-tuned: the same check sees the change.
@@ -198,16 +213,45 @@ def _read_csv(path: Path) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["linear", "finetune"])
-def test_segment_cli_tables_mlflow_figures_and_georeferenced_maps(dataset, synthetic_source, tmp_path, protocol):
+def test_segment_cli_tables_mlflow_figures_and_georeferenced_maps(
+    dataset, synthetic_source, tmp_path, protocol
+):
     import mlflow
     import zarr
 
     dino = fake_dino_run(tmp_path / "dino", dataset)
     moco = fake_resnet_run(tmp_path / "moco", dataset)
     out = tmp_path / "eval"
-    args = ["eval", "segment", "--checkpoint", str(dino), "--checkpoint", str(moco), "--dataset", str(dataset),
-            "--inputs", "s1,s1s2", "--budget", "4", "--protocol", protocol, "--seeds", "0,1", "--epochs", "1",
-            "--batch-size", "4", "--crop", "32", "--figures", "2", "--attention-patches", "2", "--out", str(out)]
+    args = [
+        "eval",
+        "segment",
+        "--checkpoint",
+        str(dino),
+        "--checkpoint",
+        str(moco),
+        "--dataset",
+        str(dataset),
+        "--inputs",
+        "s1,s1s2",
+        "--budget",
+        "4",
+        "--protocol",
+        protocol,
+        "--seeds",
+        "0,1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--crop",
+        "32",
+        "--figures",
+        "2",
+        "--attention-patches",
+        "2",
+        "--out",
+        str(out),
+    ]
     if protocol == "linear":
         args.append("--write-maps")
     else:
@@ -219,7 +263,8 @@ def test_segment_cli_tables_mlflow_figures_and_georeferenced_maps(dataset, synth
     assert list(rows)[:4] == supervised
     for m in supervised:
         assert 0.0 <= float(rows[m]["s1"]) <= 100.0
-        # Random inits are built for any input; the S1-only checkpoints have no layout for S2: n/a, reason in md.
+        # Random inits are built for any input; the S1-only checkpoints have no layout for S2: n/a, reason in
+        # md.
         assert (rows[m]["s1s2"] == "") == (m in ("dino", "moco"))
     assert 0.0 < float(rows["dino: token k-means (no labels)"]["s1"]) <= 100.0
     assert rows["moco: token k-means (no labels)"]["s1"] == ""  # a ResNet has no tokens: n/a
@@ -240,14 +285,24 @@ def test_segment_cli_tables_mlflow_figures_and_georeferenced_maps(dataset, synth
     scored = [c for c in children if "miou_mean" in c.data.metrics]
     assert parent.data.params["train.backbone_lr_scale"] == ("0.5" if protocol == "finetune" else "0.1")
     assert len(children) == len(_read_csv(out / "results.csv")) * 2  # every row x (s1, s1s2)
-    assert {c.data.tags["eossl.eval.method"] for c in scored if c.data.tags["eossl.eval.input"] == "s1"} >= set(supervised)
+    assert {
+        c.data.tags["eossl.eval.method"] for c in scored if c.data.tags["eossl.eval.input"] == "s1"
+    } >= set(supervised)
 
     maps = sorted((out / "cells" / "dino__s1" / "maps").glob("*.tif"))
     if protocol == "finetune":
         assert not maps
         report = tmp_path / "report"
-        run_cli("eval", "report", "--parent", parent.info.run_id, "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}",
-                "--out", str(report))
+        run_cli(
+            "eval",
+            "report",
+            "--parent",
+            parent.info.run_id,
+            "--tracking-uri",
+            f"sqlite:///{out / 'mlflow.db'}",
+            "--out",
+            str(report),
+        )
         assert _read_csv(report / "results.csv") == _read_csv(out / "results.csv")  # rebuilt from MLflow only
         return
     assert len(maps) == n_test

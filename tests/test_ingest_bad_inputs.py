@@ -60,7 +60,9 @@ def _bad_tree(root: Path) -> dict[str, str]:
             _rewrite(files["s2"], s2, crs="EPSG:32651")
         elif patch == 8:
             _, meta = read_tif(files["s1"])
-            _rewrite(files["lc"], read_tif(files["lc"])[0], transform=meta["transform"] @ Affine.translation(1, 0))
+            _rewrite(
+                files["lc"], read_tif(files["lc"])[0], transform=meta["transform"] @ Affine.translation(1, 0)
+            )
         elif patch == 9:
             s1 = s1.copy()
             s1[0, :64] = np.nan
@@ -159,7 +161,9 @@ def test_write_error_is_clear_and_leaves_no_corrupt_output(tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
 
-    proc = run_cli("ingest", str(src), str(out), "--workers", "1", "--no-progress", check=False, preexec_fn=limit)
+    proc = run_cli(
+        "ingest", str(src), str(out), "--workers", "1", "--no-progress", check=False, preexec_fn=limit
+    )
     assert proc.returncode == 1, proc.stderr
     assert "cannot write" in proc.stderr and "shard-000000.tar" in proc.stderr
     assert not (out / "manifest.json").exists()

@@ -1,4 +1,5 @@
-"""Exactness on the real SEN12MS patches: shards (webdataset and tarfile) and Zarr equal the GeoTIFFs bit for bit."""
+"""Exactness on the real SEN12MS patches: shards (webdataset and tarfile) and Zarr equal the GeoTIFFs bit for
+bit."""
 
 from __future__ import annotations
 
@@ -27,8 +28,12 @@ EXPECTED = {
 @pytest.fixture
 def real_dataset(real_source, tmp_path):
     """Both real patches written: only s1 is required (neither patch is a complete triplet)."""
-    cfg = IngestConfig(source=str(real_source), dataset=str(tmp_path / "ds"), read=ReadOptions(required=("s1",)),
-                       progress=False)
+    cfg = IngestConfig(
+        source=str(real_source),
+        dataset=str(tmp_path / "ds"),
+        read=ReadOptions(required=("s1",)),
+        progress=False,
+    )
     summary = run_ingest(cfg)
     assert (summary.found, summary.written, summary.rejected) == (2, 2, 0)
     return tmp_path / "ds"
@@ -106,11 +111,14 @@ def test_manifest_counts_stats_and_verify(real_dataset):
     stats = manifest["stats"]["s2"]
     np.testing.assert_allclose(stats["mean"], s2.reshape(13, -1).mean(axis=1), rtol=1e-6)
     np.testing.assert_allclose(stats["std"], s2.reshape(13, -1).std(axis=1), rtol=1e-5)
-    assert stats["percentiles"]["p50"] == [float(v) for v in
-                                          np.percentile(s2.reshape(13, -1), 50, axis=1, method="inverted_cdf")]
+    assert stats["percentiles"]["p50"] == [
+        float(v) for v in np.percentile(s2.reshape(13, -1), 50, axis=1, method="inverted_cdf")
+    ]
     s1 = np.concatenate([read_tif(REAL_S1_P30)[0], read_tif(REAL_S1_P839)[0]], axis=1).reshape(2, -1)
     np.testing.assert_allclose(manifest["stats"]["s1"]["mean"], s1.astype(np.float64).mean(axis=1), rtol=1e-6)
-    np.testing.assert_allclose(manifest["stats"]["s1"]["percentiles"]["p50"], np.median(s1, axis=1), atol=0.01)
+    np.testing.assert_allclose(
+        manifest["stats"]["s1"]["percentiles"]["p50"], np.median(s1, axis=1), atol=0.01
+    )
     assert verify(str(real_dataset), deep=True) == []
 
 
@@ -128,8 +136,13 @@ def test_default_requirements_reject_incomplete_patch(real_source, tmp_path):
 @pytest.mark.parametrize("formats", ["wds", "zarr"])
 def test_single_format_outputs(real_source, tmp_path, formats):
     out = tmp_path / "ds"
-    cfg = IngestConfig(source=str(real_source), dataset=str(out), formats=(formats,),
-                       read=ReadOptions(required=("s1",)), progress=False)
+    cfg = IngestConfig(
+        source=str(real_source),
+        dataset=str(out),
+        formats=(formats,),
+        read=ReadOptions(required=("s1",)),
+        progress=False,
+    )
     run_ingest(cfg)
     manifest = json.loads((out / "manifest.json").read_text())
     assert (out / "data.zarr").exists() == (formats == "zarr")

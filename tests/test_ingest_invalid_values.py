@@ -123,7 +123,9 @@ def test_patches_over_the_invalid_limits_are_rejected_and_under_them_counted(tmp
     rejects = _rejects(out)
     assert set(rejects) == {"ROIs1970_fall_1_p2", "ROIs1970_fall_1_p3", "ROIs1970_fall_1_p6"}
     reasons = {key: r["reason"] for key, r in rejects.items()}
-    assert "S1 has 2.00% NaN/Inf/nodata pixels or values outside [-60, 40] dB" in reasons["ROIs1970_fall_1_p2"]
+    assert (
+        "S1 has 2.00% NaN/Inf/nodata pixels or values outside [-60, 40] dB" in reasons["ROIs1970_fall_1_p2"]
+    )
     assert "S2 has 2.00% nodata (0), saturated (65535)" in reasons["ROIs1970_fall_1_p3"]
     assert "LC has 2.00% class codes outside the layer's MODIS legend" in reasons["ROIs1970_fall_1_p6"]
     for patch, mod in ((2, "s1"), (3, "s2"), (6, "lc")):  # each reject names the offending file
@@ -163,14 +165,24 @@ def test_invalid_masks_follow_the_band_table():
     s1[0, 0, :4] = [np.nan, np.inf, -60.5, 40.5]
     s1[1, 0, :3] = [-60.0, 40.0, -9999.0]
     mask = invalid_mask("s1", s1, nodata=-9999.0)
-    assert mask[0, 0].tolist() == [True, True, True, True] and mask[1, 0].tolist() == [False, False, True, False]
+    assert mask[0, 0].tolist() == [True, True, True, True] and mask[1, 0].tolist() == [
+        False,
+        False,
+        True,
+        False,
+    ]
     s2 = np.full((13, 2, 2), 1000, np.uint16)
     s2[0, 0] = [0, 65535]
     s2[1, 0] = [20000, 20001]
     mask = invalid_mask("s2", s2)
     assert mask[0, 0].tolist() == [True, True] and mask[1, 0].tolist() == [False, True] and mask.sum() == 3
     lc = np.array([[[17, 18]], [[16, 17]], [[36, 255]], [[51, 52]]], np.uint8)  # one legend per layer
-    assert invalid_mask("lc", lc)[:, 0].tolist() == [[False, True], [False, True], [False, False], [False, True]]
+    assert invalid_mask("lc", lc)[:, 0].tolist() == [
+        [False, True],
+        [False, True],
+        [False, False],
+        [False, True],
+    ]
 
 
 def test_band_stats_leave_masked_pixels_out_and_flag_an_implausible_spread():
@@ -243,7 +255,9 @@ def test_truncated_or_edited_manifest_is_a_clear_error(small_dataset):
     out = DatasetRoot(str(small_dataset))
     assert read_manifest(out)["manifest_sha256"]  # the written manifest matches its digest
     manifest.write_text(text[: len(text) // 2])
-    with pytest.raises(DatasetCorruptError, match=r"manifest\.json is corrupt: not valid JSON .*eossl verify"):
+    with pytest.raises(
+        DatasetCorruptError, match=r"manifest\.json is corrupt: not valid JSON .*eossl verify"
+    ):
         read_manifest(out)
     proc = run_cli("verify", str(small_dataset), check=False)
     assert proc.returncode != 0 and "manifest.json is corrupt" in proc.stdout + proc.stderr
@@ -264,8 +278,9 @@ def test_cli_invalid_limits(tmp_path):
     s2[0].reshape(-1)[:1310] = 65535  # 2 % of one band
     _rewrite(files["s2"], s2)
     out = tmp_path / "ds"
-    proc = run_cli("ingest", str(src), str(out), "--no-progress", "--max-s2-invalid", "0.05",
-                   "--max-lc-invalid", "0.02")
+    proc = run_cli(
+        "ingest", str(src), str(out), "--no-progress", "--max-s2-invalid", "0.05", "--max-lc-invalid", "0.02"
+    )
     assert "1 written, 0 rejected" in proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["options"]["read"]["max_s2_invalid_fraction"] == 0.05

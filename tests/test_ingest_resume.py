@@ -19,7 +19,16 @@ from eossl.ingest.verify import verify
 from conftest import complete_triplet, run_cli
 
 # One patch per unit/shard: FULL_SAMPLE_BYTES is ~2.5 MB, so every patch is its own commit.
-ONE_PER_SHARD = ("--shard-size", "3MB", "--zarr-shard-samples", "4", "--budgets", "4", "--budget-seeds", "0,1")
+ONE_PER_SHARD = (
+    "--shard-size",
+    "3MB",
+    "--zarr-shard-samples",
+    "4",
+    "--budgets",
+    "4",
+    "--budget-seeds",
+    "0,1",
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +74,18 @@ def test_reference_dataset_is_consistent(reference):
 @pytest.mark.slow
 def test_resume_after_kill_finishes_without_redoing_units(source, reference, tmp_path):
     out = tmp_path / "ds"
-    cmd = [sys.executable, "-m", "eossl.launch", "ingest", str(source), str(out), "--workers", "1", "--no-progress",
-           *ONE_PER_SHARD]
+    cmd = [
+        sys.executable,
+        "-m",
+        "eossl.launch",
+        "ingest",
+        str(source),
+        str(out),
+        "--workers",
+        "1",
+        "--no-progress",
+        *ONE_PER_SHARD,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     marker = out / "_progress" / "unit-000005.json"
     deadline = time.monotonic() + 120
@@ -114,8 +133,9 @@ def test_parts_then_merge_equal_one_run(source, reference, tmp_path):
 def test_rerun_with_other_options_is_refused(source, reference, tmp_path):
     out = tmp_path / "ds"
     run_cli("ingest", str(source), str(out), "--part", "0/3", "--no-progress", *ONE_PER_SHARD)
-    proc = run_cli("ingest", str(source), str(out), "--part", "1/3", "--no-progress", "--shard-size", "10MB",
-                   check=False)
+    proc = run_cli(
+        "ingest", str(source), str(out), "--part", "1/3", "--no-progress", "--shard-size", "10MB", check=False
+    )
     assert proc.returncode == 1
     assert "different" in proc.stderr and "plan.json" in proc.stderr
 

@@ -24,17 +24,33 @@ def test_ingest_s3_to_s3_equals_local(s3_endpoint, real_source, tmp_path):
     fs = s3fs.S3FileSystem()
     fs.mkdir("eossl-out")  # eossl writes into existing buckets; it never creates one
     local = tmp_path / "local"
-    run_cli("ingest", str(real_source), str(local), "--no-progress", "--shard-size", "5MB", "--required", "s1")
-    proc = run_cli("ingest", "s3://sen12ms-src/raw", "s3://eossl-out/ds", "--no-progress", "--shard-size", "5MB",
-                   "--required", "s1", "--workers", "2")
+    run_cli(
+        "ingest", str(real_source), str(local), "--no-progress", "--shard-size", "5MB", "--required", "s1"
+    )
+    proc = run_cli(
+        "ingest",
+        "s3://sen12ms-src/raw",
+        "s3://eossl-out/ds",
+        "--no-progress",
+        "--shard-size",
+        "5MB",
+        "--required",
+        "s1",
+        "--workers",
+        "2",
+    )
     assert "4 patches found, 4 written, 0 rejected" in proc.stdout
 
     remote = json.loads(fs.cat_file("eossl-out/ds/manifest.json"))
     manifest = json.loads((local / "manifest.json").read_text())
     # Same bytes in the shards whatever the storage (relative file paths in the JSON members).
-    assert [(s["path"], s["sha256"]) for s in remote["shards"]] == [(s["path"], s["sha256"]) for s in manifest["shards"]]
+    assert [(s["path"], s["sha256"]) for s in remote["shards"]] == [
+        (s["path"], s["sha256"]) for s in manifest["shards"]
+    ]
     assert remote["counts"] == manifest["counts"] and remote["stats"] == manifest["stats"]
-    group = zarr.open_group(DatasetRoot("s3://eossl-out/ds").zarr_store("data.zarr", read_only=True), mode="r")
+    group = zarr.open_group(
+        DatasetRoot("s3://eossl-out/ds").zarr_store("data.zarr", read_only=True), mode="r"
+    )
     local_group = zarr.open_group(str(local / "data.zarr"), mode="r")
     assert np.array_equal(group["key"][:], local_group["key"][:])
     assert group["s2"][:].tobytes() == local_group["s2"][:].tobytes()

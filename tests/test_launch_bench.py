@@ -32,8 +32,18 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("bench")
     write_sample_data(root / "src", PATCHES, seed=1)
-    run_cli("ingest", str(root / "src"), str(root / "ds"), "--formats", "wds", "--shard-size", "10MB",
-            "--budgets", "2", "--no-progress")
+    run_cli(
+        "ingest",
+        str(root / "src"),
+        str(root / "ds"),
+        "--formats",
+        "wds",
+        "--shard-size",
+        "10MB",
+        "--budgets",
+        "2",
+        "--no-progress",
+    )
     return root / "src", root / "ds"
 
 
@@ -41,7 +51,9 @@ def _baseline(source: Path, loader: SSLLoader) -> tuple[GeoTiffPatches, dict[int
     """The baseline dataset over the loader's rows, and row id -> baseline index."""
     files = geotiff_files(str(source), loader.catalog.key[loader.rows])
     mean, std = loader.views.input_spec.normalisation(loader.manifest)
-    return GeoTiffPatches(files, loader.views.input_spec, mean, std), {int(r): i for i, r in enumerate(loader.rows)}
+    return GeoTiffPatches(files, loader.views.input_spec, mean, std), {
+        int(r): i for i, r in enumerate(loader.rows)
+    }
 
 
 def test_baseline_read_equals_loader_read_path(tiny):
@@ -62,7 +74,8 @@ def test_baseline_read_equals_loader_read_path(tiny):
 
 
 def test_baseline_augmentation_equals_loader_views(tiny):
-    """Same parameters (ViewSet.draw at the sample's position) -> the same views, up to interpolation rounding."""
+    """Same parameters (ViewSet.draw at the sample's position) -> the same views, up to interpolation
+    rounding."""
     source, dataset = tiny
     loader = SSLLoader(str(dataset), loader_configs(workers=0, batch_size=4)["augment"], rank=0, world_size=1)
     baseline, index = _baseline(source, loader)
@@ -93,51 +106,94 @@ def test_baseline_reads_the_same_patches_from_s3(tiny, s3_endpoint):
     assert all(f.startswith("s3://eossl-bench-geotiff/src/") for pair in remote_files for f in pair)
     options = gdal_s3_options()
     assert options["AWS_S3_ENDPOINT"] == s3_endpoint.removeprefix("http://") and options["AWS_HTTPS"] == "NO"
-    remote = GeoTiffPatches(remote_files, loader.views.input_spec,
-                            *loader.views.input_spec.normalisation(loader.manifest), gdal_options=options)
+    remote = GeoTiffPatches(
+        remote_files,
+        loader.views.input_spec,
+        *loader.views.input_spec.normalisation(loader.manifest),
+        gdal_options=options,
+    )
     for i in (0, len(remote) - 1):
         torch.testing.assert_close(remote.read(i), local.read(i), atol=0, rtol=0)
-    without_endpoint = GeoTiffPatches(remote_files, loader.views.input_spec,
-                                      *loader.views.input_spec.normalisation(loader.manifest),
-                                      gdal_options={k: v for k, v in options.items() if not k.startswith("AWS_")}
-                                      | {"AWS_S3_ENDPOINT": "127.0.0.1:9", "AWS_HTTPS": "NO",
-                                         "AWS_VIRTUAL_HOSTING": "FALSE", "GDAL_HTTP_MAX_RETRY": "0",
-                                         "GDAL_HTTP_CONNECTTIMEOUT": "2"})
-    with pytest.raises(OSError, match="s3://eossl-bench-geotiff/src/.*_s1_.*cannot read GeoTIFF"):  # names the file, does not hang
+    without_endpoint = GeoTiffPatches(
+        remote_files,
+        loader.views.input_spec,
+        *loader.views.input_spec.normalisation(loader.manifest),
+        gdal_options={k: v for k, v in options.items() if not k.startswith("AWS_")}
+        | {
+            "AWS_S3_ENDPOINT": "127.0.0.1:9",
+            "AWS_HTTPS": "NO",
+            "AWS_VIRTUAL_HOSTING": "FALSE",
+            "GDAL_HTTP_MAX_RETRY": "0",
+            "GDAL_HTTP_CONNECTTIMEOUT": "2",
+        },
+    )
+    with pytest.raises(
+        OSError, match="s3://eossl-bench-geotiff/src/.*_s1_.*cannot read GeoTIFF"
+    ):  # names the file, does not hang
         without_endpoint.read(0)
 
 
 @pytest.mark.slow
 def test_bench_loader_cli_with_local_s3_reports_every_number(tmp_path):
-    """``eossl bench loader --local-s3 --json``: starts its own S3 server, times both sides from disk and S3."""
+    """``eossl bench loader --local-s3 --json``: starts its own S3 server, times both sides from disk and
+    S3."""
     scratch = tmp_path / "tmp"  # the command's temporary folder: nothing of the bench may stay there
     scratch.mkdir()
-    proc = run_cli("bench", "loader", "--local-s3", "--patches", str(PATCHES), "--max-samples", "6", "--workers", "1",
-                   "--batch-size", "3", "--samples", "8", "--repeat", "1", "--json", timeout=600,
-                   env={**os.environ, "TMPDIR": str(scratch)})
+    proc = run_cli(
+        "bench",
+        "loader",
+        "--local-s3",
+        "--patches",
+        str(PATCHES),
+        "--max-samples",
+        "6",
+        "--workers",
+        "1",
+        "--batch-size",
+        "3",
+        "--samples",
+        "8",
+        "--repeat",
+        "1",
+        "--json",
+        timeout=600,
+        env={**os.environ, "TMPDIR": str(scratch)},
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["samples_in_dataset"] == 6 and result["settings"]["max_samples"] == 6  # of 8 patches
-    comparisons = [result["read"], result["augment"]] + [result["s3"][stage][variant] for stage in ("read", "augment")
-                                                         for variant in ("cache", "no_cache")]
+    comparisons = [result["read"], result["augment"]] + [
+        result["s3"][stage][variant] for stage in ("read", "augment") for variant in ("cache", "no_cache")
+    ]
     for comparison in comparisons:
         for side in ("ours", "geotiff_dataloader"):
             run = comparison[side]
             assert run["samples_per_s"] > 0 and run["epochs_per_run"] == 2
             assert run["samples_per_run"] == 12  # epochs of the 6 benched samples, on both sides
             assert run["cpu_ms_per_sample"] > 0
-        assert comparison["speedup"] == pytest.approx(comparison["ours"]["samples_per_s"]
-                                                      / comparison["geotiff_dataloader"]["samples_per_s"], rel=0.02)
-    for key in ("read_speedup_vs_geotiff", "speedup_vs_geotiff", "read_cpu_efficiency_vs_geotiff",
-                "cpu_efficiency_vs_geotiff", "s3_read_speedup_vs_geotiff", "s3_speedup_vs_geotiff",
-                "s3_nocache_read_speedup_vs_geotiff", "s3_nocache_speedup_vs_geotiff", "s3_samples_per_s",
-                "s3_read_samples_per_s"):
+        assert comparison["speedup"] == pytest.approx(
+            comparison["ours"]["samples_per_s"] / comparison["geotiff_dataloader"]["samples_per_s"], rel=0.02
+        )
+    for key in (
+        "read_speedup_vs_geotiff",
+        "speedup_vs_geotiff",
+        "read_cpu_efficiency_vs_geotiff",
+        "cpu_efficiency_vs_geotiff",
+        "s3_read_speedup_vs_geotiff",
+        "s3_speedup_vs_geotiff",
+        "s3_nocache_read_speedup_vs_geotiff",
+        "s3_nocache_speedup_vs_geotiff",
+        "s3_samples_per_s",
+        "s3_read_samples_per_s",
+    ):
         assert result[key] > 0, key
     assert result["s3_speedup_vs_geotiff"] == result["s3"]["augment"]["cache"]["speedup"]
     assert result["s3"]["endpoint_from_env"] and result["s3"]["source"].startswith("s3://")
     assert (result["gpu_samples_per_s"] is None) == (not torch.cuda.is_available())
     assert result["settings"]["workers"] == 1 and result["settings"]["batch_size"] == 3
     assert np.isfinite(result["machine"]["load_avg_1m_at_end"])
-    assert list(scratch.glob("eossl-bench-*")) == []  # generated data, shard cache and server logs are removed
+    assert (
+        list(scratch.glob("eossl-bench-*")) == []
+    )  # generated data, shard cache and server logs are removed
 
 
 def test_bench_loader_rejects_half_given_inputs(tiny):
@@ -152,8 +208,11 @@ def test_bench_loader_rejects_half_given_inputs(tiny):
     with pytest.raises(ValueError, match="max_samples"):
         LoaderConfig(max_samples=0)
     with pytest.raises(ValueError, match="local_s3"):
-        bench_loader(LoaderBenchConfig(str(tiny[0]), str(tiny[1]), s3_source="s3://b/src", s3_dataset="s3://b/ds",
-                                       local_s3=True))
+        bench_loader(
+            LoaderBenchConfig(
+                str(tiny[0]), str(tiny[1]), s3_source="s3://b/src", s3_dataset="s3://b/ds", local_s3=True
+            )
+        )
 
 
 def test_bench_loader_help_shows_the_config_defaults():
@@ -162,13 +221,23 @@ def test_bench_loader_help_shows_the_config_defaults():
     options = re.split(r"\n  (?=-)", text.split("options:", 1)[1])  # one block per option
     help_of = {block.split()[0].rstrip(","): " ".join(block.split()) for block in options if block.strip()}
     defaults = LoaderBenchConfig()
-    for flag, value in (("--workers", defaults.workers), ("--batch-size", defaults.batch_size),
-                        ("--samples", defaults.samples), ("--repeat", defaults.repeat),
-                        ("--patches", defaults.patches), ("--max-samples", defaults.max_samples)):
+    for flag, value in (
+        ("--workers", defaults.workers),
+        ("--batch-size", defaults.batch_size),
+        ("--samples", defaults.samples),
+        ("--repeat", defaults.repeat),
+        ("--patches", defaults.patches),
+        ("--max-samples", defaults.max_samples),
+    ):
         assert help_of[flag].endswith(f"(default: {value})"), help_of[flag]
     from eossl.launch.cli import build_parser
 
     args = build_parser().parse_args(["bench", "loader"])
     assert (args.workers, args.batch_size, args.samples, args.repeat, args.patches, args.max_samples) == (
-        defaults.workers, defaults.batch_size, defaults.samples, defaults.repeat, defaults.patches,
-        defaults.max_samples)
+        defaults.workers,
+        defaults.batch_size,
+        defaults.samples,
+        defaults.repeat,
+        defaults.patches,
+        defaults.max_samples,
+    )

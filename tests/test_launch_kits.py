@@ -65,9 +65,18 @@ def slurm_stubs(tmp_path) -> Path:
 
 def _slurm_env(stubs: Path, nodes: int, hosts: str, tmp_path: Path, **extra) -> dict:
     env = {k: v for k, v in training_env().items() if not k.startswith("SLURM_")}
-    env.update({"PATH": f"{stubs}:{BIN}:{env['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NNODES": str(nodes),
-                "SLURM_JOB_NODELIST": "stub", "STUB_HOSTS": hosts, "STUB_REQUEUES": str(tmp_path / "requeues"),
-                "EOSSL_REPO": str(REPO), **extra})
+    env.update(
+        {
+            "PATH": f"{stubs}:{BIN}:{env['PATH']}",
+            "SLURM_JOB_ID": "4242",
+            "SLURM_NNODES": str(nodes),
+            "SLURM_JOB_NODELIST": "stub",
+            "STUB_HOSTS": hosts,
+            "STUB_REQUEUES": str(tmp_path / "requeues"),
+            "EOSSL_REPO": str(REPO),
+            **extra,
+        }
+    )
     return env
 
 
@@ -85,9 +94,14 @@ def _flag(cmd: list[str], name: str) -> str:
 
 
 def test_slurm_script_starts_one_accelerate_launch_per_node(slurm_stubs, tmp_path):
-    job = ClusterJob(train_args=("moco", "--data", "s3://bucket/sen12ms", "--out", "/runs/a b"), nodes=3,
-                     gpus_per_node=8, job_name="study-cell", env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"},
-                     after_train="echo AFTER-TRAIN on $(hostname)")
+    job = ClusterJob(
+        train_args=("moco", "--data", "s3://bucket/sen12ms", "--out", "/runs/a b"),
+        nodes=3,
+        gpus_per_node=8,
+        job_name="study-cell",
+        env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"},
+        after_train="echo AFTER-TRAIN on $(hostname)",
+    )
     script = tmp_path / "job.sbatch"
     script.write_text(render_slurm(job))
     header = [line for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
@@ -105,7 +119,7 @@ def test_slurm_script_starts_one_accelerate_launch_per_node(slurm_stubs, tmp_pat
         assert _flag(cmd, "--main_process_ip") == "gpu-a"  # the first node of the allocation hosts c10d
         assert _flag(cmd, "--main_process_port") == str(20000 + 4242 % 20000)
         assert _flag(cmd, "--config_file") == "launch/accelerate/multinode_8gpu.yaml"
-        assert cmd[cmd.index("-m"):][:3] == ["-m", "eossl.train", "moco"]
+        assert cmd[cmd.index("-m") :][:3] == ["-m", "eossl.train", "moco"]
         assert "/runs/a b" in cmd  # arguments survive quoting
     assert proc.stdout.count("AFTER-TRAIN") == 1
     config = yaml.safe_load((REPO / "launch/accelerate/multinode_8gpu.yaml").read_text())
@@ -113,9 +127,15 @@ def test_slurm_script_starts_one_accelerate_launch_per_node(slurm_stubs, tmp_pat
 
 
 def test_kubernetes_job_runs_the_same_node_command_per_index(tmp_path):
-    job = ClusterJob(train_args=("dino", "--data", "s3://bucket/sen12ms", "--out", "/runs/dino"), nodes=4,
-                     gpus_per_node=8, job_name="dino-vits", image="registry/eossl:1.0",
-                     env={"MLFLOW_TRACKING_URI": "http://mlflow.team:5000"}, after_train="echo AFTER-TRAIN")
+    job = ClusterJob(
+        train_args=("dino", "--data", "s3://bucket/sen12ms", "--out", "/runs/dino"),
+        nodes=4,
+        gpus_per_node=8,
+        job_name="dino-vits",
+        image="registry/eossl:1.0",
+        env={"MLFLOW_TRACKING_URI": "http://mlflow.team:5000"},
+        after_train="echo AFTER-TRAIN",
+    )
     service, batch_job = yaml.safe_load_all(render_k8s(job))
     assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
     spec = batch_job["spec"]
@@ -125,7 +145,9 @@ def test_kubernetes_job_runs_the_same_node_command_per_index(tmp_path):
     pod = spec["template"]["spec"]
     assert pod["subdomain"] == service["metadata"]["name"] == "dino-vits"
     (container,) = pod["containers"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8 and container["image"] == "registry/eossl:1.0"
+    assert (
+        container["resources"]["limits"]["nvidia.com/gpu"] == 8 and container["image"] == "registry/eossl:1.0"
+    )
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["MASTER_ADDR"] == "dino-vits-0.dino-vits" and env["NNODES"] == "4"
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.team:5000"
@@ -134,8 +156,14 @@ def test_kubernetes_job_runs_the_same_node_command_per_index(tmp_path):
     outputs = []
     for index in range(4):
         penv = {**os.environ, **env, "JOB_COMPLETION_INDEX": str(index), "EOSSL_DRY_RUN": "1"}
-        proc = subprocess.run([*container["command"], *container["args"]], capture_output=True, text=True,
-                              env=penv, cwd=REPO, timeout=60)
+        proc = subprocess.run(
+            [*container["command"], *container["args"]],
+            capture_output=True,
+            text=True,
+            env=penv,
+            cwd=REPO,
+            timeout=60,
+        )
         assert proc.returncode == 0, proc.stderr
         outputs.append(proc.stdout)
         (cmd,) = _node_commands(proc.stdout).values()
@@ -146,32 +174,76 @@ def test_kubernetes_job_runs_the_same_node_command_per_index(tmp_path):
 
 
 def test_kit_cli_writes_the_files(tmp_path):
-    run_cli("kit", "slurm", "--nodes", "2", "--gpus-per-node", "4", "--out", str(tmp_path / "j.sbatch"), "--",
-            "moco", "--data", "s3://b/ds", "--out", "/runs/x", "--set", "epochs=100")
+    run_cli(
+        "kit",
+        "slurm",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "--out",
+        str(tmp_path / "j.sbatch"),
+        "--",
+        "moco",
+        "--data",
+        "s3://b/ds",
+        "--out",
+        "/runs/x",
+        "--set",
+        "epochs=100",
+    )
     text = (tmp_path / "j.sbatch").read_text()
-    assert "#SBATCH --nodes=2" in text and "train_args=(moco --data s3://b/ds --out /runs/x --set epochs=100)" in text
-    bad = run_cli("kit", "k8s", "--env", "AWS_SECRET_ACCESS_KEY=x", "--", "moco", "--data", "d", "--out", "o",
-                  check=False)
+    assert (
+        "#SBATCH --nodes=2" in text
+        and "train_args=(moco --data s3://b/ds --out /runs/x --set epochs=100)" in text
+    )
+    bad = run_cli(
+        "kit",
+        "k8s",
+        "--env",
+        "AWS_SECRET_ACCESS_KEY=x",
+        "--",
+        "moco",
+        "--data",
+        "d",
+        "--out",
+        "o",
+        check=False,
+    )
     assert bad.returncode == 2 and "secrets come from the cluster" in bad.stderr
 
 
-TRAIN = cli_set({**TINY_MOCO, "batch_size": "4", "size": "32", "log_every": "1", "ckpt_every": "0",
-                 "moco.momentum": "0.9"})
+TRAIN = cli_set(
+    {
+        **TINY_MOCO,
+        "batch_size": "4",
+        "size": "32",
+        "log_every": "1",
+        "ckpt_every": "0",
+        "moco.momentum": "0.9",
+    }
+)
 
 
 @pytest.mark.slow
 def test_slurm_job_preempted_checkpoints_requeues_and_resumes(dataset, slurm_stubs, tmp_path):
     """SIGUSR1 to the batch script (what --signal=B:USR1@N sends) -> ranks checkpoint -> requeue -> resume."""
     run = tmp_path / "run"
-    job = ClusterJob(train_args=("moco", "--data", str(dataset), "--out", str(run), "--max-steps", "30", *TRAIN),
-                     nodes=1, gpus_per_node=2, accelerate_config="launch/accelerate/cpu_multinode.yaml",
-                     after_train="echo TRAINING-DONE", log_dir=str(tmp_path))
+    job = ClusterJob(
+        train_args=("moco", "--data", str(dataset), "--out", str(run), "--max-steps", "30", *TRAIN),
+        nodes=1,
+        gpus_per_node=2,
+        accelerate_config="launch/accelerate/cpu_multinode.yaml",
+        after_train="echo TRAINING-DONE",
+        log_dir=str(tmp_path),
+    )
     script = tmp_path / "job.sbatch"
     script.write_text(render_slurm(job))
     env = _slurm_env(slurm_stubs, 1, "127.0.0.1", tmp_path, MASTER_PORT=str(free_port()))
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(["bash", str(script)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(script)], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while len(history_steps(run)) < 3:
         assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
@@ -200,7 +272,9 @@ def test_slurm_job_preempted_checkpoints_requeues_and_resumes(dataset, slurm_stu
     assert "TRAINING-DONE" in again.stdout
     assert history_steps(run) == list(range(1, 31))
     ranks = [json.loads(p.read_text()) for p in sorted((run / "ranks").glob("rank-*.json"))]
-    assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+    assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["params_sha256"] == ranks[1][
+        "params_sha256"
+    ]
     assert (tmp_path / "requeues").read_text().split() == ["4242"]  # no second requeue
 
 
@@ -210,8 +284,12 @@ def test_mlflow_serve_answers_and_stops_on_sigterm(tmp_path):
 
     port = free_port()
     folder = tmp_path / "server"
-    proc = subprocess.Popen([sys.executable, "-m", "eossl.launch", "mlflow", "serve", "--dir", str(folder),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eossl.launch", "mlflow", "serve", "--dir", str(folder), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         uri = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -236,7 +314,9 @@ def test_mlflow_serve_answers_and_stops_on_sigterm(tmp_path):
     assert proc.returncode == 0, out
     assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:{port}" in out
     assert (folder / "mlflow.db").exists()
-    assert [p.read_text() for p in (folder / "artifacts").rglob("note.txt")] == ["artifact through the server"]
+    assert [p.read_text() for p in (folder / "artifacts").rglob("note.txt")] == [
+        "artifact through the server"
+    ]
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
 
@@ -248,16 +328,36 @@ def test_study_emitted_as_slurm_jobs_trains_and_evaluates_a_cell(dataset, slurm_
     import mlflow
 
     out = tmp_path / "study"
-    study = {"name": "emitted", "data": str(dataset), "out": str(out),
-             "train": dict(a.split("=", 1) for a in TRAIN[1::2] if not a.startswith("split=")),
-             "grid": {"batch_size": [4, 8], "epochs": [1]},
-             "eval": {"protocols": ["knn"], "budget": "all", "inputs": ["s2"]}}
+    study = {
+        "name": "emitted",
+        "data": str(dataset),
+        "out": str(out),
+        "train": dict(a.split("=", 1) for a in TRAIN[1::2] if not a.startswith("split=")),
+        "grid": {"batch_size": [4, 8], "epochs": [1]},
+        "eval": {"protocols": ["knn"], "budget": "all", "inputs": ["s2"]},
+    }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
-    emitted = run_cli("study", "--config", str(tmp_path / "study.yaml"), "--emit", "slurm", "--nodes", "1",
-                      "--gpus-per-node", "2", "--accelerate-config", "launch/accelerate/cpu_multinode.yaml",
-                      "--repo", str(REPO), "--jobs-dir", str(tmp_path / "jobs"))
+    emitted = run_cli(
+        "study",
+        "--config",
+        str(tmp_path / "study.yaml"),
+        "--emit",
+        "slurm",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "2",
+        "--accelerate-config",
+        "launch/accelerate/cpu_multinode.yaml",
+        "--repo",
+        str(REPO),
+        "--jobs-dir",
+        str(tmp_path / "jobs"),
+    )
     jobs = sorted((tmp_path / "jobs").glob("*.sbatch"))
-    assert [j.name for j in jobs] == ["batch_size-4_epochs-1.sbatch", "batch_size-8_epochs-1.sbatch"], emitted.stdout
+    assert [j.name for j in jobs] == ["batch_size-4_epochs-1.sbatch", "batch_size-8_epochs-1.sbatch"], (
+        emitted.stdout
+    )
     cells = {p.parent.name: json.loads(p.read_text()) for p in (out / "cells").glob("*/cell.json")}
     text = jobs[1].read_text()
     assert f"export EOSSL_MLFLOW_RUN_ID={cells['batch_size-8_epochs-1']['run_id']}" in text
@@ -267,7 +367,9 @@ def test_study_emitted_as_slurm_jobs_trains_and_evaluates_a_cell(dataset, slurm_
     proc = subprocess.run(["bash", str(jobs[1])], capture_output=True, text=True, env=env, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     state = json.loads((out / "cells" / "batch_size-8_epochs-1" / "cell.json").read_text())
-    assert set(state["evaluated"]) == {"knn"} and state.get("train_attempts", 0) == 0  # trained by the job, not the study
+    assert (
+        set(state["evaluated"]) == {"knn"} and state.get("train_attempts", 0) == 0
+    )  # trained by the job, not the study
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     cell_run = client.get_run(state["run_id"])
     assert cell_run.data.params["batch_size"] == "8" and cell_run.data.params["world_size"] == "2"
@@ -281,14 +383,30 @@ def test_study_emitted_as_slurm_jobs_trains_and_evaluates_a_cell(dataset, slurm_
 
 @pytest.mark.slow
 def test_study_emitted_as_kubernetes_jobs(tmp_path):
-    """``--emit k8s``: one Indexed Job per cell, each logging into its pre-created MLflow run and evaluating on
-    index 0 with the study file written next to the results."""
+    """``--emit k8s``: one Indexed Job per cell, each logging into its pre-created MLflow run and evaluating
+    on index 0 with the study file written next to the results."""
     out = tmp_path / "study"
-    study = {"name": "k8s", "data": "s3://bucket/sen12ms", "out": str(out), "grid": {"batch_size": [64, 128]},
-             "eval": {"protocols": ["linear"], "budget": 1024, "inputs": ["s2"]}}
+    study = {
+        "name": "k8s",
+        "data": "s3://bucket/sen12ms",
+        "out": str(out),
+        "grid": {"batch_size": [64, 128]},
+        "eval": {"protocols": ["linear"], "budget": 1024, "inputs": ["s2"]},
+    }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
-    run_cli("study", "--config", str(tmp_path / "study.yaml"), "--emit", "k8s", "--nodes", "2",
-            "--image", "registry/eossl:1", "--jobs-dir", str(tmp_path / "jobs"))
+    run_cli(
+        "study",
+        "--config",
+        str(tmp_path / "study.yaml"),
+        "--emit",
+        "k8s",
+        "--nodes",
+        "2",
+        "--image",
+        "registry/eossl:1",
+        "--jobs-dir",
+        str(tmp_path / "jobs"),
+    )
     jobs = sorted((tmp_path / "jobs").glob("*.yaml"))
     assert [j.name for j in jobs] == ["batch_size-128.yaml", "batch_size-64.yaml"]
     for path in jobs:
@@ -298,7 +416,9 @@ def test_study_emitted_as_kubernetes_jobs(tmp_path):
         (container,) = job["spec"]["template"]["spec"]["containers"]
         env = {e["name"]: e["value"] for e in container["env"]}
         state = json.loads((out / "cells" / cell / "cell.json").read_text())
-        assert env["EOSSL_MLFLOW_RUN_ID"] == state["run_id"] and env["MLFLOW_TRACKING_URI"].startswith("sqlite:")
+        assert env["EOSSL_MLFLOW_RUN_ID"] == state["run_id"] and env["MLFLOW_TRACKING_URI"].startswith(
+            "sqlite:"
+        )
         script = container["args"][0]
         assert f"--set batch_size={cell.split('-')[1]}" in script and f"--cell {cell}" in script
         assert f"--config {out / 'study.yaml'}" in script
@@ -308,9 +428,19 @@ def test_study_emitted_as_kubernetes_jobs(tmp_path):
 def test_node_script_refuses_a_rank_outside_the_run_and_a_missing_address():
     node = str(REPO / "launch/kits/node.sh")
     env = {**training_env(), "EOSSL_DRY_RUN": "1", "NNODES": "2"}
-    outside = subprocess.run([node, "moco"], capture_output=True, text=True, timeout=30,
-                             env={**env, "MASTER_ADDR": "n0", "NODE_RANK": "2"})
+    outside = subprocess.run(
+        [node, "moco"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**env, "MASTER_ADDR": "n0", "NODE_RANK": "2"},
+    )
     assert outside.returncode == 2 and "NODE_RANK=2 is outside 0..1" in outside.stderr
-    no_address = subprocess.run([node, "moco"], capture_output=True, text=True, timeout=30,
-                                env={k: v for k, v in env.items() if k != "MASTER_ADDR"})
+    no_address = subprocess.run(
+        [node, "moco"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={k: v for k, v in env.items() if k != "MASTER_ADDR"},
+    )
     assert no_address.returncode != 0 and "set MASTER_ADDR" in no_address.stderr

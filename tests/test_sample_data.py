@@ -1,7 +1,7 @@
 """Tests of the synthetic SEN12MS generator: layout, georeference, determinism, calibration, signal.
 
-The calibration bounds come from the real SEN12MS patches in ingest/sample_patches (measured with rasterio, see
-``eossl.ingest.sample_data``); they are written here as numbers so the tests do not need that folder.
+The calibration bounds come from the real SEN12MS patches in ingest/sample_patches (measured with rasterio,
+see ``eossl.ingest.sample_data``); they are written here as numbers so the tests do not need that folder.
 """
 
 from __future__ import annotations

@@ -16,12 +16,19 @@ S2_RAW = RNG.integers(0, 10000, size=(256, 256, 3), dtype=np.uint16)
 
 def _run_view(image: np.ndarray, matrix, gain, offset, sigma, size: int) -> np.ndarray:
     def source(_info):
-        return (image, matrix.astype(np.float32), gain.astype(np.float32), offset.astype(np.float32),
-                np.array(sigma, np.float32))
+        return (
+            image,
+            matrix.astype(np.float32),
+            gain.astype(np.float32),
+            offset.astype(np.float32),
+            np.array(sigma, np.float32),
+        )
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=None, exec_dynamic=True)
     def pipe():
-        x, m, g, o, s = fn.external_source(source=source, num_outputs=5, batch=False, layout=["HWC", "", "", "", ""])
+        x, m, g, o, s = fn.external_source(
+            source=source, num_outputs=5, batch=False, layout=["HWC", "", "", "", ""]
+        )
         return augment_view(x, m, g, o, s, size)
 
     p = pipe()
@@ -72,8 +79,9 @@ def test_gain_offset_and_blur():
     blurred = _run_view(IMAGE, matrix, np.ones(5), np.zeros(5), 2.0, 256)
     # Blur keeps the per-channel mean (away from borders) and cuts the variance of white noise.
     assert blurred[..., 0].std() < 0.4 * IMAGE[..., 0].std()
-    np.testing.assert_allclose(blurred[20:-20, 20:-20].mean(axis=(0, 1)), IMAGE[20:-20, 20:-20].mean(axis=(0, 1)),
-                               atol=0.02)
+    np.testing.assert_allclose(
+        blurred[20:-20, 20:-20].mean(axis=(0, 1)), IMAGE[20:-20, 20:-20].mean(axis=(0, 1)), atol=0.02
+    )
 
 
 def test_standardise_uint16_and_clip():
@@ -84,8 +92,10 @@ def test_standardise_uint16_and_clip():
     def pipe():
         s2 = fn.external_source(source=lambda _i: S2_RAW, batch=False, layout="HWC")
         s1 = fn.external_source(source=lambda _i: IMAGE[..., :2] * 20 - 10, batch=False, layout="HWC")
-        return (standardise(s2, mean, std),
-                standardise(s1, np.zeros(2, np.float32), np.ones(2, np.float32), clip=(-25.0, 0.0)))
+        return (
+            standardise(s2, mean, std),
+            standardise(s1, np.zeros(2, np.float32), np.ones(2, np.float32), clip=(-25.0, 0.0)),
+        )
 
     p = pipe()
     p.build()

@@ -20,9 +20,15 @@ GEOMETRY_ONLY = AugmentConfig(blur_prob=0.0, jitter_prob=0.0)
 
 def _cfg(**kw) -> LoaderConfig:
     views = kw.pop("views", ViewConfig(mode="single", inputs=InputSpec(sensors=("s2",)), size=64))
-    base = LoaderConfig(batch_size=kw.pop("batch_size", 4), split=kw.pop("split", "all"), device="cpu",
-                        workers=kw.pop("workers", 1), num_threads=1, views=views,
-                        plan=kw.pop("plan", PlanConfig(seed=3, shuffle_buffer=4)))
+    base = LoaderConfig(
+        batch_size=kw.pop("batch_size", 4),
+        split=kw.pop("split", "all"),
+        device="cpu",
+        workers=kw.pop("workers", 1),
+        num_threads=1,
+        views=views,
+        plan=kw.pop("plan", PlanConfig(seed=3, shuffle_buffer=4)),
+    )
     return replace(base, **kw)
 
 
@@ -34,14 +40,23 @@ def _epoch(loader) -> list:
     "views, channels, sizes",
     [
         (ViewConfig(mode="single", inputs=InputSpec(sensors=("s1",)), size=64), [2, 2], [64, 64]),
-        (ViewConfig(mode="single", inputs=InputSpec(sensors=("s2",), s2_bands="all"), size=64), [13, 13], [64, 64]),
+        (
+            ViewConfig(mode="single", inputs=InputSpec(sensors=("s2",), s2_bands="all"), size=64),
+            [13, 13],
+            [64, 64],
+        ),
         (ViewConfig(mode="single", inputs=InputSpec(sensors=("s1", "s2")), size=64), [12, 12], [64, 64]),
         (ViewConfig(mode="pair", size=64), [2, 10], [64, 64]),
         (ViewConfig(mode="fusion_all", size=64), [12, 12], [64, 64]),
         (ViewConfig(mode="fusion_partial", size=64), [12, 12], [64, 64]),
         (ViewConfig(mode="fusion_optional", size=64), [12, 12], [64, 64]),
-        (ViewConfig(mode="multicrop", inputs=InputSpec(sensors=("s1",)), global_size=64, local_size=32, n_local=3),
-         [2] * 5, [64, 64, 32, 32, 32]),
+        (
+            ViewConfig(
+                mode="multicrop", inputs=InputSpec(sensors=("s1",)), global_size=64, local_size=32, n_local=3
+            ),
+            [2] * 5,
+            [64, 64, 32, 32, 32],
+        ),
     ],
     ids=["s1", "s2-all", "s1s2", "pair", "fusion_all", "fusion_partial", "fusion_optional", "multicrop"],
 )
@@ -75,8 +90,13 @@ def test_pair_views_cover_the_same_ground(dataset):
     """S1 VV and S2 NIR of the synthetic data share one land-cover map: shared geometry keeps them aligned."""
 
     def correlation(geometry: str) -> float:
-        views = ViewConfig(mode="pair", size=64, augment=GEOMETRY_ONLY, pair_geometry=geometry,
-                           inputs=InputSpec(s2_bands=("B8",)))
+        views = ViewConfig(
+            mode="pair",
+            size=64,
+            augment=GEOMETRY_ONLY,
+            pair_geometry=geometry,
+            inputs=InputSpec(s2_bands=("B8",)),
+        )
         values = []
         for batch in SSLLoader(str(dataset), _cfg(views=views, workers=0)):
             s1, s2 = batch.views[0][:, 0].reshape(4, -1), batch.views[1][:, 0].reshape(4, -1)
@@ -96,8 +116,9 @@ def test_epoch_semantics_across_ranks_and_workers(dataset, world, workers):
     n_train = manifest["counts"]["train"]
     seen, lengths = [], []
     for rank in range(world):
-        loader = SSLLoader(str(dataset), _cfg(split="train", batch_size=2, workers=workers), rank=rank,
-                           world_size=world)
+        loader = SSLLoader(
+            str(dataset), _cfg(split="train", batch_size=2, workers=workers), rank=rank, world_size=world
+        )
         batches = _epoch(loader)
         lengths.append(len(batches))
         assert len(batches) == len(loader)
@@ -192,7 +213,8 @@ def test_gpu_mode_matches_cpu_mode(dataset):
 
 @pytest.mark.slow
 def test_s3_outage_mid_epoch_retries_then_fails_clearly(dataset, tmp_path, monkeypatch):
-    """A real S3 server cut off mid-epoch: a short outage is ridden out, a long one fails naming the object."""
+    """A real S3 server cut off mid-epoch: a short outage is ridden out, a long one fails naming the
+    object."""
     import threading
 
     from eossl.streaming.storage import StorageOptions
@@ -222,10 +244,14 @@ def test_s3_outage_mid_epoch_retries_then_fails_clearly(dataset, tmp_path, monke
             # 2. The server stays unreachable: a clear error naming the object after the configured attempts
             # (no hang: retries are bounded by count, not by a clock).
             impatient = StorageOptions(retries=2, backoff_s=0.1, timeout_s=2)
-            it = iter(SSLLoader("s3://outage/ds", _cfg(workers=1, batch_size=2, prefetch=1, storage=impatient)))
+            it = iter(
+                SSLLoader("s3://outage/ds", _cfg(workers=1, batch_size=2, prefetch=1, storage=impatient))
+            )
             next(it)
             proxy.stop()
-            with pytest.raises(StreamingError, match=r"s3://outage/ds/shards/shard-\d+\.tar: .* failed after 3 attempts"):
+            with pytest.raises(
+                StreamingError, match=r"s3://outage/ds/shards/shard-\d+\.tar: .* failed after 3 attempts"
+            ):
                 list(it)
         finally:
             proxy.stop()

@@ -31,8 +31,10 @@ def test_shard_order_shuffled_and_buffer_bounded():
     # Locality: with a buffer of 8, any sample is emitted at most ... it can linger, but the sample emitted
     # at position i was read from the stream at most i + 8 items in: the shard of stream[i] is among the
     # shards read so far. Check the first shard visited is not shard 0 for most seeds (shard shuffle).
-    firsts = {int(shuffled_stream(rows, shards, PlanConfig(seed=s, shuffle_buffer=8), 0)[0] // 20)
-              for s in range(10)}
+    firsts = {
+        int(shuffled_stream(rows, shards, PlanConfig(seed=s, shuffle_buffer=8), 0)[0] // 20)
+        for s in range(10)
+    }
     assert len(firsts) > 3
     no_shuffle = shuffled_stream(rows, shards, PlanConfig(seed=0, shuffle_buffer=0, shuffle_shards=False), 0)
     assert np.array_equal(no_shuffle, rows)
@@ -86,7 +88,8 @@ def test_order_independent_of_world_size_elastic_resume():
     # And per step, the union over ranks is the same global batch whatever the world size.
     for s in range(two.steps):
         assert sorted(np.concatenate([two.batch(s, r, 2) for r in range(2)]).tolist()) == sorted(
-            np.concatenate([three.batch(s, r, 3) for r in range(3)]).tolist())
+            np.concatenate([three.batch(s, r, 3) for r in range(3)]).tolist()
+        )
 
 
 def test_bad_plans_are_rejected():

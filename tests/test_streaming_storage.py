@@ -44,6 +44,7 @@ BUCKET = "eossl-storage"
 
 # --- a moto_server we can stop, restart on the same port, and ask which requests it received ---
 
+
 class MotoProcess:
     def __init__(self, workdir: Path, port: int | None = None):
         self.workdir, self.port = workdir, port or free_port()
@@ -54,8 +55,14 @@ class MotoProcess:
         exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
         env = {**os.environ, "MOTO_RECORDER_FILEPATH": str(self.workdir / f"requests-{self.port}.jsonl")}
         log = open(self.workdir / f"moto-{self.port}.log", "ab")
-        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], stdout=log,
-                                     stderr=subprocess.STDOUT, cwd=self.workdir, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [exe, "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            env=env,
+            start_new_session=True,
+        )
         log.close()
         deadline = time.monotonic() + 30
         while True:
@@ -91,14 +98,13 @@ class MotoProcess:
         return [r for r in rows if key_part in r["url"]]
 
 
-
-
 def upload_shards(root: Path, url: str) -> None:
     s3fs.S3FileSystem.clear_instance_cache()
     upload_tree(root / "shards", f"{url}/shards")
 
 
 # --- the dataset: 5 complete triplets in 3 shards (2 + 2 + 1 samples), written by the real CLI ---
+
 
 @dataclass
 class Dataset:
@@ -159,6 +165,7 @@ def _assert_reads_equal(reader: ShardReader, dataset: Dataset, items) -> None:
 
 # --- local folder ---
 
+
 def test_local_reads_equal_tarfile_members(dataset):
     reader = ShardReader(str(dataset.root), dataset.shards)
     _assert_reads_equal(reader, dataset, dataset.items)
@@ -176,8 +183,11 @@ def test_local_reads_equal_tarfile_members(dataset):
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/self/io")
 def test_local_member_read_does_not_read_the_shard(dataset):
     def rchar() -> int:
-        return int(next(line for line in Path("/proc/self/io").read_text().splitlines()
-                        if line.startswith("rchar")).split()[1])
+        return int(
+            next(
+                line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar")
+            ).split()[1]
+        )
 
     reader = ShardReader(str(dataset.root), dataset.shards)
     _, _, shard, offset, size = next(it for it in dataset.items if it[1] == "json")
@@ -211,13 +221,17 @@ def test_local_fd_lru_is_safe_under_threads(dataset, monkeypatch):
         results = list(pool.map(lambda it: reader.read(*it[2:]) == dataset.expected[it[0], it[1]], work))
     assert all(results)
     shard_dir = str(dataset.root / "shards")
-    open_shards = [fd for fd in os.listdir("/proc/self/fd")
-                   if os.path.realpath(f"/proc/self/fd/{fd}").startswith(shard_dir)]
+    open_shards = [
+        fd
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.realpath(f"/proc/self/fd/{fd}").startswith(shard_dir)
+    ]
     assert len(open_shards) <= 2
     reader.close()
 
 
 # --- S3 without a cache: one ranged GET per read ---
+
 
 def test_s3_ranged_reads_one_get_each(dataset, moto):
     reader = ShardReader(f"s3://{BUCKET}/ds", dataset.shards, StorageOptions(retries=1, backoff_s=0.01))
@@ -237,8 +251,15 @@ def test_loader_reads_a_sample_with_one_get_when_its_members_lie_together(datase
     from eossl.streaming.views import ViewConfig
 
     upload_tree(dataset.root, f"s3://{BUCKET}/whole")
-    cfg = LoaderConfig(batch_size=1, split="all", device="cpu", workers=0, num_threads=1, plan=PlanConfig(seed=1),
-                       views=ViewConfig(mode="single", inputs=InputSpec(sensors=("s1", "s2")), size=32))
+    cfg = LoaderConfig(
+        batch_size=1,
+        split="all",
+        device="cpu",
+        workers=0,
+        num_threads=1,
+        plan=PlanConfig(seed=1),
+        views=ViewConfig(mode="single", inputs=InputSpec(sensors=("s1", "s2")), size=32),
+    )
     remote, local = SSLLoader(f"s3://{BUCKET}/whole", cfg), SSLLoader(str(dataset.root), cfg)
     moto.start_recording()
     got = list(remote)
@@ -246,8 +267,13 @@ def test_loader_reads_a_sample_with_one_get_when_its_members_lie_together(datase
     assert len(got) == len(dataset.catalog) == 5
     spans = {}
     for row in range(len(dataset.catalog)):
-        ends = [(int(dataset.catalog.offset[m][row]), int(dataset.catalog.offset[m][row] + dataset.catalog.size[m][row]))
-                for m in ("s1", "s2")]
+        ends = [
+            (
+                int(dataset.catalog.offset[m][row]),
+                int(dataset.catalog.offset[m][row] + dataset.catalog.size[m][row]),
+            )
+            for m in ("s1", "s2")
+        ]
         spans[row] = (min(a for a, _ in ends), max(b for _, b in ends))
     ranges = []
     for r in received:
@@ -264,7 +290,9 @@ def test_loader_reads_a_sample_with_one_get_when_its_members_lie_together(datase
 def test_s3_missing_object_fails_at_once(dataset, moto):
     shards = [{**dataset.shards[0], "path": "shards/shard-999999.tar"}]
     slept: list[float] = []
-    reader = ShardReader(f"s3://{BUCKET}/ds", shards, StorageOptions(retries=3, backoff_s=2.0), sleep=slept.append)
+    reader = ShardReader(
+        f"s3://{BUCKET}/ds", shards, StorageOptions(retries=3, backoff_s=2.0), sleep=slept.append
+    )
     with pytest.raises(StorageError, match=rf"s3://{BUCKET}/ds/shards/shard-999999.tar: not found"):
         reader.read(0, 0, 100)
     assert slept == [] and reader.stats["retries"] == 0  # a 404 is not retried: no back-off at all
@@ -279,6 +307,7 @@ def test_s3_truncated_object_without_cache(dataset, moto):
 
 
 # --- S3 with the node-local cache ---
+
 
 def test_s3_cache_downloads_once_then_hits(dataset, moto, tmp_path):
     options = StorageOptions(cache_dir=str(tmp_path / "cache"), retries=1, backoff_s=0.01)
@@ -303,8 +332,11 @@ def test_s3_cache_rejects_a_tampered_shard(dataset, moto, tmp_path):
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.pipe_file(f"{BUCKET}/tampered/shards/shard-000000.tar", bytes(data))
     cache = tmp_path / "cache"
-    reader = ShardReader(f"s3://{BUCKET}/tampered", dataset.shards[:1],
-                         StorageOptions(cache_dir=str(cache), retries=1, backoff_s=0.01))
+    reader = ShardReader(
+        f"s3://{BUCKET}/tampered",
+        dataset.shards[:1],
+        StorageOptions(cache_dir=str(cache), retries=1, backoff_s=0.01),
+    )
     with pytest.raises(CorruptShardError, match=rf"s3://{BUCKET}/tampered/shards/shard-000000.tar: checksum"):
         reader.read(0, 0, 512)
     assert [p.name for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")] == []
@@ -318,13 +350,18 @@ def _read_in_spawned_process(reader: ShardReader, items, barrier, queue) -> None
 
 @pytest.mark.slow
 def test_s3_cache_shared_by_processes_downloads_once(dataset, moto, tmp_path):
-    reader = ShardReader(f"s3://{BUCKET}/ds", dataset.shards,
-                         StorageOptions(cache_dir=str(tmp_path / "cache"), retries=1, backoff_s=0.01))
+    reader = ShardReader(
+        f"s3://{BUCKET}/ds",
+        dataset.shards,
+        StorageOptions(cache_dir=str(tmp_path / "cache"), retries=1, backoff_s=0.01),
+    )
     items = dataset.members_of(1)
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(2), ctx.Queue()
     moto.start_recording()
-    procs = [ctx.Process(target=_read_in_spawned_process, args=(reader, items, barrier, queue)) for _ in range(2)]
+    procs = [
+        ctx.Process(target=_read_in_spawned_process, args=(reader, items, barrier, queue)) for _ in range(2)
+    ]
     for p in procs:
         p.start()
     results = [queue.get(timeout=120) for _ in procs]
@@ -338,8 +375,11 @@ def test_s3_cache_shared_by_processes_downloads_once(dataset, moto, tmp_path):
 
 
 def test_s3_cache_threads_download_each_shard_once(dataset, moto, tmp_path):
-    reader = ShardReader(f"s3://{BUCKET}/ds", dataset.shards,
-                         StorageOptions(cache_dir=str(tmp_path / "cache"), retries=1, backoff_s=0.01))
+    reader = ShardReader(
+        f"s3://{BUCKET}/ds",
+        dataset.shards,
+        StorageOptions(cache_dir=str(tmp_path / "cache"), retries=1, backoff_s=0.01),
+    )
     work = dataset.items * 4
     random.Random(1).shuffle(work)
     with ThreadPoolExecutor(8) as pool:
@@ -362,8 +402,12 @@ def test_s3_cache_bounded_evicts_least_recently_used(dataset, moto, tmp_path):
     # LRU by use, not by download: shard 0 read again after shard 2 was downloaded is kept.
     cache = tmp_path / "lru"
     now = [0.0]  # the touch interval's clock, advanced by hand
-    reader = ShardReader(url, dataset.shards, StorageOptions(cache_dir=str(cache), cache_bytes=2 * big + small // 2),
-                         clock=lambda: now[0])
+    reader = ShardReader(
+        url,
+        dataset.shards,
+        StorageOptions(cache_dir=str(cache), cache_bytes=2 * big + small // 2),
+        clock=lambda: now[0],
+    )
     _assert_reads_equal(reader, dataset, dataset.members_of(0))
     _assert_reads_equal(reader, dataset, dataset.members_of(2))
     t = time.time()  # the download order, whatever the file system's timestamp granularity
@@ -394,14 +438,20 @@ def test_s3_prefetch_then_pickle_reads_from_cache(dataset, moto, tmp_path):
 
 
 def test_pickled_readers_still_read(dataset, moto):
-    for reader in (ShardReader(str(dataset.root), dataset.shards), ShardReader(f"s3://{BUCKET}/ds", dataset.shards)):
+    for reader in (
+        ShardReader(str(dataset.root), dataset.shards),
+        ShardReader(f"s3://{BUCKET}/ds", dataset.shards),
+    ):
         _assert_reads_equal(reader, dataset, dataset.items[:3])
         clone = pickle.loads(pickle.dumps(reader))
         _assert_reads_equal(clone, dataset, dataset.items)
-        assert clone.dataset == reader.dataset and clone.stats["bytes_read"] == sum(it[4] for it in dataset.items)
+        assert clone.dataset == reader.dataset and clone.stats["bytes_read"] == sum(
+            it[4] for it in dataset.items
+        )
 
 
 # --- faults: the server goes away, comes back, or never answers ---
+
 
 @pytest.mark.slow
 def test_s3_server_down_fails_in_bounded_time_then_recovers_on_restart(dataset, tmp_path):
@@ -432,7 +482,10 @@ def test_s3_server_down_fails_in_bounded_time_then_recovers_on_restart(dataset, 
                 fs = s3fs.S3FileSystem(skip_instance_cache=True)
                 server.start()
                 fs.mkdir(BUCKET)
-                fs.put_file(str(dataset.root / dataset.shards[shard]["path"]), f"{url}/{dataset.shards[shard]['path']}")
+                fs.put_file(
+                    str(dataset.root / dataset.shards[shard]["path"]),
+                    f"{url}/{dataset.shards[shard]['path']}",
+                )
 
             restarter = threading.Thread(target=restart)
             t0 = time.monotonic()
@@ -450,9 +503,12 @@ def test_s3_unresponsive_server_times_out(dataset):
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
         with aws_environment(f"http://127.0.0.1:{silent.getsockname()[1]}"):
-            reader = ShardReader(f"s3://{BUCKET}/ds", dataset.shards,
-                                 StorageOptions(retries=1, backoff_s=0.05, timeout_s=0.5))
+            reader = ShardReader(
+                f"s3://{BUCKET}/ds", dataset.shards, StorageOptions(retries=1, backoff_s=0.05, timeout_s=0.5)
+            )
             t0 = time.monotonic()
-            with pytest.raises(StorageError, match=rf"s3://{BUCKET}/ds/shards/shard-000000.tar: .*after 2 attempts"):
+            with pytest.raises(
+                StorageError, match=rf"s3://{BUCKET}/ds/shards/shard-000000.tar: .*after 2 attempts"
+            ):
                 reader.read(0, 0, 100)
             assert time.monotonic() - t0 < 5  # the client's default read timeout alone is 15 s

@@ -20,15 +20,33 @@ from eossl.launch.study.run import train_command
 
 from conftest import REPO, history_steps, run_cli, training_env
 
-TINY_TRAIN = {"backbone": "resnet18", "size": 32, "queue_size": 32, "hidden": 64, "dim": 32, "workers": 0,
-              "threads": 1, "device": "cpu", "log_every": 1, "ckpt_every": 1, "moco.momentum": 0.9}
+TINY_TRAIN = {
+    "backbone": "resnet18",
+    "size": 32,
+    "queue_size": 32,
+    "hidden": 64,
+    "dim": 32,
+    "workers": 0,
+    "threads": 1,
+    "device": "cpu",
+    "log_every": 1,
+    "ckpt_every": 1,
+    "moco.momentum": 0.9,
+}
 
 
 def _study_file(tmp_path: Path, data: str, out: Path, **extra) -> Path:
-    study = {"name": "bs-ep", "method": "moco", "data": data, "out": str(out), "train": TINY_TRAIN,
-             "grid": {"batch_size": [4, 8], "epochs": [1, 3]},
-             "lr": {"rule": "linear", "base_lr": 0.06, "base_batch": 8, "warmup_epochs": 1},
-             "eval": {"protocols": ["linear"], "budget": 4, "inputs": ["s2"], "seeds": [0]}, **extra}
+    study = {
+        "name": "bs-ep",
+        "method": "moco",
+        "data": data,
+        "out": str(out),
+        "train": TINY_TRAIN,
+        "grid": {"batch_size": [4, 8], "epochs": [1, 3]},
+        "lr": {"rule": "linear", "base_lr": 0.06, "base_batch": 8, "warmup_epochs": 1},
+        "eval": {"protocols": ["linear"], "budget": 4, "inputs": ["s2"], "seeds": [0]},
+        **extra,
+    }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     return path
@@ -37,19 +55,36 @@ def _study_file(tmp_path: Path, data: str, out: Path, **extra) -> Path:
 def test_study_file_cells_overrides_and_errors(tmp_path):
     path = _study_file(tmp_path, "ds", tmp_path / "out")
     cfg = load_study(path)
-    assert [c.name for c in cfg.cells()] == ["batch_size-4_epochs-1", "batch_size-4_epochs-3",
-                                             "batch_size-8_epochs-1", "batch_size-8_epochs-3"]
+    assert [c.name for c in cfg.cells()] == [
+        "batch_size-4_epochs-1",
+        "batch_size-4_epochs-3",
+        "batch_size-8_epochs-1",
+        "batch_size-8_epochs-3",
+    ]
     values = cfg.train_values(cfg.cells()[3])
     assert values["batch_size"] == 8 and values["epochs"] == 3 and values["optim.lr_scaling"] == "linear"
-    assert values["optim.lr"] == 0.06 and values["optim.base_batch"] == 8 and values["experiment"] == "eossl-study-bs-ep"
+    assert (
+        values["optim.lr"] == 0.06
+        and values["optim.base_batch"] == 8
+        and values["experiment"] == "eossl-study-bs-ep"
+    )
     # --set: dotted keys, YAML values; any training field can be a grid axis.
-    cfg2 = load_study(path, {"grid.epochs": "[2]", "grid.mode": "[single, fusion_all]", "eval.budget": "1024",
-                             "lr.rule": "sqrt"})
-    assert [c.name for c in cfg2.cells()] == ["batch_size-4_epochs-2_mode-single", "batch_size-4_epochs-2_mode-fusionall",
-                                              "batch_size-8_epochs-2_mode-single", "batch_size-8_epochs-2_mode-fusionall"]
+    cfg2 = load_study(
+        path,
+        {"grid.epochs": "[2]", "grid.mode": "[single, fusion_all]", "eval.budget": "1024", "lr.rule": "sqrt"},
+    )
+    assert [c.name for c in cfg2.cells()] == [
+        "batch_size-4_epochs-2_mode-single",
+        "batch_size-4_epochs-2_mode-fusionall",
+        "batch_size-8_epochs-2_mode-single",
+        "batch_size-8_epochs-2_mode-fusionall",
+    ]
     assert cfg2.eval.budget == "1024" and cfg2.lr.rule == "sqrt" and cfg2.digest() != cfg.digest()
     # Launching or plotting differently is not another study; what the cells compute is.
-    assert load_study(path, {"launch.accelerate_config": "x.yaml", "plot.x": "batch_size"}).digest() == cfg.digest()
+    assert (
+        load_study(path, {"launch.accelerate_config": "x.yaml", "plot.x": "batch_size"}).digest()
+        == cfg.digest()
+    )
     # The effective study round-trips through the file cluster jobs re-read.
     (tmp_path / "again.yaml").write_text(cfg2.to_yaml())
     assert load_study(tmp_path / "again.yaml").digest() == cfg2.digest()
@@ -61,7 +96,9 @@ def test_study_file_cells_overrides_and_errors(tmp_path):
         load_study(path, {"lr.rule": "cubic"})
     cfg3 = load_study(path, {"grid": "{method: [moco, dino], batch_size: [8]}"})
     commands = [train_command(cfg3, c) for c in cfg3.cells()]
-    assert [c[0] for c in commands] == ["moco", "dino"] and not any("method=" in a for c in commands for a in c)
+    assert [c[0] for c in commands] == ["moco", "dino"] and not any(
+        "method=" in a for c in commands for a in c
+    )
     with pytest.raises(ValueError, match="set by the study itself"):
         load_study(path, {"grid.out": "[a, b]"})
 
@@ -89,7 +126,9 @@ def test_study_killed_midway_resumes_and_finishes_every_cell_once(dataset, tmp_p
     cmd = [sys.executable, "-m", "eossl.launch", "study", "--config", str(study)]
     victim = out / "cells" / "batch_size-4_epochs-3" / "run"
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=training_env(), cwd=REPO, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=training_env(), cwd=REPO, start_new_session=True
+    )
     deadline = time.monotonic() + 400
     # Kill the study (and its training process) hard while the second cell is half-way through pre-training.
     while len(history_steps(victim)) < 4:
@@ -115,9 +154,15 @@ def test_study_killed_midway_resumes_and_finishes_every_cell_once(dataset, tmp_p
         attempts[cell.name] = state["train_attempts"]
         assert set(state["evaluated"]) == {"linear"}
         steps = history_steps(folder / "run")
-        assert steps == list(range(1, len(steps) + 1)) and steps, f"{cell.name}: steps {steps[:5]}...{steps[-5:]}"
-    assert attempts == {"batch_size-4_epochs-1": 1, "batch_size-4_epochs-3": 2, "batch_size-8_epochs-1": 1,
-                        "batch_size-8_epochs-3": 1}
+        assert steps == list(range(1, len(steps) + 1)) and steps, (
+            f"{cell.name}: steps {steps[:5]}...{steps[-5:]}"
+        )
+    assert attempts == {
+        "batch_size-4_epochs-1": 1,
+        "batch_size-4_epochs-3": 2,
+        "batch_size-8_epochs-1": 1,
+        "batch_size-8_epochs-3": 1,
+    }
     assert "resumed from" in (victim.parent / "train.log").read_text()
 
     # MLflow: one finished parent; one finished run per cell under it, holding training and evaluation;
@@ -145,7 +190,12 @@ def test_study_killed_midway_resumes_and_finishes_every_cell_once(dataset, tmp_p
     # Table and plots, written and logged to the parent; the report command rebuilds the same table.
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(row["batch_size"], row["epochs"]) for row in rows] == [("4", "1"), ("4", "3"), ("8", "1"), ("8", "3")]
+    assert [(row["batch_size"], row["epochs"]) for row in rows] == [
+        ("4", "1"),
+        ("4", "3"),
+        ("8", "1"),
+        ("8", "3"),
+    ]
     assert all(row["eval.linear.s2.overall_accuracy"] != "n/a" for row in rows)
     for png in ("score_vs_epochs.png", "loss_curves.png", "throughput_vs_batch.png"):
         assert (out / png).stat().st_size > 10_000, png
@@ -156,7 +206,9 @@ def test_study_killed_midway_resumes_and_finishes_every_cell_once(dataset, tmp_p
     assert (artifacts / parent_id / "artifacts" / "report" / "results.csv").is_file()
     assert any(artifacts.glob("*/artifacts/backbone"))  # the cells' backbones, logged by their trainers
     report = run_cli("study", "report", "--config", str(study), "--out", str(tmp_path / "report"))
-    assert (tmp_path / "report" / "results.csv").read_text() == (out / "results.csv").read_text(), report.stdout
+    assert (tmp_path / "report" / "results.csv").read_text() == (out / "results.csv").read_text(), (
+        report.stdout
+    )
 
 
 @pytest.mark.slow
@@ -164,8 +216,9 @@ def test_a_failing_cell_is_reported_and_the_others_finish(dataset, tmp_path):
     import mlflow
 
     out = tmp_path / "study"
-    study = _study_file(tmp_path, str(dataset), out, grid={"batch_size": [8], "epochs": [1],
-                                                                "optim.name": ["sgd", "lamb"]})
+    study = _study_file(
+        tmp_path, str(dataset), out, grid={"batch_size": [8], "epochs": [1], "optim.name": ["sgd", "lamb"]}
+    )
     data = yaml.safe_load(study.read_text())
     data["eval"] = {"protocols": ["knn"], "budget": "all", "inputs": ["s2"]}
     study.write_text(yaml.safe_dump(data))
@@ -173,7 +226,10 @@ def test_a_failing_cell_is_reported_and_the_others_finish(dataset, tmp_path):
     first = subprocess.run(cmd, capture_output=True, text=True, env=training_env(), cwd=REPO, timeout=600)
     assert first.returncode == 1, first.stdout[-2000:] + first.stderr[-2000:]
     bad = out / "cells" / "batch_size-8_epochs-1_name-lamb"
-    assert "cell batch_size-8_epochs-1_name-lamb failed" in first.stderr and str(bad / "train.log") in first.stderr
+    assert (
+        "cell batch_size-8_epochs-1_name-lamb failed" in first.stderr
+        and str(bad / "train.log") in first.stderr
+    )
     assert "optim.name must be sgd or adamw" in first.stderr  # the log's tail says why
     good = json.loads((out / "cells" / "batch_size-8_epochs-1_name-sgd" / "cell.json").read_text())
     assert set(good["evaluated"]) == {"knn"}
@@ -197,16 +253,28 @@ def test_a_stop_request_ends_an_accelerate_launched_cell_at_a_checkpoint(dataset
     import psutil
 
     out = tmp_path / "study"
-    study = _study_file(tmp_path, str(dataset), out, grid={"batch_size": [4], "epochs": [6]},
-                        launch={"accelerate_config": str(REPO / "launch/accelerate/cpu_2proc.yaml")})
+    study = _study_file(
+        tmp_path,
+        str(dataset),
+        out,
+        grid={"batch_size": [4], "epochs": [6]},
+        launch={"accelerate_config": str(REPO / "launch/accelerate/cpu_2proc.yaml")},
+    )
     data = yaml.safe_load(study.read_text())
     data["train"] = {**data["train"], "ckpt_every": 0, "split": "all"}
     data["eval"] = {"protocols": ["knn"], "budget": "all", "inputs": ["s2"]}
     study.write_text(yaml.safe_dump(data))
     cmd = [sys.executable, "-m", "eossl.launch", "study", "--config", str(study)]
     run = out / "cells" / "batch_size-4_epochs-6" / "run"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=training_env(), cwd=REPO,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=training_env(),
+        cwd=REPO,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while len(history_steps(run)) < 2:
@@ -249,8 +317,14 @@ def test_a_study_can_score_cells_by_land_cover_segmentation(dataset, tmp_path):
     out = tmp_path / "study"
     study = _study_file(tmp_path, str(dataset), out, grid={"batch_size": [8], "epochs": [1]})
     data = yaml.safe_load(study.read_text())
-    data["eval"] = {"task": "segment", "protocols": ["linear"], "budget": "all", "inputs": ["s2"],
-                    "finetune_epochs": 1, "batch_size": 8}
+    data["eval"] = {
+        "task": "segment",
+        "protocols": ["linear"],
+        "budget": "all",
+        "inputs": ["s2"],
+        "finetune_epochs": 1,
+        "batch_size": 8,
+    }
     study.write_text(yaml.safe_dump(data))
     proc = run_cli("study", "--config", str(study), timeout=600)
     state = json.loads((out / "cells" / "batch_size-8_epochs-1" / "cell.json").read_text())

@@ -22,8 +22,12 @@ def _reference_loss(student, teacher, center, n_crops, n_global, t_student, t_te
     s = student.double() / t_student
     q = torch.softmax((teacher.double() - center.double()) / t_teacher, dim=-1)
     s_chunks, q_chunks = s.chunk(n_crops), q.chunk(n_global)
-    terms = [(-(qc * torch.log_softmax(sc, -1)).sum(-1)).mean()
-             for i, qc in enumerate(q_chunks) for v, sc in enumerate(s_chunks) if v != i]
+    terms = [
+        (-(qc * torch.log_softmax(sc, -1)).sum(-1)).mean()
+        for i, qc in enumerate(q_chunks)
+        for v, sc in enumerate(s_chunks)
+        if v != i
+    ]
     return float(sum(terms) / len(terms))
 
 
@@ -37,10 +41,12 @@ def test_dino_loss_matches_float64_reference_with_center_and_temperatures():
     ref = _reference_loss(student, teacher, loss_fn.center, n_crops, n_global, 0.1, 0.05)
     assert got == pytest.approx(ref, rel=1e-5)
     # A temperature or the center left out would give another value.
-    assert got != pytest.approx(_reference_loss(student, teacher, torch.zeros(1, k), n_crops, n_global, 0.1, 0.05),
-                                rel=1e-3)
-    assert got != pytest.approx(_reference_loss(student, teacher, loss_fn.center, n_crops, n_global, 0.1, 0.1),
-                                rel=1e-3)
+    assert got != pytest.approx(
+        _reference_loss(student, teacher, torch.zeros(1, k), n_crops, n_global, 0.1, 0.05), rel=1e-3
+    )
+    assert got != pytest.approx(
+        _reference_loss(student, teacher, loss_fn.center, n_crops, n_global, 0.1, 0.1), rel=1e-3
+    )
 
 
 def test_center_is_the_ema_of_the_teacher_mean():
@@ -54,7 +60,9 @@ def test_center_is_the_ema_of_the_teacher_mean():
 
 
 def _center_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
     torch.manual_seed(rank)
     loss_fn = DINOLoss(4, 2, 2, center_momentum=0.5)
     teacher = torch.full((2 * (rank + 1), 4), float(rank + 1))  # rank 0: 2 rows of 1; rank 1: 4 rows of 2
@@ -87,8 +95,9 @@ def _views(dataset: Path, cfg):
 
 @pytest.mark.slow
 def test_teacher_ema_frozen_last_layer_and_learning_on_a_fixed_batch(dataset):
-    cfg = load_config("dino", None, {**TINY_DINO, "data": str(dataset), "out": "unused",
-                                      "freeze_last_layer_epochs": "1"})
+    cfg = load_config(
+        "dino", None, {**TINY_DINO, "data": str(dataset), "out": "unused", "freeze_last_layer_epochs": "1"}
+    )
     loader, batch = _views(dataset, cfg)
     assert [v.shape[-1] for v in batch.views] == [32, 32, 16, 16]
     torch.manual_seed(0)
@@ -124,12 +133,26 @@ def test_teacher_ema_frozen_last_layer_and_learning_on_a_fixed_batch(dataset):
 
 def _train_args(dataset: Path, out: Path, steps: int, **extra) -> list[str]:
     values = {**TINY_DINO, "ckpt_every": "2", "log_every": "1", **extra}
-    return ["train", "dino", "--data", str(dataset), "--out", str(out), "--max-steps", str(steps), "--seed", "3",
-            *cli_set(values)]
+    return [
+        "train",
+        "dino",
+        "--data",
+        str(dataset),
+        "--out",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--seed",
+        "3",
+        *cli_set(values),
+    ]
 
 
 def _losses(run: Path) -> dict[int, float]:
-    return {json.loads(line)["step"]: json.loads(line)["loss"] for line in (run / "history.jsonl").read_text().splitlines()}
+    return {
+        json.loads(line)["step"]: json.loads(line)["loss"]
+        for line in (run / "history.jsonl").read_text().splitlines()
+    }
 
 
 @pytest.mark.slow
@@ -158,7 +181,15 @@ def test_exact_resume_and_export(dataset, tmp_path):
 def test_diverging_run_stops_with_a_clear_message(dataset, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
     run = tmp_path / "nan"
-    proc = run_cli(*_train_args(dataset, run, 4, **{"dino.teacher_temp": "0", "dino.warmup_teacher_temp": "0",
-                                                    "max_nonfinite_steps": "3"}), check=False, env=env)
+    proc = run_cli(
+        *_train_args(
+            dataset,
+            run,
+            4,
+            **{"dino.teacher_temp": "0", "dino.warmup_teacher_temp": "0", "max_nonfinite_steps": "3"},
+        ),
+        check=False,
+        env=env,
+    )
     assert proc.returncode == 1
     assert "3 consecutive non-finite losses" in proc.stderr

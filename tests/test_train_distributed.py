@@ -20,8 +20,18 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 def _train(dataset: Path, out: Path, steps: int = 3) -> list[str]:
     values = {**TINY_MOCO, "batch_size": "4", "log_every": "1", "ckpt_every": "0", "moco.momentum": "0.9"}
-    return ["-m", "eossl.train", "moco", "--data", str(dataset), "--out", str(out), "--max-steps", str(steps),
-            *cli_set(values)]
+    return [
+        "-m",
+        "eossl.train",
+        "moco",
+        "--data",
+        str(dataset),
+        "--out",
+        str(out),
+        "--max-steps",
+        str(steps),
+        *cli_set(values),
+    ]
 
 
 def _ranks(run: Path) -> list[dict]:
@@ -31,8 +41,15 @@ def _ranks(run: Path) -> list[dict]:
 @pytest.mark.slow
 def test_two_processes_one_machine(dataset, tmp_path):
     run = tmp_path / "run"
-    cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "launch/accelerate/cpu_2proc.yaml"),
-           "--main_process_port", str(free_port()), *_train(dataset, run)]
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(REPO / "launch/accelerate/cpu_2proc.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        *_train(dataset, run),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=training_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = _ranks(run)
@@ -49,14 +66,27 @@ def test_two_processes_one_machine(dataset, tmp_path):
 def test_two_nodes_on_localhost(dataset, tmp_path):
     """Two "nodes" on 127.0.0.1, each started by the launch kit's per-node script (as SLURM/Kubernetes do)."""
     run = tmp_path / "run"
-    node_env = {**training_env(), "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-                "PROCS_PER_NODE": "1", "ACCELERATE_CONFIG": str(REPO / "launch/accelerate/cpu_multinode.yaml"),
-                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    node_env = {
+        **training_env(),
+        "NNODES": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "PROCS_PER_NODE": "1",
+        "ACCELERATE_CONFIG": str(REPO / "launch/accelerate/cpu_multinode.yaml"),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     procs = []
     for node_rank in (0, 1):
         cmd = [str(REPO / "launch/kits/node.sh"), *_train(dataset, run)[2:]]  # node.sh adds -m eossl.train
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env={**node_env, "NODE_RANK": str(node_rank)}))
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**node_env, "NODE_RANK": str(node_rank)},
+            )
+        )
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
@@ -73,8 +103,9 @@ def test_tracking_against_a_real_mlflow_server(dataset, tmp_path):
     with mlflow_server(tmp_path) as uri:
         run = tmp_path / "run"
         env = {**training_env(), "MLFLOW_TRACKING_URI": uri}
-        proc = subprocess.run([sys.executable, *_train(dataset, run)], capture_output=True, text=True, timeout=600,
-                              env=env)
+        proc = subprocess.run(
+            [sys.executable, *_train(dataset, run)], capture_output=True, text=True, timeout=600, env=env
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert not (run / "mlflow.db").exists()  # the server, not the local default, got the run
         client = mlflow.MlflowClient(uri)
@@ -82,8 +113,10 @@ def test_tracking_against_a_real_mlflow_server(dataset, tmp_path):
         (r,) = client.search_runs([exp.experiment_id])
         assert r.data.params["out"] == str(run) and r.data.params["backbone.name"] == "resnet18"
         assert r.data.params["effective_batch_size"] == "4" and r.data.params["world_size"] == "1"
-        assert r.data.tags["dataset_manifest_sha256"] == json.loads((dataset / "manifest.json").read_text())[
-            "manifest_sha256"]
+        assert (
+            r.data.tags["dataset_manifest_sha256"]
+            == json.loads((dataset / "manifest.json").read_text())["manifest_sha256"]
+        )
         assert "normalisation" in r.data.tags and "git_commit" in r.data.tags
         history = client.get_metric_history(r.info.run_id, "loss")
         assert [m.step for m in history] == [1, 2, 3]
@@ -101,12 +134,40 @@ def test_tracking_against_a_real_mlflow_server(dataset, tmp_path):
 def test_dino_two_processes_same_launch_command(dataset, tmp_path):
     """DINO through the same accelerate launch kit: teacher, student and center equal on both ranks."""
     run = tmp_path / "dino"
-    values = {"backbone": "vit_tiny_patch16_224", "batch_size": "4", "size": "32", "local_size": "16",
-              "n_local": "2", "out_dim": "64", "dino.hidden": "64", "bottleneck": "16", "workers": "0",
-              "threads": "1", "split": "all", "device": "cpu", "log_every": "1", "ckpt_every": "0"}
-    cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "launch/accelerate/cpu_2proc.yaml"),
-           "--main_process_port", str(free_port()), "-m", "eossl.train", "dino", "--data", str(dataset),
-           "--out", str(run), "--max-steps", "2", *cli_set(values)]
+    values = {
+        "backbone": "vit_tiny_patch16_224",
+        "batch_size": "4",
+        "size": "32",
+        "local_size": "16",
+        "n_local": "2",
+        "out_dim": "64",
+        "dino.hidden": "64",
+        "bottleneck": "16",
+        "workers": "0",
+        "threads": "1",
+        "split": "all",
+        "device": "cpu",
+        "log_every": "1",
+        "ckpt_every": "0",
+    }
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(REPO / "launch/accelerate/cpu_2proc.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "eossl.train",
+        "dino",
+        "--data",
+        str(dataset),
+        "--out",
+        str(run),
+        "--max-steps",
+        "2",
+        *cli_set(values),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=training_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = _ranks(run)
@@ -120,16 +181,28 @@ def test_elastic_resume_on_another_world_size_keeps_the_global_batch(dataset, tm
     """Two ranks x 4 checkpoint at step 2; one rank x 8 resumes there (same global batch, same sample order);
     one rank x 4 is refused with the batch size that would work."""
     run = tmp_path / "run"
-    two = [ACCELERATE, "launch", "--config_file", str(REPO / "launch/accelerate/cpu_2proc.yaml"),
-           "--main_process_port", str(free_port()), *_train(dataset, run, steps=2)]
+    two = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(REPO / "launch/accelerate/cpu_2proc.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        *_train(dataset, run, steps=2),
+    ]
     proc = subprocess.run(two, capture_output=True, text=True, timeout=600, env=training_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     trainer = json.loads((run / "checkpoints" / "step-0000002" / "trainer.json").read_text())
     assert trainer["world_size"] == 2 and trainer["global_batch"] == 8
     seen_before = trainer["loader"]
 
-    wrong = subprocess.run([sys.executable, *_train(dataset, run, steps=4)], capture_output=True, text=True,
-                           timeout=600, env=training_env())
+    wrong = subprocess.run(
+        [sys.executable, *_train(dataset, run, steps=4)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=training_env(),
+    )
     assert wrong.returncode != 0 and "--set batch_size=8" in wrong.stderr, wrong.stderr[-2000:]
     one = [sys.executable, *_train(dataset, run, steps=4), "--set", "batch_size=8"]
     proc = subprocess.run(one, capture_output=True, text=True, timeout=600, env=training_env())
@@ -143,15 +216,25 @@ def test_elastic_resume_on_another_world_size_keeps_the_global_batch(dataset, tm
 @pytest.mark.slow
 def test_a_second_training_process_on_the_same_run_folder_is_refused(dataset, tmp_path):
     run = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, *_train(dataset, run, steps=400)], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env=training_env())
+    first = subprocess.Popen(
+        [sys.executable, *_train(dataset, run, steps=400)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=training_env(),
+    )
     try:
         deadline = time.monotonic() + 120
         while not (run / "history.jsonl").exists():
             assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-2000:]
             time.sleep(0.1)
-        second = subprocess.run([sys.executable, "-m", "eossl.launch", "train", *_train(dataset, run, steps=400)[2:]],
-                                capture_output=True, text=True, timeout=120, env=training_env())
+        second = subprocess.run(
+            [sys.executable, "-m", "eossl.launch", "train", *_train(dataset, run, steps=400)[2:]],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=training_env(),
+        )
         assert second.returncode == 1 and "another process is training into this run folder" in second.stderr
     finally:
         first.send_signal(signal.SIGTERM)  # a pre-emption: checkpoint and exit 75
@@ -171,8 +254,14 @@ def test_ctrl_c_checkpoints_at_the_step_boundary_and_the_run_resumes(dataset, tm
     """SIGINT to the process group (what a terminal's Ctrl-C does: the reader workers get it too)."""
     run = tmp_path / "run"
     cmd = [sys.executable, *_train(dataset, run, steps=400)]
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=training_env(),
-                             start_new_session=True)
+    first = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=training_env(),
+        start_new_session=True,
+    )
     try:
         _wait_for_steps(first, run, 2)
         os.killpg(first.pid, signal.SIGINT)
@@ -186,7 +275,12 @@ def test_ctrl_c_checkpoints_at_the_step_boundary_and_the_run_resumes(dataset, tm
     assert stopped == list(range(1, len(stopped) + 1))
     assert (run / "checkpoints" / f"step-{stopped[-1]:07d}").is_dir()  # the step it stopped at
 
-    resumed = subprocess.run([sys.executable, *_train(dataset, run, steps=len(stopped) + 2)], capture_output=True,
-                             text=True, timeout=600, env=training_env())
+    resumed = subprocess.run(
+        [sys.executable, *_train(dataset, run, steps=len(stopped) + 2)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=training_env(),
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert history_steps(run) == list(range(1, len(stopped) + 3))

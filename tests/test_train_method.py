@@ -114,7 +114,9 @@ def tiny(monkeypatch):
 @pytest.fixture(scope="module")
 def dataset(synthetic_source, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("method") / "ds"
-    run_cli("ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--budgets", "2", "--no-progress")
+    run_cli(
+        "ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--budgets", "2", "--no-progress"
+    )
     return out
 
 
@@ -123,10 +125,26 @@ def test_a_new_method_trains_through_the_loop_and_each_hook_is_called(tiny, data
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = tmp_path / "run"
-    cfg = load_config("tiny", None, {"data": str(dataset), "out": str(run), "batch_size": "4", "size": "32",
-                                      "workers": "0", "threads": "1", "split": "all", "device": "cpu",
-                                      "max_steps": "2", "log_every": "1", "ckpt_every": "0", "clip_grad": "0.5",
-                                      "compile": "true", "optim.schedule": "constant"})
+    cfg = load_config(
+        "tiny",
+        None,
+        {
+            "data": str(dataset),
+            "out": str(run),
+            "batch_size": "4",
+            "size": "32",
+            "workers": "0",
+            "threads": "1",
+            "split": "all",
+            "device": "cpu",
+            "max_steps": "2",
+            "log_every": "1",
+            "ckpt_every": "0",
+            "clip_grad": "0.5",
+            "compile": "true",
+            "optim.schedule": "constant",
+        },
+    )
     assert cfg.backbone.name == "resnet18" and cfg.channels_last is False  # the method's config defaults
     result = train(cfg, resume=False)
     assert result.steps == 2 and np.isfinite(result.final_loss)
@@ -135,8 +153,12 @@ def test_a_new_method_trains_through_the_loop_and_each_hook_is_called(tiny, data
     names = [name for name, _ in calls]
     assert names[:2] == ["views", "build"] and calls[1][1][1] == "single"
     assert names.count("compile") == 1 and names.count("schedules") == 1 and names.count("param_groups") == 1
-    per_step = [n for n in names if n in ("set_step", "forward", "discard_pending", "clip_gradients",
-                                          "before_optimizer_step", "after_step")]
+    per_step = [
+        n
+        for n in names
+        if n
+        in ("set_step", "forward", "discard_pending", "clip_gradients", "before_optimizer_step", "after_step")
+    ]
     step = ["set_step", "forward", "clip_gradients", "before_optimizer_step", "after_step"]
     skipped = ["set_step", "forward", "discard_pending"]  # the 2nd forward's loss is not finite
     assert per_step == step + skipped + step
@@ -188,30 +210,63 @@ def test_data_config_defaults_are_the_streaming_ones():
     from eossl.streaming.storage import StorageOptions
 
     d, loader, storage = DataConfig(), LoaderConfig(), StorageOptions()
-    assert (d.workers, d.threads, d.device, d.split) == (loader.workers, loader.num_threads, loader.device,
-                                                         loader.split)
+    assert (d.workers, d.threads, d.device, d.split) == (
+        loader.workers,
+        loader.num_threads,
+        loader.device,
+        loader.split,
+    )
     assert d.shuffle_buffer == PlanConfig().shuffle_buffer
     assert (d.cache_dir, d.retries, d.timeout_s) == (storage.cache_dir, storage.retries, storage.timeout_s)
     assert int(d.cache_gb * 2**30) == storage.cache_bytes
     views = ViewConfig()
-    assert (d.mode, d.size, d.n_local, d.local_size) == (views.mode, views.size, views.n_local, views.local_size)
+    assert (d.mode, d.size, d.n_local, d.local_size) == (
+        views.mode,
+        views.size,
+        views.n_local,
+        views.local_size,
+    )
     assert TrainConfig().batch_size == loader.batch_size
 
 
 def test_moco_compiles_the_query_encoder_and_dino_the_student():
-    moco_cfg = load_config("moco", None, {"data": "d", "out": "o", "backbone": "resnet18", "queue_size": "8",
-                                          "hidden": "16", "dim": "8"})
+    moco_cfg = load_config(
+        "moco",
+        None,
+        {"data": "d", "out": "o", "backbone": "resnet18", "queue_size": "8", "hidden": "16", "dim": "8"},
+    )
     moco = get_method("moco").build(moco_cfg, [3, 3], "single")
     assert moco.compile_target() is moco.encoder_q
-    dino_cfg = load_config("dino", None, {"data": "d", "out": "o", "backbone": "vit_tiny_patch16_224",
-                                          "out_dim": "16", "dino.hidden": "16", "bottleneck": "8"})
+    dino_cfg = load_config(
+        "dino",
+        None,
+        {
+            "data": "d",
+            "out": "o",
+            "backbone": "vit_tiny_patch16_224",
+            "out_dim": "16",
+            "dino.hidden": "16",
+            "bottleneck": "8",
+        },
+    )
     dino = get_method("dino").build(dino_cfg, [2, 2, 2], "multicrop")
     assert dino.compile_target() is dino.student and dino.backbone() is dino.teacher.encoder
 
 
 def test_dino_reads_its_frozen_last_layer_epochs_from_its_config():
-    cfg = load_config("dino", None, {"data": "d", "out": "o", "backbone": "vit_tiny_patch16_224", "out_dim": "16",
-                                     "dino.hidden": "16", "bottleneck": "8", "freeze_last_layer_epochs": "2"})
+    cfg = load_config(
+        "dino",
+        None,
+        {
+            "data": "d",
+            "out": "o",
+            "backbone": "vit_tiny_patch16_224",
+            "out_dim": "16",
+            "dino.hidden": "16",
+            "bottleneck": "8",
+            "freeze_last_layer_epochs": "2",
+        },
+    )
     dino = get_method("dino").build(cfg, [2, 2, 2], "multicrop")
     frozen = []
     for epoch in range(4):

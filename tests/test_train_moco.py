@@ -23,21 +23,37 @@ from conftest import TINY_MOCO, cli_set, run_cli
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, extra", [
-    ("single", {"sensors": "s1"}),
-    ("single", {"sensors": "s2"}),
-    ("single", {"sensors": "s1s2"}),
-    ("pair", {"adapter": "conv1x1"}),
-    ("pair", {"adapter": "conv1x1", "augment": "false", "symmetric": "true"}),
-    ("pair", {"adapter": "zeropad"}),
-    ("fusion_all", {}),
-    ("fusion_partial", {}),
-    ("fusion_optional", {}),
-], ids=["s1", "s2", "s1s2", "pair", "pair-noaug-symmetric", "pair-zeropad", "fusion_all", "fusion_partial",
-        "fusion_optional"])
+@pytest.mark.parametrize(
+    "mode, extra",
+    [
+        ("single", {"sensors": "s1"}),
+        ("single", {"sensors": "s2"}),
+        ("single", {"sensors": "s1s2"}),
+        ("pair", {"adapter": "conv1x1"}),
+        ("pair", {"adapter": "conv1x1", "augment": "false", "symmetric": "true"}),
+        ("pair", {"adapter": "zeropad"}),
+        ("fusion_all", {}),
+        ("fusion_partial", {}),
+        ("fusion_optional", {}),
+    ],
+    ids=[
+        "s1",
+        "s2",
+        "s1s2",
+        "pair",
+        "pair-noaug-symmetric",
+        "pair-zeropad",
+        "fusion_all",
+        "fusion_partial",
+        "fusion_optional",
+    ],
+)
 def test_each_mode_reduces_the_loss_on_a_fixed_batch(dataset, mode, extra):
-    cfg = load_config("moco", None, {**TINY_MOCO, "mode": mode, "data": str(dataset), "out": "unused",
-                                      "moco.momentum": "0.5", **extra})
+    cfg = load_config(
+        "moco",
+        None,
+        {**TINY_MOCO, "mode": mode, "data": str(dataset), "out": "unused", "moco.momentum": "0.5", **extra},
+    )
     spec = get_method("moco")
     views_cfg = spec.views(cfg)
     loader = SSLLoader(str(dataset), loader_config(cfg, views_cfg), rank=0, world_size=1)
@@ -62,8 +78,19 @@ def test_each_mode_reduces_the_loss_on_a_fixed_batch(dataset, mode, extra):
 
 def _train_args(dataset: Path, out: Path, steps: int, **extra) -> list[str]:
     values = {**TINY_MOCO, "ckpt_every": "2", "log_every": "1", "moco.momentum": "0.9", **extra}
-    return ["train", "moco", "--data", str(dataset), "--out", str(out), "--max-steps", str(steps), "--seed", "1",
-            *cli_set(values)]
+    return [
+        "train",
+        "moco",
+        "--data",
+        str(dataset),
+        "--out",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--seed",
+        "1",
+        *cli_set(values),
+    ]
 
 
 def _history(run: Path) -> list[dict]:
@@ -81,8 +108,11 @@ def test_exact_resume_after_kill_mid_epoch(dataset, tmp_path, monkeypatch):
     run_cli(*_train_args(dataset, straight, 6))
     # Same run killed after its step-2 checkpoint (mid-epoch: 3 steps per epoch here), then resumed.
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "eossl.launch", *_train_args(dataset, killed, 6)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eossl.launch", *_train_args(dataset, killed, 6)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     pointer = killed / "checkpoints" / "latest"
     deadline = time.monotonic() + 240
     while not (pointer.exists() and pointer.read_text().strip() == "step-0000002"):
@@ -114,7 +144,10 @@ def test_run_outputs_export_and_local_mlflow(dataset, tmp_path, monkeypatch):
     assert card["inputs"]["view1"]["channels"][0] == "s2:B2" and len(card["inputs"]["view1"]["mean"]) == 10
     model = timm.create_model("resnet18", in_chans=card["in_chans"], num_classes=0)
     model.load_state_dict(load_file(str(run / "backbone" / "backbone.safetensors")))
-    assert set(load_file(str(run / "backbone" / "adapters.safetensors"))) >= {"s1.conv.weight", "s2.conv.weight"}
+    assert set(load_file(str(run / "backbone" / "adapters.safetensors"))) >= {
+        "s1.conv.weight",
+        "s2.conv.weight",
+    }
     assert "B8A" in (run / "backbone" / "README.md").read_text()
     ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     state = torch.load(ckpt / "model.pt", weights_only=True)

@@ -13,9 +13,21 @@ from eossl.train.schedules import cosine_schedule, scaled_lr
 
 
 def test_overrides_flat_dotted_and_section_names():
-    cfg = load_config("moco", None, {"data": "d", "out": "o", "backbone": "resnet18", "queue_size": "64",
-                                      "optim.lr": "0.06", "batch_size": "8", "symmetric": "true",
-                                      "cache_dir": "none", "channels_last": "false"})
+    cfg = load_config(
+        "moco",
+        None,
+        {
+            "data": "d",
+            "out": "o",
+            "backbone": "resnet18",
+            "queue_size": "64",
+            "optim.lr": "0.06",
+            "batch_size": "8",
+            "symmetric": "true",
+            "cache_dir": "none",
+            "channels_last": "false",
+        },
+    )
     assert cfg.backbone.name == "resnet18" and cfg.moco.queue_size == 64 and cfg.optim.lr == 0.06
     assert cfg.batch_size == 8 and cfg.moco.symmetric is True and cfg.loader.cache_dir is None
     assert cfg.channels_last is False
@@ -26,7 +38,9 @@ def test_overrides_flat_dotted_and_section_names():
     with pytest.raises(ValueError, match="ambiguous"):
         apply_overrides(TrainConfig(), {"name": "sgd"})  # backbone.name or optim.name
     # The optimiser's momentum or MoCo's key-encoder EMA: refused with both full keys, never guessed.
-    with pytest.raises(ValueError, match="'momentum' is ambiguous: it could be moco.momentum or optim.momentum"):
+    with pytest.raises(
+        ValueError, match="'momentum' is ambiguous: it could be moco.momentum or optim.momentum"
+    ):
         apply_overrides(TrainConfig(method="moco"), {"momentum": "0.5"})
     assert apply_overrides(TrainConfig(method="moco"), {"moco.momentum": "0.5"}).moco.momentum == 0.5
     # The sections of methods that are not running are not searched by short names.
@@ -40,10 +54,16 @@ def test_overrides_flat_dotted_and_section_names():
 
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("backbone:\n  name: resnet18\n  adapter: conv1x1\nmoco:\n  queue_size: 128\nbatch_size: 4\n")
+    path.write_text(
+        "backbone:\n  name: resnet18\n  adapter: conv1x1\nmoco:\n  queue_size: 128\nbatch_size: 4\n"
+    )
     cfg = load_config("moco", str(path), {"data": "d", "out": "o", "queue_size": 256})
     assert (cfg.backbone.name, cfg.backbone.adapter, cfg.moco.queue_size, cfg.batch_size) == (
-        "resnet18", "conv1x1", 256, 4)
+        "resnet18",
+        "conv1x1",
+        256,
+        4,
+    )
 
 
 def test_schedules_and_lr_scaling():
@@ -54,8 +74,14 @@ def test_schedules_and_lr_scaling():
     assert scaled_lr(0.03, "none", 1024, 256) == 0.03
 
 
-@pytest.mark.parametrize("adapter, channels, in_chans", [
-    ("native", {"input": 12}, 12), ("zeropad", {"s1": 2, "s2": 10}, 15), ("conv1x1", {"s1": 2, "s2": 10}, 3)])
+@pytest.mark.parametrize(
+    "adapter, channels, in_chans",
+    [
+        ("native", {"input": 12}, 12),
+        ("zeropad", {"s1": 2, "s2": 10}, 15),
+        ("conv1x1", {"s1": 2, "s2": 10}, 3),
+    ],
+)
 def test_adapters_feed_the_backbone(adapter, channels, in_chans):
     enc = build_encoder(BackboneConfig(name="resnet18", adapter=adapter), channels)
     assert enc.in_chans == in_chans and enc.backbone.conv1.in_channels == in_chans
@@ -68,9 +94,12 @@ def test_adapters_feed_the_backbone(adapter, channels, in_chans):
 
 def test_frozen_adapter_does_not_change_trainable_does():
     torch.manual_seed(0)
-    frozen = build_encoder(BackboneConfig(name="resnet18", adapter="conv1x1", adapter_mode="frozen"), {"s2": 10})
-    trainable = build_encoder(BackboneConfig(name="resnet18", adapter="conv1x1", adapter_mode="trainable"),
-                              {"s2": 10})
+    frozen = build_encoder(
+        BackboneConfig(name="resnet18", adapter="conv1x1", adapter_mode="frozen"), {"s2": 10}
+    )
+    trainable = build_encoder(
+        BackboneConfig(name="resnet18", adapter="conv1x1", adapter_mode="trainable"), {"s2": 10}
+    )
     for enc in (frozen, trainable):
         before = {k: v.clone() for k, v in enc.adapters.state_dict().items()}
         opt = torch.optim.SGD([p for p in enc.parameters() if p.requires_grad], lr=0.1)
@@ -91,8 +120,9 @@ def test_frozen_adapter_does_not_change_trainable_does():
 def _moco(queue: int = 16, dim: int = 8) -> MoCo:
     torch.manual_seed(0)
     enc = build_encoder(BackboneConfig(name="resnet18"), {"input": 3})
-    return MoCo(enc, dim=dim, hidden=32, queue_size=queue, temperature=0.2, view_sensors=[None, None],
-                bn_splits=2)
+    return MoCo(
+        enc, dim=dim, hidden=32, queue_size=queue, temperature=0.2, view_sensors=[None, None], bn_splits=2
+    )
 
 
 def test_queue_contents_and_pointer_wrap():
@@ -172,7 +202,9 @@ def test_stop_request_real_signals_first_ctrl_c_flags_second_interrupts(capsys):
     assert signal.getsignal(signal.SIGINT) is before  # restored
     with StopRequest(clock=clock).installed() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGINT)  # after a pre-emption request, Ctrl-C does not abandon the checkpoint
+        os.kill(
+            os.getpid(), signal.SIGINT
+        )  # after a pre-emption request, Ctrl-C does not abandon the checkpoint
         assert stop.signum == signal.SIGINT
     with StopRequest(clock=clock).installed() as stop:  # Ctrl-C under a study: SIGINT, SIGUSR1, Ctrl-C again
         os.kill(os.getpid(), signal.SIGINT)
@@ -196,6 +228,9 @@ def test_stop_request_default_clock_is_monotonic():
 def test_artifact_root_keeps_artifacts_beside_a_sqlite_store(tmp_path):
     from eossl.train.tracking import artifact_root
 
-    assert artifact_root(f"sqlite:///{tmp_path}/study/mlflow.db") == (tmp_path / "study" / "mlartifacts").as_uri()
+    assert (
+        artifact_root(f"sqlite:///{tmp_path}/study/mlflow.db")
+        == (tmp_path / "study" / "mlartifacts").as_uri()
+    )
     assert artifact_root("http://127.0.0.1:5000") is None  # a server decides (proxied artifacts)
     assert artifact_root(str(tmp_path / "mlruns")) is None  # a file store keeps them inside itself

@@ -28,8 +28,18 @@ ALL = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11"
 @pytest.fixture(scope="module")
 def dataset(synthetic_source, tmp_path_factory) -> Path:
     ds = tmp_path_factory.mktemp("zarr_dataset") / "ds"
-    run_cli("ingest", str(synthetic_source), str(ds), "--shard-size", "16MB", "--budgets", "4",
-            "--holdout-fraction", "0.3", "--no-progress")
+    run_cli(
+        "ingest",
+        str(synthetic_source),
+        str(ds),
+        "--shard-size",
+        "16MB",
+        "--budgets",
+        "4",
+        "--holdout-fraction",
+        "0.3",
+        "--no-progress",
+    )
     return ds
 
 
@@ -38,8 +48,13 @@ def group(dataset) -> zarr.Group:
     return zarr.open_group(str(dataset / "data.zarr"), mode="r")
 
 
-def reference_x(dataset: Path, row: int, sensors: tuple[str, ...], s2_bands: tuple[str, ...],
-                clip: tuple[float, float] | None) -> np.ndarray:
+def reference_x(
+    dataset: Path,
+    row: int,
+    sensors: tuple[str, ...],
+    s2_bands: tuple[str, ...],
+    clip: tuple[float, float] | None,
+) -> np.ndarray:
     """x in float64 straight from the Zarr arrays and the manifest's statistics."""
     g = zarr.open_group(str(dataset / "data.zarr"), mode="r")
     stats = json.loads((dataset / "manifest.json").read_text())["stats"]
@@ -58,9 +73,16 @@ def reference_x(dataset: Path, row: int, sensors: tuple[str, ...], s2_bands: tup
     return np.concatenate(parts)
 
 
-@pytest.mark.parametrize(("sensors", "bands", "channels"), [
-    ("s1", "land", 2), ("s2", "land", 10), ("s2", "all", 13), ("s1s2", "land", 12), ("s1s2", "all", 15),
-])
+@pytest.mark.parametrize(
+    ("sensors", "bands", "channels"),
+    [
+        ("s1", "land", 2),
+        ("s2", "land", 10),
+        ("s2", "all", 13),
+        ("s1s2", "land", 12),
+        ("s1s2", "all", 15),
+    ],
+)
 def test_values_equal_float64_reference(dataset, sensors, bands, channels):
     inputs = InputSpec.parse(sensors, bands)
     ds = ZarrPatchDataset(str(dataset), inputs)
@@ -107,16 +129,18 @@ def test_explicit_rows_keep_order_and_keys(dataset, group):
     ds = ZarrPatchDataset(str(dataset), InputSpec(("s2",)), rows=[17, 2, 5])
     keys = group["key"][:]
     assert [(ds[i]["row"], ds[i]["key"]) for i in range(3)] == [(r, str(keys[r])) for r in (17, 2, 5)]
-    np.testing.assert_allclose(ds[0]["x"].numpy(), reference_x(dataset, 17, ("s2",), LAND, None),
-                               rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(
+        ds[0]["x"].numpy(), reference_x(dataset, 17, ("s2",), LAND, None), rtol=1e-6, atol=1e-5
+    )
     with pytest.raises(ValueError, match="out of range"):
         ZarrPatchDataset(str(dataset), InputSpec(), rows=[0, 24])
     with pytest.raises(IndexError):
         ds[3]
 
 
-@pytest.mark.parametrize(("scheme", "classes"),
-                         [("igbp_simple", IGBP_SIMPLE_CLASSES), ("igbp", IGBP_CLASSES)])
+@pytest.mark.parametrize(
+    ("scheme", "classes"), [("igbp_simple", IGBP_SIMPLE_CLASSES), ("igbp", IGBP_CLASSES)]
+)
 def test_labels_single_and_multi(dataset, group, scheme, classes):
     codes = group[f"label_{scheme}"][:].astype(np.int64)
     multi = group[f"multilabel_{scheme}"][:]

@@ -54,8 +54,9 @@ class Encoder(nn.Module):
         if cfg.adapter == "native":
             if len(set(channels.values())) != 1:
                 raise ValueError(
-                    f"adapter 'native' needs one channel count, got {channels}: use 'conv1x1' (one adapter per "
-                    "sensor) or 'zeropad' for sensor pairs")
+                    f"adapter 'native' needs one channel count, got {channels}: use 'conv1x1' (one adapter "
+                    "per sensor) or 'zeropad' for sensor pairs"
+                )
             in_chans = next(iter(channels.values()))
         elif cfg.adapter == "zeropad":
             if max(channels.values()) > cfg.pad_channels:
@@ -70,7 +71,9 @@ class Encoder(nn.Module):
                     adapter.freeze()
         self.in_chans = in_chans
         try:
-            self.backbone = timm.create_model(cfg.name, pretrained=False, num_classes=0, in_chans=in_chans, **timm_kwargs)
+            self.backbone = timm.create_model(
+                cfg.name, pretrained=False, num_classes=0, in_chans=in_chans, **timm_kwargs
+            )
         except RuntimeError as exc:  # timm's "Unknown model"
             raise ValueError(f"backbone {cfg.name!r}: {exc}") from exc
         self.feature_dim = self.backbone.num_features

@@ -33,15 +33,21 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     # accept parameters without gradients.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.loader.mode == "pair")
     if cfg.precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("precision=fp16 needs a CUDA GPU (its loss scaler runs there); "
-                         "use precision=bf16 on CPU")
+        raise ValueError(
+            "precision=fp16 needs a CUDA GPU (its loss scaler runs there); use precision=bf16 on CPU"
+        )
     # 'auto': what the launcher says (accelerate launch exports its config's mixed_precision).
     precision = None if cfg.precision == "auto" else cfg.precision
-    acc = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
-                      log_with="mlflow", kwargs_handlers=[ddp])
+    acc = Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with="mlflow",
+        kwargs_handlers=[ddp],
+    )
     if acc.mixed_precision == "fp16" and acc.device.type != "cuda":
-        raise ValueError("mixed precision fp16 (from the accelerate config) needs a CUDA GPU; "
-                         "use bf16 on CPU")
+        raise ValueError(
+            "mixed precision fp16 (from the accelerate config) needs a CUDA GPU; use bf16 on CPU"
+        )
     return acc
 
 
@@ -49,10 +55,19 @@ def loader_config(cfg: TrainConfig, views: ViewConfig) -> LoaderConfig:
     """The streaming loader's settings for the run's ``loader`` section and the method's views."""
     lc = cfg.loader
     return LoaderConfig(
-        batch_size=cfg.batch_size, split=lc.split, views=views, device=lc.device, num_threads=lc.threads,
-        workers=lc.workers, plan=PlanConfig(seed=cfg.seed, shuffle_buffer=lc.shuffle_buffer),
-        storage=StorageOptions(cache_dir=lc.cache_dir, cache_bytes=int(lc.cache_gb * 2**30),
-                               retries=lc.retries, timeout_s=lc.timeout_s),
+        batch_size=cfg.batch_size,
+        split=lc.split,
+        views=views,
+        device=lc.device,
+        num_threads=lc.threads,
+        workers=lc.workers,
+        plan=PlanConfig(seed=cfg.seed, shuffle_buffer=lc.shuffle_buffer),
+        storage=StorageOptions(
+            cache_dir=lc.cache_dir,
+            cache_bytes=int(lc.cache_gb * 2**30),
+            retries=lc.retries,
+            timeout_s=lc.timeout_s,
+        ),
     )
 
 

@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "state_digest", "latest_checkpoint", "load_rng_state", "rng_state", "write_json_atomic"]
+__all__ = [
+    "CheckpointError",
+    "state_digest",
+    "latest_checkpoint",
+    "load_rng_state",
+    "rng_state",
+    "write_json_atomic",
+]
 
 
 class CheckpointError(RuntimeError):
@@ -50,7 +57,13 @@ def rng_state() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "numpy": [
+            kind,
+            torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(gauss),
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -111,8 +124,11 @@ def state_digest(module: torch.nn.Module, which: str = "state") -> str:
     Under DDP parameters are equal on every rank after each step; BatchNorm running statistics are
     per-rank between forwards (DDP broadcasts rank 0's at the next forward), so compare 'params'.
     """
-    items = {"state": module.state_dict().items, "params": module.named_parameters,
-             "buffers": module.named_buffers}[which]()
+    items = {
+        "state": module.state_dict().items,
+        "params": module.named_parameters,
+        "buffers": module.named_buffers,
+    }[which]()
     h = hashlib.sha256()
     for name, t in sorted(items):
         h.update(name.encode())

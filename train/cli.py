@@ -22,18 +22,36 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset folder or URL written by 'eossl ingest'")
     p.add_argument("--out", required=True, help="run folder: checkpoints, config.yaml, local MLflow store")
     p.add_argument("--config", help="YAML file of config values (sections or dotted keys)")
-    p.add_argument("--set", dest="overrides", type=parse_assignment, action="append", default=[],
-                   metavar="KEY=VALUE",
-                   help="override any config field, e.g. --set backbone=resnet18 --set queue_size=64")
-    p.add_argument("--max-steps", type=int, default=argparse.SUPPRESS,
-                   help="stop after this many optimiser steps (total, across resumes; default: the config's "
-                   "max_steps, 0 = the whole run)")
-    p.add_argument("--seed", type=int, default=argparse.SUPPRESS,
-                   help="seed of data order, augmentation and initialisation (default: the config's seed)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from RUN_DIR's last checkpoint (also the default when one exists)")
-    p.add_argument("--fresh", action="store_true",
-                   help="ignore checkpoints in RUN_DIR (refused if any exist)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        type=parse_assignment,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set backbone=resnet18 --set queue_size=64",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="stop after this many optimiser steps (total, across resumes; default: the config's "
+        "max_steps, 0 = the whole run)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="seed of data order, augmentation and initialisation (default: the config's seed)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from RUN_DIR's last checkpoint (also the default when one exists)",
+    )
+    p.add_argument(
+        "--fresh", action="store_true", help="ignore checkpoints in RUN_DIR (refused if any exist)"
+    )
 
 
 def run_train(args) -> int:
@@ -60,6 +78,8 @@ def run_train(args) -> int:
     if result.backbone_dir is not None:
         print(f"run: {result.run_dir}  steps: {result.steps}  final loss: {result.final_loss:.4f}")
         print(f"mlflow run: {result.mlflow_run_id}")
-        print(f"backbone: {result.backbone_dir}/backbone.safetensors "
-              f"(model card: {result.backbone_dir}/README.md)")
+        print(
+            f"backbone: {result.backbone_dir}/backbone.safetensors "
+            f"(model card: {result.backbone_dir}/README.md)"
+        )
     return 0

@@ -68,7 +68,9 @@ class BackboneConfig:
         if self.adapter not in ("native", "conv1x1", "zeropad"):
             raise ValueError(f"backbone.adapter must be native, conv1x1 or zeropad, got {self.adapter!r}")
         if self.adapter_mode not in ("trainable", "frozen", "random"):
-            raise ValueError(f"backbone.adapter_mode must be trainable, frozen or random, got {self.adapter_mode!r}")
+            raise ValueError(
+                f"backbone.adapter_mode must be trainable, frozen or random, got {self.adapter_mode!r}"
+            )
 
 
 @dataclass
@@ -112,7 +114,7 @@ class DinoConfig:
         student_temp: student softmax temperature (0.1).
         center_momentum: EMA of the teacher output center (0.9).
         freeze_last_layer_epochs: epochs during which the last layer gets no update (1).
-        weight_decay_end: final weight decay of the cosine weight-decay schedule (0.4; start: optim.weight_decay).
+        weight_decay_end: final weight decay of the cosine schedule (0.4; start: optim.weight_decay).
         drop_path: stochastic depth rate of the student ViT (0.1).
     """
 

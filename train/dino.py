@@ -36,8 +36,15 @@ __all__ = ["DINO", "DINOHead", "DINOLoss", "build_dino", "dino_schedules", "dino
 class DINOHead(nn.Module):
     """MLP (nlayers, GELU) -> L2-normalised bottleneck -> weight-normalised linear layer to K prototypes."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 2048, bottleneck: int = 256, nlayers: int = 3,
-                 norm_last_layer: bool = True):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden: int = 2048,
+        bottleneck: int = 256,
+        nlayers: int = 3,
+        norm_last_layer: bool = True,
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         dims = [in_dim] + [hidden] * (max(nlayers, 1) - 1) + [bottleneck]
@@ -68,15 +75,23 @@ class DINOLoss(nn.Module):
     an EMA (``center_momentum``) of the mean teacher output over the global batch of all ranks.
     """
 
-    def __init__(self, out_dim: int, n_crops: int, n_global: int, student_temp: float = 0.1,
-                 center_momentum: float = 0.9):
+    def __init__(
+        self,
+        out_dim: int,
+        n_crops: int,
+        n_global: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ):
         super().__init__()
         self.n_crops, self.n_global = n_crops, n_global
         self.student_temp, self.center_momentum = student_temp, center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
         self._pending: list[torch.Tensor] = []  # teacher outputs of the step, for the center update
 
-    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    def forward(
+        self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float
+    ) -> torch.Tensor:
         """student_out: (n_crops * B, K); teacher_out: (n_global * B, K) -> scalar loss."""
         student = (student_out.float() / self.student_temp).chunk(self.n_crops)
         teacher_out = teacher_out.detach().float()
@@ -106,7 +121,8 @@ class DINOLoss(nn.Module):
 
 
 class _Branch(nn.Module):
-    """Backbone + head over a list of crops, one backbone call per crop resolution (DINO's MultiCropWrapper)."""
+    """Backbone + head over a list of crops, one backbone call per crop resolution (DINO's
+    MultiCropWrapper)."""
 
     def __init__(self, encoder: nn.Module, head: DINOHead):
         super().__init__()
@@ -127,10 +143,19 @@ class DINO(SSLMethod):
 
     # DINO's ViT-S/16 recipe on S1, applied over the dataclass defaults (which are MoCo's).
     config_defaults: ClassVar[Mapping[str, Any]] = {
-        "backbone.name": "vit_small_patch16_224", "optim.name": "adamw", "optim.lr": 0.0005,
-        "optim.lr_scaling": "linear", "optim.base_batch": 256, "optim.weight_decay": 0.04,
-        "optim.warmup_epochs": 10, "optim.min_lr": 1e-6, "optim.clip_grad": 3.0, "loader.mode": "multicrop",
-        "loader.sensors": "s1", "epochs": 100, "channels_last": False,
+        "backbone.name": "vit_small_patch16_224",
+        "optim.name": "adamw",
+        "optim.lr": 0.0005,
+        "optim.lr_scaling": "linear",
+        "optim.base_batch": 256,
+        "optim.weight_decay": 0.04,
+        "optim.warmup_epochs": 10,
+        "optim.min_lr": 1e-6,
+        "optim.clip_grad": 3.0,
+        "loader.mode": "multicrop",
+        "loader.sensors": "s1",
+        "epochs": 100,
+        "channels_last": False,
     }
 
     def __init__(self, encoder, cfg: TrainConfig, n_global: int, n_crops: int):
@@ -165,8 +190,10 @@ class DINO(SSLMethod):
     def param_groups(self) -> list[dict]:
         """Weights are decayed (on the schedule); biases and norm parameters are not (as in DINO)."""
         params = [p for p in self.student.parameters() if p.requires_grad]
-        return [{"params": [p for p in params if p.ndim > 1]},
-                {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+        return [
+            {"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
 
     def set_step(self, values: Mapping[str, float], epoch: int) -> None:
         self.teacher_temp = values["teacher_temp"]
@@ -178,7 +205,9 @@ class DINO(SSLMethod):
             teacher_out = self.teacher(views[: self.n_global])
         student_out = self.student(views)
         loss = self.loss_fn(student_out, teacher_out, self.teacher_temp)
-        entropy = -(F.softmax(teacher_out.float(), -1) * F.log_softmax(teacher_out.float(), -1)).sum(-1).mean()
+        entropy = (
+            -(F.softmax(teacher_out.float(), -1) * F.log_softmax(teacher_out.float(), -1)).sum(-1).mean()
+        )
         return loss, {"teacher_entropy": entropy.detach()}
 
     def before_optimizer_step(self) -> None:
@@ -206,15 +235,22 @@ def dino_views(cfg: TrainConfig) -> ViewConfig:
     lc = cfg.loader
     inputs = InputSpec.parse(lc.sensors, lc.s2_bands)
     augment = AugmentConfig() if lc.augment else AugmentConfig.none()
-    return ViewConfig(mode="multicrop", inputs=inputs, augment=augment, global_size=lc.size,
-                      n_local=lc.n_local, local_size=lc.local_size)
+    return ViewConfig(
+        mode="multicrop",
+        inputs=inputs,
+        augment=augment,
+        global_size=lc.size,
+        n_local=lc.n_local,
+        local_size=lc.local_size,
+    )
 
 
 def build_dino(cfg: TrainConfig, channels: list[int], mode: str) -> DINO:
     if mode != "multicrop":
         raise ValueError(f"DINO trains on multi-crop views; loader.mode is {mode!r}")
-    encoder = build_encoder(cfg.backbone, {"input": channels[0]}, dynamic_img_size=True,
-                            drop_path_rate=cfg.dino.drop_path)
+    encoder = build_encoder(
+        cfg.backbone, {"input": channels[0]}, dynamic_img_size=True, drop_path_rate=cfg.dino.drop_path
+    )
     n_global = 2
     return DINO(encoder, cfg, n_global=n_global, n_crops=len(channels))
 
@@ -222,8 +258,12 @@ def build_dino(cfg: TrainConfig, channels: list[int], mode: str) -> DINO:
 def dino_schedules(cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
     d = cfg.dino
     warm = min(d.warmup_teacher_temp_epochs * steps_per_epoch, total_steps)
-    temp = np.concatenate([np.linspace(d.warmup_teacher_temp, d.teacher_temp, warm),
-                           np.full(total_steps - warm, d.teacher_temp)])
+    temp = np.concatenate(
+        [
+            np.linspace(d.warmup_teacher_temp, d.teacher_temp, warm),
+            np.full(total_steps - warm, d.teacher_temp),
+        ]
+    )
     return {
         "momentum": cosine_schedule(d.momentum_teacher, 1.0, total_steps),
         "teacher_temp": temp,

@@ -9,7 +9,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_cat", "all_reduce_max", "all_reduce_min", "broadcast_", "is_dist", "rank", "world_size"]
+__all__ = [
+    "all_gather_cat",
+    "all_reduce_max",
+    "all_reduce_min",
+    "broadcast_",
+    "is_dist",
+    "rank",
+    "world_size",
+]
 
 
 def is_dist() -> bool:

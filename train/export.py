@@ -40,26 +40,42 @@ def export_backbone(encoder: Encoder, loader, cfg: TrainConfig, step: int, run_d
         "in_chans": encoder.in_chans,
         "timm_kwargs": {"in_chans": encoder.in_chans, "num_classes": 0, **encoder.timm_kwargs},
         "load": f"timm.create_model({cfg.backbone.name!r}, in_chans={encoder.in_chans}, num_classes=0"
-                + "".join(f", {k}={v!r}" for k, v in encoder.timm_kwargs.items()) + ")",
-        "adapter": {"type": cfg.backbone.adapter, "mode": cfg.backbone.adapter_mode,
-                    "channels": encoder.channels, "out_channels": cfg.backbone.adapter_channels},
+        + "".join(f", {k}={v!r}" for k, v in encoder.timm_kwargs.items())
+        + ")",
+        "adapter": {
+            "type": cfg.backbone.adapter,
+            "mode": cfg.backbone.adapter_mode,
+            "channels": encoder.channels,
+            "out_channels": cfg.backbone.adapter_channels,
+        },
         "view_mode": cfg.loader.mode,
         "inputs": inputs,
-        "normalisation": "(x - mean) / std per channel after clipping S1 to s1_clip (dB); stats from the dataset manifest",
+        "normalisation": (
+            "(x - mean) / std per channel after clipping S1 to s1_clip (dB); stats from the dataset manifest"
+        ),
         "dataset": cfg.data,
         "dataset_manifest_sha256": loader.manifest.get("manifest_sha256"),
         "steps": step,
         "feature_dim": encoder.feature_dim,
     }
     (out / "model_card.json").write_text(json.dumps(card, indent=1))
-    lines = [f"# {cfg.method} backbone: {cfg.backbone.name}", "",
-             f"Load: `{card['load']}` then `model.load_state_dict(safetensors.torch.load_file('backbone.safetensors'))`.",
-             f"Adapter: {cfg.backbone.adapter} ({cfg.backbone.adapter_mode}); input channels {encoder.channels}.",
-             f"Trained {step} steps on `{cfg.data}` (manifest {card['dataset_manifest_sha256']}).", "",
-             "| view | channels (in order) | mean | std |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"# {cfg.method} backbone: {cfg.backbone.name}",
+        "",
+        f"Load: `{card['load']}` then "
+        "`model.load_state_dict(safetensors.torch.load_file('backbone.safetensors'))`.",
+        f"Adapter: {cfg.backbone.adapter} ({cfg.backbone.adapter_mode}); input channels {encoder.channels}.",
+        f"Trained {step} steps on `{cfg.data}` (manifest {card['dataset_manifest_sha256']}).",
+        "",
+        "| view | channels (in order) | mean | std |",
+        "| --- | --- | --- | --- |",
+    ]
     for name, spec in inputs.items():
         lines.append(f"| {name} | {', '.join(spec['channels'])} | {spec['mean']} | {spec['std']} |")
-    lines += ["", f"S1 is clipped to {inputs['view0']['s1_clip']} dB before normalisation: {card['normalisation']}."]
+    lines += [
+        "",
+        f"S1 is clipped to {inputs['view0']['s1_clip']} dB before normalisation: {card['normalisation']}.",
+    ]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     return out
 

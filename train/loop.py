@@ -82,8 +82,12 @@ class _Run:
         set_seed(cfg.seed)
         method_cls = get_method(cfg.method)
         views = method_cls.views(cfg)
-        self.loader = SSLLoader(cfg.data, loader_config(cfg, views), rank=self.acc.process_index,
-                                world_size=self.acc.num_processes)
+        self.loader = SSLLoader(
+            cfg.data,
+            loader_config(cfg, views),
+            rank=self.acc.process_index,
+            world_size=self.acc.num_processes,
+        )
         self.method = method_cls.build(cfg, self.loader.channels, views.mode)
         if cfg.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
@@ -119,8 +123,9 @@ class _Run:
 
     def _fit(self) -> RunResult:
         self._start()
-        self.bar = tqdm(total=self.stop_step, initial=self.step, disable=not self.main, unit="step",
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=self.stop_step, initial=self.step, disable=not self.main, unit="step", dynamic_ncols=True
+        )
         self.meter = _Meter()
         loss = float("nan")
         self.model.train()
@@ -144,10 +149,12 @@ class _Run:
         acc.wait_for_everyone()
         self._tracking()
         if self.main:
-            print(f"precision {acc.mixed_precision}; effective batch size {self.effective_batch} (= "
-                  f"{cfg.batch_size} x {acc.num_processes} ranks x {cfg.grad_accum} accumulation), lr "
-                  f"{self.lr:.4g} ({cfg.optim.lr_scaling} scaling of {cfg.optim.lr} at batch "
-                  f"{cfg.optim.base_batch}), {self.total_steps} steps planned, stopping at {self.stop_step}")
+            print(
+                f"precision {acc.mixed_precision}; effective batch size {self.effective_batch} (= "
+                f"{cfg.batch_size} x {acc.num_processes} ranks x {cfg.grad_accum} accumulation), lr "
+                f"{self.lr:.4g} ({cfg.optim.lr_scaling} scaling of {cfg.optim.lr} at batch "
+                f"{cfg.optim.base_batch}), {self.total_steps} steps planned, stopping at {self.stop_step}"
+            )
 
     def _batches(self) -> Iterator[list[torch.Tensor]]:
         """One pass of the loader, views on the device, until the last planned step."""
@@ -218,15 +225,18 @@ class _Run:
         meter.consecutive += 1
         self.method.discard_pending()
         self.optimizer.zero_grad(set_to_none=True)
-        self.acc.print(f"step {self.step}: non-finite loss ({float(loss.detach())}), step skipped "
-                       f"({meter.consecutive} in a row)")
+        self.acc.print(
+            f"step {self.step}: non-finite loss ({float(loss.detach())}), step skipped "
+            f"({meter.consecutive} in a row)"
+        )
         if self.main:
             self._log_nonfinite(meter.nonfinite)
         if meter.consecutive >= self.cfg.max_nonfinite_steps:
             raise FloatingPointError(
                 f"{meter.consecutive} consecutive non-finite losses at step {self.step}: training diverged "
                 "(with fp16 try bf16, a lower lr or teacher temperature, or gradient clipping); "
-                f"the last checkpoint is in {self.run_dir / 'checkpoints'}")
+                f"the last checkpoint is in {self.run_dir / 'checkpoints'}"
+            )
         return False
 
     def _step_boundary(self) -> None:
@@ -243,14 +253,24 @@ class _Run:
         manifest = self.loader.manifest
         spec = self.loader.views.input_spec
         mean, std = spec.normalisation(manifest)
-        params = {**flatten(self.cfg), "effective_batch_size": self.effective_batch, "lr_scaled": self.lr,
-                  "world_size": self.acc.num_processes, "steps_per_epoch": self.steps_per_epoch,
-                  "mixed_precision": self.acc.mixed_precision,
-                  "total_steps": self.total_steps}
-        tags = {"git_commit": git_commit(), "dataset_manifest_sha256": manifest.get("manifest_sha256", ""),
-                "dataset": self.cfg.data, "lr_scaling_rule": self.cfg.optim.lr_scaling,
-                "normalisation": json.dumps({"channels": spec.channel_names, "mean": mean.round(6).tolist(),
-                                             "std": std.round(6).tolist()})}
+        params = {
+            **flatten(self.cfg),
+            "effective_batch_size": self.effective_batch,
+            "lr_scaled": self.lr,
+            "world_size": self.acc.num_processes,
+            "steps_per_epoch": self.steps_per_epoch,
+            "mixed_precision": self.acc.mixed_precision,
+            "total_steps": self.total_steps,
+        }
+        tags = {
+            "git_commit": git_commit(),
+            "dataset_manifest_sha256": manifest.get("manifest_sha256", ""),
+            "dataset": self.cfg.data,
+            "lr_scaling_rule": self.cfg.optim.lr_scaling,
+            "normalisation": json.dumps(
+                {"channels": spec.channel_names, "mean": mean.round(6).tolist(), "std": std.round(6).tolist()}
+            ),
+        }
         self.mlflow_run_id = start_tracking(self.acc, self.cfg, params, tags, self.mlflow_run_id)
 
     def _log_nonfinite(self, count: int) -> None:
@@ -264,12 +284,18 @@ class _Run:
         if self.step % self.cfg.log_every == 0 or self.step == self.stop_step:
             meter = self.meter
             elapsed = time.perf_counter() - meter.t_last
-            logged.update({
-                "lr": float(self.lr_schedule[self.step - 1]), "epoch": self.loader.position.epoch,
-                "samples_per_s": meter.samples / elapsed, "data_wait_fraction": meter.wait / elapsed,
-                "memory_mb": _memory_mb(), "nonfinite_steps": meter.nonfinite,
-                **{k: float(v) for k, v in logs.items()}, **{f"schedule_{k}": v for k, v in values.items()},
-            })
+            logged.update(
+                {
+                    "lr": float(self.lr_schedule[self.step - 1]),
+                    "epoch": self.loader.position.epoch,
+                    "samples_per_s": meter.samples / elapsed,
+                    "data_wait_fraction": meter.wait / elapsed,
+                    "memory_mb": _memory_mb(),
+                    "nonfinite_steps": meter.nonfinite,
+                    **{k: float(v) for k, v in logs.items()},
+                    **{f"schedule_{k}": v for k, v in values.items()},
+                }
+            )
             self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{meter.samples / elapsed:.1f}")
             meter.restart()
         self.acc.log(logged, step=self.step)
@@ -295,9 +321,14 @@ class _Run:
     def _finish(self) -> Path | None:
         """Every rank's digests, then (rank 0) the exported backbone and the MLflow artifacts."""
         acc, method = self.acc, self.method
-        digests = {"rank": acc.process_index, "world_size": acc.num_processes, "step": self.step,
-                   "params_sha256": state_digest(method, "params"), "state_sha256": state_digest(method),
-                   **method.state_digests()}
+        digests = {
+            "rank": acc.process_index,
+            "world_size": acc.num_processes,
+            "step": self.step,
+            "params_sha256": state_digest(method, "params"),
+            "state_sha256": state_digest(method),
+            **method.state_digests(),
+        }
         (self.run_dir / "ranks").mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.run_dir / "ranks" / f"rank-{acc.process_index}.json", digests)
         backbone_dir = None

@@ -55,9 +55,19 @@ class MoCo(SSLMethod):
         bn_splits: chunks of the key batch in one process.
     """
 
-    def __init__(self, encoder: Encoder, dim: int, hidden: int, queue_size: int, temperature: float,
-                 view_sensors: list[str | None], query_view: int = 0, symmetric: bool = False,
-                 shuffle_bn: bool = True, bn_splits: int = 2):
+    def __init__(
+        self,
+        encoder: Encoder,
+        dim: int,
+        hidden: int,
+        queue_size: int,
+        temperature: float,
+        view_sensors: list[str | None],
+        query_view: int = 0,
+        symmetric: bool = False,
+        shuffle_bn: bool = True,
+        bn_splits: int = 2,
+    ):
         super().__init__()
         self.encoder_q = encoder
         self.head_q = ProjectionHead(encoder.feature_dim, hidden, dim)
@@ -81,8 +91,11 @@ class MoCo(SSLMethod):
         yield from self.head_k.parameters()
 
     def query_pairs(self):
-        return zip([*self.encoder_q.parameters(), *self.head_q.parameters()],
-                   [*self.encoder_k.parameters(), *self.head_k.parameters()], strict=True)
+        return zip(
+            [*self.encoder_q.parameters(), *self.head_q.parameters()],
+            [*self.encoder_k.parameters(), *self.head_k.parameters()],
+            strict=True,
+        )
 
     # -- keys with shuffled BatchNorm ----------------------------------------------------------------
     @torch.no_grad()
@@ -203,5 +216,15 @@ def build_moco(cfg: TrainConfig, channels: list[int], mode: str) -> MoCo:
         view_sensors = ["input", "input"] if cfg.backbone.adapter == "conv1x1" else [None, None]
         query_view = 0
     m = cfg.moco
-    return MoCo(encoder, m.dim, m.hidden, m.queue_size, m.temperature, view_sensors, query_view,
-                m.symmetric, m.shuffle_bn, m.bn_splits)
+    return MoCo(
+        encoder,
+        m.dim,
+        m.hidden,
+        m.queue_size,
+        m.temperature,
+        view_sensors,
+        query_view,
+        m.symmetric,
+        m.shuffle_bn,
+        m.bn_splits,
+    )

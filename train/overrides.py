@@ -79,7 +79,9 @@ def resolve_key(obj: Any, key: str, skip_sections: Iterable[str] = ()) -> tuple[
     if len(matches) == 1:
         return (*keys[matches[0]], matches[0])
     if matches:
-        raise ValueError(f"config key {key!r} is ambiguous: it could be {' or '.join(matches)}; use the full key")
+        raise ValueError(
+            f"config key {key!r} is ambiguous: it could be {' or '.join(matches)}; use the full key"
+        )
     near = _closest(key, keys)
     hint = f"; did you mean {' or '.join(near)}?" if near else f"; valid keys: {', '.join(sorted(keys))}"
     raise ValueError(f"unknown config key {key!r}{hint}")
@@ -104,8 +106,9 @@ def _coerce(owner: Any, name: str, value: Any, key: str) -> Any:
             if typing.get_origin(base) is tuple:
                 return tuple(json.loads(value) if value.startswith("[") else value.split(","))
         except ValueError:
-            raise ValueError(f"config key {key}: cannot read {value!r} as "
-                             f"{getattr(base, '__name__', base)}") from None
+            raise ValueError(
+                f"config key {key}: cannot read {value!r} as {getattr(base, '__name__', base)}"
+            ) from None
         return value
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -29,8 +29,10 @@ class Preempted(RuntimeError):
     """The run stopped on a pre-emption signal after writing a checkpoint; rerun the command to resume."""
 
     def __init__(self, step: int, signum: int, run_dir: Path):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} after a checkpoint in "
-                         f"{run_dir / 'checkpoints'}; run the same command again to resume")
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at step {step} after a checkpoint in "
+            f"{run_dir / 'checkpoints'}; run the same command again to resume"
+        )
         self.step, self.signum = step, signum
 
 
@@ -64,8 +66,11 @@ class StopRequest:
                 raise KeyboardInterrupt
         if not self.signum:
             again = " (Ctrl-C again to stop without it)" if signum == signal.SIGINT else ""
-            print(f"rank {self.rank}: {signal.Signals(signum).name} received: checkpointing at the next step "
-                  f"boundary{again}", flush=True)
+            print(
+                f"rank {self.rank}: {signal.Signals(signum).name} received: checkpointing at the next step "
+                f"boundary{again}",
+                flush=True,
+            )
         self.signum = signum
 
     @contextmanager
@@ -96,6 +101,8 @@ def lock_run_dir(run_dir: Path) -> IO | None:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.close()
-        raise RuntimeError(f"{run_dir}: another process is training into this run folder (lock "
-                           f"{run_dir / '.train.lock'}); stop it first, or use another --out") from None
+        raise RuntimeError(
+            f"{run_dir}: another process is training into this run folder (lock "
+            f"{run_dir / '.train.lock'}); stop it first, or use another --out"
+        ) from None
     return lock

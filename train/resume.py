@@ -46,8 +46,9 @@ def truncate_history(history: Path, step: int) -> None:
     """Drop history rows logged after ``step``: the resumed run logs those steps again."""
     if not history.exists():
         return
-    rows = [line for line in history.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    rows = [
+        line for line in history.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+    ]
     tmp = history.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(r + "\n" for r in rows))
     os.replace(tmp, history)
@@ -80,11 +81,18 @@ class RunCheckpointer:
             save_tensor_file(optimizer.state_dict(), staging / "optimizer.pt")
             if acc.scaler is not None:
                 save_tensor_file(acc.scaler.state_dict(), staging / "scaler.pt")
-            write_json_atomic(staging / "trainer.json", {
-                "step": step, "epoch": loader.position.epoch, "loader": loader.state_dict(),
-                "mlflow_run_id": mlflow_run_id, "world_size": acc.num_processes,
-                "global_batch": self.cfg.batch_size * acc.num_processes, "config_digest": self.digest,
-            })
+            write_json_atomic(
+                staging / "trainer.json",
+                {
+                    "step": step,
+                    "epoch": loader.position.epoch,
+                    "loader": loader.state_dict(),
+                    "mlflow_run_id": mlflow_run_id,
+                    "world_size": acc.num_processes,
+                    "global_batch": self.cfg.batch_size * acc.num_processes,
+                    "config_digest": self.digest,
+                },
+            )
             publish(self.run_dir, step, keep=2)
         acc.wait_for_everyone()
 
@@ -117,9 +125,11 @@ class RunCheckpointer:
 
     def _check(self, ckpt: Path, trainer: dict) -> None:
         if trainer["config_digest"] != self.digest:
-            raise CheckpointError(f"{ckpt} was written with another configuration (only max_steps, and "
-                                  "batch_size with the world size, may change on resume); start a new run "
-                                  "folder")
+            raise CheckpointError(
+                f"{ckpt} was written with another configuration (only max_steps, and "
+                "batch_size with the world size, may change on resume); start a new run "
+                "folder"
+            )
         ranks = self.acc.num_processes
         global_batch = self.cfg.batch_size * ranks
         if trainer.get("global_batch", global_batch) != global_batch:
@@ -127,4 +137,5 @@ class RunCheckpointer:
                 f"{ckpt} was written at a global batch of {trainer['global_batch']} ({trainer['world_size']} "
                 f"ranks); this run has {global_batch} ({self.cfg.batch_size} x {ranks} ranks). To resume on "
                 f"another number of ranks keep the global batch: --set batch_size="
-                f"{trainer['global_batch'] / ranks:g}")
+                f"{trainer['global_batch'] / ranks:g}"
+            )

@@ -9,8 +9,9 @@ import numpy as np
 __all__ = ["cosine_schedule", "scaled_lr"]
 
 
-def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
-                    warmup_start: float = 0.0) -> np.ndarray:
+def cosine_schedule(
+    base: float, final: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0
+) -> np.ndarray:
     """Linear warm-up from ``warmup_start`` to ``base``, then half-cosine from ``base`` to ``final``."""
     total_steps = max(int(total_steps), 1)
     warmup_steps = min(max(int(warmup_steps), 0), total_steps)

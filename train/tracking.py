@@ -23,8 +23,13 @@ __all__ = ["artifact_root", "git_commit", "local_tracking_uri", "start_tracking"
 def git_commit() -> str:
     """The commit of the code that trains (a run's ``git_commit`` tag); "unknown" outside a checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -49,7 +54,9 @@ def artifact_root(tracking_uri: str) -> str | None:
     return (database.parent / "mlartifacts").as_uri()
 
 
-def start_tracking(acc: Accelerator, cfg: TrainConfig, params: dict, tags: dict, run_id: str | None) -> str | None:
+def start_tracking(
+    acc: Accelerator, cfg: TrainConfig, params: dict, tags: dict, run_id: str | None
+) -> str | None:
     """Start (or continue) the run's MLflow run; returns its id on the main process."""
     import mlflow
 

@@ -57,10 +57,14 @@ _N_LC = len(IGBP_SIMPLE_CLASSES)
 DEFINITIONS: dict[str, str] = {
     "attention": "CLS row of the last block's softmax attention, patch columns only, renormalised to sum 1",
     "mask": "per head, the smallest set of patches holding keep_mass of its attention",
-    "attention_miou": "each head's mask vs its complement as 2 clusters, Hungarian-matched mIoU vs simplified "
-                      "IGBP over the classes present; best head and mean over heads",
-    "kmeans_miou": "k-means (k-means++, seed 0, 50 iterations) of the final-norm patch tokens, nearest-upsampled, "
-                   "Hungarian-matched mIoU",
+    "attention_miou": (
+        "each head's mask vs its complement as 2 clusters, Hungarian-matched mIoU vs simplified IGBP "
+        "over the classes present; best head and mean over heads"
+    ),
+    "kmeans_miou": (
+        "k-means (k-means++, seed 0, 50 iterations) of the final-norm patch tokens, nearest-upsampled, "
+        "Hungarian-matched mIoU"
+    ),
     "kmeans_input_baseline_miou": "the same k-means on the model input averaged over each token's pixels",
 }
 
@@ -73,23 +77,29 @@ def _input_spec(card: dict, inputs: str | None) -> InputSpec:
     s2_view = next((v for v in views if "s2" in v["sensors"]), None)
     s1_view = next((v for v in views if "s1" in v["sensors"]), None)
     clip = s1_view.get("s1_clip") if s1_view else (-25.0, 0.0)
-    return InputSpec(sensors, tuple(s2_view["s2_bands"]) if s2_view else "land", tuple(clip) if clip else None)
+    return InputSpec(
+        sensors, tuple(s2_view["s2_bands"]) if s2_view else "land", tuple(clip) if clip else None
+    )
 
 
-def _load_model(run_dir: str, card: dict, channels: list[str], mean: np.ndarray, std: np.ndarray,
-                device: torch.device) -> EvalEncoder:
+def _load_model(
+    run_dir: str, card: dict, channels: list[str], mean: np.ndarray, std: np.ndarray, device: torch.device
+) -> EvalEncoder:
     ev = build_eval_encoder("checkpoint", channels, mean, std, run_dir)
     backbone = ev.encoder.backbone
     if not is_vit(backbone):
-        raise ValueError(f"{card['timm_model']} from {run_dir} is not a ViT: attention maps need a transformer")
+        raise ValueError(
+            f"{card['timm_model']} from {run_dir} is not a ViT: attention maps need a transformer"
+        )
     # The card's timm arguments (dynamic_img_size: the full 256 px patch goes in). When the encoder was
     # built without them, rebuild the backbone with them and move the weights over.
     extra = {k: v for k, v in (card.get("timm_kwargs") or {}).items() if k not in ("in_chans", "num_classes")}
     if any(getattr(backbone, k, v) != v for k, v in extra.items()):
         import timm
 
-        rebuilt = timm.create_model(card["timm_model"], pretrained=False, num_classes=0,
-                                    in_chans=ev.encoder.in_chans, **extra)
+        rebuilt = timm.create_model(
+            card["timm_model"], pretrained=False, num_classes=0, in_chans=ev.encoder.in_chans, **extra
+        )
         rebuilt.load_state_dict(backbone.state_dict())
         ev.encoder.backbone = rebuilt
     ev.encoder.eval().to(device)
@@ -107,18 +117,26 @@ def _patch_maps(ev: EvalEncoder, x: torch.Tensor) -> PatchMaps:
     attn = last_self_attention(backbone, xin)[0].float().cpu().numpy()  # (heads, N_all, N_all)
     tokens = patch_tokens(backbone, xin)[0].float().cpu().numpy()  # (N, D)
     gh, gw = patch_grid(backbone, h, w)
-    cls = attn[:, 0, backbone.num_prefix_tokens:]  # (heads, N): CLS row, patch columns
+    cls = attn[:, 0, backbone.num_prefix_tokens :]  # (heads, N): CLS row, patch columns
     if cls.shape[1] != gh * gw or tokens.shape[0] != gh * gw:
-        raise ValueError(f"expected {gh}x{gw} patch tokens, got {cls.shape[1]} attention columns, {len(tokens)} tokens")
+        raise ValueError(
+            f"expected {gh}x{gw} patch tokens, got {cls.shape[1]} attention columns, {len(tokens)} tokens"
+        )
     to_patches = cls.sum(1)  # share of the CLS attention that goes to patches (rest: CLS, registers)
     cls = cls / to_patches[:, None]
-    return PatchMaps(attention=cls.reshape(-1, gh, gw), tokens=tokens, grid=(gh, gw),
-                     patch=tuple(backbone.patch_embed.patch_size), cls_to_patches=to_patches)
+    return PatchMaps(
+        attention=cls.reshape(-1, gh, gw),
+        tokens=tokens,
+        grid=(gh, gw),
+        patch=tuple(backbone.patch_embed.patch_size),
+        cls_to_patches=to_patches,
+    )
 
 
 # ------------------------------------------------------------------------------------------- scoring
-def _score(maps: PatchMaps, masks: np.ndarray, clusters: np.ndarray, base_clusters: np.ndarray,
-           lc: np.ndarray) -> dict:
+def _score(
+    maps: PatchMaps, masks: np.ndarray, clusters: np.ndarray, base_clusters: np.ndarray, lc: np.ndarray
+) -> dict:
     """Agreement with the land-cover map lc (H, W) of simplified codes; masks (heads+1, gh, gw) with the
     mask of the head-mean attention last; clusters, base_clusters (gh, gw)."""
     up = lambda m: upsample_tokens(m, maps.patch, lc.shape)  # noqa: E731
@@ -128,19 +146,26 @@ def _score(maps: PatchMaps, masks: np.ndarray, clusters: np.ndarray, base_cluste
         "lc_classes_present": sorted(int(c) for c in np.unique(lc) if c),
         "kmeans": matched_miou(up(clusters), lc, _N_LC),
         "kmeans_input_baseline": matched_miou(up(base_clusters), lc, _N_LC),
-        "attention": {"per_head_miou": heads, "best_head": best, "best_miou": heads[best],
-                      "mean_miou": float(np.mean(heads)),
-                      "mean_attention_miou": matched_miou(up(masks[-1]).astype(np.int64), lc, _N_LC)["miou"]},
+        "attention": {
+            "per_head_miou": heads,
+            "best_head": best,
+            "best_miou": heads[best],
+            "mean_miou": float(np.mean(heads)),
+            "mean_attention_miou": matched_miou(up(masks[-1]).astype(np.int64), lc, _N_LC)["miou"],
+        },
     }
 
 
-def _analyse(maps: PatchMaps, x: np.ndarray, lc: np.ndarray | None, keep_mass: float,
-             n_clusters: int) -> PatchAnalysis:
+def _analyse(
+    maps: PatchMaps, x: np.ndarray, lc: np.ndarray | None, keep_mass: float, n_clusters: int
+) -> PatchAnalysis:
     """Masks, token clusters, PCA and (with lc) agreement scores of one patch; x is the standardised input."""
     heads, gh, gw = maps.attention.shape
     flat = maps.attention.reshape(heads, -1)
     # masks: (heads + 1, gh, gw), the mask of the head-mean attention last
-    masks = keep_mass_masks(np.concatenate([flat, flat.mean(0, keepdims=True)]), keep_mass).reshape(-1, gh, gw)
+    masks = keep_mass_masks(np.concatenate([flat, flat.mean(0, keepdims=True)]), keep_mass).reshape(
+        -1, gh, gw
+    )
     k = min(n_clusters, gh * gw)
     clusters = kmeans(maps.tokens, k, seed=0).reshape(gh, gw)
     ph, pw = maps.patch
@@ -148,9 +173,15 @@ def _analyse(maps: PatchMaps, x: np.ndarray, lc: np.ndarray | None, keep_mass: f
     base_clusters = kmeans(cells.reshape(len(x), -1).T, k, seed=0).reshape(gh, gw)
     pca, var = token_pca_rgb(maps.tokens)
     scores = _score(maps, masks, clusters, base_clusters, lc) if lc is not None else None
-    entry = {"has_lc": scores is not None, "grid": [gh, gw], "heads": heads, "n_clusters": k,
-             "mask_area_fraction": masks.reshape(heads + 1, -1).mean(1).tolist(),
-             "cls_to_patches": maps.cls_to_patches.tolist(), "pca_variance": var.tolist()}
+    entry = {
+        "has_lc": scores is not None,
+        "grid": [gh, gw],
+        "heads": heads,
+        "n_clusters": k,
+        "mask_area_fraction": masks.reshape(heads + 1, -1).mean(1).tolist(),
+        "cls_to_patches": maps.cls_to_patches.tolist(),
+        "pca_variance": var.tolist(),
+    }
     if scores:
         entry["agreement"] = scores
     return PatchAnalysis(masks, clusters, pca, var, scores, entry)
@@ -176,8 +207,10 @@ def _rows_of(group, keys: Sequence[str], dataset: str) -> dict[str, int]:
     row_of = {k: i for i, k in enumerate(all_keys)}
     unknown = [k for k in keys if k not in row_of]
     if unknown:
-        raise ValueError(f"unknown patch keys {unknown[:5]} in {dataset}; valid keys include "
-                         f"{', '.join(all_keys[:5])} ({len(all_keys)} in all)")
+        raise ValueError(
+            f"unknown patch keys {unknown[:5]} in {dataset}; valid keys include "
+            f"{', '.join(all_keys[:5])} ({len(all_keys)} in all)"
+        )
     return row_of
 
 
@@ -191,9 +224,18 @@ def _raw_patch(group, has: dict[str, np.ndarray], row: int, model_sensors: tuple
 
 
 # ---------------------------------------------------------------------------------------------- entry
-def attention_figures(run_dir: str, dataset: str, keys: Sequence[str], out: str, *, keep_mass: float = 0.6,
-                      n_clusters: int = 6, inputs: str | None = None, mlflow_run_id: str | None = None,
-                      draw: bool = True) -> dict:
+def attention_figures(
+    run_dir: str,
+    dataset: str,
+    keys: Sequence[str],
+    out: str,
+    *,
+    keep_mass: float = 0.6,
+    n_clusters: int = 6,
+    inputs: str | None = None,
+    mlflow_run_id: str | None = None,
+    draw: bool = True,
+) -> dict:
     """Attention and token-embedding figures of a pre-trained ViT, with their agreement with land cover.
 
     Args:
@@ -231,8 +273,10 @@ def attention_figures(run_dir: str, dataset: str, keys: Sequence[str], out: str,
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ev = _load_model(run_dir, card, spec.channel_names, ds.mean, ds.std, device)
     has = {m: group[f"has_{m}"][:] for m in ("s1", "s2", "lc")}
-    model_text = (f"{card.get('method', '?')} {card['timm_model']} ({card.get('steps', '?')} steps, "
-                  f"{Path(run_dir).name}), input {', '.join(spec.channel_names)}")
+    model_text = (
+        f"{card.get('method', '?')} {card['timm_model']} ({card.get('steps', '?')} steps, "
+        f"{Path(run_dir).name}), input {', '.join(spec.channel_names)}"
+    )
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures, per_key = [], {}
@@ -252,9 +296,15 @@ def attention_figures(run_dir: str, dataset: str, keys: Sequence[str], out: str,
     scored = [e["agreement"] for e in per_key.values() if "agreement" in e]
     mean = lambda vals: float(np.nanmean(vals)) if vals else None  # noqa: E731
     summary = {
-        "run_dir": str(run_dir), "dataset": str(dataset), "timm_model": card["timm_model"],
-        "method": card.get("method"), "channels": spec.channel_names, "keep_mass": keep_mass,
-        "n_clusters": n_clusters, "patches": len(keys), "patches_with_lc": len(scored),
+        "run_dir": str(run_dir),
+        "dataset": str(dataset),
+        "timm_model": card["timm_model"],
+        "method": card.get("method"),
+        "channels": spec.channel_names,
+        "keep_mass": keep_mass,
+        "n_clusters": n_clusters,
+        "patches": len(keys),
+        "patches_with_lc": len(scored),
         "kmeans_miou": mean([s["kmeans"]["miou"] for s in scored]),
         "kmeans_input_baseline_miou": mean([s["kmeans_input_baseline"]["miou"] for s in scored]),
         "attention_best_head_miou": mean([s["attention"]["best_miou"] for s in scored]),

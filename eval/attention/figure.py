@@ -20,8 +20,19 @@ __all__ = ["LC_COLOURS", "RawPatch", "caption", "plot_patch", "s1_composite", "s
 
 # One fixed colour per simplified IGBP class (index = class code; 0 = no data), after the MODIS MCD12Q1
 # palette, so the same class has the same colour in every figure.
-LC_COLOURS: tuple[str, ...] = ("#000000", "#05450a", "#c6b044", "#fbff13", "#b6ff05", "#27ff87", "#c24f44",
-                               "#a5a5a5", "#69fff8", "#f9ffa4", "#1c0dff")
+LC_COLOURS: tuple[str, ...] = (
+    "#000000",
+    "#05450a",
+    "#c6b044",
+    "#fbff13",
+    "#b6ff05",
+    "#27ff87",
+    "#c24f44",
+    "#a5a5a5",
+    "#69fff8",
+    "#f9ffa4",
+    "#1c0dff",
+)
 
 
 @dataclass(frozen=True)
@@ -67,14 +78,17 @@ def caption(scores: dict | None) -> str:
     if not scores:
         return "no land-cover map for this patch: no agreement scores"
     a = scores["attention"]
-    return (f"LC agreement, Hungarian-matched mIoU over the {len(scores['lc_classes_present'])} classes "
-            f"present: token k-means {scores['kmeans']['miou']:.2f} (input k-means baseline "
-            f"{scores['kmeans_input_baseline']['miou']:.2f}); attention masks best head {a['best_head']} "
-            f"{a['best_miou']:.2f}, mean over heads {a['mean_miou']:.2f}")
+    return (
+        f"LC agreement, Hungarian-matched mIoU over the {len(scores['lc_classes_present'])} classes "
+        f"present: token k-means {scores['kmeans']['miou']:.2f} (input k-means baseline "
+        f"{scores['kmeans_input_baseline']['miou']:.2f}); attention masks best head {a['best_head']} "
+        f"{a['best_miou']:.2f}, mean over heads {a['mean_miou']:.2f}"
+    )
 
 
-def plot_patch(path: Path, title: str, raw: RawPatch, maps: PatchMaps, analysis: PatchAnalysis,
-               keep_mass: float) -> None:
+def plot_patch(
+    path: Path, title: str, raw: RawPatch, maps: PatchMaps, analysis: PatchAnalysis, keep_mass: float
+) -> None:
     """The figure of one patch: raw stored arrays, the model's maps and their analysis."""
     import matplotlib
 
@@ -85,8 +99,13 @@ def plot_patch(path: Path, title: str, raw: RawPatch, maps: PatchMaps, analysis:
 
     att = maps.attention
     heads = len(att)
-    masks, clusters, pca, var, scores = (analysis.masks, analysis.clusters, analysis.pca, analysis.variance,
-                                         analysis.scores)
+    masks, clusters, pca, var, scores = (
+        analysis.masks,
+        analysis.clusters,
+        analysis.pca,
+        analysis.variance,
+        analysis.scores,
+    )
     size = raw.s1.shape[-2:] if raw.s1 is not None else raw.s2.shape[-2:]
     up = lambda m: upsample_tokens(m, maps.patch, size)  # noqa: E731
     ncols = min(max(6, heads + 1), 7)
@@ -103,10 +122,17 @@ def plot_patch(path: Path, title: str, raw: RawPatch, maps: PatchMaps, analysis:
         ax.set_yticks([])
         ax.set_axis_off()
     sub[0].suptitle("input and patch-token embeddings", fontsize=10, fontweight="bold")
-    sub[1].suptitle("last-layer CLS attention over patches (x uniform: 1 = every patch equal)",
-                    fontsize=10, fontweight="bold")
-    sub[2].suptitle(f"thresholded attention: per head the smallest set of patches holding {keep_mass:.0%} of "
-                    "its attention (dimmed: outside the mask)", fontsize=10, fontweight="bold")
+    sub[1].suptitle(
+        "last-layer CLS attention over patches (x uniform: 1 = every patch equal)",
+        fontsize=10,
+        fontweight="bold",
+    )
+    sub[2].suptitle(
+        f"thresholded attention: per head the smallest set of patches holding {keep_mass:.0%} of "
+        "its attention (dimmed: outside the mask)",
+        fontsize=10,
+        fontweight="bold",
+    )
 
     def show(ax, img, text, **kw):
         ax.set_axis_on()
@@ -135,28 +161,50 @@ def plot_patch(path: Path, title: str, raw: RawPatch, maps: PatchMaps, analysis:
         show(top[2], lc, "land cover (IGBP simplified)", cmap=lc_cmap, norm=lc_norm)
         codes, counts = np.unique(lc, return_counts=True)
         names = ("no data", *IGBP_SIMPLE_CLASSES)
-        handles = [Patch(facecolor=LC_COLOURS[c], edgecolor="0.3", label=f"{names[c]} {n / lc.size:.0%}")
-                   for c, n in zip(codes, counts, strict=True)]
-        top[2].legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.02), fontsize=7.5,
-                      ncol=2, frameon=False, handlelength=1.2, columnspacing=0.8)
+        handles = [
+            Patch(facecolor=LC_COLOURS[c], edgecolor="0.3", label=f"{names[c]} {n / lc.size:.0%}")
+            for c, n in zip(codes, counts, strict=True)
+        ]
+        top[2].legend(
+            handles=handles,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.02),
+            fontsize=7.5,
+            ncol=2,
+            frameon=False,
+            handlelength=1.2,
+            columnspacing=0.8,
+        )
     else:
         missing(top[2], "no land cover\nfor this patch")
-    show(top[3], np.moveaxis(up(pca.T.reshape(3, *maps.grid)), 0, -1),
-         f"tokens: PCA 1-3 as RGB\n({', '.join(f'{v:.0%}' for v in var)} of variance)")
+    show(
+        top[3],
+        np.moveaxis(up(pca.T.reshape(3, *maps.grid)), 0, -1),
+        f"tokens: PCA 1-3 as RGB\n({', '.join(f'{v:.0%}' for v in var)} of variance)",
+    )
     k = int(clusters.max()) + 1
     tab = plt.get_cmap("tab10" if k <= 10 else "tab20")
     km_cmap = ListedColormap([tab(i) for i in range(k)])
-    im = show(top[4], up(clusters), f"tokens: k-means, k={k}" + (
-        f"\nmIoU vs LC {scores['kmeans']['miou']:.2f}" if scores else ""),
-        cmap=km_cmap, norm=BoundaryNorm(np.arange(-0.5, k), k))
+    im = show(
+        top[4],
+        up(clusters),
+        f"tokens: k-means, k={k}" + (f"\nmIoU vs LC {scores['kmeans']['miou']:.2f}" if scores else ""),
+        cmap=km_cmap,
+        norm=BoundaryNorm(np.arange(-0.5, k), k),
+    )
     cb = sub[0].colorbar(im, ax=top[4], fraction=0.046, pad=0.03, ticks=range(k))
     cb.set_label("cluster", fontsize=8)
     cb.ax.tick_params(labelsize=7)
     if scores:
         matching = scores["kmeans"]["matching"]
         painted = np.vectorize(lambda c: matching.get(int(c), 0))(clusters)
-        show(top[5], up(painted), "k-means clusters as their\nmatched LC class (black: unmatched)",
-             cmap=lc_cmap, norm=lc_norm)
+        show(
+            top[5],
+            up(painted),
+            "k-means clusters as their\nmatched LC class (black: unmatched)",
+            cmap=lc_cmap,
+            norm=lc_norm,
+        )
     else:
         missing(top[5], "no land cover:\nno cluster matching")
 

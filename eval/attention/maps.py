@@ -73,7 +73,7 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 50) -> np.ndarray:
         d2 = np.minimum(d2, ((x - centres[j]) ** 2).sum(1))
 
     def assign(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        dist = np.maximum((x ** 2).sum(1)[:, None] - 2 * x @ c.T + (c ** 2).sum(1)[None], 0.0)
+        dist = np.maximum((x**2).sum(1)[:, None] - 2 * x @ c.T + (c**2).sum(1)[None], 0.0)
         return dist.argmin(1), dist.min(1)
 
     for _ in range(iters):
@@ -104,7 +104,7 @@ def token_pca_rgb(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = comps.min(0), comps.max(0)
     rgb = np.where(hi > lo, (comps - lo) / np.where(hi > lo, hi - lo, 1.0), 0.5)
     var = np.zeros(3)
-    var[:m] = s[:m] ** 2 / max((s ** 2).sum(), 1e-300)
+    var[:m] = s[:m] ** 2 / max((s**2).sum(), 1e-300)
     return rgb, var
 
 
@@ -130,4 +130,3 @@ def upsample_tokens(grid: np.ndarray, patch: tuple[int, int], size: tuple[int, i
     iy = np.minimum(np.arange(size[0]) // patch[0], gh - 1)
     ix = np.minimum(np.arange(size[1]) // patch[1], gw - 1)
     return grid[..., iy[:, None], ix[None, :]]
-

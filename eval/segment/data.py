@@ -1,4 +1,5 @@
-"""Per-pixel land-cover targets for segmentation: label schemes, the patch dataset, class weights, georeference.
+"""Per-pixel land-cover targets for segmentation: label schemes, the patch dataset, class weights,
+georeference.
 
 The targets come from the ``lc`` array that ingest stores per patch (4 layers of MODIS MCD12Q1 codes:
 IGBP, LCCS-LC, LCCS-LU, LCCS-SH; docs/FORMAT.md). A scheme picks one layer and maps its codes to dense
@@ -28,8 +29,16 @@ from eossl.ingest.storage import DatasetRoot
 from eossl.streaming.inputs import InputSpec
 from eossl.streaming.zarr_dataset import ZarrPatchDataset
 
-__all__ = ["CLASS_WEIGHTINGS", "IGNORE_INDEX", "SEG_LABELS", "LabelScheme", "SegmentationPatches",
-           "class_weights", "label_scheme", "patch_georef"]
+__all__ = [
+    "CLASS_WEIGHTINGS",
+    "IGNORE_INDEX",
+    "SEG_LABELS",
+    "LabelScheme",
+    "SegmentationPatches",
+    "class_weights",
+    "label_scheme",
+    "patch_georef",
+]
 
 IGNORE_INDEX = 255
 CLASS_WEIGHTINGS = ("none", "inverse_sqrt", "median_frequency")
@@ -58,8 +67,9 @@ class LabelScheme:
         return self.lut[np.asarray(lc)[..., self.layer, :, :]]
 
 
-def _scheme(name: str, layer: int, code_to_class: dict[int, int], codes: tuple[int, ...],
-            classes: tuple[str, ...]) -> LabelScheme:
+def _scheme(
+    name: str, layer: int, code_to_class: dict[int, int], codes: tuple[int, ...], classes: tuple[str, ...]
+) -> LabelScheme:
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     for code, index in code_to_class.items():
         lut[code] = index
@@ -74,10 +84,20 @@ def _from_table(name: str, layer: int, table: dict[int, str]) -> LabelScheme:
 _SIMPLE = igbp_to_simple_lut()
 SEG_LABELS: dict[str, LabelScheme] = {
     # Simplified IGBP (10 classes, the SEN12MS benchmark scheme): IGBP code -> simplified code -> index.
-    "igbp_simple": _scheme("igbp_simple", 0, {c: int(_SIMPLE[c]) - 1 for c in range(1, len(IGBP_CLASSES) + 1)},
-                           tuple(range(1, len(IGBP_SIMPLE_CLASSES) + 1)), IGBP_SIMPLE_CLASSES),
-    "igbp": _scheme("igbp", 0, {c: c - 1 for c in range(1, len(IGBP_CLASSES) + 1)},
-                    tuple(range(1, len(IGBP_CLASSES) + 1)), IGBP_CLASSES),
+    "igbp_simple": _scheme(
+        "igbp_simple",
+        0,
+        {c: int(_SIMPLE[c]) - 1 for c in range(1, len(IGBP_CLASSES) + 1)},
+        tuple(range(1, len(IGBP_SIMPLE_CLASSES) + 1)),
+        IGBP_SIMPLE_CLASSES,
+    ),
+    "igbp": _scheme(
+        "igbp",
+        0,
+        {c: c - 1 for c in range(1, len(IGBP_CLASSES) + 1)},
+        tuple(range(1, len(IGBP_CLASSES) + 1)),
+        IGBP_CLASSES,
+    ),
     "lccs_lc": _from_table("lccs_lc", 1, LCCS_LC_CLASSES),
     "lccs_lu": _from_table("lccs_lu", 2, LCCS_LU_CLASSES),
     "lccs_sh": _from_table("lccs_sh", 3, LCCS_SH_CLASSES),
@@ -140,7 +160,9 @@ class SegmentationPatches(torch.utils.data.Dataset):
         counts = np.zeros(256, dtype=np.int64)
         lc = _open(self.patches.dataset)["lc"]
         for row in self.rows:  # one chunk per row; only the scheme's layer is decoded into classes
-            counts += np.bincount(self.scheme.lut[np.asarray(lc[int(row), self.scheme.layer])].ravel(), minlength=256)
+            counts += np.bincount(
+                self.scheme.lut[np.asarray(lc[int(row), self.scheme.layer])].ravel(), minlength=256
+            )
         return counts[: len(self.scheme.classes)]
 
 
@@ -170,7 +192,8 @@ def class_weights(counts: np.ndarray, mode: str) -> np.ndarray:
 
 
 def patch_georef(dataset: str, rows: np.ndarray) -> list[tuple[str, tuple[float, ...]]]:
-    """(CRS string, affine a, b, c, d, e, f) of each Zarr row, as ingest stored them (``crs``, ``transform``)."""
+    """(CRS string, affine a, b, c, d, e, f) of each Zarr row, as ingest stored them (``crs``,
+    ``transform``)."""
     group = _open(dataset)
     crs, transform = group["crs"][:], group["transform"][:]
     return [(str(crs[int(r)]), tuple(float(v) for v in transform[int(r)])) for r in rows]

@@ -22,7 +22,9 @@ from .data import IGNORE_INDEX, LabelScheme
 
 __all__ = ["class_colours", "plot_predictions", "write_map_geotiff"]
 
-_IGNORED = "#000000"  # ignored reference pixels: black, as "no data" in the land-cover panels of eossl attention
+_IGNORED = (
+    "#000000"  # ignored reference pixels: black, as "no data" in the land-cover panels of eossl attention
+)
 
 
 def class_colours(scheme: LabelScheme) -> list[str]:
@@ -36,8 +38,17 @@ def class_colours(scheme: LabelScheme) -> list[str]:
     return [matplotlib.colors.to_hex(cmap(i % 20)) for i in range(len(scheme.classes))]
 
 
-def plot_predictions(path: Path, dataset: str, rows: list[int], keys: list[str], preds: list[np.ndarray],
-                     refs: list[np.ndarray], scheme: LabelScheme, sensors: tuple[str, ...], title: str) -> Path:
+def plot_predictions(
+    path: Path,
+    dataset: str,
+    rows: list[int],
+    keys: list[str],
+    preds: list[np.ndarray],
+    refs: list[np.ndarray],
+    scheme: LabelScheme,
+    sensors: tuple[str, ...],
+    title: str,
+) -> Path:
     """Input | prediction | reference for each patch; one legend over the classes shown."""
     import matplotlib
 
@@ -55,20 +66,37 @@ def plot_predictions(path: Path, dataset: str, rows: list[int], keys: list[str],
     norm = BoundaryNorm(np.arange(-0.5, k + 1), k + 1)
     inputs = [s for s in ("s1", "s2") if s in sensors]
     ncols = len(inputs) + 2
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(3.0 * ncols, 3.1 * len(rows) + 1.4), dpi=100,
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        len(rows),
+        ncols,
+        figsize=(3.0 * ncols, 3.1 * len(rows) + 1.4),
+        dpi=100,
+        squeeze=False,
+        layout="constrained",
+    )
     shown: set[int] = set()
     for r, (row, key, pred, ref) in enumerate(zip(rows, keys, preds, refs, strict=True)):
         panels = []
         for s in inputs:
             raw = np.asarray(group[s][row])
-            panels.append((s1_composite(raw) if s == "s1" else s2_true_colour(raw),
-                           "S1 R=VV G=VH B=VV-VH" if s == "s1" else "S2 true colour B4 B3 B2", {}))
+            panels.append(
+                (
+                    s1_composite(raw) if s == "s1" else s2_true_colour(raw),
+                    "S1 R=VV G=VH B=VV-VH" if s == "s1" else "S2 true colour B4 B3 B2",
+                    {},
+                )
+            )
         scores = segmentation_scores(pixel_confusion(pred, ref, k, IGNORE_INDEX))
         acc = scores["pixel_accuracy"]
         text = "" if acc is None else f"\npixel acc. {acc:.0%}, mIoU {scores['miou']:.2f}"
         panels.append((pred, f"prediction{text}", {"cmap": cmap, "norm": norm}))
-        panels.append((np.where(ref == IGNORE_INDEX, k, ref), "reference (black: ignored)", {"cmap": cmap, "norm": norm}))
+        panels.append(
+            (
+                np.where(ref == IGNORE_INDEX, k, ref),
+                "reference (black: ignored)",
+                {"cmap": cmap, "norm": norm},
+            )
+        )
         shown |= {int(c) for c in np.unique(pred)} | {int(c) for c in np.unique(ref) if c != IGNORE_INDEX}
         for c, (img, label, kw) in enumerate(panels):
             ax = axes[r, c]
@@ -79,7 +107,9 @@ def plot_predictions(path: Path, dataset: str, rows: list[int], keys: list[str],
         axes[r, 0].set_ylabel(key, fontsize=8)
     handles = [Patch(facecolor=colours[c], edgecolor="0.3", label=scheme.classes[c]) for c in sorted(shown)]
     handles.append(Patch(facecolor=_IGNORED, edgecolor="0.3", label="ignored (no data)"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
+    fig.legend(
+        handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False
+    )
     fig.suptitle(title, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -87,8 +117,9 @@ def plot_predictions(path: Path, dataset: str, rows: list[int], keys: list[str],
     return path
 
 
-def write_map_geotiff(path: Path, pred: np.ndarray, scheme: LabelScheme, crs: str,
-                      transform: tuple[float, ...]) -> Path:
+def write_map_geotiff(
+    path: Path, pred: np.ndarray, scheme: LabelScheme, crs: str, transform: tuple[float, ...]
+) -> Path:
     """Predicted class indices (H, W) -> a single-band uint8 GeoTIFF of the scheme's codes, nodata 0."""
     import rasterio
     from rasterio.transform import Affine
@@ -97,9 +128,21 @@ def write_map_geotiff(path: Path, pred: np.ndarray, scheme: LabelScheme, crs: st
     codes[: len(scheme.codes)] = scheme.codes
     data = codes[np.asarray(pred, dtype=np.uint8)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(path, "w", driver="GTiff", width=data.shape[1], height=data.shape[0], count=1, dtype="uint8",
-                       crs=crs, transform=Affine(*transform), nodata=0) as ds:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=data.shape[1],
+        height=data.shape[0],
+        count=1,
+        dtype="uint8",
+        crs=crs,
+        transform=Affine(*transform),
+        nodata=0,
+    ) as ds:
         ds.write(data[None])
-        ds.update_tags(label_scheme=scheme.name,
-                       classes="; ".join(f"{c}={n}" for c, n in zip(scheme.codes, scheme.classes, strict=True)))
+        ds.update_tags(
+            label_scheme=scheme.name,
+            classes="; ".join(f"{c}={n}" for c, n in zip(scheme.codes, scheme.classes, strict=True)),
+        )
     return path

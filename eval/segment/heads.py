@@ -33,7 +33,9 @@ HEADS = ("linear", "decoder")
 
 
 def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 class LinearHead(nn.Module):
@@ -84,13 +86,20 @@ class FPNHead(nn.Module):
 def _dynamic_vit(ev: EvalEncoder) -> None:
     """A ViT built for one image size (random init, or a card without timm_kwargs) is rebuilt with
     ``dynamic_img_size=True`` and the same weights: position embeddings are then interpolated per forward
-    from the stored ones, so 64 px training crops and 256 px evaluation patches share the weights losslessly."""
+    from the stored ones, so 64 px training crops and 256 px evaluation patches share the weights
+    losslessly."""
     backbone = ev.encoder.backbone
     if getattr(backbone, "dynamic_img_size", True):
         return
     name = backbone.pretrained_cfg.get("architecture") or ev.encoder.cfg.name
-    rebuilt = timm.create_model(name, pretrained=False, num_classes=0, in_chans=ev.encoder.in_chans,
-                                dynamic_img_size=True, weight_init="skip")  # weights are loaded next
+    rebuilt = timm.create_model(
+        name,
+        pretrained=False,
+        num_classes=0,
+        in_chans=ev.encoder.in_chans,
+        dynamic_img_size=True,
+        weight_init="skip",
+    )  # weights are loaded next
     rebuilt.load_state_dict(backbone.state_dict())
     ev.encoder.backbone = rebuilt
 
@@ -130,8 +139,9 @@ class Segmenter(nn.Module):
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         xin = self.encoder.adapt(self.ev.prepare(x), self.ev.sensor)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            return self.encoder.backbone.forward_intermediates(xin, indices=self._indices, intermediates_only=True,
-                                                               **self._kwargs)
+            return self.encoder.backbone.forward_intermediates(
+                xin, indices=self._indices, intermediates_only=True, **self._kwargs
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.feature_maps(x), tuple(x.shape[-2:]))

@@ -7,10 +7,11 @@ of per-image IoUs). IoU_c = TP / (TP + FP + FN). A class absent from both predic
 IoU (NaN, reported as absent) and is left out of the mean; a class predicted but absent from the reference
 (or present but never predicted) has IoU 0 and counts. mIoU is the mean over the classes with an IoU.
 
-Unsupervised (``matched_miou``): clusters have no class names, so they are matched to classes first: one-to-one, maximising the total IoU
-(Hungarian algorithm on the cluster x class IoU matrix), the usual protocol for unsupervised segmentation
-(e.g. PiCIE, STEGO). The score is then the mean IoU over the target classes present in the map; a class
-that no cluster is matched to scores 0, so a segmentation with fewer clusters than classes cannot reach 1.
+Unsupervised (``matched_miou``): clusters have no class names, so they are matched to classes first:
+one-to-one, maximising the total IoU (Hungarian algorithm on the cluster x class IoU matrix), the usual
+protocol for unsupervised segmentation (e.g. PiCIE, STEGO). The score is then the mean IoU over the target
+classes present in the map; a class that no cluster is matched to scores 0, so a segmentation with fewer
+clusters than classes cannot reach 1.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def iou_matrix(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.nda
     return iou, clusters, classes
 
 
-def matched_miou(pred: np.ndarray, target: np.ndarray, n_target_classes: int | None = None,
-                 ignore: int | None = 0) -> dict:
+def matched_miou(
+    pred: np.ndarray, target: np.ndarray, n_target_classes: int | None = None, ignore: int | None = 0
+) -> dict:
     """Mean IoU after the optimal one-to-one matching of clusters to classes.
 
     Args:
@@ -89,7 +91,9 @@ def matched_miou(pred: np.ndarray, target: np.ndarray, n_target_classes: int | N
     return {"miou": float(np.mean(list(per_class.values()))), "per_class": per_class, "matching": matching}
 
 
-def pixel_confusion(pred: np.ndarray, target: np.ndarray, n_classes: int, ignore_index: int = 255) -> np.ndarray:
+def pixel_confusion(
+    pred: np.ndarray, target: np.ndarray, n_classes: int, ignore_index: int = 255
+) -> np.ndarray:
     """(K, K) int64 pixel counts, rows = reference class, columns = predicted class.
 
     Args:

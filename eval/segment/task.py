@@ -52,22 +52,29 @@ from .unsupervised import unsupervised_cells
 __all__ = ["SegmentConfig", "SegmentTask", "run_segmentation"]
 
 
-def _datasets(cfg: SegmentConfig, spec: InputSpec, seed: int) -> tuple[SegmentationPatches, SegmentationPatches]:
+def _datasets(
+    cfg: SegmentConfig, spec: InputSpec, seed: int
+) -> tuple[SegmentationPatches, SegmentationPatches]:
     scheme = label_scheme(cfg.label)
     subset = training_subset(cfg.budget, seed)
     train = SegmentationPatches(cfg.dataset, spec, subset, scheme)
     test = SegmentationPatches(cfg.dataset, spec, "test", scheme)
     if cfg.budget != "all" and len(train) != int(cfg.budget):
-        raise NotApplicable(f"budget subset {subset} has {len(train)} patches with land cover and {spec.sensors}, "
-                            f"not {cfg.budget} (excluded: {train.excluded})")
+        raise NotApplicable(
+            f"budget subset {subset} has {len(train)} patches with land cover and {spec.sensors}, "
+            f"not {cfg.budget} (excluded: {train.excluded})"
+        )
     if not len(test):
-        raise NotApplicable(f"no hold-out patch has land cover and {spec.sensors} (excluded: {test.excluded})")
+        raise NotApplicable(
+            f"no hold-out patch has land cover and {spec.sensors} (excluded: {test.excluded})"
+        )
     assert_scene_holdout(train.keys, test.keys)
     return train, test
 
 
-def _one_seed(cfg: SegmentConfig, row: GridRow, spec: InputSpec, seed: int, folder: Path, first: bool,
-              acc: Accelerator) -> dict:
+def _one_seed(
+    cfg: SegmentConfig, row: GridRow, spec: InputSpec, seed: int, folder: Path, first: bool, acc: Accelerator
+) -> dict:
     """Train one cell's model on one budget subset; score it on the hold-out patches; draw and write maps."""
     name, init, run_dir, arch = row.name, row.init, row.run_dir, row.backbone
     train, test = _datasets(cfg, spec, seed)
@@ -84,30 +91,61 @@ def _one_seed(cfg: SegmentConfig, row: GridRow, spec: InputSpec, seed: int, fold
     k = len(scheme.classes)
     confusion = np.zeros((k, k), dtype=np.int64)
     drawn: dict[str, list] = {"rows": [], "keys": [], "preds": [], "refs": []}
-    georef = dict(zip(test.keys, patch_georef(cfg.dataset, test.rows), strict=True)) if cfg.write_maps and first else {}
+    georef = (
+        dict(zip(test.keys, patch_georef(cfg.dataset, test.rows), strict=True))
+        if cfg.write_maps and first
+        else {}
+    )
     for item, pred in predict(model, test, cfg.train.batch_size, acc, cfg.train.workers):
         ref = item["y"].numpy()
         if pred.shape != ref.shape:
-            raise AssertionError(f"prediction {pred.shape} for {item['key']} is not the patch's shape {ref.shape}")
+            raise AssertionError(
+                f"prediction {pred.shape} for {item['key']} is not the patch's shape {ref.shape}"
+            )
         confusion += pixel_confusion(pred, ref, k, IGNORE_INDEX)
         if first and len(drawn["keys"]) < cfg.figures:
-            for key, value in (("rows", int(item["row"])), ("keys", item["key"]), ("preds", pred), ("refs", ref)):
+            for key, value in (
+                ("rows", int(item["row"])),
+                ("keys", item["key"]),
+                ("preds", pred),
+                ("refs", ref),
+            ):
                 drawn[key].append(value)
         if georef:
             write_map_geotiff(folder / "maps" / f"{item['key']}.tif", pred, scheme, *georef[item["key"]])
     if before is not None and state_digest(model.encoder) != before:
         raise AssertionError("the frozen backbone changed while training the head")
     metrics = segmentation_scores(confusion, scheme.classes)
-    metrics.update(train_patches=len(train), test_patches=len(test), train_pixels=counts.tolist(),
-                   class_weights=weights.tolist(), final_loss=losses[-1] if losses else None,
-                   steps=len(losses), train_seconds=round(train_s, 1), seed=seed,
-                   backbone_unchanged=None if before is None else True)
+    metrics.update(
+        train_patches=len(train),
+        test_patches=len(test),
+        train_pixels=counts.tolist(),
+        class_weights=weights.tolist(),
+        final_loss=losses[-1] if losses else None,
+        steps=len(losses),
+        train_seconds=round(train_s, 1),
+        seed=seed,
+        backbone_unchanged=None if before is None else True,
+    )
     if drawn["keys"]:
         mode = "frozen" if cfg.is_frozen else "fine-tuned"
-        title = (f"{name} / {'+'.join(spec.sensors)}: {cfg.head} head, backbone {mode}, {cfg.budget} labelled patches, "
-                 f"seed {seed}; hold-out mIoU {metrics['miou']:.2f} over all {len(test)} hold-out patches")
-        metrics["figure"] = str(plot_predictions(folder / "predictions.png", cfg.dataset, drawn["rows"], drawn["keys"],
-                                                 drawn["preds"], drawn["refs"], scheme, spec.sensors, title))
+        title = (
+            f"{name} / {'+'.join(spec.sensors)}: {cfg.head} head, backbone {mode}, {cfg.budget} labelled "
+            f"patches, seed {seed}; hold-out mIoU {metrics['miou']:.2f} over all {len(test)} hold-out patches"
+        )
+        metrics["figure"] = str(
+            plot_predictions(
+                folder / "predictions.png",
+                cfg.dataset,
+                drawn["rows"],
+                drawn["keys"],
+                drawn["preds"],
+                drawn["refs"],
+                scheme,
+                spec.sensors,
+                title,
+            )
+        )
     metrics["_confusion"] = confusion
     return metrics
 
@@ -120,14 +158,21 @@ def _per_class_section(cells: list[dict], classes: tuple[str, ...]) -> list[str]
     scored = [c for c in cells if c.get("per_class_iou")]
     if not scored:
         return []
-    lines = ["", "## Per-class IoU and pixel accuracy (%, mean over seeds; '-' = class absent from both "
-             "prediction and reference, excluded from the mIoU)", "",
-             "| method / input | mIoU | pixel acc. | " + " | ".join(classes) + " |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in classes) + " |"]
+    lines = [
+        "",
+        "## Per-class IoU and pixel accuracy (%, mean over seeds; '-' = class absent from both "
+        "prediction and reference, excluded from the mIoU)",
+        "",
+        "| method / input | mIoU | pixel acc. | " + " | ".join(classes) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in classes) + " |",
+    ]
     for c in scored:
         vals = ["-" if v is None else f"{100 * v:.1f}" for v in c["per_class_iou"]]
-        lines.append(f"| {c['method']} / {c['input']} | {100 * c['mean']:.2f} | {100 * c['pixel_accuracy']:.2f} | "
-                     + " | ".join(vals) + " |")
+        lines.append(
+            f"| {c['method']} / {c['input']} | {100 * c['mean']:.2f} | {100 * c['pixel_accuracy']:.2f} | "
+            + " | ".join(vals)
+            + " |"
+        )
     return lines
 
 
@@ -146,9 +191,11 @@ class SegmentTask(GridTask):
         cfg = self.cfg
         mode = "frozen" if cfg.is_frozen else "fine-tuned"
         classes = len(label_scheme(cfg.label).classes)
-        return (f"SEN12MS land-cover segmentation, {cfg.label} ({classes} classes), "
-                f"{cfg.protocol} ({cfg.head} head, backbone {mode}), {cfg.budget} labelled patches, "
-                "metric hold-out mIoU")
+        return (
+            f"SEN12MS land-cover segmentation, {cfg.label} ({classes} classes), "
+            f"{cfg.protocol} ({cfg.head} head, backbone {mode}), {cfg.budget} labelled patches, "
+            "metric hold-out mIoU"
+        )
 
     def rows(self) -> list[GridRow]:
         """A random init per architecture of the checkpoints, then the runs."""
@@ -156,8 +203,10 @@ class SegmentTask(GridTask):
         archs = list(dict.fromkeys(read_model_card(r)["timm_model"] for r in cfg.checkpoints))
         rows = []
         if "random" in cfg.inits:
-            rows += [GridRow("random init" if len(archs) == 1 else f"random init ({a})", "random", None, a)
-                     for a in archs]
+            rows += [
+                GridRow("random init" if len(archs) == 1 else f"random init ({a})", "random", None, a)
+                for a in archs
+            ]
         for run in cfg.checkpoints:
             arch = read_model_card(run)["timm_model"]
             rows += [GridRow(row_name(run, init), init, run, arch) for init in cfg.inits if init != "random"]
@@ -171,13 +220,23 @@ class SegmentTask(GridTask):
 
     def cell_params(self, row: GridRow, column: str, spec: InputSpec) -> dict:
         cfg = self.cfg
-        return {"method": row.name, "input": column, "init": row.init, "protocol": cfg.protocol,
-                "head": cfg.head, "frozen": cfg.is_frozen, "budget": cfg.budget, "label": cfg.label,
-                "checkpoint": row.run_dir or "", "backbone": row.backbone,
-                "channels": ",".join(spec.channel_names)}
+        return {
+            "method": row.name,
+            "input": column,
+            "init": row.init,
+            "protocol": cfg.protocol,
+            "head": cfg.head,
+            "frozen": cfg.is_frozen,
+            "budget": cfg.budget,
+            "label": cfg.label,
+            "checkpoint": row.run_dir or "",
+            "backbone": row.backbone,
+            "channels": ",".join(spec.channel_names),
+        }
 
-    def run_seed(self, row: GridRow, spec: InputSpec, seed: int, folder: Path, first: bool,
-                 acc: Accelerator) -> dict:
+    def run_seed(
+        self, row: GridRow, spec: InputSpec, seed: int, folder: Path, first: bool, acc: Accelerator
+    ) -> dict:
         return _one_seed(self.cfg, row, spec, seed, folder, first, acc)
 
     def summarise(self, cell: dict, per_seed: list[dict], folder: Path, started: float) -> CellOutcome:
@@ -197,14 +256,29 @@ class SegmentTask(GridTask):
         summary["seeds"] = len(per_seed)
         confusion = sum(m.pop("_confusion") for m in per_seed)
         folder.mkdir(parents=True, exist_ok=True)
-        values = {"mean": summary["miou_mean"], "std": summary["miou_std"], "n": len(per_seed),
-                  "pixel_accuracy": summary["pixel_accuracy_mean"], "per_class_iou": per_class,
-                  "seconds": round(time.perf_counter() - started, 1)}
-        (folder / "metrics.json").write_text(json.dumps(
-            {"cell": {**cell, **values}, "summary": summary, "classes": list(classes),
-             "confusion_summed_over_seeds": confusion.tolist(), "per_seed": per_seed}, indent=1))
-        values["artifacts"] = [str(folder / "metrics.json")] + ([per_seed[0]["figure"]]
-                                                                if "figure" in per_seed[0] else [])
+        values = {
+            "mean": summary["miou_mean"],
+            "std": summary["miou_std"],
+            "n": len(per_seed),
+            "pixel_accuracy": summary["pixel_accuracy_mean"],
+            "per_class_iou": per_class,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        (folder / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "cell": {**cell, **values},
+                    "summary": summary,
+                    "classes": list(classes),
+                    "confusion_summed_over_seeds": confusion.tolist(),
+                    "per_seed": per_seed,
+                },
+                indent=1,
+            )
+        )
+        values["artifacts"] = [str(folder / "metrics.json")] + (
+            [per_seed[0]["figure"]] if "figure" in per_seed[0] else []
+        )
         metrics = {k: v for k, v in summary.items() if v is not None and not math.isnan(v)}
         return CellOutcome(values, metrics, values["artifacts"])
 
@@ -218,21 +292,31 @@ class SegmentTask(GridTask):
         cfg = self.cfg
         scheme = label_scheme(cfg.label)
         sections = _per_class_section(cells, scheme.classes)
-        text = ("Supervised rows: dataset-level mIoU over the hold-out patches (IoU per class from the pixel "
-                "confusion matrix summed over all hold-out patches; classes absent from both prediction and "
-                "reference are left out).")
+        text = (
+            "Supervised rows: dataset-level mIoU over the hold-out patches (IoU per class from the pixel "
+            "confusion matrix summed over all hold-out patches; classes absent from both prediction and "
+            "reference are left out)."
+        )
         if any(c["init"] == "unsupervised" for c in cells):
-            text += (" '(no labels)' rows: the DINO figure metrics (eossl attention): per patch, clusters or masks "
-                     "Hungarian-matched to the simplified IGBP classes present, mIoU over those classes, averaged "
-                     f"over up to {cfg.attention_patches} hold-out patches; per-patch matching makes them an "
-                     "optimistic reference, not comparable digit for digit.")
+            text += (
+                " '(no labels)' rows: the DINO figure metrics (eossl attention): per patch, clusters or "
+                "masks Hungarian-matched to the simplified IGBP classes present, mIoU over those classes, "
+                "averaged "
+                f"over up to {cfg.attention_patches} hold-out patches; per-patch matching makes them an "
+                "optimistic reference, not comparable digit for digit."
+            )
         sections += ["", text]
         return sections
 
 
-def run_segmentation(cfg: SegmentConfig, command: tuple[str, ...] = (), parent_run_id: str | None = None,
-                     tags: dict[str, str] | None = None) -> dict:
-    """Run the grid; write tables, per-cell metrics, figures and maps; log to MLflow (parent + a run per cell).
+def run_segmentation(
+    cfg: SegmentConfig,
+    command: tuple[str, ...] = (),
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> dict:
+    """Run the grid; write tables, per-cell metrics, figures and maps; log to MLflow (parent + a run per
+    cell).
 
     ``parent_run_id`` nests the grid's run under another (a study cell); ``tags`` are set on it.
     """

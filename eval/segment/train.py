@@ -26,13 +26,15 @@ from .heads import Segmenter
 __all__ = ["SegTrainConfig", "augment_pair", "predict", "train_segmenter"]
 
 
-def augment_pair(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same random crop, flips and 90-degree rotation on a batch of inputs (B, C, H, W) and targets (B, H, W)."""
+def augment_pair(
+    x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, crop: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random crop, flips and 90-degree rotation for inputs (B, C, H, W) and targets (B, H, W) alike."""
     h, w = x.shape[-2:]
     if 0 < crop < min(h, w):
         i = int(torch.randint(0, h - crop + 1, (1,), generator=gen))
         j = int(torch.randint(0, w - crop + 1, (1,), generator=gen))
-        x, y = x[..., i:i + crop, j:j + crop], y[..., i:i + crop, j:j + crop]
+        x, y = x[..., i : i + crop, j : j + crop], y[..., i : i + crop, j : j + crop]
     if torch.rand(1, generator=gen) < 0.5:
         x, y = x.flip(-1), y.flip(-1)
     if torch.rand(1, generator=gen) < 0.5:
@@ -41,8 +43,14 @@ def augment_pair(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, crop: i
     return torch.rot90(x, k, dims=(-2, -1)), torch.rot90(y, k, dims=(-2, -1))
 
 
-def train_segmenter(model: Segmenter | nn.Module, train_set, weights: np.ndarray, cfg: SegTrainConfig, seed: int,
-                    acc: Accelerator) -> list[float]:
+def train_segmenter(
+    model: Segmenter | nn.Module,
+    train_set,
+    weights: np.ndarray,
+    cfg: SegTrainConfig,
+    seed: int,
+    acc: Accelerator,
+) -> list[float]:
     """Train ``model`` (``forward(x) -> (B, K, H, W)`` logits) in place; returns the per-step losses.
 
     Parameters under ``model.encoder`` train at ``lr * backbone_lr_scale``, all others at ``lr``; frozen
@@ -58,8 +66,14 @@ def train_segmenter(model: Segmenter | nn.Module, train_set, weights: np.ndarray
     if enc:
         groups.append({"params": enc, "scale": cfg.backbone_lr_scale})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, num_workers=cfg.workers, shuffle=True, generator=gen,
-                        drop_last=len(train_set) > cfg.batch_size)
+    loader = DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.workers,
+        shuffle=True,
+        generator=gen,
+        drop_last=len(train_set) > cfg.batch_size,
+    )
     schedule = cosine_schedule(cfg.lr, 0.0, cfg.epochs * len(loader))  # the training loop's schedule
     class_w = torch.as_tensor(weights, dtype=torch.float32, device=device)
     losses, step = [], 0
@@ -87,8 +101,9 @@ def train_segmenter(model: Segmenter | nn.Module, train_set, weights: np.ndarray
 
 
 @torch.no_grad()
-def predict(model: Segmenter | nn.Module, dataset, batch_size: int, acc: Accelerator, workers: int = 0
-            ) -> Iterator[tuple[dict, np.ndarray]]:
+def predict(
+    model: Segmenter | nn.Module, dataset, batch_size: int, acc: Accelerator, workers: int = 0
+) -> Iterator[tuple[dict, np.ndarray]]:
     """Yield (item without x, predicted class map (H, W) uint8) for every patch, in dataset order."""
     model.eval().to(acc.device)
     for batch in DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False):

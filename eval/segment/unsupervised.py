@@ -23,8 +23,11 @@ from .data import SegmentationPatches, label_scheme
 
 __all__ = ["UNSUPERVISED_ROWS", "unsupervised_cells"]
 
-UNSUPERVISED_ROWS = (("kmeans_miou", "token k-means"), ("attention_best_head_miou", "attention mask, best head"),
-                     ("kmeans_input_baseline_miou", "input k-means baseline"))
+UNSUPERVISED_ROWS = (
+    ("kmeans_miou", "token k-means"),
+    ("attention_best_head_miou", "attention mask, best head"),
+    ("kmeans_input_baseline_miou", "input k-means baseline"),
+)
 
 
 def _has_tokens(run_dir: str) -> bool:
@@ -43,7 +46,9 @@ def _scores(cfg: SegmentConfig, run_dir: str, column: str, folder: Path) -> dict
     keys = [str(k) for k in test.keys[: cfg.attention_patches]]
     if not keys:
         raise NotApplicable("no hold-out patch with land cover")
-    build_eval_encoder("checkpoint", spec.channel_names, test.mean, test.std, run_dir)  # NotApplicable: no layout
+    build_eval_encoder(
+        "checkpoint", spec.channel_names, test.mean, test.std, run_dir
+    )  # NotApplicable: no layout
     res = attention_figures(run_dir, cfg.dataset, keys, str(folder / "attention"), inputs=column, draw=False)
     return res["summary"]
 
@@ -66,10 +71,28 @@ def unsupervised_cells(cfg: SegmentConfig, rows: list[GridRow], folder_of) -> li
                 if not tokens and key == "kmeans_input_baseline_miou":  # the ViT token grid's baseline
                     continue
                 value = summary.get(key) if summary else None
-                cell = {"method": f"{row.name}: {label} (no labels)", "input": column, "metric": "miou",
-                        "init": "unsupervised", "checkpoint": row.run_dir, "backbone": row.backbone, "mean": value,
-                        "std": None, "n": summary["patches_with_lc"] if summary else 0, "note": note}
-                cells.append(ExtraCell(cell, {"miou_mean": value, "seeds": 1} if value is not None else {},
-                                       {"method": cell["method"], "input": column, "checkpoint": row.run_dir or "",
-                                        "patches": cell["n"]}))
+                cell = {
+                    "method": f"{row.name}: {label} (no labels)",
+                    "input": column,
+                    "metric": "miou",
+                    "init": "unsupervised",
+                    "checkpoint": row.run_dir,
+                    "backbone": row.backbone,
+                    "mean": value,
+                    "std": None,
+                    "n": summary["patches_with_lc"] if summary else 0,
+                    "note": note,
+                }
+                cells.append(
+                    ExtraCell(
+                        cell,
+                        {"miou_mean": value, "seeds": 1} if value is not None else {},
+                        {
+                            "method": cell["method"],
+                            "input": column,
+                            "checkpoint": row.run_dir or "",
+                            "patches": cell["n"],
+                        },
+                    )
+                )
     return cells

@@ -13,17 +13,25 @@ __all__ = ["add_study_arguments", "study_report_parser"]
 
 
 def add_study_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True,
-                   help="study file (YAML: name, data, out, train, grid, lr, eval)")
-    p.add_argument("--set", dest="overrides", type=parse_assignment, action="append", default=[],
-                   metavar="KEY=VALUE",
-                   help="override a study field by dotted key, e.g. --set grid.epochs=[1,2] "
-                   "--set train.size=64")
+    p.add_argument(
+        "--config", required=True, help="study file (YAML: name, data, out, train, grid, lr, eval)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        type=parse_assignment,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a study field by dotted key, e.g. --set grid.epochs=[1,2] --set train.size=64",
+    )
     p.add_argument("--cell", action="append", default=[], help="run only this cell (repeatable)")
-    p.add_argument("--list", action="store_true",
-                   help="print the cells and their training commands, run nothing")
-    p.add_argument("--emit", choices=["slurm", "k8s"],
-                   help="write one cluster job per cell instead of running")
+    p.add_argument(
+        "--list", action="store_true", help="print the cells and their training commands, run nothing"
+    )
+    p.add_argument(
+        "--emit", choices=["slurm", "k8s"], help="write one cluster job per cell instead of running"
+    )
     p.add_argument("--jobs-dir", help="where --emit writes the jobs (default STUDY_OUT/jobs)")
     add_cluster_options(p)
     p.set_defaults(handler=_run_study)
@@ -47,8 +55,10 @@ def _run_study(args) -> int:
         submit = "sbatch" if args.emit == "slurm" else "kubectl apply -f"
         for path in jobs:
             print(f"{submit} {path}")
-        print(f"{len(jobs)} job(s); when they are done: "
-              f"eossl study report --config {Path(cfg.out) / 'study.yaml'}")
+        print(
+            f"{len(jobs)} job(s); when they are done: "
+            f"eossl study report --config {Path(cfg.out) / 'study.yaml'}"
+        )
         return 0
     result = run_study(cfg, tuple(args.cell))
     print(result["results_md"].read_text())
@@ -62,11 +72,13 @@ def _run_study(args) -> int:
 
 
 def study_report_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eossl study report",
-                                description="Rebuild a study's table and plots from its MLflow runs.")
+    p = argparse.ArgumentParser(
+        prog="eossl study report", description="Rebuild a study's table and plots from its MLflow runs."
+    )
     p.add_argument("--config", help="the study file (finds the parent run in STUDY_OUT/study.json)")
-    p.add_argument("--set", dest="overrides", type=parse_assignment, action="append", default=[],
-                   metavar="KEY=VALUE")
+    p.add_argument(
+        "--set", dest="overrides", type=parse_assignment, action="append", default=[], metavar="KEY=VALUE"
+    )
     p.add_argument("--parent", help="instead of --config: the study's MLflow parent run id")
     p.add_argument("--tracking-uri", help="with --parent (default: MLFLOW_TRACKING_URI)")
     p.add_argument("--out", help="folder for results.csv/.md and the plots (default: STUDY_OUT)")
@@ -86,8 +98,9 @@ def _run_study_report(args) -> int:
         cfg = load_study(args.config, dict(args.overrides))
         state_path = Path(cfg.out) / "study.json"
         if not state_path.exists():
-            raise FileNotFoundError(f"{state_path}: the study has not started "
-                                    "(run eossl study --config first)")
+            raise FileNotFoundError(
+                f"{state_path}: the study has not started (run eossl study --config first)"
+            )
         state = json.loads(state_path.read_text())
         uri, parent, plot, out = state["tracking_uri"], state["parent_run_id"], cfg.plot, args.out or cfg.out
     elif args.parent:

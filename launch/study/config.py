@@ -162,8 +162,10 @@ class StudyConfig:
             raise ValueError(f"eval.task must be classify or segment, got {self.eval.task!r}")
         for protocol in self.eval.protocols:
             if protocol not in known[self.eval.task]:
-                raise ValueError(f"eval.protocols: {protocol!r} is not a {self.eval.task} protocol "
-                                 f"({', '.join(known[self.eval.task])})")
+                raise ValueError(
+                    f"eval.protocols: {protocol!r} is not a {self.eval.task} protocol "
+                    f"({', '.join(known[self.eval.task])})"
+                )
 
     @property
     def experiment_name(self) -> str:
@@ -279,8 +281,9 @@ def load_study(path: str | Path | None, overrides: dict[str, str] | None = None)
         text = Path(path).read_text()
         tree = yaml.safe_load(text) or {}
         if not isinstance(tree, dict):
-            raise ValueError(f"{path}: a study file is a mapping "
-                             "(name, data, out, train, grid, lr, eval, ...)")
+            raise ValueError(
+                f"{path}: a study file is a mapping (name, data, out, train, grid, lr, eval, ...)"
+            )
     tree = copy.deepcopy(tree)
     for key, raw in (overrides or {}).items():
         _set_dotted(tree, key, yaml.safe_load(raw) if isinstance(raw, str) else raw)
@@ -295,9 +298,14 @@ def load_study(path: str | Path | None, overrides: dict[str, str] | None = None)
     grid = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in (tree.get("grid") or {}).items()}
     # Local paths become absolute: cluster jobs and re-runs from another folder find the same study.
     return StudyConfig(
-        name=str(tree["name"]), data=_absolute(str(tree["data"])), out=_absolute(str(tree["out"])),
+        name=str(tree["name"]),
+        data=_absolute(str(tree["data"])),
+        out=_absolute(str(tree["out"])),
         **optional,
-        train=dict(tree.get("train") or {}), grid=grid,
-        lr=_section(LrRule, tree.get("lr"), "lr"), eval=_section(EvalPlan, tree.get("eval"), "eval"),
+        train=dict(tree.get("train") or {}),
+        grid=grid,
+        lr=_section(LrRule, tree.get("lr"), "lr"),
+        eval=_section(EvalPlan, tree.get("eval"), "eval"),
         plot=_section(PlotSpec, tree.get("plot"), "plot"),
-        launch=_section(StudyLaunch, tree.get("launch"), "launch"))
+        launch=_section(StudyLaunch, tree.get("launch"), "launch"),
+    )

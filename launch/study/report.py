@@ -32,8 +32,9 @@ def collect_cells(tracking_uri: str, parent_run_id: str) -> list[dict]:
 
     client = mlflow.MlflowClient(tracking_uri)
     parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    runs = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
     cells = []
     for run in runs:
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
@@ -42,19 +43,28 @@ def collect_cells(tracking_uri: str, parent_run_id: str) -> list[dict]:
         loss = client.get_metric_history(run.info.run_id, "loss")
         speed = client.get_metric_history(run.info.run_id, "samples_per_s")
         steps_per_epoch = float(params.get("steps_per_epoch", "nan"))
-        cells.append({
-            "cell": tags["eossl.study.cell"], "run_id": run.info.run_id, "status": run.info.status,
-            "values": json.loads(tags.get("eossl.study.values", "{}")),
-            "effective_batch_size": _number(params.get("effective_batch_size")),
-            "lr": _number(params.get("lr_scaled")), "lr_rule": params.get("optim.lr_scaling", ""),
-            "steps": int(max((m.step for m in loss), default=0)),
-            "final_loss": sorted(loss, key=lambda m: m.step)[-1].value if loss else math.nan,
-            # The first logged window includes start-up (worker spawn, first batches): leave it out.
-            "samples_per_s": float(np.median([m.value for m in speed[1:]] or [m.value for m in speed] or [math.nan])),
-            "loss_curve": [(m.step / steps_per_epoch, m.value) for m in sorted(loss, key=lambda m: m.step)],
-            "scores": {k: v for k, v in metrics.items() if k.startswith("eval")},
-            "spread": {k.removeprefix("std."): v for k, v in metrics.items() if k.startswith("std.eval")},
-        })
+        cells.append(
+            {
+                "cell": tags["eossl.study.cell"],
+                "run_id": run.info.run_id,
+                "status": run.info.status,
+                "values": json.loads(tags.get("eossl.study.values", "{}")),
+                "effective_batch_size": _number(params.get("effective_batch_size")),
+                "lr": _number(params.get("lr_scaled")),
+                "lr_rule": params.get("optim.lr_scaling", ""),
+                "steps": int(max((m.step for m in loss), default=0)),
+                "final_loss": sorted(loss, key=lambda m: m.step)[-1].value if loss else math.nan,
+                # The first logged window includes start-up (worker spawn, first batches): leave it out.
+                "samples_per_s": float(
+                    np.median([m.value for m in speed[1:]] or [m.value for m in speed] or [math.nan])
+                ),
+                "loss_curve": [
+                    (m.step / steps_per_epoch, m.value) for m in sorted(loss, key=lambda m: m.step)
+                ],
+                "scores": {k: v for k, v in metrics.items() if k.startswith("eval")},
+                "spread": {k.removeprefix("std."): v for k, v in metrics.items() if k.startswith("std.eval")},
+            }
+        )
     return sorted(cells, key=lambda c: [_sortable(v) for v in c["values"].values()])
 
 
@@ -74,26 +84,52 @@ def write_tables(cells: list[dict], out: Path) -> tuple[Path, Path]:
     for c in cells:
         keys += [k for k in c["values"] if k not in keys]
     scores = _score_columns(cells)
-    header = ["cell", *keys, "effective_batch_size", "lr", "steps", "final_loss", "samples_per_s", *scores, "status"]
+    header = [
+        "cell",
+        *keys,
+        "effective_batch_size",
+        "lr",
+        "steps",
+        "final_loss",
+        "samples_per_s",
+        *scores,
+        "status",
+    ]
     rows = []
     for c in cells:
-        rows.append([c["cell"], *[c["values"].get(k, "") for k in keys], _fmt(c["effective_batch_size"], 0),
-                     _fmt(c["lr"], 4), c["steps"], _fmt(c["final_loss"], 4), _fmt(c["samples_per_s"], 1),
-                     *[_fmt(100 * c["scores"][s], 2) if s in c["scores"] else "n/a" for s in scores], c["status"]])
+        rows.append(
+            [
+                c["cell"],
+                *[c["values"].get(k, "") for k in keys],
+                _fmt(c["effective_batch_size"], 0),
+                _fmt(c["lr"], 4),
+                c["steps"],
+                _fmt(c["final_loss"], 4),
+                _fmt(c["samples_per_s"], 1),
+                *[_fmt(100 * c["scores"][s], 2) if s in c["scores"] else "n/a" for s in scores],
+                c["status"],
+            ]
+        )
     csv_path, md_path = out / "results.csv", out / "results.md"
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
-    lines = ["Scaling study: downstream scores in % (eval.<protocol>.<input>.<metric>)", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        "Scaling study: downstream scores in % (eval.<protocol>.<input>.<metric>)",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
 
 def _fmt(value: float, digits: int) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+    return (
+        "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+    )
 
 
 def _sortable(value):
@@ -126,18 +162,31 @@ def plot_scores(cells: list[dict], plot: PlotSpec, path: Path) -> Path | None:
     lines = sorted({c["values"].get(plot.lines, "all") for c in usable}, key=_sortable)
     for ax, score in zip(axes[0], scores, strict=True):
         for line in lines:
-            points = sorted(((c["values"][plot.x], 100 * c["scores"][score], 100 * c["spread"].get(score, 0.0))
-                             for c in usable if c["values"].get(plot.lines, "all") == line and score in c["scores"]),
-                            key=lambda p: _sortable(p[0]))
+            points = sorted(
+                (
+                    (c["values"][plot.x], 100 * c["scores"][score], 100 * c["spread"].get(score, 0.0))
+                    for c in usable
+                    if c["values"].get(plot.lines, "all") == line and score in c["scores"]
+                ),
+                key=lambda p: _sortable(p[0]),
+            )
             if points:
-                ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
-                            capsize=3, label=f"{plot.lines}={line}")
+                ax.errorbar(
+                    [p[0] for p in points],
+                    [p[1] for p in points],
+                    yerr=[p[2] for p in points],
+                    marker="o",
+                    capsize=3,
+                    label=f"{plot.lines}={line}",
+                )
         ax.set_title(score.removeprefix("eval."), fontsize=9)
         ax.set_xlabel(plot.x)
         ax.set_ylabel("score (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("downstream score vs pre-training length (error bars: std over evaluation seeds)", fontsize=10)
+    fig.suptitle(
+        "downstream score vs pre-training length (error bars: std over evaluation seeds)", fontsize=10
+    )
     return _save(fig, path)
 
 
@@ -158,8 +207,11 @@ def plot_loss_curves(cells: list[dict], path: Path) -> Path | None:
 
 def plot_throughput(cells: list[dict], path: Path) -> Path | None:
     plt = _pyplot()
-    points = sorted((c["effective_batch_size"], c["samples_per_s"]) for c in cells
-                    if not math.isnan(c["samples_per_s"]) and not math.isnan(c["effective_batch_size"]))
+    points = sorted(
+        (c["effective_batch_size"], c["samples_per_s"])
+        for c in cells
+        if not math.isnan(c["samples_per_s"]) and not math.isnan(c["effective_batch_size"])
+    )
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -171,8 +223,14 @@ def plot_throughput(cells: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def write_report(tracking_uri: str, parent_run_id: str, out: Path, plot: PlotSpec, log_to_parent: bool = True,
-                 require_cells: bool = True) -> dict:
+def write_report(
+    tracking_uri: str,
+    parent_run_id: str,
+    out: Path,
+    plot: PlotSpec,
+    log_to_parent: bool = True,
+    require_cells: bool = True,
+) -> dict:
     """Tables and plots of the study under ``parent_run_id`` into ``out`` (and the parent run's artifacts)."""
     import mlflow
 
@@ -182,9 +240,15 @@ def write_report(tracking_uri: str, parent_run_id: str, out: Path, plot: PlotSpe
     if not cells and require_cells:
         raise ValueError(f"no study cells under MLflow run {parent_run_id} at {tracking_uri}")
     csv_path, md_path = write_tables(cells, out)
-    figures = [p for p in (plot_scores(cells, plot, out / f"score_vs_{plot.x.rsplit('.', 1)[-1]}.png"),
-                           plot_loss_curves(cells, out / "loss_curves.png"),
-                           plot_throughput(cells, out / "throughput_vs_batch.png")) if p is not None]
+    figures = [
+        p
+        for p in (
+            plot_scores(cells, plot, out / f"score_vs_{plot.x.rsplit('.', 1)[-1]}.png"),
+            plot_loss_curves(cells, out / "loss_curves.png"),
+            plot_throughput(cells, out / "throughput_vs_batch.png"),
+        )
+        if p is not None
+    ]
     if log_to_parent:
         client = mlflow.MlflowClient(tracking_uri)
         for path in (csv_path, md_path, *figures):

@@ -33,7 +33,14 @@ from eossl.train.tracking import artifact_root
 
 from .config import Cell, StudyConfig
 
-__all__ = ["StudyError", "StudyInterrupted", "emit_cluster_jobs", "run_study", "study_tracking_uri", "train_command"]
+__all__ = [
+    "StudyError",
+    "StudyInterrupted",
+    "emit_cluster_jobs",
+    "run_study",
+    "study_tracking_uri",
+    "train_command",
+]
 
 PARENT_TAG = "eossl.study"
 CELL_TAG = "eossl.study.cell"
@@ -62,7 +69,8 @@ def _load_json(path: Path, default: dict) -> dict:
 
 
 def train_command(cfg: StudyConfig, cell: Cell) -> list[str]:
-    """The ``eossl.train`` arguments of a cell (after ``python -m eossl.train`` or ``accelerate launch -m``)."""
+    """The ``eossl.train`` arguments of a cell (after ``python -m eossl.train`` or ``accelerate launch
+    -m``)."""
     args = [cfg.cell_method(cell), "--data", cfg.data, "--out", str(_cell_dir(cfg, cell) / "run")]
     for key, value in cfg.train_values(cell).items():
         args += ["--set", f"{key}={value}"]
@@ -98,30 +106,46 @@ class _Tracking:
         self.client = mlflow.MlflowClient(self.uri)
         exp = self.client.get_experiment_by_name(cfg.experiment_name)
         if exp is None:
-            self.experiment_id = self.client.create_experiment(cfg.experiment_name,
-                                                               artifact_location=artifact_root(self.uri))
+            self.experiment_id = self.client.create_experiment(
+                cfg.experiment_name, artifact_location=artifact_root(self.uri)
+            )
         else:
             self.experiment_id = exp.experiment_id
         state_path = Path(cfg.out) / "study.json"
         state = _load_json(state_path, {})
         if state.get("digest") not in (None, cfg.digest()):
-            raise ValueError(f"{cfg.out} holds study {state.get('name')!r} with other settings (digest "
-                             f"{state.get('digest')} vs {cfg.digest()}); use another out folder")
+            raise ValueError(
+                f"{cfg.out} holds study {state.get('name')!r} with other settings (digest "
+                f"{state.get('digest')} vs {cfg.digest()}); use another out folder"
+            )
         if state.get("tracking_uri") not in (None, self.uri):
-            raise ValueError(f"{cfg.out} was tracked at {state['tracking_uri']}, now {self.uri}: set "
-                             "MLFLOW_TRACKING_URI as in the first run (or unset it for the study's own store)")
+            raise ValueError(
+                f"{cfg.out} was tracked at {state['tracking_uri']}, now {self.uri}: set "
+                "MLFLOW_TRACKING_URI as in the first run (or unset it for the study's own store)"
+            )
         self.parent_id = state.get("parent_run_id")
         if self.parent_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=f"study {cfg.name}",
-                                         tags={PARENT_TAG: cfg.name, "eossl.study.grid": json.dumps(cfg.grid)})
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"study {cfg.name}",
+                tags={PARENT_TAG: cfg.name, "eossl.study.grid": json.dumps(cfg.grid)},
+            )
             self.parent_id = run.info.run_id
             self.client.log_param(self.parent_id, "study_digest", cfg.digest())
             for key, values in cfg.grid.items():
                 self.client.log_param(self.parent_id, f"grid.{key}", json.dumps(values))
             self.client.log_param(self.parent_id, "lr_rule", cfg.lr.rule)
             self.client.log_param(self.parent_id, "eval_protocols", ",".join(cfg.eval.protocols))
-            write_json_atomic(state_path, {"name": cfg.name, "digest": cfg.digest(), "parent_run_id": self.parent_id,
-                                           "tracking_uri": self.uri, "experiment": cfg.experiment_name})
+            write_json_atomic(
+                state_path,
+                {
+                    "name": cfg.name,
+                    "digest": cfg.digest(),
+                    "parent_run_id": self.parent_id,
+                    "tracking_uri": self.uri,
+                    "experiment": cfg.experiment_name,
+                },
+            )
         else:
             self.client.update_run(self.parent_id, status="RUNNING")
 
@@ -131,18 +155,29 @@ class _Tracking:
         # A run created just before a kill, whose id never reached cell.json: use it rather than a second one.
         found = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}' and tags.`{CELL_TAG}` = '{cell.name}'")
+            filter_string=(
+                f"tags.mlflow.parentRunId = '{self.parent_id}' and tags.`{CELL_TAG}` = '{cell.name}'"
+            ),
+        )
         if found:
             return found[0].info.run_id
-        run = self.client.create_run(self.experiment_id, run_name=cell.name, tags={
-            "mlflow.parentRunId": self.parent_id, PARENT_TAG: self.cfg.name, CELL_TAG: cell.name,
-            "eossl.study.values": json.dumps(cell.values, default=str)})
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=cell.name,
+            tags={
+                "mlflow.parentRunId": self.parent_id,
+                PARENT_TAG: self.cfg.name,
+                CELL_TAG: cell.name,
+                "eossl.study.values": json.dumps(cell.values, default=str),
+            },
+        )
         return run.info.run_id
 
     def kill_unfinished_evals(self, cell_run_id: str, protocol: str) -> int:
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{cell_run_id}' and tags.`{EVAL_TAG}` = '{protocol}'")
+            filter_string=f"tags.mlflow.parentRunId = '{cell_run_id}' and tags.`{EVAL_TAG}` = '{protocol}'",
+        )
         stale = [r for r in runs if r.info.status != "FINISHED"]
         for r in stale:
             self.client.set_terminated(r.info.run_id, status="KILLED")
@@ -166,8 +201,9 @@ def _train_cell(cfg: StudyConfig, cell: Cell, run_id: str, uri: str, state: dict
         finally:
             _restore_signals(stop)
     if code == PREEMPTED_EXIT_CODE or stop.get("signal"):
-        raise StudyInterrupted(f"cell {cell.name}: training checkpointed and stopped; run the study again to "
-                               f"resume (log: {log})")
+        raise StudyInterrupted(
+            f"cell {cell.name}: training checkpointed and stopped; run the study again to resume (log: {log})"
+        )
     if code != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
         raise StudyError(f"cell {cell.name}: training failed with exit code {code}; log: {log}\n{tail}")
@@ -213,27 +249,50 @@ def _restore_signals(stop: dict) -> None:
 def _evaluate_cell(cfg: StudyConfig, cell: Cell, protocol: str, run_id: str, tracking: _Tracking) -> dict:
     folder = _cell_dir(cfg, cell)
     e = cfg.eval
-    common = {"dataset": cfg.data, "out": str(folder / "eval" / protocol), "checkpoints": (str(folder / "run"),),
-              "inputs": e.inputs, "s2_bands": e.s2_bands, "budget": e.budget, "protocol": protocol, "seeds": e.seeds,
-              "label": e.label, "inits": e.inits, "experiment": cfg.experiment_name}
+    common = {
+        "dataset": cfg.data,
+        "out": str(folder / "eval" / protocol),
+        "checkpoints": (str(folder / "run"),),
+        "inputs": e.inputs,
+        "s2_bands": e.s2_bands,
+        "budget": e.budget,
+        "protocol": protocol,
+        "seeds": e.seeds,
+        "label": e.label,
+        "inits": e.inits,
+        "experiment": cfg.experiment_name,
+    }
     if e.task == "segment":
         from eossl.eval.segment import SegmentConfig, SegTrainConfig, run_segmentation
 
         run = run_segmentation
-        eval_cfg = SegmentConfig(**common, train=SegTrainConfig(epochs=e.finetune_epochs, batch_size=e.batch_size),
-                                 attention_patches=0)
+        eval_cfg = SegmentConfig(
+            **common,
+            train=SegTrainConfig(epochs=e.finetune_epochs, batch_size=e.batch_size),
+            attention_patches=0,
+        )
     else:
         from eossl.eval.classify import ClassifyConfig, run_classification
         from eossl.eval.probes import ProbeConfig
 
         run = run_classification
-        eval_cfg = ClassifyConfig(**common, multilabel=e.multilabel, probe=ProbeConfig(
-            batch_size=e.batch_size, finetune_epochs=e.finetune_epochs, workers=0))
+        eval_cfg = ClassifyConfig(
+            **common,
+            multilabel=e.multilabel,
+            probe=ProbeConfig(batch_size=e.batch_size, finetune_epochs=e.finetune_epochs, workers=0),
+        )
     killed = tracking.kill_unfinished_evals(run_id, protocol)
     if killed:
-        print(f"  {cell.name}: {killed} interrupted {protocol} evaluation run(s) marked KILLED; evaluating again")
-    result = run(eval_cfg, ("eossl", "study", cfg.name, cell.name, protocol), parent_run_id=run_id,
-                 tags={EVAL_TAG: protocol, PARENT_TAG: cfg.name, CELL_TAG: cell.name})
+        print(
+            f"  {cell.name}: {killed} interrupted {protocol} evaluation run(s) marked KILLED; "
+            "evaluating again"
+        )
+    result = run(
+        eval_cfg,
+        ("eossl", "study", cfg.name, cell.name, protocol),
+        parent_run_id=run_id,
+        tags={EVAL_TAG: protocol, PARENT_TAG: cfg.name, CELL_TAG: cell.name},
+    )
     scores = {}
     for row in result["cells"]:
         if row["mean"] is None:
@@ -242,7 +301,9 @@ def _evaluate_cell(cfg: StudyConfig, cell: Cell, protocol: str, run_id: str, tra
         key = f"{prefix}.{protocol}.{row['input']}.{row['metric']}"
         scores[key] = row["mean"]
         tracking.client.log_metric(run_id, key, row["mean"])
-        tracking.client.log_metric(run_id, f"std.{key}", row["std"] or 0.0)  # over seeds: the plots' error bars
+        tracking.client.log_metric(
+            run_id, f"std.{key}", row["std"] or 0.0
+        )  # over seeds: the plots' error bars
     return scores
 
 
@@ -291,7 +352,10 @@ def _run_locked_cell(cfg: StudyConfig, cell: Cell, tracking: _Tracking, label: s
         tracking.client.set_terminated(state["run_id"], status="FAILED")
         raise
     tracking.client.set_terminated(state["run_id"], status="FINISHED")
-    print(f"{label} {cell.name}: done in {time.perf_counter() - t0:.0f} s {json.dumps(state['evaluated'])}", flush=True)
+    print(
+        f"{label} {cell.name}: done in {time.perf_counter() - t0:.0f} s {json.dumps(state['evaluated'])}",
+        flush=True,
+    )
 
 
 def run_study(cfg: StudyConfig, only: tuple[str, ...] = ()) -> dict:
@@ -321,7 +385,9 @@ def _run_study(cfg: StudyConfig, only: tuple[str, ...], tracking_uri: str) -> di
     tracking = _Tracking(cfg)
     (out / "study.yaml").write_text(cfg.to_yaml())
     cells = [cfg.cell(name) for name in only] if only else cfg.cells()
-    print(f"study {cfg.name}: {len(cfg.cells())} cells, MLflow {tracking_uri} (parent run {tracking.parent_id})")
+    print(
+        f"study {cfg.name}: {len(cfg.cells())} cells, MLflow {tracking_uri} (parent run {tracking.parent_id})"
+    )
     failed: dict[str, str] = {}
     for index, cell in enumerate(cells, 1):
         try:
@@ -329,9 +395,13 @@ def _run_study(cfg: StudyConfig, only: tuple[str, ...], tracking_uri: str) -> di
         except StudyError as exc:
             print(f"[{index}/{len(cells)}] {cell.name}: FAILED: {exc}", flush=True)
             failed[cell.name] = str(exc)
-    finished = all(set(cfg.eval.protocols) <= set(_load_json(_cell_dir(cfg, c) / "cell.json", {}).get("evaluated", {}))
-                   for c in cfg.cells())
-    report = write_report(tracking_uri, tracking.parent_id, out, cfg.plot, log_to_parent=finished, require_cells=False)
+    finished = all(
+        set(cfg.eval.protocols) <= set(_load_json(_cell_dir(cfg, c) / "cell.json", {}).get("evaluated", {}))
+        for c in cfg.cells()
+    )
+    report = write_report(
+        tracking_uri, tracking.parent_id, out, cfg.plot, log_to_parent=finished, require_cells=False
+    )
     if finished:
         tracking.client.set_terminated(tracking.parent_id, status="FINISHED")
     return {**report, "parent_run_id": tracking.parent_id, "finished": finished, "failed": failed}
@@ -346,8 +416,10 @@ def emit_cluster_jobs(cfg: StudyConfig, kind: str, jobs_dir: str, job_template) 
     from eossl.launch.cluster import render_k8s, render_slurm
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
-        print("warning: MLFLOW_TRACKING_URI is not set: cluster jobs will use the study folder's SQLite store, "
-              "which every node must see on a shared file system (a tracking server is the usual set-up)")
+        print(
+            "warning: MLFLOW_TRACKING_URI is not set: cluster jobs will use the study folder's SQLite store, "
+            "which every node must see on a shared file system (a tracking server is the usual set-up)"
+        )
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     tracking = _Tracking(cfg)
     (Path(cfg.out) / "study.yaml").write_text(cfg.to_yaml())
@@ -366,9 +438,17 @@ def emit_cluster_jobs(cfg: StudyConfig, kind: str, jobs_dir: str, job_template) 
         name = f"{cfg.name}-{cell.name}".lower().replace("_", "-").replace(".", "-")[:52].strip("-")
         study_file = Path(cfg.out).resolve() / "study.yaml"
         after = f"eossl study --config {shlex.quote(str(study_file))} --cell {shlex.quote(cell.name)}"
-        job = replace(job_template, train_args=tuple(train_command(cfg, cell)), job_name=name, after_train=after,
-                      env={**job_template.env, "MLFLOW_TRACKING_URI": tracking.uri,
-                           "EOSSL_MLFLOW_RUN_ID": state["run_id"]})
+        job = replace(
+            job_template,
+            train_args=tuple(train_command(cfg, cell)),
+            job_name=name,
+            after_train=after,
+            env={
+                **job_template.env,
+                "MLFLOW_TRACKING_URI": tracking.uri,
+                "EOSSL_MLFLOW_RUN_ID": state["run_id"],
+            },
+        )
         path = folder / (f"{cell.name}.sbatch" if kind == "slurm" else f"{cell.name}.yaml")
         path.write_text(render_slurm(job) if kind == "slurm" else render_k8s(job))
         written.append(path)
