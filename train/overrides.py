@@ -87,34 +87,50 @@ def resolve_key(obj: Any, key: str, skip_sections: Iterable[str] = ()) -> tuple[
     raise ValueError(f"unknown config key {key!r}{hint}")
 
 
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _scalar(kind: Any, value: Any) -> Any:
+    """One value as ``kind`` (bool, int, float, str); other kinds are left as given."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() not in _TRUE + _FALSE:
+            raise ValueError(value)
+        return str(value).lower() in _TRUE
+    if kind is float and isinstance(value, bool):
+        raise ValueError(value)
+    if kind in (int, float):
+        return kind(value)
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # YAML reads ``budget: 1024`` as a number
+    return value
+
+
 def _coerce(owner: Any, name: str, value: Any, key: str) -> Any:
-    """``value`` (a string from the command line, or a YAML scalar) as the field's declared type."""
+    """``value`` (a string from the command line, or a YAML value) as the field's declared type.
+
+    Tuples take ``a,b``, ``[a, b]`` (JSON) or a YAML list, and every element gets the declared element
+    type (``tuple[int, ...]``: ``--set seeds=0,1`` is ``(0, 1)``).
+    """
     hint = typing.get_type_hints(type(owner))[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     optional = type(None) in typing.get_args(hint)
     base = args[0] if (typing.get_origin(hint) in (typing.Union, types.UnionType) and args) else hint
-    if isinstance(value, str):
-        if optional and value.lower() in ("none", "null", ""):
-            return None
-        try:
-            if base is bool:
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            if base in (int, float):
-                return base(value)
-            if typing.get_origin(base) is tuple:
-                return tuple(json.loads(value) if value.startswith("[") else value.split(","))
-        except ValueError:
-            raise ValueError(
-                f"config key {key}: cannot read {value!r} as {getattr(base, '__name__', base)}"
-            ) from None
-        return value
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if typing.get_origin(base) is tuple and isinstance(value, list):
-        return tuple(value)
-    return value
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
+        return None
+    given = value
+    try:
+        if typing.get_origin(base) is tuple:
+            if isinstance(value, str):
+                value = json.loads(value) if value.startswith("[") else value.split(",")
+            element = (typing.get_args(base) or (Any,))[0]
+            return tuple(_scalar(element, v.strip() if isinstance(v, str) else v) for v in value)
+        return _scalar(base, value)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise ValueError(
+            f"config key {key}: cannot read {given!r} as {getattr(base, '__name__', base)}"
+        ) from None
 
 
 def apply_overrides(obj: Any, overrides: Mapping[str, Any], skip_sections: Iterable[str] = ()) -> Any:
