@@ -282,10 +282,21 @@ def add_attention_arguments(p: argparse.ArgumentParser) -> None:
         help="instead of --keys: the first N hold-out patches that have land cover",
     )
     p.add_argument("--out", required=True, help="folder for <key>.png, attention_metrics.json, summary.json")
+    from .config import AttentionConfig  # light: dataclasses only
+
+    keep_mass, clusters = AttentionConfig.keep_mass, AttentionConfig.n_clusters
     p.add_argument(
-        "--keep-mass", type=float, default=0.6, help="attention mass kept by the masks (0.6, as DINO)"
+        "--keep-mass",
+        type=float,
+        default=keep_mass,
+        help=f"attention mass kept by each head's mask (default: {keep_mass}, as in DINO)",
     )
-    p.add_argument("--clusters", type=int, default=6, help="k-means clusters of the patch tokens")
+    p.add_argument(
+        "--clusters",
+        type=int,
+        default=clusters,
+        help=f"k-means clusters of the patch tokens (default: {clusters})",
+    )
     p.add_argument("--inputs", help="input sensors (default: the run's view 0, e.g. s1)")
     p.add_argument(
         "--mlflow-run", help="MLflow run id to log the figures to (tracking URI from MLFLOW_TRACKING_URI)"

@@ -18,6 +18,7 @@ from eossl.train.overrides import apply_overrides, read_yaml_overrides
 
 __all__ = [
     "INITS",
+    "AttentionConfig",
     "PRECISIONS",
     "ClassifyConfig",
     "GridConfig",
@@ -35,6 +36,20 @@ PRECISIONS = ("no", "bf16")
 INITS = ("random", "checkpoint", "checkpoint-random-adapter", "checkpoint-backbone-only")
 
 C = TypeVar("C", bound="GridConfig")
+
+
+@dataclass
+class AttentionConfig:
+    """What ``eossl attention`` derives from a ViT's maps.
+
+    Attributes:
+        keep_mass: attention mass each head's mask keeps (0.6, the value of DINO's figures).
+        n_clusters: k-means clusters of the patch tokens (6: about the number of land-cover classes a
+            SEN12MS patch holds).
+    """
+
+    keep_mass: float = 0.6
+    n_clusters: int = 6
 
 
 @dataclass

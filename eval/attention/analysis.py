@@ -45,6 +45,7 @@ from eossl.streaming.zarr_dataset import ZarrPatchDataset
 from eossl.train.export import read_model_card
 from eossl.train.vit import is_vit, last_self_attention, patch_grid, patch_tokens
 
+from ..config import AttentionConfig
 from ..models import EvalEncoder, build_eval_encoder
 from ..segment.metrics import matched_miou
 from .figure import RawPatch, caption, plot_patch
@@ -230,8 +231,8 @@ def attention_figures(
     keys: Sequence[str],
     out: str,
     *,
-    keep_mass: float = 0.6,
-    n_clusters: int = 6,
+    keep_mass: float = AttentionConfig.keep_mass,
+    n_clusters: int = AttentionConfig.n_clusters,
     inputs: str | None = None,
     mlflow_run_id: str | None = None,
     draw: bool = True,

@@ -28,6 +28,7 @@ import traceback
 from pathlib import Path
 
 from eossl.train.checkpoint import write_json_atomic
+from eossl.train.export import MODEL_CARD
 from eossl.train.preemption import PREEMPTED_EXIT_CODE
 from eossl.train.tracking import artifact_root
 
@@ -334,7 +335,7 @@ def _run_locked_cell(cfg: StudyConfig, cell: Cell, tracking: _Tracking, label: s
     write_json_atomic(state_path, state)
     t0 = time.perf_counter()
     try:
-        if not (folder / "run" / "backbone" / "model_card.json").exists():
+        if not (folder / "run" / MODEL_CARD).exists():
             print(f"{label} {cell.name}: pre-training ({folder / 'train.log'})", flush=True)
             _train_cell(cfg, cell, state["run_id"], tracking.uri, state, state_path)
         for protocol in todo:
