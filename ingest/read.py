@@ -18,6 +18,7 @@ from rasterio.errors import RasterioError
 from .bands import MODALITIES, PATCH_SIZE, Modality
 from .labels import PatchLabels, patch_labels
 from .layout import PatchGroup
+from .storage import url_scheme
 from .validity import invalid_mask, invalid_reason, worst_band_fraction
 
 __all__ = ["ReadOptions", "Reject", "Sample", "read_patch"]
@@ -103,7 +104,7 @@ class _BadFile(Exception):
 
 def _open_bytes_or_path(path: str):
     """Local paths go straight to GDAL; URLs are fetched whole (a patch is <2 MB) through fsspec."""
-    if "://" not in path:
+    if url_scheme(path) is None:
         return path
     with fsspec.open(path, "rb") as f:
         return io.BytesIO(f.read())

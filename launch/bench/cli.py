@@ -82,7 +82,9 @@ def _add_train(bsub) -> None:
         help=f"dataset (default: a synthetic {_default(TrainBenchConfig, 'patches')}-patch "
         "dataset in a temp folder)",
     )
-    _option(bt, "--method", TrainBenchConfig, "pre-training method", choices=["moco", "dino"])
+    from eossl.train.methods import METHODS  # names only: the classes load on first use
+
+    _option(bt, "--method", TrainBenchConfig, "pre-training method", choices=list(METHODS))
     _option(bt, "--steps", TrainBenchConfig, "optimiser steps per side (first 20%% are warm-up)", type=int)
     bt.add_argument(
         "--set",
