@@ -122,6 +122,7 @@ _SPLIT_FIELDS = {
     "split_seed": "seed",
     "budgets": "budgets",
     "budget_seeds": "budget_seeds",
+    "split_lists": "split_lists",
 }
 
 
@@ -205,7 +206,17 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
         help="area fraction for a class to count in multi-label targets "
         f"(default {default('read.multilabel_threshold')}, as SEN12MS)",
     )
-    p.add_argument("--holdout-scenes", help="file with one test scene per line (e.g. ROIs1158_spring_1)")
+    p.add_argument(
+        "--holdout-scenes",
+        help="file with one test scene per line: the published SEN12MS_holdOutScenes.txt "
+        "(ROIs1158_spring/s1_63) or ROIs1158_spring_63; '#' comments and blank lines are skipped",
+    )
+    p.add_argument(
+        "--split-lists",
+        default=argparse.SUPPRESS,
+        help="folder (or URL) with the published patch-level train_list and test_list (.txt or .pkl); "
+        "each patch goes to the split its list names, unlisted patches to train",
+    )
     p.add_argument(
         "--holdout-fraction",
         type=float,
@@ -245,10 +256,10 @@ def _ingest_config(args: argparse.Namespace):
         options["shard_bytes"] = parse_size(args.shard_size)
     split = given(args, _SPLIT_FIELDS)
     if args.holdout_scenes:
-        with open(args.holdout_scenes) as f:
-            split["holdout_scenes"] = tuple(
-                line.strip() for line in f if line.strip() and not line.startswith("#")
-            )
+        from .splits import read_scene_list
+
+        with open(args.holdout_scenes, encoding="utf-8") as f:
+            split["holdout_scenes"] = read_scene_list(f.read(), args.holdout_scenes)
     return IngestConfig(
         source=args.source,
         dataset=args.dataset,

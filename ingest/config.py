@@ -26,7 +26,10 @@ class SplitOptions:
     Attributes:
         holdout_fraction: share of scenes held out for testing when no scene list is given.
         seed: seed of the scene split.
-        holdout_scenes: explicit test scenes (``ROIs1158_spring_1``); overrides the fraction.
+        holdout_scenes: explicit test scenes (``ROIs1158_spring_1``, or as the published hold-out list
+            spells them, ``ROIs1158_spring/s1_1``); overrides the fraction.
+        split_lists: folder or URL holding the published patch-level lists ``train_list`` and
+            ``test_list`` (``.txt`` or ``.pkl``); overrides the fraction, excludes ``holdout_scenes``.
         budgets: label budgets to draw from the training split (e.g. 64, 256, 1024).
         budget_seeds: one subset per (budget, seed); report mean and spread over seeds.
     """
@@ -34,8 +37,15 @@ class SplitOptions:
     holdout_fraction: float = 0.1
     seed: int = 0
     holdout_scenes: tuple[str, ...] | None = None
+    split_lists: str | None = None
     budgets: tuple[int, ...] = (64, 256, 1024)
     budget_seeds: tuple[int, ...] = (0, 1, 2)
+
+    def __post_init__(self) -> None:
+        if self.holdout_scenes is not None and self.split_lists is not None:
+            raise ValueError(
+                "give either hold-out scenes or split lists, not both: each defines the test set"
+            )
 
 
 @dataclass(frozen=True)

@@ -31,12 +31,20 @@ from .format import (
 )
 from .integrity import manifest_digest
 from .shards import unit_record_path, unit_stats_path
-from .splits import budget_subset, non_overlapping
+from .splits import budget_subset, non_overlapping, official_patch_name, official_scene_name, split_lines
 from .stats import BandStats, implausible_spread
 from .storage import DatasetRoot
 from .writer import IngestError
 
-__all__ = ["eossl_version", "finalize", "merge"]
+__all__ = ["SPLIT_FILES", "eossl_version", "finalize", "merge"]
+
+# The split written back out in the SEN12MS benchmark's own formats, so that a result on this dataset
+# names the same test patches as published ones (lists hold the samples the dataset has).
+SPLIT_FILES = {
+    "train": "splits/train_list.txt",
+    "test": "splits/test_list.txt",
+    "holdout_scenes": "splits/holdout_scenes.txt",
+}
 
 
 def eossl_version() -> str:
@@ -101,6 +109,7 @@ def _subsets(samples: list[dict], budgets: list[int], seeds: list[int]) -> tuple
     transforms = np.array([s["transform"] for s in samples], dtype=np.float64).reshape(n, 6)
     keep = non_overlapping(scene, crs, transforms)
     train = np.array([s["split"] == "train" for s in samples], dtype=bool)
+    test = np.array([s["split"] == "test" for s in samples], dtype=bool)
     labels = np.array([s["labels"]["igbp_simple"] if s["labels"] else 0 for s in samples], dtype=np.int64)
     subsets: dict[str, list[int]] = {}
     skipped: list[str] = []
@@ -111,8 +120,43 @@ def _subsets(samples: list[dict], budgets: list[int], seeds: list[int]) -> tuple
                 subsets[name] = budget_subset(labels, train, b, seed).tolist()
             except ValueError as exc:
                 skipped.append(f"{name}: {exc}")
-    arrays = {"non_overlapping": keep, "train": train}
+    arrays = {"non_overlapping": keep, "train": train, "test": test}
     return arrays, subsets, skipped
+
+
+def _write_split_files(out: DatasetRoot, samples: list[dict]) -> dict[str, str]:
+    """The benchmark's list files: S2 file names per split (sorted as published) and the scenes all of
+    whose samples are test, spelled as in the published hold-out list."""
+    names = {"train": [], "test": []}
+    sides: dict[str, set[str]] = {}
+    for s in samples:
+        names[s["split"]].append(official_patch_name(s["key"]))
+        sides.setdefault(s["scene_id"], set()).add(s["split"])
+    holdout = sorted(
+        (scene for scene, v in sides.items() if v == {"test"}),
+        key=lambda sc: (sc.rsplit("_", 1)[0], int(sc.rsplit("_", 1)[1])),
+    )
+    out.write_bytes(SPLIT_FILES["train"], split_lines(sorted(names["train"])))
+    out.write_bytes(SPLIT_FILES["test"], split_lines(sorted(names["test"])))
+    out.write_bytes(SPLIT_FILES["holdout_scenes"], split_lines(official_scene_name(sc) for sc in holdout))
+    return dict(SPLIT_FILES)
+
+
+def _split_summary(plan: dict, split_opts: dict, files: dict[str, str]) -> dict:
+    """The manifest's account of the split: protocol, scenes per side, and what the lists left out."""
+    scenes = plan["splits"]
+    info = dict(plan.get("split_lists") or {})
+    if not info:
+        info["protocol"] = (
+            "holdout_scenes" if split_opts.get("holdout_scenes") is not None else "scene_fraction"
+        )
+    return {
+        **info,
+        "train_scenes": sorted(s for s, v in scenes.items() if v == "train"),
+        "test_scenes": sorted(s for s, v in scenes.items() if v == "test"),
+        "mixed_scenes": sorted(s for s, v in scenes.items() if v == "mixed"),
+        "files": files,
+    }
 
 
 def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str]) -> dict:
@@ -138,11 +182,12 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
         "order": "row index in the dataset (Zarr rows = shard order)",
         "non_overlapping": np.flatnonzero(arrays["non_overlapping"]).tolist(),
         "train": np.flatnonzero(arrays["train"]).tolist(),
-        "test": np.flatnonzero(~arrays["train"]).tolist(),
+        "test": np.flatnonzero(arrays["test"]).tolist(),
         "budgets": subsets,
         "label": "igbp_simple single-label, stratified; drawn from the train split",
     }
     out.write_bytes(SUBSETS, json.dumps(subsets_doc).encode())
+    split_files = _write_split_files(out, samples)
     stats = {m: st.summary() for m, st in _merged_stats(out, plan["units"]).items()}
     if "zarr" in options["formats"]:
         extra = {"non_overlapping": arrays["non_overlapping"]}
@@ -168,7 +213,6 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
         out.remove(f"{PROGRESS_DIR}/staged-shards")
         shards = []
 
-    scenes = plan["splits"]
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -196,7 +240,7 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
             "rejected": len(rejects),
             **{f"with_{m}": sum(1 for s in samples if s["modalities"][m]) for m in ("s1", "s2", "lc")},
             "train": int(arrays["train"].sum()),
-            "test": int((~arrays["train"]).sum()),
+            "test": int(arrays["test"].sum()),
             "non_overlapping": int(arrays["non_overlapping"].sum()),
             # Pixels written as stored but kept out of the statistics (see docs/FORMAT.md).
             "invalid_pixels": {
@@ -208,10 +252,7 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
         "stats": stats,
         "flags": [msg for mod, summary in stats.items() for msg in implausible_spread(mod, summary)],
         "labels": _label_summary(samples),
-        "splits": {
-            "train_scenes": sorted(s for s, v in scenes.items() if v == "train"),
-            "test_scenes": sorted(s for s, v in scenes.items() if v == "test"),
-        },
+        "splits": _split_summary(plan, split_opts, split_files),
         "subsets": {"budgets": {k: len(v) for k, v in subsets.items()}, "skipped": skipped},
     }
     manifest["manifest_sha256"] = manifest_digest(manifest)

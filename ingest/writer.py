@@ -10,6 +10,7 @@ Order of commits, which is what makes a kill at any moment safe:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -17,6 +18,7 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 
+import fsspec
 from tqdm import tqdm
 
 from .bands import MODALITIES
@@ -25,7 +27,7 @@ from .format import MANIFEST, PROGRESS_DIR
 from .integrity import read_manifest
 from .layout import SourceListing, scan_source
 from .shards import Unit, process_unit, unit_record_path
-from .splits import scene_split
+from .splits import patch_list_split, read_patch_list, scene_split
 from .storage import DatasetRoot
 
 __all__ = ["IngestError", "IngestSummary", "plan_units", "run_ingest"]
@@ -72,9 +74,62 @@ def plan_units(listing: SourceListing, cfg: IngestConfig) -> list[Unit]:
     ]
 
 
-def _split_of_scenes(listing: SourceListing, cfg: IngestConfig) -> dict[str, str]:
+def _read_split_list(folder: str, stem: str) -> tuple[tuple[str, ...], str]:
+    """Keys of ``<folder>/<stem>.txt`` (or ``.pkl``) and the sha256 of the file read."""
+    fs, root = fsspec.core.url_to_fs(folder)
+    for ext in ("txt", "pkl"):
+        path = f"{root.rstrip('/')}/{stem}.{ext}"
+        if fs.exists(path):
+            data = fs.cat_file(path)
+            name = f"{folder.rstrip('/')}/{stem}.{ext}"
+            return read_patch_list(data, name), hashlib.sha256(data).hexdigest()
+    raise FileNotFoundError(f"split lists folder {folder!r} has no {stem}.txt or {stem}.pkl")
+
+
+def _split_of_patches(
+    listing: SourceListing, cfg: IngestConfig
+) -> tuple[dict[str, str], dict, dict[str, str]]:
+    """(scene -> split, what the plan records about the split, sample key -> split).
+
+    The scene map is what the manifest and the Zarr attributes list; with published patch lists a
+    scene whose patches fall on both sides is 'mixed' there, and the key map decides each sample.
+    """
     scenes = [g.pid.scene_id for g in listing.groups]
-    return scene_split(scenes, cfg.split.holdout_fraction, cfg.split.seed, cfg.split.holdout_scenes)
+    if cfg.split.split_lists is None:
+        by_scene = scene_split(scenes, cfg.split.holdout_fraction, cfg.split.seed, cfg.split.holdout_scenes)
+        protocol = "holdout_scenes" if cfg.split.holdout_scenes is not None else "scene_fraction"
+        return by_scene, {"protocol": protocol}, {}
+    train, train_sha = _read_split_list(cfg.split.split_lists, "train_list")
+    test, test_sha = _read_split_list(cfg.split.split_lists, "test_list")
+    result = patch_list_split([g.key for g in listing.groups], scenes, train, test)
+    info = {
+        "protocol": "patch_lists",
+        "lists_sha256": {"train_list": train_sha, "test_list": test_sha},
+        "listed": {"train": len(train), "test": len(test)},
+        "listed_not_found": result.not_found,
+        "unlisted": len(result.unlisted),
+        "unlisted_examples": list(result.unlisted[:20]),
+        "mixed_scenes": result.mixed_scenes,
+    }
+    if result.mixed_scenes:
+        print(
+            f"warning: the patch lists put {len(result.mixed_scenes)} scenes on both sides of the split "
+            f"(e.g. {', '.join(result.mixed_scenes[:3])}); neighbouring patches overlap, so test pixels "
+            "also appear in training (recorded in the manifest)",
+            file=sys.stderr,
+        )
+    if result.unlisted:
+        print(
+            f"warning: {len(result.unlisted)} patches are in neither split list and go to train "
+            f"(e.g. {', '.join(result.unlisted[:3])}; counted in the manifest)",
+            file=sys.stderr,
+        )
+    return result.scenes, info, result.patches
+
+
+def _unit_splits(unit: Unit, by_scene: dict[str, str], by_key: dict[str, str]) -> dict[str, str]:
+    """The split of each sample of ``unit``, keyed by sample key (only what the unit needs is pickled)."""
+    return {g.key: by_key.get(g.key) or by_scene[g.pid.scene_id] for g in unit.groups}
 
 
 def _check_plan(out: DatasetRoot, plan: dict) -> None:
@@ -92,15 +147,19 @@ def _check_plan(out: DatasetRoot, plan: dict) -> None:
         out.write_bytes(path, json.dumps(plan, sort_keys=True, indent=1).encode())
 
 
-def _run_units(units: list[Unit], cfg: IngestConfig, splits: dict[str, str], bar: tqdm) -> None:
-    args = (cfg.dataset, cfg.source, cfg.read, splits)
+def _run_units(
+    units: list[Unit], cfg: IngestConfig, by_scene: dict[str, str], by_key: dict[str, str], bar: tqdm
+) -> None:
+    args = (cfg.dataset, cfg.source, cfg.read)
     if cfg.workers <= 1 or len(units) <= 1:
         for unit in units:
-            result = process_unit(unit, *args)
+            result = process_unit(unit, *args, _unit_splits(unit, by_scene, by_key))
             bar.update(result["patches"])
         return
     with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=get_context("spawn")) as pool:
-        pending = {pool.submit(process_unit, unit, *args) for unit in units}
+        pending = {
+            pool.submit(process_unit, unit, *args, _unit_splits(unit, by_scene, by_key)) for unit in units
+        }
         while pending:
             done, pending = wait(pending, return_when=FIRST_EXCEPTION)
             for fut in done:
@@ -123,7 +182,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
             file=sys.stderr,
         )
     units = plan_units(listing, cfg)
-    splits = _split_of_scenes(listing, cfg)
+    splits, split_info, by_key = _split_of_patches(listing, cfg)
     plan = {
         "listing_sha256": listing.digest,
         "patches_found": len(listing.groups),
@@ -132,6 +191,9 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
         "options": cfg.plan_options(),
         "splits": splits,
     }
+    if split_info["protocol"] == "patch_lists":
+        # Only recorded for list splits, so plans of scene-split datasets read as they always did.
+        plan["split_lists"] = split_info
     _check_plan(out, plan)
     if out.exists(MANIFEST) and cfg.part[1] == 1:
         manifest = read_manifest(out)
@@ -160,7 +222,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
         file=sys.stderr,
         smoothing=0.1,
     ) as bar:
-        _run_units(todo, cfg, splits, bar)
+        _run_units(todo, cfg, splits, by_key, bar)
     part = {
         "part": [i, n],
         "units": [u.index for u in mine],

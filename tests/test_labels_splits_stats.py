@@ -125,3 +125,61 @@ def test_band_stats_merge_equals_one_pass_and_percentiles_are_exact():
     assert s1.summary()["count"] == [32 * 32 - 5, 32 * 32]
     np.testing.assert_allclose(s1.summary()["mean"][0], np.nanmean(x[0].astype(np.float64)), rtol=1e-6)
     assert abs(s1.summary()["percentiles"]["p50"][1] - np.median(x[1])) <= 0.01
+
+
+# The SEN12MS classification benchmark's simplified IGBP scheme (Schmitt & Wu 2021, Table 2; the
+# benchmark sums the 17 IGBP probabilities into 10): IGBP code -> simplified class, written out here
+# from the paper's definition, not taken from eossl.
+BENCHMARK_SIMPLE = {
+    **dict.fromkeys((1, 2, 3, 4, 5), 1),  # forests
+    **dict.fromkeys((6, 7), 2),  # shrublands
+    **dict.fromkeys((8, 9), 3),  # savannas
+    10: 4,  # grasslands
+    11: 5,  # wetlands
+    **dict.fromkeys((12, 14), 6),  # croplands and cropland/natural vegetation mosaics
+    13: 7,  # urban and built-up
+    15: 8,  # permanent snow and ice
+    16: 9,  # barren
+    17: 10,  # water bodies
+}
+
+
+def test_labels_of_the_real_lc_patch_equal_the_benchmark_definition(real_source, tmp_path):
+    """Hand-computed labels of ROIs1158_spring_lc_1_p30: IGBP histogram -> probabilities -> simplified
+    sums; single label = argmax (first on ties), multi-label = probability >= 0.1. Compared with what
+    an ingest of the real patch writes into its sample metadata."""
+    import json
+    import tarfile
+
+    from conftest import REAL_LC_P30, read_tif, run_cli
+
+    igbp = read_tif(REAL_LC_P30)[0][0]
+    codes, counts = np.unique(igbp, return_counts=True)
+    assert igbp.size == 256 * 256 and set(codes.tolist()) <= set(range(1, 18))
+    prob = np.zeros(17)
+    prob[codes - 1] = counts / igbp.size
+    simple = np.zeros(10)
+    for code, p in enumerate(prob, start=1):
+        simple[BENCHMARK_SIMPLE[code] - 1] += p
+    expected_single = int(np.argmax(simple)) + 1
+    expected_multi = tuple(int(i) + 1 for i in np.flatnonzero(simple >= 0.1))
+    expected_igbp = int(np.argmax(prob)) + 1
+    # The patch is not a trivial one-class case: the test would catch a wrong grouping or threshold.
+    assert len(codes) >= 2
+
+    out = tmp_path / "ds"
+    run_cli("ingest", str(real_source), str(out), "--required", "s1", "--formats", "wds", "--no-progress")
+    manifest = json.loads((out / "manifest.json").read_text())
+    written = None
+    for shard in manifest["shards"]:
+        with tarfile.open(out / shard["path"]) as tar:
+            for info in tar:
+                if info.name == "ROIs1158_spring_1_p30.json":
+                    written = json.loads(tar.extractfile(info).read())["labels"]
+    assert written is not None
+    assert written["igbp_simple"] == expected_single
+    assert tuple(written["igbp_simple_multi"]) == expected_multi
+    assert written["igbp"] == expected_igbp
+    assert written["threshold"] == 0.1
+    np.testing.assert_allclose(written["simple_fractions"], simple, atol=1e-6)
+    np.testing.assert_allclose(written["igbp_fractions"], prob, atol=1e-6)
