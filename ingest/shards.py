@@ -121,7 +121,10 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> list[int]:
 def process_unit(
     unit: Unit, out_url: str, source: str, read_options: ReadOptions, splits: dict[str, str]
 ) -> dict:
-    """Read, validate and write one unit; return its record (also stored as JSON)."""
+    """Read, validate and write one unit; return its record (also stored as JSON).
+
+    ``splits`` maps each sample key of the unit to its split ('train' or 'test').
+    """
     out = DatasetRoot(out_url)
     stats = {m: BandStats.empty(m) for m in ("s1", "s2")}
     samples: list[dict] = []
@@ -141,7 +144,7 @@ def process_unit(
             if tar is None:
                 writer = _HashingWriter(stack.enter_context(out.open_atomic(shard)))
                 tar = stack.enter_context(tarfile.open(fileobj=writer, mode="w", format=tarfile.USTAR_FORMAT))
-            meta = sample_metadata(result, group, splits[group.pid.scene_id], source)
+            meta = sample_metadata(result, group, splits[group.key], source)
             where = {
                 "json": _add_member(tar, f"{result.key}.json", json.dumps(meta, sort_keys=True).encode())
             }
