@@ -176,6 +176,7 @@ def test_ingest_applies_published_lists_and_writes_them_back(synthetic_source, t
         sorted((k for k in all_keys if k not in test_keys), key=official_patch_name)
     )
     assert (ds / "splits/holdout_scenes.txt").read_text() == "ROIs1970_fall/s1_1\n"
+    run_cli("verify", str(ds))  # the split files sit beside a dataset that still verifies
 
     # The written hold-out list feeds --holdout-scenes as it is.
     ds2 = tmp_path / "ds2"
