@@ -33,6 +33,8 @@ class Catalog:
         train: (N,) bool, True for the training split.
         label_igbp, label_igbp_simple: (N,) int16 majority class codes (1-based, 0 = none).
         multilabel_igbp_simple: (N, 10) bool.
+        crc32: member -> (N,) int64 CRC-32 (``zlib.crc32``) of the member's data; -1 absent or unknown.
+            None for a dataset written before checksums were recorded (its reads cannot be checked).
     """
 
     key: np.ndarray
@@ -45,6 +47,7 @@ class Catalog:
     label_igbp: np.ndarray
     label_igbp_simple: np.ndarray
     multilabel_igbp_simple: np.ndarray
+    crc32: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.key)
@@ -62,6 +65,8 @@ class Catalog:
         for m in CATALOG_MEMBERS:
             arrays[f"offset_{m}"] = self.offset[m]
             arrays[f"size_{m}"] = self.size[m]
+            if self.crc32 is not None:
+                arrays[f"crc32_{m}"] = self.crc32[m]
         for m in MODALITY_NAMES:
             arrays[f"has_{m}"] = self.has[m]
         buf = io.BytesIO()
@@ -82,6 +87,7 @@ class Catalog:
                 offset={m: z[f"offset_{m}"] for m in CATALOG_MEMBERS},
                 size={m: z[f"size_{m}"] for m in CATALOG_MEMBERS},
                 has={m: z[f"has_{m}"] for m in MODALITY_NAMES},
+                crc32={m: z[f"crc32_{m}"] for m in CATALOG_MEMBERS} if "crc32_json" in z.files else None,
             )
 
 
@@ -106,6 +112,10 @@ def build_catalog(records: list[dict]) -> Catalog:
     size = {
         m: np.array([w[m][1] if m in w else -1 for w in members], dtype=np.int64) for m in CATALOG_MEMBERS
     }
+    crc32 = {  # unit records of an ingest resumed from an older version have no CRC: -1 (unknown)
+        m: np.array([w[m][2] if m in w and len(w[m]) > 2 else -1 for w in members], dtype=np.int64)
+        for m in CATALOG_MEMBERS
+    }
     multi = np.zeros((n, 10), dtype=bool)
     for i, meta in enumerate(labels):
         if meta["labels"]:
@@ -125,4 +135,5 @@ def build_catalog(records: list[dict]) -> Catalog:
             [meta["labels"]["igbp_simple"] if meta["labels"] else 0 for meta in labels], dtype=np.int16
         ),
         multilabel_igbp_simple=multi,
+        crc32=crc32,
     )
