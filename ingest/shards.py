@@ -12,13 +12,13 @@ import hashlib
 import io
 import json
 import tarfile
-import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
 
 from .bands import MODALITIES
+from .catalog import member_crc32c
 from .format import (
     FORMAT_VERSION,
     PROGRESS_DIR,
@@ -109,11 +109,11 @@ class _HashingWriter(io.RawIOBase):
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> list[int]:
-    """Append one member; return [offset, size, crc32] of its data in the tar.
+    """Append one member; return [offset, size, crc32c] of its data in the tar.
 
-    Readers seek straight to the data with offset and size, and check what they read against the CRC-32
-    (``zlib.crc32``: fast enough to check every sample as it is read, unlike the shard's sha256, which
-    needs the whole file).
+    Readers seek straight to the data with offset and size, and check what they read against the CRC-32C
+    (``catalog.member_crc32c``: fast enough to check every sample as it is read, unlike the shard's sha256,
+    which needs the whole file).
     """
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o444
@@ -121,7 +121,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> list[int]:
     info.uname = info.gname = ""
     data_offset = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))
     tar.addfile(info, io.BytesIO(data))
-    return [data_offset, len(data), zlib.crc32(data)]
+    return [data_offset, len(data), member_crc32c(data)]
 
 
 def process_unit(
@@ -131,7 +131,7 @@ def process_unit(
     out = DatasetRoot(out_url)
     stats = {m: BandStats.empty(m) for m in ("s1", "s2")}
     samples: list[dict] = []
-    members: list[dict[str, list[int]]] = []  # per sample: member -> [offset, size, crc32] in the tar
+    members: list[dict[str, list[int]]] = []  # per sample: member -> [offset, size, crc32c] in the tar
     rejects: list[dict] = []
     shard = unit_shard_path(unit)
     shard_info = None

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import os
 import warnings
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from eossl.ingest.bands import PATCH_SIZE
-from eossl.ingest.catalog import Catalog
+from eossl.ingest.catalog import Catalog, member_crc32c
 from eossl.ingest.format import npy_view
 from eossl.ingest.integrity import read_catalog, read_manifest
 from eossl.ingest.storage import DatasetRoot
@@ -74,7 +73,7 @@ class LoaderConfig:
         num_threads: DALI operator threads per rank.
         workers: reader processes per rank (DALI parallel external source). 0 reads in the main process.
         prefetch: batches DALI prepares ahead.
-        on_corrupt: what a sample whose bytes fail a check does (truncated shard, a member whose CRC-32
+        on_corrupt: what a sample whose bytes fail a check does (truncated shard, a member whose CRC-32C
             differs from the catalog's after the retries of ``storage``): 'fail' stops with an error naming
             the shard, member and sample key; 'skip' (default) replaces it by the next readable sample of
             the epoch's order, counts it (``Batch.substituted``, ``SSLLoader.substituted``) and names its
@@ -174,7 +173,7 @@ class SampleSource:
         self.shard = catalog.shard
         self.offset = {s: catalog.offset[s] for s in views.sensors}
         self.size = {s: catalog.size[s] for s in views.sensors}
-        self.crc = {s: catalog.crc32[s] for s in views.sensors} if catalog.crc32 is not None else None
+        self.crc = {s: catalog.crc32c[s] for s in views.sensors} if catalog.crc32c is not None else None
         self.key = catalog.key
         self.rows = rows
         self.views = views
@@ -211,7 +210,7 @@ class SampleSource:
         return buf
 
     def _verifier(self, row: int, spans: dict[str, tuple[int, int]], start: int):
-        """``verify(data)`` for ``ShardReader.read``: each member's CRC-32 against the catalog's (None when
+        """``verify(data)`` for ``ShardReader.read``: each member's CRC-32C against the catalog's (None when
         the catalog has none). ``data`` starts at byte ``start`` of the shard."""
         if self.crc is None:
             return None
@@ -222,11 +221,11 @@ class SampleSource:
                 want = expected[sensor]
                 if want < 0:
                     continue
-                got = zlib.crc32(data[offset - start : offset - start + size])
+                got = member_crc32c(data[offset - start : offset - start + size])
                 if got != want:
                     return (
                         f"{sensor} member of sample {self.key[row]} (row {row}, bytes {offset}-"
-                        f"{offset + size}) fails its checksum: crc32 {got:08x}, the catalog says {want:08x}"
+                        f"{offset + size}) fails its checksum: crc32c {got:08x}, the catalog says {want:08x}"
                     )
             return None
 
@@ -350,7 +349,7 @@ class SSLLoader:
         self._built_at: LoaderPosition | None = None
         self.substituted = 0
         self.corrupt_shards: dict[str, int] = {}  # shard URL -> samples skipped from it
-        self.checksums = self.catalog.crc32 is not None
+        self.checksums = self.catalog.crc32c is not None
         if not self.checksums:
             warnings.warn(
                 f"{dataset}: the catalog records no member checksums (written by an older eossl): samples "

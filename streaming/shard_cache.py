@@ -8,7 +8,7 @@ file. A verified copy gets a marker beside it (``<name>.ok``: the sha256 and the
 full-shard hash is paid once per node and copy: a copy without a valid marker (left by a run with
 ``verify_downloads`` off, an older eossl, or replaced behind the cache's back) is hashed again before it is
 reused, and re-downloaded when it differs. Damage after that (the disk, a stray write) is caught by the
-reader's per-member CRC-32 on each read, which drops the copy (``discard``) and downloads it again.
+reader's per-member CRC-32C on each read, which drops the copy (``discard``) and downloads it again.
 
 Eviction unlinks least recently used shards (mtime, refreshed by ``touch`` while a shard is read); a
 process that still has an evicted shard open keeps reading it (POSIX: an open fd survives unlink; the

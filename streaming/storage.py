@@ -10,10 +10,10 @@ headers or a whole-shard read. Optionally, remote shards are downloaded whole in
 Failure policy: every network request gets the client's own timeouts and *our* retry loop (``retry.py``:
 exponential backoff with jitter, the client's retries turned off so that the two do not multiply); after
 the last attempt a ``StorageError`` names the object. A missing object is not retried. A short or damaged
-response (fewer bytes than asked, a member whose CRC-32 differs from the catalog's) is retried like a
+response (fewer bytes than asked, a member whose CRC-32C differs from the catalog's) is retried like a
 network error, since a cut connection or a bad hop passes; bytes that still disagree with the manifest
 or the catalog (a local file shorter than its ``bytes``, an object short on every attempt, a downloaded
-shard whose sha256 differs, a member failing its CRC-32 after the retries) raise ``CorruptShardError``.
+shard whose sha256 differs, a member failing its CRC-32C after the retries) raise ``CorruptShardError``.
 
 Endpoints and credentials come from the standard environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``
 ..., honoured by botocore/s3fs), never from code, and are never logged.
@@ -303,7 +303,7 @@ class ShardReader:
         With ``out`` (a reusable buffer of at least ``size`` bytes) the bytes are read into it and a
         memoryview of its first ``size`` bytes is returned: no allocation per read.
 
-        ``verify(data)`` checks what was read (the loader compares each member's CRC-32 with the catalog's)
+        ``verify(data)`` checks what was read (the loader compares each member's CRC-32C with the catalog's)
         and returns None, or what is wrong. A failed check is retried where another read can differ: a
         ranged GET is repeated under the retry policy (a fresh request each time); a cached copy is
         dropped, downloaded again (sha256-checked) and read once more; a local file is not re-read.

@@ -1,4 +1,4 @@
-"""Integrity on the read path: every member's CRC-32 recorded at ingest and checked as it is read.
+"""Integrity on the read path: every member's CRC-32C recorded at ingest and checked as it is read.
 
 Faults are injected for real: bytes flipped in a local shard and in a node-cache copy after its download
 check, a proxy in front of a real S3 server that damages response bodies, an object genuinely shorter
@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import tarfile
-import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import pytest
 import s3fs
 import torch
 
-from eossl.ingest.catalog import CATALOG_MEMBERS, Catalog
+from eossl.ingest.catalog import CATALOG_MEMBERS, Catalog, member_crc32c
 from eossl.ingest.integrity import manifest_digest
 from eossl.streaming.inputs import InputSpec
 from eossl.streaming.loader import CorruptDataError, LoaderConfig, SSLLoader, StreamingError
@@ -82,17 +81,17 @@ def _epoch(loader: SSLLoader) -> list:
 
 def test_catalog_records_each_members_crc32(dataset):
     cat, shards = _catalog(dataset), _shards(dataset)
-    assert cat.crc32 is not None
+    assert cat.crc32c is not None
     checked = 0
     for shard, entry in enumerate(shards):
         with tarfile.open(dataset / entry["path"]) as tar:
             for row in np.flatnonzero(cat.shard == shard):
                 for m in CATALOG_MEMBERS:
                     if cat.offset[m][row] < 0:
-                        assert cat.crc32[m][row] == -1
+                        assert cat.crc32c[m][row] == -1
                         continue
                     name = f"{cat.key[row]}.json" if m == "json" else f"{cat.key[row]}.{m}.npy"
-                    assert cat.crc32[m][row] == zlib.crc32(tar.extractfile(name).read())
+                    assert cat.crc32c[m][row] == member_crc32c(tar.extractfile(name).read())
                     checked += 1
     assert checked >= 3 * len(cat)
 
@@ -105,7 +104,7 @@ def test_flipped_bytes_in_a_local_shard_fail_or_are_skipped_and_counted(copy_of_
     shard_path = str(root / _shards(root)[shard]["path"])
 
     # fail: the error names the shard file, the member and the sample key.
-    with pytest.raises(StreamingError, match=rf"shard-000001\.tar: s2 member of sample {key} .*crc32"):
+    with pytest.raises(StreamingError, match=rf"shard-000001\.tar: s2 member of sample {key} .*crc32c"):
         _epoch(SSLLoader(str(root), _cfg(on_corrupt="fail")))
 
     # skip: the epoch keeps its length and batch size, one sample replaced, counted against its shard.
@@ -128,9 +127,9 @@ def test_a_catalog_without_checksums_is_read_with_a_warning(copy_of_dataset):
     """A dataset written before member checksums: read as before, said once (the loader's warning)."""
     root = copy_of_dataset
     cat = _catalog(root)
-    (root / "catalog.npz").write_bytes(replace(cat, crc32=None).to_bytes())
+    (root / "catalog.npz").write_bytes(replace(cat, crc32c=None).to_bytes())
     manifest = json.loads((root / "manifest.json").read_text())
-    assert "crc32_s2" not in np.load(root / "catalog.npz").files
+    assert "crc32c_s2" not in np.load(root / "catalog.npz").files
     manifest["catalog"]["sha256"] = hashlib.sha256((root / "catalog.npz").read_bytes()).hexdigest()
     manifest["manifest_sha256"] = manifest_digest(manifest)
     (root / "manifest.json").write_text(json.dumps(manifest))
@@ -221,7 +220,7 @@ def test_a_damaged_s3_response_is_fetched_again_then_named(dataset, flipping_s3)
     proxy.flips = 10**6  # every response damaged: named after the retries
     with pytest.raises(
         StreamingError,
-        match=r"s3://integrity/ds/shards/shard-\d+\.tar: s2 member of sample .*crc32.*3 attempts",
+        match=r"s3://integrity/ds/shards/shard-\d+\.tar: s2 member of sample .*crc32c.*3 attempts",
     ):
         _epoch(loader)
 
@@ -315,7 +314,7 @@ def test_training_counts_skipped_samples_and_stops_above_the_fraction(copy_of_da
     client = mlflow.MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
     (r,) = client.search_runs([client.get_experiment_by_name("eossl").experiment_id])
     assert client.get_metric_history(r.info.run_id, "replaced_samples")[-1].value == 1
-    assert r.data.tags["data_member_checksums"] == "crc32"
+    assert r.data.tags["data_member_checksums"] == "crc32c"
 
     stopped = _train(root, tmp_path / "stop", on_corrupt="skip", max_corrupt_fraction="0")
     assert stopped.returncode != 0

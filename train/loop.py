@@ -269,7 +269,7 @@ class _Run:
             "dataset_manifest_sha256": manifest.get("manifest_sha256", ""),
             "dataset": self.cfg.data,
             "lr_scaling_rule": self.cfg.optim.lr_scaling,
-            "data_member_checksums": "crc32" if self.loader.checksums else "absent (reads unchecked)",
+            "data_member_checksums": "crc32c" if self.loader.checksums else "absent (reads unchecked)",
             "normalisation": json.dumps(
                 {"channels": spec.channel_names, "mean": mean.round(6).tolist(), "std": std.round(6).tolist()}
             ),
