@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bands import MODALITIES
+from .catalog import member_crc32c
 from .format import (
     FORMAT_VERSION,
     PROGRESS_DIR,
@@ -108,14 +109,19 @@ class _HashingWriter(io.RawIOBase):
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> list[int]:
-    """Append one member; return [offset, size] of its data in the tar (readers seek straight to it)."""
+    """Append one member; return [offset, size, crc32c] of its data in the tar.
+
+    Readers seek straight to the data with offset and size, and check what they read against the CRC-32C
+    (``catalog.member_crc32c``: fast enough to check every sample as it is read, unlike the shard's sha256,
+    which needs the whole file).
+    """
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o444
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     data_offset = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))
     tar.addfile(info, io.BytesIO(data))
-    return [data_offset, len(data)]
+    return [data_offset, len(data), member_crc32c(data)]
 
 
 def process_unit(
@@ -128,7 +134,7 @@ def process_unit(
     out = DatasetRoot(out_url)
     stats = {m: BandStats.empty(m) for m in ("s1", "s2")}
     samples: list[dict] = []
-    members: list[dict[str, list[int]]] = []  # per sample: member -> [offset, size] in the tar
+    members: list[dict[str, list[int]]] = []  # per sample: member -> [offset, size, crc32c] in the tar
     rejects: list[dict] = []
     shard = unit_shard_path(unit)
     shard_info = None

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from eossl.ingest.bands import PATCH_SIZE
-from eossl.ingest.catalog import Catalog
+from eossl.ingest.catalog import Catalog, member_crc32c
 from eossl.ingest.format import npy_view
 from eossl.ingest.integrity import read_catalog, read_manifest
 from eossl.ingest.storage import DatasetRoot
@@ -33,14 +33,30 @@ from .plan import EpochPlan, LoaderPosition, PlanConfig, rows_digest
 from .storage import CorruptShardError, ShardReader, StorageOptions
 from .views import ViewConfig, ViewSet
 
-__all__ = ["Batch", "LoaderConfig", "SSLLoader", "SampleSource", "StreamingError", "dist_info", "select_rows"]
+__all__ = [
+    "ON_CORRUPT",
+    "Batch",
+    "CorruptDataError",
+    "LoaderConfig",
+    "SSLLoader",
+    "SampleSource",
+    "StreamingError",
+    "dist_info",
+    "select_rows",
+]
 
 SPLITS = ("train", "test", "all")
+ON_CORRUPT = ("fail", "skip")
 COALESCE_GAP_BYTES = 64 * 2**10  # members at most this far apart are read together (tar headers, padding)
 
 
 class StreamingError(RuntimeError):
-    """The loader could not deliver a batch (corrupt shard in strict mode, storage unavailable, ...)."""
+    """The loader could not deliver a batch (corrupt shard with on_corrupt='fail', storage unavailable...)."""
+
+
+class CorruptDataError(StreamingError):
+    """More samples were skipped as corrupt than ``LoaderConfig.max_corrupt_fraction`` allows: names the
+    shards they came from."""
 
 
 @dataclass(frozen=True)
@@ -57,8 +73,15 @@ class LoaderConfig:
         num_threads: DALI operator threads per rank.
         workers: reader processes per rank (DALI parallel external source). 0 reads in the main process.
         prefetch: batches DALI prepares ahead.
-        strict: fail on a corrupt or truncated shard instead of substituting the sample (default:
-            substitute the next readable sample of the epoch's order, warn and count).
+        on_corrupt: what a sample whose bytes fail a check does (truncated shard, a member whose CRC-32C
+            differs from the catalog's after the retries of ``storage``): 'fail' stops with an error naming
+            the shard, member and sample key; 'skip' (default) replaces it by the next readable sample of
+            the epoch's order, counts it (``Batch.substituted``, ``SSLLoader.substituted``) and names its
+            shard. Skip is the default because one damaged member in a multi-day run should cost one
+            sample, not the run, while ``max_corrupt_fraction`` stops a run whose data is really broken.
+        max_corrupt_fraction: with 'skip', stop (``CorruptDataError`` naming the shards) once this rank
+            has skipped more than this fraction of its samples of one epoch (0.001: 45 of a 45k-sample
+            share); counted since the loader was made.
         lookahead_steps: steps ahead whose shards are prefetched into the cache.
         max_samples: only the first N samples of the split, in catalog (shard) order: benchmarks and smoke
             runs on a full-size dataset read a few shards instead of all of them. None: every sample.
@@ -73,7 +96,8 @@ class LoaderConfig:
     num_threads: int = 2
     workers: int = 2
     prefetch: int = 2
-    strict: bool = False
+    on_corrupt: str = "skip"
+    max_corrupt_fraction: float = 0.001
     lookahead_steps: int = 4
     max_samples: int | None = None
 
@@ -84,6 +108,10 @@ class LoaderConfig:
             raise ValueError(f"device must be gpu, cpu or auto, got {self.device!r}")
         if self.batch_size < 1 or self.workers < 0:
             raise ValueError("batch_size must be >= 1 and workers >= 0")
+        if self.on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {self.on_corrupt!r}")
+        if not 0 <= self.max_corrupt_fraction <= 1:
+            raise ValueError(f"max_corrupt_fraction must be in [0, 1], got {self.max_corrupt_fraction}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"max_samples must be >= 1 or None, got {self.max_samples}")
 
@@ -95,9 +123,10 @@ class Batch:
     views: list[torch.Tensor]  # each (B, C, H, W), channels-last memory format
     rows: torch.Tensor  # (B,) dataset row ids
     positions: torch.Tensor  # (B,) positions in the epoch's global order
-    substituted: int  # samples replaced because their shard was corrupt
+    substituted: int  # samples replaced because their bytes were corrupt
     epoch: int
     step: int
+    corrupt_shards: tuple[int, ...] = ()  # shard index of each replaced sample
 
 
 def dist_info() -> tuple[int, int]:
@@ -137,13 +166,15 @@ class SampleSource:
         rank: int,
         world_size: int,
         start: LoaderPosition,
-        strict: bool,
+        on_corrupt: str,
         lookahead_steps: int,
     ):
         self.reader = reader
         self.shard = catalog.shard
         self.offset = {s: catalog.offset[s] for s in views.sensors}
         self.size = {s: catalog.size[s] for s in views.sensors}
+        self.crc = {s: catalog.crc32c[s] for s in views.sensors} if catalog.crc32c is not None else None
+        self.key = catalog.key
         self.rows = rows
         self.views = views
         self.s2_index = s2_index
@@ -153,7 +184,7 @@ class SampleSource:
         self.rank = rank
         self.world_size = world_size
         self.start = start
-        self.strict = strict
+        self.on_corrupt = on_corrupt
         self.lookahead_steps = lookahead_steps
         self._plans: dict[int, EpochPlan] = {}
         self._buffers: dict[tuple, np.ndarray] = {}
@@ -178,6 +209,28 @@ class SampleSource:
             self._buffers[key] = buf
         return buf
 
+    def _verifier(self, row: int, spans: dict[str, tuple[int, int]], start: int):
+        """``verify(data)`` for ``ShardReader.read``: each member's CRC-32C against the catalog's (None when
+        the catalog has none). ``data`` starts at byte ``start`` of the shard."""
+        if self.crc is None:
+            return None
+        expected = {s: int(self.crc[s][row]) for s in spans}
+
+        def verify(data) -> str | None:
+            for sensor, (offset, size) in spans.items():
+                want = expected[sensor]
+                if want < 0:
+                    continue
+                got = member_crc32c(data[offset - start : offset - start + size])
+                if got != want:
+                    return (
+                        f"{sensor} member of sample {self.key[row]} (row {row}, bytes {offset}-"
+                        f"{offset + size}) fails its checksum: crc32c {got:08x}, the catalog says {want:08x}"
+                    )
+            return None
+
+        return verify
+
     def _member_bytes(self, row: int, slot: int) -> dict[str, memoryview]:
         """The bytes of the sample's members, in one read when they lie together in the shard.
 
@@ -191,12 +244,18 @@ class SampleSource:
         end = max(o + n for o, n in spans.values())
         if len(spans) > 1 and end - start - sum(n for _, n in spans.values()) <= COALESCE_GAP_BYTES:
             out = self._buffer(("span", slot), end - start)
-            raw = memoryview(self.reader.read(shard, start, end - start, out=out.data.cast("B")))
+            verify = self._verifier(row, spans, start)
+            raw = memoryview(
+                self.reader.read(shard, start, end - start, out=out.data.cast("B"), verify=verify)
+            )
             return {s: raw[o - start : o - start + n] for s, (o, n) in spans.items()}
         members = {}
         for sensor, (offset, size) in spans.items():
             out = self._buffer(("raw", sensor, slot), size)
-            members[sensor] = memoryview(self.reader.read(shard, offset, size, out=out.data.cast("B")))
+            verify = self._verifier(row, {sensor: (offset, size)}, offset)
+            members[sensor] = memoryview(
+                self.reader.read(shard, offset, size, out=out.data.cast("B"), verify=verify)
+            )
         return members
 
     def _read(self, row: int, slot: int = 0) -> list[np.ndarray]:
@@ -211,8 +270,8 @@ class SampleSource:
                     raise ValueError(f"shape {arr.shape}")
             except ValueError as exc:
                 raise CorruptShardError(
-                    f"{self.reader.url(shard)}: {sensor} member of row {row} is not a "
-                    f"valid patch array ({exc})"
+                    f"{self.reader.url(shard)}: {sensor} member of sample {self.key[row]} (row {row}) is "
+                    f"not a valid patch array ({exc})"
                 ) from exc
             if sensor == "s2":
                 sel = self._buffer(("s2", slot), 0, arr.dtype, (*arr.shape[:2], len(self.s2_index)))
@@ -232,20 +291,21 @@ class SampleSource:
         if info.idx_in_batch == 0 and self.lookahead_steps > 0:
             ahead = plan.order[position : position + self.lookahead_steps * self.global_batch]
             self.reader.prefetch(list(dict.fromkeys(self.shard[ahead].tolist())))
-        substituted = 0
+        substituted, corrupt_shard = 0, -1
         for probe in range(position, position + len(plan.order)):  # substitute forward on corrupt shards
             row = int(plan.order[probe % len(plan.order)])
             try:
                 arrays = self._read(row, info.idx_in_batch)
                 break
             except CorruptShardError as exc:
-                if self.strict:
+                if self.on_corrupt == "fail":
                     raise
                 warnings.warn(f"skipping sample of a corrupt shard: {exc}", stacklevel=1)
-                substituted = 1
+                if not substituted:
+                    substituted, corrupt_shard = 1, int(self.shard[row])
         else:
             raise CorruptShardError("every shard of the epoch is corrupt")
-        ids = np.array([row, position, epoch, substituted], dtype=np.int64)
+        ids = np.array([row, position, epoch, substituted, corrupt_shard], dtype=np.int64)
         params = []
         for p in self.views.draw(self.plan_cfg.seed, epoch, position):
             params += [p.matrix, p.gain, p.offset, p.sigma]
@@ -288,6 +348,14 @@ class SSLLoader:
         self._iterator = None
         self._built_at: LoaderPosition | None = None
         self.substituted = 0
+        self.corrupt_shards: dict[str, int] = {}  # shard URL -> samples skipped from it
+        self.checksums = self.catalog.crc32c is not None
+        if not self.checksums:
+            warnings.warn(
+                f"{dataset}: the catalog records no member checksums (written by an older eossl): samples "
+                "are read without checking their bytes; ingest the dataset again to check them",
+                stacklevel=2,
+            )
 
     # -- the epoch ---------------------------------------------------------------------------------
     def plan(self, epoch: int | None = None) -> EpochPlan:
@@ -339,7 +407,7 @@ class SSLLoader:
             self.rank,
             self.world_size,
             self.position,
-            self.cfg.strict,
+            self.cfg.on_corrupt,
             self.cfg.lookahead_steps,
         )
 
@@ -363,6 +431,27 @@ class SSLLoader:
         names = [f"view{v}" for v in range(len(self.views.views))] + ["ids"]
         self._iterator = DALIGenericIterator([pipe], names, auto_reset=False, prepare_first_batch=False)
         self._built_at = self.position
+
+    def _count_corrupt(self, batch: Batch) -> None:
+        """Count a batch's replaced samples per shard; stop above ``max_corrupt_fraction`` of an epoch."""
+        self.substituted += batch.substituted
+        for shard in batch.corrupt_shards:
+            url = f"{self.dataset.rstrip('/')}/{self.manifest['shards'][shard]['path']}"
+            self.corrupt_shards[url] = self.corrupt_shards.get(url, 0) + 1
+        warnings.warn(
+            f"epoch {batch.epoch} step {batch.step}: {batch.substituted} samples of corrupt or truncated "
+            f"shards replaced by the next readable ones ({self.substituted} so far)",
+            stacklevel=3,
+        )
+        per_epoch = len(self) * self.cfg.batch_size
+        if self.substituted > self.cfg.max_corrupt_fraction * per_epoch:
+            self._close_iterator()
+            named = ", ".join(f"{url} ({n})" for url, n in sorted(self.corrupt_shards.items()))
+            raise CorruptDataError(
+                f"{self.substituted} samples skipped as corrupt, more than max_corrupt_fraction="
+                f"{self.cfg.max_corrupt_fraction} of this rank's {per_epoch} samples per epoch; "
+                f"samples skipped per shard: {named} (eossl verify names every damaged member)"
+            )
 
     def _close_iterator(self) -> None:
         self._iterator = None
@@ -398,14 +487,10 @@ class SSLLoader:
                     substituted=int(ids[:, 3].sum()),
                     epoch=epoch,
                     step=self.position.step,
+                    corrupt_shards=tuple(int(s) for s in ids[:, 4].tolist() if s >= 0),
                 )
                 if batch.substituted:
-                    self.substituted += batch.substituted
-                    warnings.warn(
-                        f"epoch {epoch} step {batch.step}: {batch.substituted} samples of corrupt or "
-                        f"truncated shards replaced by the next readable ones ({self.substituted} so far)",
-                        stacklevel=2,
-                    )
+                    self._count_corrupt(batch)
                 self.position = LoaderPosition(epoch, self.position.step + 1)
                 yield batch
         except GeneratorExit:  # the consumer stopped mid-epoch: DALI has prefetched past our position

@@ -16,12 +16,18 @@ from typing import TypeVar
 
 from .storage_errors import CorruptShardError, StorageError
 
-__all__ = ["BACKOFF_CAP_S", "RetryPolicy", "retry"]
+__all__ = ["BACKOFF_CAP_S", "RetryPolicy", "ShortResponseError", "retry"]
 
 log = logging.getLogger(__name__)
 
 BACKOFF_CAP_S = 30.0
 T = TypeVar("T")
+
+
+class ShortResponseError(OSError):
+    """A response with fewer (or other) bytes than the catalog says: retried like a network error, since a
+    connection cut mid-body or a corrupting hop passes; raised as ``CorruptShardError`` when every attempt
+    gives the same answer (then the object itself disagrees with the catalog)."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,9 @@ def retry(
 
     A missing object or a refused access is final at once (no retry can fix it), and so are corrupt
     bytes and programming errors (``ValueError``, ``TypeError``); anything else (connection refused or
-    reset, timeouts, 5xx, throttling) is retried after ``policy.delay(attempt)``.
+    reset, timeouts, 5xx, throttling, a short or damaged response: ``ShortResponseError``) is retried after
+    ``policy.delay(attempt)``. A response still short or damaged after the last attempt raises
+    ``CorruptShardError``: the object itself disagrees with the catalog.
 
     Args:
         request: one attempt; its return value is returned.
@@ -105,6 +113,8 @@ def retry(
                     delay,
                 )
                 sleep(delay)
+    if isinstance(last, ShortResponseError):
+        raise CorruptShardError(f"{last} (the same after {attempts} attempts)") from last
     raise StorageError(
         f"{url}: {what} failed after {attempts} attempts; last error: {type(last).__name__}: {last}"
     ) from last

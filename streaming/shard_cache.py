@@ -4,7 +4,13 @@ Layout: ``<cache_dir>/<sha256(dataset URL)[:16]>/shard-NNNNNN.<sha256[:12]>.tar`
 name means a dataset rewritten at the same URL never serves stale shards). Downloads go to a temporary
 name, are checked against the manifest (size always, sha256 unless turned off) and appear by
 ``os.replace``; a per-shard ``flock`` makes one process download while the others wait and then reuse the
-file. Eviction unlinks least recently used shards (mtime, refreshed by ``touch`` while a shard is read); a
+file. A verified copy gets a marker beside it (``<name>.ok``: the sha256 and the copy's inode), so the
+full-shard hash is paid once per node and copy: a copy without a valid marker (left by a run with
+``verify_downloads`` off, an older eossl, or replaced behind the cache's back) is hashed again before it is
+reused, and re-downloaded when it differs. Damage after that (the disk, a stray write) is caught by the
+reader's per-member CRC-32C on each read, which drops the copy (``discard``) and downloads it again.
+
+Eviction unlinks least recently used shards (mtime, refreshed by ``touch`` while a shard is read); a
 process that still has an evicted shard open keeps reading it (POSIX: an open fd survives unlink; the
 space is freed when it closes) and notices at its next touch.
 """
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -26,7 +33,9 @@ from .storage_errors import CorruptShardError, StorageError
 if TYPE_CHECKING:
     from .storage import StorageOptions
 
-__all__ = ["TOUCH_EVERY_S", "ShardCache", "cache_name", "size_or_none"]
+__all__ = ["TOUCH_EVERY_S", "ShardCache", "cache_name", "marker_path", "size_or_none"]
+
+log = logging.getLogger(__name__)
 
 TOUCH_EVERY_S = 1.0  # how often a cached shard's mtime is refreshed while it is being read
 _HASH_CHUNK = 8 * 2**20
@@ -75,6 +84,11 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def marker_path(path: Path) -> Path:
+    """The verified marker beside a cached copy (``<name>.ok``; eviction's ``*.tar`` glob skips it)."""
+    return path.with_name(path.name + ".ok")
+
+
 def cache_name(entry: dict) -> str:
     """The cached file's name of a manifest shard entry: its stem plus the first 12 hex of its sha256."""
     stem = Path(entry["path"]).name.removesuffix(".tar")
@@ -121,9 +135,54 @@ class ShardCache:
     def url(self, shard: int) -> str:
         return f"{self.dataset}/{self.shards[shard]['path']}"
 
+    def _must_hash(self, shard: int) -> bool:
+        return self.options.verify_downloads and bool(self.shards[shard].get("sha256"))
+
+    def _marker_valid(self, shard: int) -> bool:
+        path = self.paths[shard]
+        try:
+            digest, inode = marker_path(path).read_text().split()
+            return digest == self.shards[shard]["sha256"] and int(inode) == path.stat().st_ino
+        except (FileNotFoundError, ValueError):
+            return False
+
+    def _write_marker(self, shard: int) -> None:
+        path = self.paths[shard]
+        tmp = path.with_name(path.name + ".ok.tmp")
+        tmp.write_text(f"{self.shards[shard]['sha256']} {path.stat().st_ino}\n")
+        os.replace(tmp, marker_path(path))
+
     def is_complete(self, shard: int) -> bool:
-        """True when the shard's cached copy exists with the manifest's size."""
-        return size_or_none(self.paths[shard]) == int(self.shards[shard]["bytes"])
+        """True when the shard's cached copy exists with the manifest's size and (when downloads are
+        verified) a valid verified marker."""
+        if size_or_none(self.paths[shard]) != int(self.shards[shard]["bytes"]):
+            return False
+        return not self._must_hash(shard) or self._marker_valid(shard)
+
+    def discard(self, shard: int) -> None:
+        """Drop a cached copy found damaged (its bytes failed a check): the next ``ensure`` downloads it."""
+        path = self.paths[shard]
+        with _file_lock(path.with_name(path.name + ".lock"), self.options.lock_timeout_s, self.url(shard)):
+            marker_path(path).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+        self._forget(shard)
+
+    def _reuse_unverified(self, shard: int) -> bool:
+        """Under the shard's lock: hash a copy of the right size that has no valid marker; keep it (and
+        mark it) when it matches the manifest, else remove it. True when it can be reused."""
+        path = self.paths[shard]
+        if size_or_none(path) != int(self.shards[shard]["bytes"]):
+            return False
+        if _sha256_file(path) == self.shards[shard]["sha256"]:
+            self._write_marker(shard)
+            return True
+        log.warning(
+            "%s: cached copy %s differs from the manifest's sha256; downloading it again",
+            self.url(shard),
+            path,
+        )
+        path.unlink(missing_ok=True)
+        return False
 
     def ensure(self, shard: int) -> tuple[Path, bool]:
         """The cached copy of ``shard``, downloaded once per node if absent; True when this call fetched."""
@@ -134,11 +193,16 @@ class ShardCache:
         with _file_lock(path.with_name(path.name + ".lock"), self.options.lock_timeout_s, self.url(shard)):
             if self.is_complete(shard):  # another process downloaded it while we waited
                 return path, False
+            if self._must_hash(shard) and self._reuse_unverified(shard):
+                return path, False
             tmp = path.with_name(path.name + ".tmp")  # only the lock holder writes it: a fixed name is safe
             try:
                 self._fetch(shard, tmp)
                 self._check_download(shard, tmp)
+                marker_path(path).unlink(missing_ok=True)
                 os.replace(tmp, path)
+                if self._must_hash(shard):
+                    self._write_marker(shard)
             finally:
                 tmp.unlink(missing_ok=True)
             self._count(downloads=1)
@@ -194,6 +258,7 @@ class ShardCache:
                 break
             if p == keep:  # never the shard just downloaded (alone it may exceed the bound)
                 continue
+            marker_path(p).unlink(missing_ok=True)
             p.unlink(missing_ok=True)
             total -= size
             self._count(evictions=1)

@@ -9,9 +9,11 @@ headers or a whole-shard read. Optionally, remote shards are downloaded whole in
 
 Failure policy: every network request gets the client's own timeouts and *our* retry loop (``retry.py``:
 exponential backoff with jitter, the client's retries turned off so that the two do not multiply); after
-the last attempt a ``StorageError`` names the object. A missing object is not retried. Bytes that disagree
-with the manifest (a file shorter than its ``bytes``, a short read, a downloaded shard whose sha256 differs)
-raise ``CorruptShardError``: retrying cannot fix them.
+the last attempt a ``StorageError`` names the object. A missing object is not retried. A short or damaged
+response (fewer bytes than asked, a member whose CRC-32C differs from the catalog's) is retried like a
+network error, since a cut connection or a bad hop passes; bytes that still disagree with the manifest
+or the catalog (a local file shorter than its ``bytes``, an object short on every attempt, a downloaded
+shard whose sha256 differs, a member failing its CRC-32C after the retries) raise ``CorruptShardError``.
 
 Endpoints and credentials come from the standard environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``
 ..., honoured by botocore/s3fs), never from code, and are never logged.
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from eossl.ingest.storage import is_remote, url_scheme
 
-from .retry import RetryPolicy, retry
+from .retry import RetryPolicy, ShortResponseError, retry
 from .shard_cache import ShardCache
 from .storage_errors import CorruptShardError, StorageError
 
@@ -288,15 +290,28 @@ class ShardReader:
         """Where shard ``shard`` lives (a local path or the object URL): used in every error message."""
         return f"{self.dataset}/{self.shards[shard]['path']}"
 
-    def read(self, shard: int, offset: int, size: int, out: bytearray | None = None) -> bytes | memoryview:
+    def read(
+        self,
+        shard: int,
+        offset: int,
+        size: int,
+        out: bytearray | None = None,
+        verify: Callable[[bytes | memoryview], str | None] | None = None,
+    ) -> bytes | memoryview:
         """Exactly ``size`` bytes of shard ``shard`` from byte ``offset`` (a member's data, from the catalog).
 
         With ``out`` (a reusable buffer of at least ``size`` bytes) the bytes are read into it and a
         memoryview of its first ``size`` bytes is returned: no allocation per read.
 
+        ``verify(data)`` checks what was read (the loader compares each member's CRC-32C with the catalog's)
+        and returns None, or what is wrong. A failed check is retried where another read can differ: a
+        ranged GET is repeated under the retry policy (a fresh request each time); a cached copy is
+        dropped, downloaded again (sha256-checked) and read once more; a local file is not re-read.
+
         Raises:
             StorageError: the store is unreachable after the retries, or the shard does not exist.
-            CorruptShardError: the shard is shorter than the manifest says or its download is corrupt.
+            CorruptShardError: the shard is shorter than the manifest says, its download is corrupt, or
+                ``verify`` still fails after the retries (the message names the file and the problem).
             ValueError: the range is outside the shard.
         """
         self._check_process()
@@ -312,10 +327,28 @@ class ShardReader:
         target = memoryview(out)[:size] if out is not None else None
         if self.is_local or self._use_cache:
             data = self._read_file(shard, offset, size, target)
+            problem = verify(data) if verify is not None else None
+            if problem and self._use_cache:  # damaged on the node's disk after its download check
+                log.warning(
+                    "%s: cached copy fails a check (%s); downloading it again", self.url(shard), problem
+                )
+                self._count(retries=1)
+                self._cache.discard(shard)
+                data = self._read_file(shard, offset, size, target)
+                problem = verify(data)
+            if problem:
+                name = str(self._cache.paths[shard]) if self._use_cache else self.url(shard)
+                raise CorruptShardError(f"{name}: {problem}")
         else:
-            data = self._retrying(
-                shard, f"GET bytes {offset}-{offset + size}", lambda: self._get_range(shard, offset, size)
-            )
+
+            def request() -> bytes:
+                got = self._get_range(shard, offset, size)
+                problem = verify(got) if verify is not None else None
+                if problem:  # retried (a fresh GET); CorruptShardError when every attempt fails
+                    raise ShortResponseError(f"{self.url(shard)}: {problem}")
+                return got
+
+            data = self._retrying(shard, f"GET bytes {offset}-{offset + size}", request)
             if target is not None:
                 target[:] = data
                 data = target
@@ -423,8 +456,8 @@ class ShardReader:
         fs = self._filesystem()
         self._count(requests=1)
         data = fs.cat_file(self._remote_path(shard), start=offset, end=offset + size)  # one ranged GET
-        if len(data) != size:
-            raise CorruptShardError(
+        if len(data) != size:  # a cut body passes; retried, CorruptShardError when it persists
+            raise ShortResponseError(
                 f"{self.url(shard)}: short read of bytes {offset}-{offset + size} "
                 f"({len(data)} of {size} bytes): the object is shorter than the manifest's "
                 f"{self.shards[shard]['bytes']} bytes (truncated)"

@@ -174,18 +174,19 @@ def test_resume_mid_epoch_exact_and_elastic(dataset):
 
 
 @pytest.mark.slow
-def test_corrupt_shard_is_substituted_or_fails_in_strict_mode(copy_of_dataset):
+def test_truncated_shard_is_substituted_or_fails_with_on_corrupt_fail(copy_of_dataset):
     broken = copy_of_dataset
     manifest = json.loads((broken / "manifest.json").read_text())
     shard = broken / manifest["shards"][2]["path"]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])  # truncated
-    loader = SSLLoader(str(broken), _cfg(workers=1))
+    loader = SSLLoader(str(broken), _cfg(workers=1, max_corrupt_fraction=1.0))
     with pytest.warns(UserWarning, match="corrupt"):
         batches = _epoch(loader)
     assert len(batches) == len(loader) and all(len(b.rows) == 4 for b in batches)
     assert loader.substituted == manifest["shards"][2]["samples"]
+    assert loader.corrupt_shards == {str(shard): manifest["shards"][2]["samples"]}
     with pytest.raises(StreamingError, match=r"shard-000002.tar: \d+ bytes, the manifest says"):
-        _epoch(SSLLoader(str(broken), _cfg(workers=1, strict=True)))
+        _epoch(SSLLoader(str(broken), _cfg(workers=1, on_corrupt="fail")))
 
 
 @pytest.mark.slow

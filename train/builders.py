@@ -61,6 +61,8 @@ def loader_config(cfg: TrainConfig, views: ViewConfig) -> LoaderConfig:
         device=lc.device,
         num_threads=lc.threads,
         workers=lc.workers,
+        on_corrupt=lc.on_corrupt,
+        max_corrupt_fraction=lc.max_corrupt_fraction,
         plan=PlanConfig(seed=cfg.seed, shuffle_buffer=lc.shuffle_buffer),
         storage=StorageOptions(
             cache_dir=lc.cache_dir,

@@ -185,6 +185,9 @@ class DataConfig:
             the shards of a few steps of every rank on the node (docs/SCALING.md).
         retries, timeout_s: attempts after a failed object-store request, and each request's timeout.
         device: DALI device: auto, gpu or cpu.
+        on_corrupt, max_corrupt_fraction: a sample whose bytes fail their check 'fail's the run or is
+            'skip'ped (replaced, counted as ``replaced_samples``) until more than this fraction of an
+            epoch's samples were skipped on a rank (see ``LoaderConfig``).
         n_local, local_size: DINO multi-crop: local crops per sample and their size (global crops use
             ``size``; scales as in DINO: global 0.4-1, local 0.05-0.4).
     """
@@ -203,6 +206,8 @@ class DataConfig:
     retries: int = StorageOptions.retries
     timeout_s: float = StorageOptions.timeout_s
     device: str = LoaderConfig.device
+    on_corrupt: str = LoaderConfig.on_corrupt
+    max_corrupt_fraction: float = LoaderConfig.max_corrupt_fraction
     n_local: int = ViewConfig.n_local
     local_size: int = ViewConfig.local_size
 

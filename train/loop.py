@@ -66,6 +66,7 @@ class _Meter:
     t_last: float = field(default_factory=time.perf_counter)
     nonfinite: int = 0
     consecutive: int = 0
+    replaced: int = 0  # this rank's samples skipped as corrupt since the process started
 
     def restart(self) -> None:
         self.wait, self.samples, self.t_last = 0.0, 0, time.perf_counter()
@@ -170,6 +171,7 @@ class _Run:
                     self._preempt(self.stop.signum)
                 raise
             self.meter.wait += time.perf_counter() - t0
+            self.meter.replaced += batch.substituted
             views = [v.to(self.acc.device, non_blocking=True) for v in batch.views]
             self.meter.samples += views[0].shape[0] * self.acc.num_processes
             yield views
@@ -267,6 +269,7 @@ class _Run:
             "dataset_manifest_sha256": manifest.get("manifest_sha256", ""),
             "dataset": self.cfg.data,
             "lr_scaling_rule": self.cfg.optim.lr_scaling,
+            "data_member_checksums": "crc32c" if self.loader.checksums else "absent (reads unchecked)",
             "normalisation": json.dumps(
                 {"channels": spec.channel_names, "mean": mean.round(6).tolist(), "std": std.round(6).tolist()}
             ),
@@ -280,7 +283,8 @@ class _Run:
 
     def _log_step(self, loss: float, logs: dict[str, torch.Tensor], values: dict[str, float]) -> None:
         """The loss every step; throughput, schedules and the method's logs every ``log_every`` steps."""
-        logged: dict[str, float] = {"loss": loss}
+        replaced = self.acc.reduce(torch.tensor(float(self.meter.replaced), device=self.acc.device), "sum")
+        logged: dict[str, float] = {"loss": loss, "replaced_samples": float(replaced)}  # every rank's total
         if self.step % self.cfg.log_every == 0 or self.step == self.stop_step:
             meter = self.meter
             elapsed = time.perf_counter() - meter.t_last
