@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO   ?= demo-output
+# The demo's one MLflow store (train and eval share it), kept inside the demo's folder.
+DEMO_MLFLOW = sqlite:///$(CURDIR)/$(DEMO)/mlflow.db
 STAMP  := $(VENV)/.installed
 
 .PHONY: all install demo study test lint format bench clean
@@ -38,13 +40,13 @@ demo: install
 	$(PY) -m eossl.launch sample-data $(DEMO)/sen12ms --patches 96 --seed 0
 	$(PY) -m eossl.launch ingest $(DEMO)/sen12ms $(DEMO)/dataset --workers 2 --shard-size 32MB --budgets 8,32 --holdout-fraction 0.25
 	$(PY) -m eossl.launch verify $(DEMO)/dataset --deep
-	MLFLOW_TRACKING_URI= $(PY) -m eossl.launch train moco --data $(DEMO)/dataset --out $(DEMO)/runs/moco $(DEMO_TRAIN)
-	MLFLOW_TRACKING_URI= $(PY) -m eossl.launch eval classify --checkpoint $(DEMO)/runs/moco --dataset $(DEMO)/dataset \
+	MLFLOW_TRACKING_URI=$(DEMO_MLFLOW) $(PY) -m eossl.launch train moco --data $(DEMO)/dataset --out $(DEMO)/runs/moco $(DEMO_TRAIN)
+	MLFLOW_TRACKING_URI=$(DEMO_MLFLOW) $(PY) -m eossl.launch eval classify --checkpoint $(DEMO)/runs/moco --dataset $(DEMO)/dataset \
 		--budget 32 --seeds 0,1,2 --protocol linear --out $(DEMO)/eval
-	MLFLOW_TRACKING_URI= $(PY) -m eossl.launch train dino --data $(DEMO)/dataset --out $(DEMO)/runs/dino $(DEMO_DINO)
-	MLFLOW_TRACKING_URI= $(PY) -m eossl.launch attention --checkpoint $(DEMO)/runs/dino --dataset $(DEMO)/dataset \
+	MLFLOW_TRACKING_URI=$(DEMO_MLFLOW) $(PY) -m eossl.launch train dino --data $(DEMO)/dataset --out $(DEMO)/runs/dino $(DEMO_DINO)
+	MLFLOW_TRACKING_URI=$(DEMO_MLFLOW) $(PY) -m eossl.launch attention --checkpoint $(DEMO)/runs/dino --dataset $(DEMO)/dataset \
 		--first 3 --out $(DEMO)/attention
-	MLFLOW_TRACKING_URI= $(PY) -m eossl.launch eval segment --checkpoint $(DEMO)/runs/dino --dataset $(DEMO)/dataset \
+	MLFLOW_TRACKING_URI=$(DEMO_MLFLOW) $(PY) -m eossl.launch eval segment --checkpoint $(DEMO)/runs/dino --dataset $(DEMO)/dataset \
 		--inputs s1 --budget 32 --seeds 0 --protocol finetune --epochs 10 --crop 128 --write-maps --out $(DEMO)/segment
 	@echo
 	@echo "demo results:"
@@ -55,8 +57,7 @@ demo: install
 	@echo "  DINO run (S1, ViT)     : $(DEMO)/runs/dino"
 	@echo "  attention figures      : $(DEMO)/attention/*.png (summary.json: mIoU of token clusters and masks vs land cover)"
 	@echo "  land-cover maps        : $(DEMO)/segment/results.md, cells/*/predictions.png, cells/*/maps/*.tif (GeoTIFF)"
-	@echo "  MLflow                 : mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DEMO)/runs/moco/mlflow.db"
-	@echo "                           mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DEMO)/eval/mlflow.db"
+	@echo "  MLflow (one store)     : mlflow ui --backend-store-uri $(DEMO_MLFLOW)"
 
 # A 2 x 2 scaling study (batch size 8/32 x 2/6 epochs, linear probes) on the demo dataset (~4 min);
 # re-running it resumes. Table and plots: $(DEMO)/study/results.md, *.png.

@@ -19,12 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eossl.ingest.integrity import read_manifest
+from eossl.ingest.storage import DatasetRoot
 from eossl.streaming.inputs import InputSpec
+from eossl.train.progress import Countdown, log_line
+from eossl.train.tracking import log_dataset_input
 
 from .config import GridConfig
 from .models import NotApplicable
 from .report import write_tables
-from .tracking import eval_experiment
+from .tracking import eval_experiment, pretrain_tags
 
 __all__ = [
     "CellOutcome",
@@ -153,6 +157,18 @@ class GridTask:
         return []
 
 
+_PATH_FIELDS = ("dataset", "out", "checkpoints")  # logged absolute: a relative path names no folder later
+
+
+def _absolute(value: Any) -> Any:
+    """A local path made absolute (URLs as given); lists element-wise."""
+    if isinstance(value, list | tuple):
+        return [_absolute(v) for v in value]
+    if isinstance(value, str | Path) and value and "://" not in str(value):
+        return str(Path(value).resolve())
+    return value
+
+
 def _config_params(cfg: GridConfig) -> dict[str, Any]:
     """The parent run's params: scalar fields as text, each section's fields as ``<section>.<field>``."""
     params: dict[str, Any] = {}
@@ -162,16 +178,33 @@ def _config_params(cfg: GridConfig) -> dict[str, Any]:
         if dataclasses.is_dataclass(value):
             sections[f.name] = value
         else:
-            params[f.name] = str(value)
+            params[f.name] = str(_absolute(value) if f.name in _PATH_FIELDS else value)
     for name, section in sections.items():
         params.update({f"{name}.{k}": v for k, v in dataclasses.asdict(section).items()})
     return params
 
 
+def _log_dataset(dataset: str) -> None:
+    """The evaluated dataset as the parent run's dataset input (a dataset without a manifest is skipped:
+    its cells say why they have no score)."""
+    try:
+        manifest = read_manifest(DatasetRoot(dataset))
+    except (OSError, ValueError):
+        return
+    log_dataset_input(dataset, manifest, context="evaluation")
+
+
 def _log_cell(
-    exp_id: str, task: GridTask, cell: dict, params: dict, metrics: dict, artifacts: list[str]
+    exp_id: str,
+    task: GridTask,
+    cell: dict,
+    params: dict,
+    metrics: dict,
+    artifacts: list[str],
+    links: dict[str, str] | None = None,
 ) -> None:
-    """The cell's child run: the tags ``eossl eval report`` reads, params, metrics, files."""
+    """The cell's child run: the tags ``eossl eval report`` reads, the pre-training run's link, params,
+    metrics, files."""
     import mlflow
 
     with mlflow.start_run(experiment_id=exp_id, run_name=f"{cell['method']} / {cell['input']}", nested=True):
@@ -182,6 +215,7 @@ def _log_cell(
                 "eossl.eval.input": cell["input"],
                 "eossl.eval.metric": cell["metric"],
                 **task.tags,
+                **(links or {}),
             }
         )
         mlflow.log_params(params)
@@ -208,17 +242,26 @@ def _run_cell(task: GridTask, exp_id: str, row: GridRow, column: str, out: Path,
         "note": "",
     }
     params = task.cell_params(row, column, spec)
+    links = pretrain_tags(row.run_dir)
     started = time.perf_counter()
     try:
         per_seed = [task.run_seed(row, spec, s, folder, i == 0, acc) for i, s in enumerate(cfg.seeds)]
         outcome = task.summarise(cell, per_seed, folder, started)
     except NotApplicable as exc:
         cell.update(mean=None, std=None, n=0, note=str(exc))
-        _log_cell(exp_id, task, cell, params, {}, [])
+        _log_cell(exp_id, task, cell, params, {}, [], links)
         return cell
     cell.update(outcome.values)
-    _log_cell(exp_id, task, cell, params, outcome.metrics, outcome.artifacts)
+    _log_cell(exp_id, task, cell, params, outcome.metrics, outcome.artifacts, links)
     return cell
+
+
+def _cell_done(cell: dict, metric: str) -> str:
+    """How a finished cell reads in the progress log: its score, or why it has none."""
+    if cell.get("note"):
+        return f"no score ({cell['note'][:120]})"
+    mean = cell.get("mean")
+    return f"{metric} {100 * mean:.2f} %" if isinstance(mean, int | float) else "done"  # % as in the tables
 
 
 def run_grid(
@@ -250,9 +293,24 @@ def run_grid(
     ) as parent:
         mlflow.log_params(_config_params(cfg))
         mlflow.set_tags({"eossl.eval.parent": "1", **task.tags, "command": " ".join(command), **(tags or {})})
+        _log_dataset(cfg.dataset)
+        countdown = Countdown(len(rows) * len(cfg.inputs))
+        log_line(
+            f"{task.name}: {countdown.total} cells ({len(rows)} rows x {len(cfg.inputs)} inputs), "
+            f"{len(cfg.seeds)} seed(s) each, protocol {cfg.protocol}, budget {cfg.budget}"
+        )
         for row in rows:
             for column in cfg.inputs:
+                log_line(
+                    f"cell {countdown.done + 1}/{countdown.total}: {row.name} / {column} "
+                    f"({countdown.left - 1} after it, ETA {countdown.eta()})"
+                )
                 cells.append(_run_cell(task, exp_id, row, column, out, acc))
+                countdown.advance()
+                log_line(
+                    f"cell {countdown.done}/{countdown.total} {row.name} / {column}: "
+                    f"{_cell_done(cells[-1], task.metric)}; elapsed {countdown.elapsed()}"
+                )
         for extra in task.extra_cells(rows, out):
             _log_cell(exp_id, task, extra.cell, extra.params, extra.metrics, [])
             cells.append(extra.cell)

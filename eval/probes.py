@@ -15,6 +15,8 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from eossl.train.progress import Countdown, log_line
+
 from .config import ProbeConfig
 from .models import EvalEncoder
 
@@ -134,8 +136,10 @@ def finetune(
         generator=gen,
         drop_last=len(train_set) > cfg.batch_size,
     )
-    for _ in range(cfg.finetune_epochs):
+    countdown = Countdown(cfg.finetune_epochs)
+    for epoch in range(cfg.finetune_epochs):
         enc.train()
+        losses = []
         for batch in loader:
             x = _augment(batch["x"].to(device), gen)
             y = batch["y"].to(device)
@@ -149,6 +153,13 @@ def finetune(
             opt.zero_grad()
             acc.backward(loss)
             opt.step()
+            losses.append(loss.item())
+        countdown.advance()
+        if acc.is_main_process:
+            log_line(
+                f"  fine-tune seed {seed} epoch {epoch + 1}/{cfg.finetune_epochs}: loss "
+                f"{np.mean(losses) if losses else float('nan'):.4f}, ETA {countdown.eta()}"
+            )
     enc.eval()
     scores = []
     with torch.no_grad():

@@ -1,8 +1,8 @@
 """Results tables (CSV + Markdown in the study's shape) and confusion-matrix figures.
 
-Rows are pre-training methods, columns the inputs ``s1``, ``s2``, ``s1s2``; a cell is the mean over seeds
-of the headline metric, with the spread in the Markdown. ``eossl eval report`` rebuilds the same table
-from MLflow runs, so results of many evaluation jobs can be gathered without retraining.
+Rows are pre-training methods, columns the inputs ``s1``, ``s2``, ``s1s2`` that were run; a cell is the
+mean over seeds of the headline metric, with the spread in the Markdown. ``eossl eval report`` rebuilds
+the same table from MLflow runs, so results of many evaluation jobs can be gathered without retraining.
 """
 
 from __future__ import annotations
@@ -18,6 +18,13 @@ import numpy as np
 __all__ = ["INPUT_COLUMNS", "collect_from_mlflow", "plot_confusion", "write_tables"]
 
 INPUT_COLUMNS = ("s1", "s2", "s1s2")
+_HEADINGS = {"s1s2": "s1/s2"}
+
+
+def _columns(cells: list[dict]) -> list[str]:
+    """The input columns some cell was run for, in the canonical order: an input not run has no column."""
+    run = {c["input"] for c in cells}
+    return [col for col in INPUT_COLUMNS if col in run] or list(INPUT_COLUMNS)
 
 
 def _fmt(mean: float | None, std: float | None, n: int | None) -> str:
@@ -35,20 +42,22 @@ def write_tables(cells: list[dict], out: Path, title: str, sections: Sequence[st
     out.mkdir(parents=True, exist_ok=True)
     methods = list(dict.fromkeys(c["method"] for c in cells))
     by_key = {(c["method"], c["input"]): c for c in cells}
+    columns = _columns(cells)
     csv_path = out / "results.csv"
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", *INPUT_COLUMNS])
+        writer.writerow(["method", *columns])
         for m in methods:
             row = [m]
-            for col in INPUT_COLUMNS:
+            for col in columns:
                 c = by_key.get((m, col))
                 row.append("" if c is None or c.get("mean") is None else f"{100 * c['mean']:.2f}")
             writer.writerow(row)
-    md = [f"# {title}", "", "| method | s1 | s2 | s1/s2 |", "| --- | --- | --- | --- |"]
+    headings = [_HEADINGS.get(col, col) for col in columns]
+    md = [f"# {title}", "", "| method | " + " | ".join(headings) + " |", "|" + " --- |" * (len(columns) + 1)]
     for m in methods:
         vals = []
-        for col in INPUT_COLUMNS:
+        for col in columns:
             c = by_key.get((m, col))
             vals.append("" if c is None else _fmt(c.get("mean"), c.get("std"), c.get("n")))
         md.append(f"| {m} | " + " | ".join(vals) + " |")

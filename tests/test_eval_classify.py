@@ -86,6 +86,7 @@ def pretrained(dataset, tmp_path_factory) -> Path:
         "mode=fusion_partial",
         *common,
         env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+        cwd=runs,  # the default store: ./mlflow.db
     )
     run_cli(
         "train",
@@ -100,6 +101,7 @@ def pretrained(dataset, tmp_path_factory) -> Path:
         "adapter=conv1x1",
         *common,
         env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+        cwd=runs,  # the default store: ./mlflow.db
     )
     return runs
 
@@ -187,7 +189,7 @@ def test_classify_grid_cli_tables_figures_and_mlflow(dataset, pretrained, tmp_pa
         "--precision",
         precision,
     ]
-    proc = run_cli(*args, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    proc = run_cli(*args, env={**os.environ, "MLFLOW_TRACKING_URI": ""}, cwd=tmp_path)  # store: ./mlflow.db
     assert "| random init |" in proc.stdout and "| fusion |" in proc.stdout
     rows = _read_csv(out / "results.csv")
     assert [r["method"] for r in rows] == ["random init", "fusion"]
@@ -201,7 +203,7 @@ def test_classify_grid_cli_tables_figures_and_mlflow(dataset, pretrained, tmp_pa
     cell = json.loads((out / "cells" / "fusion__s1" / "metrics.json").read_text())
     assert [m["train_samples"] for m in cell["per_seed"]] == [8, 8]
 
-    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("eossl-eval")
     parents = client.search_runs([exp.experiment_id], "tags.`eossl.eval.parent` = '1'")
     assert len(parents) == 1
@@ -219,7 +221,7 @@ def test_classify_grid_cli_tables_figures_and_mlflow(dataset, pretrained, tmp_pa
         "--parent",
         parents[0].info.run_id,
         "--tracking-uri",
-        f"sqlite:///{out / 'mlflow.db'}",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
         "--out",
         str(report),
     )

@@ -191,16 +191,25 @@ class _ConstantTask(GridTask):
         return CellOutcome({"mean": mean, "std": 0.0, "n": len(per_seed)}, {"score_mean": mean, "seeds": 2})
 
 
-def test_a_task_plugs_into_the_grid(tmp_path, monkeypatch):
+def test_a_task_plugs_into_the_grid(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # the default store: mlflow.db in the current folder
     cfg = ClassifyConfig(dataset="unused", out=str(tmp_path), inputs=("s1",), seeds=(0, 1), inits=("random",))
     result = run_grid(_ConstantTask(cfg), ("test",))
     with open(result["results_csv"]) as f:
-        assert list(csv.reader(f)) == [
-            ["method", "s1", "s2", "s1s2"],
-            ["half seed", "25.00", "", ""],
-            ["nothing", "", "", ""],
+        assert list(csv.reader(f)) == [  # no columns for the inputs that were not run
+            ["method", "s1"],
+            ["half seed", "25.00"],
+            ["nothing", ""],
         ]
+    md = (tmp_path / "results.md").read_text()
+    assert "| method | s1 |\n| --- | --- |" in md and "s1/s2" not in md
+    # Progress per cell: which cell runs, how many are left, and how it ended.
+    out = capsys.readouterr().out
+    assert "constant: 2 cells (2 rows x 1 inputs)" in out
+    assert "cell 1/2: half seed / s1 (1 after it, ETA ?)" in out
+    assert "cell 2/2: nothing / s1 (0 after it, ETA " in out
+    assert "cell 1/2 half seed / s1: score 25.00 %" in out and "no score (no rows to score)" in out
     cells = json.loads((Path(tmp_path) / "cells.json").read_text())
     assert [c["note"] for c in cells] == ["", "no rows to score"]
     logged = collect_from_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", result["mlflow_parent_run_id"], None)

@@ -256,7 +256,7 @@ def test_segment_cli_tables_mlflow_figures_and_georeferenced_maps(
         args.append("--write-maps")
     else:
         args += ["--precision", "bf16", "--backbone-lr-scale", "0.5"]
-    run_cli(*args, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    run_cli(*args, env={**os.environ, "MLFLOW_TRACKING_URI": ""}, cwd=tmp_path)  # store: ./mlflow.db
 
     rows = {r["method"]: r for r in _read_csv(out / "results.csv")}
     supervised = ["random init (vit_tiny_patch16_224)", "random init (resnet18)", "dino", "moco"]
@@ -278,7 +278,7 @@ def test_segment_cli_tables_mlflow_figures_and_georeferenced_maps(
     assert cell["per_seed"][0]["backbone_unchanged"] is (True if protocol == "linear" else None)
     assert (out / "cells" / "moco__s1" / "predictions.png").stat().st_size > 20_000
 
-    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("eossl-eval")
     parent = client.search_runs([exp.experiment_id], "tags.`eossl.eval.parent` = '1'")[0]
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -299,7 +299,7 @@ def test_segment_cli_tables_mlflow_figures_and_georeferenced_maps(
             "--parent",
             parent.info.run_id,
             "--tracking-uri",
-            f"sqlite:///{out / 'mlflow.db'}",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
             "--out",
             str(report),
         )

@@ -239,7 +239,14 @@ def test_slurm_job_preempted_checkpoints_requeues_and_resumes(dataset, slurm_stu
     )
     script = tmp_path / "job.sbatch"
     script.write_text(render_slurm(job))
-    env = _slurm_env(slurm_stubs, 1, "127.0.0.1", tmp_path, MASTER_PORT=str(free_port()))
+    env = _slurm_env(
+        slurm_stubs,
+        1,
+        "127.0.0.1",
+        tmp_path,
+        MASTER_PORT=str(free_port()),
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",  # not ./mlflow.db in the checkout
+    )
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(
         ["bash", str(script)], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True

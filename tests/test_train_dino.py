@@ -157,7 +157,7 @@ def _losses(run: Path) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_exact_resume_and_export(dataset, tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_cli(*_train_args(dataset, straight, 4), env=env)
     run_cli(*_train_args(dataset, resumed, 2), env=env)
@@ -179,7 +179,7 @@ def test_exact_resume_and_export(dataset, tmp_path):
 
 @pytest.mark.slow
 def test_diverging_run_stops_with_a_clear_message(dataset, tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     run = tmp_path / "nan"
     proc = run_cli(
         *_train_args(

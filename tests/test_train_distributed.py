@@ -38,6 +38,12 @@ def _ranks(run: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((run / "ranks").glob("rank-*.json"))]
 
 
+@pytest.fixture(autouse=True)
+def _processes_start_in_tmp(tmp_path, monkeypatch):
+    """Training processes without MLFLOW_TRACKING_URI log to ./mlflow.db: here, not in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.mark.slow
 def test_two_processes_one_machine(dataset, tmp_path):
     run = tmp_path / "run"

@@ -124,6 +124,7 @@ def test_a_new_method_trains_through_the_loop_and_each_hook_is_called(tiny, data
     from eossl.train.loop import train
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # the default store: ./mlflow.db
     run = tmp_path / "run"
     cfg = load_config(
         "tiny",

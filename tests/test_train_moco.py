@@ -103,7 +103,7 @@ def _losses(run: Path) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_exact_resume_after_kill_mid_epoch(dataset, tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     straight = tmp_path / "straight"
     run_cli(*_train_args(dataset, straight, 6))
     # Same run killed after its step-2 checkpoint (mid-epoch: 3 steps per epoch here), then resumed.
@@ -135,7 +135,7 @@ def test_exact_resume_after_kill_mid_epoch(dataset, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_run_outputs_export_and_local_mlflow(dataset, tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = tmp_path / "run"
     out = run_cli(*_train_args(dataset, run, 3, mode="pair", adapter="conv1x1")).stdout
     assert "backbone:" in out and "mlflow run:" in out
@@ -152,10 +152,10 @@ def test_run_outputs_export_and_local_mlflow(dataset, tmp_path, monkeypatch):
     ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     state = torch.load(ckpt / "model.pt", weights_only=True)
     assert {"queue", "queue_ptr"} <= set(state)
-    # A local MLflow store in the run folder holds the run.
+    # The store holds the run.
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("eossl").experiment_id])
     assert len(runs) == 1
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2, 3]
@@ -164,7 +164,7 @@ def test_run_outputs_export_and_local_mlflow(dataset, tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_accumulation_and_clipping(dataset, tmp_path, monkeypatch, precision):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = tmp_path / precision
     args = _train_args(dataset, run, 2, precision=precision, grad_accum="2", clip_grad="1.0", batch_size="4")
     if precision == "fp16" and not torch.cuda.is_available():
@@ -182,7 +182,7 @@ def test_mixed_precision_accumulation_and_clipping(dataset, tmp_path, monkeypatc
 @pytest.mark.slow
 def test_torch_compile_option(dataset, tmp_path, monkeypatch):
     """compile=true compiles the query encoder in place: training runs and the export keeps timm's keys."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = tmp_path / "compiled"
     run_cli(*_train_args(dataset, run, 2, compile="true"))
     assert sorted(_losses(run)) == [1, 2]

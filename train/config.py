@@ -299,9 +299,22 @@ def load_config(method: str, yaml_path: str | None, overrides: dict[str, Any]) -
 
 
 def flatten(cfg: TrainConfig) -> dict[str, Any]:
-    """Dotted key -> value, for MLflow params and config.yaml."""
-    return {path: getattr(owner, name) for path, (owner, name) in config_keys(cfg).items()}
+    """Dotted key -> value of the running method, for MLflow params and the resume digest.
+
+    The sections of the methods not running are left out: a MoCo run's params hold no ``dino.*`` key (their
+    values never reach the run, so listing them would only mislead whoever compares runs).
+    """
+    other = tuple(f"{m}." for m in _other_methods(cfg))
+    return {
+        path: getattr(owner, name)
+        for path, (owner, name) in config_keys(cfg).items()
+        if not path.startswith(other)
+    }
 
 
 def to_yaml(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg))), sort_keys=False)
+    """The run's config.yaml: every field of the running method (other methods' sections left out)."""
+    tree = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    for method in _other_methods(cfg):
+        tree.pop(method, None)
+    return yaml.safe_dump(tree, sort_keys=False)

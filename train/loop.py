@@ -35,9 +35,10 @@ from .distributed import all_reduce_max, all_reduce_min
 from .export import export_backbone
 from .methods import get_method
 from .preemption import Preempted, StopRequest, lock_run_dir
+from .progress import Countdown, interactive, log_line
 from .resume import RunCheckpointer, config_digest
 from .schedules import scaled_lr
-from .tracking import git_commit, start_tracking
+from .tracking import git_commit, log_dataset_input, start_tracking
 
 __all__ = ["RunResult", "train"]
 
@@ -124,9 +125,16 @@ class _Run:
 
     def _fit(self) -> RunResult:
         self._start()
+        # A bar on a terminal; in a log file (a cluster job's output) plain timestamped lines instead.
+        self.plain = self.main and not interactive()
         self.bar = tqdm(
-            total=self.stop_step, initial=self.step, disable=not self.main, unit="step", dynamic_ncols=True
+            total=self.stop_step,
+            initial=self.step,
+            disable=not self.main or self.plain,
+            unit="step",
+            dynamic_ncols=True,
         )
+        self.countdown = Countdown(self.stop_step, self.step)
         self.meter = _Meter()
         loss = float("nan")
         self.model.train()
@@ -274,7 +282,11 @@ class _Run:
                 {"channels": spec.channel_names, "mean": mean.round(6).tolist(), "std": std.round(6).tolist()}
             ),
         }
-        self.mlflow_run_id = start_tracking(self.acc, self.cfg, params, tags, self.mlflow_run_id)
+        self.mlflow_run_id = start_tracking(
+            self.acc, self.cfg, params, tags, self.mlflow_run_id, description=_run_description(self.cfg)
+        )
+        if self.main:
+            log_dataset_input(self.cfg.data, manifest, context="training")
 
     def _log_nonfinite(self, count: int) -> None:
         import mlflow
@@ -285,6 +297,7 @@ class _Run:
         """The loss every step; throughput, schedules and the method's logs every ``log_every`` steps."""
         replaced = self.acc.reduce(torch.tensor(float(self.meter.replaced), device=self.acc.device), "sum")
         logged: dict[str, float] = {"loss": loss, "replaced_samples": float(replaced)}  # every rank's total
+        self.countdown.advance()
         if self.step % self.cfg.log_every == 0 or self.step == self.stop_step:
             meter = self.meter
             elapsed = time.perf_counter() - meter.t_last
@@ -301,12 +314,29 @@ class _Run:
                 }
             )
             self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{meter.samples / elapsed:.1f}")
+            if self.plain:
+                self._plain_line(logged)
             meter.restart()
         self.acc.log(logged, step=self.step)
         if self.main:
             with open(self.history, "a") as f:
                 f.write(json.dumps({"step": self.step, **logged}) + "\n")
         self.bar.update(1)
+        if self.plain and self.step % self.steps_per_epoch == 0:
+            log_line(
+                f"epoch {self.step // self.steps_per_epoch}/{self.cfg.epochs} done at step "
+                f"{self.step}/{self.stop_step}, loss {loss:.4f}, elapsed {self.countdown.elapsed()}, "
+                f"ETA {self.countdown.eta()}"
+            )
+
+    def _plain_line(self, logged: dict[str, float]) -> None:
+        """The progress line of a log file: a bar's carriage returns would make it one endless line."""
+        log_line(
+            f"step {self.step}/{self.stop_step} epoch {logged['epoch'] + 1}/{self.cfg.epochs} "
+            f"loss {logged['loss']:.4f} "
+            f"lr {logged['lr']:.4g} samples/s {logged['samples_per_s']:.1f} "
+            f"data-wait {logged['data_wait_fraction']:.0%} ETA {self.countdown.eta()}"
+        )
 
     # -- stopping and finishing ----------------------------------------------------------------------
     def _stop_requested(self) -> int:
@@ -342,9 +372,21 @@ class _Run:
 
             mlflow.log_artifact(str(self.run_dir / "config.yaml"))
             mlflow.log_artifacts(str(backbone_dir), artifact_path="backbone")
+            # The model card becomes the run's description (shown on the run's page in the MLflow UI).
+            mlflow.set_tag("mlflow.note.content", (backbone_dir / "README.md").read_text())
         acc.wait_for_everyone()
         acc.end_training()
         return backbone_dir
+
+
+def _run_description(cfg: TrainConfig) -> str:
+    """The MLflow run's description: what trains on what (the exported model card has the full detail)."""
+    return (
+        f"{cfg.method} pre-training of {cfg.backbone.name} on `{cfg.data}`: {cfg.epochs} epochs"
+        + (f", stopping at step {cfg.max_steps}" if cfg.max_steps else "")
+        + f", batch {cfg.batch_size} per device, seed {cfg.seed}. The exported backbone's model card "
+        "(backbone/model_card.json, backbone/README.md) says which bands, in which order and normalised how."
+    )
 
 
 def train(cfg: TrainConfig, resume: bool = True) -> RunResult:

@@ -1,23 +1,41 @@
 """MLflow tracking through accelerate's tracker: main process only, one run per training run.
 
-The tracking URI is MLflow's standard ``MLFLOW_TRACKING_URI``; without it, runs go to a SQLite store in
-the run folder (``RUN_DIR/mlflow.db``, artifacts in ``RUN_DIR/mlartifacts``), so a run always has its
-history next to its checkpoints. A SQLite store keeps artifacts beside its database (``artifact_root``).
-A resumed run continues the same MLflow run (its id is checkpointed). A run created beforehand by an
-orchestrator (a study cell nested under its study) is named by ``EOSSL_MLFLOW_RUN_ID``.
+One store per project: the tracking URI is MLflow's standard ``MLFLOW_TRACKING_URI``; without it, MLflow's
+own default, a SQLite store ``mlflow.db`` in the current folder (artifacts in ``mlartifacts`` beside it).
+Training, evaluation and studies started from the same folder therefore share one store, and one
+``mlflow ui`` (started in that folder) shows them together. A resumed run continues the same MLflow run (its
+id is checkpointed). A run created beforehand by an orchestrator (a study cell nested under its study) is
+named by ``EOSSL_MLFLOW_RUN_ID``.
+
+Tags that describe one run (commit, dataset, normalisation) are set on the run only: the experiment is
+created here, without tags, before accelerate's tracker (which would copy the first run's tags onto a new
+experiment) finds it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
+import warnings
 from pathlib import Path
 
 from accelerate import Accelerator
 
 from .config import TrainConfig
 
-__all__ = ["artifact_root", "git_commit", "local_tracking_uri", "start_tracking"]
+__all__ = [
+    "artifact_root",
+    "default_tracking_uri",
+    "ensure_experiment",
+    "git_commit",
+    "log_dataset_input",
+    "quiet_mlflow_logs",
+    "start_tracking",
+]
+
+# MLflow's and its migration tool's INFO lines ("Creating initial MLflow database tables...") on a new store.
+_NOISY_LOGGERS = ("mlflow", "alembic")
 
 
 def git_commit() -> str:
@@ -35,8 +53,20 @@ def git_commit() -> str:
         return "unknown"
 
 
-def local_tracking_uri(run_dir: Path) -> str:
-    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+def quiet_mlflow_logs() -> None:
+    """Keep MLflow's own INFO lines (database creation and migrations) out of every command's output."""
+    for name in _NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<current folder>/mlflow.db`` (MLflow's default).
+
+    Resolved to an absolute path once, so a process that changes folder later still writes to the same store.
+    """
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
 def artifact_root(tracking_uri: str) -> str | None:
@@ -54,23 +84,62 @@ def artifact_root(tracking_uri: str) -> str | None:
     return (database.parent / "mlartifacts").as_uri()
 
 
+def ensure_experiment(name: str, tracking_uri: str) -> str:
+    """The experiment's id in the current store, created (without tags) when new."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return mlflow.create_experiment(name, artifact_location=artifact_root(tracking_uri))
+
+
+def log_dataset_input(data: str, manifest: dict, context: str) -> None:
+    """The dataset as an MLflow dataset input of the active run: name, digest (manifest sha256), source.
+
+    Runs that read the same dataset then share one dataset entry in the MLflow UI, and a dataset that
+    changed (another digest) is visible at a glance.
+    """
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    uri = data if "://" in data else str(Path(data).resolve())  # a local path logged absolute
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local source
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(uri)
+    name = Path(data.rstrip("/")).name or data
+    # MLflow keeps at most 36 characters of a digest: a 32-hex prefix (the full one is a run tag).
+    digest = (manifest.get("manifest_sha256") or "")[:32] or None
+    mlflow.log_input(MetaDataset(source=source, name=name, digest=digest), context=context)
+
+
 def start_tracking(
-    acc: Accelerator, cfg: TrainConfig, params: dict, tags: dict, run_id: str | None
+    acc: Accelerator,
+    cfg: TrainConfig,
+    params: dict,
+    tags: dict,
+    run_id: str | None,
+    description: str | None = None,
 ) -> str | None:
     """Start (or continue) the run's MLflow run; returns its id on the main process."""
     import mlflow
 
     run_dir = Path(cfg.out).resolve()
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri(run_dir)
+    quiet_mlflow_logs()
+    uri = default_tracking_uri()
     mlflow.set_tracking_uri(uri)
+    if acc.is_main_process:
+        ensure_experiment(
+            cfg.experiment, uri
+        )  # before accelerate: it would tag a new one with the run's tags
     init = {"run_name": run_dir.name, "tags": tags}
+    if description:
+        init["description"] = description
     resumed = bool(run_id)
     run_id = run_id or os.environ.get("EOSSL_MLFLOW_RUN_ID") or None
     if run_id:
         init["run_id"] = run_id
-    artifacts = artifact_root(uri)
-    if artifacts:
-        init["logging_dir"] = artifacts  # artifact location of a new experiment in a SQLite store
     # A resumed run keeps the params logged at its start (MLflow refuses changed param values).
     acc.init_trackers(cfg.experiment, config=None if resumed else params, init_kwargs={"mlflow": init})
     if not acc.is_main_process:

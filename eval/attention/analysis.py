@@ -43,6 +43,8 @@ from eossl.ingest.storage import DatasetRoot
 from eossl.streaming.inputs import InputSpec, parse_sensors
 from eossl.streaming.zarr_dataset import ZarrPatchDataset
 from eossl.train.export import read_model_card
+from eossl.train.progress import Countdown, log_line
+from eossl.train.tracking import default_tracking_uri, quiet_mlflow_logs
 from eossl.train.vit import is_vit, last_self_attention, patch_grid, patch_tokens
 
 from ..config import AttentionConfig
@@ -248,7 +250,7 @@ def attention_figures(
         n_clusters: k of the token k-means (about the number of LC classes a patch holds, plus a few).
         inputs: 's1', 's2' or 's1s2'; default the card's view0 sensors (what the model was trained on).
         mlflow_run_id: log the PNGs and JSONs as artifacts (``attention/``) of this MLflow run; the
-            tracking URI comes from the environment (MLFLOW_TRACKING_URI).
+            tracking URI is the project store (MLFLOW_TRACKING_URI, else ./mlflow.db).
         draw: False computes and writes only the metrics (no PNG): the segmentation table uses this.
 
     Returns:
@@ -281,7 +283,12 @@ def attention_figures(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures, per_key = [], {}
+    countdown = Countdown(len(keys))
     for i, key in enumerate(keys):
+        log_line(
+            f"attention: patch {i + 1}/{len(keys)} {key} "
+            f"({countdown.left - 1} after it, ETA {countdown.eta()})"
+        )
         row = row_of[key]
         raw = _raw_patch(group, has, row, spec.sensors)
         x = ds[i]["x"].to(device)
@@ -293,6 +300,7 @@ def attention_figures(
             title = f"{key}  |  {model_text}\n{caption(analysis.scores)}"
             plot_patch(path, title, raw, maps, analysis, keep_mass)
             figures.append(str(path))
+        countdown.advance()
 
     scored = [e["agreement"] for e in per_key.values() if "agreement" in e]
     mean = lambda vals: float(np.nanmean(vals)) if vals else None  # noqa: E731
@@ -318,7 +326,8 @@ def attention_figures(
     if mlflow_run_id:
         import mlflow
 
-        client = mlflow.MlflowClient()  # tracking URI from MLFLOW_TRACKING_URI
+        quiet_mlflow_logs()
+        client = mlflow.MlflowClient(default_tracking_uri())  # the project's store, as training's
         for p in (*figures, metrics_path, summary_path):
             client.log_artifact(mlflow_run_id, str(p), artifact_path="attention")
     return {"figures": figures, "metrics": per_key, "summary": summary}

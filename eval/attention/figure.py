@@ -111,9 +111,23 @@ def plot_patch(
     ncols = min(max(6, heads + 1), 7)
     rows_att = math.ceil((heads + 1) / ncols)
     panel = 16.0 / ncols
-    fig = plt.figure(figsize=(16, panel * (1 + 2 * rows_att) * 1.08 + 0.9), dpi=110, layout="constrained")
+    band = 0.16  # height of a row-title band, in panel heights
+    fig = plt.figure(
+        figsize=(16, panel * (1.3 + 2 * rows_att + 3 * band) * 1.08 + 0.9), dpi=110, layout="constrained"
+    )
     fig.suptitle(title, fontsize=11)
-    sub = fig.subfigures(3, 1, height_ratios=[1.15, rows_att, rows_att])
+    # Each row's title has a band of its own: a title drawn over the row (a subfigure's suptitle) collides
+    # with the two-line panel titles below it, and the land-cover legend hangs into the next row.
+    sub = fig.subfigures(6, 1, height_ratios=[band, 1.3, band, rows_att, band, rows_att])
+    row_titles = (
+        "input and patch-token embeddings",
+        "last-layer CLS attention over patches (x uniform: 1 = every patch equal)",
+        f"thresholded attention: per head the smallest set of patches holding {keep_mass:.0%} of "
+        "its attention (dimmed: outside the mask)",
+    )
+    for band_fig, text in zip(sub[0::2], row_titles, strict=True):
+        band_fig.text(0.5, 0.3, text, ha="center", va="center", fontsize=10, fontweight="bold")
+    sub = sub[1::2]
     top = sub[0].subplots(1, ncols, squeeze=False)[0]
     att_ax = sub[1].subplots(rows_att, ncols, squeeze=False).ravel()
     mask_ax = sub[2].subplots(rows_att, ncols, squeeze=False).ravel()
@@ -121,18 +135,6 @@ def plot_patch(
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_axis_off()
-    sub[0].suptitle("input and patch-token embeddings", fontsize=10, fontweight="bold")
-    sub[1].suptitle(
-        "last-layer CLS attention over patches (x uniform: 1 = every patch equal)",
-        fontsize=10,
-        fontweight="bold",
-    )
-    sub[2].suptitle(
-        f"thresholded attention: per head the smallest set of patches holding {keep_mass:.0%} of "
-        "its attention (dimmed: outside the mask)",
-        fontsize=10,
-        fontweight="bold",
-    )
 
     def show(ax, img, text, **kw):
         ax.set_axis_on()

@@ -88,7 +88,8 @@ def plot_predictions(
             )
         scores = segmentation_scores(pixel_confusion(pred, ref, k, IGNORE_INDEX))
         acc = scores["pixel_accuracy"]
-        text = "" if acc is None else f"\npixel acc. {acc:.0%}, mIoU {scores['miou']:.2f}"
+        # Percent, as in the results tables.
+        text = "" if acc is None else f"\npixel acc. {acc:.0%}, mIoU {100 * scores['miou']:.1f} %"
         panels.append((pred, f"prediction{text}", {"cmap": cmap, "norm": norm}))
         panels.append(
             (

@@ -131,7 +131,8 @@ def _one_seed(
         mode = "frozen" if cfg.is_frozen else "fine-tuned"
         title = (
             f"{name} / {'+'.join(spec.sensors)}: {cfg.head} head, backbone {mode}, {cfg.budget} labelled "
-            f"patches, seed {seed}; hold-out mIoU {metrics['miou']:.2f} over all {len(test)} hold-out patches"
+            f"patches, seed {seed}; hold-out mIoU {100 * metrics['miou']:.1f} % over all {len(test)} "
+            "hold-out patches"
         )
         metrics["figure"] = str(
             plot_predictions(

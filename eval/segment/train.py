@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from eossl.train.progress import Countdown, log_line
 from eossl.train.schedules import cosine_schedule
 
 from ..config import SegTrainConfig
@@ -77,8 +78,10 @@ def train_segmenter(
     schedule = cosine_schedule(cfg.lr, 0.0, cfg.epochs * len(loader))  # the training loop's schedule
     class_w = torch.as_tensor(weights, dtype=torch.float32, device=device)
     losses, step = [], 0
-    for _ in range(cfg.epochs):
+    countdown = Countdown(cfg.epochs)
+    for epoch in range(cfg.epochs):
         model.train()
+        first = len(losses)
         for batch in loader:
             for g in opt.param_groups:
                 g["lr"] = float(schedule[step]) * g["scale"]
@@ -96,6 +99,13 @@ def train_segmenter(
             opt.step()
             losses.append(loss.item())
             step += 1
+        countdown.advance()
+        if acc.is_main_process:
+            epoch_losses = losses[first:]
+            log_line(
+                f"  segmenter seed {seed} epoch {epoch + 1}/{cfg.epochs}: loss "
+                f"{np.mean(epoch_losses) if epoch_losses else float('nan'):.4f}, ETA {countdown.eta()}"
+            )
     model.eval()
     return losses
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import PlotSpec
 
-__all__ = ["collect_cells", "write_report"]
+__all__ = ["collect_cells", "draw_loss_curves", "write_report"]
 
 
 def collect_cells(tracking_uri: str, parent_run_id: str) -> list[dict]:
@@ -190,14 +190,43 @@ def plot_scores(cells: list[dict], plot: PlotSpec, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+_LINE_STYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def draw_loss_curves(ax, cells: list[dict]) -> list:
+    """One line per cell with a loss curve; returns the lines (in drawing order).
+
+    Cells of a study often share a prefix (a 2-epoch run is the start of a 4-epoch one with the same batch),
+    so their curves lie on top of each other. Longer runs are drawn first and shorter ones over them, and
+    every line has its own dash pattern and marker, so each curve stays visible where they coincide.
+    """
+    curves = sorted((c for c in cells if c["loss_curve"]), key=lambda c: -len(c["loss_curve"]))
+    lines = []
+    for i, c in enumerate(curves):
+        xs, ys = [p[0] for p in c["loss_curve"]], [p[1] for p in c["loss_curve"]]
+        every = max(len(xs) // 8, 1)
+        (line,) = ax.plot(
+            xs,
+            ys,
+            label=c["cell"],
+            lw=1.4,
+            linestyle=_LINE_STYLES[i % len(_LINE_STYLES)],
+            marker=_MARKERS[i % len(_MARKERS)],
+            markevery=(i % every, every),  # markers of coinciding curves at different points
+            markersize=4,
+            zorder=2 + i,
+        )
+        lines.append(line)
+    return lines
+
+
 def plot_loss_curves(cells: list[dict], path: Path) -> Path | None:
     plt = _pyplot()
     if not any(c["loss_curve"] for c in cells):
         return None
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for c in cells:
-        if c["loss_curve"]:
-            ax.plot([p[0] for p in c["loss_curve"]], [p[1] for p in c["loss_curve"]], label=c["cell"], lw=1.2)
+    draw_loss_curves(ax, cells)
     ax.set_xlabel("epoch")
     ax.set_ylabel("pre-training loss")
     ax.grid(alpha=0.3)
