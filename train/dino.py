@@ -119,8 +119,8 @@ class DINOLoss(nn.Module):
     def collapse_metrics(
         self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float
     ) -> dict[str, torch.Tensor]:
-        """What shows a collapse (DINO paper, section 5.3): the entropy H(P_t) of the centred, sharpened
-        teacher distribution and KL(P_t || P_s) over the loss's crop pairs. A uniform collapse has
+        """What shows a collapse (DINO paper, "Avoiding collapse"): the entropy H(P_t) of the centred,
+        sharpened teacher distribution and KL(P_t || P_s) over the loss's crop pairs. A uniform collapse has
         H = log K, a one-prototype collapse H = 0, and either has KL -> 0 (the student copies a constant
         teacher); a healthy run keeps H between the two and KL > 0. The cross-entropy loss is H + KL.
         """
