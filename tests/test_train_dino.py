@@ -193,3 +193,24 @@ def test_diverging_run_stops_with_a_clear_message(dataset, tmp_path):
     )
     assert proc.returncode == 1
     assert "3 consecutive non-finite losses" in proc.stderr
+
+
+@pytest.mark.slow
+def test_torch_compile_option(dataset, tmp_path):
+    """compile=true compiles the student in place: two steps train, log the collapse metrics, and the
+    exported teacher backbone keeps timm's keys. Compiling the ViT for two crop sizes takes minutes on CPU
+    (its first step about 12 minutes on two busy cores), hence the long limit."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
+    run = tmp_path / "compiled"
+    run_cli(*_train_args(dataset, run, 2, compile="true"), env=env, timeout=1800)
+    assert sorted(_losses(run)) == [1, 2]
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert {"teacher_entropy", "teacher_student_kl"} <= set(history[-1])
+    import timm
+    from safetensors.torch import load_file
+
+    card = json.loads((run / "backbone" / "model_card.json").read_text())
+    model = timm.create_model(
+        "vit_tiny_patch16_224", in_chans=card["in_chans"], num_classes=0, **card["timm_kwargs"]
+    )
+    model.load_state_dict(load_file(str(run / "backbone" / "backbone.safetensors")))  # no "_orig_mod." keys

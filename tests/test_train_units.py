@@ -23,13 +23,13 @@ def test_overrides_flat_dotted_and_section_names():
             "queue_size": "64",
             "optim.lr": "0.06",
             "batch_size": "8",
-            "symmetric": "true",
+            "pairing": "mixed",
             "cache_dir": "none",
             "channels_last": "false",
         },
     )
     assert cfg.backbone.name == "resnet18" and cfg.moco.queue_size == 64 and cfg.optim.lr == 0.06
-    assert cfg.batch_size == 8 and cfg.moco.symmetric is True and cfg.loader.cache_dir is None
+    assert cfg.batch_size == 8 and cfg.moco.pairing == "mixed" and cfg.loader.cache_dir is None
     assert cfg.channels_last is False
     with pytest.raises(ValueError, match="unknown config key 'queue'; did you mean moco.queue_size"):
         apply_overrides(TrainConfig(), {"queue": 3})

@@ -29,7 +29,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # gloo ranks (see launch/accelerate/cpu_2proc.yaml)
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    # Sensor pairs train only the query sensor's adapter (S2 query, S1 key) unless symmetric: DDP must
+    # Sensor pairs with moco.pairing=fixed train only the query sensor's adapter (S2 query, S1 key): DDP must
     # accept parameters without gradients.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.loader.mode == "pair")
     if cfg.precision == "fp16" and not torch.cuda.is_available():

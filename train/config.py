@@ -83,7 +83,10 @@ class MoCoConfig:
         hidden: projection MLP hidden width (2048 for ResNet-50).
         momentum: key encoder EMA momentum (0.999; lower, e.g. 0.99, for short runs and small data).
         temperature: softmax temperature of the InfoNCE loss (0.2).
-        symmetric: sensor pairs: also use view 0 as query against view 1 as key and average both losses.
+        pairing: which view is the query: 'fixed' (the S2 view of a sensor pair, view 0 otherwise; the
+            key sensor's adapter then only follows the query's by EMA and stays untrained), 'mixed' (half
+            of each batch the fixed direction, the other half the other way round: both adapters train,
+            as the MoCo study's released code) or 'symmetric' (both directions on every sample, averaged).
         shuffle_bn: stop BatchNorm from leaking the positive pair: keys are computed on a batch shuffled
             across ranks (multi-process) or in ``bn_splits`` shuffled chunks (one process).
         bn_splits: chunks of the key batch in one process (2); ignored with several ranks.
@@ -94,7 +97,7 @@ class MoCoConfig:
     hidden: int = 2048
     momentum: float = 0.999
     temperature: float = 0.2
-    symmetric: bool = False
+    pairing: str = "fixed"
     shuffle_bn: bool = True
     bn_splits: int = 2
 

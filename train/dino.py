@@ -24,10 +24,10 @@ from eossl.streaming.augment import AugmentConfig
 from eossl.streaming.inputs import InputSpec
 from eossl.streaming.views import ViewConfig
 
-from .backbones import build_encoder
+from .backbones import Encoder, build_encoder
 from .config import TrainConfig
 from .distributed import is_dist
-from .method import SSLMethod
+from .method import ClipFn, SSLMethod
 from .schedules import cosine_schedule
 
 __all__ = ["DINO", "DINOHead", "DINOLoss", "build_dino", "dino_schedules", "dino_views"]
@@ -92,19 +92,54 @@ class DINOLoss(nn.Module):
     def forward(
         self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float
     ) -> torch.Tensor:
-        """student_out: (n_crops * B, K); teacher_out: (n_global * B, K) -> scalar loss."""
-        student = (student_out.float() / self.student_temp).chunk(self.n_crops)
-        teacher_out = teacher_out.detach().float()
-        teacher = F.softmax((teacher_out - self.center) / teacher_temp, dim=-1).chunk(self.n_global)
-        total, terms = 0.0, 0
-        for iq, q in enumerate(teacher):
-            for v, s in enumerate(student):
-                if v == iq:
-                    continue
-                total = total + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
-                terms += 1
+        """student_out: (n_crops * B, K); teacher_out: (n_global * B, K) -> scalar loss.
+
+        Computed in float32 with autocast off: under autocast the softmaxes are float32 already, but the
+        scaling by the temperatures and the products would otherwise follow the inputs' dtype.
+        """
+        with torch.autocast(device_type=student_out.device.type, enabled=False):
+            student = (student_out.float() / self.student_temp).chunk(self.n_crops)
+            teacher_out = teacher_out.detach().float()
+            teacher = self.teacher_probs(teacher_out, teacher_temp).chunk(self.n_global)
+            total, terms = 0.0, 0
+            for iq, q in enumerate(teacher):
+                for v, s in enumerate(student):
+                    if v == iq:
+                        continue
+                    total = total + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
+                    terms += 1
         self._pending.append(teacher_out)
         return total / terms
+
+    def teacher_probs(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """The centred, sharpened teacher distribution softmax((t - center) / teacher_temp)."""
+        return F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def collapse_metrics(
+        self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float
+    ) -> dict[str, torch.Tensor]:
+        """What shows a collapse (DINO paper, "Avoiding collapse"): the entropy H(P_t) of the centred,
+        sharpened teacher distribution and KL(P_t || P_s) over the loss's crop pairs. A uniform collapse has
+        H = log K, a one-prototype collapse H = 0, and either has KL -> 0 (the student copies a constant
+        teacher); a healthy run keeps H between the two and KL > 0. The cross-entropy loss is H + KL.
+        """
+        with torch.autocast(device_type=student_out.device.type, enabled=False):
+            teacher = self.teacher_probs(teacher_out.detach(), teacher_temp).chunk(self.n_global)
+            log_student = F.log_softmax(student_out.detach().float() / self.student_temp, -1).chunk(
+                self.n_crops
+            )
+            entropies = [-(q * torch.log(q.clamp_min(1e-30))).sum(-1).mean() for q in teacher]
+            kl = [
+                (q * (torch.log(q.clamp_min(1e-30)) - ls)).sum(-1).mean()
+                for iq, q in enumerate(teacher)
+                for v, ls in enumerate(log_student)
+                if v != iq
+            ]
+        return {
+            "teacher_entropy": torch.stack(entropies).mean(),
+            "teacher_student_kl": torch.stack(kl).mean(),
+        }
 
     @torch.no_grad()
     def update_center(self) -> None:
@@ -158,12 +193,20 @@ class DINO(SSLMethod):
         "channels_last": False,
     }
 
-    def __init__(self, encoder, cfg: TrainConfig, n_global: int, n_crops: int):
+    def __init__(self, encoder, cfg: TrainConfig, n_global: int, n_crops: int, teacher_encoder=None):
+        """``teacher_encoder``: the same architecture as ``encoder`` built without drop-path (its weights
+        are overwritten with the student's); None: a copy of ``encoder`` (right when it has no drop-path).
+        """
         super().__init__()
         d = cfg.dino
         head = DINOHead(encoder.feature_dim, d.out_dim, d.hidden, d.bottleneck, d.nlayers, d.norm_last_layer)
         self.student = _Branch(encoder, head)
-        self.teacher = copy.deepcopy(self.student)
+        # The teacher has no drop-path by construction, so it can stay in train mode like the student: its
+        # BatchNorms (adapter, ResNet) normalise with batch statistics and update their running statistics
+        # from the teacher's own passes (the EMA copies parameters only), as in DINO.
+        teacher_encoder = copy.deepcopy(encoder) if teacher_encoder is None else teacher_encoder
+        self.teacher = _Branch(teacher_encoder, copy.deepcopy(head))
+        self.teacher.load_state_dict(self.student.state_dict())
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.loss_fn = DINOLoss(d.out_dim, n_crops, n_global, d.student_temp, d.center_momentum)
@@ -201,14 +244,23 @@ class DINO(SSLMethod):
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
-            self.teacher.eval()  # no dropout/drop-path in the teacher
-            teacher_out = self.teacher(views[: self.n_global])
+            teacher_out = self.teacher(views[: self.n_global])  # train mode: batch statistics
         student_out = self.student(views)
         loss = self.loss_fn(student_out, teacher_out, self.teacher_temp)
-        entropy = (
-            -(F.softmax(teacher_out.float(), -1) * F.log_softmax(teacher_out.float(), -1)).sum(-1).mean()
-        )
-        return loss, {"teacher_entropy": entropy.detach()}
+        # Centred and sharpened with the center the loss used (before this step's center update).
+        logs = self.loss_fn.collapse_metrics(student_out, teacher_out, self.teacher_temp)
+        return loss, logs
+
+    def clip_gradients(self, clip: ClipFn, max_norm: float) -> None:
+        """DINO's rule: the last layer's gradient is cancelled during the frozen epoch(s), then each
+        parameter tensor's gradient is scaled to norm at most ``max_norm`` (``optim.clip_grad``, 3.0)
+        separately, by min(1, max_norm / (norm + 1e-6)); 0 disables clipping. A global norm would shrink
+        every update of a ViT-S by the norm of all its tensors together."""
+        self.before_optimizer_step()
+        if max_norm > 0:
+            for p in self.student.parameters():
+                if p.grad is not None:
+                    clip([p], max_norm)
 
     def before_optimizer_step(self) -> None:
         """During the first epoch(s) the last layer is not updated (stabilises the start, as in DINO)."""
@@ -248,11 +300,20 @@ def dino_views(cfg: TrainConfig) -> ViewConfig:
 def build_dino(cfg: TrainConfig, channels: list[int], mode: str) -> DINO:
     if mode != "multicrop":
         raise ValueError(f"DINO trains on multi-crop views; loader.mode is {mode!r}")
-    encoder = build_encoder(
-        cfg.backbone, {"input": channels[0]}, dynamic_img_size=True, drop_path_rate=cfg.dino.drop_path
-    )
+    student = _dino_encoder(cfg, channels[0], cfg.dino.drop_path)
+    teacher = _dino_encoder(cfg, channels[0], 0.0)  # no drop-path: the teacher runs in train mode
     n_global = 2
-    return DINO(encoder, cfg, n_global=n_global, n_crops=len(channels))
+    return DINO(student, cfg, n_global=n_global, n_crops=len(channels), teacher_encoder=teacher)
+
+
+def _dino_encoder(cfg: TrainConfig, channels: int, drop_path: float) -> Encoder:
+    """A ViT takes crops of every size (``dynamic_img_size``); a CNN (no such argument) takes any size."""
+    try:
+        return build_encoder(
+            cfg.backbone, {"input": channels}, dynamic_img_size=True, drop_path_rate=drop_path
+        )
+    except TypeError:
+        return build_encoder(cfg.backbone, {"input": channels}, drop_path_rate=drop_path)
 
 
 def dino_schedules(cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:

@@ -200,7 +200,9 @@ class _Run:
             acc.backward(loss)
             # Clip, then the method's last say on gradients (once per optimiser step).
             if acc.sync_gradients:
-                method.clip_gradients(acc.clip_grad_norm_, self.cfg.optim.clip_grad)
+                # fp16: unscale once, so the method may clip any way (per tensor: several calls).
+                acc.unscale_gradients()
+                method.clip_gradients(torch.nn.utils.clip_grad_norm_, self.cfg.optim.clip_grad)
                 method.before_optimizer_step()
             # Optimiser step (accelerate skips it between accumulated micro-batches).
             self.optimizer.step()

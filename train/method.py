@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 
 __all__ = ["ClipFn", "SSLMethod"]
 
-# The loop's gradient clipper: (parameters, max_norm) -> total norm (accelerate's ``clip_grad_norm_``, which
-# unscales fp16 gradients first).
+# The loop's gradient clipper: (parameters, max_norm) -> their total norm, scaling their gradients by
+# min(1, max_norm / (norm + 1e-6)) (``torch.nn.utils.clip_grad_norm_``). The loop unscales fp16 gradients
+# once before ``clip_gradients``, so a method may call it any number of times (once per tensor).
 ClipFn = Callable[[Iterable[torch.Tensor], float], Any]
 
 
@@ -89,8 +90,9 @@ class SSLMethod(nn.Module):
         for ``after_step`` (keys, teacher outputs)."""
 
     def clip_gradients(self, clip: ClipFn, max_norm: float) -> None:
-        """After backward, once per optimiser step. Default: one global norm over every parameter,
-        ``max_norm`` (``optim.clip_grad``) 0 disabling it."""
+        """After backward (gradients unscaled and, with several ranks, averaged), once per optimiser
+        step. Default: one global norm over every parameter, ``max_norm`` (``optim.clip_grad``) 0
+        disabling it; DINO clips each tensor separately."""
         if max_norm > 0:
             clip(self.parameters(), max_norm)
 

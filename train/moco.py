@@ -26,7 +26,42 @@ from .config import TrainConfig
 from .distributed import all_gather_cat, broadcast_, rank, world_size
 from .method import SSLMethod
 
-__all__ = ["MoCo", "ProjectionHead", "build_moco", "moco_views"]
+__all__ = ["PAIRINGS", "MoCo", "ProjectionHead", "build_moco", "info_nce", "key_std", "moco_views"]
+
+PAIRINGS = ("fixed", "mixed", "symmetric")
+
+
+def _unit(z: torch.Tensor) -> torch.Tensor:
+    """L2-normalised rows in float32, autocast off (a norm in bf16 is off by ~1e-3)."""
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        return F.normalize(z.float(), dim=1)
+
+
+def info_nce(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo's InfoNCE loss of unit queries ``q`` (N x C) against their keys ``k`` (N x C) and the
+    queue's negatives (C x K), and the logits (N x (1+K), the positive first).
+
+    Computed in float32 with autocast off: inside autocast the products would run in bf16/fp16 again
+    whatever the inputs' dtype (the loss off by ~1e-4, its gradient by ~1e-2 relative, at K = 65,536).
+    """
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q, k, queue = q.float(), k.float(), queue.float()
+        l_pos = (q * k).sum(dim=1, keepdim=True)  # N x 1
+        l_neg = q @ queue  # N x K
+        logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return F.cross_entropy(logits, labels), logits
+
+
+@torch.no_grad()
+def key_std(keys: torch.Tensor) -> torch.Tensor:
+    """Standard deviation over the batch of the unit keys, averaged over dimensions: ~1/sqrt(C) for keys
+    spread over the sphere, 0 when every sample maps to the same key (a collapsed embedding)."""
+    if keys.shape[0] < 2:
+        return keys.new_zeros(())
+    return keys.float().std(dim=0).mean()
 
 
 class ProjectionHead(nn.Module):
@@ -50,7 +85,10 @@ class MoCo(SSLMethod):
         temperature: InfoNCE temperature T.
         view_sensors: adapter key of each view (e.g. ['s1', 's2'] for sensor pairs, [None, None] otherwise).
         query_view: index of the view used as query (1: the S2 view of a sensor pair, as in the study).
-        symmetric: also contrast the other direction and average.
+        pairing: 'fixed' (view ``query_view`` is the query, the other the key), 'mixed' (the first half
+            of the batch as in 'fixed', the second half the other way round, so both sensors' adapters
+            are trained: the MoCo study's released code) or 'symmetric' (both directions on the whole
+            batch, losses averaged).
         shuffle_bn: shuffle keys across ranks / split them in one process before the key encoder.
         bn_splits: chunks of the key batch in one process.
     """
@@ -64,7 +102,7 @@ class MoCo(SSLMethod):
         temperature: float,
         view_sensors: list[str | None],
         query_view: int = 0,
-        symmetric: bool = False,
+        pairing: str = "fixed",
         shuffle_bn: bool = True,
         bn_splits: int = 2,
     ):
@@ -78,7 +116,9 @@ class MoCo(SSLMethod):
         self.temperature = temperature
         self.view_sensors = view_sensors
         self.query_view = query_view
-        self.symmetric = symmetric
+        if pairing not in PAIRINGS:
+            raise ValueError(f"moco.pairing must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
+        self.pairing = pairing
         self.shuffle_bn = shuffle_bn
         self.bn_splits = bn_splits
         # queue: C x K unit vectors; queue_ptr: next column to overwrite.
@@ -101,42 +141,55 @@ class MoCo(SSLMethod):
     @torch.no_grad()
     def _keys(self, x: torch.Tensor, sensor: str | None) -> torch.Tensor:
         if not self.shuffle_bn:
-            return F.normalize(self.head_k(self.encoder_k(x, sensor)), dim=1)
+            return _unit(self.head_k(self.encoder_k(x, sensor)))
         if world_size() > 1:
             # Across ranks (MoCo's _batch_shuffle_ddp): every rank encodes a random slice of the global batch.
             n = x.shape[0]
             x_all = all_gather_cat(x)
             perm = broadcast_(torch.randperm(x_all.shape[0], device=x.device))
             mine = perm.view(world_size(), -1)[rank()]
-            k_mine = F.normalize(self.head_k(self.encoder_k(x_all[mine], sensor)), dim=1)
+            k_mine = _unit(self.head_k(self.encoder_k(x_all[mine], sensor)))
             k_all = all_gather_cat(k_mine)
             inverse = torch.argsort(perm)
             return k_all[inverse].view(world_size(), n, -1)[rank()]
         # One process: BN statistics over shuffled chunks differ from the query batch's.
         perm = torch.randperm(x.shape[0], device=x.device)
         chunks = [self.encoder_k(c, sensor) for c in x[perm].chunk(max(1, self.bn_splits))]
-        k = F.normalize(self.head_k(torch.cat(chunks)), dim=1)
+        k = _unit(self.head_k(torch.cat(chunks)))
         return k[torch.argsort(perm)]
 
     # -- loss ----------------------------------------------------------------------------------------
     def _contrast(self, xq: torch.Tensor, sq: str | None, xk: torch.Tensor, sk: str | None):
-        q = F.normalize(self.head_q(self.encoder_q(xq, sq)), dim=1).float()  # N x C
-        k = self._keys(xk, sk).float()  # N x C
-        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # N x 1
-        l_neg = q @ self.queue.clone().detach().float()  # N x K
-        logits = torch.cat([l_pos, l_neg], dim=1) / self.temperature  # N x (1+K)
-        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        """The InfoNCE loss and top-1 accuracy of queries ``xq`` (sensor ``sq``) against keys ``xk``."""
+        q = _unit(self.head_q(self.encoder_q(xq, sq)))  # N x C, float32
+        k = self._keys(xk, sk)  # N x C, float32
         self._pending.append(k.detach())
-        acc = (logits.argmax(dim=1) == 0).float().mean()
-        return F.cross_entropy(logits, labels), acc
+        loss, logits = info_nce(q, k, self.queue.clone().detach(), self.temperature)
+        acc = (logits.detach().argmax(dim=1) == 0).float().mean()
+        return loss, acc, k.detach()
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         qv, kv = self.query_view, 1 - self.query_view
-        loss, acc = self._contrast(views[qv], self.view_sensors[qv], views[kv], self.view_sensors[kv])
-        if self.symmetric:
-            loss2, acc2 = self._contrast(views[kv], self.view_sensors[kv], views[qv], self.view_sensors[qv])
-            loss, acc = (loss + loss2) / 2, (acc + acc2) / 2
-        return loss, {"acc": acc.detach()}
+        sensors = self.view_sensors
+        if self.pairing == "mixed":
+            # First half: the fixed direction; second half: the other way round. The halves are weighted
+            # by their sizes, so the loss is the mean over the batch's queries.
+            n = views[0].shape[0]
+            h = (n + 1) // 2
+            parts = [
+                self._contrast(views[qv][:h], sensors[qv], views[kv][:h], sensors[kv]),
+                self._contrast(views[kv][h:], sensors[kv], views[qv][h:], sensors[qv]) if h < n else None,
+            ]
+            done = [(p, w) for p, w in zip(parts, (h, n - h), strict=True) if p is not None]
+            loss = sum(p[0] * w for p, w in done) / n
+            acc = sum(p[1] * w for p, w in done) / n
+            keys = torch.cat([p[2] for p, _ in done])
+        else:
+            loss, acc, keys = self._contrast(views[qv], sensors[qv], views[kv], sensors[kv])
+            if self.pairing == "symmetric":
+                loss2, acc2, keys2 = self._contrast(views[kv], sensors[kv], views[qv], sensors[qv])
+                loss, acc, keys = (loss + loss2) / 2, (acc + acc2) / 2, torch.cat([keys, keys2])
+        return loss, {"acc": acc.detach(), "key_std": key_std(keys)}
 
     # -- building, for the loop ----------------------------------------------------------------------
     @classmethod
@@ -224,7 +277,7 @@ def build_moco(cfg: TrainConfig, channels: list[int], mode: str) -> MoCo:
         m.temperature,
         view_sensors,
         query_view,
-        m.symmetric,
+        m.pairing,
         m.shuffle_bn,
         m.bn_splits,
     )
