@@ -5,6 +5,10 @@ the run folder (``RUN_DIR/mlflow.db``, artifacts in ``RUN_DIR/mlartifacts``), so
 history next to its checkpoints. A SQLite store keeps artifacts beside its database (``artifact_root``).
 A resumed run continues the same MLflow run (its id is checkpointed). A run created beforehand by an
 orchestrator (a study cell nested under its study) is named by ``EOSSL_MLFLOW_RUN_ID``.
+
+A run that ends on an exception is ended here as FAILED (KILLED for a pre-emption or an interrupt) with
+the error in its ``eossl.error`` tag: left open, MLflow's exit hook would close it as FINISHED. A resumed
+run is RUNNING again and its ``eossl.error`` tag is removed (the failure stays in its logs).
 """
 
 from __future__ import annotations
@@ -17,7 +21,17 @@ from accelerate import Accelerator
 
 from .config import TrainConfig
 
-__all__ = ["artifact_root", "git_commit", "local_tracking_uri", "start_tracking"]
+__all__ = [
+    "ERROR_TAG",
+    "artifact_root",
+    "end_tracking_on_error",
+    "git_commit",
+    "local_tracking_uri",
+    "start_tracking",
+]
+
+ERROR_TAG = "eossl.error"
+MAX_TAG_CHARS = 5000  # well under MLflow's limit on a tag value
 
 
 def git_commit() -> str:
@@ -75,4 +89,28 @@ def start_tracking(
     acc.init_trackers(cfg.experiment, config=None if resumed else params, init_kwargs={"mlflow": init})
     if not acc.is_main_process:
         return None
-    return mlflow.active_run().info.run_id
+    run = mlflow.active_run()
+    if ERROR_TAG in mlflow.get_run(run.info.run_id).data.tags:  # this run failed before: it goes on now
+        mlflow.MlflowClient().delete_tag(run.info.run_id, ERROR_TAG)
+    return run.info.run_id
+
+
+def end_tracking_on_error(exc: BaseException) -> None:
+    """End the active MLflow run (if any) as FAILED, or KILLED for a pre-emption or an interrupt, with
+    ``exc`` as its ``eossl.error`` tag. Never raises: the training error is what the user must see."""
+    import mlflow
+
+    from .preemption import Preempted
+
+    run = mlflow.active_run()
+    if run is None:
+        return
+    killed = isinstance(exc, (Preempted, KeyboardInterrupt))
+    try:
+        mlflow.set_tag(ERROR_TAG, f"{type(exc).__name__}: {exc}"[:MAX_TAG_CHARS])
+    except Exception as tag_error:  # the tracking server may be what failed
+        print(f"could not record the error in MLflow run {run.info.run_id}: {tag_error}", flush=True)
+    try:
+        mlflow.end_run(status="KILLED" if killed else "FAILED")
+    except Exception as end_error:
+        print(f"could not end MLflow run {run.info.run_id}: {end_error}", flush=True)
