@@ -452,3 +452,49 @@ def test_resume_identity_is_the_dataset_content_not_its_location():
     b = load_config("moco", None, {"data": "s3://bucket/ds", "out": "/scratch/moved"})
     assert config_digest(a, dataset_digest="d1") == config_digest(b, dataset_digest="d1")
     assert config_digest(a, dataset_digest="d1") != config_digest(a, dataset_digest="d2")
+
+
+@pytest.mark.slow
+def test_zarr_store_on_a_full_disk_fails_naming_the_store(dataset, tmp_path):
+    from eossl.ingest.finalize import finalize
+    from eossl.ingest.storage import DatasetRoot
+    from eossl.ingest.writer import IngestError
+
+    with small_filesystem(tmp_path / "small", "400m") as small:
+        copy = Path(shutil.copytree(dataset, small / "ds"))
+        shutil.rmtree(copy / "data.zarr")
+        for marker in (copy / "_progress").glob("zarr-block-*"):
+            marker.unlink()
+        used = shutil.disk_usage(small).used
+        _grow(small, f"{used // 1024 + 2048}k")  # 2 MB left: the Zarr store (~31 MB) does not fit
+        with pytest.raises(IngestError, match=r"data\.zarr: writing the Zarr store failed: disk full"):
+            finalize(DatasetRoot(str(copy)), workers=1, command=("ingest",))
+
+
+def test_study_report_shows_a_failed_cell_with_its_error():
+    from eossl.launch.study.report import _status
+
+    assert _status("FINISHED", "") == "FINISHED"
+    shown = _status("FAILED", "CheckpointError: /r/model.pt: not written: disk full | x\ntraceback")
+    assert shown == "FAILED: CheckpointError: /r/model.pt: not written: disk full / x"
+
+
+def test_a_moved_run_folder_keeps_its_artifacts_beside_its_store(tmp_path):
+    import mlflow
+
+    from eossl.train.tracking import artifact_root, local_tracking_uri, relocate_local_store
+
+    before, after = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    before.mkdir(parents=True)
+    uri = local_tracking_uri(before)
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("eossl", artifact_location=artifact_root(uri))
+    run_id = client.create_run(exp).info.run_id
+    relocate_local_store(before / "mlflow.db")  # not moved: unchanged
+    assert client.get_run(run_id).info.artifact_uri.startswith(f"{(before / 'mlartifacts').as_uri()}/")
+    after.parent.mkdir()
+    shutil.move(before, after)
+    relocate_local_store(after / "mlflow.db")
+    moved = mlflow.MlflowClient(local_tracking_uri(after))
+    assert moved.get_run(run_id).info.artifact_uri == f"{(after / 'mlartifacts').as_uri()}/{run_id}/artifacts"
+    assert moved.get_experiment(exp).artifact_location == (after / "mlartifacts").as_uri()

@@ -27,6 +27,7 @@ __all__ = [
     "end_tracking_on_error",
     "git_commit",
     "local_tracking_uri",
+    "relocate_local_store",
     "start_tracking",
 ]
 
@@ -68,6 +69,41 @@ def artifact_root(tracking_uri: str) -> str | None:
     return (database.parent / "mlartifacts").as_uri()
 
 
+def relocate_local_store(database: Path) -> None:
+    """Point a moved run folder's SQLite store at its own ``mlartifacts`` again.
+
+    MLflow records an experiment's artifact folder (and each run's) as an absolute URI: after the run folder
+    moved, artifacts would be written under the old path. Rows under another ``.../mlartifacts`` are
+    rewritten to the one beside the database; a store that did not move is left untouched.
+    """
+    import sqlite3
+    from contextlib import closing
+
+    if not database.exists():
+        return
+    new = (database.parent / "mlartifacts").as_uri()
+    with closing(sqlite3.connect(database)) as db, db:
+        tables = {row[0] for row in db.execute("select name from sqlite_master where type = 'table'")}
+        if not {"experiments", "runs"} <= tables:
+            return
+        for exp_id, location in db.execute("select experiment_id, artifact_location from experiments"):
+            if not location or not location.startswith("file://") or "/mlartifacts" not in location:
+                continue
+            old = location[: location.index("/mlartifacts") + len("/mlartifacts")]
+            if old == new:
+                continue
+            db.execute(
+                "update experiments set artifact_location = ? || substr(artifact_location, ?) "
+                "where experiment_id = ?",
+                (new, len(old) + 1, exp_id),
+            )
+            db.execute(
+                "update runs set artifact_uri = ? || substr(artifact_uri, ?) "
+                "where experiment_id = ? and artifact_uri like ?",
+                (new, len(old) + 1, exp_id, old + "%"),
+            )
+
+
 def start_tracking(
     acc: Accelerator, cfg: TrainConfig, params: dict, tags: dict, run_id: str | None
 ) -> str | None:
@@ -76,6 +112,8 @@ def start_tracking(
 
     run_dir = Path(cfg.out).resolve()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri(run_dir)
+    if uri == local_tracking_uri(run_dir) and acc.is_main_process:
+        relocate_local_store(run_dir / "mlflow.db")
     mlflow.set_tracking_uri(uri)
     init = {"run_name": run_dir.name, "tags": tags}
     resumed = bool(run_id)
