@@ -242,24 +242,18 @@ def test_full_disk_at_checkpoint_fails_clearly_recorded_failed_and_publishes_not
 
 
 @pytest.mark.slow
-def test_storage_outage_checkpoints_exits_76_and_resumes_exactly(dataset, reference, tmp_path):
+def test_storage_outage_checkpoints_exits_76_and_resumes_exactly(dataset, reference, tmp_path, monkeypatch):
     from eossl.train.preemption import DATA_UNAVAILABLE_EXIT_CODE
 
     from servers import TcpProxy, moto_s3_server, s3_env, upload_tree
 
     steps = STEPS
+    (tmp_path / "moto").mkdir()
     with moto_s3_server(tmp_path / "moto") as server:
         env = {**_env(tmp_path), **s3_env(server)}
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(s3_env(server))
-        try:
-            upload_tree(dataset, "s3://outage/ds")
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        for key, value in s3_env(server).items():
+            monkeypatch.setenv(key, value)
+        upload_tree(dataset, "s3://outage/ds")
         proxy = TcpProxy(int(server.rsplit(":", 1)[1]))
         proxy.start()
         env["AWS_ENDPOINT_URL"] = proxy.endpoint
