@@ -312,14 +312,13 @@ def test_a_dead_reader_worker_on_one_rank_checkpoints_every_rank_and_exits_76(da
         config = str(REPO / "launch/accelerate/cpu_2proc.yaml")
         return [ACCELERATE, "launch", "--config_file", config, "--main_process_port", str(free_port())] + [
             *_train(dataset, run, steps=steps),
-            "--set",
-            "workers=1",
+            *("--set", "workers=1", "--set", "batch_size=2"),  # 6 steps per epoch: killed mid-epoch
         ]
 
     env = {**training_env(), "EOSSL_EXIT_CODE_FILE": str(exit_file)}
     proc = subprocess.Popen(launch(400), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        _wait_for_steps(proc, run, 2, timeout=300)
+        _wait_for_steps(proc, run, 1, timeout=300)
         tree = psutil.Process(proc.pid).children(recursive=True)
         ranks = [p for p in tree if "eossl.train" in " ".join(p.cmdline())]
         rank1 = next(p for p in ranks if p.environ().get("RANK") == "1")
@@ -335,7 +334,7 @@ def test_a_dead_reader_worker_on_one_rank_checkpoints_every_rank_and_exits_76(da
     done = history_steps(run)[-1]
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{done:07d}"
     trainer = json.loads((run / "checkpoints" / f"step-{done:07d}" / "trainer.json").read_text())
-    position = trainer["loader"]["epoch"] * 3 + trainer["loader"]["step"]  # 3 steps per epoch here
+    position = trainer["loader"]["epoch"] * 6 + trainer["loader"]["step"]  # 6 steps per epoch here
     assert position == done  # the loader at the checkpointed step, not past it on the rank that read on
     resumed = subprocess.run(launch(done + 2), capture_output=True, text=True, timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
