@@ -9,6 +9,7 @@ cheap next to GeoTIFF decoding) one Zarr shard at a time: each Zarr shard has ex
 
 from __future__ import annotations
 
+import errno
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -20,6 +21,7 @@ from zarr.codecs import BloscCodec
 from .bands import IGBP_CLASSES, IGBP_SIMPLE_CLASSES, MODALITIES, PATCH_SIZE
 from .format import FORMAT_NAME, FORMAT_VERSION, PROGRESS_DIR, ZARR_DIR, decode_member
 from .storage import DatasetRoot
+from .writer import IngestError
 
 __all__ = ["build_zarr", "iter_shard_samples"]
 
@@ -156,6 +158,17 @@ def write_metadata_arrays(group: zarr.Group, samples: list[dict], extra: dict[st
         _create(group, name, values, ("sample",) if values.ndim == 1 else ("sample", "index"))
 
 
+def _os_error(exc: BaseException | None) -> OSError | None:
+    """The first ``OSError`` in an exception's chain (zarr and process pools wrap the failed write)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def build_zarr(
     out: DatasetRoot,
     shards: list[dict],
@@ -165,7 +178,35 @@ def build_zarr(
     workers: int,
     attrs: dict,
 ) -> None:
-    """Create (or resume) ``data.zarr`` with data arrays filled from ``shards`` and metadata arrays."""
+    """Create (or resume) ``data.zarr`` with data arrays filled from ``shards`` and metadata arrays.
+
+    Raises:
+        IngestError: a write failed (a full disk above all): names the store and the reason. Blocks already
+            written are kept (their markers), so the same command finishes the store once there is space.
+    """
+    try:
+        _build_zarr(out, shards, samples, extra, shard_samples, workers, attrs)
+    except Exception as exc:
+        cause = _os_error(exc)
+        if cause is None:
+            raise
+        full = cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        reason = "disk full (no space left on the device)" if full else f"{type(cause).__name__}: {cause}"
+        raise IngestError(
+            f"{out.path(ZARR_DIR)}: writing the Zarr store failed: {reason}; blocks already written are "
+            "kept: free space, then run the same command again to finish it"
+        ) from exc
+
+
+def _build_zarr(
+    out: DatasetRoot,
+    shards: list[dict],
+    samples: list[dict],
+    extra: dict[str, np.ndarray],
+    shard_samples: int,
+    workers: int,
+    attrs: dict,
+) -> None:
     n = len(samples)
     store = out.zarr_store(ZARR_DIR)
     group = zarr.open_group(store, mode="a", zarr_format=3)

@@ -64,7 +64,10 @@ class StorageOptions:
             [0.5, 1] so that many workers do not retry in lockstep. 5 retries at 0.5 s ride out ~8-15 s
             of outage.
         timeout_s: connect and read timeout of every network request (a read timeout applies per socket
-            read, so a whole-shard download may take longer).
+            read, so a whole-shard download may take longer). A ~2 MB ranged GET gets its first byte from
+            S3 in well under a second even when it is busy; 10 s only cuts off a server that has stopped
+            answering. Worst case to give up on a stalled server: (retries + 1) x timeout_s + the backoff
+            delays, 6 x 10 s + at most 15.5 s = about 76 s at the defaults.
         lock_timeout_s: how long a process waits for another one that downloads the shard it needs.
         verify_downloads: check the sha256 of every shard downloaded into the cache against the manifest
             (costs one extra read of the shard from the page cache; the size is always checked).
@@ -74,7 +77,7 @@ class StorageOptions:
     cache_bytes: int = 64 * 2**30
     retries: int = 5
     backoff_s: float = 0.5
-    timeout_s: float = 30.0
+    timeout_s: float = 10.0
     lock_timeout_s: float = 600.0
     verify_downloads: bool = True
 

@@ -140,8 +140,10 @@ def test_kubernetes_job_runs_the_same_node_command_per_index(tmp_path):
     assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
     spec = batch_job["spec"]
     assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 4)
-    (rule,) = spec["podFailurePolicy"]["rules"]  # a pre-empted pod (exit 75) is retried without counting
-    assert rule["action"] == "Ignore" and rule["onExitCodes"]["values"] == [75]
+    # A pre-empted pod (exit 75) is retried without counting; one whose data was unreadable (76) counts.
+    preempted, unreadable = spec["podFailurePolicy"]["rules"]
+    assert preempted["action"] == "Ignore" and preempted["onExitCodes"]["values"] == [75]
+    assert unreadable["action"] == "Count" and unreadable["onExitCodes"]["values"] == [76]
     pod = spec["template"]["spec"]
     assert pod["subdomain"] == service["metadata"]["name"] == "dino-vits"
     (container,) = pod["containers"]

@@ -248,6 +248,14 @@ def test_a_second_training_process_on_the_same_run_folder_is_refused(dataset, tm
     assert first.returncode == 75
 
 
+def _local_mlflow_run(run: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    (only,) = client.search_runs([client.get_experiment_by_name("eossl").experiment_id])
+    return only
+
+
 def _wait_for_steps(proc: subprocess.Popen, run: Path, n: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while len(history_steps(run)) < n:
@@ -280,6 +288,8 @@ def test_ctrl_c_checkpoints_at_the_step_boundary_and_the_run_resumes(dataset, tm
     stopped = history_steps(run)
     assert stopped == list(range(1, len(stopped) + 1))
     assert (run / "checkpoints" / f"step-{stopped[-1]:07d}").is_dir()  # the step it stopped at
+    killed = _local_mlflow_run(run)  # not FINISHED, as MLflow's exit hook would have it
+    assert killed.info.status == "KILLED" and "SIGINT" in killed.data.tags["eossl.error"]
 
     resumed = subprocess.run(
         [sys.executable, *_train(dataset, run, steps=len(stopped) + 2)],
@@ -290,3 +300,48 @@ def test_ctrl_c_checkpoints_at_the_step_boundary_and_the_run_resumes(dataset, tm
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert history_steps(run) == list(range(1, len(stopped) + 3))
+    after = _local_mlflow_run(run)  # the same MLflow run, reopened and finished
+    assert after.info.run_id == killed.info.run_id
+    assert after.info.status == "FINISHED" and "eossl.error" not in after.data.tags
+
+
+@pytest.mark.slow
+def test_a_dead_reader_worker_on_one_rank_checkpoints_every_rank_and_exits_76(dataset, tmp_path):
+    """SIGKILL to one reader worker of one of two ranks: both ranks agree, checkpoint the same step and
+    stop (no rank left waiting in a collective); the ranks' code 76 reaches the caller through
+    EOSSL_EXIT_CODE_FILE although the launcher exits 1; the same command resumes."""
+    import psutil
+
+    run, exit_file = tmp_path / "run", tmp_path / "exit-code"
+
+    def launch(steps: int) -> list[str]:
+        config = str(REPO / "launch/accelerate/cpu_2proc.yaml")
+        return [ACCELERATE, "launch", "--config_file", config, "--main_process_port", str(free_port())] + [
+            *_train(dataset, run, steps=steps),
+            *("--set", "workers=1", "--set", "batch_size=2"),  # 6 steps per epoch: killed mid-epoch
+        ]
+
+    env = {**training_env(), "EOSSL_EXIT_CODE_FILE": str(exit_file)}
+    proc = subprocess.Popen(launch(400), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        _wait_for_steps(proc, run, 1, timeout=300)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        ranks = [p for p in tree if "eossl.train" in " ".join(p.cmdline())]
+        rank1 = next(p for p in ranks if p.environ().get("RANK") == "1")
+        workers = [p for p in rank1.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+        assert workers, "no reader worker of rank 1 found"
+        os.kill(workers[0].pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and exit_file.read_text().strip() == "76", out[-3000:]
+    assert "a reader worker process of rank 1 died" in out, out[-3000:]
+    done = history_steps(run)[-1]
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{done:07d}"
+    trainer = json.loads((run / "checkpoints" / f"step-{done:07d}" / "trainer.json").read_text())
+    position = trainer["loader"]["epoch"] * 6 + trainer["loader"]["step"]  # 6 steps per epoch here
+    assert position == done  # the loader at the checkpointed step, not past it on the rank that read on
+    resumed = subprocess.run(launch(done + 2), capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert history_steps(run) == list(range(1, done + 3))

@@ -60,7 +60,13 @@ def run_train(args) -> int:
     from .checkpoint import latest_checkpoint
     from .config import load_config
     from .loop import train
-    from .preemption import PREEMPTED_EXIT_CODE, Preempted
+    from .preemption import (
+        DATA_UNAVAILABLE_EXIT_CODE,
+        PREEMPTED_EXIT_CODE,
+        DataUnavailable,
+        Preempted,
+        record_exit_code,
+    )
 
     overrides = dict(args.overrides)
     overrides.update({key: getattr(args, key) for key in _CONFIG_FLAGS if hasattr(args, key)})
@@ -74,7 +80,12 @@ def run_train(args) -> int:
         result = train(cfg, resume=not args.fresh)
     except Preempted as exc:
         print(f"pre-empted: {exc}", flush=True)
+        record_exit_code(PREEMPTED_EXIT_CODE)
         return PREEMPTED_EXIT_CODE
+    except DataUnavailable as exc:
+        print(f"stopped: {exc}", flush=True)
+        record_exit_code(DATA_UNAVAILABLE_EXIT_CODE)
+        return DATA_UNAVAILABLE_EXIT_CODE
     if result.backbone_dir is not None:
         print(f"run: {result.run_dir}  steps: {result.steps}  final loss: {result.final_loss:.4f}")
         print(f"mlflow run: {result.mlflow_run_id}")

@@ -9,6 +9,12 @@ and (fp16 only) its gradient scaler.
 Pre-emption and Ctrl-C (``train/preemption.py``): a stop signal is acted on at the next step boundary,
 where every rank agrees on it, the run checkpoints and ``train`` raises :class:`Preempted`; running the
 same command again resumes exactly there (``train/resume.py``).
+
+Failures: when the loader cannot deliver a batch (storage unavailable after its retries, a reader worker
+that died), every rank agrees on it before the next forward, the run checkpoints at the last completed
+step and ``train`` raises :class:`DataUnavailable` (exit code 76), so nothing since the last periodic
+checkpoint is lost. A run that ends on any exception is marked FAILED in MLflow (KILLED when pre-empted
+or interrupted) with the error in its ``eossl.error`` tag: MLflow's own exit hook would mark it FINISHED.
 """
 
 from __future__ import annotations
@@ -34,11 +40,11 @@ from .config import TrainConfig, flatten, to_yaml
 from .distributed import all_reduce_max, all_reduce_min
 from .export import export_backbone
 from .methods import get_method
-from .preemption import Preempted, StopRequest, lock_run_dir
+from .preemption import DataUnavailable, Preempted, StopRequest, lock_run_dir
 from .progress import Countdown, interactive, log_line
 from .resume import RunCheckpointer, config_digest
 from .schedules import scaled_lr
-from .tracking import git_commit, log_dataset_input, start_tracking
+from .tracking import end_tracking_on_error, git_commit, log_dataset_input, start_tracking
 
 __all__ = ["RunResult", "train"]
 
@@ -103,7 +109,10 @@ class _Run:
         self.lr_schedule = lr_schedule(cfg, self.lr, self.total_steps, self.steps_per_epoch)
         self.schedules = method_cls.schedules(cfg, self.total_steps, self.steps_per_epoch)
         self.optimizer = build_optimizer(cfg, self.method.param_groups(), self.lr)
-        self.checkpointer = RunCheckpointer(self.acc, cfg, config_digest(cfg, method_cls.resume_may_change))
+        digest = config_digest(
+            cfg, method_cls.resume_may_change, self.loader.manifest.get("manifest_sha256", "")
+        )
+        self.checkpointer = RunCheckpointer(self.acc, cfg, digest)
         self.step = 0
         self.mlflow_run_id = None
         self.history = self.run_dir / "history.jsonl"
@@ -120,8 +129,13 @@ class _Run:
     # -- the run -------------------------------------------------------------------------------------
     def fit(self) -> RunResult:
         self.stop = StopRequest(self.acc.process_index)
-        with self.stop.installed():
-            return self._fit()
+        try:
+            with self.stop.installed():
+                return self._fit()
+        except BaseException as exc:  # recorded as what it was, then raised on
+            if self.main:
+                end_tracking_on_error(exc)
+            raise
 
     def _fit(self) -> RunResult:
         self._start()
@@ -136,6 +150,7 @@ class _Run:
         )
         self.countdown = Countdown(self.stop_step, self.step)
         self.meter = _Meter()
+        self.boundary = self.loader.position  # the loader's position at the last completed step
         loss = float("nan")
         self.model.train()
         while self.step < self.stop_step:  # one pass of the loader per iteration: an epoch
@@ -170,14 +185,17 @@ class _Run:
         batches = iter(self.loader)
         while self.step < self.stop_step:
             t0 = time.perf_counter()
+            failure: Exception | None = None
             try:
                 batch = next(batches)
-            except StopIteration:
+            except StopIteration:  # every rank has len(loader) batches: all stop here together
                 return
-            except Exception:
+            except Exception as exc:
                 if self.stop.signum:  # the signal also reached the reader's workers: stop cleanly
                     self._preempt(self.stop.signum)
-                raise
+                failure = exc
+            if self._any_rank_failed(failure is not None):
+                self._data_unavailable(failure)
             self.meter.wait += time.perf_counter() - t0
             self.meter.replaced += batch.substituted
             views = [v.to(self.acc.device, non_blocking=True) for v in batch.views]
@@ -253,6 +271,7 @@ class _Run:
 
     def _step_boundary(self) -> None:
         """After a completed step: stop on a signal any rank received, else checkpoint when due."""
+        self.boundary = self.loader.position
         signum = self._stop_requested()
         if signum:
             self._preempt(signum)
@@ -348,11 +367,31 @@ class _Run:
     def _preempt(self, signum: int) -> None:
         self.bar.close()
         self.save_checkpoint()
-        if self.main:
-            import mlflow
+        raise Preempted(self.step, signum, self.run_dir)  # MLflow: KILLED, reopened by the resumed run
 
-            mlflow.end_run(status="KILLED")  # reopened (RUNNING) by the resumed run
-        raise Preempted(self.step, signum, self.run_dir)
+    def _any_rank_failed(self, failed: bool) -> bool:
+        """Whether any rank's loader failed on this batch. One small all-reduce per micro-batch with more
+        than one rank, so that every rank checkpoints together instead of the others waiting in the next
+        step's gradient all-reduce for a rank that left."""
+        if self.acc.num_processes == 1:
+            return failed
+        flag = torch.tensor(float(failed), device=self.acc.device)
+        return bool(float(all_reduce_max(flag)) > 0)
+
+    def _data_unavailable(self, failure: Exception | None) -> None:
+        """Checkpoint at the last completed step (the model and optimiser are consistent there; the loader
+        rewinds to it, since ranks that did read this batch moved past it), then stop with exit code 76."""
+        self.bar.close()
+        cause: BaseException = failure or RuntimeError("another rank's loader failed (see that rank's log)")
+        if _worker_died(cause):
+            cause = RuntimeError(
+                f"a reader worker process of rank {self.acc.process_index} died (killed, or out of memory: "
+                f"see the kernel log) ({cause})"
+            )
+        self.acc.print(f"step {self.step}: the loader failed ({cause}); checkpointing before stopping")
+        self.loader.position = self.boundary
+        self.save_checkpoint()
+        raise DataUnavailable(self.step, self.run_dir, cause) from failure
 
     def _finish(self) -> Path | None:
         """Every rank's digests, then (rank 0) the exported backbone and the MLflow artifacts."""
@@ -389,6 +428,12 @@ def _run_description(cfg: TrainConfig) -> str:
         + f", batch {cfg.batch_size} per device, seed {cfg.seed}. The exported backbone's model card "
         "(backbone/model_card.json, backbone/README.md) says which bands, in which order and normalised how."
     )
+
+
+def _worker_died(exc: BaseException) -> bool:
+    """Whether DALI reported a reader worker process gone (its message says only that receiving stopped)."""
+    text = " ".join(str(e) for e in (exc, exc.__cause__) if e is not None).lower()
+    return "worker" in text and any(w in text for w in ("interrupted", "terminated", "died", "exited"))
 
 
 def train(cfg: TrainConfig, resume: bool = True) -> RunResult:

@@ -13,16 +13,32 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
-__all__ = ["PREEMPTED_EXIT_CODE", "STOP_SIGNALS", "Preempted", "StopRequest", "lock_run_dir"]
+__all__ = [
+    "DATA_UNAVAILABLE_EXIT_CODE",
+    "EXIT_FILE_ENV",
+    "PREEMPTED_EXIT_CODE",
+    "STOP_SIGNALS",
+    "DataUnavailable",
+    "Preempted",
+    "StopRequest",
+    "lock_run_dir",
+    "record_exit_code",
+]
 
 # SIGTERM/SIGUSR1: pre-emption (SLURM, Kubernetes, studies); SIGINT: Ctrl-C, which a terminal sends to the
 # whole process group, so every rank and reader worker gets it too.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; launch kits and studies resume on it
+# The data could not be read (storage outage after its retries, a dead reader worker): the run checkpointed
+# at the last step boundary. Kits requeue a bounded number of times (an outage may outlast the job).
+DATA_UNAVAILABLE_EXIT_CODE = 76
+# A file the training process writes its exit code into: ``accelerate launch`` (torch elastic) turns every
+# failed rank into exit code 1, so kits and studies set this to learn why the ranks stopped.
+EXIT_FILE_ENV = "EOSSL_EXIT_CODE_FILE"
 
 
 class Preempted(RuntimeError):
@@ -34,6 +50,30 @@ class Preempted(RuntimeError):
             f"{run_dir / 'checkpoints'}; run the same command again to resume"
         )
         self.step, self.signum = step, signum
+
+
+class DataUnavailable(RuntimeError):
+    """The loader could not deliver a batch; the run checkpointed at the last completed step first.
+
+    Nothing since that step is lost: the model and optimiser are consistent at a step boundary, and
+    running the same command again (once storage is back) resumes exactly there.
+    """
+
+    def __init__(self, step: int, run_dir: Path, cause: BaseException):
+        super().__init__(
+            f"the training data could not be read at step {step}: {cause}; checkpointed in "
+            f"{run_dir / 'checkpoints'}: run the same command again to resume once the data is readable"
+        )
+        self.step = step
+
+
+def record_exit_code(code: int) -> None:
+    """Write ``code`` to the file named by ``EOSSL_EXIT_CODE_FILE`` (if set), for the kit that launched
+    the ranks: the launcher's own exit code says only that a rank failed."""
+    path = os.environ.get(EXIT_FILE_ENV)
+    if path:
+        with suppress(OSError):
+            Path(path).write_text(f"{code}\n")
 
 
 class StopRequest:

@@ -4,6 +4,11 @@ on resume (see ``checkpoint`` for the files and their atomic publication).
 What a resume may change is explicit: the loop's ``max_steps``, ``ckpt_every``, ``log_every`` and
 ``batch_size`` (with the world size, at the same global batch), plus the keys a method declares in
 ``resume_may_change``. Everything else is in the config digest a checkpoint is checked against.
+
+Where things are is not part of a run's identity: ``out`` and ``data`` (paths, URLs) are left out of the
+digest, and the dataset enters it by its content digest (the manifest's sha256) instead. A run folder can
+be moved, and a run resumed on another cluster where the dataset lies elsewhere, as long as it is the same
+dataset.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +24,7 @@ from accelerate import Accelerator
 
 from .checkpoint import (
     CheckpointError,
+    fresh_staging_dir,
     latest_checkpoint,
     load_rng_state,
     load_tensor_file,
@@ -33,12 +40,16 @@ __all__ = ["RESUME_MAY_CHANGE", "RunCheckpointer", "config_digest", "truncate_hi
 
 # batch_size may change with the world size (elastic resume): the global batch is checked instead.
 RESUME_MAY_CHANGE = ("max_steps", "ckpt_every", "log_every", "batch_size")
+# Locations, not content: the dataset is identified by its manifest digest instead.
+LOCATIONS = ("out", "data")
 
 
-def config_digest(cfg: TrainConfig, may_change: tuple[str, ...] = ()) -> str:
-    """16 hex digits over every config value but those a resume may change."""
-    skip = (*RESUME_MAY_CHANGE, *may_change)
+def config_digest(cfg: TrainConfig, may_change: tuple[str, ...] = (), dataset_digest: str = "") -> str:
+    """16 hex digits over every config value but those a resume may change and the locations, plus the
+    dataset's content digest (its manifest's sha256)."""
+    skip = (*RESUME_MAY_CHANGE, *LOCATIONS, *may_change)
     flat = {k: v for k, v in flatten(cfg).items() if k not in skip}
+    flat["dataset_manifest_sha256"] = dataset_digest
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -72,8 +83,21 @@ class RunCheckpointer:
         acc = self.acc
         staging = staging_dir(self.run_dir, step)
         if acc.is_main_process:
-            staging.mkdir(parents=True, exist_ok=True)
+            fresh_staging_dir(self.run_dir, step)
         acc.wait_for_everyone()
+        try:
+            self._write(staging, step, method, optimizer, loader, mlflow_run_id)
+        except OSError as exc:
+            if acc.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointError(
+                f"checkpoint of step {step} not written: {exc}. The last complete checkpoint "
+                f"({latest_checkpoint(self.run_dir) or 'none'}) is unchanged"
+            ) from exc
+        acc.wait_for_everyone()
+
+    def _write(self, staging: Path, step: int, method, optimizer, loader, mlflow_run_id) -> None:
+        acc = self.acc
         save_tensor_file(rng_state(), staging / f"rng-rank{acc.process_index}.pt")
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -94,7 +118,6 @@ class RunCheckpointer:
                 },
             )
             publish(self.run_dir, step, keep=2)
-        acc.wait_for_everyone()
 
     def restore(self, method: torch.nn.Module, optimizer, loader) -> tuple[int, str | None] | None:
         """Load the latest checkpoint into the run's objects: (step, MLflow run id), or None without one.
@@ -126,9 +149,9 @@ class RunCheckpointer:
     def _check(self, ckpt: Path, trainer: dict) -> None:
         if trainer["config_digest"] != self.digest:
             raise CheckpointError(
-                f"{ckpt} was written with another configuration (only max_steps, and "
-                "batch_size with the world size, may change on resume); start a new run "
-                "folder"
+                f"{ckpt} was written with another configuration or another dataset (only max_steps, "
+                "and batch_size with the world size, may change on resume; the dataset may move but "
+                "its content must be the same); start a new run folder"
             )
         ranks = self.acc.num_processes
         global_batch = self.cfg.batch_size * ranks

@@ -10,6 +10,10 @@ named by ``EOSSL_MLFLOW_RUN_ID``.
 Tags that describe one run (commit, dataset, normalisation) are set on the run only: the experiment is
 created here, without tags, before accelerate's tracker (which would copy the first run's tags onto a new
 experiment) finds it.
+
+A run that ends on an exception is ended here as FAILED (KILLED for a pre-emption or an interrupt) with
+the error in its ``eossl.error`` tag: left open, MLflow's exit hook would close it as FINISHED. A resumed
+run is RUNNING again and its ``eossl.error`` tag is removed (the failure stays in its logs).
 """
 
 from __future__ import annotations
@@ -25,17 +29,23 @@ from accelerate import Accelerator
 from .config import TrainConfig
 
 __all__ = [
+    "ERROR_TAG",
     "artifact_root",
     "default_tracking_uri",
+    "end_tracking_on_error",
     "ensure_experiment",
     "git_commit",
+    "local_tracking_uri",
     "log_dataset_input",
     "quiet_mlflow_logs",
+    "relocate_local_store",
     "start_tracking",
 ]
 
 # MLflow's and its migration tool's INFO lines ("Creating initial MLflow database tables...") on a new store.
 _NOISY_LOGGERS = ("mlflow", "alembic")
+ERROR_TAG = "eossl.error"
+MAX_TAG_CHARS = 5000  # well under MLflow's limit on a tag value
 
 
 def git_commit() -> str:
@@ -61,12 +71,17 @@ def quiet_mlflow_logs() -> None:
             logger.setLevel(logging.WARNING)
 
 
+def local_tracking_uri(folder: Path) -> str:
+    """The SQLite store ``mlflow.db`` of ``folder`` (artifacts in ``mlartifacts`` beside it)."""
+    return f"sqlite:///{Path(folder).resolve() / 'mlflow.db'}"
+
+
 def default_tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<current folder>/mlflow.db`` (MLflow's default).
 
     Resolved to an absolute path once, so a process that changes folder later still writes to the same store.
     """
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri(Path.cwd())
 
 
 def artifact_root(tracking_uri: str) -> str | None:
@@ -114,6 +129,41 @@ def log_dataset_input(data: str, manifest: dict, context: str) -> None:
     mlflow.log_input(MetaDataset(source=source, name=name, digest=digest), context=context)
 
 
+def relocate_local_store(database: Path) -> None:
+    """Point a moved run folder's SQLite store at its own ``mlartifacts`` again.
+
+    MLflow records an experiment's artifact folder (and each run's) as an absolute URI: after the run folder
+    moved, artifacts would be written under the old path. Rows under another ``.../mlartifacts`` are
+    rewritten to the one beside the database; a store that did not move is left untouched.
+    """
+    import sqlite3
+    from contextlib import closing
+
+    if not database.exists():
+        return
+    new = (database.parent / "mlartifacts").as_uri()
+    with closing(sqlite3.connect(database)) as db, db:
+        tables = {row[0] for row in db.execute("select name from sqlite_master where type = 'table'")}
+        if not {"experiments", "runs"} <= tables:
+            return
+        for exp_id, location in db.execute("select experiment_id, artifact_location from experiments"):
+            if not location or not location.startswith("file://") or "/mlartifacts" not in location:
+                continue
+            old = location[: location.index("/mlartifacts") + len("/mlartifacts")]
+            if old == new:
+                continue
+            db.execute(
+                "update experiments set artifact_location = ? || substr(artifact_location, ?) "
+                "where experiment_id = ?",
+                (new, len(old) + 1, exp_id),
+            )
+            db.execute(
+                "update runs set artifact_uri = ? || substr(artifact_uri, ?) "
+                "where experiment_id = ? and artifact_uri like ?",
+                (new, len(old) + 1, exp_id, old + "%"),
+            )
+
+
 def start_tracking(
     acc: Accelerator,
     cfg: TrainConfig,
@@ -128,6 +178,8 @@ def start_tracking(
     run_dir = Path(cfg.out).resolve()
     quiet_mlflow_logs()
     uri = default_tracking_uri()
+    if acc.is_main_process and uri.startswith("sqlite:///"):  # a moved project folder: artifacts beside it
+        relocate_local_store(Path(uri.removeprefix("sqlite:///")).resolve())
     mlflow.set_tracking_uri(uri)
     if acc.is_main_process:
         ensure_experiment(
@@ -144,4 +196,28 @@ def start_tracking(
     acc.init_trackers(cfg.experiment, config=None if resumed else params, init_kwargs={"mlflow": init})
     if not acc.is_main_process:
         return None
-    return mlflow.active_run().info.run_id
+    run = mlflow.active_run()
+    if ERROR_TAG in mlflow.get_run(run.info.run_id).data.tags:  # this run failed before: it goes on now
+        mlflow.MlflowClient().delete_tag(run.info.run_id, ERROR_TAG)
+    return run.info.run_id
+
+
+def end_tracking_on_error(exc: BaseException) -> None:
+    """End the active MLflow run (if any) as FAILED, or KILLED for a pre-emption or an interrupt, with
+    ``exc`` as its ``eossl.error`` tag. Never raises: the training error is what the user must see."""
+    import mlflow
+
+    from .preemption import Preempted
+
+    run = mlflow.active_run()
+    if run is None:
+        return
+    killed = isinstance(exc, (Preempted, KeyboardInterrupt))
+    try:
+        mlflow.set_tag(ERROR_TAG, f"{type(exc).__name__}: {exc}"[:MAX_TAG_CHARS])
+    except Exception as tag_error:  # the tracking server may be what failed
+        print(f"could not record the error in MLflow run {run.info.run_id}: {tag_error}", flush=True)
+    try:
+        mlflow.end_run(status="KILLED" if killed else "FAILED")
+    except Exception as end_error:
+        print(f"could not end MLflow run {run.info.run_id}: {end_error}", flush=True)

@@ -16,6 +16,11 @@
 # Pre-emption: SIGTERM or SIGUSR1 to this script is passed to the training processes as SIGUSR1; they
 # checkpoint at the next step boundary and stop; the script then exits 75 so the caller can requeue
 # (SLURM) or the pod restarts (Kubernetes), and the rerun resumes from the checkpoint.
+#
+# Data unavailable: when the ranks cannot read their data (object storage down after its retries, a dead
+# reader worker) they checkpoint at the last completed step and exit 76; the launcher reports any failed
+# rank as 1, so the ranks also write their code to EOSSL_EXIT_CODE_FILE (a temporary file unless the caller
+# sets one) and this script exits with it. Callers requeue on 76 a bounded number of times.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -27,6 +32,7 @@ PROCS_PER_NODE="${PROCS_PER_NODE:-8}"
 ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-$here/../accelerate/multinode_8gpu.yaml}"
 ACCELERATE="${ACCELERATE:-accelerate}"
 PREEMPTED_EXIT_CODE=75
+DATA_UNAVAILABLE_EXIT_CODE=76
 
 if (( NODE_RANK < 0 || NODE_RANK >= NNODES )); then
     echo "node.sh: NODE_RANK=$NODE_RANK is outside 0..$((NNODES - 1))" >&2
@@ -46,6 +52,12 @@ if [[ "${EOSSL_DRY_RUN:-0}" == 1 ]]; then
 fi
 
 echo "node.sh: node $NODE_RANK of $NNODES, $PROCS_PER_NODE processes, rendezvous $MASTER_ADDR:$MASTER_PORT" >&2
+if [[ -z "${EOSSL_EXIT_CODE_FILE:-}" ]]; then
+    EOSSL_EXIT_CODE_FILE="$(mktemp "${TMPDIR:-/tmp}/eossl-exit.XXXXXX")"
+    trap 'rm -f "$EOSSL_EXIT_CODE_FILE"' EXIT
+fi
+export EOSSL_EXIT_CODE_FILE
+: > "$EOSSL_EXIT_CODE_FILE"
 preempted=0
 forward() {
     preempted=1
@@ -64,5 +76,10 @@ done
 if (( preempted )); then
     echo "node.sh: pre-empted; the checkpoint is written, rerun to resume" >&2
     exit "$PREEMPTED_EXIT_CODE"
+fi
+ranks_code="$(tr -dc '0-9' < "$EOSSL_EXIT_CODE_FILE" || true)"
+if (( status != 0 )) && [[ "$ranks_code" == "$DATA_UNAVAILABLE_EXIT_CODE" ]]; then
+    echo "node.sh: the training data could not be read; the checkpoint is written, rerun to resume" >&2
+    exit "$DATA_UNAVAILABLE_EXIT_CODE"
 fi
 exit "$status"

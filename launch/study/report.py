@@ -26,6 +26,14 @@ from .config import PlotSpec
 __all__ = ["collect_cells", "draw_loss_curves", "write_report"]
 
 
+def _status(status: str, error: str) -> str:
+    """The run's MLflow status, with the first line of its recorded error (shortened, table-safe)."""
+    if not error:
+        return status
+    first = error.splitlines()[0].replace("|", "/")
+    return f"{status}: {first[:117] + '...' if len(first) > 120 else first}"
+
+
 def collect_cells(tracking_uri: str, parent_run_id: str) -> list[dict]:
     """Per finished or running cell: grid values, training params, eval scores and metric histories."""
     import mlflow
@@ -47,7 +55,8 @@ def collect_cells(tracking_uri: str, parent_run_id: str) -> list[dict]:
             {
                 "cell": tags["eossl.study.cell"],
                 "run_id": run.info.run_id,
-                "status": run.info.status,
+                # A failed training names its error (eossl.error): "FAILED: CheckpointError: ...".
+                "status": _status(run.info.status, tags.get("eossl.error", "")),
                 "values": json.loads(tags.get("eossl.study.values", "{}")),
                 "effective_batch_size": _number(params.get("effective_batch_size")),
                 "lr": _number(params.get("lr_scaled")),

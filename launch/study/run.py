@@ -29,7 +29,7 @@ from pathlib import Path
 
 from eossl.train.checkpoint import write_json_atomic
 from eossl.train.export import MODEL_CARD
-from eossl.train.preemption import PREEMPTED_EXIT_CODE
+from eossl.train.preemption import DATA_UNAVAILABLE_EXIT_CODE, EXIT_FILE_ENV, PREEMPTED_EXIT_CODE
 from eossl.train.tracking import artifact_root
 
 from .config import Cell, StudyConfig
@@ -188,7 +188,15 @@ class _Tracking:
 def _train_cell(cfg: StudyConfig, cell: Cell, run_id: str, uri: str, state: dict, state_path: Path) -> None:
     folder = _cell_dir(cfg, cell)
     cmd = [*_launcher(cfg), *train_command(cfg, cell)]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "EOSSL_MLFLOW_RUN_ID": run_id}
+    # The ranks' own exit code: under ``accelerate launch`` a failed rank makes the launcher exit 1.
+    exit_file = folder / ".train-exit-code"
+    exit_file.unlink(missing_ok=True)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "EOSSL_MLFLOW_RUN_ID": run_id,
+        EXIT_FILE_ENV: str(exit_file),
+    }
     state["train_attempts"] = state.get("train_attempts", 0) + 1
     write_json_atomic(state_path, state)
     log = folder / "train.log"
@@ -204,6 +212,13 @@ def _train_cell(cfg: StudyConfig, cell: Cell, run_id: str, uri: str, state: dict
     if code == PREEMPTED_EXIT_CODE or stop.get("signal"):
         raise StudyInterrupted(
             f"cell {cell.name}: training checkpointed and stopped; run the study again to resume (log: {log})"
+        )
+    if code != 0 and exit_file.exists() and exit_file.read_text().strip() == str(DATA_UNAVAILABLE_EXIT_CODE):
+        code = DATA_UNAVAILABLE_EXIT_CODE
+    if code == DATA_UNAVAILABLE_EXIT_CODE:
+        raise StudyError(
+            f"cell {cell.name}: the training data could not be read (storage unavailable or a reader process "
+            f"died); training checkpointed first: run the study again to resume this cell (log: {log})"
         )
     if code != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
