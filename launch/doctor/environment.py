@@ -66,7 +66,8 @@ def versions_check() -> Check:
     values["cuda_driver"] = _driver_version()
     values["nccl"] = None
     if torch.cuda.is_available() and hasattr(torch.cuda, "nccl"):
-        values["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        nccl = torch.cuda.nccl.version()  # a tuple in recent torch, an int (2708) in older ones
+        values["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
     dali = {name: v for name in _DALI_PACKAGES if (v := _dist_version(name))}
     values["dali"] = dali or None
     detail = f"torch {values['torch']} (CUDA {values['torch_cuda_runtime']}), driver {values['cuda_driver']}"
