@@ -88,7 +88,7 @@ bench: install
 # torch, e.g. `make gpu-check PY=python3`, through a folder of links that makes the stage folders
 # importable as eossl.* (what the package-dir mapping does for an install).
 GPU_CHECK ?= gpu-check.json
-GPU_PATH  := $(CURDIR)/build/gpu-check-path
+GPU_PATH  ?= $(CURDIR)/build/gpu-check-path
 
 gpu-check:
 	@mkdir -p $(GPU_PATH)/eossl

@@ -5,7 +5,8 @@ unimportable; and failing checks that must turn the exit code to 1 and be named.
 from __future__ import annotations
 
 import json
-import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from eossl.launch.doctor.environment import cache_check, s3_check
 from eossl.launch.doctor.report import FAIL, NOT_APPLICABLE, NOT_AVAILABLE, PASS
 
-from conftest import run_cli, training_env
+from conftest import REPO, run_cli, training_env
 from servers import free_port, moto_s3_server
 
 # A secret no other output would contain by chance: the report must never show it.
@@ -73,22 +74,35 @@ def test_doctor_passes_on_this_machine(tmp_path, s3):
 
 
 @pytest.mark.slow
-def test_doctor_without_dali_mlflow_zarr_rasterio_webdataset(tmp_path):
-    """The bare GPU image: those packages are missing; the torch-side checks still run and pass."""
+def test_gpu_check_on_a_bare_torch_python(tmp_path):
+    """``make gpu-check`` where DALI, MLflow, zarr, rasterio and webdataset are missing (the bare GPU
+    image): the doctor's torch-side checks still run and pass, those packages are 'not available', the
+    parts that need them are skipped with the reason, and one JSON file holds it all."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(
         "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in BLOCKED)
     )
-    pythonpath = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = _env(tmp_path, PYTHONPATH=pythonpath, MLFLOW_TRACKING_URI=uri)
-    rc, report, output = _doctor(tmp_path, env)
+    env = _env(tmp_path, PYTHONPATH=str(site), MLFLOW_TRACKING_URI=uri)
+    out = tmp_path / "gpu-check.json"
+    make = [f"PY={sys.executable}", f"GPU_CHECK={out}", f"GPU_PATH={tmp_path / 'path'}"]
+    proc = subprocess.run(
+        ["make", "-s", "gpu-check", *make], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    parts = result["parts"]
+    assert result["ok"] and parts["doctor"]["rc"] == 0, parts["doctor"]["output_tail"]
+    report = parts["doctor"]["result"]
     status = _statuses(report)
-    assert rc == 0 and report["failed"] == [], output
+    assert report["failed"] == [] and status["train_cpu_no"] == PASS and status["cache"] == PASS
     assert status["dali_cpu"] == NOT_AVAILABLE and status["mlflow"] == NOT_AVAILABLE
-    assert status["train_cpu_no"] == PASS and status["cache"] == PASS
     assert not (tmp_path / "mlflow.db").exists()  # MLflow really was not there to create it
+    assert "rasterio" in parts["pytest_gpu"]["skipped"]
+    assert (
+        "nvidia.dali" in parts["bench_train"]["skipped"] and "nvidia.dali" in parts["bench_loader"]["skipped"]
+    )
 
 
 @pytest.mark.slow

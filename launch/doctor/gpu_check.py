@@ -24,17 +24,17 @@ __all__ = ["gpu_check", "main"]
 LIMITS = {"doctor": 150, "pytest_gpu": 150, "bench_train": 120, "bench_loader": 60}
 
 
-def _last_json(text: str):
-    """The last line of ``text`` that parses as JSON (the commands print their report last)."""
-    for line in reversed(text.strip().splitlines()):
+def _json_result(text: str) -> dict | None:
+    """The command's JSON report: all of stdout (the doctor's, indented) or its last line that is a JSON
+    object (the benches print theirs last)."""
+    for candidate in [text, *reversed(text.strip().splitlines())]:
         try:
-            return json.loads(line)
+            value = json.loads(candidate)
         except ValueError:
             continue
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
+        if isinstance(value, dict):
+            return value
+    return None
 
 
 def _run(argv: list[str], limit_s: int) -> dict:
@@ -49,7 +49,7 @@ def _run(argv: list[str], limit_s: int) -> dict:
         "command": " ".join(argv),
         "rc": rc,
         "seconds": round(time.monotonic() - start, 1),
-        "result": _last_json(out),
+        "result": _json_result(out),
         "output_tail": (out + err)[-4000:],
     }
 
