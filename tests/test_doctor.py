@@ -5,6 +5,7 @@ unimportable; and failing checks that must turn the exit code to 1 and be named.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eossl.launch.doctor.environment import cache_check, s3_check
+from eossl.launch.doctor.environment import cache_check, dali_driver_check, s3_check
 from eossl.launch.doctor.report import FAIL, NOT_APPLICABLE, NOT_AVAILABLE, PASS
 
 from conftest import REPO, run_cli, training_env
@@ -143,3 +144,39 @@ def test_s3_check_names_the_credentials_source_not_the_secret(s3, tmp_path, monk
     assert SECRET not in json.dumps(check.values) + check.detail
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     assert s3_check(None, 2.0).status == FAIL
+
+
+@pytest.mark.parametrize(("driver_cuda", "status"), [("12.4", FAIL), ("13.0", PASS)])
+def test_dali_build_against_the_drivers_cuda(tmp_path, monkeypatch, driver_cuda, status):
+    """This machine has DALI for CUDA 13 and no driver: an nvidia-smi that prints a driver's header (its
+    real format) stands in for the driver, the one part a CPU machine cannot have."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(
+        f"#!/bin/sh\necho '| NVIDIA-SMI 550.54  Driver Version: 550.54  CUDA Version: {driver_cuda} |'\n"
+    )
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    check = dali_driver_check()
+    assert check.status == status and check.values["driver_cuda"] == driver_cuda, check
+    assert check.values["dali_cuda_major"] == [13]
+
+
+def test_doctor_help_shows_defaults_and_imports_no_torch():
+    script = (
+        "import contextlib, io, sys\n"
+        "from eossl.launch.cli import build_parser, main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "    main(['doctor', '--help'])\n"
+        "assert 'torch' not in sys.modules\n"
+        "args = build_parser(['doctor']).parse_args(['doctor', '--steps', '2'])\n"
+        "print(sorted(vars(args)))\n"
+        "print(out.getvalue())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    given, _, text = proc.stdout.partition("\n")
+    text = " ".join(text.split())  # argparse wraps lines
+    assert given == "['command', 'handler', 'json', 'steps']"  # untyped flags keep the dataclass defaults
+    for flag, default in (("--method", "moco"), ("--precision", "no"), ("--min-free-gb", "1.0")):
+        assert flag in text and f"(default: {default})" in text

@@ -64,6 +64,7 @@ def doctor(cfg: DoctorConfig) -> Report:
     device = cuda or torch.device("cpu")
     run_check(report, "versions", env.versions_check)
     run_check(report, "gpus", env.gpus_check)
+    run_check(report, "dali_driver", env.dali_driver_check)
     for mode in ("cpu", "gpu"):
         run_check(report, f"dali_{mode}", lambda m=mode: env.dali_check(m, cfg.steps))
     precisions = [cfg.precision] + ([p for p in ("bf16", "fp16") if p != cfg.precision] if cuda else [])

@@ -8,6 +8,7 @@ SOURCE (environment, shared credentials file, instance role), never by value.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
@@ -15,7 +16,15 @@ from pathlib import Path
 
 from .report import FAIL, NOT_APPLICABLE, NOT_AVAILABLE, PASS, Check, missing
 
-__all__ = ["cache_check", "dali_check", "gpus_check", "mlflow_check", "s3_check", "versions_check"]
+__all__ = [
+    "cache_check",
+    "dali_check",
+    "dali_driver_check",
+    "gpus_check",
+    "mlflow_check",
+    "s3_check",
+    "versions_check",
+]
 
 # Distribution names whose versions the report lists (absent ones are listed as None).
 _PACKAGES = ("torch", "torchvision", "timm", "accelerate", "mlflow", "boto3", "s3fs", "zarr", "rasterio")
@@ -55,6 +64,37 @@ def _driver_version() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.splitlines()[0].strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def _driver_cuda() -> tuple[int, int] | None:
+    """The newest CUDA version the installed driver supports ('CUDA Version: 13.0' in nvidia-smi)."""
+    exe = shutil.which("nvidia-smi")
+    try:
+        out = subprocess.run([exe], capture_output=True, text=True, timeout=20).stdout if exe else ""
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"CUDA Version:\s*(\d+)\.(\d+)", out)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def dali_driver_check() -> Check:
+    """DALI's CUDA build (``nvidia-dali-cuda130``: CUDA 13) needs a driver that supports that CUDA major:
+    the wheel installs everywhere and fails only when a GPU pipeline starts."""
+    builds = [
+        int(m.group(1)) // 10 for n in _DALI_PACKAGES if _dist_version(n) and (m := re.search(r"(\d+)$", n))
+    ]
+    if not builds:
+        return Check("dali_driver", NOT_AVAILABLE, "no nvidia-dali-cudaXXX package installed")
+    driver = _driver_cuda()
+    if driver is None:
+        return Check("dali_driver", NOT_APPLICABLE, "no NVIDIA driver (nvidia-smi) on this machine")
+    values = {"dali_cuda_major": builds, "driver_cuda": f"{driver[0]}.{driver[1]}"}
+    if max(builds) > driver[0]:
+        detail = f"DALI built for CUDA {max(builds)} but the driver supports CUDA {values['driver_cuda']}"
+        return Check("dali_driver", FAIL, detail + " (install the DALI extra of the driver's CUDA)", values)
+    return Check(
+        "dali_driver", PASS, f"DALI CUDA {max(builds)} <= driver CUDA {values['driver_cuda']}", values
+    )
 
 
 def versions_check() -> Check:
