@@ -10,7 +10,7 @@ DEMO   ?= demo-output
 DEMO_MLFLOW = sqlite:///$(CURDIR)/$(DEMO)/mlflow.db
 STAMP  := $(VENV)/.installed
 
-.PHONY: all install demo study test lint format bench clean
+.PHONY: all install demo study test lint format bench gpu-check clean
 
 all: test
 
@@ -83,6 +83,18 @@ format: install
 bench: install
 	$(PY) -m eossl.launch bench encoding
 	$(PY) -m eossl.launch bench ingest --workers 2
+
+# The GPU machine's check (docs/BENCHMARKS.md): eossl doctor, pytest -m gpu, bench train/loader (when DALI
+# is there) -> one JSON file. No install stamp and no pip: it runs this checkout with any Python that has
+# torch, e.g. `make gpu-check PY=python3`, through a folder of links that makes the stage folders
+# importable as eossl.* (what the package-dir mapping does for an install).
+GPU_CHECK ?= gpu-check.json
+GPU_PATH  ?= $(CURDIR)/build/gpu-check-path
+
+gpu-check:
+	@mkdir -p $(GPU_PATH)/eossl
+	@for stage in ingest streaming train eval launch; do ln -sfn $(CURDIR)/$$stage $(GPU_PATH)/eossl/$$stage; done
+	PYTHONPATH=$(GPU_PATH)$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m eossl.launch.doctor.gpu_check --out $(GPU_CHECK)
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info .pytest_cache

@@ -81,6 +81,10 @@ _COMMANDS: dict[str, _Mount] = {
     "bench": _Mount(
         "benchmarks (results in docs/BENCHMARKS.md)", "eossl.launch.bench.cli:add_bench_arguments"
     ),
+    "doctor": _Mount(
+        "check this machine before a run: versions, GPUs, DALI, training steps, S3, MLflow, cache",
+        "eossl.launch.doctor:add_doctor_arguments",
+    ),
     "mlflow": _Mount(
         "MLflow tracking server (eossl mlflow serve)", "eossl.launch.mlflow_server:add_mlflow_arguments"
     ),
