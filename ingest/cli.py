@@ -310,8 +310,14 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
+    from .format import MANIFEST
+    from .integrity import DatasetMissingError, missing_dataset_reason
+    from .storage import DatasetRoot
     from .verify import verify
 
+    root = DatasetRoot(args.dataset)
+    if not root.exists(MANIFEST):  # not a dataset at all (exit 2), as opposed to a damaged one (exit 1)
+        raise DatasetMissingError(missing_dataset_reason(root))
     problems = verify(args.dataset, deep=args.deep)
     for p in problems:
         print(f"FAIL {p}")
