@@ -45,9 +45,16 @@ def _run_study(args) -> int:
     from .run import emit_cluster_jobs, run_study, train_command
 
     cfg = load_study(args.config, dict(args.overrides))
+    cells = cfg.cells()
+    for name in args.cell:
+        cfg.cell(name)  # an unknown --cell names the cells there are
+    for cell in cells:  # every cell's training config resolves before a folder, run or job is made
+        cfg.train_config(cell)
     if args.list:
-        for cell in cfg.cells():
+        for cell in cells:
             print(f"{cell.name}: eossl train {shlex.join(train_command(cfg, cell))}")
+            resolved = " ".join(f"{k}={v}" for k, v in cfg.resolved_values(cell).items())
+            print(f"  resolved: {resolved}")
         return 0
     if args.emit:
         jobs_dir = args.jobs_dir or str(Path(cfg.out) / "jobs")
