@@ -11,22 +11,25 @@ from __future__ import annotations
 import json
 
 from .checkpoints import BackboneSource, checkpoint_source
-from .config import GridConfig
+from .config import ClassifyConfig, GridConfig
 
-__all__ = ["check_grid_inputs"]
+__all__ = ["check_budget", "check_grid_inputs"]
 
 
-def _budget_subsets(cfg: GridConfig, out) -> None:
+def check_budget(budget: str, seeds: tuple[int, ...], out) -> None:
+    """Every ``budget_<B>_seed<S>`` subset the seeds need is in the dataset's subsets.json.
+
+    Raises:
+        ValueError: naming the missing subsets and the budgets and seeds the dataset has.
+    """
     from eossl.ingest.format import SUBSETS
 
-    if cfg.budget == "all":
+    if budget == "all":
         return
     if not out.exists(SUBSETS):
         raise ValueError(f"{out.path(SUBSETS)} not found: the dataset has no label budgets; use --budget all")
     budgets = json.loads(out.read_bytes(SUBSETS)).get("budgets", {})
-    missing = [
-        f"budget_{cfg.budget}_seed{s}" for s in cfg.seeds if f"budget_{cfg.budget}_seed{s}" not in budgets
-    ]
+    missing = [f"budget_{budget}_seed{s}" for s in seeds if f"budget_{budget}_seed{s}" not in budgets]
     if missing:
         have: dict[str, list[str]] = {}
         for name in budgets:  # budget_<B>_seed<S>
@@ -34,7 +37,7 @@ def _budget_subsets(cfg: GridConfig, out) -> None:
             have.setdefault(b, []).append(s)
         offered = "; ".join(f"{b} (seeds {','.join(s)})" for b, s in have.items()) or "none"
         raise ValueError(
-            f"--budget {cfg.budget} with --seeds {','.join(map(str, cfg.seeds))}: {', '.join(missing)} "
+            f"--budget {budget} with --seeds {','.join(map(str, seeds))}: {', '.join(missing)} "
             f"not in {out.path(SUBSETS)}; this dataset has budgets {offered}, or use --budget all"
         )
 
@@ -60,10 +63,10 @@ def check_grid_inputs(cfg: GridConfig) -> list[BackboneSource]:
         raise ValueError(
             f"{out.path(ZARR_DIR)} not found: evaluation reads the Zarr store (ingest --formats zarr)"
         )
-    _budget_subsets(cfg, out)
+    check_budget(cfg.budget, cfg.seeds, out)
     for column in cfg.inputs:
         InputSpec.parse(column, cfg.s2_bands)  # raises on an unknown input or band
-    segmenting = hasattr(cfg, "attention_patches")  # the segment grid checks its labels in its config
-    if not segmenting and cfg.label not in LABEL_SCHEMES:
+    # Scene labels here; a segmentation config checks its per-pixel labels when it is built.
+    if isinstance(cfg, ClassifyConfig) and cfg.label not in LABEL_SCHEMES:
         raise ValueError(f"label must be one of {list(LABEL_SCHEMES)}, got {cfg.label!r}")
     return [checkpoint_source(c) for c in cfg.checkpoints]

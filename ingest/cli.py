@@ -205,7 +205,11 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
         help="area fraction for a class to count in multi-label targets "
         f"(default {default('read.multilabel_threshold')}, as SEN12MS)",
     )
-    p.add_argument("--holdout-scenes", help="file with one test scene per line (e.g. ROIs1158_spring_1)")
+    p.add_argument(
+        "--holdout-scenes",
+        help="file with one test scene per line (e.g. ROIs1158_spring_1; default: none, "
+        "a --holdout-fraction of the scenes drawn with --split-seed)",
+    )
     p.add_argument(
         "--holdout-fraction",
         type=float,

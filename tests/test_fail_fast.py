@@ -155,6 +155,15 @@ def test_study_resolves_every_cell_before_emitting_jobs(tmp_path, dataset, capsy
     assert "szie" in err
 
 
+def test_study_checks_dataset_and_budget_before_training(tmp_path, dataset, capsys):
+    path = _study(tmp_path, dataset)
+    err = _fails(capsys, "study", "--config", str(path), "--set", "eval.budget=999")
+    assert "budget_999_seed0 not in" in err and "this dataset has budgets 2 (seeds 0,1)" in err
+    err = _fails(capsys, "study", "--config", str(path), "--set", f"data={tmp_path / 'nowhere'}")
+    assert "does not exist" in err
+    assert not (tmp_path / "study").exists()
+
+
 def test_study_list_shows_resolved_full_keys(tmp_path, dataset, capsys):
     path = _study(tmp_path, dataset, momentum=0.99)
     err = _fails(capsys, "study", "--config", str(path), "--list")
