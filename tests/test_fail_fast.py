@@ -223,7 +223,9 @@ def killed_run(dataset, tmp_path_factory) -> Path:
     """A 3-step MoCo run with checkpoints at steps 2 and 3, and its final export."""
     run = tmp_path_factory.mktemp("runs") / "moco"
     args = ["train", "moco", "--data", str(dataset), "--out", str(run), "--max-steps", "3"]
-    run_cli(*args, *cli_set({**TINY_MOCO, "ckpt_every": "2"}), env=training_env())
+    run_cli(
+        *args, *cli_set({**TINY_MOCO, "ckpt_every": "2", "log_every": "1"}), env=training_env(), timeout=1500
+    )
     return run
 
 
@@ -248,10 +250,29 @@ def test_a_run_without_export_is_evaluated_at_its_latest_checkpoint(killed_run, 
     out = tmp_path / "eval"
     argv = [*_eval(dataset, out, "--budget", "2", "--init", "checkpoint", "--checkpoint", str(step2))]
     argv += ["--checkpoint", str(killed)]
-    proc = run_cli(*argv, env=training_env())
+    proc = run_cli(*argv, env=training_env(), timeout=1500)
     assert "moco-step-2" in proc.stdout and "killed-step-3" in proc.stdout
     early = (out / "backbones" / "moco-step-2" / "backbone" / "backbone.safetensors").read_bytes()
     assert early != exported.read_bytes()
     cells = json.loads((out / "cells.json").read_text())
     assert {c["method"] for c in cells} == {"moco-step-2", "killed-step-3"}
     assert all(c["mean"] is not None for c in cells)
+
+
+@pytest.mark.slow
+def test_training_repeats_bit_for_bit_on_one_machine(killed_run, dataset, tmp_path):
+    """The same command twice on one machine: the same losses at every step and the same backbone bytes
+    (data order, augmentation and initialisation come from the seed; README, "Repeatability")."""
+    run = tmp_path / "again"
+    args = ["train", "moco", "--data", str(dataset), "--out", str(run), "--max-steps", "3"]
+    run_cli(
+        *args, *cli_set({**TINY_MOCO, "ckpt_every": "2", "log_every": "1"}), env=training_env(), timeout=1500
+    )
+
+    def losses(folder: Path) -> list[tuple[int, float]]:
+        lines = (folder / "history.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
+
+    assert losses(run) == losses(killed_run) and len(losses(run)) == 3
+    name = "backbone/backbone.safetensors"
+    assert (run / name).read_bytes() == (killed_run / name).read_bytes()
