@@ -339,12 +339,12 @@ def test_a_study_can_score_cells_by_land_cover_segmentation(dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_cell_held_by_another_process_is_skipped(tmp_path):
+def test_a_cell_held_by_another_process_is_skipped(dataset, tmp_path):
     """Two studies (or a cluster job's ``--cell`` and a local run) never run the same cell at once."""
     import fcntl
 
     out = tmp_path / "study"
-    study = _study_file(tmp_path, str(tmp_path / "no-dataset-needed"), out, grid={"batch_size": [4]})
+    study = _study_file(tmp_path, str(dataset), out, grid={"batch_size": [4]})  # checked before any cell
     cell = out / "cells" / "batch_size-4"
     cell.mkdir(parents=True)
     with open(cell / ".cell.lock", "w") as lock:
