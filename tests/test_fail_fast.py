@@ -75,6 +75,17 @@ def test_train_on_a_source_tree_fails_before_the_run_folder(tmp_path, synthetic_
     assert not run.exists()
 
 
+@pytest.mark.slow
+def test_a_failed_start_leaves_no_run_folder(tmp_path, dataset):
+    """A model name is checked when the model is built, after the run folder is locked: the folder the
+    failed start created is removed again."""
+    run = tmp_path / "run"
+    args = ["train", "moco", "--data", str(dataset), "--out", str(run)]
+    proc = run_cli(*args, *cli_set({**TINY_MOCO, "backbone": "no_such_net"}), check=False, env=training_env())
+    assert proc.returncode == 2 and "Unknown model (no_such_net)" in proc.stderr
+    assert not run.exists()
+
+
 # -- format versions ----------------------------------------------------------------------------------
 
 
