@@ -229,13 +229,13 @@ def test_a_failing_cell_is_reported_and_the_others_finish(dataset, tmp_path):
     cmd = [sys.executable, "-m", "eossl.launch", "study", "--config", str(study)]
     first = subprocess.run(cmd, capture_output=True, text=True, env=training_env(), cwd=REPO, timeout=600)
     assert first.returncode == 1, first.stdout[-2000:] + first.stderr[-2000:]
-    bad = out / "cells" / "batch_size-8_epochs-1_backbone-nosuchnet"
+    bad = out / "cells" / "backbone-nosuchnet_batch_size-8_epochs-1"
     assert (
-        "cell batch_size-8_epochs-1_backbone-nosuchnet failed" in first.stderr
+        "cell backbone-nosuchnet_batch_size-8_epochs-1 failed" in first.stderr
         and str(bad / "train.log") in first.stderr
     )
     assert "Unknown model (no_such_net)" in first.stderr  # the log's tail says why
-    good = json.loads((out / "cells" / "batch_size-8_epochs-1_backbone-resnet18" / "cell.json").read_text())
+    good = json.loads((out / "cells" / "backbone-resnet18_batch_size-8_epochs-1" / "cell.json").read_text())
     assert set(good["evaluated"]) == {"knn"}
     state = json.loads((bad / "cell.json").read_text())
     assert "training failed" in state["error"] and "evaluated" not in state
@@ -246,7 +246,7 @@ def test_a_failing_cell_is_reported_and_the_others_finish(dataset, tmp_path):
     assert len(rows) == 3  # both cells in the table; the failed one without scores
     again = subprocess.run(cmd, capture_output=True, text=True, env=training_env(), cwd=REPO, timeout=600)
     assert (
-        again.returncode == 1 and "batch_size-8_epochs-1_backbone-resnet18: finished, skipped" in again.stdout
+        again.returncode == 1 and "backbone-resnet18_batch_size-8_epochs-1: finished, skipped" in again.stdout
     )
 
 
