@@ -70,7 +70,8 @@ class _GridFlags:
         self.add(
             "--checkpoint",
             "checkpoints",
-            "pre-training run folder (repeat for several methods)",
+            "pre-training run folder (its final backbone, else its latest checkpoint) or one checkpoint "
+            "RUN/checkpoints/step-N; repeat for several (default: none)",
             show_default=False,
             action="append",
             metavar="RUN_DIR",
@@ -271,15 +272,23 @@ def _run_report(args) -> int:
 
 def add_attention_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--checkpoint", required=True, metavar="RUN_DIR", help="a DINO (ViT) pre-training run folder"
+        "--checkpoint",
+        required=True,
+        metavar="RUN_DIR",
+        help="a DINO (ViT) pre-training run folder, or one of its checkpoints RUN/checkpoints/step-N",
     )
     p.add_argument("--dataset", required=True, help="dataset folder or URL with data.zarr")
-    p.add_argument("--keys", type=_csv, default=(), help="patch keys, e.g. ROIs1158_spring_1_p30,...")
+    p.add_argument(
+        "--keys",
+        type=_csv,
+        default=(),
+        help="patch keys, e.g. ROIs1158_spring_1_p30,... (default: none; then --first)",
+    )
     p.add_argument(
         "--first",
         type=int,
         default=0,
-        help="instead of --keys: the first N hold-out patches that have land cover",
+        help="instead of --keys: the first N hold-out patches that have land cover (default: %(default)s)",
     )
     p.add_argument("--out", required=True, help="folder for <key>.png, attention_metrics.json, summary.json")
     from .config import AttentionConfig  # light: dataclasses only
@@ -299,7 +308,8 @@ def add_attention_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--inputs", help="input sensors (default: the run's view 0, e.g. s1)")
     p.add_argument(
-        "--mlflow-run", help="MLflow run id to log the figures to (tracking URI from MLFLOW_TRACKING_URI)"
+        "--mlflow-run",
+        help="MLflow run id to log the figures to (tracking URI from MLFLOW_TRACKING_URI; default: none)",
     )
     p.set_defaults(handler=_run_attention)
 
@@ -316,13 +326,21 @@ def _first_test_keys(dataset: str, n: int) -> list[str]:
 
 
 def _run_attention(args) -> int:
-    from .attention import attention_figures
+    from pathlib import Path
 
+    from eossl.ingest.integrity import read_manifest
+    from eossl.ingest.storage import DatasetRoot
+
+    from .attention import attention_figures
+    from .checkpoints import checkpoint_source, export_checkpoint
+
+    read_manifest(DatasetRoot(args.dataset))  # says what the path is when it is not a dataset
+    source = checkpoint_source(args.checkpoint)
     keys = list(args.keys) or (_first_test_keys(args.dataset, args.first) if args.first else [])
     if not keys:
         raise ValueError("give --keys K1,K2,... or --first N")
     result = attention_figures(
-        args.checkpoint,
+        str(export_checkpoint(source, Path(args.out), args.dataset)),
         args.dataset,
         keys,
         args.out,

@@ -25,8 +25,10 @@ from eossl.streaming.inputs import InputSpec
 from eossl.train.progress import Countdown, log_line
 from eossl.train.tracking import log_dataset_input
 
+from .checkpoints import export_checkpoint
 from .config import GridConfig
 from .models import NotApplicable
+from .preflight import check_grid_inputs
 from .report import write_tables
 from .tracking import eval_experiment, pretrain_tags
 
@@ -283,6 +285,9 @@ def run_grid(
     cfg = task.cfg
     cfg.validate()
     out = Path(cfg.out)
+    # Every input is checked before the first output; a checkpoint (not a finished run) is exported here.
+    sources = check_grid_inputs(cfg)
+    cfg.checkpoints = tuple(str(export_checkpoint(s, out, cfg.dataset)) for s in sources)
     exp_id = eval_experiment(out, cfg.experiment)
     # accelerate picks the device (GPU when present) and autocasts at the chosen precision, as in training.
     acc = Accelerator(mixed_precision=cfg.precision)

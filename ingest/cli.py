@@ -209,7 +209,8 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--holdout-scenes",
         help="file with one test scene per line: the published SEN12MS_holdOutScenes.txt "
-        "(ROIs1158_spring/s1_63) or ROIs1158_spring_63; '#' comments and blank lines are skipped",
+        "(ROIs1158_spring/s1_63) or ROIs1158_spring_63; '#' comments and blank lines are skipped "
+        "(default: none, a --holdout-fraction of the scenes drawn with --split-seed)",
     )
     p.add_argument(
         "--split-lists",
@@ -321,8 +322,14 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
+    from .format import MANIFEST
+    from .integrity import DatasetMissingError, missing_dataset_reason
+    from .storage import DatasetRoot
     from .verify import verify
 
+    root = DatasetRoot(args.dataset)
+    if not root.exists(MANIFEST):  # not a dataset at all (exit 2), as opposed to a damaged one (exit 1)
+        raise DatasetMissingError(missing_dataset_reason(root))
     problems = verify(args.dataset, deep=args.deep)
     for p in problems:
         print(f"FAIL {p}")

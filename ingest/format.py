@@ -16,11 +16,14 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
     "PROGRESS_DIR",
+    "READ_VERSIONS",
     "REJECTS",
     "SHARD_DIR",
     "SUBSETS",
     "WDS_LAYOUT",
     "ZARR_DIR",
+    "UnsupportedFormatError",
+    "check_format",
     "decode_member",
     "encode_member",
     "member_name",
@@ -30,6 +33,9 @@ __all__ = [
 
 FORMAT_NAME = "eossl-sen12ms"
 FORMAT_VERSION = 1
+# Versions this code reads. A reader refuses any other: a dataset written by a newer eossl may lay out its
+# bytes differently, and reading it as this version would train on wrong data without an error.
+READ_VERSIONS = (1,)
 
 MANIFEST = "manifest.json"
 CATALOG = "catalog.npz"
@@ -42,6 +48,27 @@ PROGRESS_DIR = "_progress"  # unit records of an unfinished ingest; kept afterwa
 # Arrays in the tar shards are stored channels-last (H, W, C): DALI's image operators work on HWC and a
 # transpose in the input pipeline costs ~3x (docs/FORMAT.md). The Zarr store keeps SEN12MS's (C, H, W).
 WDS_LAYOUT = "HWC"
+
+
+class UnsupportedFormatError(ValueError):
+    """A dataset file of another format or of a format version this code does not read."""
+
+
+def check_format(where: str, version: object, name: object = FORMAT_NAME) -> None:
+    """Refuse a manifest, shard sample or Zarr store that is not ``FORMAT_NAME`` at a version in
+    ``READ_VERSIONS``; ``where`` names the file in the message (a shard sample records only its version).
+
+    Raises:
+        UnsupportedFormatError: naming the file, what it says, and the versions this code reads.
+    """
+    if name != FORMAT_NAME:
+        raise UnsupportedFormatError(f"{where}: format {name!r}, expected {FORMAT_NAME!r}")
+    if version not in READ_VERSIONS:
+        readable = ", ".join(str(v) for v in READ_VERSIONS)
+        raise UnsupportedFormatError(
+            f"{where}: {FORMAT_NAME} format_version {version!r}, but this eossl reads version "
+            f"{readable} only; use the eossl that wrote it, or re-ingest with this one"
+        )
 
 
 def shard_name(index: int) -> str:

@@ -14,10 +14,18 @@ import json
 import zipfile
 
 from .catalog import Catalog
-from .format import CATALOG, MANIFEST
+from .format import CATALOG, MANIFEST, PROGRESS_DIR, check_format
+from .layout import find_source_files
 from .storage import DatasetRoot
 
-__all__ = ["DatasetCorruptError", "manifest_digest", "read_catalog", "read_manifest"]
+__all__ = [
+    "DatasetCorruptError",
+    "DatasetMissingError",
+    "manifest_digest",
+    "missing_dataset_reason",
+    "read_catalog",
+    "read_manifest",
+]
 
 _RECOVER = (
     "re-run the same ingest command into a new folder, or run `eossl verify DATASET` to see what else "
@@ -33,6 +41,46 @@ class DatasetCorruptError(ValueError):
         self.path = path
 
 
+class DatasetMissingError(FileNotFoundError):
+    """A dataset path without a manifest: it does not exist, is a source tree, or an unfinished ingest."""
+
+
+def _fs_root(out: DatasetRoot):
+    if out.is_local:
+        import fsspec
+
+        return fsspec.filesystem("file"), str(out.root)
+    return out.fs, out.root
+
+
+def missing_dataset_reason(out: DatasetRoot) -> str:
+    """Why ``out`` holds no manifest, in words that say what to do: the one diagnosis ``verify``,
+    training and evaluation give for a path that is not a finished dataset."""
+    fs, root = _fs_root(out)
+    where = out.url
+    if not fs.exists(root):
+        return f"{where} does not exist (check the path)"
+    if not fs.isdir(root):
+        return f"{where} is a file, not a dataset folder"
+    if out.exists(f"{PROGRESS_DIR}/plan.json"):
+        return (
+            f"{where} is an unfinished ingest (no {MANIFEST}, which is written last): re-run the same "
+            "`eossl ingest` command to resume, or `eossl ingest merge` after --part runs"
+        )
+    patches, archives = find_source_files(fs, root)
+    if patches:
+        return (
+            f"{where} looks like a SEN12MS source tree (GeoTIFFs such as {patches[0]}), not an eossl "
+            f"dataset: run `eossl ingest {where} DATASET` first and pass DATASET"
+        )
+    if archives:
+        return (
+            f"{where} holds SEN12MS archives (e.g. {archives[0]}), not an eossl dataset: extract them, "
+            f"run `eossl ingest` on the extracted folder, and pass the dataset it writes"
+        )
+    return f"{where} has no {MANIFEST}: not an eossl dataset (write one with `eossl ingest SOURCE DATASET`)"
+
+
 def manifest_digest(manifest: dict) -> str:
     """sha256 of the manifest's canonical JSON (sorted keys), ``manifest_sha256`` itself left out."""
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
@@ -40,14 +88,15 @@ def manifest_digest(manifest: dict) -> str:
 
 
 def read_manifest(out: DatasetRoot) -> dict:
-    """The dataset's manifest, checked against its ``manifest_sha256``.
+    """The dataset's manifest, checked against its ``manifest_sha256`` and its format version.
 
     Raises:
-        FileNotFoundError: no manifest (the ingest did not finish).
+        DatasetMissingError: no manifest, with why (:func:`missing_dataset_reason`).
         DatasetCorruptError: the file does not parse, or its content does not match its digest.
+        UnsupportedFormatError: another format, or a format version this code does not read.
     """
     if not out.exists(MANIFEST):
-        raise FileNotFoundError(f"{out.path(MANIFEST)} not found: not a finished eossl dataset")
+        raise DatasetMissingError(missing_dataset_reason(out))
     raw = out.read_bytes(MANIFEST)
     try:
         manifest = json.loads(raw)
@@ -58,6 +107,7 @@ def read_manifest(out: DatasetRoot) -> dict:
     recorded = manifest.get("manifest_sha256")
     if recorded is not None and manifest_digest(manifest) != recorded:
         raise DatasetCorruptError(out.path(MANIFEST), "its content does not match its manifest_sha256")
+    check_format(out.path(MANIFEST), manifest.get("format_version"), manifest.get("format"))
     return manifest
 
 

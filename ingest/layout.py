@@ -15,7 +15,29 @@ import fsspec
 
 from .bands import MODALITY_NAMES
 
-__all__ = ["PatchGroup", "PatchId", "SourceListing", "parse_patch_file", "scan_source"]
+__all__ = [
+    "ARCHIVE_SUFFIXES",
+    "NoPatchesError",
+    "PatchGroup",
+    "PatchId",
+    "SourceListing",
+    "find_source_files",
+    "parse_patch_file",
+    "require_patches",
+    "scan_source",
+]
+
+# What the SEN12MS download holds before extraction (ROIs1158_spring_s1.tar.gz, ...).
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+_EXPECTED = (
+    "SEN12MS GeoTIFFs named like ROIs1158_spring_s1_1_p30.tif, in ROIs<N>_<season>/{s1,s2,lc}_<scene>/ "
+    "folders"
+)
+
+
+class NoPatchesError(ValueError):
+    """A source holds no SEN12MS patch: an ingest of it would write an empty dataset."""
+
 
 # ROIs1158_spring_s1_1_p30.tif -> ROIs1158, spring, s1, 1, 30
 _PATCH_FILE = re.compile(
@@ -124,3 +146,49 @@ def scan_source(source: str, storage_options: dict | None = None) -> SourceListi
         groups.setdefault(pid, PatchGroup(pid)).files.setdefault(mod, []).append(full)
     ordered = [groups[pid] for pid in sorted(groups)]
     return SourceListing(source=source, groups=ordered, ignored=ignored)
+
+
+def _is_archive(name: str) -> bool:
+    return name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def require_patches(listing: SourceListing) -> None:
+    """Refuse a source with no patch before anything is written: says what was expected and what is there.
+
+    Raises:
+        NoPatchesError: no file name parses as a SEN12MS patch; archives found are named with how to
+            extract them.
+    """
+    if listing.groups:
+        return
+    archives = [p.rsplit("/", 1)[-1] for p in listing.ignored if _is_archive(p.rsplit("/", 1)[-1])]
+    found = (
+        f"it holds {len(listing.ignored)} other files (e.g. "
+        f"{', '.join(p.rsplit('/', 1)[-1] for p in listing.ignored[:3])})"
+        if listing.ignored
+        else "it is empty"
+    )
+    if archives:
+        found = (
+            f"it holds {len(archives)} archives ({', '.join(archives[:3])}): extract them first (e.g. "
+            f"`tar xzf {archives[0]}` in that folder) and ingest the extracted folder"
+        )
+    raise NoPatchesError(
+        f"no SEN12MS patches found in ingest source {listing.source!r}: expected {_EXPECTED}; {found}"
+    )
+
+
+def find_source_files(fs, root: str, limit: int = 5) -> tuple[list[str], list[str]]:
+    """Up to ``limit`` SEN12MS GeoTIFF names and archive names under ``root`` (three folder levels deep):
+    enough to tell a source tree from a dataset without listing 540k files."""
+    patches: list[str] = []
+    archives: list[str] = []
+    for _, _, files in fs.walk(root, maxdepth=3):
+        for name in sorted(files):
+            if parse_patch_file(name) is not None:
+                patches.append(name)
+            elif _is_archive(name) and name.startswith("ROIs"):
+                archives.append(name)
+        if len(patches) >= limit:
+            break
+    return patches[:limit], archives[:limit]

@@ -10,12 +10,22 @@ band the manifest flags for an implausible spread is reported: the dataset is wh
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 
 from .bands import MODALITIES
-from .format import CATALOG, FORMAT_NAME, MANIFEST, REJECTS, SHARD_DIR, ZARR_DIR, decode_member
-from .integrity import DatasetCorruptError, read_catalog, read_manifest
+from .format import (
+    CATALOG,
+    MANIFEST,
+    REJECTS,
+    SHARD_DIR,
+    ZARR_DIR,
+    UnsupportedFormatError,
+    check_format,
+    decode_member,
+)
+from .integrity import DatasetCorruptError, missing_dataset_reason, read_catalog, read_manifest
 from .storage import DatasetRoot
 from .zarr_store import iter_shard_samples
 
@@ -68,19 +78,27 @@ def _check_catalog(out: DatasetRoot, manifest: dict, shard_keys: list[str], deep
     return problems
 
 
+def _sample_version_problem(shard: str, key: str, members: dict[str, bytes]) -> str | None:
+    """A shard sample whose JSON member records a format version this code does not read, or None."""
+    try:
+        meta = json.loads(members.get("json", b"{}"))
+        check_format(f"{shard} ({key}.json)", meta.get("format_version"))
+    except (UnsupportedFormatError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return str(exc)
+    return None
+
+
 def verify(dataset: str, deep: bool = False) -> list[str]:
     """Return the problems found (empty list: the dataset is complete and consistent)."""
     import zarr  # noqa: PLC0415
 
     out = DatasetRoot(dataset)
     if not out.exists(MANIFEST):
-        return [f"{out.path(MANIFEST)} missing: the ingest did not finish (re-run it to resume)"]
+        return [missing_dataset_reason(out)]
     try:
-        manifest = read_manifest(out)
-    except DatasetCorruptError as exc:
+        manifest = read_manifest(out)  # its digest, format and version
+    except (DatasetCorruptError, UnsupportedFormatError) as exc:
         return [str(exc)]
-    if manifest.get("format") != FORMAT_NAME:
-        return [f"{out.path(MANIFEST)}: format {manifest.get('format')!r} is not {FORMAT_NAME!r}"]
     problems: list[str] = []
     counts = manifest["counts"]
     if counts["patches_found"] != counts["samples_written"] + counts["rejected"]:
@@ -117,7 +135,13 @@ def verify(dataset: str, deep: bool = False) -> list[str]:
                     f"{out.path(path)}: sha256/size differ from the manifest (corrupt or replaced)"
                 )
                 continue
-            keys = [(k, set(m)) for k, m in iter_shard_samples(out, path)]
+            keys = []
+            for k, members in iter_shard_samples(out, path):
+                keys.append((k, set(members)))
+                problem = _sample_version_problem(out.path(path), k, members)
+                if problem:
+                    problems.append(problem)
+                    break
             if len(keys) != shard["samples"]:
                 problems.append(
                     f"{out.path(path)} holds {len(keys)} samples, manifest says {shard['samples']}"
@@ -133,6 +157,10 @@ def verify(dataset: str, deep: bool = False) -> list[str]:
             group = zarr.open_group(out.zarr_store(ZARR_DIR, read_only=True), mode="r")
         except (FileNotFoundError, ValueError, KeyError) as exc:
             return [*problems, f"{out.path(ZARR_DIR)} cannot be opened: {exc}"]
+        try:
+            check_format(out.path(ZARR_DIR), group.attrs.get("format_version"), group.attrs.get("format"))
+        except UnsupportedFormatError as exc:
+            return [*problems, str(exc)]
         n = counts["samples_written"]
         for mod, m in MODALITIES.items():
             if mod not in group or group[mod].shape != (n, *m.shape_chw):

@@ -25,7 +25,7 @@ from .bands import MODALITIES
 from .config import IngestConfig
 from .format import MANIFEST, PROGRESS_DIR
 from .integrity import read_manifest
-from .layout import SourceListing, scan_source
+from .layout import SourceListing, require_patches, scan_source
 from .shards import Unit, process_unit, unit_record_path
 from .splits import patch_list_split, read_patch_list, scene_split
 from .storage import DatasetRoot
@@ -175,6 +175,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     t0 = time.perf_counter()
     out = DatasetRoot(cfg.dataset)
     listing = scan_source(cfg.source)
+    require_patches(listing)  # before anything is written into the dataset folder
     if listing.ignored:
         examples = ", ".join(p.rsplit("/", 1)[-1] for p in listing.ignored[:3])
         print(

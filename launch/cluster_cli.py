@@ -127,6 +127,9 @@ def _run_kit(args: argparse.Namespace) -> int:
         raise ValueError(
             "give the training arguments after --, e.g. eossl kit slurm --nodes 2 -- moco --data D --out R"
         )
+    from eossl.train.cli import resolve_train_args
+
+    resolve_train_args(args.train_args)  # a misspelt key or bad value fails here, before a job file exists
     job = cluster_job(
         args, tuple(args.train_args), **given(args, {"job_name": "job_name", "after_train": "after_train"})
     )

@@ -26,7 +26,7 @@ import torch
 import zarr
 
 from eossl.ingest.bands import IGBP_CLASSES, IGBP_SIMPLE_CLASSES
-from eossl.ingest.format import FORMAT_NAME, MANIFEST, SUBSETS, ZARR_DIR
+from eossl.ingest.format import SUBSETS, ZARR_DIR, check_format
 from eossl.ingest.integrity import read_manifest
 from eossl.ingest.storage import DatasetRoot
 
@@ -113,11 +113,7 @@ class ZarrPatchDataset(torch.utils.data.Dataset):
         self.multilabel = multilabel
         self.with_lc = with_lc
         out = DatasetRoot(dataset)
-        if not out.exists(MANIFEST):
-            raise ValueError(
-                f"{out.path(MANIFEST)} not found: not a complete eossl dataset (the manifest is written last)"
-            )
-        manifest = read_manifest(out)  # checked against its manifest_sha256
+        manifest = read_manifest(out)  # digest and format version checked; says why when it is missing
         if not out.exists(f"{ZARR_DIR}/zarr.json"):
             raise ValueError(f"{out.path(ZARR_DIR)} not found: dataset ingested without --formats zarr")
         self.mean, self.std = inputs.normalisation(manifest)
@@ -129,9 +125,7 @@ class ZarrPatchDataset(torch.utils.data.Dataset):
         self._s2_index = inputs.s2_index
 
         group = _open_group(out)
-        if group.attrs.get("format") != FORMAT_NAME:
-            found = group.attrs.get("format")
-            raise ValueError(f"{out.path(ZARR_DIR)}: format {found!r}, expected {FORMAT_NAME!r}")
+        check_format(out.path(ZARR_DIR), group.attrs.get("format_version"), group.attrs.get("format"))
         # Metadata read once, whole: a few bytes per sample, and each read on S3 is a request.
         requested = resolve_rows(out, rows, group["key"].shape[0])
         keep = np.ones(len(requested), dtype=bool)

@@ -191,10 +191,13 @@ class _ConstantTask(GridTask):
         return CellOutcome({"mean": mean, "std": 0.0, "n": len(per_seed)}, {"score_mean": mean, "seeds": 2})
 
 
-def test_a_task_plugs_into_the_grid(tmp_path, monkeypatch, capsys):
+def test_a_task_plugs_into_the_grid(tmp_path, monkeypatch, capsys, dataset):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)  # the default store: mlflow.db in the current folder
-    cfg = ClassifyConfig(dataset="unused", out=str(tmp_path), inputs=("s1",), seeds=(0, 1), inits=("random",))
+    # The grid checks its dataset and budget before it starts, even where a task ignores them.
+    cfg = ClassifyConfig(
+        dataset=str(dataset), out=str(tmp_path), inputs=("s1",), seeds=(0, 1), inits=("random",), budget="2"
+    )
     result = run_grid(_ConstantTask(cfg), ("test",))
     with open(result["results_csv"]) as f:
         assert list(csv.reader(f)) == [  # no columns for the inputs that were not run

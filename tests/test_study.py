@@ -217,7 +217,11 @@ def test_a_failing_cell_is_reported_and_the_others_finish(dataset, tmp_path):
 
     out = tmp_path / "study"
     study = _study_file(
-        tmp_path, str(dataset), out, grid={"batch_size": [8], "epochs": [1], "optim.name": ["sgd", "lamb"]}
+        # A model name is checked only when the model is built: the study starts, and that cell fails.
+        tmp_path,
+        str(dataset),
+        out,
+        grid={"batch_size": [8], "epochs": [1], "backbone": ["resnet18", "no_such_net"]},
     )
     data = yaml.safe_load(study.read_text())
     data["eval"] = {"protocols": ["knn"], "budget": "all", "inputs": ["s2"]}
@@ -225,13 +229,13 @@ def test_a_failing_cell_is_reported_and_the_others_finish(dataset, tmp_path):
     cmd = [sys.executable, "-m", "eossl.launch", "study", "--config", str(study)]
     first = subprocess.run(cmd, capture_output=True, text=True, env=training_env(), cwd=REPO, timeout=600)
     assert first.returncode == 1, first.stdout[-2000:] + first.stderr[-2000:]
-    bad = out / "cells" / "batch_size-8_epochs-1_name-lamb"
+    bad = out / "cells" / "backbone-nosuchnet_batch_size-8_epochs-1"
     assert (
-        "cell batch_size-8_epochs-1_name-lamb failed" in first.stderr
+        "cell backbone-nosuchnet_batch_size-8_epochs-1 failed" in first.stderr
         and str(bad / "train.log") in first.stderr
     )
-    assert "optim.name must be sgd or adamw" in first.stderr  # the log's tail says why
-    good = json.loads((out / "cells" / "batch_size-8_epochs-1_name-sgd" / "cell.json").read_text())
+    assert "Unknown model (no_such_net)" in first.stderr  # the log's tail says why
+    good = json.loads((out / "cells" / "backbone-resnet18_batch_size-8_epochs-1" / "cell.json").read_text())
     assert set(good["evaluated"]) == {"knn"}
     state = json.loads((bad / "cell.json").read_text())
     assert "training failed" in state["error"] and "evaluated" not in state
@@ -241,7 +245,9 @@ def test_a_failing_cell_is_reported_and_the_others_finish(dataset, tmp_path):
     rows = (out / "results.csv").read_text().splitlines()
     assert len(rows) == 3  # both cells in the table; the failed one without scores
     again = subprocess.run(cmd, capture_output=True, text=True, env=training_env(), cwd=REPO, timeout=600)
-    assert again.returncode == 1 and "batch_size-8_epochs-1_name-sgd: finished, skipped" in again.stdout
+    assert (
+        again.returncode == 1 and "backbone-resnet18_batch_size-8_epochs-1: finished, skipped" in again.stdout
+    )
 
 
 @pytest.mark.slow
@@ -339,12 +345,12 @@ def test_a_study_can_score_cells_by_land_cover_segmentation(dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_cell_held_by_another_process_is_skipped(tmp_path):
+def test_a_cell_held_by_another_process_is_skipped(dataset, tmp_path):
     """Two studies (or a cluster job's ``--cell`` and a local run) never run the same cell at once."""
     import fcntl
 
     out = tmp_path / "study"
-    study = _study_file(tmp_path, str(tmp_path / "no-dataset-needed"), out, grid={"batch_size": [4]})
+    study = _study_file(tmp_path, str(dataset), out, grid={"batch_size": [4]})  # checked before any cell
     cell = out / "cells" / "batch_size-4"
     cell.mkdir(parents=True)
     with open(cell / ".cell.lock", "w") as lock:

@@ -25,12 +25,16 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a study field by dotted key, e.g. --set grid.epochs=[1,2] --set train.size=64",
     )
-    p.add_argument("--cell", action="append", default=[], help="run only this cell (repeatable)")
+    p.add_argument(
+        "--cell", action="append", default=[], help="run only this cell (repeatable; default: every cell)"
+    )
     p.add_argument(
         "--list", action="store_true", help="print the cells and their training commands, run nothing"
     )
     p.add_argument(
-        "--emit", choices=["slurm", "k8s"], help="write one cluster job per cell instead of running"
+        "--emit",
+        choices=["slurm", "k8s"],
+        help="write one cluster job per cell instead of running (default: run here)",
     )
     p.add_argument("--jobs-dir", help="where --emit writes the jobs (default STUDY_OUT/jobs)")
     add_cluster_options(p)
@@ -45,10 +49,19 @@ def _run_study(args) -> int:
     from .run import emit_cluster_jobs, run_study, train_command
 
     cfg = load_study(args.config, dict(args.overrides))
+    cells = cfg.cells()
+    for name in args.cell:
+        cfg.cell(name)  # an unknown --cell names the cells there are
+    for cell in cells:  # every cell's training config resolves before a folder, run or job is made
+        cfg.train_config(cell)
     if args.list:
-        for cell in cfg.cells():
+        for cell in cells:
             print(f"{cell.name}: eossl train {shlex.join(train_command(cfg, cell))}")
+            resolved = " ".join(f"{k}={v}" for k, v in cfg.resolved_values(cell).items())
+            print(f"  resolved: {resolved}")
         return 0
+    if not args.emit:  # a cluster job may see another file system: the dataset is checked where it runs
+        _check_dataset(cfg)
     if args.emit:
         jobs_dir = args.jobs_dir or str(Path(cfg.out) / "jobs")
         jobs = emit_cluster_jobs(cfg, args.emit, jobs_dir, cluster_job(args, (cfg.method,)))
@@ -69,6 +82,17 @@ def _run_study(args) -> int:
     for name, error in result["failed"].items():
         print(f"eossl study: cell {name} failed: {error}", file=sys.stderr)
     return 1 if result["failed"] else 0
+
+
+def _check_dataset(cfg) -> None:
+    """The dataset exists, is finished, and has the evaluation's budget: before hours of training."""
+    from eossl.eval.preflight import check_budget
+    from eossl.ingest.integrity import read_manifest
+    from eossl.ingest.storage import DatasetRoot
+
+    root = DatasetRoot(cfg.data)
+    read_manifest(root)
+    check_budget(cfg.eval.budget, tuple(cfg.eval.seeds), root)
 
 
 def study_report_parser() -> argparse.ArgumentParser:

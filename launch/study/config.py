@@ -194,6 +194,35 @@ class StudyConfig:
         grid = {k: v for k, v in cell.values.items() if k != "method"}
         return {**self.train, **self.lr.overrides(), "experiment": self.experiment_name, **grid}
 
+    def train_config(self, cell: Cell):
+        """The cell's full training config, resolved as ``eossl train`` resolves the cell's command (its
+        ``--set`` values as text), without starting anything.
+
+        Raises:
+            ValueError: naming the cell, for an unknown or ambiguous key or a bad value.
+        """
+        from eossl.train.config import load_config
+
+        values = {k: str(v) for k, v in self.train_values(cell).items()}
+        try:
+            return load_config(self.cell_method(cell), None, {**values, "data": self.data, "out": self.out})
+        except ValueError as exc:
+            raise ValueError(f"study cell {cell.name}: {exc}") from exc
+
+    def resolved_values(self, cell: Cell) -> dict[str, Any]:
+        """Full dotted key -> resolved value of every training key the study sets for ``cell``."""
+        from eossl.train.config import flatten
+        from eossl.train.overrides import resolve_key
+
+        cfg = self.train_config(cell)
+        flat = flatten(cfg)
+        shown: dict[str, Any] = {}
+        for key in self.train_values(cell):
+            others = tuple(m for m in method_names() if m != cfg.method)
+            _, _, full = resolve_key(cfg, key, skip_sections=others)
+            shown[full] = flat.get(full)
+        return shown
+
     def to_yaml(self) -> str:
         """The study with its overrides applied: what cluster jobs re-read with ``--config``."""
         return yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(self), default=str)), sort_keys=False)
