@@ -18,10 +18,26 @@ __all__ = ["add_train_arguments", "run_train"]
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("method", choices=method_names(), help="self-supervised method")
-    p.add_argument("--data", required=True, help="dataset folder or URL written by 'eossl ingest'")
-    p.add_argument("--out", required=True, help="run folder: checkpoints, config.yaml, local MLflow store")
-    p.add_argument("--config", help="YAML file of config values (sections or dotted keys)")
+    p.add_argument(
+        "method",
+        nargs="?",
+        choices=method_names(),
+        help="self-supervised method (may be left out when --config sets 'method')",
+    )
+    p.add_argument("--data", help="dataset folder or URL written by 'eossl ingest' (required to train)")
+    p.add_argument(
+        "--out", help="run folder: checkpoints, config.yaml, local MLflow store (required to train)"
+    )
+    p.add_argument(
+        "--config",
+        help="YAML file of config values (sections or dotted keys), or a recipe name: "
+        "moco_sen12ms, dino_sar, ... (launch/recipes/)",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration (every key: value, default, meaning) and exit",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -58,12 +74,21 @@ def run_train(args) -> int:
     from pathlib import Path
 
     from .checkpoint import latest_checkpoint
-    from .config import load_config
+    from .config import describe, load_config, method_defaults
+
+    overrides = dict(args.overrides)
+    overrides.update(
+        {key: getattr(args, key) for key in _CONFIG_FLAGS if getattr(args, key, None) is not None}
+    )
+    if args.print_config:
+        cfg = load_config(args.method, args.config, overrides, require_paths=False)
+        print(describe(cfg, method_defaults(cfg.method)), end="")
+        return 0
+    if not (args.data and args.out):
+        raise ValueError("--data and --out are required to train (only --print-config goes without)")
     from .loop import train
     from .preemption import PREEMPTED_EXIT_CODE, Preempted
 
-    overrides = dict(args.overrides)
-    overrides.update({key: getattr(args, key) for key in _CONFIG_FLAGS if hasattr(args, key)})
     cfg = load_config(args.method, args.config, overrides)
     has_ckpt = latest_checkpoint(Path(cfg.out)) is not None
     if args.fresh and has_ckpt:
