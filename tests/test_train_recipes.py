@@ -115,7 +115,8 @@ def test_print_config_prints_every_key_with_value_default_and_doc():
         timeout=300,
         check=True,
     ).stdout
-    lines = dict(line.split(": ", 1) for line in out.splitlines())
+    lines = dict(line.split(": ", 1) for line in out.splitlines() if not line.startswith("#"))
+    assert out.splitlines()[-1].endswith("linear rule: 1 x 64: 0.000125, 4 x 64: 0.0005, 8 x 64: 0.001")
     assert lines["method"] == "dino"
     assert lines["epochs"].startswith("7  # default: 100 (changed); epochs over the training split")
     assert lines["loader.n_local"].startswith("8  # default: 8; DINO multi-crop")

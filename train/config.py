@@ -30,6 +30,7 @@ from eossl.streaming.views import ViewConfig
 from . import overrides as overrides_mod
 from .methods import get_method, method_names
 from .overrides import config_keys, read_yaml_overrides
+from .schedules import scaled_lr
 
 __all__ = [
     "BackboneConfig",
@@ -427,6 +428,12 @@ def describe(cfg: TrainConfig, defaults: TrainConfig) -> str:
         doc = _field_docs(type(owner)).get(name, "")
         mark = "" if value == default else " (changed)"
         lines.append(f"{path}: {_scalar(value)}  # default: {_scalar(default)}{mark}; {doc}".rstrip("; "))
+    o, per_rank = cfg.optim, cfg.batch_size * cfg.grad_accum
+    per_ranks = ", ".join(
+        f"{n} x {per_rank}: {scaled_lr(o.lr, o.lr_scaling, n * per_rank, o.base_batch):.4g}"
+        for n in (1, 4, 8)
+    )
+    lines.append(f"# learning rate by ranks x (batch_size x grad_accum), {o.lr_scaling} rule: {per_ranks}")
     return "\n".join(lines) + "\n"
 
 
