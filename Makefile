@@ -28,6 +28,7 @@ install: $(STAMP)
 # evaluated on s1, s2 and s1s2), a 512-key queue, 15 epochs of 72 patches.
 DEMO_TRAIN = --set backbone=resnet18 --set mode=fusion_partial --set batch_size=16 --set size=96 \
 	--set queue_size=512 --set hidden=512 --set epochs=15 --set workers=1 --set moco.momentum=0.99 \
+	--set lr_scaling=none \
 	--set log_every=5 --set ckpt_every=25
 
 # DINO on S1 only: a tiny ViT, 96 px global and 4 x 48 px local crops, 6 epochs.

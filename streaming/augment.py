@@ -9,6 +9,10 @@ All geometry (random resized crop, flips, 90-degree rotations, a small random af
 elastic deformation) is folded into one 2x3 affine matrix per view, so the image is resampled once.
 Radiometry works on standardised values, per band: ``x * gain + offset`` (gain 0 drops a channel or a
 whole sensor). No RGB colour operator is used anywhere: they assume 3 correlated channels in [0, 1].
+
+Named presets (``PRESETS``, ``preset``): ``default`` (MoCo-v2's recipe adapted to overhead imagery) and
+``moco_study`` (the MoCo SEN12MS study's: no crop, flips, blur, elastic-like distortion, brightness and
+contrast shared by all bands of a view).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["AugmentConfig", "ViewParams", "crop_box", "draw_view", "geometry_matrix"]
+__all__ = ["PRESETS", "AugmentConfig", "ViewParams", "crop_box", "draw_view", "geometry_matrix", "preset"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,9 @@ class AugmentConfig:
         blur_prob, blur_sigma: Gaussian blur probability and sigma range in output pixels.
         jitter_prob: probability of per-band gain/offset jitter.
         gain, offset: ranges on standardised values (offset in units of the band's std).
+        jitter_per_band: True draws gain and offset per band (a spectral jitter); False draws one gain
+            (contrast) and one offset (brightness) for every band of the view, which keeps the spectral
+            shape of each pixel (the MoCo study's brightness/contrast).
         channel_dropout: probability that each channel is zeroed (its mean after standardisation).
         sensor_dropout: probability that one sensor of a fused view is zeroed (never all sensors).
     """
@@ -54,6 +61,7 @@ class AugmentConfig:
     jitter_prob: float = 0.8
     gain: tuple[float, float] = (0.8, 1.2)
     offset: tuple[float, float] = (-0.2, 0.2)
+    jitter_per_band: bool = True
     channel_dropout: float = 0.0
     sensor_dropout: float = 0.0
 
@@ -69,6 +77,41 @@ class AugmentConfig:
             blur_prob=0.0,
             jitter_prob=0.0,
         )
+
+    @classmethod
+    def moco_study(cls) -> AugmentConfig:
+        """The MoCo SEN12MS study's augmentation, applied to each sensor independently.
+
+        The study's code uses Gaussian blur, elastic deformation, horizontal and vertical flips and random
+        brightness/contrast, each with probability 0.5, and no random resized crop. Elastic deformation
+        needs a per-pixel remap, which DALI only has on the GPU: a random affine (shear, anisotropic scale,
+        small rotation) with the same probability replaces it here, so CPU and GPU compute the same views
+        (docs/METHODS.md). Brightness/contrast is one offset and one gain for every band, +-0.2 on
+        standardised values.
+        """
+        return cls(
+            crop_scale=(1.0, 1.0),
+            crop_ratio=(1.0, 1.0),
+            hflip=0.5,
+            vflip=0.5,
+            rot90=False,
+            affine_prob=0.5,
+            blur_prob=0.5,
+            jitter_prob=0.5,
+            jitter_per_band=False,
+        )
+
+
+PRESETS = ("default", "moco_study")
+
+
+def preset(name: str) -> AugmentConfig:
+    """The augmentation named ``name`` (one of ``PRESETS``)."""
+    if name == "default":
+        return AugmentConfig()
+    if name == "moco_study":
+        return AugmentConfig.moco_study()
+    raise ValueError(f"augmentation preset must be one of {', '.join(PRESETS)}, got {name!r}")
 
 
 # A sigma this small makes DALI's per-sample window 3 taps with edge weights ~e^-5000 == 0: an exact
@@ -169,8 +212,9 @@ def draw_view(
     gain = np.ones(channels, dtype=np.float32)
     offset = np.zeros(channels, dtype=np.float32)
     if cfg.jitter_prob > 0 and rng.random() < cfg.jitter_prob:
-        gain = rng.uniform(*cfg.gain, size=channels).astype(np.float32)
-        offset = rng.uniform(*cfg.offset, size=channels).astype(np.float32)
+        n = channels if cfg.jitter_per_band else 1
+        gain = np.broadcast_to(rng.uniform(*cfg.gain, size=n), channels).astype(np.float32)
+        offset = np.broadcast_to(rng.uniform(*cfg.offset, size=n), channels).astype(np.float32)
     mask = np.ones(channels, dtype=np.float32) if keep is None else keep.astype(np.float32).copy()
     if cfg.channel_dropout > 0:
         mask *= (rng.random(channels) >= cfg.channel_dropout).astype(np.float32)

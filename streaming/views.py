@@ -13,7 +13,10 @@ Exact definitions (also in docs/METHODS.md); S1 is always stacked before S2, abs
 - ``fusion_optional``: each *view* independently drops one sensor with probability ``optional_drop``
   (which one uniformly), so a pair can be S1+S2 vs S2, S1 vs S1+S2, S1 vs S2, ...
 - ``multicrop`` (DINO): ``n_global`` crops at ``global_size`` (scale ``global_scale``) then ``n_local`` at
-  ``local_size`` (scale ``local_scale``), all of ``inputs.sensors``.
+  ``local_size`` (scale ``local_scale``), all of ``inputs.sensors``. As in DINO the crops are augmented
+  asymmetrically: global crop ``i`` is blurred with probability ``global_blur[i]`` (1.0 then 0.1: one
+  crop always blurred, the other rarely), local crops with ``local_blur`` (0.5). DINO's solarisation of
+  the second global crop has no counterpart (docs/METHODS.md).
 """
 
 from __future__ import annotations
@@ -46,7 +49,12 @@ class ViewConfig:
         pair_geometry: 'shared' (same ground area in both views) or 'independent'.
         partial_probs: probabilities of S1-only, S2-only, S1+S2 samples in ``fusion_partial``.
         optional_drop: probability that a view drops one sensor in ``fusion_optional``.
-        n_global, global_size, global_scale, n_local, local_size, local_scale: DINO multi-crop.
+        n_global, global_size, global_scale, n_local, local_size, local_scale: DINO multi-crop (DINO's
+            code default: 2 global crops of 224 px at scale 0.4-1, 8 local crops of 96 px at 0.05-0.4).
+        global_blur: blur probability of each global crop, cycled if there are more crops (DINO: 1.0 for
+            the first, 0.1 for the second); local_blur: blur probability of local crops (DINO: 0.5).
+            Both apply only when ``augment`` blurs at all (``blur_prob > 0``), so unaugmented views
+            stay unblurred.
     """
 
     mode: str = "single"
@@ -60,9 +68,11 @@ class ViewConfig:
     n_global: int = 2
     global_size: int = 224
     global_scale: tuple[float, float] = (0.4, 1.0)
-    n_local: int = 6
+    n_local: int = 8
     local_size: int = 96
     local_scale: tuple[float, float] = (0.05, 0.4)
+    global_blur: tuple[float, ...] = (1.0, 0.1)
+    local_blur: float = 0.5
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -73,6 +83,9 @@ class ViewConfig:
             raise ValueError(f"partial_probs must be 3 probabilities summing to 1, got {self.partial_probs}")
         if self.mode == "multicrop" and self.n_global < 1:
             raise ValueError("multicrop needs at least one global crop")
+        blur = (*self.global_blur, self.local_blur)
+        if not self.global_blur or min(blur) < 0 or max(blur) > 1:
+            raise ValueError(f"global_blur and local_blur must be probabilities, got {blur}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,22 @@ class _View:
     sensors: tuple[str, ...]
     size: int
     augment: AugmentConfig
+
+
+def _multicrop_views(cfg: ViewConfig) -> list[_View]:
+    """DINO's crops: global crops with their own blur probabilities, then the local crops."""
+    blurs = cfg.augment.blur_prob > 0
+    sensors = cfg.inputs.sensors
+    views = []
+    for i in range(cfg.n_global):
+        aug = replace(cfg.augment, crop_scale=cfg.global_scale)
+        if blurs:
+            aug = replace(aug, blur_prob=cfg.global_blur[i % len(cfg.global_blur)])
+        views.append(_View(sensors, cfg.global_size, aug))
+    loc = replace(cfg.augment, crop_scale=cfg.local_scale)
+    if blurs:
+        loc = replace(loc, blur_prob=cfg.local_blur)
+    return views + [_View(sensors, cfg.local_size, loc)] * cfg.n_local
 
 
 class ViewSet:
@@ -95,12 +124,7 @@ class ViewSet:
             aug = cfg.augment if cfg.pair_augment else AugmentConfig.none()
             self.views = [_View(("s1",), cfg.size, aug), _View(("s2",), cfg.size, aug)]
         elif cfg.mode == "multicrop":
-            g = replace(cfg.augment, crop_scale=cfg.global_scale)
-            loc = replace(cfg.augment, crop_scale=cfg.local_scale)
-            sensors = cfg.inputs.sensors
-            self.views = [_View(sensors, cfg.global_size, g)] * cfg.n_global + [
-                _View(sensors, cfg.local_size, loc)
-            ] * cfg.n_local
+            self.views = _multicrop_views(cfg)
         else:
             self.views = [_View(self.input_spec.sensors, cfg.size, cfg.augment)] * 2
 

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from nvidia.dali import fn, pipeline_def
 
-from eossl.streaming.augment import NO_BLUR_SIGMA, AugmentConfig, crop_box, draw_view, geometry_matrix
+from eossl.streaming.augment import (
+    NO_BLUR_SIGMA,
+    PRESETS,
+    AugmentConfig,
+    crop_box,
+    draw_geometry,
+    draw_view,
+    geometry_matrix,
+    preset,
+)
 from eossl.streaming.dali_pipeline import augment_view, standardise
+from eossl.streaming.inputs import InputSpec
+from eossl.streaming.views import ViewConfig, ViewSet
 
 RNG = np.random.default_rng(0)
 IMAGE = RNG.normal(size=(256, 256, 5)).astype(np.float32)
@@ -125,3 +138,81 @@ def test_view_params_dropout_and_identity():
     ident = draw_view(rng, AugmentConfig.none(), 3, {"s2": slice(0, 3)}, 256, 256)
     np.testing.assert_allclose(ident.matrix, [[1, 0, 0], [0, 1, 0]], atol=1e-6)
     assert ident.sigma == np.float32(NO_BLUR_SIGMA) and (ident.gain == 1).all() and not ident.offset.any()
+
+
+def test_moco_study_preset_has_no_crop_and_shares_brightness_contrast_across_bands():
+    cfg = preset("moco_study")
+    rng = np.random.default_rng(5)
+    jittered = blurred = distorted = 0
+    for _ in range(200):
+        p = draw_view(rng, cfg, 12, {"s1": slice(0, 2), "s2": slice(2, 12)}, 256, 256)
+        linear = p.matrix[:, :2].astype(np.float64)
+        # Without a crop the output square maps onto the whole patch, up to a flip (|entries| == 1) or
+        # the small affine (scale 0.9-1.1, shear 0.1, rotation 10 degrees).
+        axis_aligned = np.allclose(np.abs(linear), np.eye(2), atol=1e-6)
+        distorted += not axis_aligned
+        if axis_aligned:
+            np.testing.assert_allclose(linear @ [128, 128] + p.matrix[:, 2], [128, 128], atol=1e-4)
+        assert np.abs(linear).max() < 1.6 and np.abs(np.linalg.det(linear)) > 0.6
+        assert (p.gain == p.gain[0]).all() and (p.offset == p.offset[0]).all()  # one gain, one offset
+        jittered += p.gain[0] != 1
+        blurred += float(p.sigma) > NO_BLUR_SIGMA
+    # each op with probability 0.5 (200 draws: 100 +- 7 each)
+    assert all(60 < n < 140 for n in (jittered, blurred, distorted)), (jittered, blurred, distorted)
+    with pytest.raises(ValueError, match="default, moco_study"):
+        preset("simclr")
+    assert preset("default") == AugmentConfig() and PRESETS == ("default", "moco_study")
+
+
+def test_per_band_jitter_draws_are_unchanged_by_the_per_view_option():
+    """The default (per-band) jitter consumes the generator exactly as before the option existed."""
+    a = draw_view(np.random.default_rng(9), AugmentConfig(jitter_prob=1.0), 5, {"s2": slice(0, 5)}, 256, 224)
+    rng = np.random.default_rng(9)
+    draw_geometry(rng, AugmentConfig(), 256, 224)
+    rng.random()
+    np.testing.assert_array_equal(a.gain, rng.uniform(0.8, 1.2, size=5).astype(np.float32))
+    assert len(set(a.gain.tolist())) == 5
+
+
+def test_pair_geometry_shared_or_independent():
+    both = InputSpec.parse("s1s2", "land")
+    for geometry, same in (("shared", True), ("independent", False)):
+        views = ViewSet(
+            ViewConfig(mode="pair", inputs=both, augment=preset("moco_study"), pair_geometry=geometry)
+        )
+        equal = [np.array_equal(*(p.matrix for p in views.draw(0, 0, i))) for i in range(40)]
+        if same:
+            assert all(equal)
+        else:  # independent flips/affine: equal only when both draws happen to agree (p ~ 1/8 here)
+            assert sum(equal) < 20
+
+
+def test_dino_global_crops_are_blurred_asymmetrically():
+    views = ViewSet(ViewConfig(mode="multicrop", inputs=InputSpec.parse("s1", "land"), n_local=8))
+    assert len(views.views) == 10  # DINO's code default: 2 global + 8 local crops
+    sigmas = np.array([[float(p.sigma) for p in views.draw(0, 0, i)] for i in range(300)])
+    rate = (sigmas > NO_BLUR_SIGMA).mean(axis=0)
+    assert rate[0] == 1.0  # the first global crop is always blurred
+    assert 0.05 < rate[1] < 0.17  # the second rarely (p = 0.1)
+    assert all(0.4 < r < 0.6 for r in rate[2:])  # local crops: p = 0.5
+    plain = ViewSet(
+        ViewConfig(mode="multicrop", inputs=InputSpec.parse("s1", "land"), augment=AugmentConfig.none())
+    )
+    assert all(float(p.sigma) == np.float32(NO_BLUR_SIGMA) for p in plain.draw(0, 0, 0))
+    with pytest.raises(ValueError, match="probabilities"):
+        ViewConfig(mode="multicrop", global_blur=(1.5, 0.1))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_moco_study_views_in_dali_equal_the_torch_reference(seed):
+    """The distorted, jittered, blurred views of the study's preset: DALI CPU mode == torch reference."""
+    torch = pytest.importorskip("torch")
+    from eossl.launch.bench.geotiff_baseline import torch_view
+
+    cfg = replace(preset("moco_study"), affine_prob=1.0, blur_prob=1.0, jitter_prob=1.0)
+    p = draw_view(np.random.default_rng(seed), cfg, 5, {"s2": slice(0, 5)}, 256, 224)
+    got = _run_view(IMAGE, p.matrix, p.gain, p.offset, p.sigma, 224)
+    ref = torch_view(torch.from_numpy(IMAGE).permute(2, 0, 1).contiguous(), p, 224).permute(1, 2, 0).numpy()
+    assert (got == 0).any() or not np.allclose(p.matrix[:, :2], np.eye(2))  # the affine moved pixels
+    np.testing.assert_allclose(got, ref, atol=2e-2)
+    assert np.abs(got - ref).mean() < 2e-3

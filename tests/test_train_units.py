@@ -234,3 +234,35 @@ def test_artifact_root_keeps_artifacts_beside_a_sqlite_store(tmp_path):
     )
     assert artifact_root("http://127.0.0.1:5000") is None  # a server decides (proxied artifacts)
     assert artifact_root(str(tmp_path / "mlruns")) is None  # a file store keeps them inside itself
+
+
+def test_moco_learning_rate_follows_the_linear_rule_by_default():
+    """MoCo-v2's recipe is lr 0.03 at batch 256: one device at 64 trains at 0.0075, not 0.03."""
+    cfg = load_config("moco", None, {"data": "d", "out": "o"})
+    assert (cfg.optim.lr, cfg.optim.lr_scaling, cfg.optim.base_batch) == (0.03, "linear", 256)
+    assert scaled_lr(cfg.optim.lr, cfg.optim.lr_scaling, 64, cfg.optim.base_batch) == pytest.approx(0.0075)
+    assert scaled_lr(cfg.optim.lr, cfg.optim.lr_scaling, 4 * 64, cfg.optim.base_batch) == pytest.approx(0.03)
+    kept = load_config("moco", None, {"data": "d", "out": "o", "lr_scaling": "none"})
+    assert scaled_lr(kept.optim.lr, kept.optim.lr_scaling, 16, 256) == 0.03  # the demo's explicit choice
+
+
+@pytest.mark.parametrize(
+    "values, geometry, crop",
+    [
+        ({}, "shared", (0.2, 1.0)),
+        ({"augment_preset": "moco_study"}, "independent", (1.0, 1.0)),
+        ({"augment_preset": "moco_study", "pair_geometry": "shared"}, "shared", (1.0, 1.0)),
+        ({"augment": "false"}, "shared", (1.0, 1.0)),
+    ],
+)
+def test_augment_preset_reaches_the_views(values, geometry, crop):
+    from eossl.streaming.augment import AugmentConfig
+    from eossl.train.moco import moco_views
+
+    cfg = load_config("moco", None, {"data": "d", "out": "o", "mode": "pair", **values})
+    views = moco_views(cfg)
+    assert views.pair_geometry == geometry and views.augment.crop_scale == crop
+    if values.get("augment") == "false":
+        assert views.augment == AugmentConfig.none() and views.pair_augment is False
+    with pytest.raises(ValueError, match="augment_preset must be one of default, moco_study"):
+        load_config("moco", None, {"data": "d", "out": "o", "augment_preset": "simclr"})

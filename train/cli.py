@@ -19,10 +19,26 @@ __all__ = ["add_train_arguments", "check_training_data", "resolve_train_args", "
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("method", choices=method_names(), help="self-supervised method")
-    p.add_argument("--data", required=True, help="dataset folder or URL written by 'eossl ingest'")
-    p.add_argument("--out", required=True, help="run folder: checkpoints, config.yaml, local MLflow store")
-    p.add_argument("--config", help="YAML file of config values (sections or dotted keys)")
+    p.add_argument(
+        "method",
+        nargs="?",
+        choices=method_names(),
+        help="self-supervised method (may be left out when --config sets 'method')",
+    )
+    p.add_argument("--data", help="dataset folder or URL written by 'eossl ingest' (required to train)")
+    p.add_argument(
+        "--out", help="run folder: checkpoints, config.yaml, local MLflow store (required to train)"
+    )
+    p.add_argument(
+        "--config",
+        help="YAML file of config values (sections or dotted keys), or a recipe name: "
+        "moco_sen12ms, dino_sar, ... (launch/recipes/)",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration (every key: value, default, meaning) and exit",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -83,12 +99,14 @@ def _remove_if_empty(run_dir, created: bool) -> None:
         run_dir.rmdir()
 
 
-def _config_of(args, config_file: str | None):
+def _config_of(args, config_file: str | None, require_paths: bool = True):
     from .config import load_config
 
     overrides = dict(args.overrides)
-    overrides.update({key: getattr(args, key) for key in _CONFIG_FLAGS if hasattr(args, key)})
-    return load_config(args.method, config_file, overrides)
+    overrides.update(
+        {key: getattr(args, key) for key in _CONFIG_FLAGS if getattr(args, key, None) is not None}
+    )
+    return load_config(args.method, config_file, overrides, require_paths=require_paths)
 
 
 def resolve_train_args(argv: Sequence[str]):
@@ -118,6 +136,13 @@ def run_train(args) -> int:
     from pathlib import Path
 
     from .checkpoint import latest_checkpoint
+
+    if args.print_config:
+        from .config import describe, method_defaults
+
+        cfg = _config_of(args, args.config, require_paths=False)
+        print(describe(cfg, method_defaults(cfg.method)), end="")
+        return 0
     from .loop import train
     from .preemption import (
         DATA_UNAVAILABLE_EXIT_CODE,

@@ -11,12 +11,16 @@ error listing the full keys (``momentum``: ``optim.momentum`` or ``moco.momentum
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
 
+from eossl.streaming.augment import PRESETS, AugmentConfig, preset
 from eossl.streaming.inputs import InputSpec
 from eossl.streaming.loader import LoaderConfig
 from eossl.streaming.plan import PlanConfig
@@ -26,6 +30,7 @@ from eossl.streaming.views import ViewConfig
 from . import overrides as overrides_mod
 from .methods import get_method, method_names
 from .overrides import config_keys, read_yaml_overrides
+from .schedules import scaled_lr
 
 __all__ = [
     "BackboneConfig",
@@ -35,8 +40,12 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "apply_overrides",
+    "describe",
+    "find_config",
     "flatten",
     "load_config",
+    "method_defaults",
+    "recipe_names",
 ]
 
 
@@ -144,7 +153,8 @@ class OptimConfig:
     Attributes:
         name: 'sgd' (MoCo) or 'adamw'.
         lr: base learning rate at ``base_batch`` (0.03 for MoCo-v2 at 256).
-        lr_scaling: 'none', 'linear' (lr * global_batch / base_batch) or 'sqrt'.
+        lr_scaling: 'linear' (lr * effective_batch / base_batch: MoCo-v2's and DINO's rule, Goyal et al.),
+            'sqrt' or 'none' (``lr`` whatever the batch); the resolved lr is printed and logged.
         base_batch: batch size at which ``lr`` is the learning rate.
         momentum, weight_decay: SGD momentum (0.9) and weight decay (1e-4).
         schedule: 'cosine' (to 0 over the run) or 'constant'.
@@ -156,7 +166,7 @@ class OptimConfig:
 
     name: str = "sgd"
     lr: float = 0.03
-    lr_scaling: str = "none"
+    lr_scaling: str = "linear"
     base_batch: int = 256
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -180,6 +190,12 @@ class DataConfig:
         s2_bands: 'land' (10), 'all' (13), 'rgb' or a comma list.
         size: view size in pixels.
         augment: augment views (False: full patches, e.g. sensor pairs without augmentation).
+        augment_preset: 'default' (MoCo-v2's random resized crop, flips, rotations, per-band jitter,
+            blur; the sensors of a pair share one geometry) or 'moco_study' (the MoCo SEN12MS study's: no
+            crop, flips, blur, affine distortion for elastic, brightness/contrast; S1 and S2 augmented
+            independently). See docs/METHODS.md for both and a comparison.
+        pair_geometry: sensor pairs: 'shared' (one crop/flip/rotation for S1 and S2: the same ground) or
+            'independent'; unset: the preset's (default: shared, moco_study: independent).
         split: which split to train on (train, test, all).
         workers, threads: reader processes and DALI threads per rank.
         shuffle_buffer: samples in the shuffle buffer.
@@ -200,6 +216,8 @@ class DataConfig:
     s2_bands: str = InputSpec.s2_bands
     size: int = ViewConfig.size
     augment: bool = True
+    augment_preset: str = "default"
+    pair_geometry: str | None = None
     split: str = LoaderConfig.split
     workers: int = LoaderConfig.workers
     threads: int = LoaderConfig.num_threads
@@ -213,6 +231,26 @@ class DataConfig:
     max_corrupt_fraction: float = LoaderConfig.max_corrupt_fraction
     n_local: int = ViewConfig.n_local
     local_size: int = ViewConfig.local_size
+
+    def __post_init__(self) -> None:
+        if self.augment_preset not in PRESETS:
+            raise ValueError(
+                f"loader.augment_preset must be one of {', '.join(PRESETS)}, got {self.augment_preset!r}"
+            )
+        if self.pair_geometry not in (None, "shared", "independent"):
+            raise ValueError(
+                f"loader.pair_geometry must be shared or independent, got {self.pair_geometry!r}"
+            )
+
+    def augment_config(self) -> AugmentConfig:
+        """The views' augmentation: the preset, or none with ``augment=false``."""
+        return preset(self.augment_preset) if self.augment else AugmentConfig.none()
+
+    def resolved_pair_geometry(self) -> str:
+        """``pair_geometry``, or the preset's when unset."""
+        if self.pair_geometry is not None:
+            return self.pair_geometry
+        return "independent" if self.augment_preset == "moco_study" else ViewConfig.pair_geometry
 
 
 @dataclass
@@ -257,12 +295,14 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loader: DataConfig = field(default_factory=DataConfig)
 
-    def validate(self) -> None:
+    def validate(self, require_paths: bool = True) -> None:
+        """Check values that depend on each other; ``require_paths=False`` lets ``data``/``out`` be unset
+        (printing a recipe)."""
         if self.method not in method_names():
             raise ValueError(f"method must be one of {', '.join(method_names())}, got {self.method!r}")
         if self.precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, no, bf16 or fp16, got {self.precision!r}")
-        if not self.data or not self.out:
+        if require_paths and (not self.data or not self.out):
             raise ValueError("data and out must be set")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be >= 1")
@@ -285,19 +325,70 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
     return overrides_mod.apply_overrides(cfg, overrides, skip_sections=_other_methods(cfg))
 
 
-def load_config(method: str, yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfig:
+def method_defaults(method: str) -> TrainConfig:
+    """The dataclass defaults with the method's ``config_defaults`` applied: what a run gets unless a
+    config file or ``--set`` says otherwise."""
+    if method not in method_names():
+        raise ValueError(f"method must be one of {list(method_names())}, got {method!r}")
+    return apply_overrides(TrainConfig(method=method), get_method(method).config_defaults)
+
+
+def recipe_names() -> list[str]:
+    """Names of the recipes shipped with eossl (``launch/recipes/NAME.yaml``)."""
+    return sorted(p.stem for p in _recipe_dir().glob("*.yaml"))
+
+
+def _recipe_dir() -> Path:
+    # Recipes are data files of the launch package, read as files: no launch code is imported.
+    spec = importlib.util.find_spec("eossl.launch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the eossl.launch package (which holds the recipes) is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "recipes"
+
+
+def find_config(name_or_path: str) -> Path:
+    """A config file: an existing path, or the name of a shipped recipe (``moco_sen12ms``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    recipe = _recipe_dir() / f"{name_or_path}.yaml"
+    if "/" not in name_or_path and recipe.is_file():
+        return recipe
+    raise ValueError(
+        f"{name_or_path}: no such config file, and not a recipe name (recipes: {', '.join(recipe_names())})"
+    )
+
+
+def config_method(yaml_path: str | None, method: str | None) -> str:
+    """The run's method: the command line's, else the config file's ``method`` key; they must agree."""
+    from_file = read_yaml_overrides(yaml_path).get("method") if yaml_path else None
+    if method and from_file and method != from_file:
+        raise ValueError(
+            f"{yaml_path}: the file is a {from_file!r} config, but the command asks for {method!r}"
+        )
+    if not (method or from_file):
+        raise ValueError("name the method (moco or dino) or give a --config file that sets 'method'")
+    return method or from_file
+
+
+def load_config(
+    method: str | None, yaml_path: str | None, overrides: dict[str, Any], require_paths: bool = True
+) -> TrainConfig:
     """Method defaults <- YAML file <- ``--set`` overrides (and CLI flags, passed as overrides).
 
     The method defaults are the method class's ``config_defaults`` (DINO: its ViT-S/16 recipe), applied
-    over the dataclass defaults.
+    over the dataclass defaults. ``yaml_path`` may be a recipe name (see :func:`find_config`); ``method``
+    may be None when the file sets it.
     """
-    if method not in method_names():
-        raise ValueError(f"method must be one of {list(method_names())}, got {method!r}")
-    cfg = apply_overrides(TrainConfig(method=method), get_method(method).config_defaults)
     if yaml_path:
-        apply_overrides(cfg, read_yaml_overrides(yaml_path))
+        yaml_path = str(find_config(yaml_path))
+    cfg = method_defaults(config_method(yaml_path, method))
+    if yaml_path:
+        file_values = read_yaml_overrides(yaml_path)
+        file_values.pop("method", None)
+        apply_overrides(cfg, file_values)
     apply_overrides(cfg, overrides)
-    cfg.validate()
+    cfg.validate(require_paths=require_paths)
     return cfg
 
 
@@ -313,6 +404,60 @@ def flatten(cfg: TrainConfig) -> dict[str, Any]:
         for path, (owner, name) in config_keys(cfg).items()
         if not path.startswith(other)
     }
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its line(s) in the class docstring's ``Attributes:`` section, joined."""
+    docs: dict[str, str] = {}
+    names: list[str] = []
+    in_attributes = False
+    for line in (cls.__doc__ or "").splitlines():
+        stripped = line.strip()
+        if stripped == "Attributes:":
+            in_attributes = True
+            continue
+        if not in_attributes or not stripped:
+            continue
+        head = re.match(r"^ {8}(\w[\w, ]*): (.*)$", line)
+        if head:
+            names = [n.strip() for n in head.group(1).split(",")]
+            for n in names:
+                docs[n] = head.group(2)
+        elif line.startswith(" " * 12):
+            for n in names:
+                docs[n] += " " + stripped
+    return docs
+
+
+def describe(cfg: TrainConfig, defaults: TrainConfig) -> str:
+    """Every key of ``cfg`` as ``key: value  # default: D; doc``: valid YAML, usable as a config file.
+
+    Args:
+        cfg: the resolved configuration.
+        defaults: what the method gets without a file or overrides (:func:`method_defaults`).
+    """
+    default_values = flatten(defaults)
+    lines = [f"method: {cfg.method}"]
+    for path, (owner, name) in config_keys(cfg).items():
+        if path == "method" or path not in default_values:  # another method's section
+            continue
+        value, default = getattr(owner, name), default_values[path]
+        doc = _field_docs(type(owner)).get(name, "")
+        mark = "" if value == default else " (changed)"
+        lines.append(f"{path}: {_scalar(value)}  # default: {_scalar(default)}{mark}; {doc}".rstrip("; "))
+    o, per_rank = cfg.optim, cfg.batch_size * cfg.grad_accum
+    per_ranks = ", ".join(
+        f"{n} x {per_rank}: {scaled_lr(o.lr, o.lr_scaling, n * per_rank, o.base_batch):.4g}"
+        for n in (1, 4, 8)
+    )
+    lines.append(f"# learning rate by ranks x (batch_size x grad_accum), {o.lr_scaling} rule: {per_ranks}")
+    return "\n".join(lines) + "\n"
+
+
+def _scalar(value: Any) -> str:
+    """A value in YAML flow style, read back as the same value (tuples as lists)."""
+    value = list(value) if isinstance(value, tuple) else value
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).split("\n...")[0].strip()
 
 
 def to_yaml(cfg: TrainConfig) -> str:

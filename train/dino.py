@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from eossl.streaming.augment import AugmentConfig
 from eossl.streaming.inputs import InputSpec
 from eossl.streaming.views import ViewConfig
 
@@ -286,11 +285,10 @@ class DINO(SSLMethod):
 def dino_views(cfg: TrainConfig) -> ViewConfig:
     lc = cfg.loader
     inputs = InputSpec.parse(lc.sensors, lc.s2_bands)
-    augment = AugmentConfig() if lc.augment else AugmentConfig.none()
     return ViewConfig(
         mode="multicrop",
         inputs=inputs,
-        augment=augment,
+        augment=lc.augment_config(),
         global_size=lc.size,
         n_local=lc.n_local,
         local_size=lc.local_size,

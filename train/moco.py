@@ -248,12 +248,16 @@ class MoCo(SSLMethod):
 
 def moco_views(cfg: TrainConfig) -> ViewConfig:
     """The loader's views for the configured MoCo mode."""
-    from eossl.streaming.augment import AugmentConfig
-
     lc = cfg.loader
     inputs = InputSpec.parse(lc.sensors if lc.mode in ("single", "multicrop") else "s1s2", lc.s2_bands)
-    augment = AugmentConfig() if lc.augment else AugmentConfig.none()
-    return ViewConfig(mode=lc.mode, inputs=inputs, size=lc.size, augment=augment, pair_augment=lc.augment)
+    return ViewConfig(
+        mode=lc.mode,
+        inputs=inputs,
+        size=lc.size,
+        augment=lc.augment_config(),
+        pair_augment=lc.augment,
+        pair_geometry=lc.resolved_pair_geometry(),
+    )
 
 
 def build_moco(cfg: TrainConfig, channels: list[int], mode: str) -> MoCo:
