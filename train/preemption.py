@@ -17,7 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["PREEMPTED_EXIT_CODE", "STOP_SIGNALS", "Preempted", "StopRequest", "lock_run_dir"]
+from .lease import Lease, LeaseHeld
+
+__all__ = ["PREEMPTED_EXIT_CODE", "STOP_SIGNALS", "Preempted", "RunDirLock", "StopRequest", "lock_run_dir"]
 
 # SIGTERM/SIGUSR1: pre-emption (SLURM, Kubernetes, studies); SIGINT: Ctrl-C, which a terminal sends to the
 # whole process group, so every rank and reader worker gets it too.
@@ -87,10 +89,23 @@ class StopRequest:
                 signal.signal(signum, handler)
 
 
-def lock_run_dir(run_dir: Path) -> IO | None:
+class RunDirLock:
+    """What :func:`lock_run_dir` holds: the folder's ``flock`` and its lease; ``close()`` releases both."""
+
+    def __init__(self, file: IO, lease: Lease):
+        self.file, self.lease = file, lease
+
+    def close(self) -> None:
+        self.lease.release()
+        self.file.close()
+
+
+def lock_run_dir(run_dir: Path) -> RunDirLock | None:
     """One training process group per run folder: a second one (a stale study re-run, a duplicate job)
-    would interleave checkpoints. Global rank 0 holds an exclusive lock (the returned open file; close it
-    to release); the OS drops it when the process dies. Other ranks get None."""
+    would interleave checkpoints. Global rank 0 holds an exclusive ``flock`` (the OS drops it when the
+    process dies) and, because a network file system may keep ``flock`` node-local, a lease with a
+    heartbeat (:mod:`eossl.train.lease`) that a duplicate job on another node sees. Close the returned
+    lock to release both. Other ranks get None."""
     import fcntl
 
     if int(os.environ.get("RANK", "0")) != 0:
@@ -105,4 +120,12 @@ def lock_run_dir(run_dir: Path) -> IO | None:
             f"{run_dir}: another process is training into this run folder (lock "
             f"{run_dir / '.train.lock'}); stop it first, or use another --out"
         ) from None
-    return lock
+    try:
+        lease = Lease(run_dir / ".train.lease", what=f"training into {run_dir}").acquire()
+    except LeaseHeld as e:
+        lock.close()
+        raise RuntimeError(
+            f"{run_dir}: another process is training into this run folder: {e}; stop it first, "
+            "or use another --out"
+        ) from None
+    return RunDirLock(lock, lease)
