@@ -395,12 +395,15 @@ def test_study_emitted_as_kubernetes_jobs(tmp_path):
         "eval": {"protocols": ["linear"], "budget": 1024, "inputs": ["s2"]},
     }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    (tmp_path / "site.yaml").write_text(SITE)
     run_cli(
         "study",
         "--config",
         str(tmp_path / "study.yaml"),
         "--emit",
         "k8s",
+        "--site",
+        str(tmp_path / "site.yaml"),
         "--nodes",
         "2",
         "--image",
@@ -415,6 +418,8 @@ def test_study_emitted_as_kubernetes_jobs(tmp_path):
         _, job = yaml.safe_load_all(path.read_text())
         assert job["metadata"]["name"] == f"k8s-{cell}".replace("_", "-")
         (container,) = job["spec"]["template"]["spec"]["containers"]
+        assert container["image"] == "registry/eossl:1"  # the flag over the site file
+        assert job["spec"]["template"]["spec"]["nodeSelector"]["pool"] == "train"  # from the site file
         env = {e["name"]: e["value"] for e in container["env"]}
         state = json.loads((out / "cells" / cell / "cell.json").read_text())
         assert env["EOSSL_MLFLOW_RUN_ID"] == state["run_id"] and env["MLFLOW_TRACKING_URI"].startswith(
