@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .methods import method_names
+from .site import SiteConfig
 
-__all__ = ["KIT_DIR", "ClusterJob", "render_k8s", "render_slurm"]
+__all__ = ["KIT_DIR", "ClusterJob", "SiteConfig", "render_k8s", "render_slurm"]
 
 KIT_DIR = Path(__file__).resolve().parent / "kits"
 ACCELERATE_DIR = Path(__file__).resolve().parent / "accelerate"
@@ -36,10 +37,11 @@ class ClusterJob:
         repo: where the eossl checkout lives on the nodes (the image's working directory on Kubernetes).
         env: extra environment variables for every node (e.g. MLFLOW_TRACKING_URI; never secrets).
         after_train: a shell command run once, on node 0, after training succeeded (a study cell's eval).
-        time: SLURM time limit.
         signal_seconds: warning before the limit (SLURM) / grace period (Kubernetes) to write a checkpoint.
         master_port: rendezvous port (Kubernetes; SLURM derives one from the job id).
-        image, runs_claim, runs_mount: Kubernetes container image and the shared volume of run folders.
+        runs_claim, runs_mount: Kubernetes shared volume of run folders.
+        site: the cluster's own settings (partition, account, time limit, image, ...), usually from
+            ``--site site.yaml``: the same for every job of a site, so written once.
     """
 
     train_args: tuple[str, ...]
@@ -50,14 +52,12 @@ class ClusterJob:
     repo: str = "/opt/eossl"
     env: dict[str, str] = field(default_factory=dict)
     after_train: str = ""
-    time: str = "24:00:00"
     signal_seconds: int = 180
     master_port: int = 29500
-    cpus_per_task: int = 64
     log_dir: str = "logs"
-    image: str = "eossl:latest"
     runs_claim: str = "eossl-runs"
     runs_mount: str = "/runs"
+    site: SiteConfig = field(default_factory=SiteConfig)
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1:
@@ -112,13 +112,16 @@ def render_slurm(job: ClusterJob) -> str:
         if job.after_train
         else ""
     )
+    slurm = job.site.slurm
     return _fill(
         (KIT_DIR / "slurm.sbatch").read_text(),
         {
             **_common(job),
-            "CPUS_PER_TASK": job.cpus_per_task,
-            "TIME": job.time,
+            "CPUS_PER_TASK": slurm.cpus_per_task,
+            "TIME": slurm.time,
+            "SITE_SBATCH": "".join(f"#SBATCH {line}\n" for line in slurm.sbatch_lines()),
             "LOG_DIR": job.log_dir,
+            "SETUP": _setup_block(slurm.setup),
             "EXPORTS": exports,
             "TRAIN_ARGS": " ".join(shlex.quote(a) for a in job.train_args),
             "AFTER_TRAIN": after,
@@ -126,9 +129,18 @@ def render_slurm(job: ClusterJob) -> str:
     )
 
 
+def _setup_block(setup: str) -> str:
+    """The site's set-up command (module load, environment activation), run before node.sh starts."""
+    if not setup:
+        return ""
+    return f"# Site set-up (the site file's setup), before node.sh.\n{setup.strip()}\n"
+
+
 def pod_script(job: ClusterJob) -> str:
     """What each pod runs: node.sh as a child that receives the pod's SIGTERM, then the after-train step."""
+    setup = job.site.k8s.setup.strip()
     lines = [
+        *([setup] if setup else []),
         'export NODE_RANK="$JOB_COMPLETION_INDEX"',
         "launch/kits/node.sh " + " ".join(shlex.quote(a) for a in job.train_args) + " &",
         "node=$!",
@@ -148,14 +160,27 @@ def render_k8s(job: ClusterJob) -> str:
     env = "\n".join(
         f"            - {{name: {k}, value: {json.dumps(v)}}}" for k, v in sorted(job.env.items())
     )
+    k8s = job.site.k8s
+    requests = {key: value for key, value in (("cpu", k8s.cpu), ("memory", k8s.memory)) if value}
+    cache_mount, cache_volume = "", ""
+    if k8s.cache_claim:
+        cache_mount = f"\n            - {{name: cache, mountPath: {json.dumps(k8s.cache_mount)}}}"
+        claim = f"{{claimName: {json.dumps(k8s.cache_claim)}}}"
+        cache_volume = f"\n        - name: cache\n          persistentVolumeClaim: {claim}"
     return _fill(
         (KIT_DIR / "k8s-job.yaml").read_text(),
         {
             **_common(job),
             "MASTER_PORT": job.master_port,
-            "IMAGE": job.image,
+            "IMAGE": k8s.image,
             "POD_SCRIPT": block,
             "ENV": env,
+            "REQUESTS": json.dumps(requests),
+            "LIMITS": json.dumps({**requests, "nvidia.com/gpu": job.gpus_per_node}),
+            "NODE_SELECTOR": json.dumps(dict(k8s.node_selector)),
+            "TOLERATIONS": json.dumps([dict(t) for t in k8s.tolerations]),
+            "CACHE_MOUNT": cache_mount,
+            "CACHE_VOLUME": cache_volume,
             "RUNS_CLAIM": job.runs_claim,
             "RUNS_MOUNT": job.runs_mount,
         },

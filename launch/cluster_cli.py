@@ -1,7 +1,9 @@
 """Command-line arguments of ``eossl kit``, and the cluster options ``eossl study --emit`` shares with it.
 
-Flags that the user does not give are not passed on: :class:`~eossl.launch.cluster.ClusterJob`'s defaults
-are the only defaults, and ``--help`` reads them from there.
+Flags that the user does not give are not passed on: :class:`~eossl.launch.cluster.ClusterJob`'s and
+:class:`~eossl.launch.site.SiteConfig`'s defaults are the only defaults, and ``--help`` reads them from
+there. Site settings come from ``--site FILE``; the few site flags (``--partition``, ``--time``,
+``--image``, ...) override the file for one job.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from eossl.ingest.cli import default_of, given, shown
 from eossl.train.overrides import parse_assignment
 
 from .cluster import ClusterJob
+from .site import read_site
 
 __all__ = ["add_cluster_options", "add_kit_arguments", "cluster_job"]
 
@@ -25,11 +28,18 @@ _JOB_FIELDS = {
         "accelerate_config",
         "repo",
         "env",
-        "time",
         "signal_seconds",
-        "image",
         "runs_claim",
     )
+}
+# flag dest -> site key (dotted); these override the site file
+_SITE_FLAGS = {
+    "partition": "slurm.partition",
+    "account": "slurm.account",
+    "qos": "slurm.qos",
+    "time": "slurm.time",
+    "cpus_per_task": "slurm.cpus_per_task",
+    "image": "k8s.image",
 }
 
 
@@ -71,7 +81,26 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="environment for every node (no secrets: those come from the cluster)",
     )
-    p.add_argument("--time", default=suppress, help=f"SLURM time limit (default {_default('time')})")
+    p.add_argument(
+        "--site",
+        default=suppress,
+        metavar="FILE",
+        help="site file (YAML, sections slurm and k8s): partition, account, QoS, time limit, set-up command, "
+        "extra #SBATCH lines; image, resources, node selector, tolerations, cache volume",
+    )
+    for flag in ("partition", "account", "qos"):
+        p.add_argument(f"--{flag}", default=suppress, help=f"SLURM {flag} (overrides the site file)")
+    p.add_argument(
+        "--time",
+        default=suppress,
+        help=f"SLURM time limit (overrides the site file; default {_default('site.slurm.time')})",
+    )
+    p.add_argument(
+        "--cpus-per-task",
+        type=int,
+        default=suppress,
+        help=f"SLURM CPUs of each node's task (default {_default('site.slurm.cpus_per_task')})",
+    )
     p.add_argument(
         "--signal-seconds",
         type=int,
@@ -80,7 +109,9 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
         f"(default {_default('signal_seconds')})",
     )
     p.add_argument(
-        "--image", default=suppress, help=f"Kubernetes container image (default {_default('image')})"
+        "--image",
+        default=suppress,
+        help=f"Kubernetes container image (overrides the site file; default {_default('site.k8s.image')})",
     )
     p.add_argument(
         "--runs-claim",
@@ -94,7 +125,8 @@ def cluster_job(args: argparse.Namespace, train_args: tuple[str, ...], **fields:
     options = given(args, _JOB_FIELDS)
     if "env" in options:
         options["env"] = dict(options["env"])
-    return ClusterJob(train_args=train_args, **options, **fields)
+    site = read_site(getattr(args, "site", None), given(args, _SITE_FLAGS))
+    return ClusterJob(train_args=train_args, site=site, **options, **fields)
 
 
 def add_kit_arguments(p: argparse.ArgumentParser) -> None:

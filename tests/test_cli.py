@@ -144,9 +144,9 @@ def test_help_shows_the_dataclass_defaults_and_flags_not_given_are_not_passed(ca
         job.gpus_per_node,
         job.accelerate_config,
         job.repo,
-        job.time,
+        job.site.slurm.time,
         job.signal_seconds,
-        job.image,
+        job.site.k8s.image,
         job.runs_claim,
         job.job_name,
     ):

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from eossl.launch.cluster import ClusterJob, render_k8s, render_slurm
+from eossl.launch.site import K8sSite, SiteConfig, SlurmSite
 
 from conftest import REPO, TINY_MOCO, cli_set, history_steps, run_cli, training_env
 from servers import free_port
@@ -132,7 +133,7 @@ def test_kubernetes_job_runs_the_same_node_command_per_index(tmp_path):
         nodes=4,
         gpus_per_node=8,
         job_name="dino-vits",
-        image="registry/eossl:1.0",
+        site=SiteConfig(k8s=K8sSite(image="registry/eossl:1.0")),
         env={"MLFLOW_TRACKING_URI": "http://mlflow.team:5000"},
         after_train="echo AFTER-TRAIN",
     )
@@ -403,12 +404,15 @@ def test_study_emitted_as_kubernetes_jobs(tmp_path):
         "eval": {"protocols": ["linear"], "budget": 1024, "inputs": ["s2"]},
     }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    (tmp_path / "site.yaml").write_text(SITE)
     run_cli(
         "study",
         "--config",
         str(tmp_path / "study.yaml"),
         "--emit",
         "k8s",
+        "--site",
+        str(tmp_path / "site.yaml"),
         "--nodes",
         "2",
         "--image",
@@ -423,6 +427,8 @@ def test_study_emitted_as_kubernetes_jobs(tmp_path):
         _, job = yaml.safe_load_all(path.read_text())
         assert job["metadata"]["name"] == f"k8s-{cell}".replace("_", "-")
         (container,) = job["spec"]["template"]["spec"]["containers"]
+        assert container["image"] == "registry/eossl:1"  # the flag over the site file
+        assert job["spec"]["template"]["spec"]["nodeSelector"]["pool"] == "train"  # from the site file
         env = {e["name"]: e["value"] for e in container["env"]}
         state = json.loads((out / "cells" / cell / "cell.json").read_text())
         assert env["EOSSL_MLFLOW_RUN_ID"] == state["run_id"] and env["MLFLOW_TRACKING_URI"].startswith(
@@ -453,3 +459,107 @@ def test_node_script_refuses_a_rank_outside_the_run_and_a_missing_address():
         env={k: v for k, v in env.items() if k != "MASTER_ADDR"},
     )
     assert no_address.returncode != 0 and "set MASTER_ADDR" in no_address.stderr
+
+
+SITE = """
+slurm:
+  partition: gpu-long
+  account: proj123
+  qos: high
+  time: "48:00:00"
+  cpus_per_task: 32
+  extra_sbatch: ["--exclusive", "--constraint=h100"]
+  setup: |
+    echo "SITE-SETUP ran${UNSET_BY_MODULE_SCRIPTS:-}"
+k8s:
+  image: registry.example.org/eossl:1.2
+  cpu: "30"
+  memory: 200Gi
+  node_selector: {nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3, pool: train}
+  tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
+  cache_claim: shard-cache
+  cache_mount: /cache
+  setup: echo POD-SETUP
+"""
+KIT_TRAIN = ["--", "moco", "--data", "s3://b/ds", "--out", "/runs/x"]
+
+
+def test_site_file_sets_the_slurm_header_and_runs_the_setup_before_node_sh(slurm_stubs, tmp_path):
+    (tmp_path / "site.yaml").write_text(SITE)
+    out = tmp_path / "j.sbatch"
+    run_cli(
+        "kit", "slurm", "--site", str(tmp_path / "site.yaml"), "--qos", "low", "--out", str(out), *KIT_TRAIN
+    )
+    header = [line for line in out.read_text().splitlines() if line.startswith("#SBATCH")]
+    for line in (
+        "--partition=gpu-long",
+        "--account=proj123",
+        "--qos=low",  # the flag overrides the file
+        "--time=48:00:00",
+        "--cpus-per-task=32",
+        "--exclusive",
+        "--constraint=h100",
+        "--requeue",
+    ):
+        assert f"#SBATCH {line}" in header, line
+    assert "#SBATCH --qos=high" not in header
+    # sbatch reads #SBATCH lines only up to the first command: every one is in the leading block.
+    lines = out.read_text().splitlines()
+    first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
+    assert all(lines.index(h) < first_command for h in header)
+    env = _slurm_env(slurm_stubs, 2, "gpu-a gpu-b", tmp_path, EOSSL_DRY_RUN="1")
+    proc = subprocess.run(["bash", str(out)], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    printed = proc.stdout.splitlines()
+    setup = printed.index("SITE-SETUP ran")  # ran under set +u: the unset variable did not stop it
+    nodes = [i for i, line in enumerate(printed) if re.match(r"node \d+/2: ", line)]
+    assert len(nodes) == 2 and setup < min(nodes)
+
+
+def test_site_file_sets_the_kubernetes_pod(tmp_path):
+    (tmp_path / "site.yaml").write_text(SITE)
+    out = tmp_path / "j.yaml"
+    run_cli(
+        "kit",
+        "k8s",
+        "--site",
+        str(tmp_path / "site.yaml"),
+        "--gpus-per-node",
+        "4",
+        "--out",
+        str(out),
+        *KIT_TRAIN,
+    )
+    _, job = yaml.safe_load_all(out.read_text())
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "registry.example.org/eossl:1.2"
+    assert container["resources"]["requests"] == {"cpu": "30", "memory": "200Gi"}
+    assert container["resources"]["limits"] == {"cpu": "30", "memory": "200Gi", "nvidia.com/gpu": 4}
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "pool": "train"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert {"name": "cache", "mountPath": "/cache"} in container["volumeMounts"]
+    assert {"name": "cache", "persistentVolumeClaim": {"claimName": "shard-cache"}} in pod["volumes"]
+    script = container["args"][0].splitlines()
+    assert script[0] == "echo POD-SETUP" and any(line.startswith("launch/kits/node.sh") for line in script)
+    # Without a site file: the defaults, no cache volume, no selector.
+    _, plain = yaml.safe_load_all(render_k8s(ClusterJob(train_args=("moco",))))
+    pod = plain["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {} and pod["tolerations"] == []
+    assert [v["name"] for v in pod["volumes"]] == ["runs", "dshm"]
+    assert pod["containers"][0]["image"] == SiteConfig().k8s.image
+
+
+def test_site_file_with_an_unknown_key_is_refused_naming_the_file_and_the_closest_key(tmp_path):
+    site = tmp_path / "site.yaml"
+    site.write_text("slurm:\n  partiton: gpu\n")
+    bad = run_cli("kit", "slurm", "--site", str(site), *KIT_TRAIN, check=False)
+    assert bad.returncode == 2 and str(site) in bad.stderr and "slurm.partition" in bad.stderr
+    site.write_text("slurm:\n  cpus_per_task: many\n")
+    bad = run_cli("kit", "slurm", "--site", str(site), *KIT_TRAIN, check=False)
+    assert bad.returncode == 2 and str(site) in bad.stderr and "slurm.cpus_per_task" in bad.stderr
+    site.write_text("k8s:\n  tolerations: [gpu]\n")
+    bad = run_cli("kit", "k8s", "--site", str(site), *KIT_TRAIN, check=False)
+    assert bad.returncode == 2 and str(site) in bad.stderr and "k8s.tolerations" in bad.stderr
+    job = ClusterJob(train_args=("moco",), site=SiteConfig(slurm=SlurmSite(extra_sbatch=("--mem=0",))))
+    assert "#SBATCH --mem=0\n" in render_slurm(job) and "--partition" not in render_slurm(job)

@@ -17,6 +17,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
+from .lease import Lease, LeaseHeld
+
 __all__ = [
     "DATA_UNAVAILABLE_EXIT_CODE",
     "EXIT_FILE_ENV",
@@ -24,6 +26,7 @@ __all__ = [
     "STOP_SIGNALS",
     "DataUnavailable",
     "Preempted",
+    "RunDirLock",
     "StopRequest",
     "lock_run_dir",
     "record_exit_code",
@@ -127,10 +130,23 @@ class StopRequest:
                 signal.signal(signum, handler)
 
 
-def lock_run_dir(run_dir: Path) -> IO | None:
+class RunDirLock:
+    """What :func:`lock_run_dir` holds: the folder's ``flock`` and its lease; ``close()`` releases both."""
+
+    def __init__(self, file: IO, lease: Lease):
+        self.file, self.lease = file, lease
+
+    def close(self) -> None:
+        self.lease.release()
+        self.file.close()
+
+
+def lock_run_dir(run_dir: Path) -> RunDirLock | None:
     """One training process group per run folder: a second one (a stale study re-run, a duplicate job)
-    would interleave checkpoints. Global rank 0 holds an exclusive lock (the returned open file; close it
-    to release); the OS drops it when the process dies. Other ranks get None."""
+    would interleave checkpoints. Global rank 0 holds an exclusive ``flock`` (the OS drops it when the
+    process dies) and, because a network file system may keep ``flock`` node-local, a lease with a
+    heartbeat (:mod:`eossl.train.lease`) that a duplicate job on another node sees. Close the returned
+    lock to release both. Other ranks get None."""
     import fcntl
 
     if int(os.environ.get("RANK", "0")) != 0:
@@ -145,4 +161,12 @@ def lock_run_dir(run_dir: Path) -> IO | None:
             f"{run_dir}: another process is training into this run folder (lock "
             f"{run_dir / '.train.lock'}); stop it first, or use another --out"
         ) from None
-    return lock
+    try:
+        lease = Lease(run_dir / ".train.lease", what=f"training into {run_dir}").acquire()
+    except LeaseHeld as e:
+        lock.close()
+        raise RuntimeError(
+            f"{run_dir}: another process is training into this run folder: {e}; stop it first, "
+            "or use another --out"
+        ) from None
+    return RunDirLock(lock, lease)

@@ -324,8 +324,12 @@ def _evaluate_cell(cfg: StudyConfig, cell: Cell, protocol: str, run_id: str, tra
 
 
 def _run_cell(cfg: StudyConfig, cell: Cell, tracking: _Tracking, label: str) -> None:
-    """Run one cell unless another process (a second ``eossl study``, a cluster job's ``--cell``) has it."""
+    """Run one cell unless another process (a second ``eossl study``, a cluster job's ``--cell``) has it:
+    ``flock`` on this node, and a lease with a heartbeat that a process on another node sees (``flock``
+    on a network file system may be node-local)."""
     import fcntl
+
+    from eossl.train.lease import Lease, LeaseHeld
 
     folder = _cell_dir(cfg, cell)
     folder.mkdir(parents=True, exist_ok=True)
@@ -335,7 +339,15 @@ def _run_cell(cfg: StudyConfig, cell: Cell, tracking: _Tracking, label: str) -> 
         except OSError:
             print(f"{label} {cell.name}: being run by another process, skipped")
             return
-        _run_locked_cell(cfg, cell, tracking, label, folder)
+        try:
+            lease = Lease(folder / ".cell.lease", what=f"study cell {cell.name}").acquire()
+        except LeaseHeld as e:
+            print(f"{label} {cell.name}: being run by another process ({e}), skipped")
+            return
+        try:
+            _run_locked_cell(cfg, cell, tracking, label, folder)
+        finally:
+            lease.release()
 
 
 def _run_locked_cell(cfg: StudyConfig, cell: Cell, tracking: _Tracking, label: str, folder: Path) -> None:
