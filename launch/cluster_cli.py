@@ -80,7 +80,11 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
         f"(default {_default('signal_seconds')})",
     )
     p.add_argument(
-        "--image", default=suppress, help=f"Kubernetes container image (default {_default('image')})"
+        "--image",
+        default=suppress,
+        help="Kubernetes container image with eossl in the --repo folder: build it from docker/Dockerfile "
+        "(docker build -f docker/Dockerfile -t REGISTRY/eossl:TAG .) and push it where the cluster pulls "
+        f"from (default {_default('image')}, a local build's name)",
     )
     p.add_argument(
         "--runs-claim",
