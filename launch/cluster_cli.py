@@ -111,7 +111,9 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--image",
         default=suppress,
-        help=f"Kubernetes container image (overrides the site file; default {_default('site.k8s.image')})",
+        help="Kubernetes container image with eossl in the --repo folder (overrides the site file): build "
+        "it from docker/Dockerfile (docker build -f docker/Dockerfile -t REGISTRY/eossl:TAG .) and push it "
+        f"where the cluster pulls from (default {_default('site.k8s.image')}, a local build's name)",
     )
     p.add_argument(
         "--runs-claim",

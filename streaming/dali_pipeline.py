@@ -15,12 +15,26 @@ channels-last strides, which is the memory format convolutions want anyway.
 from __future__ import annotations
 
 import numpy as np
-from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali import math as dmath
 
 from .views import ViewSet
 
-__all__ = ["augment_view", "build_pipeline", "standardise"]
+# DALI is an install extra per CUDA major (the wheels differ in the NVIDIA driver they need), so a plain
+# `pip install eossl` has no loader: say which extra to install instead of a bare ModuleNotFoundError.
+DALI_MISSING = (
+    "the eossl loader needs NVIDIA DALI (on the GPU and in its CPU mode), which is not importable here. "
+    "Install the build that matches the NVIDIA driver (`nvidia-smi` shows its version): "
+    "pip install 'eossl[cuda13]' (CUDA 13, driver >= 580) or pip install 'eossl[cuda12]' "
+    "(CUDA 12, driver >= 525.60); on a machine without a GPU either works (README, Install)"
+)
+
+try:
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+except ImportError as exc:
+    raise ImportError(f"{DALI_MISSING} ({exc})") from exc
+
+__all__ = ["DALI_MISSING", "DALIGenericIterator", "augment_view", "build_pipeline", "standardise"]
 
 
 def standardise(x, mean: np.ndarray, std: np.ndarray, clip: tuple[float, float] | None = None):

@@ -412,9 +412,7 @@ class SSLLoader:
         )
 
     def _build(self):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
-        from .dali_pipeline import build_pipeline
+        from .dali_pipeline import DALIGenericIterator, build_pipeline
 
         pipe = build_pipeline(
             self.sample_source(),

@@ -14,7 +14,10 @@ __all__ = ["add_study_arguments", "study_report_parser"]
 
 def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--config", required=True, help="study file (YAML: name, data, out, train, grid, lr, eval)"
+        "--config",
+        required=True,
+        help="study file (YAML: name, data, out, train, grid, lr, eval) or the name of a packaged study "
+        "(demo_batch_epochs, moco_batch_epochs)",
     )
     p.add_argument(
         "--set",

@@ -31,7 +31,20 @@ from eossl.ingest.storage import url_scheme
 
 from ..methods import method_names
 
-__all__ = ["Cell", "EvalPlan", "LrRule", "PlotSpec", "StudyConfig", "StudyLaunch", "load_study"]
+__all__ = [
+    "Cell",
+    "EvalPlan",
+    "LrRule",
+    "PlotSpec",
+    "StudyConfig",
+    "StudyLaunch",
+    "find_study",
+    "load_study",
+    "packaged_studies",
+]
+
+# The study files shipped inside the package (launch/studies/*.yaml): an installed eossl has no checkout.
+_PACKAGED = Path(__file__).resolve().parent.parent / "studies"
 
 
 @dataclass(frozen=True)
@@ -303,11 +316,40 @@ def _section(cls, tree: dict | None, where: str):
     return cls(**tree)
 
 
+def packaged_studies() -> list[str]:
+    """Names of the study files that ship with eossl (``eossl study --config NAME``)."""
+    return sorted(p.stem for p in _PACKAGED.glob("*.yaml"))
+
+
+def find_study(path: str | Path) -> Path:
+    """The study file at ``path``, or else the packaged study of that name (``demo_batch_epochs``).
+
+    A file that exists wins, so a user's own ``demo_batch_epochs.yaml`` is never shadowed; a bare name
+    (no folder, optional ``.yaml``) is looked up among the packaged studies so an installed eossl finds
+    them from any working directory.
+    """
+    given = Path(path)
+    if given.is_file():
+        return given
+    if given.parent == Path(".") and given.suffix in ("", ".yaml"):
+        packaged = _PACKAGED / f"{given.stem}.yaml"
+        if packaged.is_file():
+            return packaged
+    raise ValueError(
+        f"{path}: no such study file, and no packaged study of that name "
+        f"(packaged: {', '.join(packaged_studies()) or 'none'})"
+    )
+
+
 def load_study(path: str | Path | None, overrides: dict[str, str] | None = None) -> StudyConfig:
-    """Read a study file and apply ``--set key=value`` overrides (values parsed as YAML)."""
+    """Read a study file (a path or a packaged study's name) and apply ``--set key=value`` overrides.
+
+    Values are parsed as YAML.
+    """
     tree: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
+        path = find_study(path)
+        text = path.read_text()
         tree = yaml.safe_load(text) or {}
         if not isinstance(tree, dict):
             raise ValueError(
