@@ -81,8 +81,12 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for pump, src, dst in self._pumps(client, upstream):
+                threading.Thread(target=pump, args=(src, dst), daemon=True).start()
+
+    def _pumps(self, client: socket.socket, upstream: socket.socket) -> list:
+        """(pump, source, destination) per direction; a faulty proxy replaces one of them."""
+        return [(self._pump, client, upstream), (self._pump, upstream, client)]
 
     @staticmethod
     def _pump(src: socket.socket, dst: socket.socket) -> None:

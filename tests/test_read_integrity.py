@@ -153,23 +153,8 @@ class FlippingProxy(TcpProxy):
     flips = 0
     flipped = 0
 
-    def _accept(self, listener: socket.socket) -> None:
-        import threading
-
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._conns += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._pump_flipping, args=(upstream, client), daemon=True).start()
+    def _pumps(self, client: socket.socket, upstream: socket.socket) -> list:
+        return [(self._pump, client, upstream), (self._pump_flipping, upstream, client)]
 
     def _pump_flipping(self, src: socket.socket, dst: socket.socket) -> None:
         try:
