@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_MOCO, cli_set, history_steps, training_env
+from conftest import REPO, TINY_DINO, TINY_MOCO, cli_set, history_steps, training_env
 from servers import free_port, mlflow_server
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -140,22 +140,9 @@ def test_tracking_against_a_real_mlflow_server(dataset, tmp_path):
 def test_dino_two_processes_same_launch_command(dataset, tmp_path):
     """DINO through the same accelerate launch kit: teacher, student and center equal on both ranks."""
     run = tmp_path / "dino"
-    values = {
-        "backbone": "vit_tiny_patch16_224",
-        "batch_size": "4",
-        "size": "32",
-        "local_size": "16",
-        "n_local": "2",
-        "out_dim": "64",
-        "dino.hidden": "64",
-        "bottleneck": "16",
-        "workers": "0",
-        "threads": "1",
-        "split": "all",
-        "device": "cpu",
-        "log_every": "1",
-        "ckpt_every": "0",
-    }
+    # The tiny DINO with drop-path at its default: the ranks must agree with it on.
+    tiny = {k: v for k, v in TINY_DINO.items() if k != "dino.drop_path"}
+    values = {**tiny, "batch_size": "4", "log_every": "1", "ckpt_every": "0"}
     cmd = [
         ACCELERATE,
         "launch",
