@@ -272,12 +272,13 @@ def test_a_cached_shard_damaged_after_its_download_is_downloaded_again(dataset, 
 def _train(dataset: Path, out: Path, **extra) -> subprocess.CompletedProcess:
     values = {**TINY_MOCO, "log_every": "1", **extra}
     args = ["train", "moco", "--data", str(dataset), "--out", str(out), "--max-steps", "3", "--seed", "1"]
-    return subprocess.run(
+    return subprocess.run(  # started in the run's parent folder: its default MLflow store is there
         [sys.executable, "-m", "eossl.launch", *args, *cli_set(values)],
         capture_output=True,
         text=True,
         timeout=600,
         env=training_env(),
+        cwd=out.parent,
     )
 
 
@@ -296,7 +297,7 @@ def test_training_counts_skipped_samples_and_stops_above_the_fraction(copy_of_da
     assert f"sample {key}" in proc.stderr  # the warning names the sample
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert history[-1]["replaced_samples"] == 1  # one epoch (3 steps): the damaged sample is met once
-    client = mlflow.MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (r,) = client.search_runs([client.get_experiment_by_name("eossl").experiment_id])
     assert client.get_metric_history(r.info.run_id, "replaced_samples")[-1].value == 1
     assert r.data.tags["data_member_checksums"] == "crc32c"

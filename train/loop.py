@@ -32,7 +32,8 @@ import torch
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from eossl.streaming.loader import SSLLoader
+from eossl.streaming.loader import CorruptDataError, SSLLoader
+from eossl.streaming.storage_errors import CorruptShardError
 
 from .builders import build_accelerator, build_optimizer, loader_config, lr_schedule
 from .checkpoint import state_digest, write_json_atomic
@@ -380,7 +381,8 @@ class _Run:
 
     def _data_unavailable(self, failure: Exception | None) -> None:
         """Checkpoint at the last completed step (the model and optimiser are consistent there; the loader
-        rewinds to it, since ranks that did read this batch moved past it), then stop with exit code 76."""
+        rewinds to it, since ranks that did read this batch moved past it), then stop with exit code 76, or
+        with the error itself when the data is damaged (corrupt shards: retrying cannot help)."""
         self.bar.close()
         cause: BaseException = failure or RuntimeError("another rank's loader failed (see that rank's log)")
         if _worker_died(cause):
@@ -391,6 +393,8 @@ class _Run:
         self.acc.print(f"step {self.step}: the loader failed ({cause}); checkpointing before stopping")
         self.loader.position = self.boundary
         self.save_checkpoint()
+        if isinstance(failure, (CorruptDataError, CorruptShardError)):
+            raise failure  # the bytes themselves are damaged: a requeued job would meet them again
         raise DataUnavailable(self.step, self.run_dir, cause) from failure
 
     def _finish(self) -> Path | None:
