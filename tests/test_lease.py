@@ -210,14 +210,14 @@ def test_lease_settings_are_checked():
 
 
 @pytest.mark.slow
-def test_a_study_cell_leased_by_another_process_is_skipped(tmp_path):
+def test_a_study_cell_leased_by_another_process_is_skipped(dataset, tmp_path):
     """No flock here (as for a job on another node): the lease alone keeps the cell from running twice."""
     from test_study import _study_file
 
     from conftest import run_cli
 
     out = tmp_path / "study"
-    study = _study_file(tmp_path, str(tmp_path / "no-dataset-needed"), out, grid={"batch_size": [4]})
+    study = _study_file(tmp_path, str(dataset), out, grid={"batch_size": [4]})  # checked before any cell
     cell = out / "cells" / "batch_size-4"
     cell.mkdir(parents=True)
     holder = _start_holder(cell / ".cell.lease", os.uname().nodename)

@@ -202,7 +202,7 @@ def test_torch_compile_option(dataset, tmp_path):
     (its first step about 12 minutes on two busy cores), hence the long limit."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
     run = tmp_path / "compiled"
-    run_cli(*_train_args(dataset, run, 2, compile="true"), env=env, timeout=1800)
+    run_cli(*_train_args(dataset, run, 2, compile="true"), env=env, timeout=1800, cwd=tmp_path)  # ./mlflow.db
     assert sorted(_losses(run)) == [1, 2]
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert {"teacher_entropy", "teacher_student_kl"} <= set(history[-1])

@@ -238,7 +238,7 @@ def test_a_second_training_process_on_the_same_run_folder_is_refused(dataset, tm
 def _local_mlflow_run(run: Path):
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    client = mlflow.MlflowClient(f"sqlite:///{run.parent / 'mlflow.db'}")  # the store of the folder it ran in
     (only,) = client.search_runs([client.get_experiment_by_name("eossl").experiment_id])
     return only
 
