@@ -113,7 +113,7 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
         default=suppress,
         help="Kubernetes container image with eossl in the --repo folder (overrides the site file): build "
         "it from docker/Dockerfile (docker build -f docker/Dockerfile -t REGISTRY/eossl:TAG .) and push it "
-        f"where the cluster pulls from (default {_default('site.k8s.image')}, a local build's name)",
+        f"where the cluster pulls from (a local build's name: default {_default('site.k8s.image')})",
     )
     p.add_argument(
         "--runs-claim",
