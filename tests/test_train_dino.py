@@ -210,7 +210,6 @@ def test_torch_compile_option(dataset, tmp_path):
     from safetensors.torch import load_file
 
     card = json.loads((run / "backbone" / "model_card.json").read_text())
-    model = timm.create_model(
-        "vit_tiny_patch16_224", in_chans=card["in_chans"], num_classes=0, **card["timm_kwargs"]
-    )
+    kwargs = {"in_chans": card["in_chans"], "num_classes": 0, **card["timm_kwargs"]}
+    model = timm.create_model("vit_tiny_patch16_224", **kwargs)
     model.load_state_dict(load_file(str(run / "backbone" / "backbone.safetensors")))  # no "_orig_mod." keys
