@@ -332,7 +332,7 @@ def test_a_study_can_score_cells_by_land_cover_segmentation(dataset, tmp_path):
         "batch_size": 8,
     }
     study.write_text(yaml.safe_dump(data))
-    proc = run_cli("study", "--config", str(study), timeout=600)
+    proc = run_cli("study", "--config", str(study), timeout=600, env=training_env())  # its own store
     state = json.loads((out / "cells" / "batch_size-8_epochs-1" / "cell.json").read_text())
     miou = state["evaluated"]["linear"]["eval.linear.s2.miou"]
     assert 0.0 <= miou <= 1.0, proc.stdout[-2000:]
