@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Any
 
-from eossl.train.overrides import parse_assignment
+from eossl.train.overrides import add_set_argument
 
 from .config import PRECISIONS, ClassifyConfig, GridConfig, SegmentConfig, field_default
 
@@ -46,14 +46,8 @@ class _GridFlags:
         parser.add_argument("--dataset", required=True, help="dataset folder or URL with data.zarr")
         parser.add_argument("--out", required=True, help="output folder")
         parser.add_argument("--config", help="YAML file of config values (sections or dotted keys)")
-        parser.add_argument(
-            "--set",
-            dest="overrides",
-            type=parse_assignment,
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help=f"set any config field, e.g. {set_example} (a short key names the one field it can mean)",
+        add_set_argument(
+            parser, f"set any config field, e.g. {set_example} (a short key names the one field it can mean)"
         )
 
     def add(self, flag: str, key: str, text: str, show_default: bool = True, **kwargs: Any) -> None:

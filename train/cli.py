@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Sequence
 
 from .methods import method_names
-from .overrides import parse_assignment
+from .overrides import add_set_argument
 
 # Flags that set the config field of the same name.
 _CONFIG_FLAGS = ("data", "out", "max_steps", "seed")
@@ -39,15 +39,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the resolved configuration (every key: value, default, meaning) and exit",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        type=parse_assignment,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config field, e.g. --set backbone=resnet18 --set queue_size=64",
-    )
+    add_set_argument(p, "override any config field, e.g. --set backbone=resnet18 --set queue_size=64")
     p.add_argument(
         "--max-steps",
         type=int,

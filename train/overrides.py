@@ -23,7 +23,14 @@ from typing import Any
 
 import yaml
 
-__all__ = ["apply_overrides", "config_keys", "parse_assignment", "read_yaml_overrides", "resolve_key"]
+__all__ = [
+    "add_set_argument",
+    "apply_overrides",
+    "config_keys",
+    "parse_assignment",
+    "read_yaml_overrides",
+    "resolve_key",
+]
 
 
 def parse_assignment(text: str) -> tuple[str, str]:
@@ -32,6 +39,19 @@ def parse_assignment(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(f"--set takes key=value, got {text!r}")
     key, value = text.split("=", 1)
     return key.strip(), value.strip()
+
+
+def add_set_argument(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    """The repeatable ``--set KEY=VALUE`` option every command shares; values land in ``overrides``."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        type=parse_assignment,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=help,
+    )
 
 
 def config_keys(obj: Any, prefix: str = "") -> dict[str, tuple[Any, str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from eossl.train.overrides import parse_assignment
+from eossl.train.overrides import add_set_argument
 
 from ..cluster_cli import add_cluster_options, cluster_job
 
@@ -19,14 +19,8 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
         help="study file (YAML: name, data, out, train, grid, lr, eval) or the name of a packaged study "
         "(demo_batch_epochs, moco_batch_epochs)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        type=parse_assignment,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a study field by dotted key, e.g. --set grid.epochs=[1,2] --set train.size=64",
+    add_set_argument(
+        p, "override a study field by dotted key, e.g. --set grid.epochs=[1,2] --set train.size=64"
     )
     p.add_argument(
         "--cell", action="append", default=[], help="run only this cell (repeatable; default: every cell)"
@@ -103,9 +97,7 @@ def study_report_parser() -> argparse.ArgumentParser:
         prog="eossl study report", description="Rebuild a study's table and plots from its MLflow runs."
     )
     p.add_argument("--config", help="the study file (finds the parent run in STUDY_OUT/study.json)")
-    p.add_argument(
-        "--set", dest="overrides", type=parse_assignment, action="append", default=[], metavar="KEY=VALUE"
-    )
+    add_set_argument(p)
     p.add_argument("--parent", help="instead of --config: the study's MLflow parent run id")
     p.add_argument("--tracking-uri", help="with --parent (default: MLFLOW_TRACKING_URI)")
     p.add_argument("--out", help="folder for results.csv/.md and the plots (default: STUDY_OUT)")
