@@ -12,19 +12,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eossl.train.tracking import default_tracking_uri, ensure_experiment, quiet_mlflow_logs
+from eossl.train.tracking import default_tracking_uri, ensure_experiment, point_mlflow_at, quiet_mlflow_logs
 
 __all__ = ["eval_experiment", "pretrain_run_id", "pretrain_tags"]
 
 
 def eval_experiment(out: Path, experiment: str) -> str:
     """Create ``out``, point MLflow at the project's store and return the experiment's id (created if new)."""
-    import mlflow
-
     out.mkdir(parents=True, exist_ok=True)
     quiet_mlflow_logs()
     uri = default_tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    point_mlflow_at(uri)
     return ensure_experiment(experiment, uri)
 
 

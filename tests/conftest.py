@@ -172,15 +172,38 @@ def copy_of_dataset(dataset: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(dataset, tmp_path / "dataset-copy"))
 
 
-@pytest.fixture(scope="session", autouse=True)
+WATCHED_IN_CHECKOUT = ("mlruns", "mlartifacts", "mlflow.db", "moto_recording")
+_PRESENT_AT_START = {name for name in WATCHED_IN_CHECKOUT if (REPO / name).exists()}
+
+
+@pytest.fixture(autouse=True)
 def nothing_is_written_into_the_checkout():
-    """Tests and the processes they start run in the checkout: a file they leave there (MLflow's ``./mlruns``
-    default for a database store, a server's recording) would land wherever a user runs the command."""
-    watched = ("mlruns", "mlartifacts", "mlflow.db", "moto_recording")
-    before = {name for name in watched if (REPO / name).exists()}
+    """Tests and the processes they start run in the checkout: a file they leave there (MLflow's
+    ``./mlflow.db`` default store, a server's recording) would land wherever a user runs the command. Checked
+    after every test, so the test that wrote it is the one that fails (and the file is removed, so the
+    next tests are judged on their own)."""
     yield
-    leaked = sorted({name for name in watched if (REPO / name).exists()} - before)
-    assert not leaked, f"the test session wrote {leaked} into {REPO}"
+    leaked = sorted(name for name in WATCHED_IN_CHECKOUT if (REPO / name).exists())
+    leaked = [name for name in leaked if name not in _PRESENT_AT_START]
+    for name in leaked:
+        path = REPO / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert not leaked, f"this test wrote {leaked} into {REPO}"
+
+
+@pytest.fixture(autouse=True)
+def mlflow_variables_are_restored():
+    """Every test starts with the session's ``MLFLOW_*`` variables and MLflow's in-process store unset:
+    a URI left behind by one test would send the next test's runs (and its subprocesses') elsewhere."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        del os.environ[key]
+    os.environ.update(before)
 
 
 def run_cli(*args: str, check: bool = True, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:

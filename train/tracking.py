@@ -32,6 +32,7 @@ __all__ = [
     "ERROR_TAG",
     "artifact_root",
     "default_tracking_uri",
+    "point_mlflow_at",
     "end_tracking_on_error",
     "ensure_experiment",
     "git_commit",
@@ -82,6 +83,24 @@ def default_tracking_uri() -> str:
     Resolved to an absolute path once, so a process that changes folder later still writes to the same store.
     """
     return os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri(Path.cwd())
+
+
+def point_mlflow_at(uri: str) -> None:
+    """Make ``uri`` this process's MLflow store without changing its environment.
+
+    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into ``os.environ`` so that child
+    processes inherit it. Evaluations and studies run inside a caller's process (a notebook, a study, a
+    test session): that write would silently send every later run and every process it starts to this
+    store. The caller's variable is put back as it was.
+    """
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def artifact_root(tracking_uri: str) -> str | None:
@@ -180,7 +199,7 @@ def start_tracking(
     uri = default_tracking_uri()
     if acc.is_main_process and uri.startswith("sqlite:///"):  # a moved project folder: artifacts beside it
         relocate_local_store(Path(uri.removeprefix("sqlite:///")).resolve())
-    mlflow.set_tracking_uri(uri)
+    point_mlflow_at(uri)
     if acc.is_main_process:
         ensure_experiment(
             cfg.experiment, uri
