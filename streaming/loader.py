@@ -19,9 +19,9 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from eossl.ingest.bands import PATCH_SIZE
 from eossl.ingest.catalog import Catalog, member_crc32c
@@ -32,6 +32,9 @@ from eossl.ingest.storage import DatasetRoot
 from .plan import EpochPlan, LoaderPosition, PlanConfig, rows_digest
 from .storage import CorruptShardError, ShardReader, StorageOptions
 from .views import ViewConfig, ViewSet
+
+if TYPE_CHECKING:  # torch is imported where a loader is built: LoaderConfig alone (a config) needs none
+    import torch
 
 __all__ = [
     "ON_CORRUPT",
@@ -131,9 +134,17 @@ class Batch:
 
 def dist_info() -> tuple[int, int]:
     """(rank, world size): torch.distributed when initialised, else RANK/WORLD_SIZE (set by launchers)."""
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _auto_device() -> str:
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
 
 
 def select_rows(catalog: Catalog, split: str, sensors: tuple[str, ...]) -> np.ndarray:
@@ -339,7 +350,7 @@ class SSLLoader:
             raise ValueError(f"{dataset}: no {cfg.split} samples with {'+'.join(self.views.sensors)}")
         self.global_batch = cfg.batch_size * self.world_size
         self.position = position or LoaderPosition()
-        self.device = cfg.device if cfg.device != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+        self.device = cfg.device if cfg.device != "auto" else _auto_device()
         self.device_id = int(os.environ.get("LOCAL_RANK", 0)) if self.device == "gpu" else None
         spec = self.views.input_spec
         mean, std = spec.normalisation(self.manifest)

@@ -28,7 +28,7 @@ from eossl.streaming.storage import StorageOptions
 from eossl.streaming.views import ViewConfig
 
 from . import overrides as overrides_mod
-from .methods import get_method, method_names
+from .methods import config_defaults, method_names
 from .overrides import config_keys, read_yaml_overrides
 from .schedules import scaled_lr
 
@@ -330,7 +330,7 @@ def method_defaults(method: str) -> TrainConfig:
     config file or ``--set`` says otherwise."""
     if method not in method_names():
         raise ValueError(f"method must be one of {list(method_names())}, got {method!r}")
-    return apply_overrides(TrainConfig(method=method), get_method(method).config_defaults)
+    return apply_overrides(TrainConfig(method=method), config_defaults(method))
 
 
 def recipe_names() -> list[str]:
