@@ -35,6 +35,7 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .config import TrainConfig, flatten
+from .distributed import all_gather_objects
 
 __all__ = ["RESUME_MAY_CHANGE", "RunCheckpointer", "config_digest", "truncate_history"]
 
@@ -99,6 +100,7 @@ class RunCheckpointer:
     def _write(self, staging: Path, step: int, method, optimizer, loader, mlflow_run_id) -> None:
         acc = self.acc
         save_tensor_file(rng_state(), staging / f"rng-rank{acc.process_index}.pt")
+        corrupt = all_gather_objects(loader.corrupt_state())  # every rank's skipped samples (a collective)
         acc.wait_for_everyone()
         if acc.is_main_process:
             save_tensor_file(method.state_dict(), staging / "model.pt")
@@ -111,6 +113,7 @@ class RunCheckpointer:
                     "step": step,
                     "epoch": loader.position.epoch,
                     "loader": loader.state_dict(),
+                    "replaced_samples": corrupt,  # one entry per rank
                     "mlflow_run_id": mlflow_run_id,
                     "world_size": acc.num_processes,
                     "global_batch": self.cfg.batch_size * acc.num_processes,
@@ -140,6 +143,8 @@ class RunCheckpointer:
         if rng_file.exists():
             load_rng_state(load_tensor_file(rng_file))
         loader.load_state_dict(trainer["loader"])
+        if "replaced_samples" in trainer:  # absent in checkpoints of older eossl: the counts restart
+            loader.load_corrupt_state(trainer["replaced_samples"])
         step = trainer["step"]
         if acc.is_main_process:
             truncate_history(self.run_dir / "history.jsonl", step)
