@@ -343,3 +343,37 @@ def test_skipped_sample_counts_are_checkpointed_and_resumed(copy_of_dataset, tmp
         train(resumed)
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert [(h["step"], h["replaced_samples"]) for h in history] == [(1, 1.0), (2, 1.0)]
+
+
+def test_verify_deep_checks_every_members_checksum_and_names_the_damage(copy_of_dataset):
+    """``eossl verify`` sees a shard whose sha256 differs; ``--deep`` names which sample and member."""
+    from eossl.ingest.verify import verify
+
+    root = copy_of_dataset
+    assert verify(str(root), deep=True) == []
+    cat, shards = _catalog(root), _shards(root)
+    s2_row = _victim(root)[0]  # the s2 member of the first sample of shard 1: its last 64 bytes
+    json_row = int(np.flatnonzero(cat.shard == 2)[-1])  # the json member of the last sample of shard 2:
+    damaged = [
+        (s2_row, "s2", int(cat.size["s2"][s2_row]) - 64, 64),
+        (json_row, "json", 1, 1),
+    ]  # it starts "{"
+    expected = []
+    for row, member, at, n in damaged:
+        shard = root / shards[int(cat.shard[row])]["path"]
+        start, size = int(cat.offset[member][row]), int(cat.size[member][row])
+        _flip(shard, start + at, n)
+        with open(shard, "rb") as f:
+            f.seek(start)
+            got = member_crc32c(f.read(size))
+        want = int(cat.crc32c[member][row])
+        assert got != want
+        expected.append(
+            f"{shard}: {member} member of sample {cat.key[row]} (bytes {start}-{start + size}) fails its "
+            f"checksum: crc32c {got:08x}, the catalog says {want:08x}"
+        )
+
+    shallow = verify(str(root))
+    assert any("shard-000001.tar: sha256/size differ" in p for p in shallow)
+    assert not any("checksum" in p for p in shallow)
+    assert [p for p in verify(str(root), deep=True) if "checksum" in p] == expected
