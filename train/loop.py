@@ -414,7 +414,9 @@ class _Run:
         write_json_atomic(self.run_dir / "ranks" / f"rank-{acc.process_index}.json", digests)
         backbone_dir = None
         if self.main:
-            backbone_dir = export_backbone(method.backbone(), self.loader, self.cfg, self.step, self.run_dir)
+            backbone_dir = export_backbone(
+                method.backbone(), self.loader, self.cfg, self.step, self.run_dir, self.mlflow_run_id
+            )
             import mlflow
 
             mlflow.log_artifact(str(self.run_dir / "config.yaml"))
