@@ -1,9 +1,10 @@
 """A run's whole state at a step: written by every rank into one atomic checkpoint, checked and restored
 on resume (see ``checkpoint`` for the files and their atomic publication).
 
-What a resume may change is explicit: the loop's ``max_steps``, ``ckpt_every``, ``log_every`` and
-``batch_size`` (with the world size, at the same global batch), plus the keys a method declares in
-``resume_may_change``. Everything else is in the config digest a checkpoint is checked against.
+What a resume may change is explicit: the loop's ``max_steps``, ``ckpt_every``, ``log_every``,
+``system_metrics_every_s`` and ``batch_size`` (with the world size, at the same global batch), plus the
+keys a method declares in ``resume_may_change``. Everything else is in the config digest a checkpoint is
+checked against.
 
 Where things are is not part of a run's identity: ``out`` and ``data`` (paths, URLs) are left out of the
 digest, and the dataset enters it by its content digest (the manifest's sha256) instead. A run folder can
@@ -40,7 +41,7 @@ from .distributed import all_gather_objects
 __all__ = ["RESUME_MAY_CHANGE", "RunCheckpointer", "config_digest", "truncate_history"]
 
 # batch_size may change with the world size (elastic resume): the global batch is checked instead.
-RESUME_MAY_CHANGE = ("max_steps", "ckpt_every", "log_every", "batch_size")
+RESUME_MAY_CHANGE = ("max_steps", "ckpt_every", "log_every", "batch_size", "system_metrics_every_s")
 # Locations, not content: the dataset is identified by its manifest digest instead.
 LOCATIONS = ("out", "data")
 
