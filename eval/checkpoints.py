@@ -146,6 +146,7 @@ def _export(source: BackboneSource, folder: Path, dataset: str) -> None:
     loader = SimpleNamespace(views=view_set, manifest=manifest)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
-    export_backbone(method.backbone(), loader, cfg, source.step or 0, tmp)
+    run_id = json.loads((source.checkpoint / "trainer.json").read_text()).get("mlflow_run_id")
+    export_backbone(method.backbone(), loader, cfg, source.step or 0, tmp, run_id)  # the card names the run
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(folder)

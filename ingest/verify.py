@@ -3,8 +3,10 @@
 Checks, in order of cost: the manifest parses and matches its ``manifest_sha256``, counts add up
 (found = written + rejected); every listed shard exists with its size and sha256 and no unlisted shard lies
 beside them; the shards' sample keys, in order, are the Zarr ``key`` array and their modality members match
-the ``has_*`` flags; with ``deep=True`` every array in the shards equals its Zarr row bit for bit. Last, every
-band the manifest flags for an implausible spread is reported: the dataset is whole, but unfit to train on.
+the ``has_*`` flags; with ``deep=True`` every member the catalog records has its recorded CRC-32C (a
+damaged member is named by shard, sample and member, even in a shard whose sha256 already differs) and
+every array in the shards equals its Zarr row bit for bit. Last, every band the manifest flags for an
+implausible spread is reported: the dataset is whole, but unfit to train on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import numpy as np
 
 from .bands import MODALITIES
+from .catalog import Catalog, member_crc32c
 from .format import (
     CATALOG,
     MANIFEST,
@@ -42,39 +45,59 @@ def _sha256(out: DatasetRoot, rel: str) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _check_catalog(out: DatasetRoot, manifest: dict, shard_keys: list[str], deep: bool) -> list[str]:
+def _check_catalog(
+    out: DatasetRoot, manifest: dict, shard_keys: list[str], read: set[int], deep: bool
+) -> list[str]:
+    """The catalog against the shards: its digest, its keys (of the shards ``read``), and with ``deep``
+    every member it records (:func:`_check_members`)."""
     if not manifest.get("catalog") or not out.exists(CATALOG):
         return [f"{out.path(CATALOG)} missing"]
     try:
         catalog = read_catalog(out, manifest)
     except DatasetCorruptError as exc:
         return [str(exc)]
-    if catalog.key.tolist() != shard_keys:
+    keys = [
+        str(k) for k, shard in zip(catalog.key.tolist(), catalog.shard.tolist(), strict=True) if shard in read
+    ]
+    if keys != shard_keys:
         return [f"{CATALOG} keys differ from the shards' keys"]
-    if not deep:
-        return []
+    return _check_members(out, manifest, catalog) if deep else []
+
+
+def _check_members(out: DatasetRoot, manifest: dict, catalog: Catalog) -> list[str]:
+    """Every member the catalog records: its offset points at its data, and its bytes have the recorded
+    CRC-32C (the check training makes on each read). Runs on shards whose sha256 differs too, so that the
+    damage is named by shard, sample and member. Each shard is opened once and its members are read in
+    file order. A catalog written before checksums were recorded has its offsets checked only."""
     problems = []
-    shards = manifest["shards"]
-    for i in range(len(catalog)):
-        path = shards[int(catalog.shard[i])]["path"]
-        for member, offsets in catalog.offset.items():
-            start, size = int(offsets[i]), int(catalog.size[member][i])
-            if start < 0:
-                continue
-            raw = (
-                out.fs.cat_file(f"{out.root}/{path}", start=start, end=start + size)
-                if not out.is_local
-                else None
-            )
-            if raw is None:
-                with open(out.path(path), "rb") as f:
-                    f.seek(start)
-                    raw = f.read(size)
-            ok = raw.startswith(b"{") if member == "json" else raw.startswith(b"\x93NUMPY")
-            if not ok or len(raw) != size:
-                problems.append(
-                    f"{CATALOG}: {catalog.key[i]}.{member} offset does not point at its data in {path}"
-                )
+    for index, entry in enumerate(manifest["shards"]):
+        path = entry["path"]
+        if not out.exists(path):
+            continue  # reported with the shards
+        rows = np.flatnonzero(catalog.shard == index)
+        spans = sorted(
+            (int(catalog.offset[m][r]), int(catalog.size[m][r]), m, int(r))
+            for r in rows
+            for m in catalog.offset
+            if catalog.offset[m][r] >= 0
+        )
+        opener = open(out.path(path), "rb") if out.is_local else out.fs.open(f"{out.root}/{path}", "rb")
+        with opener as f:
+            for start, size, member, row in spans:
+                f.seek(start)
+                raw = f.read(size)
+                key = catalog.key[row]
+                ok = raw.startswith(b"{") if member == "json" else raw.startswith(b"\x93NUMPY")
+                if not ok or len(raw) != size:
+                    problems.append(f"{CATALOG}: {key}.{member} offset does not point at its data in {path}")
+                    continue
+                want = -1 if catalog.crc32c is None else int(catalog.crc32c[member][row])
+                got = member_crc32c(raw) if want >= 0 else want
+                if got != want:
+                    problems.append(
+                        f"{out.path(path)}: {member} member of sample {key} (bytes {start}-{start + size}) "
+                        f"fails its checksum: crc32c {got:08x}, the catalog says {want:08x}"
+                    )
     return problems
 
 
@@ -117,6 +140,7 @@ def verify(dataset: str, deep: bool = False) -> list[str]:
     formats = manifest["options"]["formats"]
     shard_keys: list[str] = []
     shard_members: list[set[str]] = []
+    read: set[int] = set()  # the shards whose samples were read (present, sha256 as recorded)
     if "wds" in formats:
         listed = {s["path"] for s in manifest["shards"]}
         extra = sorted(set(p for p in out.list(SHARD_DIR) if p.endswith(".tar")) - listed)
@@ -124,7 +148,7 @@ def verify(dataset: str, deep: bool = False) -> list[str]:
             problems.append(f"shards not listed in the manifest: {', '.join(extra[:5])}")
         if sum(s["samples"] for s in manifest["shards"]) != counts["samples_written"]:
             problems.append("shard sample counts do not add up to samples_written")
-        for shard in manifest["shards"]:
+        for index, shard in enumerate(manifest["shards"]):
             path = shard["path"]
             if not out.exists(path):
                 problems.append(f"{out.path(path)} missing")
@@ -148,9 +172,10 @@ def verify(dataset: str, deep: bool = False) -> list[str]:
                 )
             shard_keys += [k for k, _ in keys]
             shard_members += [m for _, m in keys]
+            read.add(index)
         if len(set(shard_keys)) != len(shard_keys):
             problems.append("duplicate sample keys across shards")
-        problems += _check_catalog(out, manifest, shard_keys, deep)
+        problems += _check_catalog(out, manifest, shard_keys, read, deep)
 
     if "zarr" in formats:
         try:

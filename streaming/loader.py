@@ -19,9 +19,9 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from eossl.ingest.bands import PATCH_SIZE
 from eossl.ingest.catalog import Catalog, member_crc32c
@@ -32,6 +32,9 @@ from eossl.ingest.storage import DatasetRoot
 from .plan import EpochPlan, LoaderPosition, PlanConfig, rows_digest
 from .storage import CorruptShardError, ShardReader, StorageOptions
 from .views import ViewConfig, ViewSet
+
+if TYPE_CHECKING:  # torch is imported where a loader is built: LoaderConfig alone (a config) needs none
+    import torch
 
 __all__ = [
     "ON_CORRUPT",
@@ -80,8 +83,10 @@ class LoaderConfig:
             shard. Skip is the default because one damaged member in a multi-day run should cost one
             sample, not the run, while ``max_corrupt_fraction`` stops a run whose data is really broken.
         max_corrupt_fraction: with 'skip', stop (``CorruptDataError`` naming the shards) once this rank
-            has skipped more than this fraction of its samples of one epoch (0.001: 45 of a 45k-sample
-            share); counted since the loader was made.
+            has skipped more than this fraction of its samples in one epoch (0.001: 45 of a 45k-sample
+            share). Counted per epoch, so that one damaged member costs one sample per epoch for the
+            whole run instead of adding up to a stop; the counts are in the checkpoint
+            (``corrupt_state``), so a resumed epoch goes on counting where it stopped.
         lookahead_steps: steps ahead whose shards are prefetched into the cache.
         max_samples: only the first N samples of the split, in catalog (shard) order: benchmarks and smoke
             runs on a full-size dataset read a few shards instead of all of them. None: every sample.
@@ -131,9 +136,17 @@ class Batch:
 
 def dist_info() -> tuple[int, int]:
     """(rank, world size): torch.distributed when initialised, else RANK/WORLD_SIZE (set by launchers)."""
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _auto_device() -> str:
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
 
 
 def select_rows(catalog: Catalog, split: str, sensors: tuple[str, ...]) -> np.ndarray:
@@ -339,7 +352,7 @@ class SSLLoader:
             raise ValueError(f"{dataset}: no {cfg.split} samples with {'+'.join(self.views.sensors)}")
         self.global_batch = cfg.batch_size * self.world_size
         self.position = position or LoaderPosition()
-        self.device = cfg.device if cfg.device != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+        self.device = cfg.device if cfg.device != "auto" else _auto_device()
         self.device_id = int(os.environ.get("LOCAL_RANK", 0)) if self.device == "gpu" else None
         spec = self.views.input_spec
         mean, std = spec.normalisation(self.manifest)
@@ -347,8 +360,9 @@ class SSLLoader:
         self.norm = {s: (mean[sl], std[sl]) for s, sl in slices.items()}
         self._iterator = None
         self._built_at: LoaderPosition | None = None
-        self.substituted = 0
-        self.corrupt_shards: dict[str, int] = {}  # shard URL -> samples skipped from it
+        self.substituted = 0  # this rank's samples skipped as corrupt in the whole run (resumes included)
+        self.corrupt_shards: dict[str, int] = {}  # shard URL -> samples skipped from it in the whole run
+        self.epoch_substituted = (self.position.epoch, 0)  # (epoch, samples skipped in it): the stop rule
         self.checksums = self.catalog.crc32c is not None
         if not self.checksums:
             warnings.warn(
@@ -389,6 +403,40 @@ class SSLLoader:
             raise ValueError("cannot resume: the sample set or seed differs from the checkpoint's")
         self.position = LoaderPosition(state["epoch"], state["step"])
         self._close_iterator()
+
+    def corrupt_state(self) -> dict:
+        """This rank's counts of skipped samples, for the checkpoint (shards by their manifest path, so the
+        counts survive a dataset that moved)."""
+        prefix = f"{self.dataset.rstrip('/')}/"
+        epoch, in_epoch = self.epoch_substituted
+        return {
+            "substituted": self.substituted,
+            "epoch": epoch,
+            "epoch_substituted": in_epoch,
+            "shards": {url.removeprefix(prefix): n for url, n in sorted(self.corrupt_shards.items())},
+        }
+
+    def load_corrupt_state(self, ranks: list[dict]) -> None:
+        """Continue the counts of ``corrupt_state`` of every rank of the checkpoint (one dict per rank).
+
+        On the same world size each rank takes its own. On another, rank 0 takes the run's totals (so the
+        logged total, a sum over ranks, stays right) and the per-epoch counts restart: the ranks' shares
+        of the epoch are not the ones counted before.
+        """
+        prefix = f"{self.dataset.rstrip('/')}/"
+        if len(ranks) == self.world_size:
+            own = ranks[self.rank]
+            self.substituted = int(own["substituted"])
+            self.corrupt_shards = {prefix + path: int(n) for path, n in own["shards"].items()}
+            self.epoch_substituted = (int(own["epoch"]), int(own["epoch_substituted"]))
+            return
+        self.substituted, self.corrupt_shards = 0, {}
+        self.epoch_substituted = (self.position.epoch, 0)
+        if self.rank == 0:
+            for state in ranks:
+                self.substituted += int(state["substituted"])
+                for path, n in state["shards"].items():
+                    self.corrupt_shards[prefix + path] = self.corrupt_shards.get(prefix + path, 0) + int(n)
 
     # -- DALI --------------------------------------------------------------------------------------
     def sample_source(self) -> SampleSource:
@@ -433,6 +481,9 @@ class SSLLoader:
     def _count_corrupt(self, batch: Batch) -> None:
         """Count a batch's replaced samples per shard; stop above ``max_corrupt_fraction`` of an epoch."""
         self.substituted += batch.substituted
+        epoch, in_epoch = self.epoch_substituted
+        in_epoch = (in_epoch if epoch == batch.epoch else 0) + batch.substituted
+        self.epoch_substituted = (batch.epoch, in_epoch)
         for shard in batch.corrupt_shards:
             url = f"{self.dataset.rstrip('/')}/{self.manifest['shards'][shard]['path']}"
             self.corrupt_shards[url] = self.corrupt_shards.get(url, 0) + 1
@@ -442,13 +493,14 @@ class SSLLoader:
             stacklevel=3,
         )
         per_epoch = len(self) * self.cfg.batch_size
-        if self.substituted > self.cfg.max_corrupt_fraction * per_epoch:
+        if in_epoch > self.cfg.max_corrupt_fraction * per_epoch:
             self._close_iterator()
             named = ", ".join(f"{url} ({n})" for url, n in sorted(self.corrupt_shards.items()))
             raise CorruptDataError(
-                f"{self.substituted} samples skipped as corrupt, more than max_corrupt_fraction="
-                f"{self.cfg.max_corrupt_fraction} of this rank's {per_epoch} samples per epoch; "
-                f"samples skipped per shard: {named} (eossl verify names every damaged member)"
+                f"{in_epoch} samples skipped as corrupt in epoch {batch.epoch}, more than "
+                f"max_corrupt_fraction={self.cfg.max_corrupt_fraction} of this rank's {per_epoch} samples "
+                f"per epoch; samples skipped per shard in the run: {named} (eossl verify --deep names "
+                "every damaged member)"
             )
 
     def _close_iterator(self) -> None:

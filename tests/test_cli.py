@@ -103,6 +103,43 @@ def test_help_of_data_and_launch_commands_imports_no_torch():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_kit_and_study_list_resolve_configs_without_importing_torch(tmp_path):
+    """Writing a job file and listing a study's cells resolve every training config (DINO's recipe
+    included) but import no torch: on a cluster's network file system that alone takes many seconds."""
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        "name: s\ndata: /nowhere/ds\nout: /nowhere/study\nmethod: dino\n"
+        "train: {batch_size: 8}\ngrid: {batch_size: [8, 16]}\n"
+    )
+    commands = [
+        ["kit", "slurm", "--out", str(tmp_path / "moco.sbatch"), "--", "moco", "--data", "D", "--out", "R"],
+        ["kit", "k8s", "--out", str(tmp_path / "dino.yaml"), "--", "dino", "--data", "D", "--out", "R"],
+        ["study", "--config", str(study), "--list"],
+    ]
+    script = (
+        "import contextlib, io, sys\n"
+        "from eossl.launch.cli import main\n"
+        f"for argv in {commands!r}:\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out):\n"
+        "        assert main(argv) == 0, argv\n"
+        "    assert 'torch' not in sys.modules, f'eossl {\" \".join(argv)} imported torch'\n"
+        "    print(out.getvalue())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "resolved: batch_size=16" in proc.stdout  # each cell's config was resolved, not skipped
+    assert (tmp_path / "moco.sbatch").exists() and (tmp_path / "dino.yaml").exists()
+
+
+def test_each_methods_recipe_is_the_one_declared_in_the_registry():
+    from eossl.train.methods import CONFIG_DEFAULTS, get_method, method_names
+
+    assert set(CONFIG_DEFAULTS) == set(method_names())
+    for name in method_names():
+        assert dict(get_method(name).config_defaults) == dict(CONFIG_DEFAULTS[name])
+
+
 def _help(capsys, *argv: str) -> str:
     with pytest.raises(SystemExit):
         main([*argv, "--help"])

@@ -234,9 +234,8 @@ def killed_run(dataset, tmp_path_factory) -> Path:
     """A 3-step MoCo run with checkpoints at steps 2 and 3, and its final export."""
     run = tmp_path_factory.mktemp("runs") / "moco"
     args = ["train", "moco", "--data", str(dataset), "--out", str(run), "--max-steps", "3"]
-    run_cli(
-        *args, *cli_set({**TINY_MOCO, "ckpt_every": "2", "log_every": "1"}), env=training_env(), timeout=1500
-    )
+    values = cli_set({**TINY_MOCO, "ckpt_every": "2", "log_every": "1"})
+    run_cli(*args, *values, env=training_env(), cwd=run.parent, timeout=1500)  # its store: beside the run
     return run
 
 
@@ -244,7 +243,10 @@ def killed_run(dataset, tmp_path_factory) -> Path:
 def test_a_run_without_export_is_evaluated_at_its_latest_checkpoint(killed_run, tmp_path, dataset):
     """Its latest checkpoint, exported by evaluation, is the backbone training itself exported, bit for bit;
     a named intermediate checkpoint is another model; the grid runs on both and names the rows by step."""
+    import mlflow
+
     from eossl.eval.checkpoints import checkpoint_source, export_checkpoint
+    from eossl.eval.tracking import pretrain_run_id
 
     killed = Path(shutil.copytree(killed_run, tmp_path / "killed"))
     shutil.rmtree(killed / "backbone")  # as a job killed before its end leaves it
@@ -255,14 +257,27 @@ def test_a_run_without_export_is_evaluated_at_its_latest_checkpoint(killed_run, 
     assert exported.read_bytes() == (killed_run / "backbone" / "backbone.safetensors").read_bytes()
     card = json.loads((folder / "backbone" / "model_card.json").read_text())
     assert card == json.loads((killed_run / "backbone" / "model_card.json").read_text())
+    # The export names the pre-training run: its evaluation links it without the run's checkpoints.
+    run_id = json.loads((killed / "checkpoints" / "step-0000003" / "trainer.json").read_text())[
+        "mlflow_run_id"
+    ]
+    assert run_id and card["mlflow_run_id"] == run_id and pretrain_run_id(folder) == run_id
 
     step2 = killed_run / "checkpoints" / "step-0000002"
     assert checkpoint_source(str(step2)).step == 2
     out = tmp_path / "eval"
     argv = [*_eval(dataset, out, "--budget", "2", "--init", "checkpoint", "--checkpoint", str(step2))]
     argv += ["--checkpoint", str(killed)]
-    proc = run_cli(*argv, env=training_env(), timeout=1500)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli(*argv, env={**training_env(), "MLFLOW_TRACKING_URI": store}, timeout=1500)
     assert "moco-step-2" in proc.stdout and "killed-step-3" in proc.stdout
+    client = mlflow.MlflowClient(store)
+    exp = client.get_experiment_by_name("eossl-eval")
+    linked = {
+        c.data.tags["eossl.eval.method"]: c.data.tags.get("eossl.pretrain_run_id")
+        for c in client.search_runs([exp.experiment_id], "tags.`eossl.eval.cell` = '1'")
+    }
+    assert linked == {"moco-step-2": run_id, "killed-step-3": run_id}  # each exported checkpoint's cells
     early = (out / "backbones" / "moco-step-2" / "backbone" / "backbone.safetensors").read_bytes()
     assert early != exported.read_bytes()
     cells = json.loads((out / "cells.json").read_text())
@@ -276,9 +291,8 @@ def test_training_repeats_bit_for_bit_on_one_machine(killed_run, dataset, tmp_pa
     (data order, augmentation and initialisation come from the seed; README, "Repeatability")."""
     run = tmp_path / "again"
     args = ["train", "moco", "--data", str(dataset), "--out", str(run), "--max-steps", "3"]
-    run_cli(
-        *args, *cli_set({**TINY_MOCO, "ckpt_every": "2", "log_every": "1"}), env=training_env(), timeout=1500
-    )
+    values = cli_set({**TINY_MOCO, "ckpt_every": "2", "log_every": "1"})
+    run_cli(*args, *values, env=training_env(), cwd=tmp_path, timeout=1500)  # its store: outside the checkout
 
     def losses(folder: Path) -> list[tuple[int, float]]:
         lines = (folder / "history.jsonl").read_text().splitlines()

@@ -305,3 +305,75 @@ def test_training_counts_skipped_samples_and_stops_above_the_fraction(copy_of_da
     stopped = _train(root, tmp_path / "stop", on_corrupt="skip", max_corrupt_fraction="0")
     assert stopped.returncode != 0
     assert "max_corrupt_fraction" in stopped.stderr and f"{shard_path} (1)" in stopped.stderr
+
+
+def test_skipped_sample_counts_are_checkpointed_and_resumed(copy_of_dataset, tmp_path, monkeypatch):
+    """Damaged samples in steps 1 and 3 of one epoch, the run checkpointed and stopped after step 1: the
+    resumed run goes on from the checkpointed counts, so its total in history.jsonl is the run's and the
+    epoch's second damaged sample exceeds ``max_corrupt_fraction`` (one allowed per epoch)."""
+    from eossl.train.builders import loader_config
+    from eossl.train.config import load_config
+    from eossl.train.loop import train
+    from eossl.train.methods import get_method
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # the default store, ./mlflow.db, outside the checkout
+    root, run = copy_of_dataset, tmp_path / "run"
+    values = {**TINY_MOCO, "data": str(root), "out": str(run), "log_every": "1", "ckpt_every": "0"}
+    cfg = load_config("moco", None, {**values, "max_steps": "1", "max_corrupt_fraction": "0.05"})
+    loader = SSLLoader(str(root), loader_config(cfg, get_method("moco").views(cfg)))
+    plan, per_epoch = loader.plan(0), len(loader) * cfg.batch_size
+    assert plan.steps == 3 and 1 <= 0.05 * per_epoch < 2  # one skipped sample per epoch allowed, not two
+    cat, shards = _catalog(root), _shards(root)
+    damaged = [int(plan.order[plan.positions(step, 0, 1)][0]) for step in (0, 2)]
+    for row in damaged:  # every member the views read, so the sample cannot be read
+        for sensor in loader.views.sensors:
+            size = int(cat.size[sensor][row])
+            _flip(root / shards[int(cat.shard[row])]["path"], int(cat.offset[sensor][row]) + size // 2)
+    first_path = shards[int(cat.shard[damaged[0]])]["path"]
+
+    with pytest.warns(UserWarning, match=f"sample {cat.key[damaged[0]]}"):
+        assert train(cfg).steps == 1
+    (ckpt,) = (run / "checkpoints").glob("step-*")
+    (state,) = json.loads((ckpt / "trainer.json").read_text())["replaced_samples"]  # one rank
+    assert state == {"substituted": 1, "epoch": 0, "epoch_substituted": 1, "shards": {first_path: 1}}
+
+    resumed = load_config("moco", None, {**values, "max_steps": "3", "max_corrupt_fraction": "0.05"})
+    with pytest.warns(UserWarning), pytest.raises(CorruptDataError, match=r"2 samples skipped .* epoch 0"):
+        train(resumed)
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [(h["step"], h["replaced_samples"]) for h in history] == [(1, 1.0), (2, 1.0)]
+
+
+def test_verify_deep_checks_every_members_checksum_and_names_the_damage(copy_of_dataset):
+    """``eossl verify`` sees a shard whose sha256 differs; ``--deep`` names which sample and member."""
+    from eossl.ingest.verify import verify
+
+    root = copy_of_dataset
+    assert verify(str(root), deep=True) == []
+    cat, shards = _catalog(root), _shards(root)
+    s2_row = _victim(root)[0]  # the s2 member of the first sample of shard 1: its last 64 bytes
+    json_row = int(np.flatnonzero(cat.shard == 2)[-1])  # the json member of the last sample of shard 2:
+    damaged = [
+        (s2_row, "s2", int(cat.size["s2"][s2_row]) - 64, 64),
+        (json_row, "json", 1, 1),
+    ]  # it starts "{"
+    expected = []
+    for row, member, at, n in damaged:
+        shard = root / shards[int(cat.shard[row])]["path"]
+        start, size = int(cat.offset[member][row]), int(cat.size[member][row])
+        _flip(shard, start + at, n)
+        with open(shard, "rb") as f:
+            f.seek(start)
+            got = member_crc32c(f.read(size))
+        want = int(cat.crc32c[member][row])
+        assert got != want
+        expected.append(
+            f"{shard}: {member} member of sample {cat.key[row]} (bytes {start}-{start + size}) fails its "
+            f"checksum: crc32c {got:08x}, the catalog says {want:08x}"
+        )
+
+    shallow = verify(str(root))
+    assert any("shard-000001.tar: sha256/size differ" in p for p in shallow)
+    assert not any("checksum" in p for p in shallow)
+    assert [p for p in verify(str(root), deep=True) if "checksum" in p] == expected

@@ -30,7 +30,13 @@ def project(dataset, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("project")
     log = folder / "train.log"
     args = ["train", "moco", "--data", str(dataset), "--out", "runs/moco", "--max-steps", "4"]
-    values = {**TINY_MOCO, "log_every": "2", "ckpt_every": "0", "split": "train"}
+    values = {
+        **TINY_MOCO,
+        "log_every": "2",
+        "ckpt_every": "0",
+        "split": "train",
+        "system_metrics_every_s": "0.2",
+    }
     with open(log, "w") as f:
         proc = subprocess.run(
             [sys.executable, "-m", "eossl.launch", *args, *cli_set(values)],
@@ -133,6 +139,29 @@ def test_one_store_linked_runs_and_run_level_tags(project, dataset):
     assert parent.data.params["dataset"] == str(dataset.resolve())  # absolute, never cwd-relative
     assert parent.data.params["checkpoints"] == str([str((project / "runs" / "moco").resolve())])
     assert client.get_run(parent.info.run_id).inputs.dataset_inputs[0].dataset.name == dataset.name
+
+
+@pytest.mark.slow
+def test_system_metrics_are_logged_when_asked_and_a_missing_package_is_said(project, monkeypatch, capsys):
+    import importlib.util
+
+    import mlflow
+
+    from eossl.train.tracking import system_metrics
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("eossl").experiment_id])
+    assert run.data.params["system_metrics_every_s"] == "0.2"
+    sampled = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= sampled
+    log = (project / "train.log").read_text()
+    if importlib.util.find_spec("pynvml") is None:  # this machine: said, and trained without GPU figures
+        assert "system metrics without GPU figures: the pynvml package is not installed" in log
+    assert not system_metrics(0.0)  # off (the default): nothing said
+    assert capsys.readouterr().out == ""
+    monkeypatch.setitem(sys.modules, "psutil", None)  # as if not installed: `import psutil` fails
+    assert not system_metrics(0.2)
+    assert "system metrics not logged: the psutil package is not installed" in capsys.readouterr().out
 
 
 def test_store_default_and_override(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ from eossl.streaming.storage import StorageOptions
 from eossl.streaming.views import ViewConfig
 
 from . import overrides as overrides_mod
-from .methods import get_method, method_names
+from .methods import config_defaults, method_names
 from .overrides import config_keys, read_yaml_overrides
 from .schedules import scaled_lr
 
@@ -270,6 +270,10 @@ class TrainConfig:
         seed: seed of everything (data order, augmentation, initialisation).
         log_every: steps between metric logs; ckpt_every: steps between checkpoints (0: only at the end).
         experiment: MLflow experiment name.
+        system_metrics_every_s: sample the machine every this many seconds into the MLflow run (MLflow's
+            system metrics: CPU, memory, disk, network, and GPU utilisation and memory, what a throughput
+            study wants; rank 0's node only). 0: off. Needs ``psutil``, GPU figures ``pynvml``
+            (``nvidia-ml-py``): without them the run says so and trains without (or without GPU figures).
         max_nonfinite_steps: stop with an error after this many consecutive non-finite losses (each is
             skipped on every rank, counted and logged as ``nonfinite_steps``).
     """
@@ -288,6 +292,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500
     experiment: str = "eossl"
+    system_metrics_every_s: float = 0.0
     max_nonfinite_steps: int = 20
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     moco: MoCoConfig = field(default_factory=MoCoConfig)
@@ -310,6 +315,10 @@ class TrainConfig:
             raise ValueError(f"optim.lr_scaling must be none, linear or sqrt, got {self.optim.lr_scaling!r}")
         if self.optim.schedule not in ("cosine", "constant"):
             raise ValueError(f"optim.schedule must be cosine or constant, got {self.optim.schedule!r}")
+        if not self.system_metrics_every_s >= 0:
+            raise ValueError(
+                f"system_metrics_every_s must be >= 0 (0: off), got {self.system_metrics_every_s}"
+            )
 
 
 # --- merging ----------------------------------------------------------------------------------------
@@ -330,7 +339,7 @@ def method_defaults(method: str) -> TrainConfig:
     config file or ``--set`` says otherwise."""
     if method not in method_names():
         raise ValueError(f"method must be one of {list(method_names())}, got {method!r}")
-    return apply_overrides(TrainConfig(method=method), get_method(method).config_defaults)
+    return apply_overrides(TrainConfig(method=method), config_defaults(method))
 
 
 def recipe_names() -> list[str]:

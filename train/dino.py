@@ -27,6 +27,7 @@ from .backbones import Encoder, build_encoder
 from .config import TrainConfig
 from .distributed import is_dist
 from .method import ClipFn, SSLMethod
+from .methods import CONFIG_DEFAULTS
 from .schedules import cosine_schedule
 
 __all__ = ["DINO", "DINOHead", "DINOLoss", "build_dino", "dino_schedules", "dino_views"]
@@ -175,22 +176,8 @@ class _Branch(nn.Module):
 class DINO(SSLMethod):
     """Student and EMA teacher on multi-crop views; only the ``n_global`` first views reach the teacher."""
 
-    # DINO's ViT-S/16 recipe on S1, applied over the dataclass defaults (which are MoCo's).
-    config_defaults: ClassVar[Mapping[str, Any]] = {
-        "backbone.name": "vit_small_patch16_224",
-        "optim.name": "adamw",
-        "optim.lr": 0.0005,
-        "optim.lr_scaling": "linear",
-        "optim.base_batch": 256,
-        "optim.weight_decay": 0.04,
-        "optim.warmup_epochs": 10,
-        "optim.min_lr": 1e-6,
-        "optim.clip_grad": 3.0,
-        "loader.mode": "multicrop",
-        "loader.sensors": "s1",
-        "epochs": 100,
-        "channels_last": False,
-    }
+    # DINO's ViT-S/16 recipe on S1, declared in the registry so that configs resolve without torch.
+    config_defaults: ClassVar[Mapping[str, Any]] = CONFIG_DEFAULTS["dino"]
 
     def __init__(self, encoder, cfg: TrainConfig, n_global: int, n_crops: int, teacher_encoder=None):
         """``teacher_encoder``: the same architecture as ``encoder`` built without drop-path (its weights

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 __all__ = [
     "all_gather_cat",
+    "all_gather_objects",
     "all_reduce_max",
     "all_reduce_min",
     "broadcast_",
@@ -40,6 +41,15 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order: ``[obj]`` without a process group."""
+    if not is_dist():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 @torch.no_grad()

@@ -20,7 +20,12 @@ __all__ = ["MODEL_CARD", "export_backbone", "read_model_card"]
 MODEL_CARD = "backbone/model_card.json"  # inside a run folder
 
 
-def export_backbone(encoder: Encoder, loader, cfg: TrainConfig, step: int, run_dir: Path) -> Path:
+def export_backbone(
+    encoder: Encoder, loader, cfg: TrainConfig, step: int, run_dir: Path, mlflow_run_id: str | None = None
+) -> Path:
+    """Write ``run_dir/backbone/``: weights, model card and README. ``mlflow_run_id`` is the pre-training
+    run's, recorded in the card so that an evaluation of this export (a copy, or a checkpoint exported by
+    evaluation, far from the run's checkpoints) still names and links the run it scores."""
     out = Path(run_dir) / "backbone"
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.backbone.state_dict().items()}
@@ -57,6 +62,7 @@ def export_backbone(encoder: Encoder, loader, cfg: TrainConfig, step: int, run_d
         "dataset_manifest_sha256": loader.manifest.get("manifest_sha256"),
         "steps": step,
         "feature_dim": encoder.feature_dim,
+        "mlflow_run_id": mlflow_run_id,
     }
     (out / "model_card.json").write_text(json.dumps(card, indent=1))
     lines = [

@@ -74,7 +74,6 @@ class _Meter:
     t_last: float = field(default_factory=time.perf_counter)
     nonfinite: int = 0
     consecutive: int = 0
-    replaced: int = 0  # this rank's samples skipped as corrupt since the process started
 
     def restart(self) -> None:
         self.wait, self.samples, self.t_last = 0.0, 0, time.perf_counter()
@@ -198,7 +197,6 @@ class _Run:
             if self._any_rank_failed(failure is not None):
                 self._data_unavailable(failure)
             self.meter.wait += time.perf_counter() - t0
-            self.meter.replaced += batch.substituted
             views = [v.to(self.acc.device, non_blocking=True) for v in batch.views]
             self.meter.samples += views[0].shape[0] * self.acc.num_processes
             yield views
@@ -317,8 +315,12 @@ class _Run:
 
     def _log_step(self, loss: float, logs: dict[str, torch.Tensor], values: dict[str, float]) -> None:
         """The loss every step; throughput, schedules and the method's logs every ``log_every`` steps."""
-        replaced = self.acc.reduce(torch.tensor(float(self.meter.replaced), device=self.acc.device), "sum")
-        logged: dict[str, float] = {"loss": loss, "replaced_samples": float(replaced)}  # every rank's total
+        # Every rank's total in the run, resumes included (the loader's counts are in the checkpoint).
+        substituted = torch.tensor(float(self.loader.substituted), device=self.acc.device)
+        logged: dict[str, float] = {
+            "loss": loss,
+            "replaced_samples": float(self.acc.reduce(substituted, "sum")),
+        }
         self.countdown.advance()
         if self.step % self.cfg.log_every == 0 or self.step == self.stop_step:
             meter = self.meter
@@ -412,7 +414,9 @@ class _Run:
         write_json_atomic(self.run_dir / "ranks" / f"rank-{acc.process_index}.json", digests)
         backbone_dir = None
         if self.main:
-            backbone_dir = export_backbone(method.backbone(), self.loader, self.cfg, self.step, self.run_dir)
+            backbone_dir = export_backbone(
+                method.backbone(), self.loader, self.cfg, self.step, self.run_dir, self.mlflow_run_id
+            )
             import mlflow
 
             mlflow.log_artifact(str(self.run_dir / "config.yaml"))

@@ -1,9 +1,10 @@
 """A run's whole state at a step: written by every rank into one atomic checkpoint, checked and restored
 on resume (see ``checkpoint`` for the files and their atomic publication).
 
-What a resume may change is explicit: the loop's ``max_steps``, ``ckpt_every``, ``log_every`` and
-``batch_size`` (with the world size, at the same global batch), plus the keys a method declares in
-``resume_may_change``. Everything else is in the config digest a checkpoint is checked against.
+What a resume may change is explicit: the loop's ``max_steps``, ``ckpt_every``, ``log_every``,
+``system_metrics_every_s`` and ``batch_size`` (with the world size, at the same global batch), plus the
+keys a method declares in ``resume_may_change``. Everything else is in the config digest a checkpoint is
+checked against.
 
 Where things are is not part of a run's identity: ``out`` and ``data`` (paths, URLs) are left out of the
 digest, and the dataset enters it by its content digest (the manifest's sha256) instead. A run folder can
@@ -35,11 +36,12 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .config import TrainConfig, flatten
+from .distributed import all_gather_objects
 
 __all__ = ["RESUME_MAY_CHANGE", "RunCheckpointer", "config_digest", "truncate_history"]
 
 # batch_size may change with the world size (elastic resume): the global batch is checked instead.
-RESUME_MAY_CHANGE = ("max_steps", "ckpt_every", "log_every", "batch_size")
+RESUME_MAY_CHANGE = ("max_steps", "ckpt_every", "log_every", "batch_size", "system_metrics_every_s")
 # Locations, not content: the dataset is identified by its manifest digest instead.
 LOCATIONS = ("out", "data")
 
@@ -99,6 +101,7 @@ class RunCheckpointer:
     def _write(self, staging: Path, step: int, method, optimizer, loader, mlflow_run_id) -> None:
         acc = self.acc
         save_tensor_file(rng_state(), staging / f"rng-rank{acc.process_index}.pt")
+        corrupt = all_gather_objects(loader.corrupt_state())  # every rank's skipped samples (a collective)
         acc.wait_for_everyone()
         if acc.is_main_process:
             save_tensor_file(method.state_dict(), staging / "model.pt")
@@ -111,6 +114,7 @@ class RunCheckpointer:
                     "step": step,
                     "epoch": loader.position.epoch,
                     "loader": loader.state_dict(),
+                    "replaced_samples": corrupt,  # one entry per rank
                     "mlflow_run_id": mlflow_run_id,
                     "world_size": acc.num_processes,
                     "global_batch": self.cfg.batch_size * acc.num_processes,
@@ -140,6 +144,8 @@ class RunCheckpointer:
         if rng_file.exists():
             load_rng_state(load_tensor_file(rng_file))
         loader.load_state_dict(trainer["loader"])
+        if "replaced_samples" in trainer:  # absent in checkpoints of older eossl: the counts restart
+            loader.load_corrupt_state(trainer["replaced_samples"])
         step = trainer["step"]
         if acc.is_main_process:
             truncate_history(self.run_dir / "history.jsonl", step)

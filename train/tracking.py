@@ -18,10 +18,13 @@ run is RUNNING again and its ``eossl.error`` tag is removed (the failure stays i
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
 import os
 import subprocess
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -41,6 +44,7 @@ __all__ = [
     "quiet_mlflow_logs",
     "relocate_local_store",
     "start_tracking",
+    "system_metrics",
 ]
 
 # MLflow's and its migration tool's INFO lines ("Creating initial MLflow database tables...") on a new store.
@@ -183,6 +187,49 @@ def relocate_local_store(database: Path) -> None:
             )
 
 
+def system_metrics(every_s: float) -> bool:
+    """Whether MLflow's system metrics can be logged every ``every_s`` seconds (0: not asked for).
+
+    MLflow samples with ``psutil`` (and refuses to start a run without it) and reads GPUs with ``pynvml``:
+    a missing package is said, never fatal, since the metrics are a help, not the run's purpose.
+    """
+    if every_s <= 0:
+        return False
+    if importlib.util.find_spec("psutil") is None:
+        print(
+            "system metrics not logged: the psutil package is not installed (pip install psutil)", flush=True
+        )
+        return False
+    if importlib.util.find_spec("pynvml") is None:
+        print(
+            "system metrics without GPU figures: the pynvml package is not installed "
+            "(pip install nvidia-ml-py); CPU, memory, disk and network are logged",
+            flush=True,
+        )
+    return True
+
+
+@contextlib.contextmanager
+def _system_metrics_env(every_s: float) -> Iterator[None]:
+    """MLflow's switches for the run started inside (its monitor reads them then), put back afterwards so
+    that no later run of this process, and no process it starts, inherits them."""
+    values = {
+        "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "true",
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": str(every_s),
+        "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1",
+    }
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def start_tracking(
     acc: Accelerator,
     cfg: TrainConfig,
@@ -212,7 +259,9 @@ def start_tracking(
     if run_id:
         init["run_id"] = run_id
     # A resumed run keeps the params logged at its start (MLflow refuses changed param values).
-    acc.init_trackers(cfg.experiment, config=None if resumed else params, init_kwargs={"mlflow": init})
+    sampled = acc.is_main_process and system_metrics(cfg.system_metrics_every_s)
+    with _system_metrics_env(cfg.system_metrics_every_s) if sampled else contextlib.nullcontext():
+        acc.init_trackers(cfg.experiment, config=None if resumed else params, init_kwargs={"mlflow": init})
     if not acc.is_main_process:
         return None
     run = mlflow.active_run()

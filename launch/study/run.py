@@ -27,10 +27,7 @@ import time
 import traceback
 from pathlib import Path
 
-from eossl.train.checkpoint import write_json_atomic
-from eossl.train.export import MODEL_CARD
 from eossl.train.preemption import DATA_UNAVAILABLE_EXIT_CODE, EXIT_FILE_ENV, PREEMPTED_EXIT_CODE
-from eossl.train.tracking import artifact_root
 
 from .config import Cell, StudyConfig
 
@@ -69,6 +66,14 @@ def _load_json(path: Path, default: dict) -> dict:
     return json.loads(path.read_text()) if path.exists() else default
 
 
+def write_json_atomic(path: Path, data: dict) -> None:
+    """``train.checkpoint.write_json_atomic``, imported on use: that module brings torch, which listing the
+    cells (``eossl study --list``) must not import."""
+    from eossl.train.checkpoint import write_json_atomic as write
+
+    write(path, data)
+
+
 def train_command(cfg: StudyConfig, cell: Cell) -> list[str]:
     """The ``eossl.train`` arguments of a cell (after ``python -m eossl.train`` or ``accelerate launch
     -m``)."""
@@ -101,6 +106,8 @@ class _Tracking:
 
     def __init__(self, cfg: StudyConfig):
         import mlflow
+
+        from eossl.train.tracking import artifact_root
 
         self.cfg = cfg
         self.uri = study_tracking_uri(cfg)
@@ -360,6 +367,8 @@ def _run_locked_cell(cfg: StudyConfig, cell: Cell, tracking: _Tracking, label: s
     state["run_id"] = tracking.cell_run(cell, state)
     state.pop("error", None)
     write_json_atomic(state_path, state)
+    from eossl.train.export import MODEL_CARD
+
     t0 = time.perf_counter()
     try:
         if not (folder / "run" / MODEL_CARD).exists():
