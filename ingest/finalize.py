@@ -199,6 +199,7 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
             out,
             shards,
             samples,
+            [w for r in records if r["shard"] is not None for w in r["members"]],
             extra,
             options["zarr_shard_samples"],
             workers,
