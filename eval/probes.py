@@ -1,4 +1,4 @@
-"""The three training regimes of an evaluation cell: linear probe, k-NN, fine-tuning.
+"""The three training regimes of an evaluation cell: linear probe, k-NN (``knn``), fine-tuning.
 
 Linear probe and k-NN work on features extracted once (the backbone is frozen: features are cached and
 the backbone's weights are checked unchanged afterwards). Fine-tuning trains every layer plus a linear
@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from eossl.train.progress import Countdown, log_line
 
 from .config import ProbeConfig
+from .knn import knn_scores
 from .models import EvalEncoder
 
 __all__ = ["ProbeConfig", "extract_features", "finetune", "knn_scores", "linear_probe"]
@@ -76,29 +77,6 @@ def linear_probe(
     with torch.no_grad():
         logits = head(xte)
         return (torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)).numpy()
-
-
-def knn_scores(
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    test_x: np.ndarray,
-    n_classes: int,
-    multilabel: bool,
-    cfg: ProbeConfig,
-) -> np.ndarray:
-    """Cosine k-NN with exp(sim / T) weights; scores are weighted label votes (rows sum to 1)."""
-    xtr = F.normalize(torch.from_numpy(train_x).float(), dim=1)
-    xte = F.normalize(torch.from_numpy(test_x).float(), dim=1)
-    k = min(cfg.knn_k, xtr.shape[0])
-    sim, idx = (xte @ xtr.T).topk(k, dim=1)
-    weights = (sim / cfg.knn_temperature).exp()
-    targets = (
-        torch.from_numpy(train_y).float()
-        if multilabel
-        else F.one_hot(torch.from_numpy(train_y).long(), n_classes).float()
-    )
-    votes = (weights[..., None] * targets[idx]).sum(1) / weights.sum(1, keepdim=True)
-    return votes.numpy()
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -318,6 +318,12 @@ def _run_merge(args: argparse.Namespace) -> int:
 def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help="dataset folder or URL")
     p.add_argument("--deep", action="store_true", help="also compare every array in the shards with Zarr")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="shards checked in parallel, one process each (each shard is read once; default 1)",
+    )
     p.set_defaults(handler=_run_verify)
 
 
@@ -330,7 +336,11 @@ def _run_verify(args: argparse.Namespace) -> int:
     root = DatasetRoot(args.dataset)
     if not root.exists(MANIFEST):  # not a dataset at all (exit 2), as opposed to a damaged one (exit 1)
         raise DatasetMissingError(missing_dataset_reason(root))
-    problems = verify(args.dataset, deep=args.deep)
+    if getattr(args, "workers", 1) < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    problems = verify(
+        args.dataset, deep=args.deep, **({"workers": args.workers} if "workers" in args else {})
+    )
     for p in problems:
         print(f"FAIL {p}")
     counted = f" ({len(problems)} problems)" if problems else ""

@@ -36,7 +36,7 @@ from .stats import BandStats, implausible_spread
 from .storage import DatasetRoot
 from .writer import IngestError
 
-__all__ = ["SPLIT_FILES", "eossl_version", "finalize", "merge"]
+__all__ = ["SPLIT_FILES", "eossl_version", "finalize", "merge", "remove_progress"]
 
 # The split written back out in the SEN12MS benchmark's own formats, so that a result on this dataset
 # names the same test patches as published ones (lists hold the samples the dataset has).
@@ -199,6 +199,7 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
             out,
             shards,
             samples,
+            [w for r in records if r["shard"] is not None for w in r["members"]],
             extra,
             options["zarr_shard_samples"],
             workers,
@@ -257,7 +258,18 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
     }
     manifest["manifest_sha256"] = manifest_digest(manifest)
     out.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
+    remove_progress(out)
     return manifest
+
+
+def remove_progress(out: DatasetRoot) -> None:
+    """Delete the unit records once the manifest is written: the dataset is final and nothing reads them.
+
+    They hold per-unit 65,536-bin histograms (~73 KB per sample, ~13 GB for all of SEN12MS), needed only
+    to resume or merge an unfinished ingest. A run killed between the manifest and this removal leaves
+    them behind; the next run of the same command (which finds the manifest) removes them.
+    """
+    out.remove(PROGRESS_DIR)
 
 
 def merge(dataset: str, workers: int | None = None, command: tuple[str, ...] = ()) -> dict:
@@ -266,6 +278,8 @@ def merge(dataset: str, workers: int | None = None, command: tuple[str, ...] = (
     ``workers`` defaults to :func:`~eossl.ingest.config.default_workers`, as for the ingest itself.
     """
     out = DatasetRoot(dataset)
+    if out.exists(MANIFEST) and not out.exists(f"{PROGRESS_DIR}/plan.json"):
+        raise IngestError(f"{out.path(MANIFEST)} exists: {out.url} is already a finished dataset")
     plan = _load_plan(out)
     parts = [json.loads(out.read_bytes(p)) for p in out.list(PROGRESS_DIR) if "/part-" in p]
     digests = {p["listing_sha256"] for p in parts} | {plan["listing_sha256"]}

@@ -43,7 +43,7 @@ REJECTS = "rejects.jsonl"
 SUBSETS = "subsets.json"
 SHARD_DIR = "shards"
 ZARR_DIR = "data.zarr"
-PROGRESS_DIR = "_progress"  # unit records of an unfinished ingest; kept afterwards for merge/verify
+PROGRESS_DIR = "_progress"  # unit records of an unfinished ingest (resume, merge); deleted once final
 
 # Arrays in the tar shards are stored channels-last (H, W, C): DALI's image operators work on HWC and a
 # transpose in the input pipeline costs ~3x (docs/FORMAT.md). The Zarr store keeps SEN12MS's (C, H, W).

@@ -6,6 +6,8 @@ Order of commits, which is what makes a kill at any moment safe:
   3. per part: ``part-i-of-N.json`` once all its units are committed.
   4. finalize (single run, or ``eossl ingest merge``): rejects.jsonl, subsets.json, data.zarr
      (block markers), and ``manifest.json`` last. Only a dataset with a manifest is complete.
+  5. ``_progress/`` is deleted: a final dataset needs none of it (a re-run checks its options against
+     the manifest instead).
 """
 
 from __future__ import annotations
@@ -147,6 +149,22 @@ def _check_plan(out: DatasetRoot, plan: dict) -> None:
         out.write_bytes(path, json.dumps(plan, sort_keys=True, indent=1).encode())
 
 
+def _check_final(out: DatasetRoot, plan: dict, manifest: dict) -> None:
+    """Refuse a re-run of a finished dataset with other options or another source listing."""
+    plan = json.loads(json.dumps(plan))
+    recorded = {
+        "listing_sha256": manifest["source_listing_sha256"],
+        "patches_found": manifest["counts"]["patches_found"],
+        "options": manifest["options"],
+    }
+    changed = sorted(k for k, v in recorded.items() if plan[k] != v)
+    if changed:
+        raise IngestError(
+            f"{out.path(MANIFEST)} records a finished ingest with different {', '.join(changed)}; "
+            "re-run with the original options or write to a new dataset folder"
+        )
+
+
 def _run_units(
     units: list[Unit], cfg: IngestConfig, by_scene: dict[str, str], by_key: dict[str, str], bar: tqdm
 ) -> None:
@@ -195,9 +213,13 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     if split_info["protocol"] == "patch_lists":
         # Only recorded for list splits, so plans of scene-split datasets read as they always did.
         plan["split_lists"] = split_info
-    _check_plan(out, plan)
-    if out.exists(MANIFEST) and cfg.part[1] == 1:
+    if out.exists(MANIFEST):
+        # A final dataset: its unit records (and plan.json) are gone; the manifest holds what they decided.
         manifest = read_manifest(out)
+        _check_final(out, plan, manifest)
+        from .finalize import remove_progress  # noqa: PLC0415 - keeps the unit writer import-light
+
+        remove_progress(out)  # left behind by a run killed right after writing the manifest
         c = manifest["counts"]
         return IngestSummary(
             c["patches_found"],
@@ -208,6 +230,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
             True,
             time.perf_counter() - t0,
         )
+    _check_plan(out, plan)
     for prefix in (PROGRESS_DIR, "shards", f"{PROGRESS_DIR}/staged-shards"):
         out.remove_stale_temporaries(prefix)
 

@@ -2,9 +2,10 @@
 
 The Zarr rows are the written samples in shard order, dense: a rejected patch leaves no hole, so
 ``data.zarr/s2[i]`` is always a real sample and ``key[i]`` names it. Because rejects are only known
-after reading, the store is filled from the finished shards (a local re-read of raw ``.npy`` members,
-cheap next to GeoTIFF decoding) one Zarr shard at a time: each Zarr shard has exactly one writer
-(concurrent writers corrupt a shard), and a marker per block makes the step resumable.
+after reading, the store is filled from the finished shards (a re-read of raw ``.npy`` members, cheap
+next to GeoTIFF decoding; only each member's own bytes, at the offsets the unit records hold, so no
+shard is read twice) one Zarr shard at a time: each Zarr shard has exactly one writer (concurrent
+writers corrupt a shard), and a marker per block makes the step resumable.
 """
 
 from __future__ import annotations
@@ -56,11 +57,29 @@ def _block_marker(block: int) -> str:
     return f"{PROGRESS_DIR}/zarr-block-{block:06d}.done"
 
 
-def _write_block(out_url: str, block: int, rows: tuple[int, int], sources: list[tuple[str, int, int]]) -> int:
-    """Fill rows [start, stop) of every data array from the shards that hold them.
+def _read_ranges(out: DatasetRoot, shard_path: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+    """The bytes of each (offset, size) range of one shard, read in offset order from one open file."""
+    opener = (
+        open(out.path(shard_path), "rb") if out.is_local else out.fs.open(f"{out.root}/{shard_path}", "rb")
+    )
+    got: dict[int, bytes] = {}
+    with opener as f:
+        for i in sorted(range(len(ranges)), key=lambda i: ranges[i][0]):
+            f.seek(ranges[i][0])
+            got[i] = f.read(ranges[i][1])
+    return [got[i] for i in range(len(ranges))]
+
+
+def _write_block(
+    out_url: str, block: int, rows: tuple[int, int], reads: list[tuple[str, list[tuple[int, str, int, int]]]]
+) -> int:
+    """Fill rows [start, stop) of every data array from the members that hold them.
+
+    Only the members' own bytes are read (their offsets come from the unit records), so a shard that
+    spans several blocks is not read again per block: each member is read once in the whole build.
 
     Args:
-        sources: (shard_path, first_row_of_shard, samples_in_shard) for the shards overlapping the rows.
+        reads: (shard_path, [(row, modality, offset, size), ...]) per shard holding some of the rows.
     """
     out = DatasetRoot(out_url)
     group = zarr.open_group(out.zarr_store(ZARR_DIR), mode="r+")
@@ -69,15 +88,15 @@ def _write_block(out_url: str, block: int, rows: tuple[int, int], sources: list[
         m: np.full((stop - start, *MODALITIES[m].shape_chw), MODALITIES[m].fill, dtype=MODALITIES[m].dtype)
         for m in MODALITIES
     }
-    for shard_path, first, _count in sources:
-        for offset, (_key, members) in enumerate(iter_shard_samples(out, shard_path)):
-            row = first + offset
-            if not start <= row < stop:
-                continue
-            for mod in MODALITIES:
-                data = members.get(f"{mod}.npy")
-                if data is not None:
-                    blocks[mod][row - start] = decode_member(data, "CHW")
+    for shard_path, members in reads:
+        datas = _read_ranges(out, shard_path, [(off, size) for _row, _mod, off, size in members])
+        for (row, mod, off, size), data in zip(members, datas, strict=True):
+            if len(data) != size:
+                raise IngestError(
+                    f"{out.path(shard_path)}: {size} bytes expected at offset {off}, {len(data)} read "
+                    "(the shard is shorter than its unit record says)"
+                )
+            blocks[mod][row - start] = decode_member(data, "CHW")
     for mod, data in blocks.items():
         group[mod][start:stop] = data
     out.write_bytes(_block_marker(block), b"")
@@ -173,6 +192,7 @@ def build_zarr(
     out: DatasetRoot,
     shards: list[dict],
     samples: list[dict],
+    members: list[dict[str, list[int]]],
     extra: dict[str, np.ndarray],
     shard_samples: int,
     workers: int,
@@ -180,12 +200,15 @@ def build_zarr(
 ) -> None:
     """Create (or resume) ``data.zarr`` with data arrays filled from ``shards`` and metadata arrays.
 
+    ``members`` holds, per sample in dataset order, member -> [offset, size, ...] of its data in its
+    shard (the unit records' ``members``).
+
     Raises:
         IngestError: a write failed (a full disk above all): names the store and the reason. Blocks already
             written are kept (their markers), so the same command finishes the store once there is space.
     """
     try:
-        _build_zarr(out, shards, samples, extra, shard_samples, workers, attrs)
+        _build_zarr(out, shards, samples, members, extra, shard_samples, workers, attrs)
     except Exception as exc:
         cause = _os_error(exc)
         if cause is None:
@@ -202,6 +225,7 @@ def _build_zarr(
     out: DatasetRoot,
     shards: list[dict],
     samples: list[dict],
+    members: list[dict[str, list[int]]],
     extra: dict[str, np.ndarray],
     shard_samples: int,
     workers: int,
@@ -230,18 +254,24 @@ def _build_zarr(
         {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "patch_size": PATCH_SIZE, **attrs}
     )
 
-    firsts = np.cumsum([0] + [s["samples"] for s in shards])
+    shard_of_row = np.repeat(np.arange(len(shards)), [s["samples"] for s in shards])
+    if len(shard_of_row) != n or len(members) != n:
+        raise IngestError(
+            f"{out.path(ZARR_DIR)}: {n} samples but {len(shard_of_row)} in the shards and "
+            f"{len(members)} member records"
+        )
     jobs = []
     for block, start in enumerate(range(0, n, shard_samples)):
         stop = min(start + shard_samples, n)
         if out.exists(_block_marker(block)):
             continue
-        sources = [
-            (s["path"], int(f), s["samples"])
-            for s, f in zip(shards, firsts[:-1], strict=True)
-            if f < stop and f + s["samples"] > start
-        ]
-        jobs.append((out.url, block, (start, stop), sources))
+        reads: dict[int, list[tuple[int, str, int, int]]] = {}
+        for row in range(start, stop):
+            for mod in MODALITIES:
+                where = members[row].get(mod)
+                if where is not None:
+                    reads.setdefault(int(shard_of_row[row]), []).append((row, mod, where[0], where[1]))
+        jobs.append((out.url, block, (start, stop), [(shards[i]["path"], r) for i, r in reads.items()]))
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             _write_block(*job)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,9 +26,10 @@ import numpy as np
 from eossl.ingest.bands import PATCH_SIZE
 from eossl.ingest.catalog import Catalog, member_crc32c
 from eossl.ingest.format import npy_view
-from eossl.ingest.integrity import read_catalog, read_manifest
+from eossl.ingest.integrity import read_manifest
 from eossl.ingest.storage import DatasetRoot
 
+from .node_catalog import attach, detach, node_catalog
 from .plan import EpochPlan, LoaderPosition, PlanConfig, rows_digest
 from .storage import CorruptShardError, ShardReader, StorageOptions
 from .views import ViewConfig, ViewSet
@@ -45,6 +46,7 @@ __all__ = [
     "SampleSource",
     "StreamingError",
     "dist_info",
+    "node_count",
     "select_rows",
 ]
 
@@ -134,6 +136,17 @@ class Batch:
     corrupt_shards: tuple[int, ...] = ()  # shard index of each replaced sample
 
 
+def node_count(world_size: int) -> int:
+    """Nodes of the job: ``WORLD_SIZE / LOCAL_WORLD_SIZE`` as torchrun and accelerate set them (1 alone).
+
+    Ranks are numbered node by node (rank = node * ranks_per_node + local rank), as those launchers do.
+    """
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or world_size)
+    if local < 1 or world_size % local:
+        raise ValueError(f"LOCAL_WORLD_SIZE={local} does not divide the world size {world_size}")
+    return world_size // local
+
+
 def dist_info() -> tuple[int, int]:
     """(rank, world size): torch.distributed when initialised, else RANK/WORLD_SIZE (set by launchers)."""
     import torch
@@ -203,7 +216,10 @@ class SampleSource:
         self._buffers: dict[tuple, np.ndarray] = {}
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_buffers": {}}
+        return detach({**self.__dict__, "_buffers": {}})  # the node's catalog maps travel as file names
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(attach(state))
 
     def plan(self, epoch: int) -> EpochPlan:
         if epoch not in self._plans:
@@ -343,9 +359,13 @@ class SSLLoader:
         self.world_size = w if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+        if cfg.plan.node_affinity:  # the plan shares the shards out over the launcher's nodes
+            cfg = replace(cfg, plan=replace(cfg.plan, nodes=node_count(self.world_size)))
+            self.cfg = cfg
         out = DatasetRoot(dataset)
         self.manifest = read_manifest(out)  # both checked against their recorded sha256
-        self.catalog = read_catalog(out, self.manifest)
+        # read once per node, mapped by every process (and pickled into reader processes as file names)
+        self.catalog = node_catalog(out, self.manifest, cfg.storage.cache_dir, cfg.storage.lock_timeout_s)
         self.views = ViewSet(cfg.views)
         self.rows = select_rows(self.catalog, cfg.split, self.views.sensors)[: cfg.max_samples]
         if len(self.rows) == 0:
@@ -391,6 +411,7 @@ class SSLLoader:
             "global_batch": self.global_batch,
             "seed": self.cfg.plan.seed,
             "rows_digest": rows_digest(self.rows),
+            **({"nodes": self.cfg.plan.nodes} if self.cfg.plan.node_affinity else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -401,6 +422,11 @@ class SSLLoader:
             )
         if state["rows_digest"] != rows_digest(self.rows) or state["seed"] != self.cfg.plan.seed:
             raise ValueError("cannot resume: the sample set or seed differs from the checkpoint's")
+        if self.cfg.plan.node_affinity and state.get("nodes", 1) != self.cfg.plan.nodes:
+            raise ValueError(
+                f"cannot resume: node_affinity shared the shards out over {state.get('nodes', 1)} nodes, "
+                f"now {self.cfg.plan.nodes} (resume on as many nodes, or turn node_affinity off)"
+            )
         self.position = LoaderPosition(state["epoch"], state["step"])
         self._close_iterator()
 

@@ -14,6 +14,17 @@ The global order of an epoch does not depend on the number of ranks or reader wo
 
 Only the global batch size ``G`` enters the order, so a run resumed on another number of ranks with the
 same ``G`` continues with exactly the samples it had not yet seen (elastic resume).
+
+**Node affinity** (``node_affinity``, for a node cache smaller than the dataset): without it every node
+reads a slice of every global batch, so over an epoch it touches nearly every shard and, with a cache
+that holds only part of the dataset, downloads nearly all of them again each epoch. With it the shards
+are shared out once over the ``nodes`` nodes (seeded by ``seed`` alone, balanced by sample count), and
+each node's ranks read only its own shards, every epoch, in an order of its own (steps 1-3 per node,
+drawn from ``rng(seed, epoch, node)``). Step ``k`` is then the concatenation over nodes of each node's
+``k``-th ``G/N`` samples, so ranks ``n*W/N .. (n+1)*W/N - 1`` (node ``n`` in launcher order) read node
+``n``'s shards only. Each node's stream is padded (or cut, ``drop_last``) to the same number of steps,
+so every rank still gets the same number of full batches. The order now depends on ``nodes``: a run
+resumes exactly on the same number of nodes (the loader refuses another).
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from functools import cached_property
 
 import numpy as np
 
-__all__ = ["EpochPlan", "PlanConfig", "LoaderPosition", "shuffled_stream"]
+__all__ = ["EpochPlan", "LoaderPosition", "PlanConfig", "node_of_shard", "shuffled_stream"]
 
 
 @dataclass(frozen=True)
@@ -37,12 +48,20 @@ class PlanConfig:
         shuffle_buffer: samples in the shuffle buffer. Larger mixes better; the working set of open shards
             grows with it (buffer / samples-per-shard + 1). 0 or 1 disables sample shuffling.
         drop_last: drop the last incomplete global batch instead of padding it.
+        node_affinity: give each node a fixed share of the shards (see the module docstring): turn it on
+            when the node cache (``storage.cache_bytes``) holds less than the dataset, so that each node
+            downloads its share once instead of nearly every shard every epoch. Samples mix within a
+            node's share only, and a resume needs the same number of nodes.
+        nodes: nodes sharing out the shards under ``node_affinity``; the loader sets it from the launcher
+            (``WORLD_SIZE / LOCAL_WORLD_SIZE``). Ignored without ``node_affinity``.
     """
 
     seed: int = 0
     shuffle_shards: bool = True
     shuffle_buffer: int = 2048
     drop_last: bool = False
+    node_affinity: bool = False
+    nodes: int = 1
 
 
 @dataclass(frozen=True)
@@ -56,9 +75,14 @@ class LoaderPosition:
         return asdict(self)
 
 
-def shuffled_stream(rows: np.ndarray, shards: np.ndarray, cfg: PlanConfig, epoch: int) -> np.ndarray:
-    """Steps 1-3: the epoch's global order of ``rows`` (dataset row ids), shard-local then buffer-shuffled."""
-    rng = np.random.default_rng([cfg.seed, epoch])
+def shuffled_stream(
+    rows: np.ndarray, shards: np.ndarray, cfg: PlanConfig, epoch: int, node: int | None = None
+) -> np.ndarray:
+    """Steps 1-3: the epoch's global order of ``rows`` (dataset row ids), shard-local then buffer-shuffled.
+
+    ``node``: the stream of one node's share under node affinity (its own random stream).
+    """
+    rng = np.random.default_rng([cfg.seed, epoch] if node is None else [cfg.seed, epoch, node])
     unique = np.unique(shards)
     order = rng.permutation(unique) if cfg.shuffle_shards else unique
     rank_of_shard = np.empty(int(unique.max()) + 1 if len(unique) else 0, dtype=np.int64)
@@ -75,6 +99,24 @@ def shuffled_stream(rows: np.ndarray, shards: np.ndarray, cfg: PlanConfig, epoch
         buffer[pick] = incoming
     out[len(stream) - size :] = rng.permutation(buffer)
     return out
+
+
+def node_of_shard(shards: np.ndarray, nodes: int, seed: int) -> dict[int, int]:
+    """The fixed share of the shards each node reads under node affinity: shard -> node.
+
+    The same for every epoch (it depends on ``seed`` only), so a node's cache keeps serving it. Shards
+    go, largest first (in a seeded order among equals), to the node with the fewest samples so far
+    (lowest node among equals): node sample counts differ by at most one shard's.
+    """
+    unique, counts = np.unique(shards, return_counts=True)
+    tiebreak = np.random.default_rng([seed, 0x5EED]).permutation(len(unique))
+    load = np.zeros(nodes, dtype=np.int64)
+    owner: dict[int, int] = {}
+    for i in np.lexsort((tiebreak, -counts)):
+        node = int(np.argmin(load))
+        owner[int(unique[i])] = node
+        load[node] += counts[i]
+    return owner
 
 
 @dataclass(frozen=True)
@@ -104,21 +146,66 @@ class EpochPlan:
             raise ValueError(
                 f"drop_last with {len(self.rows)} samples < global batch {self.global_batch}: no step"
             )
+        if self.affinity:
+            nodes = self.cfg.nodes
+            if self.global_batch % nodes:
+                raise ValueError(
+                    f"node_affinity: global batch {self.global_batch} is not divisible by {nodes} nodes"
+                )
+            if len(np.unique(self.shards)) < nodes:
+                raise ValueError(
+                    f"node_affinity: {len(np.unique(self.shards))} shards cannot be shared out over "
+                    f"{nodes} nodes"
+                )
+            if self.cfg.drop_last and min(map(len, self._node_rows)) < self.global_batch // nodes:
+                raise ValueError(
+                    f"drop_last: a node's share is smaller than its {self.global_batch // nodes} samples "
+                    "per step"
+                )
+
+    @property
+    def affinity(self) -> bool:
+        return self.cfg.node_affinity and self.cfg.nodes > 1
+
+    @cached_property
+    def _node_rows(self) -> list[np.ndarray]:
+        """Per node, the positions in ``rows`` of the samples of its shards."""
+        owner = node_of_shard(self.shards, self.cfg.nodes, self.cfg.seed)
+        lookup = np.zeros(int(self.shards.max()) + 1, dtype=np.int64)
+        lookup[list(owner)] = list(owner.values())
+        node = lookup[self.shards]
+        return [np.flatnonzero(node == n) for n in range(self.cfg.nodes)]
 
     @cached_property
     def order(self) -> np.ndarray:
         """The padded global sequence of row ids, length ``steps * global_batch``."""
-        base = shuffled_stream(self.rows, self.shards, self.cfg, self.epoch)
-        return np.resize(base, self.steps * self.global_batch)  # np.resize repeats from the start
+        if not self.affinity:
+            base = shuffled_stream(self.rows, self.shards, self.cfg, self.epoch)
+            return np.resize(base, self.steps * self.global_batch)  # np.resize repeats from the start
+        per_node = self.global_batch // self.cfg.nodes
+        streams = [
+            np.resize(
+                shuffled_stream(self.rows[pos], self.shards[pos], self.cfg, self.epoch, node=n),
+                self.steps * per_node,
+            )
+            for n, pos in enumerate(self._node_rows)
+        ]
+        # (nodes, steps, per_node) -> (steps, nodes, per_node): step k = every node's k-th slice in turn
+        return np.stack(streams).reshape(self.cfg.nodes, self.steps, per_node).transpose(1, 0, 2).ravel()
 
     @property
     def steps(self) -> int:
+        if self.affinity:
+            per_node = self.global_batch // self.cfg.nodes
+            counts = [len(pos) for pos in self._node_rows]
+            return min(counts) // per_node if self.cfg.drop_last else -(-max(counts) // per_node)
         n, g = len(self.rows), self.global_batch
         return n // g if self.cfg.drop_last else -(-n // g)
 
     @property
     def padding(self) -> int:
-        """Samples repeated at the end to fill the last global batch (0 with drop_last)."""
+        """Samples repeated at the end to fill the last global batch (0 with drop_last); with node
+        affinity, also those that fill the smaller nodes' shares up to the largest's steps."""
         return max(self.steps * self.global_batch - len(self.rows), 0)
 
     def local_batch(self, world_size: int) -> int:

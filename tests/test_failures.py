@@ -454,16 +454,16 @@ def test_resume_identity_is_the_dataset_content_not_its_location():
 
 
 @pytest.mark.slow
-def test_zarr_store_on_a_full_disk_fails_naming_the_store(dataset, tmp_path):
+def test_zarr_store_on_a_full_disk_fails_naming_the_store(synthetic_source, tmp_path):
+    from eossl.ingest.config import IngestConfig
     from eossl.ingest.finalize import finalize
     from eossl.ingest.storage import DatasetRoot
-    from eossl.ingest.writer import IngestError
+    from eossl.ingest.writer import IngestError, run_ingest
 
     with small_filesystem(tmp_path / "small", "400m") as small:
-        copy = Path(shutil.copytree(dataset, small / "ds"))
-        shutil.rmtree(copy / "data.zarr")
-        for marker in (copy / "_progress").glob("zarr-block-*"):
-            marker.unlink()
+        copy = small / "ds"
+        for part in ((0, 2), (1, 2)):  # every unit written, not finalized: what finalize starts from
+            run_ingest(IngestConfig(str(synthetic_source), str(copy), workers=1, part=part, progress=False))
         used = shutil.disk_usage(small).used
         _grow(small, f"{used // 1024 + 2048}k")  # 2 MB left: the Zarr store (~31 MB) does not fit
         with pytest.raises(IngestError, match=r"data\.zarr: writing the Zarr store failed: disk full"):

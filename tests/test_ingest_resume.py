@@ -69,6 +69,29 @@ def test_reference_dataset_is_consistent(reference):
     assert m["counts"]["samples_written"] == 30 and len(m["shards"]) == 30
     assert set(m["subsets"]["budgets"]) == {"budget_4_seed0", "budget_4_seed1"}
     assert verify(str(reference), deep=True) == []
+    assert not (reference / "_progress").exists()  # unit records (histograms) go once the dataset is final
+
+
+def _config(source: Path, out: Path, *extra: str):
+    import argparse
+
+    from eossl.ingest.cli import _ingest_config, add_ingest_arguments
+
+    parser = argparse.ArgumentParser()
+    add_ingest_arguments(parser)
+    return _ingest_config(parser.parse_args([str(source), str(out), "--no-progress", *extra]))
+
+
+def test_rerun_of_a_final_dataset_is_checked_against_its_manifest(source, reference, tmp_path):
+    from eossl.ingest.writer import IngestError, run_ingest
+
+    before = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()}
+    summary = run_ingest(_config(source, reference, "--workers", "1", *ONE_PER_SHARD))
+    assert summary.complete and summary.written == 30
+    assert {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()} == before  # nothing redone
+    with pytest.raises(IngestError, match=r"manifest\.json records a finished ingest with different options"):
+        run_ingest(_config(source, reference, *ONE_PER_SHARD[:-2], "--budget-seeds", "0"))
+    assert not (reference / "_progress").exists()
 
 
 @pytest.mark.slow
@@ -100,13 +123,17 @@ def test_resume_after_kill_finishes_without_redoing_units(source, reference, tmp
     for tar_path in (out / "shards").glob("*.tar"):  # every shard under its final name is whole
         with tarfile.open(tar_path) as tar:
             assert len(tar.getnames()) >= 2
-    committed = {p: p.stat().st_mtime_ns for p in (out / "_progress").glob("unit-*.json")}
-    assert 6 <= len(committed) < 30
+    records = list((out / "_progress").glob("unit-*.json"))
+    assert 6 <= len(records) < 30
+    # A redone unit rewrites its shard; the records themselves are gone once the dataset is final.
+    shards = [out / json.loads(p.read_text())["shard"]["path"] for p in records]
+    committed = {p: p.stat().st_mtime_ns for p in shards}
 
     proc = run_cli(*cmd[3:])
     assert "30 patches found, 30 written, 0 rejected" in proc.stdout
     for p, mtime in committed.items():
         assert p.stat().st_mtime_ns == mtime, f"{p.name} was redone"
+    assert not (out / "_progress").exists()
     assert not list(out.rglob(".*.tmp-*"))
     _same_dataset(out, reference)
     assert verify(str(out)) == []

@@ -100,3 +100,66 @@ def test_bad_plans_are_rejected():
         EpochPlan(rows[:0], shards[:0], PlanConfig(), 0, global_batch=8)
     with pytest.raises(IndexError):
         EpochPlan(rows, shards, PlanConfig(), 0, global_batch=8).batch(5, 0, 1)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_node_affinity_gives_each_node_a_fixed_share_with_equal_batches(drop_last):
+    """Ranks of node n read only node n's shards, the same shards every epoch; every rank gets the same
+    number of full batches; the epoch covers every sample (padding repeats a node's own samples)."""
+    rows, shards = _dataset(230, 10)  # 23 shards (the last of 10 samples too), 3 nodes x 2 ranks
+    nodes, world, per_rank = 3, 6, 4
+    cfg = PlanConfig(seed=3, shuffle_buffer=16, node_affinity=True, nodes=nodes, drop_last=drop_last)
+    shares = []
+    for epoch in range(3):
+        plan = EpochPlan(rows, shards, cfg, epoch, global_batch=per_rank * world)
+        per_node = []
+        for node in range(nodes):
+            ranks = range(node * world // nodes, (node + 1) * world // nodes)
+            batches = [plan.batch(s, r, world) for s in range(plan.steps) for r in ranks]
+            assert all(len(b) == per_rank for b in batches)
+            per_node.append(np.concatenate(batches))
+        node_shards = [set((shards[b]).tolist()) for b in per_node]
+        assert all(not (a & b) for i, a in enumerate(node_shards) for b in node_shards[i + 1 :])  # disjoint
+        shares.append(node_shards)
+        seen = np.concatenate(per_node)
+        if drop_last:
+            assert len(set(seen.tolist())) == len(seen)  # no repeats
+        else:
+            assert set(seen.tolist()) == set(rows.tolist())  # so padding repeats a node's own samples
+    assert shares[0] == shares[1] == shares[2]  # fixed across epochs: the node's cache keeps serving it
+    sizes = [10 * len(share) for share in shares[0]]
+    assert max(sizes) - min(sizes) <= 10  # balanced to within one shard
+
+
+def test_node_affinity_order_is_deterministic_and_differs_per_epoch():
+    rows, shards = _dataset(200, 10)
+    cfg = PlanConfig(seed=1, shuffle_buffer=8, node_affinity=True, nodes=2)
+    a = EpochPlan(rows, shards, cfg, 1, 8).order
+    assert np.array_equal(a, EpochPlan(rows, shards, cfg, 1, 8).order)  # exact resume: same (seed, epoch, N)
+    assert not np.array_equal(a, EpochPlan(rows, shards, cfg, 2, 8).order)
+    # one node, or affinity off: exactly today's plan
+    plain = EpochPlan(rows, shards, PlanConfig(seed=1, shuffle_buffer=8), 1, 8).order
+    one = PlanConfig(seed=1, shuffle_buffer=8, node_affinity=True, nodes=1)
+    assert np.array_equal(plain, EpochPlan(rows, shards, one, 1, 8).order)
+    with pytest.raises(ValueError, match="not divisible by 3 nodes"):
+        EpochPlan(rows, shards, PlanConfig(node_affinity=True, nodes=3), 0, 8)
+    with pytest.raises(ValueError, match="cannot be shared out"):
+        EpochPlan(rows[:10], shards[:10], PlanConfig(node_affinity=True, nodes=2), 0, 8)
+
+
+def test_node_traffic_with_affinity_fetches_each_share_once():
+    from eossl.streaming.node_traffic import TrafficModel, node_fetches
+
+    model = TrafficModel(
+        shard_samples=(20,) * 40,
+        shard_bytes=100,
+        nodes=4,
+        ranks_per_node=2,
+        batch_size=5,
+        cache_bytes=100 * 12,  # 12 of 40 shards: more than a node's share (10), far less than the dataset
+    )
+    plain = node_fetches(model, PlanConfig(seed=0, shuffle_buffer=64), epochs=3)
+    affine = node_fetches(model, PlanConfig(seed=0, shuffle_buffer=64, node_affinity=True), epochs=3)
+    assert plain.shape == affine.shape == (3, 4)
+    assert (affine[0] == 1000).all() and (affine[1:] == 0).all()  # its 10 shards once, then from cache
+    assert (plain[1:] >= 3000).all()  # without it: most of the 40 shards again every epoch

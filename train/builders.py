@@ -63,7 +63,7 @@ def loader_config(cfg: TrainConfig, views: ViewConfig) -> LoaderConfig:
         workers=lc.workers,
         on_corrupt=lc.on_corrupt,
         max_corrupt_fraction=lc.max_corrupt_fraction,
-        plan=PlanConfig(seed=cfg.seed, shuffle_buffer=lc.shuffle_buffer),
+        plan=PlanConfig(seed=cfg.seed, shuffle_buffer=lc.shuffle_buffer, node_affinity=lc.node_affinity),
         storage=StorageOptions(
             cache_dir=lc.cache_dir,
             cache_bytes=int(lc.cache_gb * 2**30),

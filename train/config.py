@@ -199,6 +199,9 @@ class DataConfig:
         split: which split to train on (train, test, all).
         workers, threads: reader processes and DALI threads per rank.
         shuffle_buffer: samples in the shuffle buffer.
+        node_affinity: each node reads a fixed share of the shards every epoch: turn on when ``cache_gb``
+            is smaller than the dataset on several nodes (each node then downloads only its share once;
+            samples mix within a share; resume needs the same number of nodes). docs/SCALING.md.
         cache_dir: node-local cache for remote shards (shared by the node's ranks and workers).
         cache_gb: bound on the cache (least recently used shards are evicted); size it to hold at least
             the shards of a few steps of every rank on the node (docs/SCALING.md).
@@ -222,6 +225,7 @@ class DataConfig:
     workers: int = LoaderConfig.workers
     threads: int = LoaderConfig.num_threads
     shuffle_buffer: int = PlanConfig.shuffle_buffer
+    node_affinity: bool = PlanConfig.node_affinity
     cache_dir: str | None = StorageOptions.cache_dir
     cache_gb: float = StorageOptions.cache_bytes / 2**30
     retries: int = StorageOptions.retries
