@@ -3,8 +3,9 @@
 Checks, in order of cost: the manifest parses and matches its ``manifest_sha256``, counts add up
 (found = written + rejected); every listed shard exists with its size and sha256 and no unlisted shard lies
 beside them; the shards' sample keys, in order, are the Zarr ``key`` array and their modality members match
-the ``has_*`` flags; with ``deep=True`` every array in the shards equals its Zarr row bit for bit. Last, every
-band the manifest flags for an implausible spread is reported: the dataset is whole, but unfit to train on.
+the ``has_*`` flags; every DALI index file matches its sha256; with ``deep=True`` every array in the shards
+equals its Zarr row bit for bit and every index file the catalog's offsets. Last, every band the manifest
+flags for an implausible spread is reported: the dataset is whole, but unfit to train on.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import numpy as np
 
 from .bands import MODALITIES
+from .dali_index import index_text_from_catalog
 from .format import (
     CATALOG,
     MANIFEST,
@@ -75,6 +77,37 @@ def _check_catalog(out: DatasetRoot, manifest: dict, shard_keys: list[str], deep
                 problems.append(
                     f"{CATALOG}: {catalog.key[i]}.{member} offset does not point at its data in {path}"
                 )
+    return problems
+
+
+def _check_dali_indexes(out: DatasetRoot, manifest: dict, deep: bool) -> list[str]:
+    """Every DALI index file the manifest lists exists with its sha256 and size, none lies unlisted
+    beside the shards, and with ``deep`` each equals the index rebuilt from the catalog's offsets."""
+    problems = []
+    shards = manifest["shards"]
+    listed = {s["dali_index"]["path"] for s in shards if s.get("dali_index")}
+    extra = sorted(set(p for p in out.list(SHARD_DIR) if p.endswith(".idx")) - listed)
+    if extra:
+        problems.append(f"DALI index files not listed in the manifest: {', '.join(extra[:5])}")
+    catalog = None
+    if deep and listed and out.exists(CATALOG):
+        try:
+            catalog = read_catalog(out, manifest)
+        except DatasetCorruptError:
+            catalog = None  # reported by the catalog check
+    for number, shard in enumerate(shards):
+        entry = shard.get("dali_index")
+        if not entry:
+            continue  # written before eossl wrote index files
+        path = entry["path"]
+        if not out.exists(path):
+            problems.append(f"{out.path(path)} missing (DALI index of {shard['path']})")
+            continue
+        data = out.read_bytes(path)
+        if hashlib.sha256(data).hexdigest() != entry["sha256"] or len(data) != entry["bytes"]:
+            problems.append(f"{out.path(path)}: sha256/size differ from the manifest (corrupt or replaced)")
+        elif catalog is not None and data != index_text_from_catalog(catalog, number):
+            problems.append(f"{out.path(path)}: its offsets differ from {CATALOG}'s for {shard['path']}")
     return problems
 
 
@@ -151,6 +184,7 @@ def verify(dataset: str, deep: bool = False) -> list[str]:
         if len(set(shard_keys)) != len(shard_keys):
             problems.append("duplicate sample keys across shards")
         problems += _check_catalog(out, manifest, shard_keys, deep)
+        problems += _check_dali_indexes(out, manifest, deep)
 
     if "zarr" in formats:
         try:
