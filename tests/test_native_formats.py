@@ -20,6 +20,7 @@ from eossl.ingest.read import ReadOptions
 from eossl.ingest.storage import DatasetRoot
 from eossl.ingest.verify import verify
 from eossl.ingest.writer import run_ingest
+from eossl.ingest.zarr_store import COORDINATES
 
 
 def _open_without_warnings(url: str, **kwargs):
@@ -141,11 +142,27 @@ def test_verify_reports_a_damaged_missing_or_stray_index_file(copy_of_dataset):
     assert any("shards/stray.idx" in p and "not listed" in p for p in problems), problems
 
 
-def test_a_manifest_without_index_entries_still_reads_and_says_how_to_make_them(dataset):
-    manifest = read_manifest(DatasetRoot(str(dataset)))
-    older = {
-        **manifest,
-        "shards": [{k: v for k, v in s.items() if k != "dali_index"} for s in manifest["shards"]],
-    }
+def test_a_dataset_written_without_coordinates_consolidation_or_index_files_still_reads(copy_of_dataset):
+    """What an earlier eossl wrote (same format version): every eossl reader and verify accept it."""
+    import shutil
+
+    from eossl.ingest.integrity import manifest_digest
+    from eossl.streaming import InputSpec, ZarrPatchDataset
+
+    ds = copy_of_dataset
+    root = json.loads((ds / "data.zarr" / "zarr.json").read_text())
+    del root["consolidated_metadata"]
+    (ds / "data.zarr" / "zarr.json").write_text(json.dumps(root))
+    for name in COORDINATES:
+        shutil.rmtree(ds / "data.zarr" / name)
+    manifest = json.loads((ds / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        (ds / shard.pop("dali_index")["path"]).unlink()
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+
+    assert verify(str(ds), deep=True) == []
+    patches = ZarrPatchDataset(str(ds), InputSpec(sensors=("s2",)), rows="test")
+    assert patches[0]["x"].shape == (10, 256, 256)
     with pytest.raises(FileNotFoundError, match="wds2idx"):
-        webdataset_files(str(dataset), older)
+        webdataset_files(str(ds), manifest)
