@@ -79,7 +79,7 @@ test: install
 
 # The formatter keeps every line within the configured 110 characters; the linter catches what it cannot
 # (long strings and comments, unused names, import order).
-LINT_DIRS = ingest streaming train eval launch tests
+LINT_DIRS = eossl ingest streaming train eval launch tests examples
 
 lint: install
 	$(VENV)/bin/ruff format --check $(LINT_DIRS)

@@ -18,6 +18,7 @@ import numpy as np
 from .bands import IGBP_CLASSES, IGBP_SIMPLE_CLASSES
 from .catalog import build_catalog
 from .config import default_workers
+from .dali_index import index_path, index_text
 from .format import (
     CATALOG,
     FORMAT_NAME,
@@ -159,6 +160,20 @@ def _split_summary(plan: dict, split_opts: dict, files: dict[str, str]) -> dict:
     }
 
 
+def _write_dali_indexes(out: DatasetRoot, records: list[dict]) -> None:
+    """One DALI index file per shard, from the member offsets of the unit records; each shard entry
+    of the manifest gets ``dali_index`` (path, sha256, bytes), so the manifest's digest covers them."""
+    for record in records:
+        shard = record["shard"]
+        if shard is None:
+            continue
+        keys = [meta["key"] for meta in record["samples"]]
+        data = index_text(zip(keys, record["members"], strict=True))
+        path = index_path(shard["path"])
+        out.write_bytes(path, data)
+        shard["dali_index"] = {"path": path, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
 def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str]) -> dict:
     """Write rejects, subsets, Zarr and manifest from the unit records; returns the manifest."""
     from .zarr_store import build_zarr  # noqa: PLC0415 - zarr is only needed here
@@ -210,6 +225,7 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
         data = build_catalog(records).to_bytes()
         out.write_bytes(CATALOG, data)
         catalog = {"path": CATALOG, "sha256": hashlib.sha256(data).hexdigest()}
+        _write_dali_indexes(out, records)
     else:
         out.remove(f"{PROGRESS_DIR}/staged-shards")
         shards = []

@@ -32,6 +32,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "eossl-sen12ms"
+# Additions a version-1 reader does not need (the Zarr coordinate arrays and consolidated metadata, the
+# DALI index files beside the shards) keep the version: datasets written with and without them read alike.
+# A change to bytes a reader interprets (encoding, layout, catalog fields it relies on) is a new version.
 FORMAT_VERSION = 1
 # Versions this code reads. A reader refuses any other: a dataset written by a newer eossl may lay out its
 # bytes differently, and reading it as this version would train on wrong data without an error.

@@ -3,9 +3,10 @@
 Checks, in order of cost: the manifest parses and matches its ``manifest_sha256``, counts add up
 (found = written + rejected); every listed shard exists with its size and sha256 and no unlisted shard lies
 beside them; the shards' sample keys, in order, are the Zarr ``key`` array and their modality members match
-the ``has_*`` flags; with ``deep=True`` every member the catalog records has its recorded offset and CRC-32C
-(a damaged member is named by shard, sample and member, even in a shard whose sha256 already differs) and
-every array in the shards equals its Zarr row bit for bit. Last, every band the manifest flags for an
+the ``has_*`` flags; every DALI index file matches its sha256; with ``deep=True`` every member the catalog
+records has its recorded offset and CRC-32C (a damaged member is named by shard, sample and member, even in
+a shard whose sha256 already differs), every array in the shards equals its Zarr row bit for bit and every
+index file equals the one rebuilt from the catalog's offsets. Last, every band the manifest flags for an
 implausible spread is reported: the dataset is whole, but unfit to train on."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from .bands import MODALITIES
 from .catalog import member_crc32c
+from .dali_index import index_text_from_catalog
 from .format import (
     CATALOG,
     MANIFEST,
@@ -188,6 +190,32 @@ def _member_checks(
     return problems, damaged
 
 
+def _check_dali_indexes(out: DatasetRoot, manifest: dict, catalog, deep: bool) -> list[str]:
+    """Every DALI index file the manifest lists exists with its sha256 and size, none lies unlisted
+    beside the shards, and with ``deep`` each equals the index rebuilt from the catalog's offsets."""
+    problems = []
+    shards = manifest["shards"]
+    listed = {s["dali_index"]["path"] for s in shards if s.get("dali_index")}
+    extra = sorted(set(p for p in out.list(SHARD_DIR) if p.endswith(".idx")) - listed)
+    if extra:
+        problems.append(f"DALI index files not listed in the manifest: {', '.join(extra[:5])}")
+    catalog = catalog if deep else None  # an unreadable catalog (None) is reported by the catalog check
+    for number, shard in enumerate(shards):
+        entry = shard.get("dali_index")
+        if not entry:
+            continue  # written before eossl wrote index files
+        path = entry["path"]
+        if not out.exists(path):
+            problems.append(f"{out.path(path)} missing (DALI index of {shard['path']})")
+            continue
+        data = out.read_bytes(path)
+        if hashlib.sha256(data).hexdigest() != entry["sha256"] or len(data) != entry["bytes"]:
+            problems.append(f"{out.path(path)}: sha256/size differ from the manifest (corrupt or replaced)")
+        elif catalog is not None and data != index_text_from_catalog(catalog, number):
+            problems.append(f"{out.path(path)}: its offsets differ from {CATALOG}'s for {shard['path']}")
+    return problems
+
+
 def _sample_version_problem(shard: str, key: str, members: dict[str, bytes]) -> str | None:
     """A shard sample whose JSON member records a format version this code does not read, or None."""
     try:
@@ -271,6 +299,7 @@ def verify(dataset: str, deep: bool = False, workers: int = 1) -> list[str]:
         problems += catalog_problems
         if catalog is not None and catalog.key.tolist() != shard_keys:
             problems.append(f"{CATALOG} keys differ from the shards' keys")
+        problems += _check_dali_indexes(out, manifest, catalog, deep)
 
     problems += zarr_problems
     if group is not None and "wds" in formats and not problems:

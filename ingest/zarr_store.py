@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import tarfile
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
@@ -24,7 +25,11 @@ from .format import FORMAT_NAME, FORMAT_VERSION, PROGRESS_DIR, ZARR_DIR, decode_
 from .storage import DatasetRoot
 from .writer import IngestError
 
-__all__ = ["build_zarr", "iter_shard_samples"]
+__all__ = ["COORDINATES", "build_zarr", "consolidate", "iter_shard_samples", "write_coordinates"]
+
+# Coordinate arrays: an array named after its dimension is that dimension's index in xarray, so
+# ``xr.open_zarr(path).s2.sel(s2_band="B4")`` and ``.sel(sample=KEY)`` select by name with no eossl code.
+COORDINATES = ("sample", *(f"{m}_band" for m in MODALITIES), "igbp", "igbp_simple", "coef")
 
 # zstd + bitshuffle halves S2 and shrinks S1 by a quarter (measured, docs/FORMAT.md); Zarr serves
 # random access for evaluation, where size on disk matters more than decode speed.
@@ -82,7 +87,7 @@ def _write_block(
         reads: (shard_path, [(row, modality, offset, size), ...]) per shard holding some of the rows.
     """
     out = DatasetRoot(out_url)
-    group = zarr.open_group(out.zarr_store(ZARR_DIR), mode="r+")
+    group = zarr.open_group(out.zarr_store(ZARR_DIR), mode="r+", use_consolidated=False)
     start, stop = rows
     blocks = {
         m: np.full((stop - start, *MODALITIES[m].shape_chw), MODALITIES[m].fill, dtype=MODALITIES[m].dtype)
@@ -177,6 +182,31 @@ def write_metadata_arrays(group: zarr.Group, samples: list[dict], extra: dict[st
         _create(group, name, values, ("sample",) if values.ndim == 1 else ("sample", "index"))
 
 
+def write_coordinates(group: zarr.Group, keys: np.ndarray) -> None:
+    """The coordinate arrays (``COORDINATES``): sample keys, band names, the class names of the
+    multi-label and fraction arrays' second dimension and the names of the affine coefficients."""
+    _create(group, "sample", keys, ("sample",), description="sample key (the same as `key`)")
+    for mod, m in MODALITIES.items():
+        _create(group, f"{mod}_band", np.array(m.bands, dtype=str), (f"{mod}_band",))
+    for scheme, classes in (("igbp", IGBP_CLASSES), ("igbp_simple", IGBP_SIMPLE_CLASSES)):
+        _create(group, scheme, np.array(list(classes), dtype=str), (scheme,))
+    _create(group, "coef", np.array(list("abcdef"), dtype=str), ("coef",), description="affine coefficient")
+
+
+def consolidate(store) -> None:
+    """Write the group's consolidated metadata (every array's metadata in the root ``zarr.json``).
+
+    One read opens the whole store instead of one per array (dozens of GETs on object storage), and
+    ``xarray.open_zarr`` opens it without its warning about missing consolidated metadata. Written last,
+    after every array and attribute, so it never lags the arrays it describes.
+    """
+    with warnings.catch_warnings():
+        # zarr warns that consolidated metadata is not yet part of the Zarr v3 specification; zarr and
+        # xarray read it, and a reader that ignores it reads the arrays' own metadata.
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        zarr.consolidate_metadata(store)
+
+
 def _os_error(exc: BaseException | None) -> OSError | None:
     """The first ``OSError`` in an exception's chain (zarr and process pools wrap the failed write)."""
     seen = set()
@@ -233,7 +263,8 @@ def _build_zarr(
 ) -> None:
     n = len(samples)
     store = out.zarr_store(ZARR_DIR)
-    group = zarr.open_group(store, mode="a", zarr_format=3)
+    # Not through consolidated metadata: a resumed build re-creates arrays, which would make it stale.
+    group = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
     for mod, m in MODALITIES.items():
         existing = group.get(mod)
         if existing is not None and existing.shape == (n, *m.shape_chw):
@@ -250,6 +281,7 @@ def _build_zarr(
             overwrite=True,
         ).attrs.update({"bands": list(m.bands), "unit": m.unit, "layout": "CHW"})
     write_metadata_arrays(group, samples, extra)
+    write_coordinates(group, np.array([s["key"] for s in samples], dtype=str) if n else np.zeros(0, str))
     group.attrs.update(
         {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "patch_size": PATCH_SIZE, **attrs}
     )
@@ -275,7 +307,8 @@ def _build_zarr(
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             _write_block(*job)
-        return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        for fut in [pool.submit(_write_block, *job) for job in jobs]:
-            fut.result()
+    else:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            for fut in [pool.submit(_write_block, *job) for job in jobs]:
+                fut.result()
+    consolidate(store)

@@ -1,1 +1,60 @@
-"""eossl.streaming."""
+"""eossl.streaming: augmented batches for pre-training and labelled patches for evaluation.
+
+Augmented views from the WebDataset shards (NVIDIA DALI, GPU or CPU)::
+
+    from eossl.streaming import LoaderConfig, SSLLoader, ViewConfig
+
+    loader = SSLLoader("dataset", LoaderConfig(batch_size=64, views=ViewConfig(mode="pair")))
+    batch = next(iter(loader))  # batch.views: two (64, C, 224, 224) float32 tensors
+
+Labelled patches from the Zarr store (a map-style torch ``Dataset``)::
+
+    from eossl.streaming import InputSpec, ZarrPatchDataset
+
+    patches = ZarrPatchDataset("dataset", InputSpec(sensors=("s2",)), rows="test")
+    item = patches[0]  # {"x": (10, 256, 256) standardised, "y": class index, "key", "row"}
+
+``TorchGeoStyleDataset`` gives the same patches as torchgeo's sample dicts (``image``, ``label``, ``mask``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public name -> the module that defines it. Imported on first use (PEP 562), so importing the package
+# costs nothing (torch, DALI and zarr load with the first name that needs them).
+_EXPORTS: dict[str, str] = {
+    "Batch": "loader",
+    "CorruptDataError": "loader",
+    "LoaderConfig": "loader",
+    "SSLLoader": "loader",
+    "LABEL_SCHEMES": "zarr_dataset",
+    "ZarrPatchDataset": "zarr_dataset",
+    "resolve_rows": "zarr_dataset",
+    "TorchGeoStyleDataset": "torchgeo_style",
+    "S2_BAND_SETS": "inputs",
+    "InputSpec": "inputs",
+    "parse_sensors": "inputs",
+    "MODES": "views",
+    "ViewConfig": "views",
+    "PRESETS": "augment",
+    "AugmentConfig": "augment",
+    "preset": "augment",
+    "PlanConfig": "plan",
+    "StorageOptions": "storage",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -306,6 +306,8 @@ def test_segment_cli_tables_mlflow_figures_and_georeferenced_maps(
         assert _read_csv(report / "results.csv") == _read_csv(out / "results.csv")  # rebuilt from MLflow only
         return
     assert len(maps) == n_test
+    vrts = sorted(p.stem for p in (out / "cells" / "dino__s1" / "maps").glob("*.vrt"))
+    assert vrts == sorted({p.stem.rsplit("_p", 1)[0] for p in maps})  # one mosaic per hold-out scene
     group = zarr.open_group(str(dataset / "data.zarr"), mode="r")
     row_of = {str(k): i for i, k in enumerate(group["key"][:])}
     codes = set(label_scheme("igbp_simple").codes)

@@ -210,7 +210,7 @@ def test_the_wheel_carries_the_study_files_and_kits(tmp_path):
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(REPO / name, src / name)
-    for folder in ("ingest", "streaming", "train", "eval", "launch"):
+    for folder in ("eossl", "ingest", "streaming", "train", "eval", "launch"):
         shutil.copytree(REPO / folder, src / folder, ignore=ignore)
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "."],
@@ -225,3 +225,4 @@ def test_the_wheel_carries_the_study_files_and_kits(tmp_path):
     for study in (REPO / "launch" / "studies").glob("*.yaml"):
         assert f"eossl/launch/studies/{study.name}" in names
     assert "eossl/launch/kits/node.sh" in names
+    assert "eossl/__init__.py" in names and "eossl/streaming/torchgeo_style.py" in names

@@ -10,6 +10,7 @@ and transform, so it overlays the SEN12MS files it was predicted from.
 from __future__ import annotations
 
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import numpy as np
 import zarr
@@ -20,7 +21,14 @@ from eossl.ingest.storage import DatasetRoot
 from ..attention.figure import LC_COLOURS, s1_composite, s2_true_colour
 from .data import IGNORE_INDEX, LabelScheme
 
-__all__ = ["class_colours", "plot_predictions", "write_map_geotiff"]
+__all__ = [
+    "class_colours",
+    "map_colormap",
+    "map_description",
+    "plot_predictions",
+    "write_map_geotiff",
+    "write_scene_mosaics",
+]
 
 _IGNORED = (
     "#000000"  # ignored reference pixels: black, as "no data" in the land-cover panels of eossl attention
@@ -118,10 +126,30 @@ def plot_predictions(
     return path
 
 
+def map_colormap(scheme: LabelScheme) -> dict[int, tuple[int, int, int, int]]:
+    """Stored code -> RGBA for the GeoTIFF colour table: the class colours of the figures, 0 (nodata)
+    transparent. Every one of the 256 entries is given, as GDAL's palette has them."""
+    from matplotlib.colors import to_rgb
+
+    table = {code: (0, 0, 0, 0) for code in range(256)}
+    for code, colour in zip(scheme.codes, class_colours(scheme), strict=True):
+        table[int(code)] = (*(round(255 * v) for v in to_rgb(colour)), 255)
+    return table
+
+
+def map_description(scheme: LabelScheme) -> str:
+    """The band description GIS shows for a predicted map: what the values are."""
+    return f"predicted {scheme.name} class code (0 = nodata)"
+
+
 def write_map_geotiff(
     path: Path, pred: np.ndarray, scheme: LabelScheme, crs: str, transform: tuple[float, ...]
 ) -> Path:
-    """Predicted class indices (H, W) -> a single-band uint8 GeoTIFF of the scheme's codes, nodata 0."""
+    """Predicted class indices (H, W) -> a single-band uint8 GeoTIFF of the scheme's codes, nodata 0.
+
+    The band carries a colour table (the figures' class colours; QGIS and GDAL draw it as a paletted
+    raster) and a description, so the map opens in colour with no style file.
+    """
     import rasterio
     from rasterio.transform import Affine
 
@@ -142,8 +170,98 @@ def write_map_geotiff(
         nodata=0,
     ) as ds:
         ds.write(data[None])
+        ds.write_colormap(1, map_colormap(scheme))
+        ds.set_band_description(1, map_description(scheme))
         ds.update_tags(
             label_scheme=scheme.name,
             classes="; ".join(f"{c}={n}" for c, n in zip(scheme.codes, scheme.classes, strict=True)),
         )
     return path
+
+
+def _scene_of(key: str) -> str:
+    """``ROIs1158_spring_1_p30`` -> ``ROIs1158_spring_1`` (sample keys end in ``_p<patch>``)."""
+    scene, sep, patch = key.rpartition("_p")
+    if not sep or not patch.isdigit():
+        raise ValueError(f"{key!r} is not a sample key (<ROI>_<season>_<scene>_p<patch>)")
+    return scene
+
+
+def _offset(value: float, origin: float, step: float, path: Path) -> int:
+    pixels = (value - origin) / step
+    if abs(pixels - round(pixels)) > 1e-6:
+        raise ValueError(f"{path}: not on the pixel grid of the scene's other patches ({pixels} pixels)")
+    return round(pixels)
+
+
+def _vrt_xml(paths: list[Path]) -> str:
+    """A VRT (beside the files) mosaicking single-band uint8 GeoTIFFs on one north-up grid; later
+    patches lie on top where they overlap, their nodata (0) letting the ones below show."""
+    import rasterio
+
+    infos = []
+    for path in paths:
+        with rasterio.open(path) as ds:
+            infos.append(
+                (path, ds.width, ds.height, ds.transform, ds.crs, ds.colormap(1), ds.descriptions[0])
+            )
+    _, _, _, t0, crs0, colormap, description = infos[0]
+    for path, _w, _h, t, crs, _c, _d in infos:
+        if crs != crs0 or (t.a, t.b, t.d, t.e) != (t0.a, t0.b, t0.d, t0.e) or t.b or t.d:
+            raise ValueError(
+                f"{path}: CRS or pixel size differs from {infos[0][0]} (or the grid is rotated); "
+                "the patches of one scene share one north-up grid"
+            )
+    left = min(i[3].c for i in infos)
+    top = max(i[3].f for i in infos)
+    places = [
+        (path, w, h, _offset(t.c, left, t0.a, path), _offset(t.f, top, t0.e, path))
+        for path, w, h, t, *_ in infos
+    ]
+    width = max(x + w for _p, w, _h, x, _y in places)
+    height = max(y + h for _p, _w, h, _x, y in places)
+    entries = "".join(
+        '      <Entry c1="{}" c2="{}" c3="{}" c4="{}"/>\n'.format(*colormap[i]) for i in range(256)
+    )
+    sources = "".join(
+        "    <ComplexSource>\n"
+        f'      <SourceFilename relativeToVRT="1">{escape(path.name)}</SourceFilename>\n'
+        "      <SourceBand>1</SourceBand>\n"
+        f'      <SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>\n'
+        f'      <DstRect xOff="{x}" yOff="{y}" xSize="{w}" ySize="{h}"/>\n'
+        "      <NODATA>0</NODATA>\n"
+        "    </ComplexSource>\n"
+        for path, w, h, x, y in places
+    )
+    geo = ", ".join(repr(float(v)) for v in (left, t0.a, 0.0, top, 0.0, t0.e))
+    return (
+        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">\n'
+        f"  <SRS>{escape(crs0.to_wkt())}</SRS>\n"
+        f"  <GeoTransform>{geo}</GeoTransform>\n"
+        '  <VRTRasterBand dataType="Byte" band="1">\n'
+        f"    <Description>{escape(description or '')}</Description>\n"
+        "    <NoDataValue>0</NoDataValue>\n"
+        "    <ColorInterp>Palette</ColorInterp>\n"
+        f"    <ColorTable>\n{entries}    </ColorTable>\n"
+        f"{sources}"
+        "  </VRTRasterBand>\n"
+        "</VRTDataset>\n"
+    )
+
+
+def write_scene_mosaics(folder: Path) -> list[Path]:
+    """One ``<scene>.vrt`` per scene in ``folder`` mosaicking its predicted patch maps (``<key>.tif``).
+
+    A VRT is a few lines of XML pointing at the patch files (relative paths: the folder can move), so a
+    scene opens as one layer in QGIS or GDAL, in the patches' colours, with no copy of the pixels. SEN12MS
+    patches overlap by half; where they do, the patch whose file name sorts later is shown.
+    """
+    by_scene: dict[str, list[Path]] = {}
+    for path in sorted(Path(folder).glob("*.tif")):
+        by_scene.setdefault(_scene_of(path.stem), []).append(path)
+    written = []
+    for scene, paths in sorted(by_scene.items()):
+        target = Path(folder) / f"{scene}.vrt"
+        target.write_text(_vrt_xml(paths))
+        written.append(target)
+    return written

@@ -43,7 +43,7 @@ from ..grid import (
 from ..metrics import mean_and_spread
 from ..models import NotApplicable, build_eval_encoder
 from .data import IGNORE_INDEX, SegmentationPatches, class_weights, label_scheme, patch_georef
-from .figures import plot_predictions, write_map_geotiff
+from .figures import plot_predictions, write_map_geotiff, write_scene_mosaics
 from .heads import build_segmenter
 from .metrics import pixel_confusion, segmentation_scores
 from .train import predict, train_segmenter
@@ -113,6 +113,8 @@ def _one_seed(
                 drawn[key].append(value)
         if georef:
             write_map_geotiff(folder / "maps" / f"{item['key']}.tif", pred, scheme, *georef[item["key"]])
+    if georef:
+        write_scene_mosaics(folder / "maps")  # one VRT per scene over its patch maps
     if before is not None and state_digest(model.encoder) != before:
         raise AssertionError("the frozen backbone changed while training the head")
     metrics = segmentation_scores(confusion, scheme.classes)
