@@ -14,7 +14,6 @@ import json
 
 import numpy as np
 
-from .bands import MODALITIES
 from .format import (
     CATALOG,
     MANIFEST,
@@ -26,6 +25,7 @@ from .format import (
     decode_member,
 )
 from .integrity import DatasetCorruptError, missing_dataset_reason, read_catalog, read_manifest
+from .sources import source_of_manifest
 from .storage import DatasetRoot
 from .zarr_store import iter_shard_samples
 
@@ -162,7 +162,8 @@ def verify(dataset: str, deep: bool = False) -> list[str]:
         except UnsupportedFormatError as exc:
             return [*problems, str(exc)]
         n = counts["samples_written"]
-        for mod, m in MODALITIES.items():
+        tables = source_of_manifest(manifest).modalities
+        for mod, m in tables.items():
             if mod not in group or group[mod].shape != (n, *m.shape_chw):
                 problems.append(f"{ZARR_DIR}/{mod} missing or not of shape {(n, *m.shape_chw)}")
         zkeys = [str(k) for k in group["key"][:]] if "key" in group else []
@@ -171,7 +172,7 @@ def verify(dataset: str, deep: bool = False) -> list[str]:
         if "wds" in formats and not problems:
             if zkeys != shard_keys:
                 problems.append("Zarr keys and shard keys differ (order or content)")
-            for mod in MODALITIES:
+            for mod in tables:
                 has = group[f"has_{mod}"][:]
                 in_tar = np.array([f"{mod}.npy" in m for m in shard_members], dtype=bool)
                 if not np.array_equal(has, in_tar):
@@ -180,7 +181,7 @@ def verify(dataset: str, deep: bool = False) -> list[str]:
             row = 0
             for shard in manifest["shards"]:
                 for key, members in iter_shard_samples(out, shard["path"]):
-                    for mod in MODALITIES:
+                    for mod in tables:
                         data = members.get(f"{mod}.npy")
                         if data is None:
                             continue

@@ -18,8 +18,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from .bands import IGBP_CLASSES, IGBP_SIMPLE_CLASSES, MODALITIES, PATCH_SIZE
+from .bands import IGBP_CLASSES, IGBP_SIMPLE_CLASSES
 from .format import FORMAT_NAME, FORMAT_VERSION, PROGRESS_DIR, ZARR_DIR, decode_member
+from .source import SEN12MS_SOURCE, Source
+from .sources import get_source
 from .storage import DatasetRoot
 from .writer import IngestError
 
@@ -56,25 +58,30 @@ def _block_marker(block: int) -> str:
     return f"{PROGRESS_DIR}/zarr-block-{block:06d}.done"
 
 
-def _write_block(out_url: str, block: int, rows: tuple[int, int], sources: list[tuple[str, int, int]]) -> int:
+def _write_block(
+    out_url: str,
+    block: int,
+    rows: tuple[int, int],
+    sources: list[tuple[str, int, int]],
+    source_format: str = "sen12ms",
+) -> int:
     """Fill rows [start, stop) of every data array from the shards that hold them.
 
     Args:
         sources: (shard_path, first_row_of_shard, samples_in_shard) for the shards overlapping the rows.
+        source_format: the source collection, whose band tables give the arrays' shapes and fills.
     """
     out = DatasetRoot(out_url)
     group = zarr.open_group(out.zarr_store(ZARR_DIR), mode="r+")
     start, stop = rows
-    blocks = {
-        m: np.full((stop - start, *MODALITIES[m].shape_chw), MODALITIES[m].fill, dtype=MODALITIES[m].dtype)
-        for m in MODALITIES
-    }
+    tables = get_source(source_format).modalities
+    blocks = {m: np.full((stop - start, *t.shape_chw), t.fill, dtype=t.dtype) for m, t in tables.items()}
     for shard_path, first, _count in sources:
         for offset, (_key, members) in enumerate(iter_shard_samples(out, shard_path)):
             row = first + offset
             if not start <= row < stop:
                 continue
-            for mod in MODALITIES:
+            for mod in tables:
                 data = members.get(f"{mod}.npy")
                 if data is not None:
                     blocks[mod][row - start] = decode_member(data, "CHW")
@@ -92,17 +99,20 @@ def _create(group: zarr.Group, name: str, data: np.ndarray, dims: tuple[str, ...
     arr.attrs.update(attrs)
 
 
-def write_metadata_arrays(group: zarr.Group, samples: list[dict], extra: dict[str, np.ndarray]) -> None:
+def write_metadata_arrays(
+    group: zarr.Group, samples: list[dict], extra: dict[str, np.ndarray], source: Source = SEN12MS_SOURCE
+) -> None:
     """Per-sample metadata as plain arrays (readable by zarr/xarray without eossl)."""
     n = len(samples)
+    id_text = [f for f, kind in source.id_fields.items() if kind == "str"]
     text = {
         f: np.array([s[f] for s in samples], dtype=str) if n else np.zeros(0, dtype=str)
-        for f in ("key", "scene_id", "roi", "season", "crs", "split")
+        for f in ("key", "scene_id", *id_text, "crs", "split")
     }
     for field, values in text.items():
         _create(group, field, values, ("sample",))
-    _create(group, "scene", np.array([s["scene"] for s in samples], dtype=np.int32), ("sample",))
-    _create(group, "patch", np.array([s["patch"] for s in samples], dtype=np.int32), ("sample",))
+    for field in (f for f, kind in source.id_fields.items() if kind == "int"):
+        _create(group, field, np.array([s[field] for s in samples], dtype=np.int32), ("sample",))
     _create(
         group,
         "transform",
@@ -110,7 +120,7 @@ def write_metadata_arrays(group: zarr.Group, samples: list[dict], extra: dict[st
         ("sample", "coef"),
         description="affine a, b, c, d, e, f (rasterio order) of each patch",
     )
-    for mod in MODALITIES:
+    for mod in source.modalities:
         _create(
             group,
             f"has_{mod}",
@@ -118,7 +128,7 @@ def write_metadata_arrays(group: zarr.Group, samples: list[dict], extra: dict[st
             ("sample",),
             description=f"True where the patch has {mod}; elsewhere {mod} holds its fill value",
         )
-    for mod in MODALITIES:
+    for mod in source.modalities:
         _create(
             group,
             f"{mod}_invalid_pixels",
@@ -128,7 +138,11 @@ def write_metadata_arrays(group: zarr.Group, samples: list[dict], extra: dict[st
             "physical range, non-finite, nodata or not in the legend)",
         )
     labels = [s["labels"] for s in samples]
+    if source.name != "sen12ms":
+        _write_multilabels(group, labels, source)
     for scheme, classes in (("igbp", IGBP_CLASSES), ("igbp_simple", IGBP_SIMPLE_CLASSES)):
+        if source.name != "sen12ms":
+            break
         single = np.array([lab[scheme] if lab else 0 for lab in labels], dtype=np.int16)
         multi = np.zeros((n, len(classes)), dtype=bool)
         frac = np.zeros((n, len(classes)), dtype=np.float32)
@@ -158,6 +172,23 @@ def write_metadata_arrays(group: zarr.Group, samples: list[dict], extra: dict[st
         _create(group, name, values, ("sample",) if values.ndim == 1 else ("sample", "index"))
 
 
+def _write_multilabels(group: zarr.Group, labels: list[dict | None], source: Source) -> None:
+    """``multilabel_<scheme>`` (N, classes) bool for a multi-label source (no majority class)."""
+    for scheme, classes in source.label_schemes.items():
+        multi = np.zeros((len(labels), len(classes)), dtype=bool)
+        for i, lab in enumerate(labels):
+            if lab:
+                multi[i, [c - 1 for c in lab.get(f"{scheme}_multi", [])]] = True
+        _create(
+            group,
+            f"multilabel_{scheme}",
+            multi,
+            ("sample", scheme),
+            classes=list(classes),
+            description="the sample's classes (multi-label, from the source's label metadata)",
+        )
+
+
 def _os_error(exc: BaseException | None) -> OSError | None:
     """The first ``OSError`` in an exception's chain (zarr and process pools wrap the failed write)."""
     seen = set()
@@ -177,6 +208,7 @@ def build_zarr(
     shard_samples: int,
     workers: int,
     attrs: dict,
+    source: Source = SEN12MS_SOURCE,
 ) -> None:
     """Create (or resume) ``data.zarr`` with data arrays filled from ``shards`` and metadata arrays.
 
@@ -185,7 +217,7 @@ def build_zarr(
             written are kept (their markers), so the same command finishes the store once there is space.
     """
     try:
-        _build_zarr(out, shards, samples, extra, shard_samples, workers, attrs)
+        _build_zarr(out, shards, samples, extra, shard_samples, workers, attrs, source)
     except Exception as exc:
         cause = _os_error(exc)
         if cause is None:
@@ -206,11 +238,12 @@ def _build_zarr(
     shard_samples: int,
     workers: int,
     attrs: dict,
+    source: Source,
 ) -> None:
     n = len(samples)
     store = out.zarr_store(ZARR_DIR)
     group = zarr.open_group(store, mode="a", zarr_format=3)
-    for mod, m in MODALITIES.items():
+    for mod, m in source.modalities.items():
         existing = group.get(mod)
         if existing is not None and existing.shape == (n, *m.shape_chw):
             continue
@@ -225,10 +258,11 @@ def _build_zarr(
             dimension_names=("sample", f"{mod}_band", "y", "x"),
             overwrite=True,
         ).attrs.update({"bands": list(m.bands), "unit": m.unit, "layout": "CHW"})
-    write_metadata_arrays(group, samples, extra)
-    group.attrs.update(
-        {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "patch_size": PATCH_SIZE, **attrs}
-    )
+    write_metadata_arrays(group, samples, extra, source)
+    head = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "patch_size": source.patch_size}
+    if source.name != "sen12ms":
+        head["source_format"] = source.name
+    group.attrs.update({**head, **attrs})
 
     firsts = np.cumsum([0] + [s["samples"] for s in shards])
     jobs = []
@@ -241,7 +275,7 @@ def _build_zarr(
             for s, f in zip(shards, firsts[:-1], strict=True)
             if f < stop and f + s["samples"] > start
         ]
-        jobs.append((out.url, block, (start, stop), sources))
+        jobs.append((out.url, block, (start, stop), sources, source.name))
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             _write_block(*job)

@@ -30,7 +30,7 @@ from eossl.ingest.format import SUBSETS, ZARR_DIR, check_format
 from eossl.ingest.integrity import read_manifest
 from eossl.ingest.storage import DatasetRoot
 
-from .inputs import InputSpec
+from .inputs import InputSpec, stored_s2_bands
 
 __all__ = ["LABEL_SCHEMES", "ZarrPatchDataset", "resolve_rows"]
 
@@ -122,7 +122,7 @@ class ZarrPatchDataset(torch.utils.data.Dataset):
         slices = inputs.sensor_slices()
         s1_mean = self.mean[slices["s1"]] if "s1" in slices else np.zeros(0, np.float32)
         self._s1_fill = (np.clip(s1_mean, *inputs.s1_clip) if inputs.s1_clip else s1_mean).astype(np.float32)
-        self._s2_index = inputs.s2_index
+        self._s2_index = inputs.stored_index(stored_s2_bands(manifest))
 
         group = _open_group(out)
         check_format(out.path(ZARR_DIR), group.attrs.get("format_version"), group.attrs.get("format"))

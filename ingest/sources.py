@@ -1,0 +1,74 @@
+"""The registry of ingest sources and the detection of a tree's source (``--source-format``)."""
+
+from __future__ import annotations
+
+import fsspec
+
+from .source import SEN12MS_SOURCE, Source
+
+__all__ = ["SOURCE_FORMATS", "AmbiguousSourceError", "detect_source", "get_source", "source_of_manifest"]
+
+SOURCE_FORMATS: tuple[str, ...] = ("sen12ms", "bigearthnet-mm", "ssl4eo-s12")
+
+# Paths looked at to recognise a tree: enough for every layout's first sample, a bounded listing on
+# a bucket of millions of files.
+_DETECT_FILES = 400
+_DETECT_DEPTH = 5
+
+
+class AmbiguousSourceError(ValueError):
+    """A tree matches several source layouts, or none: ``--source-format`` must say which."""
+
+
+def get_source(name: str) -> Source:
+    """The source of a ``--source-format`` value."""
+    if name == "sen12ms":
+        return SEN12MS_SOURCE
+    if name == "bigearthnet-mm":
+        from .bigearthnet import BIGEARTHNET_SOURCE  # noqa: PLC0415 - imported when used
+
+        return BIGEARTHNET_SOURCE
+    if name == "ssl4eo-s12":
+        from .ssl4eo import SSL4EO_SOURCE  # noqa: PLC0415
+
+        return SSL4EO_SOURCE
+    raise ValueError(f"unknown source format {name!r}; choose from {', '.join(SOURCE_FORMATS)}")
+
+
+def _sample_paths(url: str, storage_options: dict | None) -> list[str]:
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if not fs.isdir(root):
+        return []
+    root = root.rstrip("/")
+    paths: list[str] = []
+    for folder, _, files in fs.walk(root, maxdepth=_DETECT_DEPTH):
+        rel = folder[len(root) :].strip("/")
+        paths += [f"{rel}/{f}" if rel else f for f in sorted(files)]
+        if len(paths) >= _DETECT_FILES:
+            break
+    return paths
+
+
+def detect_source(url: str, storage_options: dict | None = None) -> Source:
+    """The one source whose layout the tree at ``url`` has.
+
+    Raises:
+        AmbiguousSourceError: none or several layouts match; the message names the candidates and the
+            option that chooses.
+    """
+    paths = _sample_paths(url, storage_options)
+    matches = [name for name in SOURCE_FORMATS if get_source(name).recognises(paths)]
+    if len(matches) == 1:
+        return get_source(matches[0])
+    if matches:
+        raise AmbiguousSourceError(
+            f"ingest source {url!r} holds files of several layouts ({', '.join(matches)}); choose one with "
+            f"--source-format {'|'.join(matches)}"
+        )
+    # No layout recognised: SEN12MS's own check says what was expected and what is there (archives...).
+    return SEN12MS_SOURCE
+
+
+def source_of_manifest(manifest: dict) -> Source:
+    """The source a dataset was ingested from (datasets written before sources existed are SEN12MS)."""
+    return get_source(manifest.get("source", {}).get("format", "sen12ms"))
