@@ -92,10 +92,10 @@ def add_sample_data_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--layout",
-        choices=("sen12ms", "bigearthnet-mm"),
+        choices=("sen12ms", "bigearthnet-mm", "ssl4eo-s12"),
         default="sen12ms",
-        help="source layout to write: SEN12MS triplets or BigEarthNet-MM S1/S2 patch folders "
-        "(default sen12ms)",
+        help="source layout to write: SEN12MS triplets, BigEarthNet-MM S1/S2 patch folders or SSL4EO-S12 "
+        "locations (--patches locations x 4 seasons) (default sen12ms)",
     )
     p.add_argument(
         "--patches-per-scene",
@@ -117,6 +117,13 @@ def _run_sample_data(args: argparse.Namespace) -> int:
         )
         files = write_bigearthnet_sample(args.dir, **options)
         print(f"wrote {len(files)} files (BigEarthNet-MM S1/S2 patch folders) to {args.dir}")
+        return 0
+    if args.layout == "ssl4eo-s12":
+        from .sample_sources import write_ssl4eo_sample
+
+        options = given(args, {"patches": "locations", "seed": "seed"})
+        files = write_ssl4eo_sample(args.dir, **options)
+        print(f"wrote {len(files)} GeoTIFFs (SSL4EO-S12 s1/, s2c/, s2a/) to {args.dir}")
         return 0
     options = given(args, {"patches": "patches", "seed": "seed", "patches_per_scene": "patches_per_scene"})
     files = write_sample_data(args.dir, **options)
