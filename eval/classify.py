@@ -116,7 +116,7 @@ class ClassifyTask(GridTask):
     def title(self) -> str:
         cfg = self.cfg
         return (
-            f"SEN12MS scene classification, {cfg.label} {'multi' if cfg.multilabel else 'single'}-label, "
+            f"{'BigEarthNet-MM' if cfg.label == 'bigearthnet19' else 'SEN12MS'} scene classification, {cfg.label} {'multi' if cfg.multilabel else 'single'}-label, "
             f"{cfg.protocol}, {cfg.budget} labels, metric {cfg.headline}"
         )
 

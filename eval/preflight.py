@@ -58,7 +58,7 @@ def check_grid_inputs(cfg: GridConfig) -> list[BackboneSource]:
     from eossl.streaming.zarr_dataset import LABEL_SCHEMES
 
     out = DatasetRoot(cfg.dataset)
-    read_manifest(out)  # says whether the path is missing, a source tree or an unfinished ingest
+    manifest = read_manifest(out)  # says whether the path is missing, a source tree or an unfinished ingest
     if not out.exists(f"{ZARR_DIR}/zarr.json"):
         raise ValueError(
             f"{out.path(ZARR_DIR)} not found: evaluation reads the Zarr store (ingest --formats zarr)"
@@ -69,4 +69,14 @@ def check_grid_inputs(cfg: GridConfig) -> list[BackboneSource]:
     # Scene labels here; a segmentation config checks its per-pixel labels when it is built.
     if isinstance(cfg, ClassifyConfig) and cfg.label not in LABEL_SCHEMES:
         raise ValueError(f"label must be one of {list(LABEL_SCHEMES)}, got {cfg.label!r}")
+    source = manifest.get("source")
+    if isinstance(cfg, ClassifyConfig) and source is not None and source["format"] != "sen12ms":
+        # Other sources carry their own label set (or none): say which, rather than fail on a missing array.
+        schemes = list(source.get("label_schemes", {}))
+        if not schemes:
+            raise ValueError(f"{cfg.dataset} is {source['title']}, which has no labels: pre-training only")
+        if cfg.label not in schemes:
+            raise ValueError(f"{cfg.dataset} is {source['title']}: its labels are {', '.join(schemes)}")
+        if not cfg.multilabel:
+            raise ValueError(f"{source['title']} labels are multi-label: evaluate with --multilabel")
     return [checkpoint_source(c) for c in cfg.checkpoints]

@@ -173,12 +173,24 @@ def write_metadata_arrays(
 
 
 def _write_multilabels(group: zarr.Group, labels: list[dict | None], source: Source) -> None:
-    """``multilabel_<scheme>`` (N, classes) bool for a multi-label source (no majority class)."""
+    """``multilabel_<scheme>`` (N, classes) bool for a multi-label source, and ``label_<scheme>`` (N,):
+    the lowest class code of each sample (0: no class), which is what label budgets stratify by and
+    what marks a sample as labelled; there is no majority class."""
     for scheme, classes in source.label_schemes.items():
         multi = np.zeros((len(labels), len(classes)), dtype=bool)
         for i, lab in enumerate(labels):
             if lab:
                 multi[i, [c - 1 for c in lab.get(f"{scheme}_multi", [])]] = True
+        lowest = np.where(multi.any(axis=1), multi.argmax(axis=1) + 1, 0).astype(np.int16)
+        _create(
+            group,
+            f"label_{scheme}",
+            lowest,
+            ("sample",),
+            classes=list(classes),
+            description="lowest class code of the sample's labels, 1-based; 0 = no class (multi-label "
+            f"source: the labels are multilabel_{scheme})",
+        )
         _create(
             group,
             f"multilabel_{scheme}",

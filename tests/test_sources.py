@@ -207,3 +207,27 @@ def test_ssl4eo_pairs_seasons_keeps_locations_in_one_split_and_trains(ssl_tree, 
         by_location.setdefault(s["location"], set()).add(s["split"])
     assert all(len(v) == 1 for v in by_location.values()) and set(by_location) == {"0000000", "0000002"}
     _train_two_steps(out, tmp_path, monkeypatch)
+
+
+def test_bigearthnet_multilabel_classification_on_a_label_budget(ben_dataset, tmp_path, monkeypatch):
+    from eossl.eval.classify import ClassifyConfig, run_classification
+    from eossl.eval.preflight import check_grid_inputs
+    from eossl.eval.probes import ProbeConfig
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    common = dict(dataset=str(ben_dataset), out=str(tmp_path / "eval"), inputs=("s1s2",), budget="2")
+    common |= dict(protocol="knn", inits=("random",), random_backbone="resnet18", label="bigearthnet19")
+    with pytest.raises(ValueError, match="multi-label: evaluate with --multilabel"):
+        check_grid_inputs(ClassifyConfig(**common))
+    with pytest.raises(ValueError, match="its labels are bigearthnet19"):
+        check_grid_inputs(ClassifyConfig(**{**common, "label": "igbp_simple"}, multilabel=True))
+    cfg = ClassifyConfig(**common, multilabel=True, probe=ProbeConfig(batch_size=4, knn_k=2))
+    run_classification(cfg)
+    cell = json.loads(next((tmp_path / "eval" / "cells").glob("*/metrics.json")).read_text())
+    (seed,) = cell["per_seed"]
+    assert seed["train_samples"] == 2 and seed["test_samples"] >= 1
+    assert len(seed["per_class"]["f1"]) == 19
+    for name in ("map", "f1_micro", "f1_macro"):
+        assert seed[name] is None or 0.0 <= seed[name] <= 1.0
+    assert seed["map"] is not None
