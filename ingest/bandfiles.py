@@ -25,7 +25,7 @@ from rasterio.errors import RasterioError
 
 from .bands import Modality
 from .layout import PatchGroup
-from .read import ReadOptions, Reject, Sample, _BadFile, _open_bytes_or_path, _same_grid
+from .read import ReadOptions, Reject, Sample, _BadFile, _open_bytes_or_path
 from .validity import invalid_mask, invalid_reason, worst_band_fraction
 
 __all__ = ["BandRead", "assemble", "read_band", "read_modality", "upsample_nearest"]
@@ -147,15 +147,20 @@ def assemble(
     errors: list[dict[str, str]],
     options: ReadOptions,
     labels=None,
+    grid_tolerance_m: float | None = _CORNER_TOLERANCE,
 ) -> Sample | Reject:
     """Check the modalities read for one sample and make it a ``Sample`` (or the ``Reject`` saying why).
 
-    The checks are the SEN12MS ones: the invalid-pixel limits per modality (worst band) and one grid
-    (CRS and transform) for all modalities of the sample.
+    The checks are the SEN12MS ones: the invalid-pixel limits per modality (worst band) and, unless
+    ``grid_tolerance_m`` is None, one grid for all modalities (same CRS and pixel size, corners within
+    the tolerance). The sample's georeference is its S2 grid (else its first modality's); every
+    modality's own grid is recorded in ``Sample.grids``.
 
     Args:
         reads: modality -> (chw, crs, transform, invalid mask), in storing order.
         errors: (file, reason) already found while reading; any makes the sample a reject.
+        grid_tolerance_m: largest corner offset between modalities, in CRS units; None: modalities
+            of one sample are paired by the source's rule, not by their grids (only recorded).
     """
 
     def reject() -> Reject:
@@ -173,15 +178,22 @@ def assemble(
             errors.append({"file": first_file[mod], "reason": invalid_reason(mod, fraction, limit)})
     if errors:
         return reject()
-    ref_mod = next(iter(reads))
+    ref_mod = "s2" if "s2" in reads else next(iter(reads))
     _, ref_crs, ref_transform, _ = reads[ref_mod]
     for mod, (_, crs, transform, _) in reads.items():
-        if crs != ref_crs or not _same_grid(transform, ref_transform):
+        if grid_tolerance_m is None:
+            continue
+        a, _, c, _, e, f = transform
+        ra, _, rc, _, re, rf = ref_transform
+        same_pixel = abs(a - ra) <= 1e-6 * abs(ra) and abs(e - re) <= 1e-6 * abs(re)
+        near = abs(c - rc) <= grid_tolerance_m and abs(f - rf) <= grid_tolerance_m
+        if crs != ref_crs or not same_pixel or not near:
             errors.append(
                 {
                     "file": first_file[mod],
                     "reason": (
-                        f"grid mismatch: {mod} is {crs} {transform}, {ref_mod} is {ref_crs} {ref_transform}"
+                        f"grid mismatch: {mod} is {crs} {transform}, {ref_mod} is {ref_crs} {ref_transform} "
+                        f"(corners must agree within {grid_tolerance_m:g})"
                     ),
                 }
             )
@@ -195,4 +207,5 @@ def assemble(
         files={k: p[0] for k, p in group.files.items()},
         invalid={m: r[3] for m, r in reads.items()},
         labels=labels,
+        grids={m: {"crs": r[1], "transform": list(r[2])} for m, r in reads.items()},
     )

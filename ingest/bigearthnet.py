@@ -336,7 +336,7 @@ class _BigEarthNet(Source):
                     labels = BenLabels(codes, tuple(doc["labels"]), unmapped)
                 except (OSError, ValueError, KeyError, TypeError) as exc:
                     errors.append({"file": meta[0], "reason": f"unusable labels metadata: {exc}"})
-        return assemble(group, reads, errors, options, labels)
+        return assemble(group, reads, errors, options, labels, self.grid_tolerance_m)
 
     def recognises(self, paths: list[str]) -> bool:
         names = [p.rsplit("/", 1)[-1] for p in paths]
@@ -380,4 +380,7 @@ BIGEARTHNET_SOURCE = _BigEarthNet(
     modalities={"s1": BEN_S1, "s2": BEN_S2},
     label_schemes={"bigearthnet19": BEN19_CLASSES},
     id_fields={"product": "str", "season": "str", "row": "int", "col": "int"},
+    # The S1 patches were cut to the S2 patches' footprints from separately terrain-corrected scenes:
+    # corners within half a 10 m pixel are the same grid cell (each sample records both grids).
+    grid_tolerance_m=5.0,
 )

@@ -247,6 +247,7 @@ def write_ssl4eo_sample(
                 continue
             for c, pol in enumerate(("VV", "VH")):
                 path = out / "s1" / loc / s1_acq / f"{pol}.tif"
-                _write_band(path, s1[c], crs, Affine(_PIXEL_M, 0.0, x, 0.0, -_PIXEL_M, y))
+                # S1 exported apart from S2, two pixels east of it (as in the collection, a few pixels)
+                _write_band(path, s1[c], crs, Affine(_PIXEL_M, 0.0, x + 2 * _PIXEL_M, 0.0, -_PIXEL_M, y))
                 written.append(path)
     return written

@@ -91,6 +91,8 @@ def sample_metadata(
         "split": split,
         "files": {m: _relative(p, source) for m, p in sample.files.items()},
         "format_version": FORMAT_VERSION,
+        # Each modality's own grid, for sources whose modalities are paired by rule, not by grid.
+        **({"grids": sample.grids} if sample.grids else {}),
     }
 
 

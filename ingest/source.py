@@ -34,6 +34,9 @@ class Source:
         label_schemes: label scheme -> class names (class code i+1 is ``names[i]``); empty: no labels.
         id_fields: the identity fields of a sample (name -> 'str' or 'int'), stored per sample.
         pretraining_only: the source has no labels; evaluation needs a labelled dataset.
+        grid_tolerance_m: how far the corners of one sample's modalities may lie apart (CRS units) for
+            them to be one grid; None: the source pairs modalities by its own rule (location and
+            season) and their grids are recorded per sample, not required to agree.
     """
 
     name: str
@@ -43,6 +46,7 @@ class Source:
     label_schemes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     id_fields: dict[str, str] = field(default_factory=dict)
     pretraining_only: bool = False
+    grid_tolerance_m: float | None = 1e-3
 
     @property
     def patch_size(self) -> int:
@@ -75,6 +79,7 @@ class Source:
             "modalities": {name: m.to_json() for name, m in self.modalities.items()},
             "label_schemes": {k: list(v) for k, v in self.label_schemes.items()},
             "pretraining_only": self.pretraining_only,
+            "grid_tolerance_m": self.grid_tolerance_m,
         }
 
 

@@ -16,6 +16,10 @@ acquisition left without a partner is a sample with one modality (rejected when 
 required, as by default). The scene of every sample is its location, so the four seasons of a
 location always fall in the same split (no leakage between seasons).
 
+Georeference: S1 and S2 of a location were exported separately, and the collection's S1 is known to
+be offset from S2 by a few pixels; a sample's georeference is its S2 grid, and the JSON member records
+each modality's own grid (``grids``) rather than refusing the pair.
+
 The S2 modality is the L1C product (``s2c``), whose band table is SEN12MS's; L2A files (``s2a``) are
 listed as ignored.
 """
@@ -175,7 +179,7 @@ class _Ssl4eo(Source):
                 reads[mod] = read_modality(files, table)
             except _BadFile as bad:
                 errors.append({"file": bad.path, "reason": bad.reason})
-        return assemble(group, reads, errors, options)
+        return assemble(group, reads, errors, options, None, self.grid_tolerance_m)
 
     def recognises(self, paths: list[str]) -> bool:
         return any(_FILE.search(p) for p in paths)
@@ -190,4 +194,7 @@ SSL4EO_SOURCE = _Ssl4eo(
     modalities={"s1": SSL4EO_S1, "s2": SSL4EO_S2},
     id_fields={"location": "str", "s1_acquisition": "str", "s2_acquisition": "str", "season_rank": "int"},
     pretraining_only=True,
+    # S1 and S2 were exported separately per location and are known to be offset by a few pixels:
+    # a sample pairs them by location and season, and records each one's grid (``grids``).
+    grid_tolerance_m=None,
 )

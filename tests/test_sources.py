@@ -160,6 +160,7 @@ def test_bigearthnet_ingests_verifies_and_records_its_source(ben_tree, ben_datas
     assert meta["labels"]["corine"] == labels
     assert tuple(meta["labels"]["bigearthnet19_multi"]) == ben19_codes(labels)[0]
     assert meta["product"] == key.rsplit("_", 2)[0] and meta["scene_id"] == meta["product"]
+    assert meta["grids"]["s1"] == meta["grids"]["s2"] == {"crs": meta["crs"], "transform": meta["transform"]}
 
     import zarr
 
@@ -203,6 +204,9 @@ def test_ssl4eo_pairs_seasons_keeps_locations_in_one_split_and_trains(ssl_tree, 
     ]
     by_location: dict[str, set[str]] = {}
     for s in samples:
+        # S1 is two pixels east of S2 in the files: recorded, and the sample is georeferenced by S2.
+        s1_grid, s2_grid = s["grids"]["s1"]["transform"], s["grids"]["s2"]["transform"]
+        assert s1_grid[2] - s2_grid[2] == 20.0 and s["transform"] == s2_grid
         assert s["s2_acquisition"][4:6] == s["s1_acquisition"][21:23]  # same month: same season
         by_location.setdefault(s["location"], set()).add(s["split"])
     assert all(len(v) == 1 for v in by_location.values()) and set(by_location) == {"0000000", "0000002"}
