@@ -53,7 +53,7 @@ class IngestConfig:
     """Everything an ingest run needs.
 
     Attributes:
-        source: SEN12MS tree, local folder or fsspec URL.
+        source: source tree (SEN12MS, BigEarthNet-MM or SSL4EO-S12), local folder or fsspec URL.
         dataset: output folder or URL.
         formats: which outputs to keep: 'wds' (tar shards), 'zarr' (random access store).
         workers: parallel reader/writer processes (GeoTIFF decoding is CPU bound: one per core, see
