@@ -6,7 +6,15 @@ import fsspec
 
 from .source import SEN12MS_SOURCE, Source
 
-__all__ = ["SOURCE_FORMATS", "AmbiguousSourceError", "detect_source", "get_source", "source_of_manifest"]
+__all__ = [
+    "SOURCE_FORMATS",
+    "AmbiguousSourceError",
+    "detect_source",
+    "get_source",
+    "no_source_message",
+    "recognised_sources",
+    "source_of_manifest",
+]
 
 SOURCE_FORMATS: tuple[str, ...] = ("sen12ms", "bigearthnet-mm", "ssl4eo-s12")
 
@@ -35,8 +43,8 @@ def get_source(name: str) -> Source:
     raise ValueError(f"unknown source format {name!r}; choose from {', '.join(SOURCE_FORMATS)}")
 
 
-def _sample_paths(url: str, storage_options: dict | None) -> list[str]:
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+def _sample_paths(fs, root: str) -> list[str]:
+    """Relative paths of the first files of a tree, breadth first, a few levels deep."""
     if not fs.isdir(root):
         return []
     root = root.rstrip("/")
@@ -49,6 +57,12 @@ def _sample_paths(url: str, storage_options: dict | None) -> list[str]:
     return paths
 
 
+def recognised_sources(fs, root: str) -> list[Source]:
+    """The sources whose layout the tree at ``root`` of ``fs`` has (none, one, or several)."""
+    paths = _sample_paths(fs, root)
+    return [get_source(name) for name in SOURCE_FORMATS if get_source(name).recognises(paths)]
+
+
 def detect_source(url: str, storage_options: dict | None = None) -> Source:
     """The one source whose layout the tree at ``url`` has.
 
@@ -56,8 +70,8 @@ def detect_source(url: str, storage_options: dict | None = None) -> Source:
         AmbiguousSourceError: none or several layouts match; the message names the candidates and the
             option that chooses.
     """
-    paths = _sample_paths(url, storage_options)
-    matches = [name for name in SOURCE_FORMATS if get_source(name).recognises(paths)]
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    matches = [s.name for s in recognised_sources(fs, root)]
     if len(matches) == 1:
         return get_source(matches[0])
     if matches:
@@ -65,8 +79,19 @@ def detect_source(url: str, storage_options: dict | None = None) -> Source:
             f"ingest source {url!r} holds files of several layouts ({', '.join(matches)}); choose one with "
             f"--source-format {'|'.join(matches)}"
         )
-    # No layout recognised: SEN12MS's own check says what was expected and what is there (archives...).
+    # No layout recognised: SEN12MS's own check says what was expected and what is there (archives...),
+    # and the ingest adds the other layouts (``no_source_message``).
     return SEN12MS_SOURCE
+
+
+def no_source_message() -> str:
+    """What the other layouts look like, for the error on a tree in which no source is recognised."""
+    others = [get_source(n) for n in SOURCE_FORMATS if n != "sen12ms"]
+    return (
+        "; nor "
+        + "; nor ".join(f"{s.title} ({s.expected})" for s in others)
+        + ("; --source-format chooses the layout")
+    )
 
 
 def source_of_manifest(manifest: dict) -> Source:

@@ -24,10 +24,10 @@ from tqdm import tqdm
 from .config import IngestConfig
 from .format import MANIFEST, PROGRESS_DIR
 from .integrity import read_manifest
-from .layout import SourceListing
+from .layout import NoPatchesError, SourceListing
 from .shards import Unit, process_unit, unit_record_path
 from .source import SEN12MS_SOURCE, Source
-from .sources import detect_source, get_source
+from .sources import detect_source, get_source, no_source_message
 from .splits import patch_list_split, read_patch_list, scene_split
 from .storage import DatasetRoot
 
@@ -224,7 +224,12 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     out = DatasetRoot(cfg.dataset)
     source = get_source(cfg.source_format) if cfg.source_format else detect_source(cfg.source)
     listing = source.scan(cfg.source)
-    source.require(listing)  # before anything is written into the dataset folder
+    try:
+        source.require(listing)  # before anything is written into the dataset folder
+    except NoPatchesError as exc:
+        if cfg.source_format:
+            raise
+        raise NoPatchesError(f"{exc}{no_source_message()}") from None
     if listing.ignored:
         examples = ", ".join(p.rsplit("/", 1)[-1] for p in listing.ignored[:3])
         print(

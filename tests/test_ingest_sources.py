@@ -18,6 +18,8 @@ from eossl.ingest.bandfiles import read_modality, upsample_nearest
 from eossl.ingest.bigearthnet import BEN_S2, CORINE_LABELS, ben19_codes
 from eossl.ingest.config import IngestConfig, SplitOptions
 from eossl.ingest.format import decode_member
+from eossl.ingest.integrity import missing_dataset_reason
+from eossl.ingest.layout import NoPatchesError
 from eossl.ingest.read import _BadFile
 from eossl.ingest.sample_data import write_sample_data
 from eossl.ingest.sample_sources import write_bigearthnet_sample, write_ssl4eo_sample
@@ -70,6 +72,20 @@ def test_detection_names_the_source_and_refuses_a_mixed_tree(ben_tree, ssl_tree,
     write_bigearthnet_sample(mixed, patches=1)
     with pytest.raises(AmbiguousSourceError, match="sen12ms, bigearthnet-mm.*--source-format"):
         detect_source(str(tmp_path / "sen"))
+
+
+def test_a_tree_of_no_layout_is_refused_naming_every_layout_and_a_source_is_not_a_dataset(ben_tree, tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "notes.txt").write_text("x")
+    cfg = IngestConfig(source=str(tmp_path / "src"), dataset=str(tmp_path / "ds"), workers=1, progress=False)
+    with pytest.raises(NoPatchesError) as err:
+        run_ingest(cfg)
+    message = str(err.value)
+    assert "no SEN12MS patches found" in message and "nor BigEarthNet-MM (S2 patch folders" in message
+    assert "nor SSL4EO-S12 (s1/<7-digit location>" in message and "--source-format" in message
+    assert not (tmp_path / "ds").exists()
+    reason = missing_dataset_reason(DatasetRoot(str(ben_tree)))
+    assert "looks like a BigEarthNet-MM source tree" in reason and "eossl ingest" in reason
 
 
 def test_nearest_upsampling_is_block_replication_and_10m_bands_stay_exact(ben_tree):
