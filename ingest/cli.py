@@ -167,7 +167,7 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
         "finishes a dataset written by --part runs. Exit 0 when the run completed, also with "
         "rejected inputs."
     )
-    from .sources import SOURCE_FORMATS
+    from .sources import FORMAT_CHOICES
 
     p.add_argument(
         "source",
@@ -176,9 +176,10 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help="output dataset folder or URL")
     p.add_argument(
         "--source-format",
-        choices=SOURCE_FORMATS,
+        choices=FORMAT_CHOICES,
         default=argparse.SUPPRESS,
-        help="layout of SOURCE (default: detected from the tree; an ambiguous tree is refused)",
+        help="layout of SOURCE; ssl4eo-s12 reads its L1C product, ssl4eo-s12-l2a its L2A one (default: "
+        "detected from the tree; an ambiguous tree is refused)",
     )
     p.add_argument(
         "--reject-list",

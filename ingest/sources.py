@@ -7,6 +7,7 @@ import fsspec
 from .source import SEN12MS_SOURCE, Source
 
 __all__ = [
+    "FORMAT_CHOICES",
     "SOURCE_FORMATS",
     "AmbiguousSourceError",
     "detect_source",
@@ -16,7 +17,10 @@ __all__ = [
     "source_of_manifest",
 ]
 
+# Formats a tree is recognised as (``detect_source``), and every ``--source-format`` value: SSL4EO-S12's
+# L2A product is chosen by name, since a tree holding both products is an L1C tree as well.
 SOURCE_FORMATS: tuple[str, ...] = ("sen12ms", "bigearthnet-mm", "ssl4eo-s12")
+FORMAT_CHOICES: tuple[str, ...] = (*SOURCE_FORMATS, "ssl4eo-s12-l2a")
 
 # Paths looked at to recognise a tree: enough for every layout's first sample, a bounded listing on
 # a bucket of millions of files.
@@ -40,7 +44,11 @@ def get_source(name: str) -> Source:
         from .ssl4eo import SSL4EO_SOURCE  # noqa: PLC0415
 
         return SSL4EO_SOURCE
-    raise ValueError(f"unknown source format {name!r}; choose from {', '.join(SOURCE_FORMATS)}")
+    if name == "ssl4eo-s12-l2a":
+        from .ssl4eo import SSL4EO_L2A_SOURCE  # noqa: PLC0415
+
+        return SSL4EO_L2A_SOURCE
+    raise ValueError(f"unknown source format {name!r}; choose from {', '.join(FORMAT_CHOICES)}")
 
 
 def _sample_paths(fs, root: str) -> list[str]:

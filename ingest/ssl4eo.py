@@ -20,14 +20,16 @@ Georeference: S1 and S2 of a location were exported separately, and the collecti
 be offset from S2 by a few pixels; a sample's georeference is its S2 grid, and the JSON member records
 each modality's own grid (``grids``) rather than refusing the pair.
 
-The S2 modality is the L1C product (``s2c``), whose band table is SEN12MS's; L2A files (``s2a``) are
-listed as ignored.
+The S2 modality is the L1C product (``s2c``, ``--source-format ssl4eo-s12``), whose band table is
+SEN12MS's, or the L2A product (``s2a``, ``--source-format ssl4eo-s12-l2a``, 12 bands without B10); the
+other product's files are listed as ignored. A dataset holds one S2 product, so that its statistics and
+band table describe one kind of reflectance.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import fsspec
@@ -38,7 +40,7 @@ from .layout import NoPatchesError, PatchGroup, SampleId, SourceListing
 from .read import ReadOptions, Reject, Sample, _BadFile
 from .source import Source, refused
 
-__all__ = ["SSL4EO_S1", "SSL4EO_S2", "SSL4EO_SOURCE"]
+__all__ = ["SSL4EO_L2A_SOURCE", "SSL4EO_S1", "SSL4EO_S2", "SSL4EO_S2_L2A", "SSL4EO_SOURCE", "pair_seasons"]
 
 PATCH_PX = 264
 
@@ -49,6 +51,17 @@ SSL4EO_S2 = Modality(
     accepted_dtypes=("uint16",),
     fill=0,
     unit="Sentinel-2 L1C top-of-atmosphere reflectance x 10000 (SSL4EO-S12 s2c)",
+    valid_range=S2.valid_range,
+    max_plausible_std=S2.max_plausible_std,
+    size=PATCH_PX,
+)
+SSL4EO_S2_L2A = Modality(
+    name="s2",
+    bands=tuple(b for b in S2.bands if b != "B10"),
+    dtype="uint16",
+    accepted_dtypes=("uint16",),
+    fill=0,
+    unit="Sentinel-2 L2A bottom-of-atmosphere reflectance x 10000 (SSL4EO-S12 s2a), no B10",
     valid_range=S2.valid_range,
     max_plausible_std=S2.max_plausible_std,
     size=PATCH_PX,
@@ -67,7 +80,6 @@ SSL4EO_S1 = Modality(
 
 _FILE = re.compile(r"(?:^|/)(?P<product>s1|s2c|s2a)/(?P<loc>\d{7})/(?P<acq>[^/]+)/(?P<band>[^/]+)\.tif$")
 _DATE = re.compile(r"(\d{8}T\d{6})")
-_DIR_OF = {"s1": "s1", "s2": "s2c"}
 
 
 def _date(acquisition: str) -> datetime | None:
@@ -103,6 +115,8 @@ def pair_seasons(s1: list[str], s2: list[str]) -> list[tuple[str | None, str | N
 
 @dataclass(frozen=True)
 class _Ssl4eo(Source):
+    s2_dir: str = "s2c"  # the S2 product folder read: s2c (L1C) or s2a (L2A)
+
     def scan(self, url: str, storage_options: dict | None = None) -> SourceListing:
         fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -117,7 +131,7 @@ class _Ssl4eo(Source):
         for path in sorted(fs.find(root)):
             full = path if local else f"{protocol}://{path}"
             m = _FILE.search(path)
-            if m is None or m["product"] == "s2a":
+            if m is None or m["product"] not in ("s1", self.s2_dir):
                 ignored.append(full)
                 continue
             by_acq = found.setdefault(m["loc"], {}).setdefault(m["product"], {})
@@ -125,7 +139,7 @@ class _Ssl4eo(Source):
         groups: list[PatchGroup] = []
         for loc in sorted(found):
             s1 = found[loc].get("s1", {})
-            s2 = found[loc].get("s2c", {})
+            s2 = found[loc].get(self.s2_dir, {})
             for k, (a1, a2) in enumerate(pair_seasons(sorted(s1), sorted(s2))):
                 files: dict[str, list[str]] = {}
                 for mod, acq, bands in (("s1", a1, s1), ("s2", a2, s2)):
@@ -182,7 +196,7 @@ class _Ssl4eo(Source):
         return assemble(group, reads, errors, options, None, self.grid_tolerance_m)
 
     def recognises(self, paths: list[str]) -> bool:
-        return any(_FILE.search(p) for p in paths)
+        return any((m := _FILE.search(p)) and m["product"] in ("s1", self.s2_dir) for p in paths)
 
 
 SSL4EO_SOURCE = _Ssl4eo(
@@ -197,4 +211,13 @@ SSL4EO_SOURCE = _Ssl4eo(
     # S1 and S2 were exported separately per location and are known to be offset by a few pixels:
     # a sample pairs them by location and season, and records each one's grid (``grids``).
     grid_tolerance_m=None,
+)
+
+SSL4EO_L2A_SOURCE = replace(
+    SSL4EO_SOURCE,
+    name="ssl4eo-s12-l2a",
+    title="SSL4EO-S12 (L2A)",
+    expected=SSL4EO_SOURCE.expected.replace("s2c/", "s2a/"),
+    modalities={"s1": SSL4EO_S1, "s2": SSL4EO_S2_L2A},
+    s2_dir="s2a",
 )

@@ -251,3 +251,23 @@ def test_bigearthnet_multilabel_classification_on_a_label_budget(ben_dataset, tm
     for name in ("map", "f1_micro", "f1_macro"):
         assert seed[name] is None or 0.0 <= seed[name] <= 1.0
     assert seed["map"] is not None
+
+
+def test_ssl4eo_l2a_is_read_by_name_with_its_own_band_table(ssl_tree, tmp_path):
+    out = tmp_path / "ds"
+    cfg = IngestConfig(
+        source=str(ssl_tree),
+        dataset=str(out),
+        workers=1,
+        progress=False,
+        split=SPLIT,
+        source_format="ssl4eo-s12-l2a",
+    )
+    assert run_ingest(cfg).written == 7
+    manifest = json.loads((out / "manifest.json").read_text())
+    bands = manifest["source"]["modalities"]["s2"]["bands"]
+    assert manifest["source"]["format"] == "ssl4eo-s12-l2a" and len(bands) == 12 and "B10" not in bands
+    assert "L2A" in manifest["source"]["modalities"]["s2"]["unit"]
+    with rasterio.open(next((ssl_tree / "s2a").glob("*/*/B11.tif"))) as ds:
+        assert ds.shape == (132, 132)  # 20 m
+    assert verify(str(out), deep=False) == []
