@@ -271,3 +271,32 @@ def test_ssl4eo_l2a_is_read_by_name_with_its_own_band_table(ssl_tree, tmp_path):
     with rasterio.open(next((ssl_tree / "s2a").glob("*/*/B11.tif"))) as ds:
         assert ds.shape == (132, 132)  # 20 m
     assert verify(str(out), deep=False) == []
+
+
+def test_bigearthnet_bad_patches_are_rejected_naming_the_file_and_the_reason(ben_tree, tmp_path):
+    import shutil
+
+    src = Path(shutil.copytree(ben_tree, tmp_path / "src"))
+    s2_folders = sorted((src / "BigEarthNet-v1.0").iterdir())
+    s1_folders = sorted((src / "BigEarthNet-S1-v1.0").iterdir())
+    (s2_folders[0] / f"{s2_folders[0].name}_B8A.tif").unlink()
+    meta = s2_folders[1] / f"{s2_folders[1].name}_labels_metadata.json"
+    doc = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**doc, "labels": ["Broadleaved forest"]}))
+    orphan = s1_folders[2] / f"{s1_folders[2].name}_labels_metadata.json"
+    doc = json.loads(orphan.read_text())
+    partner = doc["corresponding_s2_patch"]
+    orphan.write_text(json.dumps({**doc, "corresponding_s2_patch": "S2A_MSIL2A_20170613T101031_99_99"}))
+    cfg = IngestConfig(source=str(src), dataset=str(tmp_path / "ds"), workers=1, progress=False, split=SPLIT)
+    summary = run_ingest(cfg)
+    assert (summary.found, summary.written) == (10, 6)  # the orphan S1 is a sample; its S2 lost its S1
+    rejects = {
+        json.loads(line)["key"]: json.loads(line)
+        for line in (tmp_path / "ds" / "rejects.jsonl").read_text().splitlines()
+    }
+    assert "s2 band files missing: ['B8A']" in rejects[s2_folders[0].name]["reason"]
+    assert str(s2_folders[0]) in rejects[s2_folders[0].name]["errors"][0]["file"]
+    bad = rejects[s2_folders[1].name]["errors"][0]
+    assert bad["file"] == str(meta) and "unknown CORINE label(s) ['Broadleaved forest']" in bad["reason"]
+    assert "missing required modality s2" in rejects["S2A_MSIL2A_20170613T101031_99_99"]["reason"]
+    assert "missing required modality s1" in rejects[partner]["reason"]
