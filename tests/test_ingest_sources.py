@@ -63,6 +63,15 @@ def ssl_tree(tmp_path_factory) -> Path:
     return out
 
 
+def test_sample_data_writes_each_layout(tmp_path):
+    from eossl.launch.cli import main
+
+    for layout, patches in (("bigearthnet-mm", "2"), ("ssl4eo-s12", "1")):
+        out = tmp_path / layout
+        assert main(["sample-data", str(out), "--layout", layout, "--patches", patches]) == 0
+        assert detect_source(str(out)).name == layout
+
+
 def test_detection_names_the_source_and_refuses_a_mixed_tree(ben_tree, ssl_tree, tmp_path):
     assert detect_source(str(ben_tree)).name == "bigearthnet-mm"
     assert detect_source(str(ssl_tree)).name == "ssl4eo-s12"
@@ -242,6 +251,12 @@ def test_bigearthnet_multilabel_classification_on_a_label_budget(ben_dataset, tm
         check_grid_inputs(ClassifyConfig(**common))
     with pytest.raises(ValueError, match="its labels are bigearthnet19"):
         check_grid_inputs(ClassifyConfig(**{**common, "label": "igbp_simple"}, multilabel=True))
+    from eossl.eval.config import SegmentConfig
+
+    with pytest.raises(ValueError, match="no land-cover layer"):
+        check_grid_inputs(
+            SegmentConfig(dataset=str(ben_dataset), out=str(tmp_path / "seg"), inits=("random",))
+        )
     cfg = ClassifyConfig(**common, multilabel=True, probe=ProbeConfig(batch_size=4, knn_k=2))
     run_classification(cfg)
     cell = json.loads(next((tmp_path / "eval" / "cells").glob("*/metrics.json")).read_text())
