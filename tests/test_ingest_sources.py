@@ -315,3 +315,17 @@ def test_bigearthnet_bad_patches_are_rejected_naming_the_file_and_the_reason(ben
     assert bad["file"] == str(meta) and "unknown CORINE label(s) ['Broadleaved forest']" in bad["reason"]
     assert "missing required modality s2" in rejects["S2A_MSIL2A_20170613T101031_99_99"]["reason"]
     assert "missing required modality s1" in rejects[partner]["reason"]
+
+
+def test_streaming_selects_bands_by_the_dataset_band_table(ben_dataset):
+    from eossl.streaming.inputs import InputSpec, dataset_patch_size, stored_s2_bands
+
+    manifest = json.loads((ben_dataset / "manifest.json").read_text())
+    stored = stored_s2_bands(manifest)
+    assert stored == BEN_S2.bands and dataset_patch_size(manifest) == 120
+    spec = InputSpec.parse("s2", "B11,B12,B8A")
+    assert spec.stored_index(stored).tolist() == [10, 11, 8]  # SEN12MS's 13-band order would be 11, 12, 8
+    mean, _ = spec.normalisation(manifest)
+    assert mean.tolist() == pytest.approx([manifest["stats"]["s2"]["mean"][i] for i in (10, 11, 8)])
+    with pytest.raises(ValueError, match="stores no S2 band B10"):
+        InputSpec.parse("s2", "all").stored_index(stored)
