@@ -1,4 +1,4 @@
-"""Synthetic trees in the layouts of other sources (BigEarthNet-MM), for tests and trials.
+"""Synthetic trees in the layouts of other sources (BigEarthNet-MM, SSL4EO-S12), for tests and trials.
 
 The ground is made as for SEN12MS (``sample_data``: one land-cover map per patch behind both sensors,
 class spectra and backscatter, texture, speckle), then written the way the source stores it: one
@@ -6,15 +6,17 @@ GeoTIFF per band at the band's native resolution (20 m and 60 m bands as block m
 field, which is what a coarser detector integrates), the source's names, dtypes, metadata files and
 label spellings.
 
-Calibration of BigEarthNet-MM: the S2 class spectra are scaled per band so that their mean over the
-classes matches the published BigEarthNet-S2 band means (L2A x 10000: B01 341, B02 430, B03 614, B04
-590, B05 951, B06 1792, B07 2075, B08 2219, B8A 2266, B09 2246, B11 1594, B12 1009; the statistics every
-BigEarthNet model normalises with). S1 keeps the SEN12MS backscatter per class (BigEarthNet-S1 VV/VH
-means are -12.6 / -19.3 dB, within the range of those classes), unclipped as BigEarthNet-S1 stores it.
+Calibration of BigEarthNet-MM: the synthetic S2 is scaled per band (``l2a_gain``) so that its mean
+over a fixed calibration set of patches matches the published BigEarthNet-S2 band means (L2A x 10000:
+B01 341, B02 430, B03 614, B04 590, B05 951, B06 1792, B07 2075, B08 2219, B8A 2266, B09 2246, B11 1594,
+B12 1009; the statistics every BigEarthNet model normalises with). S1 keeps the SEN12MS backscatter per
+class (BigEarthNet-S1 VV/VH means are -12.6 / -19.3 dB, within the range of those classes), unclipped
+as BigEarthNet-S1 stores it. SSL4EO-S12's L1C is the SEN12MS-calibrated L1C (both are L1C x 10000).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from rasterio.transform import Affine
 from .bigearthnet import _S2_FILE_BAND, BEN_S2
 from .sample_data import _CLASSES, _IGBP_CODES, _S2_RES_M, _s1_patch, _s2_patch, _scene_maps, _smooth_fields
 
-__all__ = ["BEN_S2_MEANS", "write_bigearthnet_sample", "write_ssl4eo_sample"]
+__all__ = ["BEN_S2_MEANS", "l2a_gain", "write_bigearthnet_sample", "write_ssl4eo_sample"]
 
 # Published BigEarthNet-S2 (v1.0) band means, BEN_S2.bands order.
 BEN_S2_MEANS = (341.0, 430.0, 614.0, 590.0, 951.0, 1792.0, 2075.0, 2219.0, 2266.0, 2246.0, 1594.0, 1009.0)
@@ -53,10 +55,8 @@ _CORINE_OF_IGBP = {
     16: "Sparsely vegetated areas",
     17: "Water bodies",
 }
-_L2A_GAIN = np.array(BEN_S2_MEANS) / np.mean(
-    [np.array(_CLASSES[c].s2)[_S2_INDEX] for c in _IGBP_CODES], axis=0
-)
 _PIXEL_M = 10.0
+_CALIBRATION_PATCHES = 24
 
 
 def _block_mean(band: np.ndarray, factor: int) -> np.ndarray:
@@ -96,6 +96,24 @@ def _ground(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray
     )
     tex = np.stack([bright, vigour, np.zeros_like(bright), s1_tex])
     return classes, ground, tex
+
+
+@functools.cache
+def l2a_gain() -> dict[str, float]:
+    """Per-band factor (band name -> gain) from the synthetic L1C to BigEarthNet's L2A levels.
+
+    Measured once per process on a fixed set of synthetic patches (their own seeds, so the factor does
+    not depend on the tree being written): the ratio of the published BigEarthNet-S2 band means to the
+    synthetic L1C means. It stands for the atmospheric correction (haze removed from the blue bands,
+    little change in the NIR) and is applied to SSL4EO-S12's L2A product as well.
+    """
+    means = np.zeros(13)
+    for k in range(_CALIBRATION_PATCHES):
+        prng = np.random.default_rng([0, 99, k])
+        classes, ground, tex = _ground(prng, BEN_S2.size)
+        l1c, _ = _sensors(prng, classes, ground, tex)
+        means += l1c.reshape(13, -1).mean(axis=1) / _CALIBRATION_PATCHES
+    return {b: float(m / means[i]) for b, m, i in zip(BEN_S2.bands, BEN_S2_MEANS, _S2_INDEX, strict=True)}
 
 
 def _sensors(rng: np.random.Generator, classes, ground, tex) -> tuple[np.ndarray, np.ndarray]:
@@ -143,9 +161,9 @@ def write_bigearthnet_sample(
         classes, ground, tex = _ground(prng, size)
         l1c, s1 = _sensors(prng, classes, ground, tex)
         s2_dir, s1_dir = out / "BigEarthNet-v1.0" / s2_name, out / "BigEarthNet-S1-v1.0" / s1_name
-        for band, idx, gain in zip(BEN_S2.bands, _S2_INDEX, _L2A_GAIN, strict=True):
+        for band, idx in zip(BEN_S2.bands, _S2_INDEX, strict=True):
             factor = _RES[band] // 10
-            field = _block_mean(l1c[idx].astype(np.float64) * gain, factor)
+            field = _block_mean(l1c[idx].astype(np.float64) * l2a_gain()[band], factor)
             data = np.clip(np.rint(field), 1, 65535).astype(np.uint16)
             transform = Affine(_PIXEL_M * factor, 0.0, x, 0.0, -_PIXEL_M * factor, y)
             path = s2_dir / f"{s2_name}_{_S2_FILE_BAND[band]}.tif"
@@ -230,13 +248,11 @@ def write_ssl4eo_sample(
             s1_acq = (
                 f"S1A_IW_GRDH_1SDV_{date[:6]}{int(date[6:]) + 2:02d}T054156_{date}T054221_032063_03B4B6_E6F0"
             )
-            for product, bands, gain in (
-                ("s2c", bands13, 1.0),
-                ("s2a", tuple(b for b in bands13 if b != "B10"), 0.8),
-            ):
+            for product, bands in (("s2c", bands13), ("s2a", tuple(b for b in bands13 if b != "B10"))):
                 for band in bands:
                     idx = bands13.index(band)
                     factor = _S2_RES_M[idx] // 10
+                    gain = l2a_gain()[band] if product == "s2a" else 1.0
                     field = _block_mean(l1c[idx].astype(np.float64) * gain, factor)
                     data = np.clip(np.rint(field), 1, 65535).astype(np.uint16)
                     transform = Affine(_PIXEL_M * factor, 0.0, x, 0.0, -_PIXEL_M * factor, y)

@@ -22,7 +22,7 @@ from eossl.ingest.integrity import missing_dataset_reason
 from eossl.ingest.layout import NoPatchesError
 from eossl.ingest.read import _BadFile
 from eossl.ingest.sample_data import write_sample_data
-from eossl.ingest.sample_sources import write_bigearthnet_sample, write_ssl4eo_sample
+from eossl.ingest.sample_sources import BEN_S2_MEANS, write_bigearthnet_sample, write_ssl4eo_sample
 from eossl.ingest.sources import AmbiguousSourceError, detect_source
 from eossl.ingest.storage import DatasetRoot
 from eossl.ingest.verify import verify
@@ -163,6 +163,9 @@ def test_bigearthnet_ingests_verifies_and_records_its_source(ben_tree, ben_datas
     c = manifest["counts"]
     assert (c["patches_found"], c["samples_written"], c["rejected"]) == (9, 7, 2)
     assert "with_lc" not in c and manifest["stats"]["s2"]["bands"] == list(BEN_S2.bands)
+    # The synthetic tree is calibrated on BigEarthNet's published S2 band means (9 patches: within 40 %).
+    ratios = np.array(manifest["stats"]["s2"]["mean"]) / np.array(BEN_S2_MEANS)
+    assert np.all((ratios > 0.6) & (ratios < 1.4)), ratios.round(2)
     rejects = [json.loads(line) for line in (ben_dataset / "rejects.jsonl").read_text().splitlines()]
     reasons = sorted(r["reason"] for r in rejects)
     assert reasons[0].startswith("covered by clouds or cloud shadows (listed in patches_with_cloud")
