@@ -115,8 +115,9 @@ class ClassifyTask(GridTask):
 
     def title(self) -> str:
         cfg = self.cfg
+        source = "BigEarthNet-MM" if cfg.label == "bigearthnet19" else "SEN12MS"
         return (
-            f"SEN12MS scene classification, {cfg.label} {'multi' if cfg.multilabel else 'single'}-label, "
+            f"{source} scene classification, {cfg.label} {'multi' if cfg.multilabel else 'single'}-label, "
             f"{cfg.protocol}, {cfg.budget} labels, metric {cfg.headline}"
         )
 

@@ -141,8 +141,9 @@ def _add_classify(sub) -> None:
     g.add(
         "--label",
         "label",
-        "classes: igbp_simple (10) or igbp (17)",
-        choices=["igbp_simple", "igbp"],
+        "classes: igbp_simple (10) or igbp (17) for SEN12MS, bigearthnet19 (19, with --multilabel) for "
+        "BigEarthNet-MM",
+        choices=["igbp_simple", "igbp", "bigearthnet19"],
         metavar=None,
     )
     g.add("--multilabel", "multilabel", "multi-label targets", action="store_const", const=True)

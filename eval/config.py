@@ -170,7 +170,8 @@ class ClassifyConfig(GridConfig):
     """A scene classification grid (``eossl eval classify``); the shared fields are ``GridConfig``'s.
 
     Attributes:
-        label: 'igbp_simple' (10 classes) or 'igbp' (17).
+        label: 'igbp_simple' (10 classes) or 'igbp' (17); 'bigearthnet19' (19, multi-label) on a
+            BigEarthNet-MM dataset.
         multilabel: multi-label targets (classes above the ingest threshold) instead of the majority class.
         random_backbone: timm model for the random init (default: the first checkpoint's backbone).
         metric: headline metric of the table (default: overall_accuracy; mAP for multi-label).

@@ -54,18 +54,35 @@ def check_grid_inputs(cfg: GridConfig) -> list[BackboneSource]:
     from eossl.ingest.format import ZARR_DIR
     from eossl.ingest.integrity import read_manifest
     from eossl.ingest.storage import DatasetRoot
-    from eossl.streaming.inputs import InputSpec
+    from eossl.streaming.inputs import InputSpec, stored_s2_bands
     from eossl.streaming.zarr_dataset import LABEL_SCHEMES
 
     out = DatasetRoot(cfg.dataset)
-    read_manifest(out)  # says whether the path is missing, a source tree or an unfinished ingest
+    manifest = read_manifest(out)  # says whether the path is missing, a source tree or an unfinished ingest
     if not out.exists(f"{ZARR_DIR}/zarr.json"):
         raise ValueError(
             f"{out.path(ZARR_DIR)} not found: evaluation reads the Zarr store (ingest --formats zarr)"
         )
+    source = manifest.get("source")
+    if not isinstance(cfg, ClassifyConfig) and source is not None and "lc" not in source["modalities"]:
+        raise ValueError(
+            f"{cfg.dataset} is {source['title']}, which has no land-cover layer: segmentation evaluates on "
+            "SEN12MS's per-pixel labels"
+        )
+    if isinstance(cfg, ClassifyConfig) and source is not None and source["format"] != "sen12ms":
+        # Other sources carry their own label set (or none): say which, rather than fail on a missing array.
+        schemes = list(source.get("label_schemes", {}))
+        if not schemes:
+            raise ValueError(f"{cfg.dataset} is {source['title']}, which has no labels: pre-training only")
+        if cfg.label not in schemes:
+            raise ValueError(f"{cfg.dataset} is {source['title']}: its labels are {', '.join(schemes)}")
+        if not cfg.multilabel:
+            raise ValueError(f"{source['title']} labels are multi-label: evaluate with --multilabel")
     check_budget(cfg.budget, cfg.seeds, out)
     for column in cfg.inputs:
-        InputSpec.parse(column, cfg.s2_bands)  # raises on an unknown input or band
+        spec = InputSpec.parse(column, cfg.s2_bands)  # raises on an unknown input or band
+        if "s2" in spec.sensors:
+            spec.stored_index(stored_s2_bands(manifest))  # and on a band the dataset does not store
     # Scene labels here; a segmentation config checks its per-pixel labels when it is built.
     if isinstance(cfg, ClassifyConfig) and cfg.label not in LABEL_SCHEMES:
         raise ValueError(f"label must be one of {list(LABEL_SCHEMES)}, got {cfg.label!r}")

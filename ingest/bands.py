@@ -49,6 +49,8 @@ class Modality:
             out of the statistics. ``None`` for class codes, which are checked against a legend.
         max_plausible_std: dataset-wide standard deviation of one band above which the band's spread
             cannot come from real scenes (the manifest flags it). ``None``: not checked.
+        size: patch height and width in pixels on the stored grid (per source: SEN12MS 256, BigEarthNet
+            120, SSL4EO-S12 264).
     """
 
     name: str
@@ -59,6 +61,7 @@ class Modality:
     unit: str
     valid_range: tuple[float, float] | None = None
     max_plausible_std: float | None = None
+    size: int = PATCH_SIZE
 
     @property
     def channels(self) -> int:
@@ -66,7 +69,18 @@ class Modality:
 
     @property
     def shape_chw(self) -> tuple[int, int, int]:
-        return (self.channels, PATCH_SIZE, PATCH_SIZE)
+        return (self.channels, self.size, self.size)
+
+    def to_json(self) -> dict:
+        """The band table as the manifest records it (what a reader needs without eossl's code)."""
+        return {
+            "bands": list(self.bands),
+            "dtype": self.dtype,
+            "fill": "NaN" if self.fill != self.fill else self.fill,  # NaN is not strict JSON
+            "unit": self.unit,
+            "valid_range": list(self.valid_range) if self.valid_range is not None else None,
+            "size": self.size,
+        }
 
     @property
     def nbytes(self) -> int:

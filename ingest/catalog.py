@@ -132,8 +132,8 @@ def build_catalog(records: list[dict]) -> Catalog:
     }
     multi = np.zeros((n, 10), dtype=bool)
     for i, meta in enumerate(labels):
-        if meta["labels"]:
-            multi[i, [c - 1 for c in meta["labels"]["igbp_simple_multi"]]] = True
+        if meta["labels"]:  # labels of other sources (BigEarthNet) are not IGBP: no IGBP columns
+            multi[i, [c - 1 for c in meta["labels"].get("igbp_simple_multi", [])]] = True
     return Catalog(
         key=np.array(keys, dtype=str) if n else np.zeros(0, dtype="<U1"),
         scene_id=np.array(scenes, dtype=str) if n else np.zeros(0, dtype="<U1"),
@@ -143,10 +143,10 @@ def build_catalog(records: list[dict]) -> Catalog:
         has={m: np.array([m in w for w in members], dtype=bool) for m in MODALITY_NAMES},
         train=np.array([meta["split"] == "train" for meta in labels], dtype=bool),
         label_igbp=np.array(
-            [meta["labels"]["igbp"] if meta["labels"] else 0 for meta in labels], dtype=np.int16
+            [meta["labels"].get("igbp", 0) if meta["labels"] else 0 for meta in labels], dtype=np.int16
         ),
         label_igbp_simple=np.array(
-            [meta["labels"]["igbp_simple"] if meta["labels"] else 0 for meta in labels], dtype=np.int16
+            [meta["labels"].get("igbp_simple", 0) if meta["labels"] else 0 for meta in labels], dtype=np.int16
         ),
         multilabel_igbp_simple=multi,
         crc32c=crc32c,

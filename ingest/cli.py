@@ -91,6 +91,13 @@ def add_sample_data_arguments(p: argparse.ArgumentParser) -> None:
         help=f"random seed; same seed, same bytes (default {default('seed')})",
     )
     p.add_argument(
+        "--layout",
+        choices=("sen12ms", "bigearthnet-mm", "ssl4eo-s12"),
+        default="sen12ms",
+        help="source layout to write: SEN12MS triplets, BigEarthNet-MM S1/S2 patch folders or SSL4EO-S12 "
+        "locations (--patches locations x 4 seasons) (default sen12ms)",
+    )
+    p.add_argument(
         "--patches-per-scene",
         type=int,
         default=argparse.SUPPRESS,
@@ -102,6 +109,22 @@ def add_sample_data_arguments(p: argparse.ArgumentParser) -> None:
 def _run_sample_data(args: argparse.Namespace) -> int:
     from .sample_data import write_sample_data
 
+    if args.layout == "bigearthnet-mm":
+        from .sample_sources import write_bigearthnet_sample
+
+        options = given(
+            args, {"patches": "patches", "seed": "seed", "patches_per_scene": "patches_per_product"}
+        )
+        files = write_bigearthnet_sample(args.dir, **options)
+        print(f"wrote {len(files)} files (BigEarthNet-MM S1/S2 patch folders) to {args.dir}")
+        return 0
+    if args.layout == "ssl4eo-s12":
+        from .sample_sources import write_ssl4eo_sample
+
+        options = given(args, {"patches": "locations", "seed": "seed"})
+        files = write_ssl4eo_sample(args.dir, **options)
+        print(f"wrote {len(files)} GeoTIFFs (SSL4EO-S12 s1/, s2c/, s2a/) to {args.dir}")
+        return 0
     options = given(args, {"patches": "patches", "seed": "seed", "patches_per_scene": "patches_per_scene"})
     files = write_sample_data(args.dir, **options)
     print(f"wrote {len(files)} GeoTIFFs ({len(files) // 3} patches) to {args.dir}")  # s1, s2, lc per patch
@@ -109,7 +132,12 @@ def _run_sample_data(args: argparse.Namespace) -> int:
 
 
 # flag dest -> field, for IngestConfig and its read/split sections (--part and --shard-size are parsed)
-_INGEST_FIELDS = {"workers": "workers", "formats": "formats", "zarr_shard_samples": "zarr_shard_samples"}
+_INGEST_FIELDS = {
+    "workers": "workers",
+    "formats": "formats",
+    "zarr_shard_samples": "zarr_shard_samples",
+    "source_format": "source_format",
+}
 _READ_FIELDS = {
     "required": "required",
     "max_s1_invalid": "max_s1_invalid_fraction",
@@ -139,8 +167,28 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
         "finishes a dataset written by --part runs. Exit 0 when the run completed, also with "
         "rejected inputs."
     )
-    p.add_argument("source", help="SEN12MS root: ROIs*_<season>/{s1,s2,lc}_<scene>/*.tif")
+    from .sources import FORMAT_CHOICES
+
+    p.add_argument(
+        "source",
+        help="source tree: SEN12MS (ROIs*_<season>/{s1,s2,lc}_<scene>/*.tif), BigEarthNet-MM or SSL4EO-S12",
+    )
     p.add_argument("dataset", help="output dataset folder or URL")
+    p.add_argument(
+        "--source-format",
+        choices=FORMAT_CHOICES,
+        default=argparse.SUPPRESS,
+        help="layout of SOURCE; ssl4eo-s12 reads its L1C product, ssl4eo-s12-l2a its L2A one (default: "
+        "detected from the tree; an ambiguous tree is refused)",
+    )
+    p.add_argument(
+        "--reject-list",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="file naming samples to reject (first column, one per line), e.g. BigEarthNet's "
+        "patches_with_seasonal_snow.csv and patches_with_cloud_and_shadow.csv; repeatable (default: none)",
+    )
     p.add_argument(
         "--workers",
         type=int,
@@ -255,6 +303,8 @@ def _ingest_config(args: argparse.Namespace):
         options["part"] = parse_part(args.part)
     if "shard_size" in vars(args):
         options["shard_bytes"] = parse_size(args.shard_size)
+    if "reject_list" in vars(args):
+        options["reject_lists"] = tuple(args.reject_list)
     split = given(args, _SPLIT_FIELDS)
     if args.holdout_scenes:
         from .splits import read_scene_list

@@ -53,7 +53,7 @@ class IngestConfig:
     """Everything an ingest run needs.
 
     Attributes:
-        source: SEN12MS tree, local folder or fsspec URL.
+        source: source tree (SEN12MS, BigEarthNet-MM or SSL4EO-S12), local folder or fsspec URL.
         dataset: output folder or URL.
         formats: which outputs to keep: 'wds' (tar shards), 'zarr' (random access store).
         workers: parallel reader/writer processes (GeoTIFF decoding is CPU bound: one per core, see
@@ -68,6 +68,10 @@ class IngestConfig:
         split: split and subset options.
         progress: show a progress bar.
         command: the command line, recorded in the manifest.
+        source_format: the source collection (``sen12ms``, ``bigearthnet-mm``, ``ssl4eo-s12``); None:
+            detected from the tree (``sources.detect_source``).
+        reject_lists: files naming samples the dataset's authors list as unusable (BigEarthNet's
+            seasonal snow and cloud/shadow lists); each is rejected with the list's reason.
     """
 
     source: str
@@ -81,6 +85,8 @@ class IngestConfig:
     split: SplitOptions = field(default_factory=SplitOptions)
     progress: bool = True
     command: tuple[str, ...] = ()
+    source_format: str | None = None
+    reject_lists: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         bad = [f for f in self.formats if f not in FORMATS]

@@ -32,6 +32,8 @@ from .format import (
 )
 from .integrity import manifest_digest
 from .shards import unit_record_path, unit_stats_path
+from .source import Source
+from .sources import get_source
 from .splits import budget_subset, non_overlapping, official_patch_name, official_scene_name, split_lines
 from .stats import BandStats, implausible_spread
 from .storage import DatasetRoot
@@ -73,18 +75,28 @@ def _load_records(out: DatasetRoot, plan: dict) -> list[dict]:
     return [json.loads(out.read_bytes(unit_record_path(u))) for u in range(plan["units"])]
 
 
-def _merged_stats(out: DatasetRoot, units: int) -> dict[str, BandStats]:
-    stats = {m: BandStats.empty(m) for m in ("s1", "s2")}
+def _merged_stats(out: DatasetRoot, units: int, source: Source) -> dict[str, BandStats]:
+    tables = source.modalities
+    stats = {m: BandStats.empty(m, tables[m]) for m in ("s1", "s2") if m in tables}
     for u in range(units):
         with np.load(io.BytesIO(out.read_bytes(unit_stats_path(u)))) as data:
             for mod in stats:
-                stats[mod] = stats[mod].merge(BandStats.from_arrays(mod, data, f"{mod}_"))
+                stats[mod] = stats[mod].merge(BandStats.from_arrays(mod, data, f"{mod}_", tables[mod]))
     return stats
 
 
-def _label_summary(samples: list[dict]) -> dict:
+def _label_summary(samples: list[dict], source: Source) -> dict:
     summary: dict = {"with_labels": sum(1 for s in samples if s["labels"]), "without_labels": 0}
     summary["without_labels"] = len(samples) - summary["with_labels"]
+    if source.name != "sen12ms":
+        # Multi-label sources (BigEarthNet): per class, the samples that carry it; no majority class.
+        for scheme, classes in source.label_schemes.items():
+            multi = np.zeros(len(classes), np.int64)
+            for s in samples:
+                for c in (s["labels"] or {}).get(f"{scheme}_multi", []):
+                    multi[c - 1] += 1
+            summary[scheme] = {"classes": list(classes), "multi_label": multi.tolist()}
+        return summary
     for scheme, classes in (("igbp", IGBP_CLASSES), ("igbp_simple", IGBP_SIMPLE_CLASSES)):
         single = np.zeros(len(classes), np.int64)
         multi = np.zeros(len(classes), np.int64)
@@ -102,16 +114,32 @@ def _label_summary(samples: list[dict]) -> dict:
     return summary
 
 
-def _subsets(samples: list[dict], budgets: list[int], seeds: list[int]) -> tuple[dict, dict, list[str]]:
+def stratum_label(labels: dict | None, source: Source) -> int:
+    """The class a label budget stratifies a sample by (0: unlabelled, never drawn).
+
+    SEN12MS: the simplified IGBP majority class. Multi-label sources have no majority class: the lowest
+    class code among the sample's labels stands for it, so that every class still reaches the budget.
+    """
+    if not labels:
+        return 0
+    if source.name == "sen12ms":
+        return labels["igbp_simple"]
+    codes = [c for scheme in source.label_schemes for c in labels.get(f"{scheme}_multi", [])]
+    return min(codes) if codes else 0
+
+
+def _subsets(
+    samples: list[dict], budgets: list[int], seeds: list[int], source: Source
+) -> tuple[dict, dict, list[str]]:
     """Non-overlapping mask and label-budget index lists (indices are rows in dataset order)."""
     n = len(samples)
     scene = [s["scene_id"] for s in samples]
     crs = [s["crs"] for s in samples]
     transforms = np.array([s["transform"] for s in samples], dtype=np.float64).reshape(n, 6)
-    keep = non_overlapping(scene, crs, transforms)
+    keep = non_overlapping(scene, crs, transforms, source.patch_size)
     train = np.array([s["split"] == "train" for s in samples], dtype=bool)
     test = np.array([s["split"] == "test" for s in samples], dtype=bool)
-    labels = np.array([s["labels"]["igbp_simple"] if s["labels"] else 0 for s in samples], dtype=np.int64)
+    labels = np.array([stratum_label(s["labels"], source) for s in samples], dtype=np.int64)
     subsets: dict[str, list[int]] = {}
     skipped: list[str] = []
     for b in budgets:
@@ -179,6 +207,7 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
     from .zarr_store import build_zarr  # noqa: PLC0415 - zarr is only needed here
 
     plan = _load_plan(out)
+    source = get_source(plan.get("source_format", "sen12ms"))
     records = _load_records(out, plan)
     samples = [s for r in records for s in r["samples"]]
     rejects = [rj for r in records for rj in r["rejects"]]
@@ -190,7 +219,7 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
         )
     options = plan["options"]
     split_opts = options["split"]
-    arrays, subsets, skipped = _subsets(samples, split_opts["budgets"], split_opts["budget_seeds"])
+    arrays, subsets, skipped = _subsets(samples, split_opts["budgets"], split_opts["budget_seeds"], source)
 
     out.write_bytes(REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects).encode())
     subsets_doc = {
@@ -201,9 +230,16 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
         "budgets": subsets,
         "label": "igbp_simple single-label, stratified; drawn from the train split",
     }
+    if source.name != "sen12ms":
+        subsets_doc["label"] = (
+            f"{', '.join(source.label_schemes) or 'no labels'}: stratified by each sample's lowest class "
+            "code; drawn from the train split"
+        )
     out.write_bytes(SUBSETS, json.dumps(subsets_doc).encode())
-    split_files = _write_split_files(out, samples)
-    stats = {m: st.summary() for m, st in _merged_stats(out, plan["units"]).items()}
+    # The benchmark's list files are SEN12MS's; other sources record their split in the manifest only.
+    split_files = _write_split_files(out, samples) if source.name == "sen12ms" else {}
+    merged = _merged_stats(out, plan["units"], source)
+    stats = {m: st.summary() for m, st in merged.items()}
     if "zarr" in options["formats"]:
         extra = {"non_overlapping": arrays["non_overlapping"]}
         for name, idx in subsets.items():
@@ -219,6 +255,7 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
             options["zarr_shard_samples"],
             workers,
             {"normalisation": stats, "splits": plan["splits"]},
+            source,
         )
     catalog = None
     if "wds" in options["formats"]:
@@ -244,34 +281,36 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
             "shards": WDS_LAYOUT,
             "zarr": "CHW",
             "zarr_path": ZARR_DIR if "zarr" in options["formats"] else None,
-            "members": {
-                "json": "metadata",
-                "s1.npy": "float32 VV,VH dB",
-                "s2.npy": "uint16 B1..B12 (B8A after B8)",
-                "lc.npy": "uint8 IGBP,LCCS_LC,LCCS_LU,LCCS_SH",
-            },
+            "members": _members(source),
         },
         "counts": {
             "patches_found": plan["patches_found"],
             "samples_written": len(samples),
             "rejected": len(rejects),
-            **{f"with_{m}": sum(1 for s in samples if s["modalities"][m]) for m in ("s1", "s2", "lc")},
+            **{f"with_{m}": sum(1 for s in samples if s["modalities"][m]) for m in source.modalities},
             "train": int(arrays["train"].sum()),
             "test": int(arrays["test"].sum()),
             "non_overlapping": int(arrays["non_overlapping"].sum()),
             # Pixels written as stored but kept out of the statistics (see docs/FORMAT.md).
             "invalid_pixels": {
-                m: sum(s.get(f"{m}_invalid_pixels", 0) for s in samples) for m in ("s1", "s2", "lc")
+                m: sum(s.get(f"{m}_invalid_pixels", 0) for s in samples) for m in source.modalities
             },
         },
         "shards": shards,
         "catalog": catalog,
         "stats": stats,
-        "flags": [msg for mod, summary in stats.items() for msg in implausible_spread(mod, summary)],
-        "labels": _label_summary(samples),
+        "flags": [
+            msg
+            for mod, summary in stats.items()
+            for msg in implausible_spread(mod, summary, source.modalities[mod])
+        ],
+        "labels": _label_summary(samples, source),
         "splits": _split_summary(plan, split_opts, split_files),
         "subsets": {"budgets": {k: len(v) for k, v in subsets.items()}, "skipped": skipped},
     }
+    manifest["source"] = source.manifest_fields()
+    if "reject_lists" in plan:
+        manifest["source"]["reject_lists"] = plan["reject_lists"]
     manifest["manifest_sha256"] = manifest_digest(manifest)
     out.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
     remove_progress(out)
@@ -286,6 +325,21 @@ def remove_progress(out: DatasetRoot) -> None:
     them behind; the next run of the same command (which finds the manifest) removes them.
     """
     out.remove(PROGRESS_DIR)
+
+
+def _members(source: Source) -> dict[str, str]:
+    """What each tar member holds, in words (SEN12MS's wording kept as it always was)."""
+    if source.name == "sen12ms":
+        return {
+            "json": "metadata",
+            "s1.npy": "float32 VV,VH dB",
+            "s2.npy": "uint16 B1..B12 (B8A after B8)",
+            "lc.npy": "uint8 IGBP,LCCS_LC,LCCS_LU,LCCS_SH",
+        }
+    return {
+        "json": "metadata",
+        **{f"{m}.npy": f"{t.dtype} {','.join(t.bands)}" for m, t in source.modalities.items()},
+    }
 
 
 def merge(dataset: str, workers: int | None = None, command: tuple[str, ...] = ()) -> dict:

@@ -78,6 +78,14 @@ def missing_dataset_reason(out: DatasetRoot) -> str:
             f"{where} holds SEN12MS archives (e.g. {archives[0]}), not an eossl dataset: extract them, "
             f"run `eossl ingest` on the extracted folder, and pass the dataset it writes"
         )
+    from .sources import recognised_sources  # noqa: PLC0415 - only on this failure path (reads rasterio)
+
+    found = recognised_sources(fs, root)
+    if found:
+        return (
+            f"{where} looks like a {found[0].title} source tree, not an eossl dataset: run "
+            f"`eossl ingest {where} DATASET` first and pass DATASET"
+        )
     return f"{where} has no {MANIFEST}: not an eossl dataset (write one with `eossl ingest SOURCE DATASET`)"
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "NoPatchesError",
     "PatchGroup",
     "PatchId",
+    "SampleId",
     "SourceListing",
     "find_source_files",
     "parse_patch_file",
@@ -69,13 +70,38 @@ class PatchId:
         """WebDataset / Zarr sample key, e.g. ``ROIs1158_spring_1_p30`` (no dots: WebDataset splits there)."""
         return f"{self.roi}_{self.season}_{self.scene}_p{self.patch}"
 
+    def metadata(self) -> dict[str, str | int]:
+        """The identity fields a sample's JSON member and the Zarr store carry."""
+        return {"roi": self.roi, "season": self.season, "scene": self.scene, "patch": self.patch}
+
+
+@dataclass(frozen=True, order=True)
+class SampleId:
+    """Identity of one sample of a source other than SEN12MS (see ``source.py``).
+
+    Attributes:
+        scene_id: the unit a split keeps on one side (overlapping or co-acquired samples share it:
+            a BigEarthNet S2 product, an SSL4EO-S12 location).
+        key: WebDataset / Zarr sample key (no dots).
+        fields: the source's own identity fields, written into the sample JSON and the Zarr store.
+    """
+
+    scene_id: str
+    key: str
+    fields: tuple[tuple[str, str | int], ...] = ()
+
+    def metadata(self) -> dict[str, str | int]:
+        return dict(self.fields)
+
 
 @dataclass
 class PatchGroup:
     """The files found for one patch: modality name -> list of paths/URLs (more than one is a defect)."""
 
-    pid: PatchId
+    pid: PatchId | SampleId
     files: dict[str, list[str]] = field(default_factory=dict)
+    # Set when the group is refused before reading (a patch the dataset's authors list as unusable).
+    reject_reason: str | None = None
 
     @property
     def key(self) -> str:

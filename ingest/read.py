@@ -75,6 +75,9 @@ class Sample:
     files: dict[str, str]
     invalid: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> (C, H, W) bool mask
     labels: PatchLabels | None = None
+    # modality -> {"crs", "transform"} of its own file, recorded for sources whose modalities need not
+    # share one grid exactly (empty for SEN12MS, whose modalities must).
+    grids: dict[str, dict] = field(default_factory=dict)
 
     def invalid_pixels(self, modality: str) -> int:
         """Invalid pixels of one modality, all bands together (0 when the patch lacks it)."""

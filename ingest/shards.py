@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bands import MODALITIES
 from .catalog import member_crc32c
 from .format import (
     FORMAT_VERSION,
@@ -29,7 +28,9 @@ from .format import (
     shard_name,
 )
 from .layout import PatchGroup
-from .read import ReadOptions, Reject, Sample, read_patch
+from .read import ReadOptions, Reject, Sample
+from .source import SEN12MS_SOURCE, Source
+from .sources import get_source
 from .stats import BandStats
 from .storage import DatasetRoot
 
@@ -66,27 +67,32 @@ def _relative(path: str, source: str) -> str:
     return path
 
 
-def sample_metadata(sample: Sample, group: PatchGroup, split: str, source: str) -> dict:
-    """The JSON member of a sample: identity, georeference, availability, labels, split, provenance."""
+def sample_metadata(
+    sample: Sample, group: PatchGroup, split: str, source: str, kind: Source = SEN12MS_SOURCE
+) -> dict:
+    """The JSON member of a sample: identity, georeference, availability, labels, split, provenance.
+
+    ``kind`` is the source collection: its identity fields and band tables (``source`` is the URL).
+    """
     pid = group.pid
+    tables = kind.modalities
     return {
         "key": sample.key,
-        "roi": pid.roi,
-        "season": pid.season,
-        "scene": pid.scene,
-        "patch": pid.patch,
+        **pid.metadata(),
         "scene_id": pid.scene_id,
         "crs": sample.crs,
         "transform": list(sample.transform),
-        "modalities": {m: m in sample.arrays for m in MODALITIES},
+        "modalities": {m: m in sample.arrays for m in tables},
         "layout": WDS_LAYOUT,
         "dtypes": {m: str(a.dtype) for m, a in sample.arrays.items()},
-        "bands": {m: list(MODALITIES[m].bands) for m in sample.arrays},
-        **{f"{m}_invalid_pixels": sample.invalid_pixels(m) for m in MODALITIES},
+        "bands": {m: list(tables[m].bands) for m in sample.arrays},
+        **{f"{m}_invalid_pixels": sample.invalid_pixels(m) for m in tables},
         "labels": sample.labels.to_json() if sample.labels is not None else None,
         "split": split,
         "files": {m: _relative(p, source) for m, p in sample.files.items()},
         "format_version": FORMAT_VERSION,
+        # Each modality's own grid, for sources whose modalities are paired by rule, not by grid.
+        **({"grids": sample.grids} if sample.grids else {}),
     }
 
 
@@ -125,14 +131,21 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> list[int]:
 
 
 def process_unit(
-    unit: Unit, out_url: str, source: str, read_options: ReadOptions, splits: dict[str, str]
+    unit: Unit,
+    out_url: str,
+    source: str,
+    read_options: ReadOptions,
+    splits: dict[str, str],
+    source_format: str = "sen12ms",
 ) -> dict:
     """Read, validate and write one unit; return its record (also stored as JSON).
 
-    ``splits`` maps each sample key of the unit to its split ('train' or 'test').
+    ``splits`` maps each sample key of the unit to its split ('train' or 'test'); ``source_format``
+    names the source collection (``sources.get_source``) that reads the unit's groups.
     """
     out = DatasetRoot(out_url)
-    stats = {m: BandStats.empty(m) for m in ("s1", "s2")}
+    kind = get_source(source_format)
+    stats = {m: BandStats.empty(m, kind.modalities[m]) for m in ("s1", "s2") if m in kind.modalities}
     samples: list[dict] = []
     members: list[dict[str, list[int]]] = []  # per sample: member -> [offset, size, crc32c] in the tar
     rejects: list[dict] = []
@@ -143,14 +156,14 @@ def process_unit(
     with ExitStack() as stack:
         writer = tar = None
         for group in unit.groups:
-            result = read_patch(group, read_options)
+            result = kind.read(group, read_options)
             if isinstance(result, Reject):
                 rejects.append(result.to_json())
                 continue
             if tar is None:
                 writer = _HashingWriter(stack.enter_context(out.open_atomic(shard)))
                 tar = stack.enter_context(tarfile.open(fileobj=writer, mode="w", format=tarfile.USTAR_FORMAT))
-            meta = sample_metadata(result, group, splits[group.key], source)
+            meta = sample_metadata(result, group, splits[group.key], source, kind)
             where = {
                 "json": _add_member(tar, f"{result.key}.json", json.dumps(meta, sort_keys=True).encode())
             }

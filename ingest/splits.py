@@ -242,7 +242,9 @@ def scene_split(
     return {s: ("test" if s in test else "train") for s in unique}
 
 
-def non_overlapping(scene_ids: Sequence[str], crs: Sequence[str], transforms: np.ndarray) -> np.ndarray:
+def non_overlapping(
+    scene_ids: Sequence[str], crs: Sequence[str], transforms: np.ndarray, size: int = PATCH_SIZE
+) -> np.ndarray:
     """First-come-first-served subset of patches that do not overlap any earlier kept patch of their scene.
 
     SEN12MS cuts scenes on a 128 px stride, so neighbours share up to half their area. Walking the
@@ -254,6 +256,7 @@ def non_overlapping(scene_ids: Sequence[str], crs: Sequence[str], transforms: np
         scene_ids: scene of each sample, in dataset order.
         crs: CRS string of each sample.
         transforms: (N, 6) affine coefficients (a, b, c, d, e, f) of each sample.
+        size: patch height and width in pixels (the dataset's; SEN12MS 256).
     Returns:
         (N,) bool mask of kept samples.
     """
@@ -261,7 +264,7 @@ def non_overlapping(scene_ids: Sequence[str], crs: Sequence[str], transforms: np
     kept: dict[tuple[str, str], list[tuple[float, float, float, float]]] = defaultdict(list)
     for i, (scene, c, t) in enumerate(zip(scene_ids, crs, transforms, strict=True)):
         a, _, x0, _, e, y0 = (float(v) for v in t)
-        x1, y1 = x0 + a * PATCH_SIZE, y0 + e * PATCH_SIZE
+        x1, y1 = x0 + a * size, y0 + e * size
         box = (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
         others = kept[(scene, c)]
         # Strict inequalities: patches that only touch along an edge do not overlap.

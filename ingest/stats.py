@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bands import MODALITIES
+from .bands import MODALITIES, Modality
 
 __all__ = ["PERCENTILES", "BandStats", "S1_HIST_RANGE", "S1_HIST_STEP", "implausible_spread"]
 
@@ -32,11 +32,11 @@ S1_HIST_STEP = 0.01
 _IQR_PER_STD = 1.349  # interquartile range of a normal distribution, in standard deviations
 
 
-def _bins_for(modality: str) -> int:
+def _bins_for(modality: str, table: Modality | None = None) -> int:
     if modality == "s1":
         lo, hi = S1_HIST_RANGE
         return int(round((hi - lo) / S1_HIST_STEP))
-    return int(np.iinfo(MODALITIES[modality].dtype).max) + 1
+    return int(np.iinfo((table or MODALITIES[modality]).dtype).max) + 1
 
 
 @dataclass
@@ -51,10 +51,15 @@ class BandStats:
     minimum: np.ndarray  # (C,) float64
     maximum: np.ndarray  # (C,) float64
     hist: np.ndarray  # (C, bins) int64
+    table: Modality | None = None  # the source's band table (None: SEN12MS's)
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        return (self.table or MODALITIES[self.modality]).bands
 
     @classmethod
-    def empty(cls, modality: str) -> BandStats:
-        c = MODALITIES[modality].channels
+    def empty(cls, modality: str, table: Modality | None = None) -> BandStats:
+        c = (table or MODALITIES[modality]).channels
         return cls(
             modality=modality,
             count=np.zeros(c, np.int64),
@@ -62,7 +67,8 @@ class BandStats:
             total_sq=np.zeros(c, np.float64),
             minimum=np.full(c, np.inf),
             maximum=np.full(c, -np.inf),
-            hist=np.zeros((c, _bins_for(modality)), np.int64),
+            hist=np.zeros((c, _bins_for(modality, table)), np.int64),
+            table=table,
         )
 
     def update(self, chw: np.ndarray, valid: np.ndarray | None = None) -> None:
@@ -103,6 +109,7 @@ class BandStats:
             minimum=np.minimum(self.minimum, other.minimum),
             maximum=np.maximum(self.maximum, other.maximum),
             hist=self.hist + other.hist,
+            table=self.table,
         )
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
@@ -117,7 +124,7 @@ class BandStats:
         }
 
     @classmethod
-    def from_arrays(cls, modality: str, data, prefix: str) -> BandStats:
+    def from_arrays(cls, modality: str, data, prefix: str, table: Modality | None = None) -> BandStats:
         return cls(
             modality=modality,
             count=np.asarray(data[f"{prefix}count"]),
@@ -126,6 +133,7 @@ class BandStats:
             minimum=np.asarray(data[f"{prefix}min"]),
             maximum=np.asarray(data[f"{prefix}max"]),
             hist=np.asarray(data[f"{prefix}hist"]),
+            table=table,
         )
 
     def _percentile(self, c: int, q: float) -> float:
@@ -152,7 +160,7 @@ class BandStats:
         channels = range(len(self.count))
         quartiles = np.array([[self._percentile(c, q) for c in channels] for q in (25.0, 75.0)])
         return {
-            "bands": list(MODALITIES[self.modality].bands),
+            "bands": list(self.bands),
             "count": [int(v) for v in self.count],
             "mean": clean(mean),
             "std": clean(std),
@@ -165,11 +173,11 @@ class BandStats:
         }
 
 
-def implausible_spread(modality: str, summary: dict) -> list[str]:
+def implausible_spread(modality: str, summary: dict, table: Modality | None = None) -> list[str]:
     """One message per band of ``summary`` (from :meth:`BandStats.summary`) whose std exceeds the
     modality's ``max_plausible_std``: such a spread means values that are not measurements entered the
     statistics, and every view normalised with them would be noise."""
-    bound = MODALITIES[modality].max_plausible_std
+    bound = (table or MODALITIES[modality]).max_plausible_std
     if bound is None:
         return []
     return [

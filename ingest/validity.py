@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .bands import LC_LEGENDS, MODALITIES
+from .bands import LC_LEGENDS, MODALITIES, Modality
 
 __all__ = ["invalid_mask", "invalid_reason", "worst_band_fraction"]
 
@@ -25,15 +25,18 @@ def _legend_lut(codes: frozenset[int]) -> np.ndarray:
 _LC_LUTS = np.stack([_legend_lut(codes) for codes in LC_LEGENDS])  # (4, 256) True = in the legend
 
 
-def invalid_mask(modality: str, chw: np.ndarray, nodata: float | None = None) -> np.ndarray:
+def invalid_mask(
+    modality: str, chw: np.ndarray, nodata: float | None = None, table: Modality | None = None
+) -> np.ndarray:
     """Boolean (C, H, W) mask, True where a pixel is not a valid measurement of ``modality``.
 
     Args:
         modality: ``s1``, ``s2`` or ``lc``.
         chw: the patch in eossl's stored dtype (``lc`` must already be uint8).
         nodata: the GeoTIFF's declared nodata value, if any.
+        table: the source's band table of ``modality`` (default: SEN12MS's).
     """
-    mod = MODALITIES[modality]
+    mod = table or MODALITIES[modality]
     if modality == "lc":
         return ~np.take_along_axis(_LC_LUTS, chw.reshape(chw.shape[0], -1).astype(np.intp), axis=1).reshape(
             chw.shape
@@ -55,9 +58,9 @@ def worst_band_fraction(invalid: np.ndarray) -> float:
     return float(invalid.reshape(invalid.shape[0], -1).mean(axis=1).max())
 
 
-def invalid_reason(modality: str, fraction: float, limit: float) -> str:
+def invalid_reason(modality: str, fraction: float, limit: float, table: Modality | None = None) -> str:
     """Reject reason that says what was counted as invalid and what the limit is."""
-    mod = MODALITIES[modality]
+    mod = table or MODALITIES[modality]
     if modality == "s1":
         lo, hi = mod.valid_range
         what = f"NaN/Inf/nodata pixels or values outside [{lo:g}, {hi:g}] dB"

@@ -20,7 +20,6 @@ from multiprocessing import get_context
 
 import numpy as np
 
-from .bands import MODALITIES
 from .catalog import member_crc32c
 from .dali_index import index_text_from_catalog
 from .format import (
@@ -34,6 +33,7 @@ from .format import (
     decode_member,
 )
 from .integrity import DatasetCorruptError, missing_dataset_reason, read_catalog, read_manifest
+from .sources import source_of_manifest
 from .storage import DatasetRoot
 
 __all__ = ["verify"]
@@ -64,6 +64,7 @@ class _ShardJob:
     first_row: int
     deep: bool
     zarr: bool  # compare arrays with the Zarr rows (deep, and the dataset has a Zarr store)
+    modalities: tuple[str, ...]  # the dataset's modalities (its source's band tables)
     catalog: dict[str, np.ndarray] | None  # member -> (samples, 3) offset, size, crc32c; None: unchecked
 
 
@@ -158,7 +159,7 @@ def _sample_checks(
     group, zkeys = zarr_rows
     if group is not None and i < len(zkeys) and zkeys[i] == key:  # a key mismatch is reported once, globally
         row = job.first_row + i
-        for mod in MODALITIES:
+        for mod in job.modalities:
             data = members.get(f"{mod}.npy")
             # Compare bytes, not values: NaN != NaN, and bit-exactness is the claim.
             if data is not None and decode_member(data, "CHW").tobytes() != group[mod][row].tobytes():
@@ -257,6 +258,7 @@ def verify(dataset: str, deep: bool = False, workers: int = 1) -> list[str]:
         )
 
     formats = manifest["options"]["formats"]
+    tables = source_of_manifest(manifest).modalities
     shard_keys: list[str] = []
     shard_members: list[set[str]] = []
     n = counts["samples_written"]
@@ -269,7 +271,7 @@ def verify(dataset: str, deep: bool = False, workers: int = 1) -> list[str]:
             return [*problems, f"{out.path(ZARR_DIR)} cannot be opened: {exc}"]
         except UnsupportedFormatError as exc:
             return [*problems, str(exc)]
-        for mod, m in MODALITIES.items():
+        for mod, m in tables.items():
             if mod not in group or group[mod].shape != (n, *m.shape_chw):
                 zarr_problems.append(f"{ZARR_DIR}/{mod} missing or not of shape {(n, *m.shape_chw)}")
         zkeys = [str(k) for k in group["key"][:]] if "key" in group else []
@@ -287,7 +289,14 @@ def verify(dataset: str, deep: bool = False, workers: int = 1) -> list[str]:
         firsts = np.cumsum([0] + [s["samples"] for s in manifest["shards"]])
         compare = deep and group is not None and not zarr_problems
         jobs = [
-            _ShardJob(shard, int(first), deep, compare, _catalog_rows(catalog, int(first), shard["samples"]))
+            _ShardJob(
+                shard,
+                int(first),
+                deep,
+                compare,
+                tuple(tables),
+                _catalog_rows(catalog, int(first), shard["samples"]),
+            )
             for shard, first in zip(manifest["shards"], firsts[:-1], strict=True)
         ]
         for res in _run_jobs(out.url, jobs, workers):
@@ -305,7 +314,7 @@ def verify(dataset: str, deep: bool = False, workers: int = 1) -> list[str]:
     if group is not None and "wds" in formats and not problems:
         if zkeys != shard_keys:
             problems.append("Zarr keys and shard keys differ (order or content)")
-        for mod in MODALITIES:
+        for mod in tables:
             has = group[f"has_{mod}"][:]
             in_tar = np.array([f"{mod}.npy" in m for m in shard_members], dtype=bool)
             if not np.array_equal(has, in_tar):

@@ -23,19 +23,26 @@ from multiprocessing import get_context
 import fsspec
 from tqdm import tqdm
 
-from .bands import MODALITIES
 from .config import IngestConfig
 from .format import MANIFEST, PROGRESS_DIR
 from .integrity import read_manifest
-from .layout import SourceListing, require_patches, scan_source
+from .layout import NoPatchesError, SourceListing
 from .shards import Unit, process_unit, unit_record_path
+from .source import SEN12MS_SOURCE, Source
+from .sources import detect_source, get_source, no_source_message
 from .splits import patch_list_split, read_patch_list, scene_split
 from .storage import DatasetRoot
 
 __all__ = ["IngestError", "IngestSummary", "plan_units", "run_ingest"]
 
-# Bytes of one complete triplet in the shards (s1 + s2 + lc + headers): sets samples per shard.
-FULL_SAMPLE_BYTES = sum(m.nbytes for m in MODALITIES.values()) + 4096
+
+def full_sample_bytes(source: Source = SEN12MS_SOURCE) -> int:
+    """Bytes of one sample with every modality in the shards (+ headers): sets samples per shard."""
+    return sum(m.nbytes for m in source.modalities.values()) + 4096
+
+
+# SEN12MS's triplet (s1 + s2 + lc).
+FULL_SAMPLE_BYTES = full_sample_bytes()
 
 
 class IngestError(RuntimeError):
@@ -61,13 +68,13 @@ class IngestSummary:
         )
 
 
-def samples_per_shard(shard_bytes: int) -> int:
-    return max(1, shard_bytes // FULL_SAMPLE_BYTES)
+def samples_per_shard(shard_bytes: int, source: Source = SEN12MS_SOURCE) -> int:
+    return max(1, shard_bytes // full_sample_bytes(source))
 
 
-def plan_units(listing: SourceListing, cfg: IngestConfig) -> list[Unit]:
+def plan_units(listing: SourceListing, cfg: IngestConfig, source: Source = SEN12MS_SOURCE) -> list[Unit]:
     """Cut the sorted listing into shard-sized units; unit i is shard i, the same in every part."""
-    size = samples_per_shard(cfg.shard_bytes)
+    size = samples_per_shard(cfg.shard_bytes, source)
     staging = "wds" not in cfg.formats
     groups = listing.groups
     return [
@@ -134,6 +141,41 @@ def _unit_splits(unit: Unit, by_scene: dict[str, str], by_key: dict[str, str]) -
     return {g.key: by_key.get(g.key) or by_scene[g.pid.scene_id] for g in unit.groups}
 
 
+def apply_reject_lists(listing: SourceListing, lists: tuple[str, ...]) -> dict[str, dict]:
+    """Mark the samples named by the dataset authors' lists of unusable patches as refused.
+
+    A list is a text or CSV file with one sample key (BigEarthNet: the S2 patch name) in the first
+    column of each line; the file name says why (``patches_with_seasonal_snow.csv``,
+    ``patches_with_cloud_and_shadow.csv``), and the reject reason says so. Returns, per list, its sha256,
+    how many keys it names, and how many listed samples the source holds (for the plan).
+    """
+    info: dict = {"lists": {}}
+    reasons: dict[str, str] = {}
+    for path in lists:
+        with fsspec.open(path, "rb") as f:
+            data = f.read()
+        name = path.rsplit("/", 1)[-1]
+        keys = [line.split(",")[0].strip() for line in data.decode().splitlines()]
+        keys = [k for k in keys if k and not k.startswith("#")]
+        why = _LIST_REASONS.get(name.rsplit(".", 1)[0], "listed as unusable by the dataset's authors")
+        for k in keys:
+            reasons.setdefault(k, f"{why} (listed in {name})")
+        info["lists"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "listed": len(keys)}
+    found = 0
+    for g in listing.groups:
+        if g.key in reasons and g.reject_reason is None:
+            g.reject_reason = reasons[g.key]
+            found += 1
+    info["listed_and_present"] = found
+    return info
+
+
+_LIST_REASONS = {
+    "patches_with_seasonal_snow": "covered by seasonal snow",
+    "patches_with_cloud_and_shadow": "covered by clouds or cloud shadows",
+}
+
+
 def _check_plan(out: DatasetRoot, plan: dict) -> None:
     path = f"{PROGRESS_DIR}/plan.json"
     plan = json.loads(json.dumps(plan))  # tuples -> lists, as they come back from the file
@@ -166,17 +208,23 @@ def _check_final(out: DatasetRoot, plan: dict, manifest: dict) -> None:
 
 
 def _run_units(
-    units: list[Unit], cfg: IngestConfig, by_scene: dict[str, str], by_key: dict[str, str], bar: tqdm
+    units: list[Unit],
+    cfg: IngestConfig,
+    by_scene: dict[str, str],
+    by_key: dict[str, str],
+    bar: tqdm,
+    source_format: str,
 ) -> None:
     args = (cfg.dataset, cfg.source, cfg.read)
     if cfg.workers <= 1 or len(units) <= 1:
         for unit in units:
-            result = process_unit(unit, *args, _unit_splits(unit, by_scene, by_key))
+            result = process_unit(unit, *args, _unit_splits(unit, by_scene, by_key), source_format)
             bar.update(result["patches"])
         return
     with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=get_context("spawn")) as pool:
         pending = {
-            pool.submit(process_unit, unit, *args, _unit_splits(unit, by_scene, by_key)) for unit in units
+            pool.submit(process_unit, unit, *args, _unit_splits(unit, by_scene, by_key), source_format)
+            for unit in units
         }
         while pending:
             done, pending = wait(pending, return_when=FIRST_EXCEPTION)
@@ -192,24 +240,37 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     """Ingest this part of ``cfg.source`` into ``cfg.dataset``; finalize when it is the only part."""
     t0 = time.perf_counter()
     out = DatasetRoot(cfg.dataset)
-    listing = scan_source(cfg.source)
-    require_patches(listing)  # before anything is written into the dataset folder
+    source = get_source(cfg.source_format) if cfg.source_format else detect_source(cfg.source)
+    listing = source.scan(cfg.source)
+    try:
+        source.require(listing)  # before anything is written into the dataset folder
+    except NoPatchesError as exc:
+        if cfg.source_format:
+            raise
+        raise NoPatchesError(f"{exc}{no_source_message()}") from None
     if listing.ignored:
         examples = ", ".join(p.rsplit("/", 1)[-1] for p in listing.ignored[:3])
         print(
-            f"warning: ignoring {len(listing.ignored)} files that are not SEN12MS patches (e.g. {examples})",
+            f"warning: ignoring {len(listing.ignored)} files that are not {source.title} patches "
+            f"(e.g. {examples})",
             file=sys.stderr,
         )
-    units = plan_units(listing, cfg)
+    listed = apply_reject_lists(listing, cfg.reject_lists)
+    units = plan_units(listing, cfg, source)
     splits, split_info, by_key = _split_of_patches(listing, cfg)
     plan = {
         "listing_sha256": listing.digest,
         "patches_found": len(listing.groups),
         "units": len(units),
-        "samples_per_shard": samples_per_shard(cfg.shard_bytes),
+        "samples_per_shard": samples_per_shard(cfg.shard_bytes, source),
         "options": cfg.plan_options(),
         "splits": splits,
     }
+    if source.name != "sen12ms":
+        # Recorded only for other sources, so plans of SEN12MS datasets read as they always did.
+        plan["source_format"] = source.name
+    if cfg.reject_lists:
+        plan["reject_lists"] = listed
     if split_info["protocol"] == "patch_lists":
         # Only recorded for list splits, so plans of scene-split datasets read as they always did.
         plan["split_lists"] = split_info
@@ -246,7 +307,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
         file=sys.stderr,
         smoothing=0.1,
     ) as bar:
-        _run_units(todo, cfg, splits, by_key, bar)
+        _run_units(todo, cfg, splits, by_key, bar, source.name)
     part = {
         "part": [i, n],
         "units": [u.index for u in mine],

@@ -20,16 +20,32 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from .bands import IGBP_CLASSES, IGBP_SIMPLE_CLASSES, MODALITIES, PATCH_SIZE
+from .bands import IGBP_CLASSES, IGBP_SIMPLE_CLASSES
 from .format import FORMAT_NAME, FORMAT_VERSION, PROGRESS_DIR, ZARR_DIR, decode_member
+from .source import SEN12MS_SOURCE, Source
+from .sources import get_source
 from .storage import DatasetRoot
 from .writer import IngestError
 
-__all__ = ["COORDINATES", "build_zarr", "consolidate", "iter_shard_samples", "write_coordinates"]
+__all__ = [
+    "COORDINATES",
+    "build_zarr",
+    "consolidate",
+    "coordinate_names",
+    "iter_shard_samples",
+    "write_coordinates",
+]
+
 
 # Coordinate arrays: an array named after its dimension is that dimension's index in xarray, so
 # ``xr.open_zarr(path).s2.sel(s2_band="B4")`` and ``.sel(sample=KEY)`` select by name with no eossl code.
-COORDINATES = ("sample", *(f"{m}_band" for m in MODALITIES), "igbp", "igbp_simple", "coef")
+def coordinate_names(source: Source = SEN12MS_SOURCE) -> tuple[str, ...]:
+    """The coordinate arrays of a dataset of ``source``: sample keys, band names per modality, class
+    names per label scheme and the affine coefficients' names."""
+    return ("sample", *(f"{m}_band" for m in source.modalities), *source.label_schemes, "coef")
+
+
+COORDINATES = coordinate_names()  # a SEN12MS dataset's
 
 # zstd + bitshuffle halves S2 and shrinks S1 by a quarter (measured, docs/FORMAT.md); Zarr serves
 # random access for evaluation, where size on disk matters more than decode speed.
@@ -76,7 +92,11 @@ def _read_ranges(out: DatasetRoot, shard_path: str, ranges: list[tuple[int, int]
 
 
 def _write_block(
-    out_url: str, block: int, rows: tuple[int, int], reads: list[tuple[str, list[tuple[int, str, int, int]]]]
+    out_url: str,
+    block: int,
+    rows: tuple[int, int],
+    reads: list[tuple[str, list[tuple[int, str, int, int]]]],
+    source_format: str = "sen12ms",
 ) -> int:
     """Fill rows [start, stop) of every data array from the members that hold them.
 
@@ -85,14 +105,13 @@ def _write_block(
 
     Args:
         reads: (shard_path, [(row, modality, offset, size), ...]) per shard holding some of the rows.
+        source_format: the source collection, whose band tables give the arrays' shapes and fills.
     """
     out = DatasetRoot(out_url)
     group = zarr.open_group(out.zarr_store(ZARR_DIR), mode="r+", use_consolidated=False)
     start, stop = rows
-    blocks = {
-        m: np.full((stop - start, *MODALITIES[m].shape_chw), MODALITIES[m].fill, dtype=MODALITIES[m].dtype)
-        for m in MODALITIES
-    }
+    tables = get_source(source_format).modalities
+    blocks = {m: np.full((stop - start, *t.shape_chw), t.fill, dtype=t.dtype) for m, t in tables.items()}
     for shard_path, members in reads:
         datas = _read_ranges(out, shard_path, [(off, size) for _row, _mod, off, size in members])
         for (row, mod, off, size), data in zip(members, datas, strict=True):
@@ -116,17 +135,20 @@ def _create(group: zarr.Group, name: str, data: np.ndarray, dims: tuple[str, ...
     arr.attrs.update(attrs)
 
 
-def write_metadata_arrays(group: zarr.Group, samples: list[dict], extra: dict[str, np.ndarray]) -> None:
+def write_metadata_arrays(
+    group: zarr.Group, samples: list[dict], extra: dict[str, np.ndarray], source: Source = SEN12MS_SOURCE
+) -> None:
     """Per-sample metadata as plain arrays (readable by zarr/xarray without eossl)."""
     n = len(samples)
+    id_text = [f for f, kind in source.id_fields.items() if kind == "str"]
     text = {
         f: np.array([s[f] for s in samples], dtype=str) if n else np.zeros(0, dtype=str)
-        for f in ("key", "scene_id", "roi", "season", "crs", "split")
+        for f in ("key", "scene_id", *id_text, "crs", "split")
     }
     for field, values in text.items():
         _create(group, field, values, ("sample",))
-    _create(group, "scene", np.array([s["scene"] for s in samples], dtype=np.int32), ("sample",))
-    _create(group, "patch", np.array([s["patch"] for s in samples], dtype=np.int32), ("sample",))
+    for field in (f for f, kind in source.id_fields.items() if kind == "int"):
+        _create(group, field, np.array([s[field] for s in samples], dtype=np.int32), ("sample",))
     _create(
         group,
         "transform",
@@ -134,7 +156,7 @@ def write_metadata_arrays(group: zarr.Group, samples: list[dict], extra: dict[st
         ("sample", "coef"),
         description="affine a, b, c, d, e, f (rasterio order) of each patch",
     )
-    for mod in MODALITIES:
+    for mod in source.modalities:
         _create(
             group,
             f"has_{mod}",
@@ -142,7 +164,7 @@ def write_metadata_arrays(group: zarr.Group, samples: list[dict], extra: dict[st
             ("sample",),
             description=f"True where the patch has {mod}; elsewhere {mod} holds its fill value",
         )
-    for mod in MODALITIES:
+    for mod in source.modalities:
         _create(
             group,
             f"{mod}_invalid_pixels",
@@ -152,7 +174,11 @@ def write_metadata_arrays(group: zarr.Group, samples: list[dict], extra: dict[st
             "physical range, non-finite, nodata or not in the legend)",
         )
     labels = [s["labels"] for s in samples]
+    if source.name != "sen12ms":
+        _write_multilabels(group, labels, source)
     for scheme, classes in (("igbp", IGBP_CLASSES), ("igbp_simple", IGBP_SIMPLE_CLASSES)):
+        if source.name != "sen12ms":
+            break
         single = np.array([lab[scheme] if lab else 0 for lab in labels], dtype=np.int16)
         multi = np.zeros((n, len(classes)), dtype=bool)
         frac = np.zeros((n, len(classes)), dtype=np.float32)
@@ -182,13 +208,13 @@ def write_metadata_arrays(group: zarr.Group, samples: list[dict], extra: dict[st
         _create(group, name, values, ("sample",) if values.ndim == 1 else ("sample", "index"))
 
 
-def write_coordinates(group: zarr.Group, keys: np.ndarray) -> None:
-    """The coordinate arrays (``COORDINATES``): sample keys, band names, the class names of the
+def write_coordinates(group: zarr.Group, keys: np.ndarray, source: Source) -> None:
+    """The coordinate arrays (``coordinate_names(source)``): sample keys, band names, the class names of the
     multi-label and fraction arrays' second dimension and the names of the affine coefficients."""
     _create(group, "sample", keys, ("sample",), description="sample key (the same as `key`)")
-    for mod, m in MODALITIES.items():
+    for mod, m in source.modalities.items():
         _create(group, f"{mod}_band", np.array(m.bands, dtype=str), (f"{mod}_band",))
-    for scheme, classes in (("igbp", IGBP_CLASSES), ("igbp_simple", IGBP_SIMPLE_CLASSES)):
+    for scheme, classes in source.label_schemes.items():
         _create(group, scheme, np.array(list(classes), dtype=str), (scheme,))
     _create(group, "coef", np.array(list("abcdef"), dtype=str), ("coef",), description="affine coefficient")
 
@@ -205,6 +231,35 @@ def consolidate(store) -> None:
         # xarray read it, and a reader that ignores it reads the arrays' own metadata.
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
         zarr.consolidate_metadata(store)
+
+
+def _write_multilabels(group: zarr.Group, labels: list[dict | None], source: Source) -> None:
+    """``multilabel_<scheme>`` (N, classes) bool for a multi-label source, and ``label_<scheme>`` (N,):
+    the lowest class code of each sample (0: no class), which is what label budgets stratify by and
+    what marks a sample as labelled; there is no majority class."""
+    for scheme, classes in source.label_schemes.items():
+        multi = np.zeros((len(labels), len(classes)), dtype=bool)
+        for i, lab in enumerate(labels):
+            if lab:
+                multi[i, [c - 1 for c in lab.get(f"{scheme}_multi", [])]] = True
+        lowest = np.where(multi.any(axis=1), multi.argmax(axis=1) + 1, 0).astype(np.int16)
+        _create(
+            group,
+            f"label_{scheme}",
+            lowest,
+            ("sample",),
+            classes=list(classes),
+            description="lowest class code of the sample's labels, 1-based; 0 = no class (multi-label "
+            f"source: the labels are multilabel_{scheme})",
+        )
+        _create(
+            group,
+            f"multilabel_{scheme}",
+            multi,
+            ("sample", scheme),
+            classes=list(classes),
+            description="the sample's classes (multi-label, from the source's label metadata)",
+        )
 
 
 def _os_error(exc: BaseException | None) -> OSError | None:
@@ -227,6 +282,7 @@ def build_zarr(
     shard_samples: int,
     workers: int,
     attrs: dict,
+    source: Source = SEN12MS_SOURCE,
 ) -> None:
     """Create (or resume) ``data.zarr`` with data arrays filled from ``shards`` and metadata arrays.
 
@@ -238,7 +294,7 @@ def build_zarr(
             written are kept (their markers), so the same command finishes the store once there is space.
     """
     try:
-        _build_zarr(out, shards, samples, members, extra, shard_samples, workers, attrs)
+        _build_zarr(out, shards, samples, members, extra, shard_samples, workers, attrs, source)
     except Exception as exc:
         cause = _os_error(exc)
         if cause is None:
@@ -260,12 +316,13 @@ def _build_zarr(
     shard_samples: int,
     workers: int,
     attrs: dict,
+    source: Source,
 ) -> None:
     n = len(samples)
     store = out.zarr_store(ZARR_DIR)
     # Not through consolidated metadata: a resumed build re-creates arrays, which would make it stale.
     group = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
-    for mod, m in MODALITIES.items():
+    for mod, m in source.modalities.items():
         existing = group.get(mod)
         if existing is not None and existing.shape == (n, *m.shape_chw):
             continue
@@ -280,11 +337,14 @@ def _build_zarr(
             dimension_names=("sample", f"{mod}_band", "y", "x"),
             overwrite=True,
         ).attrs.update({"bands": list(m.bands), "unit": m.unit, "layout": "CHW"})
-    write_metadata_arrays(group, samples, extra)
-    write_coordinates(group, np.array([s["key"] for s in samples], dtype=str) if n else np.zeros(0, str))
-    group.attrs.update(
-        {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "patch_size": PATCH_SIZE, **attrs}
+    write_metadata_arrays(group, samples, extra, source)
+    write_coordinates(
+        group, np.array([s["key"] for s in samples], dtype=str) if n else np.zeros(0, str), source
     )
+    head = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "patch_size": source.patch_size}
+    if source.name != "sen12ms":
+        head["source_format"] = source.name
+    group.attrs.update({**head, **attrs})
 
     shard_of_row = np.repeat(np.arange(len(shards)), [s["samples"] for s in shards])
     if len(shard_of_row) != n or len(members) != n:
@@ -299,11 +359,12 @@ def _build_zarr(
             continue
         reads: dict[int, list[tuple[int, str, int, int]]] = {}
         for row in range(start, stop):
-            for mod in MODALITIES:
+            for mod in source.modalities:
                 where = members[row].get(mod)
                 if where is not None:
                     reads.setdefault(int(shard_of_row[row]), []).append((row, mod, where[0], where[1]))
-        jobs.append((out.url, block, (start, stop), [(shards[i]["path"], r) for i, r in reads.items()]))
+        reads_of_shards = [(shards[i]["path"], r) for i, r in reads.items()]
+        jobs.append((out.url, block, (start, stop), reads_of_shards, source.name))
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             _write_block(*job)

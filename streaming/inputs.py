@@ -7,13 +7,27 @@ always come from the dataset that was ingested (``manifest.json``), never from c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from eossl.ingest.bands import S1, S2, S2_LAND_BANDS
+from eossl.ingest.bands import PATCH_SIZE, S1, S2, S2_LAND_BANDS
 
-__all__ = ["S2_BAND_SETS", "InputSpec", "parse_sensors"]
+__all__ = ["S2_BAND_SETS", "InputSpec", "dataset_patch_size", "parse_sensors", "stored_s2_bands"]
+
+
+def stored_s2_bands(manifest: dict) -> tuple[str, ...]:
+    """The S2 bands a dataset stores, in stored order (its statistics name them; SEN12MS's 13 when the
+    dataset has no S2 statistics)."""
+    bands = (manifest.get("stats") or {}).get("s2", {}).get("bands")
+    return tuple(bands) if bands else S2.bands
+
+
+def dataset_patch_size(manifest: dict) -> int:
+    """Height and width of a dataset's stored patches (datasets without a source record are SEN12MS)."""
+    return int((manifest.get("source") or {}).get("patch_size", PATCH_SIZE))
+
 
 S2_BAND_SETS: dict[str, tuple[str, ...]] = {
     "all": S2.bands,
@@ -80,6 +94,20 @@ class InputSpec:
         """Indices of the selected bands in the stored 13-band S2 array."""
         return np.array([S2.bands.index(b) for b in self.bands_s2], dtype=np.int64)
 
+    def stored_index(self, stored: Sequence[str]) -> np.ndarray:
+        """Indices of the selected bands in a dataset's stored S2 array (``stored_s2_bands``).
+
+        Raises:
+            ValueError: a selected band the dataset does not store (BigEarthNet L2A has no B10).
+        """
+        absent = [b for b in self.bands_s2 if b not in stored]
+        if absent:
+            raise ValueError(
+                f"the dataset stores no S2 band {', '.join(absent)} (its bands: {', '.join(stored)}); "
+                "choose s2_bands among them"
+            )
+        return np.array([list(stored).index(b) for b in self.bands_s2], dtype=np.int64)
+
     @property
     def channel_names(self) -> list[str]:
         names = []
@@ -113,8 +141,12 @@ class InputSpec:
         for sensor in self.sensors:
             bands = S1.bands if sensor == "s1" else self.bands_s2
             st = stats.get(sensor)
+            # The statistics name the bands they hold, in stored order (a source may lack some).
+            table = tuple(st["bands"]) if st and st.get("bands") else (S1 if sensor == "s1" else S2).bands
             for band in bands:
-                i = (S1 if sensor == "s1" else S2).bands.index(band)
+                if band not in table:
+                    raise ValueError(f"dataset manifest has no statistics for {sensor} {band}")
+                i = table.index(band)
                 m = st["mean"][i] if st else None
                 s = st["std"][i] if st else None
                 if m is None or s is None:

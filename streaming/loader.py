@@ -29,6 +29,7 @@ from eossl.ingest.format import npy_view
 from eossl.ingest.integrity import read_manifest
 from eossl.ingest.storage import DatasetRoot
 
+from .inputs import dataset_patch_size, stored_s2_bands
 from .node_catalog import attach, detach, node_catalog
 from .plan import EpochPlan, LoaderPosition, PlanConfig, rows_digest
 from .storage import CorruptShardError, ShardReader, StorageOptions
@@ -194,6 +195,7 @@ class SampleSource:
         start: LoaderPosition,
         on_corrupt: str,
         lookahead_steps: int,
+        patch_size: int = PATCH_SIZE,
     ):
         self.reader = reader
         self.shard = catalog.shard
@@ -205,6 +207,7 @@ class SampleSource:
         self.views = views
         self.s2_index = s2_index
         self.s1_fill = s1_fill
+        self.patch_size = patch_size
         self.plan_cfg = plan_cfg
         self.global_batch = global_batch
         self.rank = rank
@@ -295,7 +298,7 @@ class SampleSource:
             raw = members[sensor]
             try:
                 arr = npy_view(raw)
-                if arr.ndim != 3 or arr.shape[:2] != (PATCH_SIZE, PATCH_SIZE):
+                if arr.ndim != 3 or arr.shape[:2] != (self.patch_size, self.patch_size):
                     raise ValueError(f"shape {arr.shape}")
             except ValueError as exc:
                 raise CorruptShardError(
@@ -366,7 +369,7 @@ class SSLLoader:
         self.manifest = read_manifest(out)  # both checked against their recorded sha256
         # read once per node, mapped by every process (and pickled into reader processes as file names)
         self.catalog = node_catalog(out, self.manifest, cfg.storage.cache_dir, cfg.storage.lock_timeout_s)
-        self.views = ViewSet(cfg.views)
+        self.views = ViewSet(cfg.views, dataset_patch_size(self.manifest))
         self.rows = select_rows(self.catalog, cfg.split, self.views.sensors)[: cfg.max_samples]
         if len(self.rows) == 0:
             raise ValueError(f"{dataset}: no {cfg.split} samples with {'+'.join(self.views.sensors)}")
@@ -474,7 +477,7 @@ class SSLLoader:
             self.catalog,
             self.rows,
             self.views,
-            self.views.input_spec.s2_index,
+            self.views.input_spec.stored_index(stored_s2_bands(self.manifest)),
             s1_fill,
             self.cfg.plan,
             self.global_batch,
@@ -483,6 +486,7 @@ class SSLLoader:
             self.position,
             self.cfg.on_corrupt,
             self.cfg.lookahead_steps,
+            self.views.patch_size,
         )
 
     def _build(self):

@@ -114,8 +114,10 @@ def _multicrop_views(cfg: ViewConfig) -> list[_View]:
 class ViewSet:
     """The concrete views of a ViewConfig and the per-sample parameter draw."""
 
-    def __init__(self, cfg: ViewConfig):
+    def __init__(self, cfg: ViewConfig, patch_size: int = PATCH_SIZE):
+        """``patch_size``: height and width of the dataset's stored patches (its manifest's source)."""
         self.cfg = cfg
+        self.patch_size = patch_size
         both = replace(cfg.inputs, sensors=("s1", "s2"))
         self.input_spec = (
             both if cfg.mode in ("pair", "fusion_all", "fusion_partial", "fusion_optional") else cfg.inputs
@@ -145,7 +147,7 @@ class ViewSet:
         sample_rng = np.random.default_rng([seed, epoch, position, 0x5A])
         shared = None
         if cfg.mode == "pair" and cfg.pair_geometry == "shared":
-            shared = draw_geometry(sample_rng, self.views[0].augment, PATCH_SIZE, cfg.size)
+            shared = draw_geometry(sample_rng, self.views[0].augment, self.patch_size, cfg.size)
         keep = None
         if cfg.mode == "fusion_partial":
             slices = self.input_spec.sensor_slices()
@@ -170,7 +172,7 @@ class ViewSet:
                     view.augment,
                     spec.channels,
                     spec.sensor_slices(),
-                    PATCH_SIZE,
+                    self.patch_size,
                     view.size,
                     matrix=shared,
                     keep=view_keep,

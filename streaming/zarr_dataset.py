@@ -26,16 +26,21 @@ import torch
 import zarr
 
 from eossl.ingest.bands import IGBP_CLASSES, IGBP_SIMPLE_CLASSES
+from eossl.ingest.bigearthnet import BEN19_CLASSES
 from eossl.ingest.format import SUBSETS, ZARR_DIR, check_format
 from eossl.ingest.integrity import read_manifest
 from eossl.ingest.storage import DatasetRoot
 
-from .inputs import InputSpec
+from .inputs import InputSpec, stored_s2_bands
 
 __all__ = ["LABEL_SCHEMES", "ZarrPatchDataset", "resolve_rows"]
 
 # Label scheme -> number of classes; arrays ``label_<scheme>`` / ``multilabel_<scheme>`` in the store.
-LABEL_SCHEMES: dict[str, int] = {"igbp_simple": len(IGBP_SIMPLE_CLASSES), "igbp": len(IGBP_CLASSES)}
+LABEL_SCHEMES: dict[str, int] = {
+    "igbp_simple": len(IGBP_SIMPLE_CLASSES),
+    "igbp": len(IGBP_CLASSES),
+    "bigearthnet19": len(BEN19_CLASSES),  # multi-label only: label_bigearthnet19 is the lowest class
+}
 _FIXED_SUBSETS = ("train", "test", "non_overlapping")
 
 
@@ -84,7 +89,8 @@ class ZarrPatchDataset(torch.utils.data.Dataset):
         inputs: sensors, S2 bands and S1 clipping of ``x``; statistics come from the manifest.
         rows: explicit row indices, a subset name from ``subsets.json`` (``train``, ``test``,
             ``non_overlapping``, ``budget_<B>_seed<S>``) or None for all rows.
-        label: ``igbp_simple`` (10 classes), ``igbp`` (17) or None (no ``y``; unlabelled samples kept).
+        label: ``igbp_simple`` (10 classes), ``igbp`` (17), ``bigearthnet19`` (19, BigEarthNet datasets,
+            with ``multilabel``) or None (no ``y``; unlabelled samples kept).
         multilabel: ``y`` as a float32 multi-hot vector instead of a 0-based int64 class index.
         with_lc: also return the land-cover map ``lc`` (4, 256, 256) uint8; samples without one are excluded.
 
@@ -122,7 +128,7 @@ class ZarrPatchDataset(torch.utils.data.Dataset):
         slices = inputs.sensor_slices()
         s1_mean = self.mean[slices["s1"]] if "s1" in slices else np.zeros(0, np.float32)
         self._s1_fill = (np.clip(s1_mean, *inputs.s1_clip) if inputs.s1_clip else s1_mean).astype(np.float32)
-        self._s2_index = inputs.s2_index
+        self._s2_index = inputs.stored_index(stored_s2_bands(manifest))
 
         group = _open_group(out)
         check_format(out.path(ZARR_DIR), group.attrs.get("format_version"), group.attrs.get("format"))
