@@ -227,7 +227,7 @@ def _add_segment(sub) -> None:
     g.add(
         "--write-maps",
         "write_maps",
-        "write each hold-out prediction (first seed) as a GeoTIFF on the patch's grid",
+        "write each hold-out prediction (first seed) as a GeoTIFF on the patch's grid, one VRT per scene",
         show_default=False,
         action="store_const",
         const=True,

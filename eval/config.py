@@ -201,7 +201,8 @@ class SegmentConfig(GridConfig):
         frozen: override whether the backbone is frozen (None: frozen for linear, trained for finetune).
         train: optimisation of a cell.
         figures: hold-out patches drawn per cell (first seed); 0 draws none.
-        write_maps: write every hold-out prediction of the first seed as a GeoTIFF (cells/<cell>/maps/).
+        write_maps: write every hold-out prediction of the first seed as a GeoTIFF (cells/<cell>/maps/), in
+            the class colours, and one VRT per scene mosaicking its patches.
         attention_patches: hold-out patches scored with the unsupervised ViT maps (0: skip those rows).
     """
 

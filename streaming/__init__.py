@@ -5,7 +5,7 @@ Augmented views from the WebDataset shards (NVIDIA DALI, GPU or CPU)::
     from eossl.streaming import LoaderConfig, SSLLoader, ViewConfig
 
     loader = SSLLoader("dataset", LoaderConfig(batch_size=64, views=ViewConfig(mode="pair")))
-    batch = next(iter(loader))  # batch.views: two (64, C, 224, 224) float32 tensors
+    batch = next(iter(loader))  # batch.views: S1 (64, 2, 224, 224) and S2 (64, 10, 224, 224) views
 
 Labelled patches from the Zarr store (a map-style torch ``Dataset``)::
 

@@ -86,3 +86,25 @@ def test_a_patch_off_the_scene_grid_is_refused_naming_it(tmp_path):
     write_map_geotiff(tmp_path / "ROIs1158_spring_1_p1.tif", pred, scheme, CRS, shifted)
     with pytest.raises(ValueError, match="ROIs1158_spring_1_p1.tif.*pixel grid"):
         write_scene_mosaics(tmp_path)
+
+
+def test_maps_without_a_colour_table_still_mosaic(tmp_path):
+    """Maps written before they carried colours: the VRT mosaics them in grey."""
+    for patch, col in ((0, 0), (1, 4)):
+        with rasterio.open(
+            tmp_path / f"ROIs1158_spring_1_p{patch}.tif",
+            "w",
+            driver="GTiff",
+            width=8,
+            height=8,
+            count=1,
+            dtype="uint8",
+            crs=CRS,
+            transform=Affine(*_transform(col, 0)),
+            nodata=0,
+        ) as ds:
+            ds.write(np.full((1, 8, 8), patch + 1, np.uint8))
+    (vrt,) = write_scene_mosaics(tmp_path)
+    with rasterio.open(vrt) as ds:
+        assert ds.colorinterp[0] != ColorInterp.palette
+        assert ds.read(1)[0].tolist() == [1] * 4 + [2] * 8

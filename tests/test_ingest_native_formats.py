@@ -16,7 +16,6 @@ from eossl.ingest.bands import MODALITIES
 from eossl.ingest.config import IngestConfig
 from eossl.ingest.dali_index import index_path, index_text_from_catalog, webdataset_files
 from eossl.ingest.integrity import read_catalog, read_manifest
-from eossl.ingest.read import ReadOptions
 from eossl.ingest.storage import DatasetRoot
 from eossl.ingest.verify import verify
 from eossl.ingest.writer import run_ingest
@@ -51,16 +50,18 @@ def test_xarray_selects_by_band_name_and_sample_key(dataset):
     assert set(root["consolidated_metadata"]["metadata"]) == set(group.array_keys())
 
 
-def test_an_s3_dataset_opens_in_xarray_and_verifies_with_its_index_files(s3_endpoint, real_source):
-    """Written to S3 (a real moto server) in process: consolidated metadata and index files over fsspec."""
+@pytest.mark.slow
+def test_an_s3_dataset_opens_in_xarray_and_verifies_with_its_index_files(s3_endpoint, tmp_path):
+    """Written to S3 (a real moto server) in process: consolidated metadata and index files over fsspec.
+    Slow lane: an ingest to S3 takes ~15 s of small requests even for two patches."""
     import s3fs
 
+    from eossl.ingest.sample_data import write_sample_data
+
+    write_sample_data(tmp_path / "sen12ms", 2)
     s3fs.S3FileSystem().mkdir("native-formats")
     url = "s3://native-formats/ds"
-    cfg = IngestConfig(
-        source=str(real_source), dataset=url, read=ReadOptions(required=("s1",)), progress=False, workers=1
-    )
-    run_ingest(cfg)
+    run_ingest(IngestConfig(source=str(tmp_path / "sen12ms"), dataset=url, progress=False, workers=1))
     ds = _open_without_warnings(
         f"{url}/data.zarr", storage_options={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
     )
@@ -73,7 +74,7 @@ def test_an_s3_dataset_opens_in_xarray_and_verifies_with_its_index_files(s3_endp
     assert verify(url, deep=True) == []
 
 
-def test_index_files_are_dalis_format_and_match_the_catalog(dataset):
+def test_index_files_are_dalis_format_and_match_the_catalog(dataset, tmp_path):
     out = DatasetRoot(str(dataset))
     manifest = read_manifest(out)
     catalog = read_catalog(out, manifest)
@@ -94,6 +95,13 @@ def test_index_files_are_dalis_format_and_match_the_catalog(dataset):
                 assert data.startswith(b"{" if ext == "json" else b"\x93NUMPY")
     for number, path in enumerate(indexes):
         assert open(path, "rb").read() == index_text_from_catalog(catalog, number)
+
+    # Byte for byte what DALI's own tool writes for the shard (wds2idx is installed with DALI).
+    wds2idx = pytest.importorskip("wds2idx")
+    reference = tmp_path / "reference.idx"
+    with wds2idx.IndexCreator(tars[0], str(reference), verbose=False) as creator:
+        creator.create_index()
+    assert reference.read_bytes() == open(indexes[0], "rb").read()
 
 
 def test_dali_reads_the_shards_through_the_written_index(dataset):

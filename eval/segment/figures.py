@@ -194,6 +194,13 @@ def _offset(value: float, origin: float, step: float, path: Path) -> int:
     return round(pixels)
 
 
+def _colormap(ds) -> dict[int, tuple[int, ...]] | None:
+    try:
+        return ds.colormap(1)
+    except ValueError:  # no colour table
+        return None
+
+
 def _vrt_xml(paths: list[Path]) -> str:
     """A VRT (beside the files) mosaicking single-band uint8 GeoTIFFs on one north-up grid; later
     patches lie on top where they overlap, their nodata (0) letting the ones below show."""
@@ -202,9 +209,7 @@ def _vrt_xml(paths: list[Path]) -> str:
     infos = []
     for path in paths:
         with rasterio.open(path) as ds:
-            infos.append(
-                (path, ds.width, ds.height, ds.transform, ds.crs, ds.colormap(1), ds.descriptions[0])
-            )
+            infos.append((path, ds.width, ds.height, ds.transform, ds.crs, _colormap(ds), ds.descriptions[0]))
     _, _, _, t0, crs0, colormap, description = infos[0]
     for path, _w, _h, t, crs, _c, _d in infos:
         if crs != crs0 or (t.a, t.b, t.d, t.e) != (t0.a, t0.b, t0.d, t0.e) or t.b or t.d:
@@ -220,8 +225,12 @@ def _vrt_xml(paths: list[Path]) -> str:
     ]
     width = max(x + w for _p, w, _h, x, _y in places)
     height = max(y + h for _p, _w, h, _x, y in places)
-    entries = "".join(
-        '      <Entry c1="{}" c2="{}" c3="{}" c4="{}"/>\n'.format(*colormap[i]) for i in range(256)
+    palette = (
+        "    <ColorInterp>Palette</ColorInterp>\n    <ColorTable>\n"
+        + "".join('      <Entry c1="{}" c2="{}" c3="{}" c4="{}"/>\n'.format(*colormap[i]) for i in range(256))
+        + "    </ColorTable>\n"
+        if colormap
+        else ""  # maps written without a colour table: a grey mosaic
     )
     sources = "".join(
         "    <ComplexSource>\n"
@@ -241,8 +250,7 @@ def _vrt_xml(paths: list[Path]) -> str:
         '  <VRTRasterBand dataType="Byte" band="1">\n'
         f"    <Description>{escape(description or '')}</Description>\n"
         "    <NoDataValue>0</NoDataValue>\n"
-        "    <ColorInterp>Palette</ColorInterp>\n"
-        f"    <ColorTable>\n{entries}    </ColorTable>\n"
+        f"{palette}"
         f"{sources}"
         "  </VRTRasterBand>\n"
         "</VRTDataset>\n"
