@@ -19,8 +19,7 @@ Labelled patches from the Zarr store (a map-style torch ``Dataset``)::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from eossl.exports import lazy_exports
 
 # Public name -> the module that defines it. Imported on first use (PEP 562), so importing the package
 # costs nothing (torch, DALI and zarr load with the first name that needs them).
@@ -47,14 +46,4 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
