@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .bands import IGBP_CLASSES, IGBP_SIMPLE_CLASSES, MODALITIES, PATCH_SIZE, Modality
-from .layout import PatchGroup, SourceListing, require_patches, scan_source
+from .layout import PatchGroup, SourceListing, parse_patch_file, require_patches, scan_source
 from .read import ReadOptions, Reject, Sample, read_patch
 
 __all__ = ["SEN12MS_SOURCE", "Source", "refused"]
@@ -107,8 +107,6 @@ class _Sen12ms(Source):
         return refused(group) or read_patch(group, options)
 
     def recognises(self, paths: list[str]) -> bool:
-        from .layout import parse_patch_file  # noqa: PLC0415 - keeps the names this module exports short
-
         return any(parse_patch_file(p.rsplit("/", 1)[-1]) is not None for p in paths)
 
 

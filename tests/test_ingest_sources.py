@@ -198,11 +198,17 @@ def test_bigearthnet_ingests_verifies_and_records_its_source(ben_tree, ben_datas
     assert multi.shape == (7, 19) and multi.any(axis=1).all()
 
 
-def _train_two_steps(data: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory) -> str:
+    """One SQLite MLflow store for the module's runs: creating a store's tables is most of a tiny run."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def _train_two_steps(data: Path, tmp_path: Path, monkeypatch, mlflow_uri: str) -> None:
     from eossl.train.config import load_config
     from eossl.train.loop import train
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     monkeypatch.chdir(tmp_path)
     values = {**TINY_MOCO, "batch_size": "4", "data": str(data), "out": str(tmp_path / "run")}
     cfg = load_config("moco", None, {**values, "max_steps": "2", "log_every": "1", "ckpt_every": "0"})
@@ -210,11 +216,13 @@ def _train_two_steps(data: Path, tmp_path: Path, monkeypatch) -> None:
     assert result.steps == 2 and np.isfinite(result.final_loss)
 
 
-def test_bigearthnet_trains_two_steps(ben_dataset, tmp_path, monkeypatch):
-    _train_two_steps(ben_dataset, tmp_path, monkeypatch)
+def test_bigearthnet_trains_two_steps(ben_dataset, tmp_path, monkeypatch, mlflow_uri):
+    _train_two_steps(ben_dataset, tmp_path, monkeypatch, mlflow_uri)
 
 
-def test_ssl4eo_pairs_seasons_keeps_locations_in_one_split_and_trains(ssl_tree, tmp_path, monkeypatch):
+def test_ssl4eo_pairs_seasons_keeps_locations_in_one_split_and_trains(
+    ssl_tree, tmp_path, monkeypatch, mlflow_uri
+):
     out = tmp_path / "ds"
     cfg = IngestConfig(source=str(ssl_tree), dataset=str(out), workers=1, progress=False, split=SPLIT)
     summary = run_ingest(cfg)
@@ -238,15 +246,17 @@ def test_ssl4eo_pairs_seasons_keeps_locations_in_one_split_and_trains(ssl_tree, 
         assert s["s2_acquisition"][4:6] == s["s1_acquisition"][21:23]  # same month: same season
         by_location.setdefault(s["location"], set()).add(s["split"])
     assert all(len(v) == 1 for v in by_location.values()) and set(by_location) == {"0000000", "0000002"}
-    _train_two_steps(out, tmp_path, monkeypatch)
+    _train_two_steps(out, tmp_path, monkeypatch, mlflow_uri)
 
 
-def test_bigearthnet_multilabel_classification_on_a_label_budget(ben_dataset, tmp_path, monkeypatch):
+def test_bigearthnet_multilabel_classification_on_a_label_budget(
+    ben_dataset, tmp_path, monkeypatch, mlflow_uri
+):
     from eossl.eval.classify import ClassifyConfig, run_classification
     from eossl.eval.preflight import check_grid_inputs
     from eossl.eval.probes import ProbeConfig
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     monkeypatch.chdir(tmp_path)
     common = dict(dataset=str(ben_dataset), out=str(tmp_path / "eval"), inputs=("s1s2",), budget="2")
     common |= dict(protocol="knn", inits=("random",), random_backbone="resnet18", label="bigearthnet19")
