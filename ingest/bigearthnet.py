@@ -27,14 +27,13 @@ import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import ClassVar
 
 import fsspec
 
-from .bandfiles import assemble, read_modality
+from .band_source import BandFileSource
 from .bands import S1, S2, Modality
-from .layout import NoPatchesError, PatchGroup, SampleId, SourceListing
-from .read import ReadOptions, Reject, Sample, _BadFile
-from .source import Source, refused
+from .layout import PatchGroup, SampleId, SourceListing, list_source_files
 
 __all__ = [
     "BEN19_CLASSES",
@@ -249,21 +248,15 @@ def _s2_identity(name: str) -> SampleId:
 
 
 @dataclass(frozen=True)
-class _BigEarthNet(Source):
+class _BigEarthNet(BandFileSource):
+    samples_noun: ClassVar[str] = "BigEarthNet-MM patches"
+
     def scan(self, url: str, storage_options: dict | None = None) -> SourceListing:
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        local = protocol in ("file", "local")
-        if not fs.exists(root):
-            raise FileNotFoundError(f"ingest source {url!r} does not exist")
-        if not fs.isdir(root):
-            raise NotADirectoryError(f"ingest source {url!r} is not a folder")
         s2: dict[str, dict[str, list[str]]] = {}
         s1: dict[str, dict[str, list[str]]] = {}
         ignored: list[str] = []
-        for path in sorted(fs.find(root)):
-            name = path.rsplit("/", 1)[-1]
-            full = path if local else f"{protocol}://{path}"
+        for full in list_source_files(url, storage_options):
+            name = full.rsplit("/", 1)[-1]
             if m := _S2_FILE.match(name):
                 s2.setdefault(m["name"], {}).setdefault(f"s2:{m['band'] or 'meta'}", []).append(full)
             elif m := _S1_FILE.match(name):
@@ -287,69 +280,26 @@ class _BigEarthNet(Source):
         ordered = sorted(groups.values(), key=lambda g: (g.pid.scene_id, g.pid.key))
         return SourceListing(source=url, groups=ordered, ignored=ignored)
 
-    def require(self, listing: SourceListing) -> None:
-        if listing.groups:
-            return
-        found = f"{len(listing.ignored)} other files" if listing.ignored else "nothing"
-        raise NoPatchesError(
-            f"no BigEarthNet-MM patches found in ingest source {listing.source!r}: expected {self.expected}; "
-            f"it holds {found}"
-        )
+    def file_band(self, mod: str, band: str) -> str:
+        return _S2_FILE_BAND[band] if mod == "s2" else band
 
-    def read(self, group: PatchGroup, options: ReadOptions) -> Sample | Reject:
-        if (early := refused(group)) is not None:
-            return early
-        errors: list[dict[str, str]] = []
-        for k, paths in group.files.items():
-            if len(paths) > 1:
-                errors.append({"file": paths[1], "reason": f"duplicate {k} for {group.key}"})
-        present = [m for m in self.modalities if any(k.startswith(f"{m}:") for k in group.files)]
-        missing = [m for m in options.required if m not in present]
-        if missing and not errors:
-            errors.append(
-                {
-                    "file": next(iter(group.files.values()))[0],
-                    "reason": (
-                        f"missing required modality {', '.join(missing)} "
-                        f"(found: {', '.join(present) or 'none'})"
-                    ),
-                }
-            )
-        reads = {}
-        for mod in present if not errors else ():
-            table = self.modalities[mod]
-            files = {b: group.files.get(f"{mod}:{_file_band(mod, b)}", [None])[0] for b in table.bands}
-            absent = [_file_band(mod, b) for b, p in files.items() if p is None]
-            if absent:
-                where = next(p[0] for k, p in group.files.items() if k.startswith(f"{mod}:"))
-                reason = f"{mod} band files missing: {absent}"
-                errors.append({"file": where.rsplit("/", 1)[0], "reason": reason})
-                continue
-            try:
-                reads[mod] = read_modality(files, table)
-            except _BadFile as bad:
-                errors.append({"file": bad.path, "reason": bad.reason})
-        labels = None
+    def labels(self, group: PatchGroup, errors: list[dict[str, str]]) -> BenLabels | None:
+        """The patch's labels from its ``_labels_metadata.json`` (the S2 patch's, else the S1 patch's)."""
         meta = group.files.get("s2:meta") or group.files.get("s1:meta")
-        if not errors:
-            if meta is None:
-                errors.append({"file": group.key, "reason": "no _labels_metadata.json"})
-            else:
-                try:
-                    doc = _load_json(meta[0])
-                    codes, unmapped = ben19_codes(list(doc["labels"]))
-                    labels = BenLabels(codes, tuple(doc["labels"]), unmapped)
-                except (OSError, ValueError, KeyError, TypeError) as exc:
-                    errors.append({"file": meta[0], "reason": f"unusable labels metadata: {exc}"})
-        return assemble(group, reads, errors, options, labels, self.grid_tolerance_m)
+        if meta is None:
+            errors.append({"file": group.key, "reason": "no _labels_metadata.json"})
+            return None
+        try:
+            doc = _load_json(meta[0])
+            codes, unmapped = ben19_codes(list(doc["labels"]))
+            return BenLabels(codes, tuple(doc["labels"]), unmapped)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            errors.append({"file": meta[0], "reason": f"unusable labels metadata: {exc}"})
+            return None
 
     def recognises(self, paths: list[str]) -> bool:
         names = [p.rsplit("/", 1)[-1] for p in paths]
         return any(_S2_FILE.match(n) or _S1_FILE.match(n) for n in names)
-
-
-def _file_band(mod: str, band: str) -> str:
-    return _S2_FILE_BAND[band] if mod == "s2" else band
 
 
 def _load_json(path: str) -> dict:

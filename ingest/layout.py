@@ -23,6 +23,7 @@ __all__ = [
     "SampleId",
     "SourceListing",
     "find_source_files",
+    "list_source_files",
     "parse_patch_file",
     "require_patches",
     "scan_source",
@@ -141,8 +142,24 @@ def parse_patch_file(name: str) -> tuple[PatchId, str] | None:
     return pid, m["mod"].lower()
 
 
-def _join(root: str, rel: str, protocol: str) -> str:
-    return rel if protocol == "local" else f"{protocol}://{rel}"
+def list_source_files(source: str, storage_options: dict | None = None) -> list[str]:
+    """Every file under the folder ``source``, sorted, as a local path or a URL of ``source``'s scheme.
+
+    Sorted so that every process or machine that scans the same tree sees the same order; URLs keep
+    their scheme (``s3://bucket/...``) so that a reader opens them through the same filesystem.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        NotADirectoryError: ``source`` is a file.
+    """
+    fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if not fs.exists(root):
+        raise FileNotFoundError(f"ingest source {source!r} does not exist")
+    if not fs.isdir(root):
+        raise NotADirectoryError(f"ingest source {source!r} is not a folder")
+    local = protocol in ("file", "local")
+    return [path if local else f"{protocol}://{path}" for path in sorted(fs.find(root))]
 
 
 def scan_source(source: str, storage_options: dict | None = None) -> SourceListing:
@@ -151,19 +168,11 @@ def scan_source(source: str, storage_options: dict | None = None) -> SourceListi
     Returns groups sorted by (ROI, season, scene, patch) so that every process or machine that scans
     the same tree derives the same sample order, shard plan and split.
     """
-    fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    protocol = "local" if protocol in ("file", "local") else protocol
-    if not fs.exists(root):
-        raise FileNotFoundError(f"ingest source {source!r} does not exist")
-    if not fs.isdir(root):
-        raise NotADirectoryError(f"ingest source {source!r} is not a folder")
     groups: dict[PatchId, PatchGroup] = {}
     ignored: list[str] = []
-    for path in sorted(fs.find(root)):
-        name = path.rsplit("/", 1)[-1]
+    for full in list_source_files(source, storage_options):
+        name = full.rsplit("/", 1)[-1]
         parsed = parse_patch_file(name)
-        full = _join(root, path, protocol)
         if parsed is None:
             ignored.append(full)
             continue

@@ -31,14 +31,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import ClassVar
 
-import fsspec
-
-from .bandfiles import assemble, read_modality
+from .band_source import BandFileSource
 from .bands import S1, S2, Modality
-from .layout import NoPatchesError, PatchGroup, SampleId, SourceListing
-from .read import ReadOptions, Reject, Sample, _BadFile
-from .source import Source, refused
+from .layout import PatchGroup, SampleId, SourceListing, list_source_files
 
 __all__ = ["SSL4EO_L2A_SOURCE", "SSL4EO_S1", "SSL4EO_S2", "SSL4EO_S2_L2A", "SSL4EO_SOURCE", "pair_seasons"]
 
@@ -114,23 +111,19 @@ def pair_seasons(s1: list[str], s2: list[str]) -> list[tuple[str | None, str | N
 
 
 @dataclass(frozen=True)
-class _Ssl4eo(Source):
+class _Ssl4eo(BandFileSource):
     s2_dir: str = "s2c"  # the S2 product folder read: s2c (L1C) or s2a (L2A)
+    samples_noun: ClassVar[str] = "SSL4EO-S12 samples"
+    # S1 and S2 are paired by season: a sample lacks one when its location has no acquisition of it.
+    missing_why: ClassVar[str] = "no acquisition of the same season; "
+    missing_names_folder: ClassVar[bool] = True
 
     def scan(self, url: str, storage_options: dict | None = None) -> SourceListing:
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        local = protocol in ("file", "local")
-        if not fs.exists(root):
-            raise FileNotFoundError(f"ingest source {url!r} does not exist")
-        if not fs.isdir(root):
-            raise NotADirectoryError(f"ingest source {url!r} is not a folder")
         # location -> product dir -> acquisition -> band -> [paths]
         found: dict[str, dict[str, dict[str, dict[str, list[str]]]]] = {}
         ignored: list[str] = []
-        for path in sorted(fs.find(root)):
-            full = path if local else f"{protocol}://{path}"
-            m = _FILE.search(path)
+        for full in list_source_files(url, storage_options):
+            m = _FILE.search(full)
             if m is None or m["product"] not in ("s1", self.s2_dir):
                 ignored.append(full)
                 continue
@@ -149,51 +142,6 @@ class _Ssl4eo(Source):
                 fields += (("s2_acquisition", a2 or ""),)
                 groups.append(PatchGroup(SampleId(scene_id=loc, key=f"{loc}_{k}", fields=fields), files))
         return SourceListing(source=url, groups=groups, ignored=ignored)
-
-    def require(self, listing: SourceListing) -> None:
-        if listing.groups:
-            return
-        found = f"{len(listing.ignored)} other files" if listing.ignored else "nothing"
-        raise NoPatchesError(
-            f"no SSL4EO-S12 samples found in ingest source {listing.source!r}: expected {self.expected}; "
-            f"it holds {found}"
-        )
-
-    def read(self, group: PatchGroup, options: ReadOptions) -> Sample | Reject:
-        if (early := refused(group)) is not None:
-            return early
-        errors: list[dict[str, str]] = []
-        for k, paths in group.files.items():
-            if len(paths) > 1:
-                errors.append({"file": paths[1], "reason": f"duplicate {k} for {group.key}"})
-        present = [m for m in self.modalities if any(k.startswith(f"{m}:") for k in group.files)]
-        missing = [m for m in options.required if m not in present]
-        if missing and not errors:
-            first = next(iter(group.files.values()))[0]
-            errors.append(
-                {
-                    "file": first.rsplit("/", 1)[0],
-                    "reason": (
-                        f"missing required modality {', '.join(missing)} (no acquisition of the same season; "
-                        f"found: {', '.join(present) or 'none'})"
-                    ),
-                }
-            )
-        reads = {}
-        for mod in present if not errors else ():
-            table = self.modalities[mod]
-            files = {b: group.files.get(f"{mod}:{b}", [None])[0] for b in table.bands}
-            absent = [b for b, p in files.items() if p is None]
-            if absent:
-                where = next(p[0] for k, p in group.files.items() if k.startswith(f"{mod}:"))
-                reason = f"{mod} band files missing: {absent}"
-                errors.append({"file": where.rsplit("/", 1)[0], "reason": reason})
-                continue
-            try:
-                reads[mod] = read_modality(files, table)
-            except _BadFile as bad:
-                errors.append({"file": bad.path, "reason": bad.reason})
-        return assemble(group, reads, errors, options, None, self.grid_tolerance_m)
 
     def recognises(self, paths: list[str]) -> bool:
         return any((m := _FILE.search(p)) and m["product"] in ("s1", self.s2_dir) for p in paths)
