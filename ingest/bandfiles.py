@@ -20,12 +20,11 @@ silently shift it against the other bands.
 from __future__ import annotations
 
 import numpy as np
-import rasterio
-from rasterio.errors import RasterioError
+from rasterio.io import DatasetReader
 
 from .bands import Modality
 from .layout import PatchGroup
-from .read import ReadOptions, Reject, Sample, _BadFile, _open_bytes_or_path
+from .read import ReadOptions, Reject, Sample, _BadFile, _read_checked_geotiff
 from .validity import invalid_mask, invalid_reason, worst_band_fraction
 
 __all__ = ["BandRead", "assemble", "read_band", "read_modality", "upsample_nearest"]
@@ -55,30 +54,13 @@ def read_band(path: str, table: Modality, band: str) -> BandRead:
     Raises:
         _BadFile: unreadable, not one band, wrong dtype, not georeferenced, or values that do not fit.
     """
-    try:
-        src = _open_bytes_or_path(path)
-    except (OSError, ValueError) as exc:
-        raise _BadFile(path, f"cannot fetch file: {exc}") from exc
-    try:
-        with rasterio.open(src) as ds:
-            if ds.count != 1:
-                raise _BadFile(path, f"{ds.count} bands in a file of one band ({table.name} {band})")
-            if ds.dtypes[0] not in table.accepted_dtypes:
-                raise _BadFile(
-                    path,
-                    f"wrong dtype {ds.dtypes[0]} for {table.name} {band}, expected "
-                    f"{' or '.join(table.accepted_dtypes)}",
-                )
-            if ds.crs is None:
-                raise _BadFile(path, "no CRS (not georeferenced)")
-            data = ds.read(1)
-            crs = ds.crs.to_string()
-            transform = tuple(float(v) for v in ds.transform[:6])
-            nodata = ds.nodata
-    except _BadFile:
-        raise
-    except (RasterioError, OSError, ValueError) as exc:
-        raise _BadFile(path, f"unreadable or truncated GeoTIFF: {exc}") from exc
+
+    def check_layout(ds: DatasetReader) -> None:
+        if ds.count != 1:
+            raise _BadFile(path, f"{ds.count} bands in a file of one band ({table.name} {band})")
+
+    stored, crs, transform, nodata = _read_checked_geotiff(path, table, f"{table.name} {band}", check_layout)
+    data = stored[0]
     target = np.dtype(table.dtype)
     if data.dtype != target:
         if data.size and target.kind in "ui":

@@ -8,12 +8,14 @@ reason a person can act on; nothing raises past it, so one bad file never stops 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
 import rasterio
 from rasterio.errors import RasterioError
+from rasterio.io import DatasetReader
 
 from .bands import MODALITIES, PATCH_SIZE, Modality
 from .labels import PatchLabels, patch_labels
@@ -113,40 +115,50 @@ def _open_bytes_or_path(path: str):
         return io.BytesIO(f.read())
 
 
-def _read_geotiff(path: str, modality: Modality) -> tuple[np.ndarray, str, tuple[float, ...], float | None]:
+def _read_checked_geotiff(
+    path: str, modality: Modality, what: str, check_layout: Callable[[DatasetReader], None]
+) -> tuple[np.ndarray, str, tuple[float, ...], float | None]:
+    """All bands of a GeoTIFF (C, H, W) as stored, its CRS, transform and declared nodata.
+
+    Every way the file can be wrong raises ``_BadFile`` naming it: it cannot be fetched,
+    ``check_layout`` refuses its band count or shape, its dtype is not one ``modality`` accepts (said
+    for ``what``: ``s2`` or ``s2 B3``), it has no CRS, or GDAL cannot read it.
+    """
     try:
         src = _open_bytes_or_path(path)
     except (OSError, ValueError) as exc:
         raise _BadFile(path, f"cannot fetch file: {exc}") from exc
     try:
         with rasterio.open(src) as ds:
-            if ds.count != modality.channels:
-                raise _BadFile(
-                    path,
-                    f"wrong band count {ds.count} for {modality.name}, expected {modality.channels} "
-                    f"({', '.join(modality.bands)})",
-                )
-            if (ds.height, ds.width) != (PATCH_SIZE, PATCH_SIZE):
-                raise _BadFile(
-                    path, f"wrong shape {ds.height}x{ds.width}, expected {PATCH_SIZE}x{PATCH_SIZE}"
-                )
+            check_layout(ds)
             dtypes = set(ds.dtypes)
             if len(dtypes) != 1 or next(iter(dtypes)) not in modality.accepted_dtypes:
                 raise _BadFile(
                     path,
-                    f"wrong dtype {'/'.join(sorted(dtypes))} for {modality.name}, expected "
+                    f"wrong dtype {'/'.join(sorted(dtypes))} for {what}, expected "
                     f"{' or '.join(modality.accepted_dtypes)}",
                 )
             if ds.crs is None:
                 raise _BadFile(path, "no CRS (not georeferenced)")
-            data = ds.read()
-            crs = ds.crs.to_string()
-            transform = tuple(float(v) for v in ds.transform[:6])
-            nodata = ds.nodata
+            return ds.read(), ds.crs.to_string(), tuple(float(v) for v in ds.transform[:6]), ds.nodata
     except _BadFile:
         raise
     except (RasterioError, OSError, ValueError) as exc:
         raise _BadFile(path, f"unreadable or truncated GeoTIFF: {exc}") from exc
+
+
+def _read_geotiff(path: str, modality: Modality) -> tuple[np.ndarray, str, tuple[float, ...], float | None]:
+    def check_layout(ds: DatasetReader) -> None:
+        if ds.count != modality.channels:
+            raise _BadFile(
+                path,
+                f"wrong band count {ds.count} for {modality.name}, expected {modality.channels} "
+                f"({', '.join(modality.bands)})",
+            )
+        if (ds.height, ds.width) != (PATCH_SIZE, PATCH_SIZE):
+            raise _BadFile(path, f"wrong shape {ds.height}x{ds.width}, expected {PATCH_SIZE}x{PATCH_SIZE}")
+
+    data, crs, transform, nodata = _read_checked_geotiff(path, modality, modality.name, check_layout)
     if data.dtype != np.dtype(modality.dtype):
         if data.size and int(data.max()) > np.iinfo(modality.dtype).max:
             raise _BadFile(path, f"values up to {int(data.max())} do not fit {modality.dtype}")
