@@ -26,13 +26,13 @@ from __future__ import annotations
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import fsspec
 
 from .band_source import BandFileSource
-from .bands import S1, S2, Modality
+from .bands import S1, S2
 from .layout import PatchGroup, SampleId, SourceListing, list_source_files
 
 __all__ = [
@@ -49,28 +49,19 @@ __all__ = [
 PATCH_PX = 120
 _METADATA_READERS = 16  # concurrent reads of S1 metadata files while listing
 
-BEN_S2 = Modality(
-    name="s2",
+# S2's band table (bands.S2) without B10, on the 120 px patch; int16 re-exports are accepted when no
+# value is negative. As for L1C, 0 is no data and real surface reflectance stays below 2.0 (20,000)
+# outside saturated clouds, which the dataset's cloud list removes: S2's valid range holds.
+BEN_S2 = replace(
+    S2,
     bands=("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12"),
-    dtype="uint16",
-    accepted_dtypes=("uint16", "int16"),  # int16 re-exports are accepted when no value is negative
-    fill=0,
+    accepted_dtypes=("uint16", "int16"),
     unit="Sentinel-2 L2A (Sen2Cor) bottom-of-atmosphere reflectance x 10000, no B10",
-    # As for L1C (bands.S2): 0 is no data; real surface reflectance stays below 2.0 (20,000) outside
-    # saturated clouds, which the dataset's cloud list removes.
-    valid_range=(1.0, 20000.0),
-    max_plausible_std=5000.0,
     size=PATCH_PX,
 )
-BEN_S1 = Modality(
-    name="s1",
-    bands=("VV", "VH"),
-    dtype="float32",
-    accepted_dtypes=("float32",),
-    fill=float("nan"),
+BEN_S1 = replace(
+    S1,
     unit="backscatter sigma0 in dB (BigEarthNet-S1 v1.0: IW GRD, terrain corrected, unclipped)",
-    valid_range=S1.valid_range,
-    max_plausible_std=S1.max_plausible_std,
     size=PATCH_PX,
 )
 # File suffix of each band of the table (BigEarthNet writes two-digit band numbers).

@@ -34,45 +34,24 @@ from datetime import datetime
 from typing import ClassVar
 
 from .band_source import BandFileSource
-from .bands import S1, S2, Modality
+from .bands import S1, S2
 from .layout import PatchGroup, SampleId, SourceListing, list_source_files
 
 __all__ = ["SSL4EO_L2A_SOURCE", "SSL4EO_S1", "SSL4EO_S2", "SSL4EO_S2_L2A", "SSL4EO_SOURCE", "pair_seasons"]
 
 PATCH_PX = 264
 
-SSL4EO_S2 = Modality(
-    name="s2",
-    bands=S2.bands,
-    dtype="uint16",
-    accepted_dtypes=("uint16",),
-    fill=0,
-    unit="Sentinel-2 L1C top-of-atmosphere reflectance x 10000 (SSL4EO-S12 s2c)",
-    valid_range=S2.valid_range,
-    max_plausible_std=S2.max_plausible_std,
-    size=PATCH_PX,
+# SEN12MS's band tables (bands.S1, bands.S2) on the 264 px patch.
+SSL4EO_S2 = replace(
+    S2, unit="Sentinel-2 L1C top-of-atmosphere reflectance x 10000 (SSL4EO-S12 s2c)", size=PATCH_PX
 )
-SSL4EO_S2_L2A = Modality(
-    name="s2",
+SSL4EO_S2_L2A = replace(
+    SSL4EO_S2,
     bands=tuple(b for b in S2.bands if b != "B10"),
-    dtype="uint16",
-    accepted_dtypes=("uint16",),
-    fill=0,
     unit="Sentinel-2 L2A bottom-of-atmosphere reflectance x 10000 (SSL4EO-S12 s2a), no B10",
-    valid_range=S2.valid_range,
-    max_plausible_std=S2.max_plausible_std,
-    size=PATCH_PX,
 )
-SSL4EO_S1 = Modality(
-    name="s1",
-    bands=S1.bands,
-    dtype="float32",
-    accepted_dtypes=("float32",),
-    fill=float("nan"),
-    unit="backscatter sigma0 in dB (SSL4EO-S12 s1: IW GRD, terrain corrected)",
-    valid_range=S1.valid_range,
-    max_plausible_std=S1.max_plausible_std,
-    size=PATCH_PX,
+SSL4EO_S1 = replace(
+    S1, unit="backscatter sigma0 in dB (SSL4EO-S12 s1: IW GRD, terrain corrected)", size=PATCH_PX
 )
 
 _FILE = re.compile(r"(?:^|/)(?P<product>s1|s2c|s2a)/(?P<loc>\d{7})/(?P<acq>[^/]+)/(?P<band>[^/]+)\.tif$")
