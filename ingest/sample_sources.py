@@ -21,12 +21,20 @@ import json
 from pathlib import Path
 
 import numpy as np
-import rasterio
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 
 from .bigearthnet import _S2_FILE_BAND, BEN_S2
-from .sample_data import _CLASSES, _IGBP_CODES, _S2_RES_M, _s1_patch, _s2_patch, _scene_maps, _smooth_fields
+from .sample_data import (
+    _CLASSES,
+    _IGBP_CODES,
+    _S2_RES_M,
+    _s1_patch,
+    _s2_patch,
+    _scene_maps,
+    _smooth_fields,
+    _write_tif,
+)
 
 __all__ = ["BEN_S2_MEANS", "l2a_gain", "write_bigearthnet_sample", "write_ssl4eo_sample"]
 
@@ -62,25 +70,6 @@ _CALIBRATION_PATCHES = 24
 def _block_mean(band: np.ndarray, factor: int) -> np.ndarray:
     h, w = band.shape
     return band.reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
-
-
-def _write_band(
-    path: Path, band: np.ndarray, crs: CRS, transform: Affine, nodata: float | None = None
-) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=band.shape[1],
-        height=band.shape[0],
-        count=1,
-        dtype=band.dtype,
-        crs=crs,
-        transform=transform,
-        nodata=nodata,
-    ) as dst:
-        dst.write(band, 1)
 
 
 def _ground(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -167,11 +156,11 @@ def write_bigearthnet_sample(
             data = np.clip(np.rint(field), 1, 65535).astype(np.uint16)
             transform = Affine(_PIXEL_M * factor, 0.0, x, 0.0, -_PIXEL_M * factor, y)
             path = s2_dir / f"{s2_name}_{_S2_FILE_BAND[band]}.tif"
-            _write_band(path, data, crs, transform)
+            _write_tif(path, data[None], crs, transform)
             written.append(path)
         for c, pol in enumerate(("VV", "VH")):
             path = s1_dir / f"{s1_name}_{pol}.tif"
-            _write_band(path, s1[c], crs, Affine(_PIXEL_M, 0.0, x, 0.0, -_PIXEL_M, y))
+            _write_tif(path, s1[c : c + 1], crs, Affine(_PIXEL_M, 0.0, x, 0.0, -_PIXEL_M, y))
             written.append(path)
         counts = np.bincount(ground.ravel(), minlength=len(classes)) / ground.size
         labels = sorted({_CORINE_OF_IGBP[int(classes[k])] for k in np.flatnonzero(counts >= 0.05)})
@@ -257,13 +246,15 @@ def write_ssl4eo_sample(
                     data = np.clip(np.rint(field), 1, 65535).astype(np.uint16)
                     transform = Affine(_PIXEL_M * factor, 0.0, x, 0.0, -_PIXEL_M * factor, y)
                     path = out / product / loc / s2_acq / f"{band}.tif"
-                    _write_band(path, data, crs, transform)
+                    _write_tif(path, data[None], crs, transform)
                     written.append(path)
             if n == locations - 1 and k == 3:
                 continue
             for c, pol in enumerate(("VV", "VH")):
                 path = out / "s1" / loc / s1_acq / f"{pol}.tif"
                 # S1 exported apart from S2, two pixels east of it (as in the collection, a few pixels)
-                _write_band(path, s1[c], crs, Affine(_PIXEL_M, 0.0, x + 2 * _PIXEL_M, 0.0, -_PIXEL_M, y))
+                _write_tif(
+                    path, s1[c : c + 1], crs, Affine(_PIXEL_M, 0.0, x + 2 * _PIXEL_M, 0.0, -_PIXEL_M, y)
+                )
                 written.append(path)
     return written
