@@ -3,9 +3,9 @@
 Such a source differs from the others in how it lists its tree and names its files, not in what makes
 a sample's files usable: one file per band key (a second is a duplicate, refused naming it), the
 required modalities present, every band of a present modality there, each modality readable onto its
-grid (``bandfiles.read_modality``). ``BandFileSource.read`` checks that once, in that order, and asks
-the subclass only for what is its own: how a band is spelt in its file names, where a missing modality
-is reported, and the sample's labels.
+grid (``bandfiles.read_modality``); and a tree without samples is refused the same way.
+``BandFileSource`` does that once, in that order, and asks the subclass only for what is its own: how a
+band is spelt in its file names, how a missing modality is worded, and the sample's labels.
 """
 
 from __future__ import annotations
