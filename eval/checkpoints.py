@@ -135,7 +135,8 @@ def _weights_source(given: str) -> BackboneSource | None:
     if given.startswith("timm:"):
         timm_weights_file(given.removeprefix("timm:"))  # raises with where the file goes when it is not here
         return BackboneSource(given, Path(given), None, None, weights=given)
-    head, _, rest = given.partition("@")
+    head, _, rest = ("", "", "") if Path(given).exists() else given.partition("@")
+    head = head or given
     path = Path(head)
     if not (path.is_file() and path.name.endswith(WEIGHT_SUFFIXES)):
         if rest:

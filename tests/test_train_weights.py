@@ -112,6 +112,20 @@ def test_a_run_starts_from_a_local_timm_file_and_exports_a_timm_folder(dataset, 
     logged = {a.path for a in client.list_artifacts(result.mlflow_run_id, "backbone")}
     assert {"backbone/config.json", "backbone/model.safetensors", "backbone/model_card.json"} <= logged
 
+    # That run is itself a starting point: its export, channels and normalisation from its card.
+    again = read_starting_weights(str(result.run_dir))
+    assert (
+        again.kind == "eossl"
+        and again.channels == LAND
+        and again.stats["s2:B4"]
+        == pytest.approx((mean[LAND.index("s2:B4")], std[LAND.index("s2:B4")]), rel=1e-5)
+    )
+    fresh = _moco(_cfg(dataset, tmp_path / "run2", weights=str(result.run_dir)))
+    assert apply_starting_weights(fresh, again, [LAND, LAND])["first_layer"] == "as stored"
+    assert all(
+        torch.equal(v, exported[k]) for k, v in fresh.encoder_q.backbone.state_dict().items() if k in exported
+    )
+
 
 def _ssl4eo_moco_checkpoint(path, state: dict[str, torch.Tensor]) -> None:
     """A file keyed as the SSL4EO-S12 MoCo checkpoints: query and key encoders, projection MLP, queue."""
@@ -267,14 +281,50 @@ def test_a_weights_file_is_evaluated_as_a_row_next_to_random_init(dataset, tmp_p
     torch.testing.assert_close(model.prepare(x).double(), raw / 10000, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchgeo") is None, reason="torchgeo is not installed")
-def test_torchgeo_resnet_takes_the_exported_weights(dataset, tmp_path):  # pragma: no cover - needs torchgeo
-    from torchgeo.models import resnet18
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchgeo") is None,
+    reason="torchgeo is not installed (installing it would change the pinned torch/timm stack)",
+)
+def test_a_torchgeo_trainer_takes_an_exported_backbone(tmp_path):  # the README's route
+    from torchgeo.trainers import ClassificationTask
 
-    folder = tmp_path / "exported"
-    folder.mkdir()
-    state = _state("resnet18", 10, seed=7, num_classes=0)
-    save_file(state, str(folder / "model.safetensors"))
-    model = resnet18(weights=None, in_chans=10, num_classes=0)
-    missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
-    assert not missing and not unexpected
+    path = tmp_path / "model.safetensors"
+    save_file(_state("resnet18", 10, seed=7, num_classes=0), str(path))
+    task = ClassificationTask(model="resnet18", weights=None, in_channels=10, num_classes=10)
+    missing, unexpected = task.model.load_state_dict(load_file(str(path)), strict=False)
+    assert set(missing) <= {"fc.weight", "fc.bias"} and not unexpected
+    assert torch.equal(task.model.conv1.weight, load_file(str(path))["conv1.weight"])
+
+
+@pytest.mark.parametrize(
+    ("backbone", "adapter", "timm_kwargs"),
+    [("vit_tiny_patch16_224", "native", {"dynamic_img_size": True}), ("resnet18", "conv1x1", {})],
+)
+def test_every_export_loads_through_timm_local_dir(dataset, tmp_path, backbone, adapter, timm_kwargs):
+    """A DINO-style ViT (any image size) and a backbone behind 1x1 adapters, exported without training."""
+    from types import SimpleNamespace
+
+    from eossl.streaming.views import ViewConfig, ViewSet
+    from eossl.train.config import TrainConfig
+    from eossl.train.export import export_backbone
+
+    spec = InputSpec.parse("s1")
+    cfg = TrainConfig(
+        data=str(dataset), out=str(tmp_path), backbone=BackboneConfig(name=backbone, adapter=adapter)
+    )
+    encoder = build_encoder(cfg.backbone, {"input": spec.channels}, **timm_kwargs)
+    loader = SimpleNamespace(views=ViewSet(ViewConfig(inputs=spec)), manifest=_manifest(dataset))
+    folder = export_backbone(encoder, loader, cfg, 0, tmp_path)
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert all(torch.equal(v, encoder.backbone.state_dict()[k]) for k, v in model.state_dict().items())
+    data = timm.data.resolve_data_config(model=model)
+    if adapter == "conv1x1":  # the backbone takes the adapter's output; the card says what the adapter takes
+        assert tuple(data["mean"]) == (0.0,) * 3 and tuple(data["std"]) == (1.0,) * 3
+        assert (folder / "adapters.safetensors").exists()
+    else:
+        mean, std = spec.normalisation(_manifest(dataset))
+        np.testing.assert_allclose(data["mean"], mean, rtol=1e-6)
+        np.testing.assert_allclose(data["std"], std, rtol=1e-6)
+        x = torch.randn(1, 2, 32, 48)  # dynamic_img_size: another size than the architecture's 224
+        model.eval(), encoder.eval()
+        torch.testing.assert_close(model(x), encoder.backbone(x))

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from eossl.ingest.bands import S1, S2
+from eossl.streaming.inputs import InputSpec
 
 __all__ = [
     "NORMALISATIONS",
@@ -80,7 +80,8 @@ class WeightsInput:
     about: str
 
 
-_S2_ALL = tuple(f"s2:{b}" for b in S2.bands)
+_S2_ALL = tuple(InputSpec.parse("s2", "all").channel_names)
+_S1 = tuple(InputSpec.parse("s1").channel_names)
 WEIGHTS_INPUTS: dict[str, WeightsInput] = {
     w.name: w
     for w in (
@@ -94,7 +95,7 @@ WEIGHTS_INPUTS: dict[str, WeightsInput] = {
         ),
         WeightsInput(
             "ssl4eo_s1",
-            tuple(f"s1:{b}" for b in S1.bands),
+            _S1,
             (-12.59, -20.26),
             (5.26, 5.91),
             "SSL4EO-S12 Sentinel-1 GRD weights (torchgeo's *_SENTINEL1_ALL_*): VV, VH in dB, standardised "
