@@ -318,7 +318,8 @@ def _read_timm(name: str) -> StartingWeights:
 
 def _eossl_folder(path: Path) -> Path | None:
     """The ``backbone/`` folder of an eossl export named by a run folder, the folder itself or its file."""
-    for folder in (path / "backbone", path, path.parent):
+    exported = path.name in ("backbone.safetensors", "model.safetensors")
+    for folder in (path / "backbone", path) + ((path.parent,) if exported else ()):
         if (folder / "model_card.json").is_file() and (folder / "backbone.safetensors").is_file():
             return folder
     return None
