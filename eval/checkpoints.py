@@ -200,8 +200,9 @@ def _export_weights(source: BackboneSource, folder: Path, dataset: str) -> None:
     from eossl.train.backbones import build_encoder
     from eossl.train.config import BackboneConfig, TrainConfig
     from eossl.train.export import export_backbone
+    from eossl.train.input_norm import input_norm
     from eossl.train.vit import is_vit
-    from eossl.train.weights import input_norm, load_into_backbone, read_starting_weights
+    from eossl.train.weights import load_into_backbone, read_starting_weights
 
     weights = read_starting_weights(source.weights, source.weights_input)
     if weights.channels is None:
@@ -243,8 +244,8 @@ def _export(source: BackboneSource, folder: Path, dataset: str) -> None:
     from eossl.train.checkpoint import load_tensor_file
     from eossl.train.config import load_config
     from eossl.train.export import export_backbone
+    from eossl.train.input_norm import saved_input_norm
     from eossl.train.methods import get_method
-    from eossl.train.weights import saved_input_norm
 
     saved = yaml.safe_load((source.run_dir / "config.yaml").read_text())
     cfg = load_config(saved["method"], str(source.run_dir / "config.yaml"), {})

@@ -19,13 +19,9 @@ from eossl.ingest.bands import S2
 from eossl.streaming.inputs import InputSpec
 from eossl.train.backbones import build_encoder
 from eossl.train.config import BackboneConfig, load_config
+from eossl.train.input_norm import input_norm
 from eossl.train.methods import get_method
-from eossl.train.weights import (
-    apply_starting_weights,
-    input_norm,
-    load_into_backbone,
-    read_starting_weights,
-)
+from eossl.train.weights import apply_starting_weights, load_into_backbone, read_starting_weights
 
 from conftest import TINY_MOCO
 

@@ -87,7 +87,8 @@ class BackboneConfig:
     normalisation: str = "auto"
 
     def __post_init__(self) -> None:
-        from .weights import NORMALISATIONS, WEIGHTS_INPUTS
+        from .input_norm import NORMALISATIONS
+        from .weights import WEIGHTS_INPUTS
 
         if self.normalisation not in NORMALISATIONS:
             raise ValueError(

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from .backbones import Encoder
 from .config import TrainConfig
-from .weights import InputNorm, input_norm
+from .input_norm import InputNorm, input_norm
 
 __all__ = ["MODEL_CARD", "TIMM_CONFIG", "export_backbone", "read_model_card", "timm_config"]
 

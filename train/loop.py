@@ -40,19 +40,14 @@ from .checkpoint import latest_checkpoint, state_digest, write_json_atomic
 from .config import TrainConfig, flatten, to_yaml
 from .distributed import all_reduce_max, all_reduce_min
 from .export import export_backbone
+from .input_norm import input_norm, save_input_norm, saved_input_norm
 from .methods import get_method
 from .preemption import DataUnavailable, Preempted, StopRequest, lock_run_dir
 from .progress import Countdown, interactive, log_line
 from .resume import RunCheckpointer, config_digest
 from .schedules import scaled_lr
 from .tracking import end_tracking_on_error, git_commit, log_dataset_input, start_tracking
-from .weights import (
-    apply_starting_weights,
-    input_norm,
-    read_starting_weights,
-    save_input_norm,
-    saved_input_norm,
-)
+from .weights import apply_starting_weights, read_starting_weights
 
 __all__ = ["RunResult", "train"]
 
