@@ -64,8 +64,9 @@ class _GridFlags:
         self.add(
             "--checkpoint",
             "checkpoints",
-            "pre-training run folder (its final backbone, else its latest checkpoint) or one checkpoint "
-            "RUN/checkpoints/step-N; repeat for several (default: none)",
+            "pre-training run folder (its final backbone, else its latest checkpoint), one checkpoint "
+            "RUN/checkpoints/step-N, timm:NAME (timm's weights from the local cache) or a weights file "
+            "FILE@INPUT[@ARCH] (INPUT: ssl4eo_s2, ssl4eo_s1 or rgb); repeat for several (default: none)",
             show_default=False,
             action="append",
             metavar="RUN_DIR",

@@ -166,7 +166,12 @@ def _absolute(value: Any) -> Any:
     """A local path made absolute (URLs as given); lists element-wise."""
     if isinstance(value, list | tuple):
         return [_absolute(v) for v in value]
-    if isinstance(value, str | Path) and value and "://" not in str(value):
+    if (
+        isinstance(value, str | Path)
+        and value
+        and "://" not in str(value)
+        and not str(value).startswith("timm:")
+    ):
         return str(Path(value).resolve())
     return value
 

@@ -65,6 +65,16 @@ class BackboneConfig:
             backbone).
         adapter_channels: output channels of the 1x1 adapter (3: the shape of ImageNet stems).
         pad_channels: channel count for 'zeropad' (15 = S1 + all 13 S2 bands).
+        weights: starting weights (None: random initialisation): ``timm:NAME`` (timm's pretrained
+            weights, read from the local cache only), a weights file (``.safetensors`` or a torch state
+            dict, e.g. torchgeo's SSL4EO-S12 weights) or an eossl run / exported ``backbone/`` folder.
+            See ``train/weights.py`` and docs/METHODS.md.
+        weights_input: the input a weights *file* was trained on: ssl4eo_s2 (13 S2 bands / 10,000),
+            ssl4eo_s1 (VV, VH, SSL4EO-S12's standardisation), rgb (S2 B4, B3, B2) or unknown (the
+            first layer is adapted by count). Required for a plain file; timm names and eossl runs say it.
+        normalisation: the encoder's input normalisation: 'auto' (the weights' when they declare one,
+            else the dataset's per-channel standardisation), 'weights' (an error when they declare none)
+            or 'dataset'. Recorded in the model card and MLflow.
     """
 
     name: str = "resnet50"
@@ -72,8 +82,24 @@ class BackboneConfig:
     adapter_mode: str = "trainable"
     adapter_channels: int = 3
     pad_channels: int = 15
+    weights: str | None = None
+    weights_input: str | None = None
+    normalisation: str = "auto"
 
     def __post_init__(self) -> None:
+        from .input_norm import NORMALISATIONS
+        from .weights import WEIGHTS_INPUTS
+
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(
+                f"backbone.normalisation must be one of {', '.join(NORMALISATIONS)}, "
+                f"got {self.normalisation!r}"
+            )
+        if self.weights_input is not None and self.weights_input not in WEIGHTS_INPUTS:
+            raise ValueError(
+                f"backbone.weights_input must be one of {', '.join(WEIGHTS_INPUTS)}, "
+                f"got {self.weights_input!r}"
+            )
         if self.adapter not in ("native", "conv1x1", "zeropad"):
             raise ValueError(f"backbone.adapter must be native, conv1x1 or zeropad, got {self.adapter!r}")
         if self.adapter_mode not in ("trainable", "frozen", "random"):

@@ -36,16 +36,18 @@ from eossl.streaming.loader import CorruptDataError, SSLLoader
 from eossl.streaming.storage_errors import CorruptShardError
 
 from .builders import build_accelerator, build_optimizer, loader_config, lr_schedule
-from .checkpoint import state_digest, write_json_atomic
+from .checkpoint import latest_checkpoint, state_digest, write_json_atomic
 from .config import TrainConfig, flatten, to_yaml
 from .distributed import all_reduce_max, all_reduce_min
 from .export import export_backbone
+from .input_norm import input_norm, save_input_norm, saved_input_norm
 from .methods import get_method
 from .preemption import DataUnavailable, Preempted, StopRequest, lock_run_dir
 from .progress import Countdown, interactive, log_line
 from .resume import RunCheckpointer, config_digest
 from .schedules import scaled_lr
 from .tracking import end_tracking_on_error, git_commit, log_dataset_input, start_tracking
+from .weights import apply_starting_weights, read_starting_weights
 
 __all__ = ["RunResult", "train"]
 
@@ -97,6 +99,7 @@ class _Run:
             world_size=self.acc.num_processes,
         )
         self.method = method_cls.build(cfg, self.loader.channels, views.mode)
+        self._starting_weights(resume)
         if cfg.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         if cfg.compile:
@@ -122,6 +125,26 @@ class _Run:
                 self.step, self.mlflow_run_id = restored
         self.model, self.optimizer = self.acc.prepare(self.method, self.optimizer)
         self.method = self.acc.unwrap_model(self.model)  # the hooks' module (DDP wraps it in ``model``)
+
+    def _starting_weights(self, resume: bool) -> None:
+        """Load ``backbone.weights`` into every encoder and fix the encoder's input normalisation.
+
+        A run resuming from a checkpoint takes both from what it recorded at its start: its checkpoint
+        replaces the starting weights anyway, and their file need not be there any more.
+        """
+        cfg, view_set = self.cfg, self.loader.views
+        self.input_norm, self.starting = saved_input_norm(self.run_dir)
+        if resume and self.input_norm is not None and latest_checkpoint(self.run_dir) is not None:
+            return
+        specs = [view_set.view_spec(v) for v in range(len(view_set.views))]
+        view_channels = [spec.channel_names for spec in specs]
+        weights = None
+        self.starting = None
+        if cfg.backbone.weights:
+            weights = read_starting_weights(cfg.backbone.weights, cfg.backbone.weights_input)
+            self.starting = apply_starting_weights(self.method, weights, view_channels)
+        stats = [spec.normalisation(self.loader.manifest) for spec in specs]
+        self.input_norm = input_norm(view_channels, stats, cfg.backbone.normalisation, weights)
 
     def save_checkpoint(self) -> None:
         self.checkpointer.save(self.step, self.method, self.optimizer, self.loader, self.mlflow_run_id)
@@ -170,6 +193,7 @@ class _Run:
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            save_input_norm(self.run_dir, self.input_norm, self.starting)
         acc.wait_for_everyone()
         self._tracking()
         if self.main:
@@ -179,6 +203,11 @@ class _Run:
                 f"{self.lr:.4g} ({cfg.optim.lr_scaling} scaling of {cfg.optim.lr} at batch "
                 f"{cfg.optim.base_batch}), {self.total_steps} steps planned, stopping at {self.stop_step}"
             )
+            if self.starting is not None:
+                print(
+                    f"starting weights {self.starting['source']} ({self.starting['first_layer']}; adapters "
+                    f"{self.starting['adapters']}); input normalisation {self.input_norm.choice}"
+                )
 
     def _batches(self) -> Iterator[list[torch.Tensor]]:
         """One pass of the loader, views on the device, until the last planned step."""
@@ -197,7 +226,7 @@ class _Run:
             if self._any_rank_failed(failure is not None):
                 self._data_unavailable(failure)
             self.meter.wait += time.perf_counter() - t0
-            views = [v.to(self.acc.device, non_blocking=True) for v in batch.views]
+            views = self.input_norm.apply([v.to(self.acc.device, non_blocking=True) for v in batch.views])
             self.meter.samples += views[0].shape[0] * self.acc.num_processes
             yield views
 
@@ -302,6 +331,9 @@ class _Run:
                 {"channels": spec.channel_names, "mean": mean.round(6).tolist(), "std": std.round(6).tolist()}
             ),
         }
+        tags["eossl.input_norm"] = json.dumps(self.input_norm.to_json())[:5000]
+        if self.starting is not None:
+            tags["eossl.starting_weights"] = json.dumps(self.starting)[:5000]
         self.mlflow_run_id = start_tracking(
             self.acc, self.cfg, params, tags, self.mlflow_run_id, description=_run_description(self.cfg)
         )
@@ -415,7 +447,14 @@ class _Run:
         backbone_dir = None
         if self.main:
             backbone_dir = export_backbone(
-                method.backbone(), self.loader, self.cfg, self.step, self.run_dir, self.mlflow_run_id
+                method.backbone(),
+                self.loader,
+                self.cfg,
+                self.step,
+                self.run_dir,
+                self.input_norm,
+                self.starting,
+                self.mlflow_run_id,
             )
             import mlflow
 
