@@ -21,6 +21,7 @@ from zarr.codecs import BloscCodec
 
 from .bands import IGBP_CLASSES, IGBP_SIMPLE_CLASSES, MODALITIES, PATCH_SIZE
 from .format import FORMAT_NAME, FORMAT_VERSION, PROGRESS_DIR, ZARR_DIR, decode_member
+from .sample_table import SampleTable
 from .storage import DatasetRoot
 from .writer import IngestError
 
@@ -111,21 +112,16 @@ def _create(group: zarr.Group, name: str, data: np.ndarray, dims: tuple[str, ...
     arr.attrs.update(attrs)
 
 
-def write_metadata_arrays(group: zarr.Group, samples: list[dict], extra: dict[str, np.ndarray]) -> None:
+def write_metadata_arrays(group: zarr.Group, table: SampleTable, extra: dict[str, np.ndarray]) -> None:
     """Per-sample metadata as plain arrays (readable by zarr/xarray without eossl)."""
-    n = len(samples)
-    text = {
-        f: np.array([s[f] for s in samples], dtype=str) if n else np.zeros(0, dtype=str)
-        for f in ("key", "scene_id", "roi", "season", "crs", "split")
-    }
-    for field, values in text.items():
-        _create(group, field, values, ("sample",))
-    _create(group, "scene", np.array([s["scene"] for s in samples], dtype=np.int32), ("sample",))
-    _create(group, "patch", np.array([s["patch"] for s in samples], dtype=np.int32), ("sample",))
+    for field in ("key", "scene_id", "roi", "season", "crs", "split"):
+        _create(group, field, table.text[field], ("sample",))
+    _create(group, "scene", table.scene, ("sample",))
+    _create(group, "patch", table.patch, ("sample",))
     _create(
         group,
         "transform",
-        np.array([s["transform"] for s in samples], dtype=np.float64).reshape(n, 6),
+        table.transform,
         ("sample", "coef"),
         description="affine a, b, c, d, e, f (rasterio order) of each patch",
     )
@@ -133,7 +129,7 @@ def write_metadata_arrays(group: zarr.Group, samples: list[dict], extra: dict[st
         _create(
             group,
             f"has_{mod}",
-            np.array([s["modalities"][mod] for s in samples], dtype=bool),
+            table.has[mod],
             ("sample",),
             description=f"True where the patch has {mod}; elsewhere {mod} holds its fill value",
         )
@@ -141,25 +137,17 @@ def write_metadata_arrays(group: zarr.Group, samples: list[dict], extra: dict[st
         _create(
             group,
             f"{mod}_invalid_pixels",
-            np.array([s.get(f"{mod}_invalid_pixels", 0) for s in samples], dtype=np.int32),
+            table.invalid[mod],
             ("sample",),
             description=f"invalid pixels kept as stored in {mod} (below the reject threshold; outside the "
             "physical range, non-finite, nodata or not in the legend)",
         )
-    labels = [s["labels"] for s in samples]
     for scheme, classes in (("igbp", IGBP_CLASSES), ("igbp_simple", IGBP_SIMPLE_CLASSES)):
-        single = np.array([lab[scheme] if lab else 0 for lab in labels], dtype=np.int16)
-        multi = np.zeros((n, len(classes)), dtype=bool)
-        frac = np.zeros((n, len(classes)), dtype=np.float32)
-        for i, lab in enumerate(labels):
-            if lab:
-                multi[i, [c - 1 for c in lab[f"{scheme}_multi"]]] = True
-                frac[i] = lab["igbp_fractions" if scheme == "igbp" else "simple_fractions"]
         names = list(classes)
         _create(
             group,
             f"label_{scheme}",
-            single,
+            table.label[scheme],
             ("sample",),
             classes=names,
             description="majority class code, 1-based; 0 = no land cover",
@@ -167,12 +155,12 @@ def write_metadata_arrays(group: zarr.Group, samples: list[dict], extra: dict[st
         _create(
             group,
             f"multilabel_{scheme}",
-            multi,
+            table.multi[scheme],
             ("sample", scheme),
             classes=names,
             description="classes covering at least the multi-label threshold of the patch",
         )
-        _create(group, f"fractions_{scheme}", frac, ("sample", scheme), classes=names)
+        _create(group, f"fractions_{scheme}", table.fractions[scheme], ("sample", scheme), classes=names)
     for name, values in extra.items():
         _create(group, name, values, ("sample",) if values.ndim == 1 else ("sample", "index"))
 
@@ -191,8 +179,7 @@ def _os_error(exc: BaseException | None) -> OSError | None:
 def build_zarr(
     out: DatasetRoot,
     shards: list[dict],
-    samples: list[dict],
-    members: list[dict[str, list[int]]],
+    table: SampleTable,
     extra: dict[str, np.ndarray],
     shard_samples: int,
     workers: int,
@@ -200,15 +187,14 @@ def build_zarr(
 ) -> None:
     """Create (or resume) ``data.zarr`` with data arrays filled from ``shards`` and metadata arrays.
 
-    ``members`` holds, per sample in dataset order, member -> [offset, size, ...] of its data in its
-    shard (the unit records' ``members``).
+    ``table`` holds every sample's metadata and where its members lie in its shard.
 
     Raises:
         IngestError: a write failed (a full disk above all): names the store and the reason. Blocks already
             written are kept (their markers), so the same command finishes the store once there is space.
     """
     try:
-        _build_zarr(out, shards, samples, members, extra, shard_samples, workers, attrs)
+        _build_zarr(out, shards, table, extra, shard_samples, workers, attrs)
     except Exception as exc:
         cause = _os_error(exc)
         if cause is None:
@@ -224,14 +210,13 @@ def build_zarr(
 def _build_zarr(
     out: DatasetRoot,
     shards: list[dict],
-    samples: list[dict],
-    members: list[dict[str, list[int]]],
+    table: SampleTable,
     extra: dict[str, np.ndarray],
     shard_samples: int,
     workers: int,
     attrs: dict,
 ) -> None:
-    n = len(samples)
+    n = len(table)
     store = out.zarr_store(ZARR_DIR)
     group = zarr.open_group(store, mode="a", zarr_format=3)
     for mod, m in MODALITIES.items():
@@ -249,17 +234,11 @@ def _build_zarr(
             dimension_names=("sample", f"{mod}_band", "y", "x"),
             overwrite=True,
         ).attrs.update({"bands": list(m.bands), "unit": m.unit, "layout": "CHW"})
-    write_metadata_arrays(group, samples, extra)
+    write_metadata_arrays(group, table, extra)
     group.attrs.update(
         {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "patch_size": PATCH_SIZE, **attrs}
     )
 
-    shard_of_row = np.repeat(np.arange(len(shards)), [s["samples"] for s in shards])
-    if len(shard_of_row) != n or len(members) != n:
-        raise IngestError(
-            f"{out.path(ZARR_DIR)}: {n} samples but {len(shard_of_row)} in the shards and "
-            f"{len(members)} member records"
-        )
     jobs = []
     for block, start in enumerate(range(0, n, shard_samples)):
         stop = min(start + shard_samples, n)
@@ -268,9 +247,9 @@ def _build_zarr(
         reads: dict[int, list[tuple[int, str, int, int]]] = {}
         for row in range(start, stop):
             for mod in MODALITIES:
-                where = members[row].get(mod)
-                if where is not None:
-                    reads.setdefault(int(shard_of_row[row]), []).append((row, mod, where[0], where[1]))
+                offset, size = int(table.offset[mod][row]), int(table.size[mod][row])
+                if offset >= 0:
+                    reads.setdefault(int(table.shard[row]), []).append((row, mod, offset, size))
         jobs.append((out.url, block, (start, stop), [(shards[i]["path"], r) for i, r in reads.items()]))
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
