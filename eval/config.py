@@ -118,9 +118,9 @@ class ProbeConfig:
         linear_epochs: full-batch L-BFGS iterations of the linear probe.
         linear_weight_decay: L2 penalty of the linear probe (on standardised features).
         knn_k, knn_temperature: neighbours and the temperature of the similarity weights (DINO's 20, 0.07).
-        knn_memory_mb: the most memory one block of test x train similarities may take; k-NN keeps a
-            running top-k over such blocks instead of the whole matrix (any size gives the same neighbours;
-            smaller blocks only cost more passes).
+        knn_memory_mb: size of one block of test x train similarities (float32); k-NN keeps a running
+            top-k over such blocks instead of the whole matrix. Any size gives the same neighbours; the
+            peak memory of the search is about 3.5x this (measured, docs/BENCHMARKS.md).
         finetune_epochs, finetune_lr, finetune_weight_decay: AdamW fine-tuning of all layers.
     """
 
@@ -130,7 +130,7 @@ class ProbeConfig:
     linear_weight_decay: float = 1e-4
     knn_k: int = 20
     knn_temperature: float = 0.07
-    knn_memory_mb: float = 256.0
+    knn_memory_mb: float = 64.0
     finetune_epochs: int = 10
     finetune_lr: float = 3e-4
     finetune_weight_decay: float = 1e-4

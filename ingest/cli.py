@@ -372,7 +372,7 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=argparse.SUPPRESS,
-        help="shards checked in parallel, one process each (each shard is read once; default 1)",
+        help="shards checked in parallel, one process each; each shard is read once (default 1)",
     )
     p.set_defaults(handler=_run_verify)
 
