@@ -34,6 +34,7 @@ from .node_catalog import attach, detach, node_catalog
 from .plan import EpochPlan, LoaderPosition, PlanConfig, rows_digest
 from .storage import CorruptShardError, ShardReader, StorageOptions
 from .views import ViewConfig, ViewSet
+from .worker_watch import WorkerGone, WorkerWatch, dead_processes
 
 if TYPE_CHECKING:  # torch is imported where a loader is built: LoaderConfig alone (a config) needs none
     import torch
@@ -382,6 +383,7 @@ class SSLLoader:
         slices = spec.sensor_slices()
         self.norm = {s: (mean[sl], std[sl]) for s, sl in slices.items()}
         self._iterator = None
+        self._pipe = None
         self._built_at: LoaderPosition | None = None
         self.substituted = 0  # this rank's samples skipped as corrupt in the whole run (resumes included)
         self.corrupt_shards: dict[str, int] = {}  # shard URL -> samples skipped from it in the whole run
@@ -506,7 +508,24 @@ class SSLLoader:
         )
         names = [f"view{v}" for v in range(len(self.views.views))] + ["ids"]
         self._iterator = DALIGenericIterator([pipe], names, auto_reset=False, prepare_first_batch=False)
+        self._pipe = pipe
         self._built_at = self.position
+
+    def _worker_pids(self) -> list[int]:
+        pool = getattr(self._pipe, "_py_pool", None)
+        return pool.pids() if pool is not None else []
+
+    def _check_workers(self, epoch: int, where: str) -> None:
+        """Raise when a reader worker process is gone, before DALI hands it work (``worker_watch``: DALI
+        would wait for ever on a worker that died idle). A worker that dies while DALI has the main thread
+        is caught by the watch instead."""
+        dead = dead_processes(self._worker_pids())
+        if dead:
+            self._close_iterator()
+            raise StreamingError(
+                f"streaming {self.dataset} failed at epoch {epoch} step {self.position.step} ({where}): "
+                f"reader worker process(es) {', '.join(map(str, dead))} died (killed, or out of memory)"
+            )
 
     def _count_corrupt(self, batch: Batch) -> None:
         """Count a batch's replaced samples per shard; stop above ``max_corrupt_fraction`` of an epoch."""
@@ -535,6 +554,7 @@ class SSLLoader:
 
     def _close_iterator(self) -> None:
         self._iterator = None
+        self._pipe = None
         self._built_at = None
 
     def __iter__(self):
@@ -544,10 +564,14 @@ class SSLLoader:
         if self._iterator is None or self._built_at is None:
             self._build()
         epoch = self.position.epoch
+        watch = WorkerWatch(self._worker_pids)
         try:
+            watch.__enter__()
             while True:
+                self._check_workers(epoch, "reading the next batch")
                 try:
-                    out = next(self._iterator)[0]
+                    with watch.armed():
+                        out = next(self._iterator)[0]
                 except StopIteration:
                     break
                 except (
@@ -573,8 +597,18 @@ class SSLLoader:
                     self._count_corrupt(batch)
                 self.position = LoaderPosition(epoch, self.position.step + 1)
                 yield batch
+            self._check_workers(epoch, "at the epoch's end, before the next epoch is handed to the workers")
+            try:
+                with watch.armed():
+                    self._iterator.reset()
+            except WorkerGone as exc:
+                self._close_iterator()
+                raise StreamingError(
+                    f"streaming {self.dataset} failed at the end of epoch {epoch}: {exc}"
+                ) from exc
         except GeneratorExit:  # the consumer stopped mid-epoch: DALI has prefetched past our position
             self._close_iterator()
             raise
-        self._iterator.reset()
+        finally:
+            watch.__exit__(None, None, None)
         self.position = LoaderPosition(epoch + 1, 0)

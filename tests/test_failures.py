@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -381,10 +383,8 @@ def test_slurm_job_requeues_on_76_a_bounded_number_of_times(tmp_path, restarts, 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_killed_reader_worker_checkpoints_exits_76_and_resumes(dataset, tmp_path):
-    """SIGKILL to the reader worker mid-epoch (batch 4: 6 steps per epoch, so DALI's prefetch does not reach
-    the epoch end, where a dead worker is not detected: docs/RELIABILITY.md)."""
-    import psutil
-
+    """SIGKILL to the reader worker mid-epoch (batch 4: 6 steps per epoch, so DALI's prefetch has not read
+    the whole epoch; the worker killed idle at the epoch's end is the next test)."""
     from eossl.train.preemption import DATA_UNAVAILABLE_EXIT_CODE
 
     run, env = tmp_path / "run", _env(tmp_path)
@@ -395,23 +395,7 @@ def test_killed_reader_worker_checkpoints_exits_76_and_resumes(dataset, tmp_path
         text=True,
         env=env,
     )
-    try:
-        deadline = time.monotonic() + 600
-        while len(history_steps(run)) < 1:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        workers = [
-            p
-            for p in psutil.Process(proc.pid).children(recursive=True)
-            if "spawn_main" in " ".join(p.cmdline())
-        ]
-        assert workers, "no reader worker process found"
-        os.kill(workers[0].pid, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    out = _kill_reader_worker_after_step(proc, run, 1)
     assert proc.returncode == DATA_UNAVAILABLE_EXIT_CODE, out[-3000:]
     done = history_steps(run)[-1]
     assert done < 6  # stopped within the first epoch
@@ -425,6 +409,94 @@ def test_killed_reader_worker_checkpoints_exits_76_and_resumes(dataset, tmp_path
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"step-{done:07d}" in resumed.stdout
     assert history_steps(run) == list(range(1, STEPS + 1))  # exactness: the outage test, same path
+
+
+def _kill_reader_worker_after_step(proc: subprocess.Popen, run: Path, step: int) -> str:
+    """SIGKILL the training process's DALI reader worker once ``step`` is in history.jsonl; its output."""
+    import psutil
+
+    try:
+        deadline = time.monotonic() + 600
+        while len(history_steps(run)) < step:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        workers = [
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if "spawn_main" in " ".join(p.cmdline())
+        ]
+        assert workers, "no reader worker process found"
+        os.kill(workers[0].pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)  # a hang fails here instead of blocking the suite
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_reader_worker_killed_idle_at_the_epoch_end_checkpoints_and_exits_76(dataset, tmp_path):
+    """3 steps per epoch (batch 8): once step 2 is done DALI has read the whole epoch and its worker waits
+    for work. Killed then, the worker would never acknowledge the next epoch's hand-over (a wait without
+    timeout inside DALI) and the run would hang at the epoch's end. The loader finds it dead first: the run
+    checkpoints its last completed step, exits 76, and the same command finishes it."""
+    from eossl.train.preemption import DATA_UNAVAILABLE_EXIT_CODE
+
+    run, env = tmp_path / "run", _env(tmp_path)
+    proc = subprocess.Popen(
+        _train_cmd(dataset, run, STEPS, workers="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    out = _kill_reader_worker_after_step(proc, run, 2)
+    assert proc.returncode == DATA_UNAVAILABLE_EXIT_CODE, out[-3000:]
+    done = history_steps(run)[-1]
+    assert done in (2, 3)  # the kill lands before or during step 3, the epoch's last
+    assert f"the training data could not be read at step {done}" in out, out[-3000:]
+    assert re.search(r"reader worker process\(es\) \d+ died", out), out[-3000:]
+    assert _latest(run) == f"step-{done:07d}"
+    (failed,) = _mlflow_runs(tmp_path)
+    assert failed.info.status == "FAILED"
+
+    resumed = _train(dataset, run, STEPS, env, workers="1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"step-{done:07d}" in resumed.stdout
+    assert history_steps(run) == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_watch_ends_dalis_wait_on_a_worker_that_died_idle(dataset, monkeypatch):
+    """With the checks between batches switched off, only the watchdog stands between a worker killed idle
+    (the whole epoch read) and DALI's endless wait when the next epoch is handed over."""
+    import psutil
+
+    from eossl.streaming.inputs import InputSpec
+    from eossl.streaming.loader import LoaderConfig, SSLLoader, StreamingError
+    from eossl.streaming.plan import PlanConfig
+    from eossl.streaming.views import ViewConfig
+
+    monkeypatch.setattr(SSLLoader, "_check_workers", lambda self, epoch, where: None)
+    views = ViewConfig(mode="single", inputs=InputSpec(sensors=("s2",)), size=32)
+    cfg = LoaderConfig(batch_size=8, split="all", device="cpu", workers=1, num_threads=1, views=views)
+    loader = SSLLoader(str(dataset), replace(cfg, plan=PlanConfig(seed=3, shuffle_buffer=4)))
+    assert len(loader) == 3
+    batches = iter(loader)
+    for _ in range(3):
+        next(batches)
+    time.sleep(2)  # the worker has nothing left to read: it waits for work
+    workers = [p for p in psutil.Process().children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    assert len(workers) == 1
+    os.kill(workers[0].pid, signal.SIGKILL)
+    time.sleep(1)
+    with pytest.raises(
+        StreamingError, match=rf"end of epoch 0: reader worker process\(es\) {workers[0].pid} died"
+    ):
+        next(batches)
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ def project(dataset, tmp_path_factory) -> Path:
         "log_every": "2",
         "ckpt_every": "0",
         "split": "train",
-        "system_metrics_every_s": "0.2",
+        "system_metrics_every_s": "0.5",
     }
     with open(log, "w") as f:
         proc = subprocess.run(
@@ -151,7 +151,7 @@ def test_system_metrics_are_logged_when_asked_and_a_missing_package_is_said(proj
 
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("eossl").experiment_id])
-    assert run.data.params["system_metrics_every_s"] == "0.2"
+    assert run.data.params["system_metrics_every_s"] == "0.5"
     sampled = {k for k in run.data.metrics if k.startswith("system/")}
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= sampled
     log = (project / "train.log").read_text()
