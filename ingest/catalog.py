@@ -66,7 +66,8 @@ class Catalog:
     def __len__(self) -> int:
         return len(self.key)
 
-    def to_bytes(self) -> bytes:
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every column as a flat name -> array mapping (the ``catalog.npz`` member names)."""
         arrays = {
             "key": self.key,
             "scene_id": self.scene_id,
@@ -83,6 +84,10 @@ class Catalog:
                 arrays[f"crc32c_{m}"] = self.crc32c[m]
         for m in MODALITY_NAMES:
             arrays[f"has_{m}"] = self.has[m]
+        return arrays
+
+    def to_bytes(self) -> bytes:
+        arrays = self.arrays()
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         return buf.getvalue()

@@ -41,26 +41,6 @@ def catalog_folder(manifest: dict, cache_dir: str | None) -> Path:
     return base / f"catalog-{sha[:16]}"
 
 
-def _arrays(catalog: Catalog) -> dict[str, np.ndarray]:
-    arrays = {
-        "key": catalog.key,
-        "scene_id": catalog.scene_id,
-        "shard": catalog.shard,
-        "train": catalog.train,
-        "label_igbp": catalog.label_igbp,
-        "label_igbp_simple": catalog.label_igbp_simple,
-        "multilabel_igbp_simple": catalog.multilabel_igbp_simple,
-    }
-    for m in CATALOG_MEMBERS:
-        arrays[f"offset_{m}"] = catalog.offset[m]
-        arrays[f"size_{m}"] = catalog.size[m]
-        if catalog.crc32c is not None:
-            arrays[f"crc32c_{m}"] = catalog.crc32c[m]
-    for m in MODALITY_NAMES:
-        arrays[f"has_{m}"] = catalog.has[m]
-    return arrays
-
-
 def _mapped(folder: Path) -> Catalog:
     def load(name: str) -> np.ndarray:
         return np.load(folder / f"{name}.npy", mmap_mode="r")
@@ -118,7 +98,7 @@ def node_catalog(
         if not (folder / _DONE).exists():  # the first process of the node: read once, write the arrays
             catalog = read_catalog(out, manifest)
             folder.mkdir(exist_ok=True)
-            for name, array in _arrays(catalog).items():
+            for name, array in catalog.arrays().items():
                 tmp = folder / f".{name}.tmp-{os.getpid()}.npy"
                 np.save(tmp, np.ascontiguousarray(array))
                 os.replace(tmp, folder / f"{name}.npy")
