@@ -154,7 +154,7 @@ def bench_loader(cfg: LoaderBenchConfig) -> dict:
         result["read_cpu_over_raw_pread"] = result["read_cpu"]["ratio"]
         stage = result["read"]["ours"]["cpu_ms_per_sample"]
         result["read_stage_cpu_over_raw_pread"] = None if stage is None else round(stage / raw, 2)
-        result["augment_cpu"] = augment_cpu(probe, max(cfg.workers, 1), samples // 4 or 1, repeat)
+        result["augment_cpu"] = augment_cpu(probe, 1, samples // 4 or 1, repeat)
         result["augment_cpu_over_torch"] = result["augment_cpu"]["ratio"]
         result["cpu_ms_per_sample"] = {
             "raw_pread": raw,

@@ -11,8 +11,10 @@ Each number is a ratio of CPU-milliseconds per sample of two sides timed in the 
   band selection, standardisation and the S1+S2 concatenation on the CPU) over the same raw pread.
 - ``augment_cpu_over_torch``: the loader's augmentation graph in DALI's CPU mode (``augment_view``:
   ``warp_affine``, per-band gain/offset, Gaussian blur) against ``torch_view`` (``grid_sample``, the same
-  jitter, torchvision's blur) on the same standardised samples with the same parameters and the same
-  number of threads, in this process. Below 1: DALI's CPU mode is cheaper. ``geometry_ratio``: the
+  jitter, torchvision's blur) on the same standardised samples with the same parameters, in this process,
+  one thread each (as the DataLoader baseline's workers run torch: with more, torch's OpenMP threads
+  spin while they wait, which inflates its CPU time several times over on a loaded machine). Below 1:
+  DALI's CPU mode is cheaper. ``geometry_ratio``: the
   resampling alone (``warp_affine`` against ``grid_sample``), since the two sides' blurs differ in cost
   (torchvision convolves with a 2-D kernel, DALI with separable 1-D ones).
 """
@@ -163,7 +165,7 @@ def _constant(value):
 
 def augment_cpu(loader: SSLLoader, threads: int, min_samples: int, repeat: int) -> dict:
     """``augment_cpu_over_torch`` (see module docstring): the same samples, views and threads."""
-    from nvidia.dali import fn, pipeline_def
+    from nvidia.dali import fn, pipeline_def, types
 
     from eossl.streaming.dali_pipeline import augment_view
 
@@ -177,7 +179,14 @@ def augment_cpu(loader: SSLLoader, threads: int, min_samples: int, repeat: int) 
     ]
 
     def graph(geometry_only: bool):
-        @pipeline_def(batch_size=b, num_threads=threads, device_id=None, exec_dynamic=True, seed=0)
+        @pipeline_def(
+            batch_size=b,
+            num_threads=threads,
+            device_id=None,
+            exec_dynamic=True,
+            seed=0,
+            prefetch_queue_depth=1,
+        )
         def pipeline():
             x = fn.external_source(source=_constant(batch), batch=True, layout="HWC", no_copy=True)
             out = []
@@ -186,7 +195,16 @@ def augment_cpu(loader: SSLLoader, threads: int, min_samples: int, repeat: int) 
                     fn.external_source(source=_constant(a), batch=True, no_copy=True) for a in params[v]
                 )
                 if geometry_only:
-                    out.append(fn.warp_affine(x, matrix=m, size=[view.size] * 2, inverse_map=True))
+                    out.append(
+                        fn.warp_affine(
+                            x,
+                            matrix=m,
+                            size=[view.size] * 2,
+                            inverse_map=True,
+                            interp_type=types.INTERP_LINEAR,
+                            fill_value=0.0,
+                        )
+                    )
                 else:
                     out.append(augment_view(x, m, g, o, s, view.size))
             return tuple(out)
@@ -194,8 +212,9 @@ def augment_cpu(loader: SSLLoader, threads: int, min_samples: int, repeat: int) 
         pipe = pipeline()
         pipe.build()
 
-        def epoch() -> int:
-            pipe.run()
+        def epoch() -> int:  # one iteration, no prefetch: its work falls inside the timed window
+            pipe.schedule_run()
+            pipe.outputs()
             return b
 
         return epoch
