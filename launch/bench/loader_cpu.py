@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -85,6 +86,7 @@ def raw_pread_epochs(loader: SSLLoader) -> Epochs:
             os.preadv(fds[i], [buf[:size]], offset)
         return len(spans)
 
+    weakref.finalize(epoch, lambda: [os.close(fd) for fd in fds.values()])  # closed with the callable
     return epoch
 
 
