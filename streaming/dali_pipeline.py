@@ -4,6 +4,9 @@ Processing is plain functions of DataNodes (``standardise``, ``augment_view``); 
 thin ``@pipeline_def`` wrapper that binds them to the sample source. The same graph runs on the GPU
 (``device="gpu"``) and in DALI's CPU mode (``device_id=None``), which is what CI exercises.
 
+The reader hands S2 over with every stored band; ``select_channels`` picks the view's bands here (channel
+slices, concatenated), which costs nothing on the GPU and, in CPU mode, runs in DALI's C++ threads.
+
 Only operators that DALI supports for any channel count and float input are used: ``math.clamp``,
 ``crop_mirror_normalize`` (per-channel mean/std, no layout change), ``cat``, ``warp_affine`` (all geometry
 in one resampling), arithmetic (per-band gain/offset; a zero gain drops a channel) and
@@ -14,8 +17,13 @@ channels-last strides, which is the memory format convolutions want anyway.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
+from eossl.ingest.bands import S2
+
+from .source import source_outputs
 from .views import ViewSet
 
 # DALI is an install extra per CUDA major (the wheels differ in the NVIDIA driver they need), so a plain
@@ -34,7 +42,41 @@ try:
 except ImportError as exc:
     raise ImportError(f"{DALI_MISSING} ({exc})") from exc
 
-__all__ = ["DALI_MISSING", "DALIGenericIterator", "augment_view", "build_pipeline", "standardise"]
+__all__ = [
+    "DALI_MISSING",
+    "DALIGenericIterator",
+    "augment_view",
+    "build_pipeline",
+    "channel_runs",
+    "external_batches",
+    "select_channels",
+    "standardise",
+    "standardised_inputs",
+]
+
+
+def channel_runs(index: np.ndarray, stored: int) -> list[tuple[int, int]]:
+    """``index`` as runs [start, stop) of consecutive stored channels; [] when it is all, in order."""
+    index = [int(i) for i in index]
+    if index == list(range(stored)):
+        return []
+    runs: list[tuple[int, int]] = []
+    for i in index:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def select_channels(x, index: np.ndarray, stored: int):
+    """The channels ``index`` of HWC ``x`` (``stored`` channels), in that order: one slice per run of
+    consecutive channels (the land bands are two runs), concatenated."""
+    runs = channel_runs(index, stored)
+    if not runs:
+        return x
+    parts = [x[:, :, a:b] for a, b in runs]
+    return parts[0] if len(parts) == 1 else fn.cat(*parts, axis=2)
 
 
 def standardise(x, mean: np.ndarray, std: np.ndarray, clip: tuple[float, float] | None = None):
@@ -58,6 +100,37 @@ def augment_view(x, matrix, gain, offset, sigma, size: int):
     return fn.gaussian_blur(y, sigma=sigma)
 
 
+def external_batches(source, views: ViewSet, parallel: bool):
+    """The source's outputs as DataNodes: a dict sensor -> raw HWC batch, the ids, the view parameters."""
+    sensors = views.sensors
+    n = source_outputs(views)
+    outs = fn.external_source(
+        source=source,
+        num_outputs=n,
+        batch=True,
+        batch_info=True,
+        parallel=parallel,
+        layout=["HWC"] * len(sensors) + [""] * (n - len(sensors)),
+    )
+    return dict(zip(sensors, outs[: len(sensors)], strict=True)), outs[len(sensors)], outs[len(sensors) + 1 :]
+
+
+def standardised_inputs(
+    arrays: dict, views: ViewSet, norm: dict, device: str, s2_stored: Sequence[str] = S2.bands
+) -> dict:
+    """Sensor -> standardised float32 HWC batch: S2 band selection (``s2_stored``: the bands the dataset
+    stores, in order), S1 clipping, per-channel mean/std."""
+    spec = views.input_spec
+    out = {}
+    for sensor, arr in arrays.items():
+        if device == "gpu":
+            arr = arr.gpu()
+        if sensor == "s2":
+            arr = select_channels(arr, spec.stored_index(s2_stored), len(s2_stored))
+        out[sensor] = standardise(arr, *norm[sensor], spec.s1_clip if sensor == "s1" else None)
+    return out
+
+
 def build_pipeline(
     source,
     views: ViewSet,
@@ -69,16 +142,17 @@ def build_pipeline(
     py_workers: int,
     prefetch: int = 2,
     seed: int = 0,
+    s2_stored: Sequence[str] = S2.bands,
 ):
-    """Bind ``source`` (a picklable per-sample callable, see loader.SampleSource) to the graph.
+    """Bind ``source`` (a picklable batch callable, see ``source.SampleSource``) to the graph.
 
-    Source outputs, in order: one HWC array per sensor in ``views.sensors``, the int64 ids vector, then
-    (matrix, gain, offset, sigma) for every view.
+    ``s2_stored`` names the S2 bands the dataset stores, in order (``inputs.stored_s2_bands``): the graph
+    picks the view's bands among them.
+
+    Source outputs, in order: one HWC batch per sensor in ``views.sensors`` (S2 with every stored band),
+    the int64 ids, then (matrix, gain, offset, sigma) for every view.
     Pipeline outputs: one HWC float32 batch per view, then the ids.
     """
-    sensors = views.sensors
-    n_views = len(views.views)
-    clip = views.input_spec.s1_clip
 
     @pipeline_def(
         batch_size=batch_size,
@@ -91,21 +165,8 @@ def build_pipeline(
         exec_dynamic=True,
     )
     def pipeline():
-        outs = fn.external_source(
-            source=source,
-            num_outputs=len(sensors) + 1 + 4 * n_views,
-            batch=False,
-            parallel=py_workers > 0,
-            layout=["HWC"] * len(sensors) + [""] * (1 + 4 * n_views),
-        )
-        arrays = dict(zip(sensors, outs[: len(sensors)], strict=True))
-        ids = outs[len(sensors)]
-        params = outs[len(sensors) + 1 :]
-        std_inputs = {}
-        for sensor, arr in arrays.items():
-            if device == "gpu":
-                arr = arr.gpu()
-            std_inputs[sensor] = standardise(arr, *norm[sensor], clip if sensor == "s1" else None)
+        arrays, ids, params = external_batches(source, views, parallel=py_workers > 0)
+        std_inputs = standardised_inputs(arrays, views, norm, device, s2_stored)
         results = []
         for v, view in enumerate(views.views):
             parts = [std_inputs[s] for s in view.sensors]

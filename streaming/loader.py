@@ -4,9 +4,11 @@ Flat list of what happens to a sample, and what holds after each stage:
 
   catalog.npz + split + sensor filter   -> rows: the epoch's sample set (dataset row ids)
   EpochPlan(seed, epoch, global batch)  -> a global order; rank r's positions of step k are fixed
-  SampleSource (DALI worker process)    -> member bytes by byte range (ShardReader), HWC arrays,
-                                           per-view parameters drawn from (seed, epoch, position)
-  DALI graph (GPU or CPU mode)          -> standardised, resampled, jittered, blurred views (HWC float32)
+  SampleSource (DALI worker process)    -> per batch: member bytes by byte range (ShardReader), HWC
+                                           arrays (S2 with every stored band), per-view parameters
+                                           drawn from (seed, epoch, position)
+  DALI graph (GPU or CPU mode)          -> S2 bands selected, standardised, resampled, jittered, blurred
+                                           views (HWC float32)
   SSLLoader.__iter__                    -> Batch(views=[N,C,H,W channels-last tensors], rows, positions)
 
 Every rank yields ``len(loader)`` batches per epoch; the position (epoch, next step) is ``state_dict()``
@@ -23,16 +25,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from eossl.ingest.bands import PATCH_SIZE
-from eossl.ingest.catalog import Catalog, member_crc32c
-from eossl.ingest.format import npy_view
+from eossl.ingest.catalog import Catalog
 from eossl.ingest.integrity import read_manifest
 from eossl.ingest.storage import DatasetRoot
 
 from .inputs import dataset_patch_size, stored_s2_bands
-from .node_catalog import attach, detach, node_catalog
+from .node_catalog import node_catalog
 from .plan import EpochPlan, LoaderPosition, PlanConfig, rows_digest
-from .storage import CorruptShardError, ShardReader, StorageOptions
+from .source import SampleSource
+from .storage import ShardReader, StorageOptions
 from .views import ViewConfig, ViewSet
 from .worker_watch import WorkerGone, WorkerWatch, dead_processes
 
@@ -54,7 +55,6 @@ __all__ = [
 
 SPLITS = ("train", "test", "all")
 ON_CORRUPT = ("fail", "skip")
-COALESCE_GAP_BYTES = 64 * 2**10  # members at most this far apart are read together (tar headers, padding)
 
 
 class StreamingError(RuntimeError):
@@ -172,177 +172,6 @@ def select_rows(catalog: Catalog, split: str, sensors: tuple[str, ...]) -> np.nd
     for sensor in sensors:
         mask &= catalog.has[sensor]
     return np.flatnonzero(mask)
-
-
-class SampleSource:
-    """Per-sample callable for DALI's parallel external source (pickled into reader processes).
-
-    Maps DALI's (epoch_idx, iteration, idx_in_batch) to this rank's position in the epoch plan, reads
-    the sample's members and draws its view parameters. Raises StopIteration at the epoch's end.
-    """
-
-    def __init__(
-        self,
-        reader: ShardReader,
-        catalog: Catalog,
-        rows: np.ndarray,
-        views: ViewSet,
-        s2_index: np.ndarray,
-        s1_fill: np.ndarray,
-        plan_cfg: PlanConfig,
-        global_batch: int,
-        rank: int,
-        world_size: int,
-        start: LoaderPosition,
-        on_corrupt: str,
-        lookahead_steps: int,
-        patch_size: int = PATCH_SIZE,
-    ):
-        self.reader = reader
-        self.shard = catalog.shard
-        self.offset = {s: catalog.offset[s] for s in views.sensors}
-        self.size = {s: catalog.size[s] for s in views.sensors}
-        self.crc = {s: catalog.crc32c[s] for s in views.sensors} if catalog.crc32c is not None else None
-        self.key = catalog.key
-        self.rows = rows
-        self.views = views
-        self.s2_index = s2_index
-        self.s1_fill = s1_fill
-        self.patch_size = patch_size
-        self.plan_cfg = plan_cfg
-        self.global_batch = global_batch
-        self.rank = rank
-        self.world_size = world_size
-        self.start = start
-        self.on_corrupt = on_corrupt
-        self.lookahead_steps = lookahead_steps
-        self._plans: dict[int, EpochPlan] = {}
-        self._buffers: dict[tuple, np.ndarray] = {}
-
-    def __getstate__(self) -> dict:
-        return detach({**self.__dict__, "_buffers": {}})  # the node's catalog maps travel as file names
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(attach(state))
-
-    def plan(self, epoch: int) -> EpochPlan:
-        if epoch not in self._plans:
-            self._plans = {
-                epoch: EpochPlan(self.rows, self.shard[self.rows], self.plan_cfg, epoch, self.global_batch)
-            }
-        return self._plans[epoch]
-
-    def _buffer(self, key: tuple, nbytes: int, dtype=np.uint8, shape=None):
-        """A buffer reused per (purpose, slot in the batch): DALI copies a batch's samples only after the
-        whole batch is collected, so a slot is free again at the next batch. Reuse avoids the page faults
-        of a fresh 2 MB allocation per member, which cost more than the read itself."""
-        buf = self._buffers.get(key)
-        if buf is None or buf.nbytes < nbytes:
-            buf = np.empty(nbytes if shape is None else shape, dtype=dtype)
-            self._buffers[key] = buf
-        return buf
-
-    def _verifier(self, row: int, spans: dict[str, tuple[int, int]], start: int):
-        """``verify(data)`` for ``ShardReader.read``: each member's CRC-32C against the catalog's (None when
-        the catalog has none). ``data`` starts at byte ``start`` of the shard."""
-        if self.crc is None:
-            return None
-        expected = {s: int(self.crc[s][row]) for s in spans}
-
-        def verify(data) -> str | None:
-            for sensor, (offset, size) in spans.items():
-                want = expected[sensor]
-                if want < 0:
-                    continue
-                got = member_crc32c(data[offset - start : offset - start + size])
-                if got != want:
-                    return (
-                        f"{sensor} member of sample {self.key[row]} (row {row}, bytes {offset}-"
-                        f"{offset + size}) fails its checksum: crc32c {got:08x}, the catalog says {want:08x}"
-                    )
-            return None
-
-        return verify
-
-    def _member_bytes(self, row: int, slot: int) -> dict[str, memoryview]:
-        """The bytes of the sample's members, in one read when they lie together in the shard.
-
-        Ingest writes a sample's members one after the other (a 512-byte tar header between them), so
-        S1 + S2 is one ``pread`` locally and, more to the point, one ranged GET instead of two on an
-        object store without a cache, where the request, not the bytes, is the cost.
-        """
-        shard = int(self.shard[row])
-        spans = {s: (int(self.offset[s][row]), int(self.size[s][row])) for s in self.views.sensors}
-        start = min(o for o, _ in spans.values())
-        end = max(o + n for o, n in spans.values())
-        if len(spans) > 1 and end - start - sum(n for _, n in spans.values()) <= COALESCE_GAP_BYTES:
-            out = self._buffer(("span", slot), end - start)
-            verify = self._verifier(row, spans, start)
-            raw = memoryview(
-                self.reader.read(shard, start, end - start, out=out.data.cast("B"), verify=verify)
-            )
-            return {s: raw[o - start : o - start + n] for s, (o, n) in spans.items()}
-        members = {}
-        for sensor, (offset, size) in spans.items():
-            out = self._buffer(("raw", sensor, slot), size)
-            verify = self._verifier(row, {sensor: (offset, size)}, offset)
-            members[sensor] = memoryview(
-                self.reader.read(shard, offset, size, out=out.data.cast("B"), verify=verify)
-            )
-        return members
-
-    def _read(self, row: int, slot: int = 0) -> list[np.ndarray]:
-        arrays = []
-        members = self._member_bytes(row, slot)
-        shard = int(self.shard[row])
-        for sensor in self.views.sensors:
-            raw = members[sensor]
-            try:
-                arr = npy_view(raw)
-                if arr.ndim != 3 or arr.shape[:2] != (self.patch_size, self.patch_size):
-                    raise ValueError(f"shape {arr.shape}")
-            except ValueError as exc:
-                raise CorruptShardError(
-                    f"{self.reader.url(shard)}: {sensor} member of sample {self.key[row]} (row {row}) is "
-                    f"not a valid patch array ({exc})"
-                ) from exc
-            if sensor == "s2":
-                sel = self._buffer(("s2", slot), 0, arr.dtype, (*arr.shape[:2], len(self.s2_index)))
-                arr = np.take(arr, self.s2_index, axis=2, out=sel)
-            elif not np.isfinite(arr).all():  # NaN/Inf kept by ingest (below its threshold): band mean
-                arr = np.where(np.isfinite(arr), arr, self.s1_fill).astype(np.float32)
-            arrays.append(arr)
-        return arrays
-
-    def __call__(self, info):
-        epoch = self.start.epoch + info.epoch_idx
-        step = info.iteration + (self.start.step if info.epoch_idx == 0 else 0)
-        plan = self.plan(epoch)
-        if step >= plan.steps:
-            raise StopIteration
-        position = int(plan.positions(step, self.rank, self.world_size)[info.idx_in_batch])
-        if info.idx_in_batch == 0 and self.lookahead_steps > 0:
-            ahead = plan.order[position : position + self.lookahead_steps * self.global_batch]
-            self.reader.prefetch(list(dict.fromkeys(self.shard[ahead].tolist())))
-        substituted, corrupt_shard = 0, -1
-        for probe in range(position, position + len(plan.order)):  # substitute forward on corrupt shards
-            row = int(plan.order[probe % len(plan.order)])
-            try:
-                arrays = self._read(row, info.idx_in_batch)
-                break
-            except CorruptShardError as exc:
-                if self.on_corrupt == "fail":
-                    raise
-                warnings.warn(f"skipping sample of a corrupt shard: {exc}", stacklevel=1)
-                if not substituted:
-                    substituted, corrupt_shard = 1, int(self.shard[row])
-        else:
-            raise CorruptShardError("every shard of the epoch is corrupt")
-        ids = np.array([row, position, epoch, substituted, corrupt_shard], dtype=np.int64)
-        params = []
-        for p in self.views.draw(self.plan_cfg.seed, epoch, position):
-            params += [p.matrix, p.gain, p.offset, p.sigma]
-        return (*arrays, ids, *params)
 
 
 class SSLLoader:
@@ -471,7 +300,7 @@ class SSLLoader:
 
     # -- DALI --------------------------------------------------------------------------------------
     def sample_source(self) -> SampleSource:
-        """The per-sample callable DALI runs (reader, plan, view draws), e.g. to time reading alone."""
+        """The batch callable DALI runs (reader, plan, view draws), e.g. to time reading alone."""
         reader = ShardReader(self.dataset, self.manifest["shards"], self.cfg.storage)
         s1_fill = self.norm["s1"][0] if "s1" in self.norm else np.zeros(2, np.float32)
         return SampleSource(
@@ -479,15 +308,15 @@ class SSLLoader:
             self.catalog,
             self.rows,
             self.views,
-            self.views.input_spec.stored_index(stored_s2_bands(self.manifest)),
             s1_fill,
             self.cfg.plan,
-            self.global_batch,
+            self.cfg.batch_size,
             self.rank,
             self.world_size,
             self.position,
             self.cfg.on_corrupt,
             self.cfg.lookahead_steps,
+            self.cfg.storage.requests_in_flight,
             self.views.patch_size,
         )
 
@@ -505,6 +334,7 @@ class SSLLoader:
             self.cfg.workers,
             self.cfg.prefetch,
             seed=self.cfg.plan.seed,
+            s2_stored=stored_s2_bands(self.manifest),
         )
         names = [f"view{v}" for v in range(len(self.views.views))] + ["ids"]
         self._iterator = DALIGenericIterator([pipe], names, auto_reset=False, prepare_first_batch=False)

@@ -155,6 +155,8 @@ def test_bench_loader_cli_with_local_s3_reports_every_number(tmp_path):
         "8",
         "--repeat",
         "1",
+        "--s3-latency-ms",
+        "5",
         "--json",
         timeout=600,
         env={**os.environ, "TMPDIR": str(scratch)},
@@ -184,8 +186,15 @@ def test_bench_loader_cli_with_local_s3_reports_every_number(tmp_path):
         "s3_nocache_speedup_vs_geotiff",
         "s3_samples_per_s",
         "s3_read_samples_per_s",
+        "read_cpu_over_raw_pread",
+        "read_stage_cpu_over_raw_pread",
+        "augment_cpu_over_torch",
+        "reader_samples_per_s_per_core",
     ):
         assert result[key] > 0, key
+    assert result["s3_latency_ms"] == 5 and result["s3"]["latency_model"]["latency_ms_per_request"] == 5
+    cpu = result["cpu_ms_per_sample"]
+    assert result["read_cpu_over_raw_pread"] == pytest.approx(cpu["reader"] / cpu["raw_pread"], rel=0.02)
     assert result["s3_speedup_vs_geotiff"] == result["s3"]["augment"]["cache"]["speedup"]
     assert result["s3"]["endpoint_from_env"] and result["s3"]["source"].startswith("s3://")
     assert (result["gpu_samples_per_s"] is None) == (not torch.cuda.is_available())
@@ -213,6 +222,10 @@ def test_bench_loader_rejects_half_given_inputs(tiny):
                 str(tiny[0]), str(tiny[1]), s3_source="s3://b/src", s3_dataset="s3://b/ds", local_s3=True
             )
         )
+    with pytest.raises(ValueError, match="local_s3"):  # a latency model needs the local server
+        LoaderBenchConfig(str(tiny[0]), str(tiny[1]), s3_latency_ms=20)
+    with pytest.raises(ValueError, match="s3_bandwidth_mb_s"):
+        LoaderBenchConfig(local_s3=True, s3_bandwidth_mb_s=0)
 
 
 def test_bench_loader_help_shows_the_config_defaults():
@@ -228,6 +241,8 @@ def test_bench_loader_help_shows_the_config_defaults():
         ("--repeat", defaults.repeat),
         ("--patches", defaults.patches),
         ("--max-samples", defaults.max_samples),
+        ("--s3-latency-ms", defaults.s3_latency_ms),
+        ("--s3-bandwidth-mb-s", defaults.s3_bandwidth_mb_s),
     ):
         assert help_of[flag].endswith(f"(default: {value})"), help_of[flag]
     from eossl.launch.cli import build_parser

@@ -18,7 +18,7 @@ from eossl.streaming.augment import (
     geometry_matrix,
     preset,
 )
-from eossl.streaming.dali_pipeline import augment_view, standardise
+from eossl.streaming.dali_pipeline import augment_view, channel_runs, select_channels, standardise
 from eossl.streaming.inputs import InputSpec
 from eossl.streaming.views import ViewConfig, ViewSet
 
@@ -115,6 +115,25 @@ def test_standardise_uint16_and_clip():
     a, b = (np.array(t.as_tensor())[0] for t in p.run())
     np.testing.assert_allclose(a, (S2_RAW.astype(np.float64) - mean) / std, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(b, np.clip(IMAGE[..., :2] * 20 - 10, -25, 0), atol=1e-5)
+
+
+@pytest.mark.parametrize("bands", ["land", "rgb", "all", "B8A,B2,B3,B12"])
+def test_band_selection_in_the_graph_equals_numpy_take(bands):
+    """The reader hands every stored S2 band over; the graph's channel slices pick the view's bands."""
+    stored = RNG.integers(0, 10000, size=(2, 16, 16, 13), dtype=np.uint16)
+    index = InputSpec.parse("s2", bands).s2_index
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None, exec_dynamic=True)
+    def pipe():
+        x = fn.external_source(source=lambda: stored, batch=True, layout="HWC")
+        return select_channels(x, index, 13)
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    np.testing.assert_array_equal(np.stack([np.array(t) for t in out]), np.take(stored, index, axis=3))
+    assert channel_runs(InputSpec.parse("s2", "land").s2_index, 13) == [(1, 9), (11, 13)]
+    assert channel_runs(np.arange(13), 13) == []  # every band in order: no copy at all
 
 
 def test_crop_box_respects_scale_and_bounds():

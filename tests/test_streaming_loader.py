@@ -256,3 +256,22 @@ def test_s3_outage_mid_epoch_retries_then_fails_clearly(dataset, tmp_path, monke
                 list(it)
         finally:
             proxy.stop()
+
+
+def test_member_headers_are_parsed_once_and_still_checked():
+    """A header seen before is recognised by its bytes; a member that disagrees with it is refused."""
+    from eossl.ingest.format import encode_member
+    from eossl.streaming.source import _Headers
+
+    headers = _Headers()
+    a = np.arange(256 * 256 * 2, dtype=np.float32).reshape(2, 256, 256)
+    member = encode_member(a)
+    np.testing.assert_array_equal(headers.view(memoryview(member)), np.moveaxis(a, 0, -1))
+    again = encode_member(a + 1)
+    np.testing.assert_array_equal(headers.view(memoryview(again)), np.moveaxis(a + 1, 0, -1))  # known header
+    with pytest.raises(ValueError, match="bytes"):
+        headers.view(memoryview(again)[:-4])  # truncated data after a known header
+    with pytest.raises(ValueError, match="magic"):
+        headers.view(memoryview(b"\x00" * len(again)))
+    with pytest.raises(ValueError, match="shape"):
+        headers.view(memoryview(encode_member(a[:, :8])))  # not a patch

@@ -65,6 +65,14 @@ def _add_loader(bsub) -> None:
         action="store_true",
         help="start a local S3-compatible server (moto, test extra), upload both and time them from it",
     )
+    _option(
+        bl,
+        "--s3-latency-ms",
+        cfg,
+        "with --local-s3: delay of every request through a proxy in front of the server",
+        type=float,
+    )
+    _option(bl, "--s3-bandwidth-mb-s", cfg, "with --local-s3: response rate per connection, MB/s", type=float)
     _option(bl, "--workers", cfg, "reader processes on both sides", type=int)
     _option(bl, "--batch-size", cfg, "samples per batch on both sides", type=int)
     _option(bl, "--samples", cfg, "samples timed per run (at least two epochs)", type=int)
@@ -143,6 +151,8 @@ def _run_loader(args) -> int:
         s3_source=args.s3_source,
         s3_dataset=args.s3_dataset,
         local_s3=args.local_s3,
+        s3_latency_ms=args.s3_latency_ms,
+        s3_bandwidth_mb_s=args.s3_bandwidth_mb_s,
     )
     print_result(bench_loader(cfg), args.json)
     return 0

@@ -50,6 +50,10 @@ class LoaderBenchConfig:
             baseline through GDAL's ``/vsis3/``; ours with a node-local shard cache and without one).
         local_s3: start a local S3-compatible server (``moto_server``, test extra) on 127.0.0.1, upload
             ``source`` and ``dataset`` to it and time the S3 comparison there; stopped at the end.
+        s3_latency_ms: with ``local_s3``, a proxy in front of the server delays every request's response
+            by this much (a real object store answers a ranged GET in ~10-30 ms; 127.0.0.1 in ~1 ms).
+        s3_bandwidth_mb_s: with ``local_s3``, the proxy's bound on each connection's response rate in MB/s;
+            None: unbounded.
         seed: plan and augmentation seed.
     """
 
@@ -64,6 +68,8 @@ class LoaderBenchConfig:
     s3_source: str | None = None
     s3_dataset: str | None = None
     local_s3: bool = False
+    s3_latency_ms: float = 0.0
+    s3_bandwidth_mb_s: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,6 +85,10 @@ class LoaderBenchConfig:
             raise ValueError(
                 "local_s3 uploads source and dataset to a local server: do not also give s3_source/s3_dataset"
             )
+        if (self.s3_latency_ms or self.s3_bandwidth_mb_s) and not self.local_s3:
+            raise ValueError("s3_latency_ms and s3_bandwidth_mb_s model a local server: give local_s3 too")
+        if self.s3_latency_ms < 0 or (self.s3_bandwidth_mb_s is not None and self.s3_bandwidth_mb_s <= 0):
+            raise ValueError("need s3_latency_ms >= 0 and s3_bandwidth_mb_s > 0")
         if (
             self.workers < 0
             or self.batch_size < 1

@@ -17,10 +17,14 @@ workers and the same batch size on both sides (``bench_loader``):
   applied with torch: ``affine_grid``/``grid_sample`` (bilinear), per-band gain/offset, ``torchvision``
   Gaussian blur with DALI's window (skipped when the view draws no blur). Given the same position, the two
   sides' views agree to ~3e-3 in standardised units (tested).
+- **CPU against floors** (``loader_cpu``): the reader's CPU per sample over a raw ``preadv`` of the same
+  bytes (``read_cpu_over_raw_pread``), the whole CPU-mode read stage over the same, and DALI's CPU-mode
+  augmentation over torch's of the same samples and parameters (``augment_cpu_over_torch``).
 - **from S3** (``s3_source``/``s3_dataset``, or ``local_s3``; ``loader_s3``): both stages again with both
   sides reading from the object store: the baseline opens ``s3://`` GeoTIFFs with rasterio (GDAL
   ``/vsis3/``); ours reads the shards through a node-local shard cache (filled by the warm-up epoch) and,
-  separately, without one (one ranged GET per sample).
+  separately, without one (ranged GETs, ``requests_in_flight`` at a time). With ``local_s3`` a latency
+  model (``s3_latency_ms``, ``s3_bandwidth_mb_s``) sits between both sides and the server.
 
 Timing (``harness``): both sides of a stage are alive together; after one warm-up epoch each, ``repeat``
 rounds of interleaved runs (ours, baseline, then baseline, ours, ...) so that a shared machine's changing
@@ -50,6 +54,7 @@ from eossl.streaming.loader import SSLLoader
 from .configs import LoaderBenchConfig
 from .geotiff_baseline import geotiff_files
 from .harness import machine_info, single, write_sample_dataset
+from .loader_cpu import augment_cpu, read_cpu
 from .loader_s3 import bench_local_s3, bench_s3
 from .loader_sides import SENSORS, Setup, loader_configs, loader_epochs, read_path_epochs, shard_paths
 
@@ -99,7 +104,10 @@ def bench_loader(cfg: LoaderBenchConfig) -> dict:
 
     Returns:
         A JSON-ready dict: machine, settings, per-side samples/s of ``read`` and ``augment``, the speedups
-        ``read_speedup_vs_geotiff`` and ``speedup_vs_geotiff``; with S3 the same from the object store
+        ``read_speedup_vs_geotiff`` and ``speedup_vs_geotiff``; the CPU ratios ``read_cpu_over_raw_pread``,
+        ``read_stage_cpu_over_raw_pread`` and ``augment_cpu_over_torch`` (``loader_cpu``), with
+        ``cpu_ms_per_sample`` of each part and ``reader_samples_per_s_per_core``; with S3 the same from
+        the object store
         (``s3_read_speedup_vs_geotiff``, ``s3_speedup_vs_geotiff`` with the shard cache,
         ``s3_nocache_*`` without it, and ours in ``s3_read_samples_per_s`` / ``s3_samples_per_s``);
         ``gpu_samples_per_s`` (None when not measured).
@@ -141,8 +149,26 @@ def bench_loader(cfg: LoaderBenchConfig) -> dict:
         result["cpu_efficiency_vs_geotiff"] = result["augment"]["cpu_efficiency"]
         result["goals"] = {"read_speedup_vs_geotiff": GOALS["read"], "speedup_vs_geotiff": GOALS["augment"]}
 
+        result["read_cpu"] = read_cpu(dataset, cfgs["read"], probe, samples, repeat)
+        raw = result["read_cpu"]["raw_pread"]["cpu_ms_per_sample"]
+        result["read_cpu_over_raw_pread"] = result["read_cpu"]["ratio"]
+        stage = result["read"]["ours"]["cpu_ms_per_sample"]
+        result["read_stage_cpu_over_raw_pread"] = None if stage is None else round(stage / raw, 2)
+        result["augment_cpu"] = augment_cpu(probe, 1, samples // 4 or 1, repeat)
+        result["augment_cpu_over_torch"] = result["augment_cpu"]["ratio"]
+        result["cpu_ms_per_sample"] = {
+            "raw_pread": raw,
+            "reader": result["read_cpu"]["reader"]["cpu_ms_per_sample"],
+            "read_stage_cpu_mode": stage,
+            "augment_dali_cpu": result["augment_cpu"]["dali_cpu"]["cpu_ms_per_sample"],
+            "augment_torch": result["augment_cpu"]["torch"]["cpu_ms_per_sample"],
+        }
+        result["reader_samples_per_s_per_core"] = round(1000 / result["cpu_ms_per_sample"]["reader"], 1)
+
         if cfg.local_s3:
-            result.update(bench_local_s3(source, dataset, files, setup))
+            result.update(
+                bench_local_s3(source, dataset, files, setup, cfg.s3_latency_ms, cfg.s3_bandwidth_mb_s)
+            )
         else:
             result.update(bench_s3(cfg.s3_source, cfg.s3_dataset, setup))
 

@@ -19,6 +19,7 @@ from eossl.streaming.local_s3 import aws_environment, moto_s3_server, upload_fil
 from eossl.streaming.storage import StorageOptions
 
 from .geotiff_baseline import gdal_s3_options, geotiff_files
+from .latency_proxy import proxy_process
 from .loader_sides import Setup, loader_epochs, read_path_epochs, shard_paths
 
 __all__ = ["S3_BUCKET", "S3_KEYS", "bench_local_s3", "bench_s3"]
@@ -31,6 +32,7 @@ S3_KEYS = (
     "s3_nocache_speedup_vs_geotiff",
     "s3_read_samples_per_s",
     "s3_samples_per_s",
+    "s3_latency_ms",
 )
 
 
@@ -48,7 +50,8 @@ def bench_s3(s3_source: str | None, s3_dataset: str | None, setup: Setup) -> dic
         "(GDAL /vsis3/, GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR)",
         "cache": "node-local shard cache in a temporary folder "
         "(empty at the start: filled by the warm-up epoch)",
-        "no_cache": "one ranged GET per sample (its S1 and S2 members lie together in the shard)",
+        "no_cache": "one ranged GET per sample (its S1 and S2 members lie together in the shard), "
+        f"{StorageOptions().requests_in_flight} in flight per reader process",
     }
     cache_dir = Path(tempfile.mkdtemp(prefix="eossl-bench-cache-"))
     try:
@@ -72,15 +75,29 @@ def bench_s3(s3_source: str | None, s3_dataset: str | None, setup: Setup) -> dic
         "s3_nocache_speedup_vs_geotiff": report["augment"]["no_cache"]["speedup"],
         "s3_read_samples_per_s": report["read"]["cache"]["ours"]["samples_per_s"],
         "s3_samples_per_s": report["augment"]["cache"]["ours"]["samples_per_s"],
+        "s3_latency_ms": None,  # the store's own (a latency model applies to a local server only)
     }
 
 
-def bench_local_s3(source: str, dataset: str, files: list[tuple[str, str]], setup: Setup) -> dict:
+def bench_local_s3(
+    source: str,
+    dataset: str,
+    files: list[tuple[str, str]],
+    setup: Setup,
+    latency_ms: float = 0.0,
+    bandwidth_mb_s: float | None = None,
+) -> dict:
     """``bench_s3`` against a ``moto_server`` started here (a child: its CPU counts on both sides).
 
     Only what the bench reads is uploaded (the benched samples' GeoTIFFs; the manifest, catalog and their
-    shards), so a full-size dataset costs no more than its benched part. The server's log folder is
-    removed afterwards unless the run failed (the error names the log).
+    shards), so a full-size dataset costs no more than its benched part. With ``latency_ms`` or
+    ``bandwidth_mb_s`` both sides read through ``latency_proxy`` (its own process). The server's log
+    folder is removed afterwards unless the run failed (the error names the log).
+
+    moto keeps objects in memory and materialises the whole object for each ranged GET: a 2 MB range
+    costs ~12 ms from a 3 MB object and ~240 ms from a 256 MB one, a cost real object stores do not have.
+    The bench's generated shards are 32 MB (``write_sample_dataset``); a dataset with 256 MB shards
+    makes the no-cache side look slower than it would be on S3.
     """
 
     logs = Path(tempfile.mkdtemp(prefix="eossl-bench-s3-"))
@@ -91,7 +108,20 @@ def bench_local_s3(source: str, dataset: str, files: list[tuple[str, str]], setu
             [Path(dataset) / MANIFEST, Path(dataset) / CATALOG, *shard_paths(dataset, setup.probe)],
             f"s3://{S3_BUCKET}/dataset",
         )
-        out = bench_s3(f"s3://{S3_BUCKET}/source", f"s3://{S3_BUCKET}/dataset", setup)
+        if latency_ms or bandwidth_mb_s:
+            port = int(endpoint.rsplit(":", 1)[1].rstrip("/"))
+            with proxy_process(port, latency_ms, bandwidth_mb_s) as proxied, aws_environment(proxied):
+                out = bench_s3(f"s3://{S3_BUCKET}/source", f"s3://{S3_BUCKET}/dataset", setup)
+        else:
+            out = bench_s3(f"s3://{S3_BUCKET}/source", f"s3://{S3_BUCKET}/dataset", setup)
     shutil.rmtree(logs, ignore_errors=True)
     out["s3"]["server"] = "moto_server on 127.0.0.1 (started by the bench; objects in memory)"
+    out["s3"]["latency_model"] = {
+        "latency_ms_per_request": latency_ms,
+        "bandwidth_mb_s_per_connection": bandwidth_mb_s,
+        "how": "a TCP proxy process in front of the server holds back the start of every request"
+        if latency_ms or bandwidth_mb_s
+        else "none (127.0.0.1)",
+    }
+    out["s3_latency_ms"] = latency_ms
     return out

@@ -21,7 +21,7 @@ import torch
 from eossl.ingest.bands import PATCH_SIZE
 from eossl.ingest.storage import DatasetRoot
 from eossl.streaming.augment import AugmentConfig
-from eossl.streaming.inputs import InputSpec
+from eossl.streaming.inputs import InputSpec, stored_s2_bands
 from eossl.streaming.loader import LoaderConfig, SSLLoader
 from eossl.streaming.plan import PlanConfig
 from eossl.streaming.views import ViewConfig
@@ -52,13 +52,10 @@ def read_batches(loader: SSLLoader, prefetch: int = 2) -> Iterator[Callable[[], 
     from nvidia.dali import fn, pipeline_def
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-    from eossl.streaming.dali_pipeline import standardise
+    from eossl.streaming.dali_pipeline import external_batches, standardised_inputs
 
     cfg = loader.cfg
     source = loader.sample_source()  # the loader's own SampleSource, reader and plan
-    sensors = loader.views.sensors
-    n_outputs = len(sensors) + 1 + 4 * len(loader.views.views)
-    clip = loader.views.input_spec.s1_clip
 
     @pipeline_def(
         batch_size=cfg.batch_size,
@@ -71,18 +68,13 @@ def read_batches(loader: SSLLoader, prefetch: int = 2) -> Iterator[Callable[[], 
         exec_dynamic=True,
     )
     def pipeline():
-        outs = fn.external_source(
-            source=source,
-            num_outputs=n_outputs,
-            batch=False,
-            parallel=cfg.workers > 0,
-            layout=["HWC"] * len(sensors) + [""] * (n_outputs - len(sensors)),
+        arrays, ids, _ = external_batches(source, loader.views, parallel=cfg.workers > 0)
+        parts = list(
+            standardised_inputs(
+                arrays, loader.views, loader.norm, "cpu", stored_s2_bands(loader.manifest)
+            ).values()
         )
-        parts = [
-            standardise(arr, *loader.norm[s], clip if s == "s1" else None)
-            for s, arr in zip(sensors, outs[: len(sensors)], strict=True)
-        ]
-        return fn.cat(*parts, axis=2) if len(parts) > 1 else parts[0], outs[len(sensors)]
+        return fn.cat(*parts, axis=2) if len(parts) > 1 else parts[0], ids
 
     with warnings.catch_warnings():  # the view parameters are drawn (a real cost of the source) but unused
         warnings.filterwarnings("ignore", message="The external source node")

@@ -1,0 +1,274 @@
+"""``SampleSource``: one rank's batches of raw sample arrays and view parameters, for DALI's external source.
+
+DALI calls it once per *batch* (``batch=True``, in its parallel reader processes), so the per-sample cost
+is the read itself plus a few microseconds of Python, not DALI's per-sample transport:
+
+- each sample's S1 and S2 members are one ``pread`` (or one ranged GET) into a buffer reused per batch
+  slot; on an object store without a node cache the batch's requests run ``requests_in_flight`` at a time,
+  so a reader is bound by bandwidth rather than by one request's latency;
+- the ``.npy`` header of a member is checked by comparing its bytes with headers already seen (a dataset
+  holds one header per sensor), instead of being parsed for every member;
+- S2 is handed over with all its stored bands, as a view of the read buffer: the DALI graph selects the
+  bands (``dali_pipeline.select_channels``), free on the GPU, where ``np.take`` on channels-last uint16 cost
+  more CPU than the read;
+- the view parameters of a batch come out as a few dense arrays.
+
+What a batch holds is a pure function of (seed, epoch, step, rank): the same samples and parameters as
+drawn per sample, whatever the number of workers or requests in flight.
+"""
+
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from eossl.ingest.bands import PATCH_SIZE
+from eossl.ingest.catalog import Catalog, member_crc32c
+from eossl.ingest.format import npy_view
+
+from .node_catalog import attach, detach
+from .plan import EpochPlan, LoaderPosition, PlanConfig
+from .storage import CorruptShardError, ShardReader
+from .views import ViewSet
+
+__all__ = ["COALESCE_GAP_BYTES", "SampleSource", "source_outputs"]
+
+COALESCE_GAP_BYTES = 64 * 2**10  # members at most this far apart are read together (tar headers, padding)
+IDS = ("row", "position", "epoch", "substituted", "corrupt_shard")
+
+
+def source_outputs(views: ViewSet) -> int:
+    """Outputs per batch: one array per sensor, the ids, then (matrix, gain, offset, sigma) per view."""
+    return len(views.sensors) + 1 + 4 * len(views.views)
+
+
+class _Headers:
+    """``.npy`` headers seen so far -> (dtype, shape, data offset): a member whose header bytes equal a
+    known one needs no parse (a dataset has one header per sensor and patch shape)."""
+
+    def __init__(self, patch_size: int = PATCH_SIZE):
+        self._known: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
+        self.patch_size = patch_size
+
+    def view(self, raw: memoryview) -> np.ndarray:
+        if len(raw) < 12 or raw[:6] != b"\x93NUMPY":
+            raise ValueError("not an .npy member (bad magic)")
+        start = 10 if raw[6] == 1 else 12
+        end = start + int.from_bytes(raw[8:start], "little")
+        header = bytes(raw[:end])
+        known = self._known.get(header)
+        if known is None:
+            arr = npy_view(raw)  # full parse and size check, once per distinct header
+            if arr.ndim != 3 or arr.shape[:2] != (self.patch_size, self.patch_size):
+                raise ValueError(f"shape {arr.shape}")
+            self._known[header] = (arr.dtype, arr.shape, end)
+            return arr
+        dtype, shape, offset = known
+        if len(raw) != offset + int(np.prod(shape)) * dtype.itemsize:
+            raise ValueError(f".npy member is {len(raw)} bytes, its header says otherwise")
+        return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(shape)
+
+
+class SampleSource:
+    """Batch callable for DALI's parallel external source (pickled into reader processes).
+
+    Maps DALI's (epoch_idx, iteration) to this rank's positions in the epoch plan, reads the samples'
+    members and draws their view parameters. Raises StopIteration at the epoch's end.
+
+    Outputs (``source_outputs``): per sensor in ``views.sensors`` a list of HWC arrays (S1 float32 with
+    non-finite values replaced by ``s1_fill``, S2 uint16 with every stored band); ``ids`` (B, 5) int64
+    (row, position, epoch, substituted, corrupt shard or -1); per view ``matrix`` (B, 2, 3), ``gain`` and
+    ``offset`` (B, C), ``sigma`` (B,), float32.
+    """
+
+    def __init__(
+        self,
+        reader: ShardReader,
+        catalog: Catalog,
+        rows: np.ndarray,
+        views: ViewSet,
+        s1_fill: np.ndarray,
+        plan_cfg: PlanConfig,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        start: LoaderPosition,
+        on_corrupt: str,
+        lookahead_steps: int,
+        requests_in_flight: int = 1,
+        patch_size: int = PATCH_SIZE,
+    ):
+        self.reader = reader
+        self.shard = catalog.shard
+        self.offset = {s: catalog.offset[s] for s in views.sensors}
+        self.size = {s: catalog.size[s] for s in views.sensors}
+        self.crc = {s: catalog.crc32c[s] for s in views.sensors} if catalog.crc32c is not None else None
+        self.key = catalog.key
+        self.rows = rows
+        self.views = views
+        self.s1_fill = s1_fill
+        self.plan_cfg = plan_cfg
+        self.batch_size = batch_size
+        self.global_batch = batch_size * world_size
+        self.rank = rank
+        self.world_size = world_size
+        self.start = start
+        self.on_corrupt = on_corrupt
+        self.lookahead_steps = lookahead_steps
+        self.requests_in_flight = requests_in_flight
+        self.patch_size = patch_size
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._plans: dict[int, EpochPlan] = {}
+        self._buffers: dict[tuple, np.ndarray] = {}
+        self._headers = {s: _Headers(self.patch_size) for s in self.views.sensors}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __getstate__(self) -> dict:
+        runtime = ("_plans", "_buffers", "_headers", "_pool")
+        # the node's catalog maps travel as file names (node_catalog), not as pickled arrays
+        return detach({k: v for k, v in self.__dict__.items() if k not in runtime})
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(attach(state))
+        self._init_runtime()
+
+    def plan(self, epoch: int) -> EpochPlan:
+        if epoch not in self._plans:
+            self._plans = {
+                epoch: EpochPlan(self.rows, self.shard[self.rows], self.plan_cfg, epoch, self.global_batch)
+            }
+        return self._plans[epoch]
+
+    def _buffer(self, key: tuple, nbytes: int) -> np.ndarray:
+        """A byte buffer reused per (purpose, slot in the batch): DALI copies a batch when the call returns,
+        so a slot is free again at the next call. Reuse avoids the page faults of a fresh 2 MB allocation
+        per member, which cost more than the read itself."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.nbytes < nbytes:
+            buf = np.empty(nbytes, dtype=np.uint8)
+            self._buffers[key] = buf
+        return buf
+
+    # -- one sample ------------------------------------------------------------------------------------
+    def _verifier(self, row: int, spans: dict[str, tuple[int, int]], start: int):
+        """``verify(data)`` for ``ShardReader.read``: each member's CRC-32C against the catalog's (None when
+        the catalog has none). ``data`` starts at byte ``start`` of the shard."""
+        if self.crc is None:
+            return None
+        expected = {s: int(self.crc[s][row]) for s in spans}
+
+        def verify(data) -> str | None:
+            for sensor, (offset, size) in spans.items():
+                want = expected[sensor]
+                if want < 0:
+                    continue
+                got = member_crc32c(data[offset - start : offset - start + size])
+                if got != want:
+                    return (
+                        f"{sensor} member of sample {self.key[row]} (row {row}, bytes {offset}-"
+                        f"{offset + size}) fails its checksum: crc32c {got:08x}, the catalog says {want:08x}"
+                    )
+            return None
+
+        return verify
+
+    def _member_bytes(self, row: int, slot: int) -> dict[str, memoryview]:
+        """The bytes of the sample's members, in one read when they lie together in the shard.
+
+        Ingest writes a sample's members one after the other (a 512-byte tar header between them), so
+        S1 + S2 is one ``pread`` locally and, more to the point, one ranged GET instead of two on an
+        object store without a cache, where the request, not the bytes, is the cost.
+        """
+        shard = int(self.shard[row])
+        spans = {s: (int(self.offset[s][row]), int(self.size[s][row])) for s in self.views.sensors}
+        start = min(o for o, _ in spans.values())
+        end = max(o + n for o, n in spans.values())
+        if len(spans) > 1 and end - start - sum(n for _, n in spans.values()) <= COALESCE_GAP_BYTES:
+            out = self._buffer(("span", slot), end - start)
+            verify = self._verifier(row, spans, start)
+            raw = memoryview(self.reader.read(shard, start, end - start, out=out, verify=verify))
+            return {s: raw[o - start : o - start + n] for s, (o, n) in spans.items()}
+        members = {}
+        for sensor, (offset, size) in spans.items():
+            out = self._buffer(("raw", sensor, slot), size)
+            verify = self._verifier(row, {sensor: (offset, size)}, offset)
+            members[sensor] = memoryview(self.reader.read(shard, offset, size, out=out, verify=verify))
+        return members
+
+    def _read(self, row: int, slot: int = 0) -> list[np.ndarray]:
+        """The sample's HWC arrays, one per sensor (views of the slot's buffers; S1 copied if filled)."""
+        arrays = []
+        members = self._member_bytes(row, slot)
+        shard = int(self.shard[row])
+        for sensor in self.views.sensors:
+            try:
+                arr = self._headers[sensor].view(members[sensor])
+            except ValueError as exc:
+                raise CorruptShardError(
+                    f"{self.reader.url(shard)}: {sensor} member of sample {self.key[row]} (row {row}) is "
+                    f"not a valid patch array ({exc})"
+                ) from exc
+            if sensor == "s1" and not np.isfinite(arr).all():  # NaN/Inf kept by ingest: band mean
+                arr = np.where(np.isfinite(arr), arr, self.s1_fill).astype(np.float32)
+            arrays.append(arr)
+        return arrays
+
+    def _sample(self, plan: EpochPlan, position: int, slot: int) -> tuple[list[np.ndarray], int, int, int]:
+        """(arrays, row, substituted, corrupt shard) of ``position``; a sample of a corrupt shard is
+        replaced by the next readable one of the epoch's order (or raises with on_corrupt='fail')."""
+        substituted, corrupt_shard = 0, -1
+        for probe in range(position, position + len(plan.order)):
+            row = int(plan.order[probe % len(plan.order)])
+            try:
+                return self._read(row, slot), row, substituted, corrupt_shard
+            except CorruptShardError as exc:
+                if self.on_corrupt == "fail":
+                    raise
+                warnings.warn(f"skipping sample of a corrupt shard: {exc}", stacklevel=1)
+                if not substituted:
+                    substituted, corrupt_shard = 1, int(self.shard[row])
+        raise CorruptShardError("every shard of the epoch is corrupt")
+
+    # -- one batch -------------------------------------------------------------------------------------
+    def positions(self, epoch_idx: int, iteration: int) -> tuple[int, EpochPlan, np.ndarray]:
+        """(epoch, plan, this rank's positions) of DALI's batch; StopIteration past the epoch's end."""
+        epoch = self.start.epoch + epoch_idx
+        step = iteration + (self.start.step if epoch_idx == 0 else 0)
+        plan = self.plan(epoch)
+        if step >= plan.steps:
+            raise StopIteration
+        return epoch, plan, plan.positions(step, self.rank, self.world_size)
+
+    def _read_batch(self, plan: EpochPlan, positions: np.ndarray) -> list:
+        jobs = [(plan, int(p), slot) for slot, p in enumerate(positions)]
+        if self.requests_in_flight <= 1 or self.reader.is_local or len(jobs) == 1:
+            return [self._sample(*job) for job in jobs]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.requests_in_flight, thread_name_prefix="eossl-read")
+        return list(self._pool.map(lambda job: self._sample(*job), jobs))
+
+    def __call__(self, info) -> tuple:
+        epoch, plan, positions = self.positions(info.epoch_idx, info.iteration)
+        if self.lookahead_steps > 0:
+            first = int(positions[0])
+            ahead = plan.order[first : first + self.lookahead_steps * self.global_batch]
+            self.reader.prefetch(list(dict.fromkeys(self.shard[ahead].tolist())))
+        samples = self._read_batch(plan, positions)
+        ids = np.empty((len(positions), len(IDS)), dtype=np.int64)
+        for i, (_, row, substituted, corrupt_shard) in enumerate(samples):
+            ids[i] = (row, positions[i], epoch, substituted, corrupt_shard)
+        per_sensor = [[s[0][k] for s in samples] for k in range(len(self.views.sensors))]
+        draws = [self.views.draw(self.plan_cfg.seed, epoch, int(p)) for p in positions]
+        params = []
+        for v in range(len(self.views.views)):
+            params += [
+                np.stack([d[v].matrix for d in draws]),
+                np.stack([d[v].gain for d in draws]),
+                np.stack([d[v].offset for d in draws]),
+                np.stack([d[v].sigma for d in draws]),
+            ]
+        return (*per_sensor, ids, *params)
