@@ -23,7 +23,7 @@ from eossl.train.config import DataConfig, TrainConfig, load_config
 from eossl.train.method import SSLMethod
 from eossl.train.methods import METHODS, get_method, method_names
 
-from conftest import run_cli
+from conftest import TINY_MOCO, run_cli
 
 
 class _CompileProbe(nn.Module):
@@ -308,3 +308,40 @@ def test_config_digest_leaves_out_what_a_resume_may_change():
     other = TrainConfig(data="d", out="o", seed=9)
     assert config_digest(cfg) != config_digest(other)
     assert config_digest(cfg, ("seed",)) == config_digest(other, ("seed",))  # a method's resume_may_change
+
+
+def test_config_changes_name_the_keys_and_accept_a_new_setting_at_its_default():
+    from eossl.train.resume import config_changes
+
+    recorded = {"seed": 0, "optim.lr": 0.03, "moco.symmetric": True}
+    current = {"seed": 9, "optim.lr": 0.03, "backbone.weights": None, "loader.node_affinity": True}
+    defaults = {"seed": 0, "optim.lr": 0.03, "backbone.weights": None, "loader.node_affinity": False}
+    assert config_changes(recorded, current, defaults) == [
+        "loader.node_affinity: (not in the checkpoint) -> True",  # a newer setting, moved from its default
+        "moco.symmetric: True -> (no such setting now)",
+        "seed: 0 -> 9",
+    ]  # backbone.weights: newer, at its default: the run behaves as the checkpoint's did
+    assert config_changes(recorded, dict(recorded), defaults) == []
+
+
+def test_a_resume_with_another_config_is_refused_naming_what_changed(dataset, tmp_path, monkeypatch):
+    """The checkpoint records the values its digest covers: a changed one is named; a setting the
+    checkpoint predates resumes at its default."""
+    from eossl.train.checkpoint import CheckpointError
+    from eossl.train.config import load_config
+    from eossl.train.loop import train
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # the default store, ./mlflow.db, outside the checkout
+    run = tmp_path / "run"
+    values = {**TINY_MOCO, "data": str(dataset), "out": str(run), "ckpt_every": "1"}
+    train(load_config("moco", None, {**values, "max_steps": "1"}))
+    (ckpt,) = (run / "checkpoints").glob("step-*")
+    trainer = json.loads((ckpt / "trainer.json").read_text())
+    assert trainer["config"]["seed"] == 0 and "max_steps" not in trainer["config"]
+
+    with pytest.raises(CheckpointError, match=r"moco\.temperature: 0\.2 -> 0\.5; seed: 0 -> 7\. Resume with"):
+        train(load_config("moco", None, {**values, "max_steps": "2", "seed": "7", "moco.temperature": "0.5"}))
+    del trainer["config"]["loader.node_affinity"]  # as written by an eossl without that setting
+    (ckpt / "trainer.json").write_text(json.dumps(trainer))
+    assert train(load_config("moco", None, {**values, "max_steps": "2"})).steps == 2

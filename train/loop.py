@@ -44,7 +44,7 @@ from .input_norm import input_norm, save_input_norm, saved_input_norm
 from .methods import get_method
 from .preemption import DataUnavailable, Preempted, StopRequest, lock_run_dir
 from .progress import Countdown, interactive, log_line
-from .resume import RunCheckpointer, config_digest
+from .resume import RunCheckpointer
 from .schedules import scaled_lr
 from .tracking import end_tracking_on_error, git_commit, log_dataset_input, start_tracking
 from .weights import apply_starting_weights, read_starting_weights
@@ -112,10 +112,9 @@ class _Run:
         self.lr_schedule = lr_schedule(cfg, self.lr, self.total_steps, self.steps_per_epoch)
         self.schedules = method_cls.schedules(cfg, self.total_steps, self.steps_per_epoch)
         self.optimizer = build_optimizer(cfg, self.method.param_groups(), self.lr)
-        digest = config_digest(
-            cfg, method_cls.resume_may_change, self.loader.manifest.get("manifest_sha256", "")
+        self.checkpointer = RunCheckpointer(
+            self.acc, cfg, method_cls.resume_may_change, self.loader.manifest.get("manifest_sha256", "")
         )
-        self.checkpointer = RunCheckpointer(self.acc, cfg, digest)
         self.step = 0
         self.mlflow_run_id = None
         self.history = self.run_dir / "history.jsonl"

@@ -3,8 +3,9 @@ on resume (see ``checkpoint`` for the files and their atomic publication).
 
 What a resume may change is explicit: the loop's ``max_steps``, ``ckpt_every``, ``log_every``,
 ``system_metrics_every_s`` and ``batch_size`` (with the world size, at the same global batch), plus the
-keys a method declares in ``resume_may_change``. Everything else is in the config digest a checkpoint is
-checked against.
+keys a method declares in ``resume_may_change``. Everything else is recorded in the checkpoint with its
+digest and checked on resume; a refusal names each key that changed. A setting added to eossl after a
+checkpoint was written resumes at its default (the run then behaves as it did before the setting existed).
 
 Where things are is not part of a run's identity: ``out`` and ``data`` (paths, URLs) are left out of the
 digest, and the dataset enters it by its content digest (the manifest's sha256) instead. A run folder can
@@ -38,21 +39,54 @@ from .checkpoint import (
 from .config import TrainConfig, flatten
 from .distributed import all_gather_objects
 
-__all__ = ["RESUME_MAY_CHANGE", "RunCheckpointer", "config_digest", "truncate_history"]
+__all__ = [
+    "RESUME_MAY_CHANGE",
+    "RunCheckpointer",
+    "config_changes",
+    "config_digest",
+    "resume_values",
+    "truncate_history",
+]
 
 # batch_size may change with the world size (elastic resume): the global batch is checked instead.
 RESUME_MAY_CHANGE = ("max_steps", "ckpt_every", "log_every", "batch_size", "system_metrics_every_s")
-# Locations, not content: the dataset is identified by its manifest digest instead.
-LOCATIONS = ("out", "data")
+# Locations, not content: the dataset is identified by its manifest digest instead, and the starting
+# weights were read once, at the first step (a resume reads the checkpoint and starting_weights.json).
+LOCATIONS = ("out", "data", "backbone.weights")
 
 
-def config_digest(cfg: TrainConfig, may_change: tuple[str, ...] = (), dataset_digest: str = "") -> str:
-    """16 hex digits over every config value but those a resume may change and the locations, plus the
-    dataset's content digest (its manifest's sha256)."""
+def resume_values(cfg: TrainConfig, may_change: tuple[str, ...] = (), dataset_digest: str = "") -> dict:
+    """Every config value a checkpoint is checked against, as JSON values: all but those a resume may
+    change and the locations, plus the dataset's content digest (its manifest's sha256)."""
     skip = (*RESUME_MAY_CHANGE, *LOCATIONS, *may_change)
     flat = {k: v for k, v in flatten(cfg).items() if k not in skip}
     flat["dataset_manifest_sha256"] = dataset_digest
-    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json.loads(json.dumps(flat, sort_keys=True, default=str))
+
+
+def config_digest(cfg: TrainConfig, may_change: tuple[str, ...] = (), dataset_digest: str = "") -> str:
+    """16 hex digits over :func:`resume_values`."""
+    values = resume_values(cfg, may_change, dataset_digest)
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_changes(recorded: dict, current: dict, defaults: dict) -> list[str]:
+    """``key: checkpoint value -> this run's value`` for every value a resume may not change.
+
+    A key the checkpoint does not record is a setting added to eossl after it was written: it counts only
+    when this run sets it away from its default (at the default, the run behaves as before the setting
+    existed). A key only the checkpoint records was removed or renamed since: it counts.
+    """
+    changes = []
+    for key in sorted(set(recorded) | set(current)):
+        if key not in recorded:
+            if current[key] != defaults.get(key, current[key]):
+                changes.append(f"{key}: (not in the checkpoint) -> {current[key]!r}")
+        elif key not in current:
+            changes.append(f"{key}: {recorded[key]!r} -> (no such setting now)")
+        elif recorded[key] != current[key]:
+            changes.append(f"{key}: {recorded[key]!r} -> {current[key]!r}")
+    return changes
 
 
 def truncate_history(history: Path, step: int) -> None:
@@ -72,12 +106,17 @@ class RunCheckpointer:
 
     Args:
         acc: the run's accelerator (rank, world size, scaler, barriers).
-        cfg: the run's config (its batch size and digest are recorded and checked).
-        digest: :func:`config_digest` of ``cfg`` with the method's ``resume_may_change``.
+        cfg: the run's config (its batch size and values are recorded and checked).
+        may_change: the method's ``resume_may_change``.
+        dataset_digest: the dataset's content digest (its manifest's sha256).
     """
 
-    def __init__(self, acc: Accelerator, cfg: TrainConfig, digest: str):
-        self.acc, self.cfg, self.digest = acc, cfg, digest
+    def __init__(self, acc: Accelerator, cfg: TrainConfig, may_change: tuple[str, ...], dataset_digest: str):
+        self.acc, self.cfg = acc, cfg
+        self.values = resume_values(cfg, may_change, dataset_digest)
+        self.digest = config_digest(cfg, may_change, dataset_digest)
+        defaults = TrainConfig(method=cfg.method, data=cfg.data, out=cfg.out)
+        self.defaults = resume_values(defaults, may_change, dataset_digest)
         self.run_dir = Path(cfg.out)
 
     def save(self, step: int, method: torch.nn.Module, optimizer, loader, mlflow_run_id: str | None) -> None:
@@ -119,6 +158,7 @@ class RunCheckpointer:
                     "world_size": acc.num_processes,
                     "global_batch": self.cfg.batch_size * acc.num_processes,
                     "config_digest": self.digest,
+                    "config": self.values,  # what the digest covers, so a refusal names the keys
                 },
             )
             publish(self.run_dir, step, keep=2)
@@ -153,11 +193,21 @@ class RunCheckpointer:
         return step, trainer.get("mlflow_run_id")
 
     def _check(self, ckpt: Path, trainer: dict) -> None:
-        if trainer["config_digest"] != self.digest:
+        rule = (
+            "only max_steps, ckpt_every, log_every, system_metrics_every_s, and batch_size with the world "
+            "size, may change on resume; the dataset may move but its content must be the same"
+        )
+        if "config" in trainer:  # the values are recorded: name what changed
+            changes = config_changes(trainer["config"], self.values, self.defaults)
+            if changes:
+                raise CheckpointError(
+                    f"{ckpt} was written with another configuration or another dataset ({rule}): "
+                    f"{'; '.join(changes)}. Resume with the checkpoint's values, or start a new run folder"
+                )
+        elif trainer["config_digest"] != self.digest:  # a checkpoint of an older eossl: its digest only
             raise CheckpointError(
-                f"{ckpt} was written with another configuration or another dataset (only max_steps, "
-                "and batch_size with the world size, may change on resume; the dataset may move but "
-                "its content must be the same); start a new run folder"
+                f"{ckpt} was written with another configuration or another dataset ({rule}); "
+                "start a new run folder"
             )
         ranks = self.acc.num_processes
         global_batch = self.cfg.batch_size * ranks
