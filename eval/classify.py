@@ -131,18 +131,7 @@ class ClassifyTask(GridTask):
         return rows
 
     def cell_params(self, row: GridRow, column: str, spec: InputSpec) -> dict:
-        cfg = self.cfg
-        return {
-            "method": row.name,
-            "input": column,
-            "init": row.init,
-            "protocol": cfg.protocol,
-            "budget": cfg.budget,
-            "checkpoint": row.run_dir or "",
-            "label": cfg.label,
-            "multilabel": cfg.multilabel,
-            "channels": ",".join(spec.channel_names),
-        }
+        return {**super().cell_params(row, column, spec), "multilabel": self.cfg.multilabel}
 
     def run_seed(
         self, row: GridRow, spec: InputSpec, seed: int, folder: Path, first: bool, acc: Accelerator

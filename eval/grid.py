@@ -139,8 +139,19 @@ class GridTask:
         return {}
 
     def cell_params(self, row: GridRow, column: str, spec: InputSpec) -> dict[str, Any]:
-        """MLflow params of a cell's run."""
-        raise NotImplementedError
+        """MLflow params of a cell's run: what every grid's cells log (the row, the input column and its
+        channels, the protocol, the label budget and label); a task adds its own keys."""
+        cfg = self.cfg
+        return {
+            "method": row.name,
+            "input": column,
+            "init": row.init,
+            "protocol": cfg.protocol,
+            "budget": cfg.budget,
+            "label": cfg.label,
+            "checkpoint": row.run_dir or "",
+            "channels": ",".join(spec.channel_names),
+        }
 
     def run_seed(self, row: GridRow, spec: InputSpec, seed: int, folder: Path, first: bool, acc) -> Any:
         """One seed of a cell; ``NotApplicable`` makes the whole cell a note in the table."""

@@ -223,19 +223,8 @@ class SegmentTask(GridTask):
 
     def cell_params(self, row: GridRow, column: str, spec: InputSpec) -> dict:
         cfg = self.cfg
-        return {
-            "method": row.name,
-            "input": column,
-            "init": row.init,
-            "protocol": cfg.protocol,
-            "head": cfg.head,
-            "frozen": cfg.is_frozen,
-            "budget": cfg.budget,
-            "label": cfg.label,
-            "checkpoint": row.run_dir or "",
-            "backbone": row.backbone,
-            "channels": ",".join(spec.channel_names),
-        }
+        params = super().cell_params(row, column, spec)
+        return {**params, "head": cfg.head, "frozen": cfg.is_frozen, "backbone": row.backbone}
 
     def run_seed(
         self, row: GridRow, spec: InputSpec, seed: int, folder: Path, first: bool, acc: Accelerator
