@@ -174,8 +174,15 @@ def _env(tmp_path: Path, **extra) -> dict:
 
 
 def _train(data, out: Path, steps: int, env: dict, **extra) -> subprocess.CompletedProcess:
+    """Train in the run folder's parent: without MLFLOW_TRACKING_URI the store is ./mlflow.db there."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
-        _train_cmd(data, out, steps, **extra), capture_output=True, text=True, timeout=900, env=env
+        _train_cmd(data, out, steps, **extra),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=out.parent,
     )
 
 
@@ -504,7 +511,7 @@ def test_run_folder_and_dataset_moved_between_runs_resume_exactly(dataset, refer
     """The same dataset at another path and the run folder moved: a resume, not a refusal."""
     before, after = tmp_path / "cluster-a", tmp_path / "cluster-b"
     shutil.copytree(dataset, before / "data" / "ds")
-    env = {k: v for k, v in training_env().items()}  # the run folder's own MLflow store, moved with it
+    env = training_env()  # the store ./mlflow.db beside the runs (_train), moved with them
     first = _train(before / "data" / "ds", before / "runs" / "r", 4, env, ckpt_every="2")
     assert first.returncode == 0, first.stderr[-3000:]
     shutil.move(before, after)

@@ -134,6 +134,7 @@ def test_baseline_reads_the_same_patches_from_s3(tiny, s3_endpoint):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # every part of the bench (disk, CPU ratios, S3 with latency) starts DALI workers
 def test_bench_loader_cli_with_local_s3_reports_every_number(tmp_path):
     """``eossl bench loader --local-s3 --json``: starts its own S3 server, times both sides from disk and
     S3."""
@@ -158,7 +159,7 @@ def test_bench_loader_cli_with_local_s3_reports_every_number(tmp_path):
         "--s3-latency-ms",
         "5",
         "--json",
-        timeout=600,
+        timeout=1400,
         env={**os.environ, "TMPDIR": str(scratch)},
     )
     result = json.loads(proc.stdout.strip().splitlines()[-1])

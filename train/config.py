@@ -33,6 +33,8 @@ from .overrides import config_keys, read_yaml_overrides
 from .schedules import scaled_lr
 
 __all__ = [
+    "NORMALISATIONS",
+    "WEIGHTS_INPUT_NAMES",
     "BackboneConfig",
     "DataConfig",
     "DinoConfig",
@@ -47,6 +49,12 @@ __all__ = [
     "method_defaults",
     "recipe_names",
 ]
+
+
+# The choices of backbone.normalisation and backbone.weights_input, named here so that a config is
+# checked without importing torch (train/input_norm.py and train/weights.py implement them).
+NORMALISATIONS = ("auto", "weights", "dataset")
+WEIGHTS_INPUT_NAMES = ("ssl4eo_s2", "ssl4eo_s1", "rgb", "unknown")
 
 
 @dataclass
@@ -87,17 +95,14 @@ class BackboneConfig:
     normalisation: str = "auto"
 
     def __post_init__(self) -> None:
-        from .input_norm import NORMALISATIONS
-        from .weights import WEIGHTS_INPUTS
-
         if self.normalisation not in NORMALISATIONS:
             raise ValueError(
                 f"backbone.normalisation must be one of {', '.join(NORMALISATIONS)}, "
                 f"got {self.normalisation!r}"
             )
-        if self.weights_input is not None and self.weights_input not in WEIGHTS_INPUTS:
+        if self.weights_input is not None and self.weights_input not in WEIGHTS_INPUT_NAMES:
             raise ValueError(
-                f"backbone.weights_input must be one of {', '.join(WEIGHTS_INPUTS)}, "
+                f"backbone.weights_input must be one of {', '.join(WEIGHTS_INPUT_NAMES)}, "
                 f"got {self.weights_input!r}"
             )
         if self.adapter not in ("native", "conv1x1", "zeropad"):

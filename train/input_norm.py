@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import NORMALISATIONS
 from .weights import StartingWeights
 
 __all__ = [
@@ -28,7 +29,6 @@ __all__ = [
     "saved_input_norm",
 ]
 
-NORMALISATIONS = ("auto", "weights", "dataset")
 STARTING_WEIGHTS = "starting_weights.json"  # in the run folder: what the run started from, the input norm
 
 

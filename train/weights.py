@@ -37,6 +37,8 @@ from torch import nn
 
 from eossl.streaming.inputs import InputSpec
 
+from .config import WEIGHTS_INPUT_NAMES
+
 __all__ = [
     "WEIGHTS_INPUTS",
     "StartingWeights",
@@ -108,6 +110,8 @@ WEIGHTS_INPUTS: dict[str, WeightsInput] = {
         ),
     )
 }
+if tuple(WEIGHTS_INPUTS) != WEIGHTS_INPUT_NAMES:  # the config checks names without importing this module
+    raise ImportError(f"train.config.WEIGHTS_INPUT_NAMES {WEIGHTS_INPUT_NAMES} != {tuple(WEIGHTS_INPUTS)}")
 
 
 @dataclass
