@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
-from torch.utils.data import DataLoader
 
+from eossl.streaming.torch_workers import torch_loader
 from eossl.train.progress import Countdown, log_line
 
 from .config import ProbeConfig
@@ -31,7 +31,7 @@ def extract_features(
     """(features (N, D) float32, labels) of a dataset, in dataset order, backbone in eval mode."""
     model.encoder.eval().to(acc.device)
     feats, labels = [], []
-    for batch in DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers, shuffle=False):
+    for batch in torch_loader(dataset, batch_size=cfg.batch_size, workers=cfg.workers, shuffle=False):
         with acc.autocast():
             feats.append(model.features(batch["x"].to(acc.device)).float().cpu())
         labels.append(batch["y"])
@@ -106,10 +106,10 @@ def finetune(
     head = nn.Linear(enc.feature_dim, n_classes).to(device)
     params = [p for p in [*enc.parameters(), *head.parameters()] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.finetune_lr, weight_decay=cfg.finetune_weight_decay)
-    loader = DataLoader(
+    loader = torch_loader(
         train_set,
         batch_size=cfg.batch_size,
-        num_workers=cfg.workers,
+        workers=cfg.workers,
         shuffle=True,
         generator=gen,
         drop_last=len(train_set) > cfg.batch_size,
@@ -141,7 +141,7 @@ def finetune(
     enc.eval()
     scores = []
     with torch.no_grad():
-        for batch in DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.workers):
+        for batch in torch_loader(test_set, batch_size=cfg.batch_size, workers=cfg.workers):
             with acc.autocast():
                 logits = head(model.features(batch["x"].to(device))).float()
             scores.append((torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).cpu())

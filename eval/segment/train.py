@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
-from torch.utils.data import DataLoader
 
+from eossl.streaming.torch_workers import torch_loader
 from eossl.train.progress import Countdown, log_line
 from eossl.train.schedules import cosine_schedule
 
@@ -67,10 +67,10 @@ def train_segmenter(
     if enc:
         groups.append({"params": enc, "scale": cfg.backbone_lr_scale})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loader = DataLoader(
+    loader = torch_loader(
         train_set,
         batch_size=cfg.batch_size,
-        num_workers=cfg.workers,
+        workers=cfg.workers,
         shuffle=True,
         generator=gen,
         drop_last=len(train_set) > cfg.batch_size,
@@ -116,7 +116,7 @@ def predict(
 ) -> Iterator[tuple[dict, np.ndarray]]:
     """Yield (item without x, predicted class map (H, W) uint8) for every patch, in dataset order."""
     model.eval().to(acc.device)
-    for batch in DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False):
+    for batch in torch_loader(dataset, batch_size=batch_size, workers=workers, shuffle=False):
         with acc.autocast():
             pred = model(batch["x"].to(acc.device)).float().argmax(1).to(torch.uint8).cpu().numpy()
         for i in range(len(pred)):

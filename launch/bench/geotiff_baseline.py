@@ -26,6 +26,7 @@ from eossl.ingest.bands import PATCH_SIZE
 from eossl.ingest.layout import scan_source
 from eossl.streaming.augment import NO_BLUR_SIGMA, ViewParams
 from eossl.streaming.inputs import InputSpec
+from eossl.streaming.torch_workers import torch_loader
 from eossl.streaming.views import ViewSet
 
 from .harness import Epochs
@@ -162,11 +163,11 @@ def geotiff_files(source: str, keys: np.ndarray) -> list[tuple[str, str]]:
 
 @contextmanager
 def dataloader_epochs(dataset: GeoTiffPatches, workers: int, batch_size: int) -> Iterator[Epochs]:
-    dl = torch.utils.data.DataLoader(
+    dl = torch_loader(
         dataset,
         batch_size=batch_size,
         shuffle=True,
-        num_workers=workers,
+        workers=workers,
         worker_init_fn=_one_thread if workers else None,
         persistent_workers=workers > 0,
         multiprocessing_context="spawn" if workers else None,

@@ -90,14 +90,21 @@ def wait_idle(timeout_s: float = 10.0, interval_s: float = 0.2) -> None:
         last = now
 
 
-def timed_run(epochs: Epochs, min_samples: int, min_epochs: int = 2) -> dict:
-    """One run: a lead-in epoch (untimed, so the run starts in steady state), then timed whole epochs."""
+def timed_run(epochs: Epochs, min_samples: int, min_epochs: int = 2, min_cpu_s: float = 0.0) -> dict:
+    """One run: a lead-in epoch (untimed, so the run starts in steady state), then timed whole epochs.
+
+    ``min_cpu_s``: also go on until the process tree has used this much CPU time, for a CPU cost per sample
+    that the clock's resolution (10 ms ticks in ``/proc``) does not round to nothing.
+    """
     epochs()
     cpu0, t0 = tree_cpu_s(), time.perf_counter()
     n = count = 0
-    while n < min_samples or count < min_epochs:
+    cpu1 = cpu0
+    while n < min_samples or count < min_epochs or (cpu0 is not None and cpu1 - cpu0 < min_cpu_s):
         n += epochs()
         count += 1
+        if min_cpu_s and cpu0 is not None:
+            cpu1 = tree_cpu_s()
     seconds, cpu1 = time.perf_counter() - t0, tree_cpu_s()
     return {
         "samples_per_s": n / seconds,

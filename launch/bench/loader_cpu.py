@@ -36,6 +36,9 @@ from eossl.streaming.loader import LoaderConfig, SSLLoader
 from .geotiff_baseline import torch_view
 from .harness import Epochs, timed_run, wait_idle
 
+MIN_CPU_S = 0.5
+"""CPU seconds each side of a CPU ratio runs at least: 50 ticks of the /proc clock (1 % resolution)."""
+
 __all__ = ["augment_cpu", "interleaved", "raw_pread_epochs", "read_cpu", "reader_epochs"]
 
 
@@ -49,10 +52,10 @@ def interleaved(sides: dict[str, Epochs], min_samples: int, repeat: int, cpu=Non
         for name in list(sides)[:: 1 if r % 2 == 0 else -1]:
             wait_idle()
             if cpu is None:
-                runs[name].append(timed_run(sides[name], min_samples))
+                runs[name].append(timed_run(sides[name], min_samples, min_cpu_s=MIN_CPU_S))
                 continue
             c0, t0, n = cpu(), time.perf_counter(), 0
-            while n < min_samples:
+            while n < min_samples or cpu() - c0 < MIN_CPU_S:
                 n += sides[name]()
             runs[name].append(
                 {
@@ -134,8 +137,14 @@ def read_cpu(dataset: str, cfg: LoaderConfig, probe: SSLLoader, min_samples: int
     """``read_cpu_over_raw_pread`` and what it is made of (see module docstring)."""
     with reader_epochs(dataset, cfg) as reader:
         sides = interleaved({"reader": reader, "raw_pread": raw_pread_epochs(probe)}, min_samples, repeat)
-    ratio = sides["reader"]["cpu_ms_per_sample"] / sides["raw_pread"]["cpu_ms_per_sample"]
-    return {**sides, "ratio": round(ratio, 2)}
+    return {**sides, "ratio": cpu_ratio(sides["reader"], sides["raw_pread"])}
+
+
+def cpu_ratio(side: dict, reference: dict) -> float:
+    """CPU-ms per sample of ``side`` over that of ``reference`` (both measured for at least ``MIN_CPU_S``)."""
+    if not reference["cpu_ms_per_sample"]:
+        raise RuntimeError(f"no CPU time measured for the reference side {reference}: is /proc readable?")
+    return round(side["cpu_ms_per_sample"] / reference["cpu_ms_per_sample"], 2)
 
 
 def _standardised_batch(loader: SSLLoader, batch_size: int) -> np.ndarray:
@@ -257,12 +266,9 @@ def augment_cpu(loader: SSLLoader, threads: int, min_samples: int, repeat: int) 
     finally:
         torch.set_num_threads(threads_before)
 
-    def ratio(a: str, b: str) -> float:
-        return round(sides[a]["cpu_ms_per_sample"] / sides[b]["cpu_ms_per_sample"], 2)
-
     return {
         **sides,
         "threads": threads,
-        "ratio": ratio("dali_cpu", "torch"),
-        "geometry_ratio": ratio("dali_cpu_warp_only", "torch_grid_sample_only"),
+        "ratio": cpu_ratio(sides["dali_cpu"], sides["torch"]),
+        "geometry_ratio": cpu_ratio(sides["dali_cpu_warp_only"], sides["torch_grid_sample_only"]),
     }
