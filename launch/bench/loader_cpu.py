@@ -35,6 +35,7 @@ from eossl.streaming.loader import LoaderConfig, SSLLoader
 
 from .geotiff_baseline import torch_view
 from .harness import Epochs, timed_run, wait_idle
+from .loader_sides import cpu_reader_pipeline
 
 MIN_CPU_S = 0.5
 """CPU seconds each side of a CPU ratio runs at least: 50 ticks of the /proc clock (1 % resolution)."""
@@ -97,28 +98,10 @@ def raw_pread_epochs(loader: SSLLoader) -> Epochs:
 def reader_epochs(dataset: str, cfg: LoaderConfig) -> Iterator[Epochs]:
     """Epochs of the loader's ``SampleSource`` in DALI's parallel external source, batches handed to DALI
     and nothing else (what a GPU node's CPU does before the graph)."""
-    from nvidia.dali import pipeline_def
-
-    from eossl.streaming.dali_pipeline import external_batches
-
     loader = SSLLoader(dataset, cfg, rank=0, world_size=1)
-    source = loader.sample_source()
-
-    @pipeline_def(
-        batch_size=cfg.batch_size,
-        num_threads=cfg.num_threads,
-        device_id=None,
-        py_num_workers=max(cfg.workers, 1),
-        py_start_method="spawn",
-        prefetch_queue_depth=cfg.prefetch,
-        seed=cfg.plan.seed,
-        exec_dynamic=True,
+    pipe = cpu_reader_pipeline(
+        loader, lambda arrays, ids, params: (*arrays.values(), ids, *params), cfg.prefetch
     )
-    def pipeline():
-        arrays, ids, params = external_batches(source, loader.views, parallel=cfg.workers > 0)
-        return (*arrays.values(), ids, *params)
-
-    pipe = pipeline()
     pipe.build()
 
     def epoch() -> int:

@@ -43,19 +43,15 @@ SENSORS = ("s1", "s2")
 
 
 # -- ours: the loader's reading path without augmentation -----------------------------------------------
-def read_batches(loader: SSLLoader, prefetch: int = 2) -> Iterator[Callable[[], Iterator[dict]]]:
-    """Yield callables that each run one epoch of the loader's reading path (see module docstring).
+def cpu_reader_pipeline(loader: SSLLoader, graph: Callable, prefetch: int):
+    """A DALI CPU-mode pipeline: the loader's own ``SampleSource`` (reader and plan) in parallel external
+    source workers, its outputs ``(arrays, ids, view params)`` passed through ``graph``."""
+    from nvidia.dali import pipeline_def
 
-    Each epoch yields dicts with ``x`` (B, C, 256, 256) standardised float32 (channels-last strides)
-    and ``rows``. The DALI pipeline and its reader workers live as long as the generator.
-    """
-    from nvidia.dali import fn, pipeline_def
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
-    from eossl.streaming.dali_pipeline import external_batches, standardised_inputs
+    from eossl.streaming.dali_pipeline import external_batches
 
     cfg = loader.cfg
-    source = loader.sample_source()  # the loader's own SampleSource, reader and plan
+    source = loader.sample_source()
 
     @pipeline_def(
         batch_size=cfg.batch_size,
@@ -68,7 +64,23 @@ def read_batches(loader: SSLLoader, prefetch: int = 2) -> Iterator[Callable[[], 
         exec_dynamic=True,
     )
     def pipeline():
-        arrays, ids, _ = external_batches(source, loader.views, parallel=cfg.workers > 0)
+        return graph(*external_batches(source, loader.views, parallel=cfg.workers > 0))
+
+    return pipeline()
+
+
+def read_batches(loader: SSLLoader, prefetch: int = 2) -> Iterator[Callable[[], Iterator[dict]]]:
+    """Yield callables that each run one epoch of the loader's reading path (see module docstring).
+
+    Each epoch yields dicts with ``x`` (B, C, 256, 256) standardised float32 (channels-last strides)
+    and ``rows``. The DALI pipeline and its reader workers live as long as the generator.
+    """
+    from nvidia.dali import fn
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    from eossl.streaming.dali_pipeline import standardised_inputs
+
+    def graph(arrays, ids, _params):
         parts = list(
             standardised_inputs(
                 arrays, loader.views, loader.norm, "cpu", stored_s2_bands(loader.manifest)
@@ -79,7 +91,10 @@ def read_batches(loader: SSLLoader, prefetch: int = 2) -> Iterator[Callable[[], 
     with warnings.catch_warnings():  # the view parameters are drawn (a real cost of the source) but unused
         warnings.filterwarnings("ignore", message="The external source node")
         iterator = DALIGenericIterator(
-            [pipeline()], ["x", "ids"], auto_reset=False, prepare_first_batch=False
+            [cpu_reader_pipeline(loader, graph, prefetch)],
+            ["x", "ids"],
+            auto_reset=False,
+            prepare_first_batch=False,
         )
 
     def epoch() -> Iterator[dict]:
