@@ -4,8 +4,9 @@ DALI calls it once per *batch* (``batch=True``, in its parallel reader processes
 is the read itself plus a few microseconds of Python, not DALI's per-sample transport:
 
 - each sample's S1 and S2 members are one ``pread`` (or one ranged GET) into a buffer reused per batch
-  slot; on an object store without a node cache the batch's requests run ``requests_in_flight`` at a time,
-  so a reader is bound by bandwidth rather than by one request's latency;
+  slot; on an object store the batch's requests run ``requests_in_flight`` at a time (ranged GETs without
+  a node cache, or while a shard is still downloading into it), so a reader is bound by bandwidth rather
+  than by one request's latency;
 - the ``.npy`` header of a member is checked by comparing its bytes with headers already seen (a dataset
   holds one header per sensor), instead of being parsed for every member;
 - S2 is handed over with all its stored bands, as a view of the read buffer: the DALI graph selects the
@@ -245,7 +246,7 @@ class SampleSource:
 
     def _read_batch(self, plan: EpochPlan, positions: np.ndarray) -> list:
         jobs = [(plan, int(p), slot) for slot, p in enumerate(positions)]
-        if self.requests_in_flight <= 1 or self.reader.is_local or len(jobs) == 1:
+        if self.requests_in_flight <= 1 or self.reader.is_local or len(jobs) == 1:  # preads: no threads
             return [self._sample(*job) for job in jobs]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.requests_in_flight, thread_name_prefix="eossl-read")

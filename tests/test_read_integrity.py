@@ -239,7 +239,8 @@ def test_a_cached_shard_damaged_after_its_download_is_downloaded_again(dataset, 
     s3fs.S3FileSystem.clear_instance_cache()
     upload_tree(dataset, "s3://integrity-cache/ds")
     cache = tmp_path / "cache"
-    cfg = _cfg(storage=replace(FAST_RETRIES, cache_dir=str(cache)), on_corrupt="fail")
+    waiting = replace(FAST_RETRIES, cache_dir=str(cache), read_while_downloading=False)  # reads the copies
+    cfg = _cfg(storage=waiting, on_corrupt="fail")
     reference = _epoch(SSLLoader(str(dataset), _cfg()))
     _epoch(SSLLoader("s3://integrity-cache/ds", cfg))  # fills the cache, each copy sha256-checked
     row, key, shard, offset, size = _victim(dataset)
@@ -256,9 +257,7 @@ def test_a_cached_shard_damaged_after_its_download_is_downloaded_again(dataset, 
     # A copy without its verified marker (an older cache, or downloads not verified) is hashed before reuse.
     marker_path(copy).unlink()
     _flip(copy, offset + size // 2)
-    reader = ShardReader(
-        "s3://integrity-cache/ds", _shards(dataset), replace(FAST_RETRIES, cache_dir=str(cache))
-    )
+    reader = ShardReader("s3://integrity-cache/ds", _shards(dataset), waiting)
     assert (
         reader.read(shard, offset, size)
         == (dataset / _shards(dataset)[shard]["path"]).read_bytes()[offset : offset + size]

@@ -7,6 +7,7 @@ test that is stopped and restarted on the same port. No mocks.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -24,7 +25,7 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,8 @@ from conftest import complete_triplet, run_cli
 from servers import TcpProxy, aws_environment, free_port, upload_tree
 
 BUCKET = "eossl-storage"
+# the cache's own mechanics (downloads, locks, eviction): every read waits for its shard's download
+WAITING = StorageOptions(retries=1, backoff_s=0.01, read_while_downloading=False)
 
 
 # --- a moto_server we can stop, restart on the same port, and ask which requests it received ---
@@ -310,7 +313,7 @@ def test_s3_truncated_object_without_cache(dataset, moto):
 
 
 def test_s3_cache_downloads_once_then_hits(dataset, moto, tmp_path):
-    options = StorageOptions(cache_dir=str(tmp_path / "cache"), retries=1, backoff_s=0.01)
+    options = replace(WAITING, cache_dir=str(tmp_path / "cache"))
     reader = ShardReader(f"s3://{BUCKET}/ds", dataset.shards, options)
     moto.start_recording()
     items = dataset.members_of(0)
@@ -335,7 +338,7 @@ def test_s3_cache_rejects_a_tampered_shard(dataset, moto, tmp_path):
     reader = ShardReader(
         f"s3://{BUCKET}/tampered",
         dataset.shards[:1],
-        StorageOptions(cache_dir=str(cache), retries=1, backoff_s=0.01),
+        replace(WAITING, cache_dir=str(cache)),
     )
     with pytest.raises(CorruptShardError, match=rf"s3://{BUCKET}/tampered/shards/shard-000000.tar: checksum"):
         reader.read(0, 0, 512)
@@ -353,7 +356,7 @@ def test_s3_cache_shared_by_processes_downloads_once(dataset, moto, tmp_path):
     reader = ShardReader(
         f"s3://{BUCKET}/ds",
         dataset.shards,
-        StorageOptions(cache_dir=str(tmp_path / "cache"), retries=1, backoff_s=0.01),
+        replace(WAITING, cache_dir=str(tmp_path / "cache")),
     )
     items = dataset.members_of(1)
     ctx = mp.get_context("spawn")
@@ -378,7 +381,7 @@ def test_s3_cache_threads_download_each_shard_once(dataset, moto, tmp_path):
     reader = ShardReader(
         f"s3://{BUCKET}/ds",
         dataset.shards,
-        StorageOptions(cache_dir=str(tmp_path / "cache"), retries=1, backoff_s=0.01),
+        replace(WAITING, cache_dir=str(tmp_path / "cache")),
     )
     work = dataset.items * 4
     random.Random(1).shuffle(work)
@@ -393,7 +396,7 @@ def test_s3_cache_bounded_evicts_least_recently_used(dataset, moto, tmp_path):
     url = f"s3://{BUCKET}/ds"
     bound = int(1.4 * big)  # room for one big shard, or one big and not quite one small
     cache = tmp_path / "bounded"
-    reader = ShardReader(url, dataset.shards, StorageOptions(cache_dir=str(cache), cache_bytes=bound))
+    reader = ShardReader(url, dataset.shards, replace(WAITING, cache_dir=str(cache), cache_bytes=bound))
     for step, shard in enumerate([0, 1, 2, 0]):
         _assert_reads_equal(reader, dataset, dataset.members_of(shard))
         assert _folder_bytes(cache) <= bound, step
@@ -405,7 +408,7 @@ def test_s3_cache_bounded_evicts_least_recently_used(dataset, moto, tmp_path):
     reader = ShardReader(
         url,
         dataset.shards,
-        StorageOptions(cache_dir=str(cache), cache_bytes=2 * big + small // 2),
+        replace(WAITING, cache_dir=str(cache), cache_bytes=2 * big + small // 2),
         clock=lambda: now[0],
     )
     _assert_reads_equal(reader, dataset, dataset.members_of(0))
@@ -419,6 +422,64 @@ def test_s3_cache_bounded_evicts_least_recently_used(dataset, moto, tmp_path):
     _assert_reads_equal(reader, dataset, dataset.members_of(1))  # over the bound: evicts one shard
     kept = sorted(p.name.split(".")[0] for p in cache.rglob("*.tar"))
     assert kept == ["shard-000000", "shard-000001"] and reader.stats["evictions"] == 1
+
+
+class WholeObjectGate(TcpProxy):
+    """``TcpProxy`` that holds every GET without a ``Range`` header (a whole-shard download) until
+    ``release`` is set; ranged GETs pass."""
+
+    def __init__(self, target_port: int):
+        super().__init__(target_port)
+        self.release = threading.Event()
+        self.held = threading.Event()
+
+    def _pumps(self, client, upstream):
+        (_, src, dst), answer = super()._pumps(client, upstream)
+        return [(self._gate, src, dst), answer]
+
+    def _gate(self, src, dst) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                head = data.lower()
+                if head.startswith(b"get ") and b"\r\nrange:" not in head:
+                    self.held.set()
+                    if not self.release.wait(timeout=120):
+                        break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+def test_s3_cache_reads_a_shard_while_it_downloads(dataset, moto, tmp_path):
+    """A shard not on the node yet is read by ranged GETs while its download runs; then from the copy."""
+    gate = WholeObjectGate(moto.port)
+    gate.start()
+    cache = tmp_path / "cache"
+    try:
+        with aws_environment(gate.endpoint):
+            reader = ShardReader(f"s3://{BUCKET}/ds", dataset.shards, StorageOptions(cache_dir=str(cache)))
+            items = dataset.members_of(0)
+            _assert_reads_equal(reader, dataset, items)  # the download is held: every read was ranged
+            assert gate.held.wait(timeout=30)
+            assert reader.stats["reads_while_downloading"] == len(items) == reader.stats["requests"] - 1
+            assert reader.stats["downloads"] == 0 and not list(cache.rglob("*.tar"))
+            gate.release.set()
+            deadline = time.monotonic() + 60
+            while reader.stats["downloads"] == 0 and time.monotonic() < deadline:  # downloaded, checked
+                time.sleep(0.05)
+            (copy,) = cache.rglob("*.tar")
+            assert hashlib.sha256(copy.read_bytes()).hexdigest() == dataset.shards[0]["sha256"]
+            requests = reader.stats["requests"]
+            _assert_reads_equal(reader, dataset, items)  # from the node's copy now
+            assert reader.stats["requests"] == requests and reader.stats["cache_hits"] == len(items)
+            reader.close()
+    finally:
+        gate.release.set()
+        gate.stop()
 
 
 def test_s3_prefetch_then_pickle_reads_from_cache(dataset, moto, tmp_path):

@@ -236,6 +236,9 @@ class DataConfig:
         cache_dir: node-local cache for remote shards (shared by the node's ranks and workers).
         cache_gb: bound on the cache (least recently used shards are evicted); size it to hold at least
             the shards of a few steps of every rank on the node (docs/SCALING.md).
+        read_while_downloading: with a cache, read samples of a shard not yet on the node by ranged GETs
+            while the whole shard downloads (the first epoch does not stall on downloads; up to twice
+            its bytes); false: wait for each shard's download.
         retries, timeout_s: attempts after a failed object-store request, and each request's timeout.
         device: DALI device: auto, gpu or cpu.
         on_corrupt, max_corrupt_fraction: a sample whose bytes fail their check 'fail's the run or is
@@ -259,6 +262,7 @@ class DataConfig:
     node_affinity: bool = PlanConfig.node_affinity
     cache_dir: str | None = StorageOptions.cache_dir
     cache_gb: float = StorageOptions.cache_bytes / 2**30
+    read_while_downloading: bool = StorageOptions.read_while_downloading
     retries: int = StorageOptions.retries
     timeout_s: float = StorageOptions.timeout_s
     device: str = LoaderConfig.device
