@@ -112,7 +112,8 @@ class RebenLabels:
         return {"bigearthnet19_multi": list(self.codes), "names": list(self.names)}
 
 
-def _parquet_columns(data: bytes, path: str) -> dict[str, list]:
+def _parquet_columns(data: bytes, path: str) -> tuple[list[str], dict[str, list]]:
+    """(every column name, the columns read: required and flags) of a parquet table."""
     name = path.rsplit("/", 1)[-1]
     try:
         import pyarrow.parquet as pq  # noqa: PLC0415 - only a parquet table needs it
@@ -124,19 +125,22 @@ def _parquet_columns(data: bytes, path: str) -> dict[str, list]:
             + _CONVERT.format(name=name, csv=csv_name)
         ) from None
     try:
-        return pq.read_table(io.BytesIO(data)).to_pydict()
+        names = list(pq.ParquetFile(io.BytesIO(data)).schema_arrow.names)
+        wanted = [n for n in names if n in REQUIRED_COLUMNS or n in FLAG_COLUMNS]
+        return names, pq.read_table(io.BytesIO(data), columns=wanted).to_pydict()
     except Exception as exc:  # noqa: BLE001 - any failure to parse the file is the file's fault
         raise ValueError(f"{path}: not a readable parquet table ({exc})") from exc
 
 
-def _csv_columns(data: bytes, path: str) -> dict[str, list]:
+def _csv_columns(data: bytes, path: str) -> tuple[list[str], dict[str, list]]:
+    """(every column name, every column) of a CSV table."""
     try:
         reader = csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""))
         names = list(reader.fieldnames or [])
         rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as exc:
         raise ValueError(f"{path}: not a readable CSV table ({exc})") from exc
-    return {n: [r[n] for r in rows] for n in names}
+    return names, {n: [r[n] for r in rows] for n in names}
 
 
 def _csv_labels(cell: str, where: str) -> list[str]:
@@ -171,11 +175,11 @@ def read_table(data: bytes, path: str) -> list[TableRow]:
             a flag that is not a boolean, or pyarrow missing for a parquet table.
     """
     is_csv = path.endswith(".csv")
-    columns = _csv_columns(data, path) if is_csv else _parquet_columns(data, path)
+    found, columns = _csv_columns(data, path) if is_csv else _parquet_columns(data, path)
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise ValueError(
-            f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(columns) or 'none'}); "
+            f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(found) or 'none'}); "
             f"a reBEN metadata table has {', '.join(REQUIRED_COLUMNS)}"
         )
     name = path.rsplit("/", 1)[-1]

@@ -262,6 +262,9 @@ def test_reben_table_errors_name_the_file_and_the_row(reben_tree, tmp_path, monk
     with pytest.raises(ValueError, match=r"t/metadata.csv: missing column\(s\) s1_name \(found: patch_id"):
         read_table(b"patch_id,labels,split,country\nx,,train,Austria\n", "t/metadata.csv")
 
+    with pytest.raises(ValueError, match=r"t/metadata.parquet: not a readable parquet table"):
+        read_table(table.read_bytes()[:200], "t/metadata.parquet")  # a truncated download
+
     # One patch in both tables, or one S1 patch paired twice, contradicts the pairing: refused.
     src = Path(shutil.copytree(reben_tree, tmp_path / "dup"))
     write_reben_table(src / SNOW_CLOUD_TABLE, [*_rows(src / SNOW_CLOUD_TABLE), rows[0]])
