@@ -213,11 +213,9 @@ class BenLabels:
 # S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_26_57).
 _S2_NAME = r"S2[AB]_MSIL2A_(?P<date>\d{8})T\d{6}(?:_[A-Z0-9]+)*?_(?P<row>\d+)_(?P<col>\d+)"
 _S2_FILE = re.compile(rf"^(?P<name>{_S2_NAME})_(?:(?P<band>B0[1-9]|B1[0-2]|B8A)\.tif|labels_metadata\.json)$")
-# S1A_IW_GRDH_1SDV_20170613T165043_33UUP_61_39
-_S1_FILE = re.compile(
-    r"^(?P<name>S1[AB]_IW_GRDH_[A-Z0-9]+_\d{8}T\d{6}(?:_[A-Z0-9]+)*?_\d+_\d+)_(?:(?P<pol>VV|VH)\.tif|"
-    r"labels_metadata\.json)$"
-)
+# S1A_IW_GRDH_1SDV_20170613T165043_33UUP_61_39 (v1.0 and reBEN alike)
+_S1_NAME = r"S1[AB]_IW_GRDH_[A-Z0-9]+_\d{8}T\d{6}(?:_[A-Z0-9]+)*?_\d+_\d+"
+_S1_FILE = re.compile(rf"^(?P<name>{_S1_NAME})_(?:(?P<pol>VV|VH)\.tif|labels_metadata\.json)$")
 _SEASONS = {12: "winter", 1: "winter", 2: "winter", 3: "spring", 4: "spring", 5: "spring"}
 _SEASONS |= {6: "summer", 7: "summer", 8: "summer", 9: "fall", 10: "fall", 11: "fall"}
 
@@ -289,6 +287,11 @@ class _BigEarthNet(BandFileSource):
             return None
 
     def recognises(self, paths: list[str]) -> bool:
+        from .reben import TABLE_FILES  # noqa: PLC0415 - reben builds on this module
+
+        # reBEN (v2.0) names its patches alike; its metadata table at the top tells the trees apart.
+        if any(p in TABLE_FILES for p in paths):
+            return False
         names = [p.rsplit("/", 1)[-1] for p in paths]
         return any(_S2_FILE.match(n) or _S1_FILE.match(n) for n in names)
 

@@ -92,10 +92,11 @@ def add_sample_data_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--layout",
-        choices=("sen12ms", "bigearthnet-mm", "ssl4eo-s12"),
+        choices=("sen12ms", "bigearthnet-mm", "bigearthnet-v2", "ssl4eo-s12"),
         default="sen12ms",
-        help="source layout to write: SEN12MS triplets, BigEarthNet-MM S1/S2 patch folders or SSL4EO-S12 "
-        "locations (--patches locations x 4 seasons) (default sen12ms)",
+        help="source layout to write: SEN12MS triplets, BigEarthNet-MM S1/S2 patch folders, reBEN "
+        "(BigEarthNet v2.0: patch folders + metadata.parquet) or SSL4EO-S12 locations (--patches locations "
+        "x 4 seasons) (default sen12ms)",
     )
     p.add_argument(
         "--patches-per-scene",
@@ -117,6 +118,20 @@ def _run_sample_data(args: argparse.Namespace) -> int:
         )
         files = write_bigearthnet_sample(args.dir, **options)
         print(f"wrote {len(files)} files (BigEarthNet-MM S1/S2 patch folders) to {args.dir}")
+        return 0
+    if args.layout == "bigearthnet-v2":
+        from .sample_sources import write_reben_sample
+
+        options = given(
+            args, {"patches": "patches", "seed": "seed", "patches_per_scene": "patches_per_product"}
+        )
+        try:
+            import pyarrow.parquet  # noqa: F401 - whether the tables can be parquet, as reBEN ships them
+        except ImportError:
+            options["table_format"] = "csv"
+        files = write_reben_sample(args.dir, **options)
+        tables = ", ".join(p.name for p in files if not p.name.endswith(".tif"))
+        print(f"wrote {len(files)} files (reBEN S1/S2 patch folders and {tables}) to {args.dir}")
         return 0
     if args.layout == "ssl4eo-s12":
         from .sample_sources import write_ssl4eo_sample
@@ -171,7 +186,8 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument(
         "source",
-        help="source tree: SEN12MS (ROIs*_<season>/{s1,s2,lc}_<scene>/*.tif), BigEarthNet-MM or SSL4EO-S12",
+        help="source tree: SEN12MS (ROIs*_<season>/{s1,s2,lc}_<scene>/*.tif), BigEarthNet-MM, reBEN "
+        "(BigEarthNet v2.0, with its metadata.parquet at the top) or SSL4EO-S12",
     )
     p.add_argument("dataset", help="output dataset folder or URL")
     p.add_argument(

@@ -68,8 +68,8 @@ class IngestConfig:
         split: split and subset options.
         progress: show a progress bar.
         command: the command line, recorded in the manifest.
-        source_format: the source collection (``sen12ms``, ``bigearthnet-mm``, ``ssl4eo-s12``); None:
-            detected from the tree (``sources.detect_source``).
+        source_format: the source collection (``sen12ms``, ``bigearthnet-mm``, ``bigearthnet-v2``,
+            ``ssl4eo-s12``); None: detected from the tree (``sources.detect_source``).
         reject_lists: files naming samples the dataset's authors list as unusable (BigEarthNet's
             seasonal snow and cloud/shadow lists); each is rejected with the list's reason.
     """

@@ -150,6 +150,9 @@ def _subsets(
             except ValueError as exc:
                 skipped.append(f"{name}: {exc}")
     arrays = {"non_overlapping": keep, "train": train, "test": test}
+    validation = np.array([s["split"] == "validation" for s in samples], dtype=bool)
+    if validation.any():  # a source with an official validation split (reBEN)
+        arrays["validation"] = validation
     return arrays, subsets, skipped
 
 
@@ -174,18 +177,21 @@ def _write_split_files(out: DatasetRoot, samples: list[dict]) -> dict[str, str]:
 def _split_summary(plan: dict, split_opts: dict, files: dict[str, str]) -> dict:
     """The manifest's account of the split: protocol, scenes per side, and what the lists left out."""
     scenes = plan["splits"]
-    info = dict(plan.get("split_lists") or {})
+    info = dict(plan.get("split_lists") or plan.get("split_table") or {})
     if not info:
         info["protocol"] = (
             "holdout_scenes" if split_opts.get("holdout_scenes") is not None else "scene_fraction"
         )
-    return {
+    summary = {
         **info,
         "train_scenes": sorted(s for s, v in scenes.items() if v == "train"),
         "test_scenes": sorted(s for s, v in scenes.items() if v == "test"),
         "mixed_scenes": sorted(s for s, v in scenes.items() if v == "mixed"),
         "files": files,
     }
+    if any(v == "validation" for v in scenes.values()):
+        summary["validation_scenes"] = sorted(s for s, v in scenes.items() if v == "validation")
+    return summary
 
 
 def _write_dali_indexes(out: DatasetRoot, records: list[dict]) -> None:
@@ -227,6 +233,7 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
         "non_overlapping": np.flatnonzero(arrays["non_overlapping"]).tolist(),
         "train": np.flatnonzero(arrays["train"]).tolist(),
         "test": np.flatnonzero(arrays["test"]).tolist(),
+        **({"validation": np.flatnonzero(arrays["validation"]).tolist()} if "validation" in arrays else {}),
         "budgets": subsets,
         "label": "igbp_simple single-label, stratified; drawn from the train split",
     }
@@ -290,6 +297,7 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
             **{f"with_{m}": sum(1 for s in samples if s["modalities"][m]) for m in source.modalities},
             "train": int(arrays["train"].sum()),
             "test": int(arrays["test"].sum()),
+            **({"validation": int(arrays["validation"].sum())} if "validation" in arrays else {}),
             "non_overlapping": int(arrays["non_overlapping"].sum()),
             # Pixels written as stored but kept out of the statistics (see docs/FORMAT.md).
             "invalid_pixels": {
@@ -311,6 +319,8 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
     manifest["source"] = source.manifest_fields()
     if "reject_lists" in plan:
         manifest["source"]["reject_lists"] = plan["reject_lists"]
+    if "source_listing" in plan:
+        manifest["source"]["listing"] = plan["source_listing"]
     manifest["manifest_sha256"] = manifest_digest(manifest)
     out.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
     remove_progress(out)

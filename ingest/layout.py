@@ -103,6 +103,9 @@ class PatchGroup:
     files: dict[str, list[str]] = field(default_factory=dict)
     # Set when the group is refused before reading (a patch the dataset's authors list as unusable).
     reject_reason: str | None = None
+    # What the source's listing knows about the sample beyond its files (reBEN's metadata table: its
+    # labels and official split), carried with the group to the process that reads it.
+    meta: dict = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -116,6 +119,9 @@ class SourceListing:
     source: str
     groups: list[PatchGroup]
     ignored: list[str]
+    # What the scan learnt about the tree as a whole that no sample carries (reBEN: the metadata tables
+    # read, table rows with no file in the tree); recorded in the manifest's ``source.listing``.
+    notes: dict = field(default_factory=dict)
 
     @property
     def digest(self) -> str:

@@ -1,4 +1,4 @@
-"""Synthetic trees in the layouts of other sources (BigEarthNet-MM, SSL4EO-S12), for tests and trials.
+"""Synthetic trees in the layouts of other sources (BigEarthNet-MM, reBEN, SSL4EO-S12), for tests and trials.
 
 The ground is made as for SEN12MS (``sample_data``: one land-cover map per patch behind both sensors,
 class spectra and backscatter, texture, speckle), then written the way the source stores it: one
@@ -16,6 +16,7 @@ as BigEarthNet-S1 stores it. SSL4EO-S12's L1C is the SEN12MS-calibrated L1C (bot
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 from pathlib import Path
@@ -24,7 +25,8 @@ import numpy as np
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 
-from .bigearthnet import _S2_FILE_BAND, BEN_S2
+from .bigearthnet import _S2_FILE_BAND, BEN19_CLASSES, BEN_S2, CORINE_TO_BEN19
+from .reben import FLAG_COLUMNS, SNOW_CLOUD_TABLE
 from .sample_data import (
     _CLASSES,
     _IGBP_CODES,
@@ -36,7 +38,14 @@ from .sample_data import (
     _write_tif,
 )
 
-__all__ = ["BEN_S2_MEANS", "l2a_gain", "write_bigearthnet_sample", "write_ssl4eo_sample"]
+__all__ = [
+    "BEN_S2_MEANS",
+    "l2a_gain",
+    "write_bigearthnet_sample",
+    "write_reben_sample",
+    "write_reben_table",
+    "write_ssl4eo_sample",
+]
 
 # Published BigEarthNet-S2 (v1.0) band means, BEN_S2.bands order.
 BEN_S2_MEANS = (341.0, 430.0, 614.0, 590.0, 951.0, 1792.0, 2075.0, 2219.0, 2266.0, 2246.0, 1594.0, 1009.0)
@@ -117,6 +126,42 @@ def _sensors(rng: np.random.Generator, classes, ground, tex) -> tuple[np.ndarray
     return s2, s1
 
 
+def _write_ben_patch(
+    prng: np.random.Generator, s2_dir: Path, s2_name: str, s1_dir: Path, s1_name: str, x: float, y: float
+) -> tuple[list[Path], list[str]]:
+    """Write one BigEarthNet patch's S2 band files and S1 VV/VH (v1.0 and reBEN store them alike).
+
+    Returns:
+        (files written, the CORINE labels of its ground: classes covering at least 5 % of the patch).
+    """
+    crs = CRS.from_epsg(32633)
+    written: list[Path] = []
+    classes, ground, tex = _ground(prng, BEN_S2.size)
+    l1c, s1 = _sensors(prng, classes, ground, tex)
+    for band, idx in zip(BEN_S2.bands, _S2_INDEX, strict=True):
+        factor = _RES[band] // 10
+        field = _block_mean(l1c[idx].astype(np.float64) * l2a_gain()[band], factor)
+        data = np.clip(np.rint(field), 1, 65535).astype(np.uint16)
+        transform = Affine(_PIXEL_M * factor, 0.0, x, 0.0, -_PIXEL_M * factor, y)
+        path = s2_dir / f"{s2_name}_{_S2_FILE_BAND[band]}.tif"
+        _write_tif(path, data[None], crs, transform)
+        written.append(path)
+    for c, pol in enumerate(("VV", "VH")):
+        path = s1_dir / f"{s1_name}_{pol}.tif"
+        _write_tif(path, s1[c : c + 1], crs, Affine(_PIXEL_M, 0.0, x, 0.0, -_PIXEL_M, y))
+        written.append(path)
+    counts = np.bincount(ground.ravel(), minlength=len(classes)) / ground.size
+    labels = sorted({_CORINE_OF_IGBP[int(classes[k])] for k in np.flatnonzero(counts >= 0.05)})
+    return written, labels
+
+
+def _check_patches(patches: int, seed: int) -> None:
+    if patches < 1:
+        raise ValueError(f"patches must be >= 1, got {patches}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+
+
 def write_bigearthnet_sample(
     out_dir: str | Path, patches: int = 8, seed: int = 0, patches_per_product: int = 4
 ) -> list[Path]:
@@ -129,14 +174,10 @@ def write_bigearthnet_sample(
     Returns:
         Every file written (GeoTIFFs, metadata, lists).
     """
-    if patches < 1:
-        raise ValueError(f"patches must be >= 1, got {patches}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    _check_patches(patches, seed)
     out = Path(out_dir)
     written: list[Path] = []
     names: list[str] = []
-    size = BEN_S2.size
     for p in range(patches):
         product_index, j = divmod(p, patches_per_product)
         prng = np.random.default_rng([seed, 7, p])
@@ -147,23 +188,9 @@ def write_bigearthnet_sample(
         s1_name = f"S1A_IW_GRDH_1SDV_{date}T165043_33UUP_{row}_{col}"
         crs = CRS.from_epsg(32633)
         x, y = 300_000.0 + 1200.0 * col + 120_000.0 * product_index, 5_600_000.0 - 1200.0 * row
-        classes, ground, tex = _ground(prng, size)
-        l1c, s1 = _sensors(prng, classes, ground, tex)
         s2_dir, s1_dir = out / "BigEarthNet-v1.0" / s2_name, out / "BigEarthNet-S1-v1.0" / s1_name
-        for band, idx in zip(BEN_S2.bands, _S2_INDEX, strict=True):
-            factor = _RES[band] // 10
-            field = _block_mean(l1c[idx].astype(np.float64) * l2a_gain()[band], factor)
-            data = np.clip(np.rint(field), 1, 65535).astype(np.uint16)
-            transform = Affine(_PIXEL_M * factor, 0.0, x, 0.0, -_PIXEL_M * factor, y)
-            path = s2_dir / f"{s2_name}_{_S2_FILE_BAND[band]}.tif"
-            _write_tif(path, data[None], crs, transform)
-            written.append(path)
-        for c, pol in enumerate(("VV", "VH")):
-            path = s1_dir / f"{s1_name}_{pol}.tif"
-            _write_tif(path, s1[c : c + 1], crs, Affine(_PIXEL_M, 0.0, x, 0.0, -_PIXEL_M, y))
-            written.append(path)
-        counts = np.bincount(ground.ravel(), minlength=len(classes)) / ground.size
-        labels = sorted({_CORINE_OF_IGBP[int(classes[k])] for k in np.flatnonzero(counts >= 0.05)})
+        files, labels = _write_ben_patch(prng, s2_dir, s2_name, s1_dir, s1_name, x, y)
+        written += files
         if j % 3 == 2:  # a road crosses some patches: a label without a 19-class counterpart
             labels.append("Road and rail networks and associated land")
         coords = {"ulx": x, "uly": y, "lrx": x + 1200.0, "lry": y - 1200.0}
@@ -195,6 +222,95 @@ def write_bigearthnet_sample(
         path = out / file
         path.write_text("".join(f"{n}\n" for n in listed))
         written.append(path)
+    return written
+
+
+_COUNTRIES = ("Austria", "Belgium", "Finland", "Ireland", "Lithuania", "Portugal", "Serbia", "Switzerland")
+
+
+def write_reben_table(path: str | Path, rows: list[dict]) -> Path:
+    """Write rows (``patch_id``, ``labels`` (list), ``split``, ``country``, ``s1_name``, flags) as reBEN
+    does: parquet with a list column, or (a ``.csv`` path, the form read without pyarrow) labels joined
+    by ``;``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = ("patch_id", "labels", "split", "country", "s1_name", *FLAG_COLUMNS)
+    if path.suffix == ".csv":
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            for r in rows:
+                writer.writerow([";".join(r[c]) if c == "labels" else r[c] for c in columns])
+        return path
+    import pyarrow as pa  # noqa: PLC0415 - only a parquet table needs it
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    table = pa.table(
+        {
+            c: pa.array([r[c] for r in rows], type=pa.list_(pa.string()) if c == "labels" else None)
+            for c in columns
+        }
+    )
+    pq.write_table(table, path)
+    return path
+
+
+def write_reben_sample(
+    out_dir: str | Path,
+    patches: int = 8,
+    seed: int = 0,
+    patches_per_product: int = 4,
+    table_format: str = "parquet",
+) -> list[Path]:
+    """Write a synthetic reBEN (BigEarthNet v2.0) tree: ``BigEarthNet-S2/``, ``BigEarthNet-S1/``, two tables.
+
+    Names and folders as reBEN spells them (``BigEarthNet-S2/<tile product>/<patch_id>/``, patch ids like
+    ``S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_40_45``; ``BigEarthNet-S1/<S1 product>/<s1_name>/``),
+    no metadata file per folder: ``metadata.parquet`` pairs and labels them (19-class names; the split
+    of the k-th S2 product is train, validation, test in turn; countries in turn). The first patch of the
+    second product is flagged ``contains_cloud_or_shadow`` and the last one ``contains_seasonal_snow``
+    and, as in reBEN, listed in ``metadata_for_patches_with_snow_cloud_or_shadow.parquet`` instead.
+    ``table_format="csv"`` writes the tables as CSV (what the ingest reads without pyarrow).
+
+    Returns:
+        Every file written (GeoTIFFs and tables).
+    """
+    _check_patches(patches, seed)
+    if table_format not in ("parquet", "csv"):
+        raise ValueError(f"table_format must be parquet or csv, got {table_format!r}")
+    out = Path(out_dir)
+    written: list[Path] = []
+    rows: list[dict] = []
+    for p in range(patches):
+        product_index, j = divmod(p, patches_per_product)
+        prng = np.random.default_rng([seed, 17, p])
+        date = f"2017{6 + product_index % 6:02d}{13 + product_index % 10:02d}"
+        s2_product = f"S2A_MSIL2A_{date}T101031_N9999_R022_T33UUP"
+        s1_product = f"S1A_IW_GRDH_1SDV_{date}T165043"
+        row, col = 40 + j // 2, 45 + j % 2
+        s2_name, s1_name = f"{s2_product}_{row}_{col}", f"{s1_product}_33UUP_{row}_{col}"
+        x, y = 300_000.0 + 1200.0 * col + 120_000.0 * product_index, 5_600_000.0 - 1200.0 * row
+        s2_dir = out / "BigEarthNet-S2" / s2_product / s2_name
+        s1_dir = out / "BigEarthNet-S1" / s1_product / s1_name
+        files, corine = _write_ben_patch(prng, s2_dir, s2_name, s1_dir, s1_name, x, y)
+        written += files
+        codes = sorted({CORINE_TO_BEN19[lab] for lab in corine if lab in CORINE_TO_BEN19})
+        rows.append(
+            {
+                "patch_id": s2_name,
+                "labels": [BEN19_CLASSES[c - 1] for c in codes],
+                "split": ("train", "validation", "test")[product_index % 3],
+                "country": _COUNTRIES[product_index % len(_COUNTRIES)],
+                "s1_name": s1_name,
+                "contains_seasonal_snow": patches > patches_per_product + 1 and p == patches - 1,
+                "contains_cloud_or_shadow": p == patches_per_product,
+            }
+        )
+    flagged = [r for r in rows if any(r[c] for c in FLAG_COLUMNS)]
+    clean = [r for r in rows if r not in flagged]
+    suffix = ".csv" if table_format == "csv" else ".parquet"
+    written.append(write_reben_table(out / f"metadata{suffix}", clean))
+    written.append(write_reben_table(out / SNOW_CLOUD_TABLE.replace(".parquet", suffix), flagged))
     return written
 
 

@@ -27,7 +27,7 @@ class Source:
     """One source collection (subclasses override ``scan``, ``read`` and ``recognises``).
 
     Attributes:
-        name: the ``--source-format`` value (``sen12ms``, ``bigearthnet-mm``, ``ssl4eo-s12``).
+        name: the ``--source-format`` value (``sen12ms``, ``bigearthnet-mm``, ``bigearthnet-v2``, ...).
         title: the collection's name in messages.
         expected: how its tree looks, for the error when a tree holds none of its samples.
         modalities: band tables of the modalities it can have, in the order a sample stores them.

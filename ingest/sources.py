@@ -19,7 +19,7 @@ __all__ = [
 
 # Formats a tree is recognised as (``detect_source``), and every ``--source-format`` value: SSL4EO-S12's
 # L2A product is chosen by name, since a tree holding both products is an L1C tree as well.
-SOURCE_FORMATS: tuple[str, ...] = ("sen12ms", "bigearthnet-mm", "ssl4eo-s12")
+SOURCE_FORMATS: tuple[str, ...] = ("sen12ms", "bigearthnet-mm", "bigearthnet-v2", "ssl4eo-s12")
 FORMAT_CHOICES: tuple[str, ...] = (*SOURCE_FORMATS, "ssl4eo-s12-l2a")
 
 # Paths looked at to recognise a tree: enough for every layout's first sample, a bounded listing on
@@ -40,6 +40,10 @@ def get_source(name: str) -> Source:
         from .bigearthnet import BIGEARTHNET_SOURCE  # noqa: PLC0415 - imported when used
 
         return BIGEARTHNET_SOURCE
+    if name == "bigearthnet-v2":
+        from .reben import REBEN_SOURCE  # noqa: PLC0415
+
+        return REBEN_SOURCE
     if name == "ssl4eo-s12":
         from .ssl4eo import SSL4EO_SOURCE  # noqa: PLC0415
 

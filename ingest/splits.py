@@ -36,6 +36,7 @@ __all__ = [
     "read_patch_list",
     "read_scene_list",
     "scene_split",
+    "source_split",
     "split_lines",
 ]
 
@@ -202,6 +203,24 @@ def patch_list_split(
     scenes = {s: (v.pop() if len(v) == 1 else "mixed") for s, v in sorted(sides.items())}
     not_found = len((train_set | test_set) - set(patches))
     return PatchListSplit(patches, scenes, tuple(unlisted), not_found)
+
+
+def source_split(
+    keys: Sequence[str], scene_ids: Sequence[str], official: dict[str, str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(sample key -> split, scene -> split or 'mixed') from the split a source's own metadata assigns.
+
+    reBEN's metadata table gives each patch its official split (train, validation or test), so that a
+    result names the same test patches as published ones. A sample the source places in no split is
+    one it refused while listing (never written); it is counted as 'train', as unlisted patches are. A
+    scene whose samples fall on several sides is 'mixed' in the scene map; the key map decides each sample.
+    """
+    by_key = {k: official.get(k, "train") for k in keys}
+    sides: dict[str, set[str]] = defaultdict(set)
+    for key, scene in zip(keys, scene_ids, strict=True):
+        sides[scene].add(by_key[key])
+    by_scene = {s: (v.pop() if len(v) == 1 else "mixed") for s, v in sorted(sides.items())}
+    return by_key, by_scene
 
 
 def split_lines(names: Iterable[str]) -> bytes:

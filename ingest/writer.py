@@ -30,7 +30,7 @@ from .layout import NoPatchesError, SourceListing
 from .shards import Unit, process_unit, unit_record_path
 from .source import SEN12MS_SOURCE, Source
 from .sources import detect_source, get_source, no_source_message
-from .splits import patch_list_split, read_patch_list, scene_split
+from .splits import patch_list_split, read_patch_list, scene_split, source_split
 from .storage import DatasetRoot
 
 __all__ = ["IngestError", "IngestSummary", "plan_units", "run_ingest"]
@@ -104,6 +104,18 @@ def _split_of_patches(
     scene whose patches fall on both sides is 'mixed' there, and the key map decides each sample.
     """
     scenes = [g.pid.scene_id for g in listing.groups]
+    official = {g.key: g.meta["split"] for g in listing.groups if "split" in g.meta}
+    if official and cfg.split.split_lists is None and cfg.split.holdout_scenes is None:
+        # The source's own split (reBEN's table), unless the user chose the test set explicitly.
+        by_key, by_scene = source_split([g.key for g in listing.groups], scenes, official)
+        per_split = {s: sum(1 for v in official.values() if v == s) for s in sorted(set(official.values()))}
+        info = {
+            "protocol": "source_table",
+            "tables": sorted(listing.notes.get("tables", {})),
+            "per_split": per_split,
+            "mixed_scenes": sorted(s for s, v in by_scene.items() if v == "mixed"),
+        }
+        return by_scene, info, by_key
     if cfg.split.split_lists is None:
         by_scene = scene_split(scenes, cfg.split.holdout_fraction, cfg.split.seed, cfg.split.holdout_scenes)
         protocol = "holdout_scenes" if cfg.split.holdout_scenes is not None else "scene_fraction"
@@ -248,6 +260,8 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
         if cfg.source_format:
             raise
         raise NoPatchesError(f"{exc}{no_source_message()}") from None
+    for warning in listing.notes.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     if listing.ignored:
         examples = ", ".join(p.rsplit("/", 1)[-1] for p in listing.ignored[:3])
         print(
@@ -274,6 +288,10 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     if split_info["protocol"] == "patch_lists":
         # Only recorded for list splits, so plans of scene-split datasets read as they always did.
         plan["split_lists"] = split_info
+    if split_info["protocol"] == "source_table":
+        plan["split_table"] = split_info
+    if listing.notes:
+        plan["source_listing"] = listing.notes
     if out.exists(MANIFEST):
         # A final dataset: its unit records (and plan.json) are gone; the manifest holds what they decided.
         manifest = read_manifest(out)

@@ -101,8 +101,9 @@ def augment_view(x, matrix, gain, offset, sigma, size: int):
 
 
 def external_batches(source, views: ViewSet, parallel: bool):
-    """The source's outputs as DataNodes: a dict sensor -> raw HWC batch, the ids, the view parameters."""
-    sensors = views.sensors
+    """The source's outputs as DataNodes: a dict sensor -> raw HWC batch (the partners' batches of the
+    temporal mode as ``<sensor>@1``), the ids, the view parameters."""
+    names = [s if k == 0 else f"{s}@{k}" for k in range(views.sources) for s in views.sensors]
     n = source_outputs(views)
     outs = fn.external_source(
         source=source,
@@ -110,9 +111,9 @@ def external_batches(source, views: ViewSet, parallel: bool):
         batch=True,
         batch_info=True,
         parallel=parallel,
-        layout=["HWC"] * len(sensors) + [""] * (n - len(sensors)),
+        layout=["HWC"] * len(names) + [""] * (n - len(names)),
     )
-    return dict(zip(sensors, outs[: len(sensors)], strict=True)), outs[len(sensors)], outs[len(sensors) + 1 :]
+    return dict(zip(names, outs[: len(names)], strict=True)), outs[len(names)], outs[len(names) + 1 :]
 
 
 def standardised_inputs(
@@ -122,12 +123,13 @@ def standardised_inputs(
     stores, in order), S1 clipping, per-channel mean/std."""
     spec = views.input_spec
     out = {}
-    for sensor, arr in arrays.items():
+    for name, arr in arrays.items():
+        sensor = name.split("@", 1)[0]  # s2@1: a partner's S2 (temporal mode)
         if device == "gpu":
             arr = arr.gpu()
         if sensor == "s2":
             arr = select_channels(arr, spec.stored_index(s2_stored), len(s2_stored))
-        out[sensor] = standardise(arr, *norm[sensor], spec.s1_clip if sensor == "s1" else None)
+        out[name] = standardise(arr, *norm[sensor], spec.s1_clip if sensor == "s1" else None)
     return out
 
 
@@ -169,7 +171,7 @@ def build_pipeline(
         std_inputs = standardised_inputs(arrays, views, norm, device, s2_stored)
         results = []
         for v, view in enumerate(views.views):
-            parts = [std_inputs[s] for s in view.sensors]
+            parts = [std_inputs[s if view.source == 0 else f"{s}@{view.source}"] for s in view.sensors]
             x = parts[0] if len(parts) == 1 else fn.cat(*parts, axis=2)
             matrix, gain, offset, sigma = params[4 * v : 4 * v + 4]
             if device == "gpu":  # arithmetic operands live with the data; op arguments stay on the CPU

@@ -34,6 +34,7 @@ from .node_catalog import node_catalog
 from .plan import EpochPlan, LoaderPosition, PlanConfig, rows_digest
 from .source import SampleSource
 from .storage import ShardReader, StorageOptions
+from .temporal import TEMPORAL_SOURCES, SeasonPartners
 from .views import ViewConfig, ViewSet
 from .worker_watch import WorkerGone, WorkerWatch, dead_processes
 
@@ -203,6 +204,7 @@ class SSLLoader:
         self.rows = select_rows(self.catalog, cfg.split, self.views.sensors)[: cfg.max_samples]
         if len(self.rows) == 0:
             raise ValueError(f"{dataset}: no {cfg.split} samples with {'+'.join(self.views.sensors)}")
+        self.partners = self._partners(dataset)
         self.global_batch = cfg.batch_size * self.world_size
         self.position = position or LoaderPosition()
         self.device = cfg.device if cfg.device != "auto" else _auto_device()
@@ -224,6 +226,26 @@ class SSLLoader:
                 "are read without checking their bytes; ingest the dataset again to check them",
                 stacklevel=2,
             )
+
+    def _partners(self, dataset: str) -> SeasonPartners | None:
+        """The temporal mode's partners (``temporal.py``); refused where a scene is not one location's
+        seasons. Samples without another season of their location in the set are counted and warned of."""
+        if self.views.sources == 1:
+            return None
+        fmt = self.manifest.get("source", {}).get("format", "sen12ms")
+        if fmt not in TEMPORAL_SOURCES:
+            raise ValueError(
+                f"{dataset}: view mode 'temporal' pairs seasons of one location, which a {fmt} dataset does "
+                f"not hold (its scenes are not locations); use it on {' or '.join(TEMPORAL_SOURCES)}"
+            )
+        partners = SeasonPartners.build(self.rows, self.catalog.scene_id)
+        if partners.alone:
+            warnings.warn(
+                f"{dataset}: {partners.alone} of {len(self.rows)} samples have no other season of their "
+                "location in the sample set: both of their views come from one acquisition",
+                stacklevel=3,
+            )
+        return partners
 
     # -- the epoch ---------------------------------------------------------------------------------
     def plan(self, epoch: int | None = None) -> EpochPlan:
@@ -318,6 +340,7 @@ class SSLLoader:
             self.cfg.lookahead_steps,
             self.cfg.storage.requests_in_flight,
             self.views.patch_size,
+            self.partners,
         )
 
     def _build(self):

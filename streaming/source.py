@@ -32,17 +32,20 @@ from eossl.ingest.format import npy_view
 from .node_catalog import attach, detach
 from .plan import EpochPlan, LoaderPosition, PlanConfig
 from .storage import CorruptShardError, ShardReader
+from .temporal import SeasonPartners
 from .views import ViewSet
 
 __all__ = ["COALESCE_GAP_BYTES", "SampleSource", "source_outputs"]
 
 COALESCE_GAP_BYTES = 64 * 2**10  # members at most this far apart are read together (tar headers, padding)
-IDS = ("row", "position", "epoch", "substituted", "corrupt_shard")
+# partner: the row view 1 is made of in the temporal mode (else the row itself)
+IDS = ("row", "position", "epoch", "substituted", "corrupt_shard", "partner")
 
 
 def source_outputs(views: ViewSet) -> int:
-    """Outputs per batch: one array per sensor, the ids, then (matrix, gain, offset, sigma) per view."""
-    return len(views.sensors) + 1 + 4 * len(views.views)
+    """Outputs per batch: one array per sensor and sample read per position (``views.sources``), the ids,
+    then (matrix, gain, offset, sigma) per view."""
+    return len(views.sensors) * views.sources + 1 + 4 * len(views.views)
 
 
 class _Headers:
@@ -79,9 +82,10 @@ class SampleSource:
     members and draws their view parameters. Raises StopIteration at the epoch's end.
 
     Outputs (``source_outputs``): per sensor in ``views.sensors`` a list of HWC arrays (S1 float32 with
-    non-finite values replaced by ``s1_fill``, S2 uint16 with every stored band); ``ids`` (B, 5) int64
-    (row, position, epoch, substituted, corrupt shard or -1); per view ``matrix`` (B, 2, 3), ``gain`` and
-    ``offset`` (B, C), ``sigma`` (B,), float32.
+    non-finite values replaced by ``s1_fill``, S2 uint16 with every stored band), in the temporal mode
+    then the same for the partners; ``ids`` (B, 6) int64 (row, position, epoch, substituted, corrupt
+    shard or -1, partner row); per view ``matrix`` (B, 2, 3), ``gain`` and ``offset`` (B, C), ``sigma``
+    (B,), float32.
     """
 
     def __init__(
@@ -100,6 +104,7 @@ class SampleSource:
         lookahead_steps: int,
         requests_in_flight: int = 1,
         patch_size: int = PATCH_SIZE,
+        partners: SeasonPartners | None = None,
     ):
         self.reader = reader
         self.shard = catalog.shard
@@ -120,6 +125,9 @@ class SampleSource:
         self.lookahead_steps = lookahead_steps
         self.requests_in_flight = requests_in_flight
         self.patch_size = patch_size
+        if views.sources > 1 and partners is None:
+            raise ValueError(f"view mode {views.cfg.mode!r} reads a partner per sample: give its partners")
+        self.partners = partners
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -244,13 +252,41 @@ class SampleSource:
             raise StopIteration
         return epoch, plan, plan.positions(step, self.rank, self.world_size)
 
+    def _with_partner(self, plan: EpochPlan, position: int, slot: int) -> tuple:
+        """``_sample`` and, in the temporal mode, the partner's arrays and row (``temporal.py``).
+
+        A partner in a corrupt shard is replaced by the sample itself (with on_corrupt='skip'; counted as
+        a substitution of that shard), so that the position still yields its two views.
+        """
+        arrays, row, substituted, corrupt_shard = self._sample(plan, position, slot)
+        if self.partners is None:
+            return arrays, row, substituted, corrupt_shard, [], row
+        partner = self.partners.partner(row, self.plan_cfg.seed, plan.epoch, position)
+        if partner == row:
+            return arrays, row, substituted, corrupt_shard, arrays, row
+        try:
+            return (
+                arrays,
+                row,
+                substituted,
+                corrupt_shard,
+                self._read(partner, slot + self.batch_size),
+                partner,
+            )
+        except CorruptShardError as exc:
+            if self.on_corrupt == "fail":
+                raise
+            warnings.warn(f"partner of a corrupt shard replaced by its sample: {exc}", stacklevel=1)
+            shard = corrupt_shard if corrupt_shard >= 0 else int(self.shard[partner])
+            return arrays, row, 1, shard, arrays, row
+
     def _read_batch(self, plan: EpochPlan, positions: np.ndarray) -> list:
         jobs = [(plan, int(p), slot) for slot, p in enumerate(positions)]
         if self.requests_in_flight <= 1 or self.reader.is_local or len(jobs) == 1:  # preads: no threads
-            return [self._sample(*job) for job in jobs]
+            return [self._with_partner(*job) for job in jobs]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.requests_in_flight, thread_name_prefix="eossl-read")
-        return list(self._pool.map(lambda job: self._sample(*job), jobs))
+        return list(self._pool.map(lambda job: self._with_partner(*job), jobs))
 
     def __call__(self, info) -> tuple:
         epoch, plan, positions = self.positions(info.epoch_idx, info.iteration)
@@ -260,9 +296,12 @@ class SampleSource:
             self.reader.prefetch(list(dict.fromkeys(self.shard[ahead].tolist())))
         samples = self._read_batch(plan, positions)
         ids = np.empty((len(positions), len(IDS)), dtype=np.int64)
-        for i, (_, row, substituted, corrupt_shard) in enumerate(samples):
-            ids[i] = (row, positions[i], epoch, substituted, corrupt_shard)
-        per_sensor = [[s[0][k] for s in samples] for k in range(len(self.views.sensors))]
+        for i, (_, row, substituted, corrupt_shard, _, partner) in enumerate(samples):
+            ids[i] = (row, positions[i], epoch, substituted, corrupt_shard, partner)
+        n_sensors = len(self.views.sensors)
+        per_sensor = [[s[0][k] for s in samples] for k in range(n_sensors)]
+        if self.views.sources > 1:
+            per_sensor += [[s[4][k] for s in samples] for k in range(n_sensors)]
         draws = [self.views.draw(self.plan_cfg.seed, epoch, int(p)) for p in positions]
         params = []
         for v in range(len(self.views.views)):

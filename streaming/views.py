@@ -12,6 +12,9 @@ Exact definitions (also in docs/METHODS.md); S1 is always stacked before S2, abs
   its views; the absent sensor's channels are zero.
 - ``fusion_optional``: each *view* independently drops one sensor with probability ``optional_drop``
   (which one uniformly), so a pair can be S1+S2 vs S2, S1 vs S1+S2, S1 vs S2, ...
+- ``temporal``: two augmented views of ``inputs.sensors``, view 0 from the sample and view 1 from another
+  acquisition (season) of the same location, drawn from (seed, epoch, position) (``streaming/temporal.py``
+  gives the rule); for datasets whose scene is a location with several seasons (SSL4EO-S12).
 - ``multicrop`` (DINO): ``n_global`` crops at ``global_size`` (scale ``global_scale``) then ``n_local`` at
   ``local_size`` (scale ``local_scale``), all of ``inputs.sensors``. As in DINO the crops are augmented
   asymmetrically: global crop ``i`` is blurred with probability ``global_blur[i]`` (1.0 then 0.1: one
@@ -32,7 +35,7 @@ from .inputs import InputSpec
 
 __all__ = ["MODES", "ViewConfig", "ViewSet"]
 
-MODES = ("single", "pair", "fusion_all", "fusion_partial", "fusion_optional", "multicrop")
+MODES = ("single", "pair", "fusion_all", "fusion_partial", "fusion_optional", "multicrop", "temporal")
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class _View:
     sensors: tuple[str, ...]
     size: int
     augment: AugmentConfig
+    source: int = 0  # which sample of the position the view is made of: 0 itself, 1 its partner (temporal)
 
 
 def _multicrop_views(cfg: ViewConfig) -> list[_View]:
@@ -127,8 +131,16 @@ class ViewSet:
             self.views = [_View(("s1",), cfg.size, aug), _View(("s2",), cfg.size, aug)]
         elif cfg.mode == "multicrop":
             self.views = _multicrop_views(cfg)
+        elif cfg.mode == "temporal":
+            view = _View(self.input_spec.sensors, cfg.size, cfg.augment)
+            self.views = [view, replace(view, source=1)]
         else:
             self.views = [_View(self.input_spec.sensors, cfg.size, cfg.augment)] * 2
+
+    @property
+    def sources(self) -> int:
+        """Samples read per position: 2 in ``temporal`` mode (the sample and its partner), else 1."""
+        return 1 + max(v.source for v in self.views)
 
     @property
     def sensors(self) -> tuple[str, ...]:

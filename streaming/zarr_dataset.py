@@ -41,7 +41,7 @@ LABEL_SCHEMES: dict[str, int] = {
     "igbp": len(IGBP_CLASSES),
     "bigearthnet19": len(BEN19_CLASSES),  # multi-label only: label_bigearthnet19 is the lowest class
 }
-_FIXED_SUBSETS = ("train", "test", "non_overlapping")
+_FIXED_SUBSETS = ("train", "validation", "test", "non_overlapping")  # validation: sources with one (reBEN)
 
 
 def _read_json(out: DatasetRoot, rel: str, what: str) -> dict:
@@ -88,7 +88,8 @@ class ZarrPatchDataset(torch.utils.data.Dataset):
             credentials and endpoint come from the standard ``AWS_*`` environment.
         inputs: sensors, S2 bands and S1 clipping of ``x``; statistics come from the manifest.
         rows: explicit row indices, a subset name from ``subsets.json`` (``train``, ``test``,
-            ``non_overlapping``, ``budget_<B>_seed<S>``) or None for all rows.
+            ``validation`` where the source has an official one, ``non_overlapping``,
+            ``budget_<B>_seed<S>``) or None for all rows.
         label: ``igbp_simple`` (10 classes), ``igbp`` (17), ``bigearthnet19`` (19, BigEarthNet datasets,
             with ``multilabel``) or None (no ``y``; unlabelled samples kept).
         multilabel: ``y`` as a float32 multi-hot vector instead of a 0-based int64 class index.

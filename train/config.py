@@ -216,8 +216,9 @@ class DataConfig:
     ``PlanConfig``, ``StorageOptions``), read from them so that each default is stated once.
 
     Attributes:
-        mode: single | pair | fusion_all | fusion_partial | fusion_optional | multicrop.
-        sensors: input of 'single'/'multicrop' views: s1, s2 or s1s2.
+        mode: single | pair | fusion_all | fusion_partial | fusion_optional | multicrop | temporal
+            (the two views from two seasons of one location: SSL4EO-S12 datasets).
+        sensors: input of 'single'/'multicrop'/'temporal' views: s1, s2 or s1s2.
         s2_bands: 'land' (10), 'all' (13), 'rgb' or a comma list.
         size: view size in pixels.
         augment: augment views (False: full patches, e.g. sensor pairs without augmentation).

@@ -249,7 +249,9 @@ class MoCo(SSLMethod):
 def moco_views(cfg: TrainConfig) -> ViewConfig:
     """The loader's views for the configured MoCo mode."""
     lc = cfg.loader
-    inputs = InputSpec.parse(lc.sensors if lc.mode in ("single", "multicrop") else "s1s2", lc.s2_bands)
+    inputs = InputSpec.parse(
+        lc.sensors if lc.mode in ("single", "multicrop", "temporal") else "s1s2", lc.s2_bands
+    )
     return ViewConfig(
         mode=lc.mode,
         inputs=inputs,
