@@ -88,8 +88,12 @@ def _settings(cfg: LoaderBenchConfig, inputs: list[str]) -> dict:
         "inputs": inputs,
         "read": "read + decode + S1 NaN fill/clip + standardise + stack -> (B, 12, 256, 256) float32",
         "augment": "ViewConfig(mode='single', s1+s2 land bands, size=224), default AugmentConfig: 2 views",
-        "ours": f"DALI parallel external source (SampleSource, {workers} workers) + DALI CPU graph "
-        f"({max(workers, 1)} threads)",
+        "ours": (
+            f"DALI parallel external source (SampleSource, {workers} workers)"
+            if workers
+            else "DALI external source (SampleSource, in process)"
+        )
+        + f" + DALI CPU graph ({max(workers, 1)} threads)",
         "baseline": f"rasterio per GeoTIFF + torch ops in DataLoader(num_workers={workers}, "
         f"batch_size={batch_size}, shuffle=True, persistent_workers=True), 1 torch thread/worker",
         "page_cache": "warm (every GeoTIFF and shard read once before timing)",
