@@ -28,6 +28,8 @@ from eossl.ingest.verify import verify
 from eossl.ingest.writer import run_ingest
 from eossl.ingest.zarr_store import iter_shard_samples
 
+from conftest import TINY_MOCO
+
 # The holdout fraction is set to show it is not what splits a reBEN dataset: the table does.
 SPLIT = SplitOptions(holdout_fraction=0.5, budgets=(2,), budget_seeds=(0,))
 
@@ -281,3 +283,39 @@ def test_reben_table_errors_name_the_file_and_the_row(reben_tree, tmp_path, monk
     with pytest.raises(ValueError, match=r"metadata.parquet: reading a parquet table needs pyarrow") as err:
         read_table(table.read_bytes(), str(table))
     assert "metadata.csv beside it" in str(err.value) and "to_csv('metadata.csv'" in str(err.value)
+
+
+def test_reben_trains_and_is_evaluated_multilabel_on_its_official_split(reben_dataset, tmp_path, monkeypatch):
+    """The dataset flows on unchanged: two MoCo steps on its patches, then k-NN multi-label scores whose
+    labelled samples come from the table's train split and test samples from its test split."""
+    from eossl.eval.classify import ClassifyConfig, run_classification
+    from eossl.eval.probes import ProbeConfig
+    from eossl.train.config import load_config
+    from eossl.train.loop import train
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    values = {**TINY_MOCO, "batch_size": "2", "data": str(reben_dataset), "out": str(tmp_path / "run")}
+    values |= {"split": "all", "max_steps": "2", "log_every": "1", "ckpt_every": "0"}
+    result = train(load_config("moco", None, values), resume=False)
+    assert result.steps == 2 and np.isfinite(result.final_loss)
+
+    subsets = json.loads((reben_dataset / "subsets.json").read_text())
+    splits = {s["key"]: s["split"] for s in _samples(reben_dataset)}
+    cfg = ClassifyConfig(
+        dataset=str(reben_dataset),
+        out=str(tmp_path / "eval"),
+        inputs=("s1s2",),
+        budget="all",
+        protocol="knn",
+        inits=("random",),
+        random_backbone="resnet18",
+        label="bigearthnet19",
+        multilabel=True,
+        probe=ProbeConfig(batch_size=4, knn_k=2),
+    )
+    run_classification(cfg)
+    (seed,) = json.loads(next((tmp_path / "eval" / "cells").glob("*/metrics.json")).read_text())["per_seed"]
+    assert seed["train_samples"] == sum(v == "train" for v in splits.values()) == len(subsets["train"])
+    assert seed["test_samples"] == sum(v == "test" for v in splits.values())
+    assert len(seed["per_class"]["f1"]) == 19 and seed["map"] is not None and 0.0 <= seed["map"] <= 1.0
