@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from unit_records import SOURCES, write_unit_records
+from unit_records import SOURCES, finalize_peak_bytes, write_unit_records
 
 from eossl.ingest.finalize import finalize
 from eossl.ingest.format import CATALOG, MANIFEST, REJECTS, SUBSETS
@@ -113,3 +113,14 @@ if __name__ == "__main__":  # prints GOLDEN for the code installed (run once, be
             finalize(DatasetRoot(str(Path(tmp) / "ds")), workers=1, command=("test",))
             golden[src] = _digests(Path(tmp) / "ds")
     print(json.dumps(golden, indent=4))
+
+
+def test_memory_per_sample_is_columns_not_python_objects(tmp_path):
+    # Peak traced memory at two sizes, same unit size: what the extra samples add. Per-sample dicts (the
+    # unit records kept whole) cost ~6,000 bytes a sample here; the columns ~450 (docs/BENCHMARKS.md).
+    small, large = 300, 1500
+    for n in (small, large):
+        write_unit_records(tmp_path / str(n), "sen12ms", n, per_unit=100)
+    peaks = {n: finalize_peak_bytes(tmp_path / str(n)) for n in (small, large)}
+    per_sample = (peaks[large] - peaks[small]) / (large - small)
+    assert 0 < per_sample < 1500, peaks
