@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import google_crc32c
 import numpy as np
@@ -87,10 +88,13 @@ class Catalog:
         return arrays
 
     def to_bytes(self) -> bytes:
-        arrays = self.arrays()
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        self.write(buf)
         return buf.getvalue()
+
+    def write(self, f: BinaryIO) -> None:
+        """Write ``catalog.npz`` into a seekable binary file (the same bytes as ``to_bytes``)."""
+        np.savez(f, **self.arrays())
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Catalog:
