@@ -78,7 +78,7 @@ def _require_units(out: DatasetRoot, plan: dict) -> None:
 def _read_units(out: DatasetRoot, plan: dict, source: Source, rejects) -> SampleColumns:
     """Every unit record read in unit order, one at a time: samples into columns, rejects written to the
     open ``rejects`` file. Raises IngestError when the records do not add up to the patches found."""
-    columns = SampleColumns.empty(plan["patches_found"], source)
+    columns = SampleColumns.empty(plan["patches_found"], source, zarr="zarr" in plan["options"]["formats"])
     rejected = 0
     for u in range(plan["units"]):
         path = unit_record_path(u)

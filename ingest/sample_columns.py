@@ -46,7 +46,7 @@ class _Text:
     def set(self, row: int, text: str) -> None:
         data = text.encode()
         if len(data) > self.values.dtype.itemsize:
-            self.values = self.values.astype(f"S{len(data) + 8}")
+            self.values = self.values.astype(f"S{len(data)}")  # a copy, a few times a dataset
         self.values[row] = data
 
     def text(self, n: int) -> np.ndarray:
@@ -93,21 +93,20 @@ class SampleColumns:
     shards: list[dict] = field(default_factory=list)
 
     @classmethod
-    def empty(cls, rows: int, source: Source) -> SampleColumns:
-        """Room for ``rows`` samples (the plan's patch count: no more samples than patches)."""
-        text_fields = (
-            "key",
-            "scene_id",
-            "crs",
-            "split",
-            *(f for f, k in source.id_fields.items() if k == "str"),
-        )
+    def empty(cls, rows: int, source: Source, zarr: bool = True) -> SampleColumns:
+        """Room for ``rows`` samples (the plan's patch count: no more samples than patches).
+
+        Without ``zarr`` the columns only the Zarr store holds (identity fields, label fractions) are left
+        out: a dataset of shards alone does not pay for them.
+        """
+        ids = source.id_fields if zarr else {}
+        text_fields = ("key", "scene_id", "crs", "split", *(f for f, k in ids.items() if k == "str"))
         schemes = {**{s: len(c) for s, c in source.label_schemes.items()}, "igbp_simple": 10}
-        sen12ms = source.name == "sen12ms"
+        sen12ms = zarr and source.name == "sen12ms"
         return cls(
             n=0,
-            text={f: _Text(np.zeros(rows, "S8")) for f in text_fields},
-            ints={f: np.zeros(rows, np.int32) for f, k in source.id_fields.items() if k == "int"},
+            text={f: _Text(np.zeros(rows, "S1")) for f in text_fields},
+            ints={f: np.zeros(rows, np.int32) for f, k in ids.items() if k == "int"},
             transform=np.zeros((rows, 6), np.float64),
             has={m: np.zeros(rows, bool) for m in source.modalities},
             invalid={m: np.zeros(rows, np.int32) for m in source.modalities},
