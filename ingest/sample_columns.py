@@ -19,7 +19,7 @@ from .source import Source
 
 __all__ = ["SampleColumns", "stratum_label"]
 
-# (scheme of the single label, its fractions field) of SEN12MS's IGBP labels.
+# (single-label scheme, its fractions field, classes) of SEN12MS's IGBP labels.
 _IGBP = (("igbp", "igbp_fractions", 17), ("igbp_simple", "simple_fractions", 10))
 
 
@@ -69,7 +69,8 @@ class SampleColumns:
         stratum: int32 class a label budget stratifies by (``stratum_label``).
         single: IGBP scheme -> int16 single-label code (SEN12MS; other sources: 0).
         fractions: IGBP scheme -> (rows, classes) float32 (SEN12MS only).
-        multi: scheme -> (rows, classes) bool multi-labels (the source's schemes and ``igbp_simple``).
+        multi: scheme -> (rows, classes) bool multi-labels (the source's schemes and ``igbp_simple``); the
+            writer records each class code once per sample, so counts per class are column sums.
         offset, size, crc32c: catalog member -> int64 data offset, size, CRC-32C in the shard (-1 absent).
         shard: int32 index of the sample's shard in ``shards``.
         shards: the unit records' shard entries, in unit order (units without samples have none).
