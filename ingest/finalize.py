@@ -145,7 +145,10 @@ def _subsets(
                 subsets[name] = budget_subset(labels, train, b, seed).tolist()
             except ValueError as exc:
                 skipped.append(f"{name}: {exc}")
-    arrays = {"non_overlapping": keep, "train": train, "test": columns.test}
+    arrays = {"non_overlapping": keep, "train": train, "test": columns.in_split("test")}
+    validation = columns.in_split("validation")
+    if validation.any():  # a source with an official validation split (reBEN)
+        arrays["validation"] = validation
     return arrays, subsets, skipped
 
 
@@ -161,7 +164,7 @@ def _write_split_files(out: DatasetRoot, columns: SampleColumns) -> dict[str, st
     """The benchmark's list files: S2 file names per split (sorted as published) and the scenes all of
     whose samples are test, spelled as in the published hold-out list."""
     keys, train = columns.text["key"].values, columns.train
-    for side, mask in (("train", train), ("test", columns.test)):
+    for side, mask in (("train", train), ("test", columns.in_split("test"))):
         # Sorted as UTF-8 bytes, which is code point order: the order of Python's sorted() on the names.
         names = np.sort(_official_names(keys[mask]))
         with out.open_atomic(SPLIT_FILES[side]) as f:
@@ -180,18 +183,21 @@ def _write_split_files(out: DatasetRoot, columns: SampleColumns) -> dict[str, st
 def _split_summary(plan: dict, split_opts: dict, files: dict[str, str]) -> dict:
     """The manifest's account of the split: protocol, scenes per side, and what the lists left out."""
     scenes = plan["splits"]
-    info = dict(plan.get("split_lists") or {})
+    info = dict(plan.get("split_lists") or plan.get("split_table") or {})
     if not info:
         info["protocol"] = (
             "holdout_scenes" if split_opts.get("holdout_scenes") is not None else "scene_fraction"
         )
-    return {
+    summary = {
         **info,
         "train_scenes": sorted(s for s, v in scenes.items() if v == "train"),
         "test_scenes": sorted(s for s, v in scenes.items() if v == "test"),
         "mixed_scenes": sorted(s for s, v in scenes.items() if v == "mixed"),
         "files": files,
     }
+    if any(v == "validation" for v in scenes.values()):
+        summary["validation_scenes"] = sorted(s for s, v in scenes.items() if v == "validation")
+    return summary
 
 
 def _write_dali_indexes(out: DatasetRoot, columns: SampleColumns) -> None:
@@ -242,6 +248,7 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
         "non_overlapping": np.flatnonzero(arrays["non_overlapping"]).tolist(),
         "train": np.flatnonzero(arrays["train"]).tolist(),
         "test": np.flatnonzero(arrays["test"]).tolist(),
+        **({"validation": np.flatnonzero(arrays["validation"]).tolist()} if "validation" in arrays else {}),
         "budgets": subsets,
         "label": "igbp_simple single-label, stratified; drawn from the train split",
     }
@@ -303,6 +310,7 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
             **{f"with_{m}": int(columns.has[m].sum()) for m in source.modalities},
             "train": int(arrays["train"].sum()),
             "test": int(arrays["test"].sum()),
+            **({"validation": int(arrays["validation"].sum())} if "validation" in arrays else {}),
             "non_overlapping": int(arrays["non_overlapping"].sum()),
             # Pixels written as stored but kept out of the statistics (see docs/FORMAT.md).
             "invalid_pixels": {m: int(columns.invalid[m].sum(dtype=np.int64)) for m in source.modalities},
@@ -322,6 +330,8 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
     manifest["source"] = source.manifest_fields()
     if "reject_lists" in plan:
         manifest["source"]["reject_lists"] = plan["reject_lists"]
+    if "source_listing" in plan:
+        manifest["source"]["listing"] = plan["source_listing"]
     manifest["manifest_sha256"] = manifest_digest(manifest)
     out.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
     remove_progress(out)

@@ -193,13 +193,13 @@ class SampleColumns:
         """A text column as ``str`` (built on demand: 4 bytes a character)."""
         return self.text[name].text(self.n)
 
-    @property
-    def train(self) -> np.ndarray:
-        return self.text["split"].values[: self.n] == b"train"
+    def in_split(self, name: str) -> np.ndarray:
+        """(rows,) bool: the samples of split ``name`` (train, test, or a source's own, e.g. validation)."""
+        return self.text["split"].values[: self.n] == name.encode()
 
     @property
-    def test(self) -> np.ndarray:
-        return self.text["split"].values[: self.n] == b"test"
+    def train(self) -> np.ndarray:
+        return self.in_split("train")
 
     def catalog(self) -> Catalog:
         """The sample catalog (``catalog.npz``) of these samples, shards numbered in ``shards`` order."""
