@@ -20,7 +20,8 @@ from eossl.ingest.storage import DatasetRoot
 _RUN_FIELDS = ("created", "command", "host", "eossl_version", "manifest_sha256")
 
 # sha256 of each output of finalising ``write_unit_records(dir, source, 130, per_unit=25)``, as written by
-# finalisation before it streamed (``_digests``). An output that changes here changes every dataset.
+# finalisation before it streamed (``_digests``). An output that changes here changes every dataset;
+# after a format change made on purpose, ``python tests/test_ingest_finalize.py`` prints the new digests.
 GOLDEN: dict[str, dict[str, str]] = {
     "sen12ms": {
         "catalog.npz": "cb56ba29f7c7b99d9edef6cb9da1e38794efe012e2774678255c6563dfb48f5c",
@@ -103,6 +104,17 @@ def test_finalized_outputs_are_unchanged(source, tmp_path):
     assert got == GOLDEN[source]
 
 
+def test_memory_per_sample_is_columns_not_python_objects(tmp_path):
+    # Peak traced memory at two sizes, same unit size: what the extra samples add. Per-sample dicts (the
+    # unit records kept whole) cost ~6,000 bytes a sample here; the columns ~300 (docs/BENCHMARKS.md).
+    small, large = 300, 1500
+    for n in (small, large):
+        write_unit_records(tmp_path / str(n), "sen12ms", n, per_unit=100)
+    peaks = {n: finalize_peak_bytes(tmp_path / str(n)) for n in (small, large)}
+    per_sample = (peaks[large] - peaks[small]) / (large - small)
+    assert 0 < per_sample < 1000, peaks
+
+
 if __name__ == "__main__":  # prints GOLDEN for the code installed (run once, before a change)
     import tempfile
 
@@ -113,14 +125,3 @@ if __name__ == "__main__":  # prints GOLDEN for the code installed (run once, be
             finalize(DatasetRoot(str(Path(tmp) / "ds")), workers=1, command=("test",))
             golden[src] = _digests(Path(tmp) / "ds")
     print(json.dumps(golden, indent=4))
-
-
-def test_memory_per_sample_is_columns_not_python_objects(tmp_path):
-    # Peak traced memory at two sizes, same unit size: what the extra samples add. Per-sample dicts (the
-    # unit records kept whole) cost ~6,000 bytes a sample here; the columns ~450 (docs/BENCHMARKS.md).
-    small, large = 300, 1500
-    for n in (small, large):
-        write_unit_records(tmp_path / str(n), "sen12ms", n, per_unit=100)
-    peaks = {n: finalize_peak_bytes(tmp_path / str(n)) for n in (small, large)}
-    per_sample = (peaks[large] - peaks[small]) / (large - small)
-    assert 0 < per_sample < 1500, peaks
