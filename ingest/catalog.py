@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import google_crc32c
 import numpy as np
 
 from .bands import MODALITY_NAMES
 
-__all__ = ["CATALOG_MEMBERS", "Catalog", "build_catalog", "member_crc32c"]
+__all__ = ["CATALOG_MEMBERS", "Catalog", "member_crc32c"]
 
 CATALOG_MEMBERS = ("json", *MODALITY_NAMES)
 
@@ -87,10 +88,13 @@ class Catalog:
         return arrays
 
     def to_bytes(self) -> bytes:
-        arrays = self.arrays()
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        self.write(buf)
         return buf.getvalue()
+
+    def write(self, f: BinaryIO) -> None:
+        """Write ``catalog.npz`` into a seekable binary file (the same bytes as ``to_bytes``)."""
+        np.savez(f, **self.arrays())
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Catalog:
@@ -108,51 +112,3 @@ class Catalog:
                 has={m: z[f"has_{m}"] for m in MODALITY_NAMES},
                 crc32c={m: z[f"crc32c_{m}"] for m in CATALOG_MEMBERS} if "crc32c_json" in z.files else None,
             )
-
-
-def build_catalog(records: list[dict]) -> Catalog:
-    """Catalog from the writer's unit records (in unit order); shards numbered as in the manifest."""
-    keys, scenes, shard_ids, members, labels = [], [], [], [], []
-    shard_index = 0
-    for record in records:
-        if record["shard"] is None:
-            continue
-        for meta, where in zip(record["samples"], record["members"], strict=True):
-            keys.append(meta["key"])
-            scenes.append(meta["scene_id"])
-            shard_ids.append(shard_index)
-            members.append(where)
-            labels.append(meta)
-        shard_index += 1
-    n = len(keys)
-    offset = {
-        m: np.array([w[m][0] if m in w else -1 for w in members], dtype=np.int64) for m in CATALOG_MEMBERS
-    }
-    size = {
-        m: np.array([w[m][1] if m in w else -1 for w in members], dtype=np.int64) for m in CATALOG_MEMBERS
-    }
-    crc32c = {  # unit records of an ingest resumed from an older version have no CRC: -1 (unknown)
-        m: np.array([w[m][2] if m in w and len(w[m]) > 2 else -1 for w in members], dtype=np.int64)
-        for m in CATALOG_MEMBERS
-    }
-    multi = np.zeros((n, 10), dtype=bool)
-    for i, meta in enumerate(labels):
-        if meta["labels"]:  # labels of other sources (BigEarthNet) are not IGBP: no IGBP columns
-            multi[i, [c - 1 for c in meta["labels"].get("igbp_simple_multi", [])]] = True
-    return Catalog(
-        key=np.array(keys, dtype=str) if n else np.zeros(0, dtype="<U1"),
-        scene_id=np.array(scenes, dtype=str) if n else np.zeros(0, dtype="<U1"),
-        shard=np.array(shard_ids, dtype=np.int32),
-        offset=offset,
-        size=size,
-        has={m: np.array([m in w for w in members], dtype=bool) for m in MODALITY_NAMES},
-        train=np.array([meta["split"] == "train" for meta in labels], dtype=bool),
-        label_igbp=np.array(
-            [meta["labels"].get("igbp", 0) if meta["labels"] else 0 for meta in labels], dtype=np.int16
-        ),
-        label_igbp_simple=np.array(
-            [meta["labels"].get("igbp_simple", 0) if meta["labels"] else 0 for meta in labels], dtype=np.int16
-        ),
-        multilabel_igbp_simple=multi,
-        crc32c=crc32c,
-    )

@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy as np
 
 from .bands import IGBP_CLASSES, IGBP_SIMPLE_CLASSES
-from .catalog import build_catalog
+from .catalog import CATALOG_MEMBERS
 from .config import default_workers
 from .dali_index import index_path, index_text
 from .format import (
@@ -31,6 +31,7 @@ from .format import (
     ZARR_DIR,
 )
 from .integrity import manifest_digest
+from .sample_columns import SampleColumns
 from .shards import unit_record_path, unit_stats_path
 from .source import Source
 from .sources import get_source
@@ -64,7 +65,7 @@ def _load_plan(out: DatasetRoot) -> dict:
     return json.loads(out.read_bytes(path))
 
 
-def _load_records(out: DatasetRoot, plan: dict) -> list[dict]:
+def _require_units(out: DatasetRoot, plan: dict) -> None:
     missing = [u for u in range(plan["units"]) if not out.exists(unit_record_path(u))]
     if missing:
         parts = sorted(p.rsplit("/", 1)[-1] for p in out.list(PROGRESS_DIR) if "/part-" in p)
@@ -72,7 +73,28 @@ def _load_records(out: DatasetRoot, plan: dict) -> list[dict]:
             f"{len(missing)} of {plan['units']} units are not written yet (e.g. unit {missing[0]}); "
             f"finished parts: {', '.join(parts) or 'none'}. Run the missing parts (same command) first."
         )
-    return [json.loads(out.read_bytes(unit_record_path(u))) for u in range(plan["units"])]
+
+
+def _read_units(out: DatasetRoot, plan: dict, source: Source, rejects) -> SampleColumns:
+    """Every unit record read in unit order, one at a time: samples into columns, rejects written to the
+    open ``rejects`` file. Raises IngestError when the records do not add up to the patches found."""
+    columns = SampleColumns.empty(plan["patches_found"], source, zarr="zarr" in plan["options"]["formats"])
+    rejected = 0
+    for u in range(plan["units"]):
+        path = unit_record_path(u)
+        record = json.loads(out.read_bytes(path))
+        try:
+            columns.add_record(record, source, out.path(path))
+        except ValueError as exc:
+            raise IngestError(f"{exc}; the progress folder {out.path(PROGRESS_DIR)} is inconsistent") from exc
+        rejects.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in record["rejects"]).encode())
+        rejected += len(record["rejects"])
+    if plan["patches_found"] != columns.n + rejected:
+        raise IngestError(
+            f"count invariant broken: {plan['patches_found']} patches found but {columns.n} written + "
+            f"{rejected} rejected; the progress folder {out.path(PROGRESS_DIR)} is inconsistent"
+        )
+    return columns.trimmed()
 
 
 def _merged_stats(out: DatasetRoot, units: int, source: Source) -> dict[str, BandStats]:
@@ -85,27 +107,20 @@ def _merged_stats(out: DatasetRoot, units: int, source: Source) -> dict[str, Ban
     return stats
 
 
-def _label_summary(samples: list[dict], source: Source) -> dict:
-    summary: dict = {"with_labels": sum(1 for s in samples if s["labels"]), "without_labels": 0}
-    summary["without_labels"] = len(samples) - summary["with_labels"]
+def _label_summary(columns: SampleColumns, source: Source) -> dict:
+    with_labels = int(columns.labelled.sum())
+    summary: dict = {"with_labels": with_labels, "without_labels": columns.n - with_labels}
     if source.name != "sen12ms":
         # Multi-label sources (BigEarthNet): per class, the samples that carry it; no majority class.
         for scheme, classes in source.label_schemes.items():
-            multi = np.zeros(len(classes), np.int64)
-            for s in samples:
-                for c in (s["labels"] or {}).get(f"{scheme}_multi", []):
-                    multi[c - 1] += 1
+            multi = columns.multi[scheme].sum(axis=0, dtype=np.int64)
             summary[scheme] = {"classes": list(classes), "multi_label": multi.tolist()}
         return summary
     for scheme, classes in (("igbp", IGBP_CLASSES), ("igbp_simple", IGBP_SIMPLE_CLASSES)):
-        single = np.zeros(len(classes), np.int64)
-        multi = np.zeros(len(classes), np.int64)
-        for s in samples:
-            lab = s["labels"]
-            if lab and lab[scheme]:
-                single[lab[scheme] - 1] += 1
-                for c in lab[f"{scheme}_multi"]:
-                    multi[c - 1] += 1
+        codes = columns.single[scheme]
+        single = np.bincount(codes[codes > 0].astype(np.int64) - 1, minlength=len(classes))
+        # Multi-labels are counted for samples with a majority class.
+        multi = columns.multi[scheme][codes > 0].sum(axis=0, dtype=np.int64)
         summary[scheme] = {
             "classes": list(classes),
             "single_label": single.tolist(),
@@ -114,32 +129,13 @@ def _label_summary(samples: list[dict], source: Source) -> dict:
     return summary
 
 
-def stratum_label(labels: dict | None, source: Source) -> int:
-    """The class a label budget stratifies a sample by (0: unlabelled, never drawn).
-
-    SEN12MS: the simplified IGBP majority class. Multi-label sources have no majority class: the lowest
-    class code among the sample's labels stands for it, so that every class still reaches the budget.
-    """
-    if not labels:
-        return 0
-    if source.name == "sen12ms":
-        return labels["igbp_simple"]
-    codes = [c for scheme in source.label_schemes for c in labels.get(f"{scheme}_multi", [])]
-    return min(codes) if codes else 0
-
-
 def _subsets(
-    samples: list[dict], budgets: list[int], seeds: list[int], source: Source
+    columns: SampleColumns, budgets: list[int], seeds: list[int], source: Source
 ) -> tuple[dict, dict, list[str]]:
     """Non-overlapping mask and label-budget index lists (indices are rows in dataset order)."""
-    n = len(samples)
-    scene = [s["scene_id"] for s in samples]
-    crs = [s["crs"] for s in samples]
-    transforms = np.array([s["transform"] for s in samples], dtype=np.float64).reshape(n, 6)
-    keep = non_overlapping(scene, crs, transforms, source.patch_size)
-    train = np.array([s["split"] == "train" for s in samples], dtype=bool)
-    test = np.array([s["split"] == "test" for s in samples], dtype=bool)
-    labels = np.array([stratum_label(s["labels"], source) for s in samples], dtype=np.int64)
+    scene, crs = columns.text["scene_id"].values, columns.text["crs"].values
+    keep = non_overlapping(scene, crs, columns.transform, source.patch_size)
+    train, labels = columns.train, columns.stratum.astype(np.int64)
     subsets: dict[str, list[int]] = {}
     skipped: list[str] = []
     for b in budgets:
@@ -149,27 +145,37 @@ def _subsets(
                 subsets[name] = budget_subset(labels, train, b, seed).tolist()
             except ValueError as exc:
                 skipped.append(f"{name}: {exc}")
-    arrays = {"non_overlapping": keep, "train": train, "test": test}
-    validation = np.array([s["split"] == "validation" for s in samples], dtype=bool)
+    arrays = {"non_overlapping": keep, "train": train, "test": columns.in_split("test")}
+    validation = columns.in_split("validation")
     if validation.any():  # a source with an official validation split (reBEN)
         arrays["validation"] = validation
     return arrays, subsets, skipped
 
 
-def _write_split_files(out: DatasetRoot, samples: list[dict]) -> dict[str, str]:
+def _official_names(keys: np.ndarray) -> np.ndarray:
+    """The benchmark's S2 file name of each key (UTF-8 bytes; ``official_patch_name`` adds 7 bytes)."""
+    names = np.zeros(len(keys), dtype=f"S{keys.dtype.itemsize + 7}")
+    for i, key in enumerate(keys):
+        names[i] = official_patch_name(key.decode()).encode()
+    return names
+
+
+def _write_split_files(out: DatasetRoot, columns: SampleColumns) -> dict[str, str]:
     """The benchmark's list files: S2 file names per split (sorted as published) and the scenes all of
     whose samples are test, spelled as in the published hold-out list."""
-    names = {"train": [], "test": []}
-    sides: dict[str, set[str]] = {}
-    for s in samples:
-        names[s["split"]].append(official_patch_name(s["key"]))
-        sides.setdefault(s["scene_id"], set()).add(s["split"])
+    keys, train = columns.text["key"].values, columns.train
+    for side, mask in (("train", train), ("test", columns.in_split("test"))):
+        # Sorted as UTF-8 bytes, which is code point order: the order of Python's sorted() on the names.
+        names = np.sort(_official_names(keys[mask]))
+        with out.open_atomic(SPLIT_FILES[side]) as f:
+            for start in range(0, len(names), 65536):
+                f.write(b"".join(name + b"\n" for name in names[start : start + 65536]))
+    scenes, scene_of = np.unique(columns.text["scene_id"].values, return_inverse=True)
+    trains = np.bincount(scene_of[train], minlength=len(scenes))
     holdout = sorted(
-        (scene for scene, v in sides.items() if v == {"test"}),
+        (scenes[i].decode() for i in np.flatnonzero(trains == 0)),
         key=lambda sc: (sc.rsplit("_", 1)[0], int(sc.rsplit("_", 1)[1])),
     )
-    out.write_bytes(SPLIT_FILES["train"], split_lines(sorted(names["train"])))
-    out.write_bytes(SPLIT_FILES["test"], split_lines(sorted(names["test"])))
     out.write_bytes(SPLIT_FILES["holdout_scenes"], split_lines(official_scene_name(sc) for sc in holdout))
     return dict(SPLIT_FILES)
 
@@ -194,18 +200,31 @@ def _split_summary(plan: dict, split_opts: dict, files: dict[str, str]) -> dict:
     return summary
 
 
-def _write_dali_indexes(out: DatasetRoot, records: list[dict]) -> None:
-    """One DALI index file per shard, from the member offsets of the unit records; each shard entry
-    of the manifest gets ``dali_index`` (path, sha256, bytes), so the manifest's digest covers them."""
-    for record in records:
-        shard = record["shard"]
-        if shard is None:
-            continue
-        keys = [meta["key"] for meta in record["samples"]]
-        data = index_text(zip(keys, record["members"], strict=True))
+def _write_dali_indexes(out: DatasetRoot, columns: SampleColumns) -> None:
+    """One DALI index file per shard, from the member offsets of its samples; each shard entry of the
+    manifest gets ``dali_index`` (path, sha256, bytes), so the manifest's digest covers them."""
+    keys, offset, size = columns.text["key"].values, columns.offset, columns.size
+    for shard, rows in columns.shard_rows():
+        data = index_text(
+            (keys[i].decode(), {m: (offset[m][i], size[m][i]) for m in CATALOG_MEMBERS if offset[m][i] >= 0})
+            for i in range(rows.start, rows.stop)
+        )
         path = index_path(shard["path"])
         out.write_bytes(path, data)
         shard["dali_index"] = {"path": path, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _write_catalog(out: DatasetRoot, columns: SampleColumns) -> dict:
+    """Write ``catalog.npz`` straight into its file (no copy of its bytes in memory: ~280 bytes a sample);
+    returns its manifest entry, hashed from the written file before it is published."""
+    with out.open_atomic(CATALOG) as f:
+        columns.catalog().write(f)
+        f.flush()
+        sha = hashlib.sha256()
+        with open(f.name, "rb") as written:  # open_atomic writes a local file first, also for object storage
+            for block in iter(lambda: written.read(1 << 20), b""):
+                sha.update(block)
+    return {"path": CATALOG, "sha256": sha.hexdigest()}
 
 
 def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str]) -> dict:
@@ -214,20 +233,16 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
 
     plan = _load_plan(out)
     source = get_source(plan.get("source_format", "sen12ms"))
-    records = _load_records(out, plan)
-    samples = [s for r in records for s in r["samples"]]
-    rejects = [rj for r in records for rj in r["rejects"]]
-    shards = [r["shard"] for r in records if r["shard"] is not None]
-    if plan["patches_found"] != len(samples) + len(rejects):
-        raise IngestError(
-            f"count invariant broken: {plan['patches_found']} patches found but {len(samples)} written + "
-            f"{len(rejects)} rejected; the progress folder {out.path(PROGRESS_DIR)} is inconsistent"
-        )
+    _require_units(out, plan)
+    # One pass over the unit records: rejects.jsonl streams out (published only if the counts add up),
+    # every sample becomes a row of columns; nothing per sample stays a Python object.
+    with out.open_atomic(REJECTS) as rejects:
+        columns = _read_units(out, plan, source, rejects)
+    n, shards = columns.n, columns.shards
     options = plan["options"]
     split_opts = options["split"]
-    arrays, subsets, skipped = _subsets(samples, split_opts["budgets"], split_opts["budget_seeds"], source)
+    arrays, subsets, skipped = _subsets(columns, split_opts["budgets"], split_opts["budget_seeds"], source)
 
-    out.write_bytes(REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects).encode())
     subsets_doc = {
         "order": "row index in the dataset (Zarr rows = shard order)",
         "non_overlapping": np.flatnonzero(arrays["non_overlapping"]).tolist(),
@@ -243,21 +258,21 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
             "code; drawn from the train split"
         )
     out.write_bytes(SUBSETS, json.dumps(subsets_doc).encode())
+    del subsets_doc
     # The benchmark's list files are SEN12MS's; other sources record their split in the manifest only.
-    split_files = _write_split_files(out, samples) if source.name == "sen12ms" else {}
+    split_files = _write_split_files(out, columns) if source.name == "sen12ms" else {}
     merged = _merged_stats(out, plan["units"], source)
     stats = {m: st.summary() for m, st in merged.items()}
     if "zarr" in options["formats"]:
         extra = {"non_overlapping": arrays["non_overlapping"]}
         for name, idx in subsets.items():
-            mask = np.zeros(len(samples), dtype=bool)
+            mask = np.zeros(n, dtype=bool)
             mask[idx] = True
             extra[name] = mask
         build_zarr(
             out,
             shards,
-            samples,
-            [w for r in records if r["shard"] is not None for w in r["members"]],
+            columns,
             extra,
             options["zarr_shard_samples"],
             workers,
@@ -266,10 +281,8 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
         )
     catalog = None
     if "wds" in options["formats"]:
-        data = build_catalog(records).to_bytes()
-        out.write_bytes(CATALOG, data)
-        catalog = {"path": CATALOG, "sha256": hashlib.sha256(data).hexdigest()}
-        _write_dali_indexes(out, records)
+        catalog = _write_catalog(out, columns)
+        _write_dali_indexes(out, columns)
     else:
         out.remove(f"{PROGRESS_DIR}/staged-shards")
         shards = []
@@ -292,17 +305,15 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
         },
         "counts": {
             "patches_found": plan["patches_found"],
-            "samples_written": len(samples),
-            "rejected": len(rejects),
-            **{f"with_{m}": sum(1 for s in samples if s["modalities"][m]) for m in source.modalities},
+            "samples_written": n,
+            "rejected": plan["patches_found"] - n,
+            **{f"with_{m}": int(columns.has[m].sum()) for m in source.modalities},
             "train": int(arrays["train"].sum()),
             "test": int(arrays["test"].sum()),
             **({"validation": int(arrays["validation"].sum())} if "validation" in arrays else {}),
             "non_overlapping": int(arrays["non_overlapping"].sum()),
             # Pixels written as stored but kept out of the statistics (see docs/FORMAT.md).
-            "invalid_pixels": {
-                m: sum(s.get(f"{m}_invalid_pixels", 0) for s in samples) for m in source.modalities
-            },
+            "invalid_pixels": {m: int(columns.invalid[m].sum(dtype=np.int64)) for m in source.modalities},
         },
         "shards": shards,
         "catalog": catalog,
@@ -312,7 +323,7 @@ def finalize(out: DatasetRoot, workers: int, command: tuple[str, ...] | list[str
             for mod, summary in stats.items()
             for msg in implausible_spread(mod, summary, source.modalities[mod])
         ],
-        "labels": _label_summary(samples, source),
+        "labels": _label_summary(columns, source),
         "splits": _split_summary(plan, split_opts, split_files),
         "subsets": {"budgets": {k: len(v) for k, v in subsets.items()}, "skipped": skipped},
     }

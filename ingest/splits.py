@@ -279,17 +279,38 @@ def non_overlapping(
     Returns:
         (N,) bool mask of kept samples.
     """
-    keep = np.zeros(len(scene_ids), dtype=bool)
-    kept: dict[tuple[str, str], list[tuple[float, float, float, float]]] = defaultdict(list)
-    for i, (scene, c, t) in enumerate(zip(scene_ids, crs, transforms, strict=True)):
-        a, _, x0, _, e, y0 = (float(v) for v in t)
-        x1, y1 = x0 + a * size, y0 + e * size
-        box = (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
-        others = kept[(scene, c)]
-        # Strict inequalities: patches that only touch along an edge do not overlap.
-        if all(box[2] <= o[0] or o[2] <= box[0] or box[3] <= o[1] or o[3] <= box[1] for o in others):
-            keep[i] = True
-            others.append(box)
+    n = len(scene_ids)
+    keep = np.zeros(n, dtype=bool)
+    if n == 0:
+        return keep
+    t = np.asarray(transforms, dtype=np.float64).reshape(n, 6)
+    x1, y1 = t[:, 2] + t[:, 0] * size, t[:, 5] + t[:, 4] * size
+    boxes = np.stack(
+        [np.minimum(t[:, 2], x1), np.minimum(t[:, 5], y1), np.maximum(t[:, 2], x1), np.maximum(t[:, 5], y1)],
+        1,
+    )
+    # One group per (scene, CRS); within a group, dataset order. Arrays, not Python objects per sample.
+    _, scene = np.unique(np.asarray(scene_ids), return_inverse=True)
+    crs_codes, crs_of = np.unique(np.asarray(crs), return_inverse=True)
+    group = scene.astype(np.int64) * len(crs_codes) + crs_of
+    order = np.argsort(group, kind="stable")
+    bounds = np.flatnonzero(np.diff(group[order])) + 1
+    for rows in np.split(order, bounds):
+        kept = np.empty((len(rows), 4))
+        k = 0
+        for i in rows:
+            box, others = boxes[i], kept[:k]
+            # Strict inequalities: patches that only touch along an edge do not overlap.
+            hit = (
+                (box[2] > others[:, 0])
+                & (others[:, 2] > box[0])
+                & (box[3] > others[:, 1])
+                & (others[:, 3] > box[1])
+            )
+            if not hit.any():
+                keep[i] = True
+                kept[k] = box
+                k += 1
     return keep
 
 

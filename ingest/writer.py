@@ -348,9 +348,10 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
             True,
             time.perf_counter() - t0,
         )
-    records = [json.loads(out.read_bytes(unit_record_path(u.index))) for u in mine]
-    written = sum(len(r["samples"]) for r in records)
-    rejected = sum(len(r["rejects"]) for r in records)
+    written = rejected = 0
+    for u in mine:  # one record at a time: a part's records together grow with the dataset
+        record = json.loads(out.read_bytes(unit_record_path(u.index)))
+        written, rejected = written + len(record["samples"]), rejected + len(record["rejects"])
     return IngestSummary(
         sum(len(u.groups) for u in mine),
         written,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import tarfile
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
@@ -22,6 +23,7 @@ from zarr.codecs import BloscCodec
 
 from .bands import IGBP_CLASSES, IGBP_SIMPLE_CLASSES
 from .format import FORMAT_NAME, FORMAT_VERSION, PROGRESS_DIR, ZARR_DIR, decode_member
+from .sample_columns import SampleColumns
 from .source import SEN12MS_SOURCE, Source
 from .sources import get_source
 from .storage import DatasetRoot
@@ -127,6 +129,30 @@ def _write_block(
     return stop - start
 
 
+def _block_jobs(
+    out: DatasetRoot,
+    shards: list[dict],
+    columns: SampleColumns,
+    shard_samples: int,
+    source: Source,
+) -> Iterator[tuple]:
+    """The ``_write_block`` arguments of each Zarr block not yet written, one block at a time."""
+    n = columns.n
+    for block, start in enumerate(range(0, n, shard_samples)):
+        stop = min(start + shard_samples, n)
+        if out.exists(_block_marker(block)):
+            continue
+        reads: dict[int, list[tuple[int, str, int, int]]] = {}
+        for row in range(start, stop):
+            for mod in source.modalities:
+                off = int(columns.offset[mod][row])
+                if off >= 0:
+                    reads.setdefault(int(columns.shard[row]), []).append(
+                        (row, mod, off, int(columns.size[mod][row]))
+                    )
+        yield (out.url, block, (start, stop), [(shards[i]["path"], r) for i, r in reads.items()], source.name)
+
+
 def _create(group: zarr.Group, name: str, data: np.ndarray, dims: tuple[str, ...], **attrs) -> None:
     # Text goes in as Zarr v3's variable-length UTF-8 (numpy '<U' would be an unspecified fixed-width type).
     dtype = str if data.dtype.kind == "U" else data.dtype
@@ -136,23 +162,18 @@ def _create(group: zarr.Group, name: str, data: np.ndarray, dims: tuple[str, ...
 
 
 def write_metadata_arrays(
-    group: zarr.Group, samples: list[dict], extra: dict[str, np.ndarray], source: Source = SEN12MS_SOURCE
+    group: zarr.Group, columns: SampleColumns, extra: dict[str, np.ndarray], source: Source = SEN12MS_SOURCE
 ) -> None:
     """Per-sample metadata as plain arrays (readable by zarr/xarray without eossl)."""
-    n = len(samples)
     id_text = [f for f, kind in source.id_fields.items() if kind == "str"]
-    text = {
-        f: np.array([s[f] for s in samples], dtype=str) if n else np.zeros(0, dtype=str)
-        for f in ("key", "scene_id", *id_text, "crs", "split")
-    }
-    for field, values in text.items():
+    for field in ("key", "scene_id", *id_text, "crs", "split"):
+        _create(group, field, columns.strings(field), ("sample",))
+    for field, values in columns.ints.items():
         _create(group, field, values, ("sample",))
-    for field in (f for f, kind in source.id_fields.items() if kind == "int"):
-        _create(group, field, np.array([s[field] for s in samples], dtype=np.int32), ("sample",))
     _create(
         group,
         "transform",
-        np.array([s["transform"] for s in samples], dtype=np.float64).reshape(n, 6),
+        columns.transform,
         ("sample", "coef"),
         description="affine a, b, c, d, e, f (rasterio order) of each patch",
     )
@@ -160,7 +181,7 @@ def write_metadata_arrays(
         _create(
             group,
             f"has_{mod}",
-            np.array([s["modalities"][mod] for s in samples], dtype=bool),
+            columns.has[mod],
             ("sample",),
             description=f"True where the patch has {mod}; elsewhere {mod} holds its fill value",
         )
@@ -168,29 +189,21 @@ def write_metadata_arrays(
         _create(
             group,
             f"{mod}_invalid_pixels",
-            np.array([s.get(f"{mod}_invalid_pixels", 0) for s in samples], dtype=np.int32),
+            columns.invalid[mod],
             ("sample",),
             description=f"invalid pixels kept as stored in {mod} (below the reject threshold; outside the "
             "physical range, non-finite, nodata or not in the legend)",
         )
-    labels = [s["labels"] for s in samples]
     if source.name != "sen12ms":
-        _write_multilabels(group, labels, source)
+        _write_multilabels(group, columns, source)
     for scheme, classes in (("igbp", IGBP_CLASSES), ("igbp_simple", IGBP_SIMPLE_CLASSES)):
         if source.name != "sen12ms":
             break
-        single = np.array([lab[scheme] if lab else 0 for lab in labels], dtype=np.int16)
-        multi = np.zeros((n, len(classes)), dtype=bool)
-        frac = np.zeros((n, len(classes)), dtype=np.float32)
-        for i, lab in enumerate(labels):
-            if lab:
-                multi[i, [c - 1 for c in lab[f"{scheme}_multi"]]] = True
-                frac[i] = lab["igbp_fractions" if scheme == "igbp" else "simple_fractions"]
         names = list(classes)
         _create(
             group,
             f"label_{scheme}",
-            single,
+            columns.single[scheme],
             ("sample",),
             classes=names,
             description="majority class code, 1-based; 0 = no land cover",
@@ -198,12 +211,12 @@ def write_metadata_arrays(
         _create(
             group,
             f"multilabel_{scheme}",
-            multi,
+            columns.multi[scheme],
             ("sample", scheme),
             classes=names,
             description="classes covering at least the multi-label threshold of the patch",
         )
-        _create(group, f"fractions_{scheme}", frac, ("sample", scheme), classes=names)
+        _create(group, f"fractions_{scheme}", columns.fractions[scheme], ("sample", scheme), classes=names)
     for name, values in extra.items():
         _create(group, name, values, ("sample",) if values.ndim == 1 else ("sample", "index"))
 
@@ -233,15 +246,12 @@ def consolidate(store) -> None:
         zarr.consolidate_metadata(store)
 
 
-def _write_multilabels(group: zarr.Group, labels: list[dict | None], source: Source) -> None:
+def _write_multilabels(group: zarr.Group, columns: SampleColumns, source: Source) -> None:
     """``multilabel_<scheme>`` (N, classes) bool for a multi-label source, and ``label_<scheme>`` (N,):
     the lowest class code of each sample (0: no class), which is what label budgets stratify by and
     what marks a sample as labelled; there is no majority class."""
     for scheme, classes in source.label_schemes.items():
-        multi = np.zeros((len(labels), len(classes)), dtype=bool)
-        for i, lab in enumerate(labels):
-            if lab:
-                multi[i, [c - 1 for c in lab.get(f"{scheme}_multi", [])]] = True
+        multi = columns.multi[scheme]
         lowest = np.where(multi.any(axis=1), multi.argmax(axis=1) + 1, 0).astype(np.int16)
         _create(
             group,
@@ -276,8 +286,7 @@ def _os_error(exc: BaseException | None) -> OSError | None:
 def build_zarr(
     out: DatasetRoot,
     shards: list[dict],
-    samples: list[dict],
-    members: list[dict[str, list[int]]],
+    columns: SampleColumns,
     extra: dict[str, np.ndarray],
     shard_samples: int,
     workers: int,
@@ -286,15 +295,15 @@ def build_zarr(
 ) -> None:
     """Create (or resume) ``data.zarr`` with data arrays filled from ``shards`` and metadata arrays.
 
-    ``members`` holds, per sample in dataset order, member -> [offset, size, ...] of its data in its
-    shard (the unit records' ``members``).
+    ``columns`` holds every sample's facts in dataset order, with each member's offset and size in its
+    shard (from the unit records).
 
     Raises:
         IngestError: a write failed (a full disk above all): names the store and the reason. Blocks already
             written are kept (their markers), so the same command finishes the store once there is space.
     """
     try:
-        _build_zarr(out, shards, samples, members, extra, shard_samples, workers, attrs, source)
+        _build_zarr(out, shards, columns, extra, shard_samples, workers, attrs, source)
     except Exception as exc:
         cause = _os_error(exc)
         if cause is None:
@@ -310,15 +319,14 @@ def build_zarr(
 def _build_zarr(
     out: DatasetRoot,
     shards: list[dict],
-    samples: list[dict],
-    members: list[dict[str, list[int]]],
+    columns: SampleColumns,
     extra: dict[str, np.ndarray],
     shard_samples: int,
     workers: int,
     attrs: dict,
     source: Source,
 ) -> None:
-    n = len(samples)
+    n = columns.n
     store = out.zarr_store(ZARR_DIR)
     # Not through consolidated metadata: a resumed build re-creates arrays, which would make it stale.
     group = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
@@ -337,39 +345,28 @@ def _build_zarr(
             dimension_names=("sample", f"{mod}_band", "y", "x"),
             overwrite=True,
         ).attrs.update({"bands": list(m.bands), "unit": m.unit, "layout": "CHW"})
-    write_metadata_arrays(group, samples, extra, source)
-    write_coordinates(
-        group, np.array([s["key"] for s in samples], dtype=str) if n else np.zeros(0, str), source
-    )
+    write_metadata_arrays(group, columns, extra, source)
+    write_coordinates(group, columns.strings("key"), source)
     head = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "patch_size": source.patch_size}
     if source.name != "sen12ms":
         head["source_format"] = source.name
     group.attrs.update({**head, **attrs})
 
-    shard_of_row = np.repeat(np.arange(len(shards)), [s["samples"] for s in shards])
-    if len(shard_of_row) != n or len(members) != n:
-        raise IngestError(
-            f"{out.path(ZARR_DIR)}: {n} samples but {len(shard_of_row)} in the shards and "
-            f"{len(members)} member records"
-        )
-    jobs = []
-    for block, start in enumerate(range(0, n, shard_samples)):
-        stop = min(start + shard_samples, n)
-        if out.exists(_block_marker(block)):
-            continue
-        reads: dict[int, list[tuple[int, str, int, int]]] = {}
-        for row in range(start, stop):
-            for mod in source.modalities:
-                where = members[row].get(mod)
-                if where is not None:
-                    reads.setdefault(int(shard_of_row[row]), []).append((row, mod, where[0], where[1]))
-        reads_of_shards = [(shards[i]["path"], r) for i, r in reads.items()]
-        jobs.append((out.url, block, (start, stop), reads_of_shards, source.name))
-    if workers <= 1 or len(jobs) <= 1:
+    in_shards = sum(s["samples"] for s in shards)
+    if in_shards != n:
+        raise IngestError(f"{out.path(ZARR_DIR)}: {n} samples but {in_shards} in the shards")
+    jobs = _block_jobs(out, shards, columns, shard_samples, source)
+    if workers <= 1:
         for job in jobs:
             _write_block(*job)
     else:
+        # A few blocks in flight per worker: a block's job (its members' offsets) is made when it is sent.
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            for fut in [pool.submit(_write_block, *job) for job in jobs]:
+            pending: list = []
+            for job in jobs:
+                pending.append(pool.submit(_write_block, *job))
+                if len(pending) >= 2 * workers:
+                    pending.pop(0).result()
+            for fut in pending:
                 fut.result()
     consolidate(store)
