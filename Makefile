@@ -71,11 +71,12 @@ study: install
 
 # Two pytest workers (pytest-xdist), one test file at a time each: much of the suite waits on processes
 # and servers it starts, so two workers finish it in well under the time of one on a 2-core machine.
-# TEST_WORKERS=0 runs it in one process. The slowest tests are listed at the end.
+# Files are handed out in collection order, longest first (tests/conftest.py LONGEST_FILES), not by
+# their number of tests. TEST_WORKERS=0 runs it in one process. The slowest tests are listed at the end.
 TEST_WORKERS ?= 2
 
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 # The formatter keeps every line within the configured 110 characters; the linter catches what it cannot
 # (long strings and comments, unused names, import order).

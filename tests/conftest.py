@@ -257,8 +257,33 @@ def pytest_configure(config):
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+# Files whose tests start many training processes, longest first. pytest-xdist (``--dist loadfile``) hands
+# files to its workers in collection order: starting with these keeps one long file from running alone at
+# the end while the other worker idles.
+LONGEST_FILES = (
+    "test_failures.py",
+    "test_study.py",
+    "test_train_distributed.py",
+    "test_launch_kits.py",
+    "test_eval_classify.py",
+    "test_eval_segment.py",
+    "test_train_moco.py",
+    "test_fail_fast.py",
+    "test_train_dino.py",
+    "test_sample_data.py",
+    "test_install.py",
+    "test_train_faithful.py",
+    "test_launch_bench.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` are skipped where CUDA is not available, so the marker alone says it."""
+    """Tests marked ``gpu`` are skipped where CUDA is not available, so the marker alone says it.
+
+    Files of ``LONGEST_FILES`` come first, in its order; the others keep theirs.
+    """
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if gpu:
         import torch
