@@ -7,6 +7,7 @@ DALI pipeline.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -124,3 +125,32 @@ def test_temporal_views_stream_through_dali_and_are_refused_on_a_dataset_without
         ValueError, match="view mode 'temporal' pairs seasons of one location, which a sen12ms"
     ):
         _loader(Path(dataset))  # SEN12MS: a scene is many neighbouring patches of one acquisition
+
+
+def test_a_temporal_run_records_the_samples_without_another_season(tmp_path, monkeypatch):
+    """A location left with one season is its own partner: trained on, and counted in the run's params."""
+    import mlflow
+
+    from eossl.train.config import load_config
+    from eossl.train.loop import train
+
+    from conftest import TINY_MOCO
+
+    src = tmp_path / "src"
+    write_ssl4eo_sample(src, locations=2, seed=1)
+    for modality in src.iterdir():  # location 0000002 keeps its first acquisition of each modality only
+        for acquisition in sorted((modality / "0000002").iterdir())[1:]:
+            shutil.rmtree(acquisition)
+    split = SplitOptions(holdout_fraction=0.0, budgets=(), budget_seeds=())
+    data = tmp_path / "ds"
+    run_ingest(IngestConfig(source=str(src), dataset=str(data), workers=1, progress=False, split=split))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    values = {**TINY_MOCO, "mode": "temporal", "sensors": "s1s2", "batch_size": "4", "size": "32"}
+    values |= {"data": str(data), "out": str(tmp_path / "run"), "max_steps": "2", "ckpt_every": "0"}
+    with pytest.warns(UserWarning, match="1 of 5 samples have no other season"):
+        result = train(load_config("moco", None, values), resume=False)
+    assert result.steps == 2 and np.isfinite(result.final_loss)
+    params = mlflow.MlflowClient(uri).get_run(result.mlflow_run_id).data.params
+    assert params["temporal_samples_without_partner"] == "1" and params["loader.mode"] == "temporal"

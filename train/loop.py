@@ -320,6 +320,8 @@ class _Run:
             "mixed_precision": self.acc.mixed_precision,
             "total_steps": self.total_steps,
         }
+        if self.loader.partners is not None:  # temporal views: samples whose two views share one season
+            params["temporal_samples_without_partner"] = self.loader.partners.alone
         tags = {
             "git_commit": git_commit(),
             "dataset_manifest_sha256": manifest.get("manifest_sha256", ""),
