@@ -72,7 +72,7 @@ def size_or_none(path: Path) -> int | None:
     """The file's size, None when it does not exist (not yet downloaded, or evicted)."""
     try:
         return path.stat().st_size
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a part of the path is a file: not there either
         return None
 
 
@@ -189,7 +189,12 @@ class ShardCache:
         path = self.paths[shard]
         if self.is_complete(shard):
             return path, False
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(
+                f"{path.parent}: cannot create the cache folder: {exc.strerror or exc}"
+            ) from exc
         with _file_lock(path.with_name(path.name + ".lock"), self.options.lock_timeout_s, self.url(shard)):
             if self.is_complete(shard):  # another process downloaded it while we waited
                 return path, False

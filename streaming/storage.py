@@ -267,6 +267,7 @@ class ShardReader:
         self._fs_root = ""
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: set[int] = set()
+        self._failed_downloads: set[int] = set()
         self._cache = (
             ShardCache(
                 self.dataset,
@@ -354,7 +355,7 @@ class ShardReader:
         if size == 0:
             return b""
         target = memoryview(out)[:size] if out is not None else None
-        if self._use_cache and self.options.read_while_downloading and not self._on_node(shard):
+        if self._use_cache and self.options.read_while_downloading and not self._on_node(shard, waiting=True):
             self.prefetch([shard])  # the whole shard, in the background; this sample comes by a ranged GET
             self._count(reads_while_downloading=1)
             data = self._ranged_read(shard, offset, size, target, verify)
@@ -402,8 +403,15 @@ class ShardReader:
             for key, n in increments.items():
                 self.stats[key] += n
 
-    def _on_node(self, shard: int) -> bool:
-        """Whether the shard can be read from the node cache now (open here, or complete on disk)."""
+    def _on_node(self, shard: int, waiting: bool = False) -> bool:
+        """Whether the shard can be read from the node cache now (open here, or complete on disk).
+
+        ``waiting``: also True for a shard whose background download failed in this process, so that its
+        next read downloads it in the foreground and raises what goes wrong (a full cache disk, say)
+        instead of ranged reads going on while failed downloads repeat behind them.
+        """
+        if waiting and shard in self._failed_downloads:
+            return True
         return shard in self._files or self._cache.is_complete(shard)
 
     def _ranged_read(
@@ -535,6 +543,8 @@ class ShardReader:
             self._cache.ensure(shard)
         except Exception as exc:  # read() retries and raises; prefetch only warms the cache
             log.warning("prefetch of %s failed: %s", self.url(shard), exc)
+            with self._lock:
+                self._failed_downloads.add(shard)  # its next read waits for its download (_on_node)
         finally:
             with self._lock:
                 self._inflight.discard(shard)

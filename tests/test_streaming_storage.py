@@ -482,6 +482,26 @@ def test_s3_cache_reads_a_shard_while_it_downloads(dataset, moto, tmp_path):
         gate.stop()
 
 
+def test_s3_a_failed_background_download_makes_the_next_read_wait_and_name_the_fault(dataset, moto, tmp_path):
+    """A cache that cannot take the shard (here its folder is a file): the first read is served by a ranged
+    GET, and once the background download has failed, a read of the shard raises the cache's error."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    reader = ShardReader(
+        f"s3://{BUCKET}/ds", dataset.shards, StorageOptions(cache_dir=str(blocker / "cache"), retries=0)
+    )
+    (row, m, shard, offset, size), *_ = dataset.members_of(0)
+    assert reader.read(shard, offset, size) == dataset.expected[row, m]
+    deadline = time.monotonic() + 60
+    with pytest.raises(
+        StorageError, match="not-a-folder/cache/.*: cannot create the cache folder: Not a dir"
+    ):
+        while time.monotonic() < deadline:  # ranged reads until the download has failed, then the error
+            reader.read(shard, offset, size)
+            time.sleep(0.05)
+    assert reader.stats["reads_while_downloading"] >= 1 and reader.stats["downloads"] == 0
+
+
 def test_s3_prefetch_then_pickle_reads_from_cache(dataset, moto, tmp_path):
     cache = tmp_path / "cache"
     reader = ShardReader(f"s3://{BUCKET}/ds", dataset.shards, StorageOptions(cache_dir=str(cache)))
