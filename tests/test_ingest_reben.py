@@ -64,6 +64,15 @@ def _samples(dataset: Path) -> list[dict]:
     ]
 
 
+def _copy_patch(folder: Path, name: str) -> str:
+    """Copy a patch folder beside itself under ``name`` (its band files renamed alike); returns ``name``."""
+    target = folder.parent / name
+    target.mkdir()
+    for f in folder.iterdir():
+        shutil.copy(f, target / f.name.replace(folder.name, name))
+    return name
+
+
 def _rejects(dataset: Path) -> dict[str, dict]:
     lines = (dataset / "rejects.jsonl").read_text().splitlines()
     return {json.loads(line)["key"]: json.loads(line) for line in lines}
@@ -174,18 +183,8 @@ def test_reben_pairing_errors_are_named_and_every_input_is_written_or_rejected(r
     shutil.rmtree(s2_of[no_s2["patch_id"]])  # and an S2 folder the tree lacks (its S1 is there)
     bad_label["labels"] = ["Broadleaved forest"]  # not the nomenclature's spelling
     # An S2 folder and an S1 folder that no row names (copies under new names).
-    stray_s2 = rows[3]["patch_id"].replace("_N9999_", "_N0001_")
-    folder = s2_of[rows[3]["patch_id"]]
-    target = folder.parent / stray_s2
-    target.mkdir()
-    for f in folder.iterdir():
-        shutil.copy(f, target / f.name.replace(folder.name, stray_s2))
-    stray_s1 = rows[3]["s1_name"].replace("_33UUP_", "_33UUQ_")
-    folder = s1_of[rows[3]["s1_name"]]
-    target = folder.parent / stray_s1
-    target.mkdir()
-    for f in folder.iterdir():
-        shutil.copy(f, target / f.name.replace(folder.name, stray_s1))
+    stray_s2 = _copy_patch(s2_of[rows[3]["patch_id"]], rows[3]["patch_id"].replace("_N9999_", "_N0001_"))
+    stray_s1 = _copy_patch(s1_of[rows[3]["s1_name"]], rows[3]["s1_name"].replace("_33UUP_", "_33UUQ_"))
     # A row whose patch has no file at all (a partial download) is counted, not a sample.
     ghost = {
         **rows[4],
