@@ -52,6 +52,7 @@ __all__ = [
     "select_channels",
     "standardise",
     "standardised_inputs",
+    "view_inputs",
 ]
 
 
@@ -133,6 +134,19 @@ def standardised_inputs(
     return out
 
 
+def view_inputs(views: ViewSet) -> tuple[list[tuple[int, tuple[str, ...]]], list[int]]:
+    """The distinct inputs the views are made of, as (source, sensors), and each view's index among them:
+    views of one input (DINO's crops, a pair's shared fusion) share one standardised batch."""
+    keys: list[tuple[int, tuple[str, ...]]] = []
+    index = []
+    for view in views.views:
+        key = (view.source, tuple(view.sensors))
+        if key not in keys:
+            keys.append(key)
+        index.append(keys.index(key))
+    return keys, index
+
+
 def build_pipeline(
     source,
     views: ViewSet,
@@ -145,6 +159,7 @@ def build_pipeline(
     prefetch: int = 2,
     seed: int = 0,
     s2_stored: Sequence[str] = S2.bands,
+    views_in_graph: bool = True,
 ):
     """Bind ``source`` (a picklable batch callable, see ``source.SampleSource``) to the graph.
 
@@ -153,7 +168,9 @@ def build_pipeline(
 
     Source outputs, in order: one HWC batch per sensor in ``views.sensors`` (S2 with every stored band),
     the int64 ids, then (matrix, gain, offset, sigma) for every view.
-    Pipeline outputs: one HWC float32 batch per view, then the ids.
+    Pipeline outputs: one HWC float32 batch per view, then the ids. With ``views_in_graph=False`` (CPU mode
+    with torch's kernels making the views, ``torch_augment``): one standardised HWC float32 batch per
+    ``view_inputs`` key, the ids, then every view's (matrix, gain, offset, sigma).
     """
 
     @pipeline_def(
@@ -169,10 +186,17 @@ def build_pipeline(
     def pipeline():
         arrays, ids, params = external_batches(source, views, parallel=py_workers > 0)
         std_inputs = standardised_inputs(arrays, views, norm, device, s2_stored)
+
+        def view_input(source_index: int, sensors: Sequence[str]):
+            parts = [std_inputs[s if source_index == 0 else f"{s}@{source_index}"] for s in sensors]
+            return parts[0] if len(parts) == 1 else fn.cat(*parts, axis=2)
+
+        if not views_in_graph:
+            keys, _ = view_inputs(views)
+            return (*(view_input(*key) for key in keys), ids, *params)
         results = []
         for v, view in enumerate(views.views):
-            parts = [std_inputs[s if view.source == 0 else f"{s}@{view.source}"] for s in view.sensors]
-            x = parts[0] if len(parts) == 1 else fn.cat(*parts, axis=2)
+            x = view_input(view.source, view.sensors)
             matrix, gain, offset, sigma = params[4 * v : 4 * v + 4]
             if device == "gpu":  # arithmetic operands live with the data; op arguments stay on the CPU
                 gain, offset = gain.gpu(), offset.gpu()

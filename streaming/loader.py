@@ -8,8 +8,9 @@ Flat list of what happens to a sample, and what holds after each stage:
                                            arrays (S2 with every stored band), per-view parameters
                                            drawn from (seed, epoch, position)
   DALI graph (GPU or CPU mode)          -> S2 bands selected, standardised, resampled, jittered, blurred
-                                           views (HWC float32)
-  SSLLoader.__iter__                    -> Batch(views=[N,C,H,W channels-last tensors], rows, positions)
+                                           views (HWC float32); in CPU mode the graph stops after
+                                           standardising and torch_augment makes the views (cpu_augment)
+  SSLLoader.__iter__                    -> Batch(views=[N,C,H,W tensors], rows, positions)
 
 Every rank yields ``len(loader)`` batches per epoch; the position (epoch, next step) is ``state_dict()``
 and resuming from it continues with exactly the samples not yet delivered, on any world size that
@@ -56,6 +57,7 @@ __all__ = [
 
 SPLITS = ("train", "test", "all")
 ON_CORRUPT = ("fail", "skip")
+CPU_AUGMENT = ("torch", "dali")
 
 
 class StreamingError(RuntimeError):
@@ -78,6 +80,10 @@ class LoaderConfig:
         views: view mode, inputs and augmentation.
         storage: cache and retry settings for remote shards.
         device: 'gpu', 'cpu' or 'auto' (GPU when torch sees one).
+        cpu_augment: in CPU mode, which kernels make the views from DALI's standardised batches: 'torch'
+            (default: ``torch_augment``, ~3x cheaper per view than DALI's CPU operators) or 'dali' (the
+            GPU's graph run on the CPU, to check what a GPU run computes). The same views either way, to
+            float rounding. A GPU always makes them in DALI's graph.
         num_threads: DALI operator threads per rank.
         workers: reader processes per rank (DALI parallel external source). 0 reads in the main process.
         prefetch: batches DALI prepares ahead.
@@ -103,6 +109,7 @@ class LoaderConfig:
     views: ViewConfig = field(default_factory=ViewConfig)
     storage: StorageOptions = field(default_factory=StorageOptions)
     device: str = "auto"
+    cpu_augment: str = "torch"
     num_threads: int = 2
     workers: int = 2
     prefetch: int = 2
@@ -116,6 +123,8 @@ class LoaderConfig:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.device not in ("gpu", "cpu", "auto"):
             raise ValueError(f"device must be gpu, cpu or auto, got {self.device!r}")
+        if self.cpu_augment not in CPU_AUGMENT:
+            raise ValueError(f"cpu_augment must be one of {CPU_AUGMENT}, got {self.cpu_augment!r}")
         if self.batch_size < 1 or self.workers < 0:
             raise ValueError("batch_size must be >= 1 and workers >= 0")
         if self.on_corrupt not in ON_CORRUPT:
@@ -130,7 +139,8 @@ class LoaderConfig:
 class Batch:
     """One rank's batch: the views, and which samples they came from."""
 
-    views: list[torch.Tensor]  # each (B, C, H, W), channels-last memory format
+    # each (B, C, H, W): channels-last memory format from DALI's graph (HWC), contiguous from torch's kernels
+    views: list[torch.Tensor]
     rows: torch.Tensor  # (B,) dataset row ids
     positions: torch.Tensor  # (B,) positions in the epoch's global order
     substituted: int  # samples replaced because their bytes were corrupt
@@ -344,7 +354,7 @@ class SSLLoader:
         )
 
     def _build(self):
-        from .dali_pipeline import DALIGenericIterator, build_pipeline
+        from .dali_pipeline import DALIGenericIterator, build_pipeline, view_inputs
 
         pipe = build_pipeline(
             self.sample_source(),
@@ -358,11 +368,42 @@ class SSLLoader:
             self.cfg.prefetch,
             seed=self.cfg.plan.seed,
             s2_stored=stored_s2_bands(self.manifest),
+            views_in_graph=self.views_in_graph,
         )
-        names = [f"view{v}" for v in range(len(self.views.views))] + ["ids"]
+        n = len(self.views.views)
+        if self.views_in_graph:
+            names = [f"view{v}" for v in range(n)] + ["ids"]
+        else:
+            params = [f"{p}{v}" for v in range(n) for p in ("matrix", "gain", "offset", "sigma")]
+            names = [f"input{k}" for k in range(len(view_inputs(self.views)[0]))] + ["ids", *params]
         self._iterator = DALIGenericIterator([pipe], names, auto_reset=False, prepare_first_batch=False)
         self._pipe = pipe
         self._built_at = self.position
+
+    @property
+    def views_in_graph(self) -> bool:
+        """Whether DALI's graph makes the views (on a GPU; in CPU mode with ``cpu_augment='dali'``)."""
+        return self.device == "gpu" or self.cfg.cpu_augment == "dali"
+
+    def _views(self, out: dict) -> list[torch.Tensor]:
+        """The batch's views (B, C, H, W) from the pipeline's outputs: DALI's views, or torch's made from
+        the standardised inputs and the views' parameters (``torch_augment``)."""
+        n = len(self.views.views)
+        if self.views_in_graph:
+            return [out[f"view{v}"].permute(0, 3, 1, 2) for v in range(n)]
+        from .dali_pipeline import view_inputs
+        from .torch_augment import augment_batch
+
+        _, index = view_inputs(self.views)
+        inputs = [out[f"input{k}"].permute(0, 3, 1, 2) for k in range(max(index) + 1)]
+        return [
+            augment_batch(
+                inputs[index[v]],
+                *(out[f"{p}{v}"] for p in ("matrix", "gain", "offset", "sigma")),
+                view.size,
+            )
+            for v, view in enumerate(self.views.views)
+        ]
 
     def _worker_pids(self) -> list[int]:
         pool = getattr(self._pipe, "_py_pool", None)
@@ -438,7 +479,7 @@ class SSLLoader:
                     ) from exc
                 ids = out["ids"]
                 batch = Batch(
-                    views=[out[f"view{v}"].permute(0, 3, 1, 2) for v in range(len(self.views.views))],
+                    views=self._views(out),
                     rows=ids[:, 0].cpu(),
                     positions=ids[:, 1].cpu(),
                     substituted=int(ids[:, 3].sum()),

@@ -61,12 +61,20 @@ def _epoch(loader) -> list:
     ids=["s1", "s2-all", "s1s2", "pair", "fusion_all", "fusion_partial", "fusion_optional", "multicrop"],
 )
 def test_view_modes_shapes_and_values(dataset, views, channels, sizes):
+    """Every view mode in CPU mode; torch's views (the default there) equal those of DALI's graph (what a
+    GPU runs) for the same samples and parameters, to float rounding."""
     loader = SSLLoader(str(dataset), _cfg(views=views, workers=0))
     batch = next(iter(loader))
+    graph = next(iter(SSLLoader(str(dataset), _cfg(views=views, workers=0, cpu_augment="dali"))))
+    assert torch.equal(graph.rows, batch.rows)
+    for ours, theirs in zip(batch.views, graph.views, strict=True):
+        assert theirs.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(ours, theirs, atol=2e-2, rtol=0)
+        assert (ours - theirs).abs().mean() < 2e-3
     assert [v.shape for v in batch.views] == [(4, c, s, s) for c, s in zip(channels, sizes, strict=True)]
     for v in batch.views:
         assert v.dtype == torch.float32 and torch.isfinite(v).all()
-        assert v.is_contiguous(memory_format=torch.channels_last)
+        assert v.is_contiguous()  # CPU mode: torch's kernels (DALI's graph gives channels-last HWC)
         assert v.abs().mean() < 3  # standardised, not raw reflectance or dB
     if views.mode == "fusion_partial":
         for i in range(4):  # both views of a sample drop the same sensor (or none)

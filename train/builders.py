@@ -59,6 +59,7 @@ def loader_config(cfg: TrainConfig, views: ViewConfig) -> LoaderConfig:
         split=lc.split,
         views=views,
         device=lc.device,
+        cpu_augment=lc.cpu_augment,
         num_threads=lc.threads,
         workers=lc.workers,
         on_corrupt=lc.on_corrupt,

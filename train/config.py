@@ -242,6 +242,8 @@ class DataConfig:
             its bytes); false: wait for each shard's download.
         retries, timeout_s: attempts after a failed object-store request, and each request's timeout.
         device: DALI device: auto, gpu or cpu.
+        cpu_augment: in CPU mode, 'torch' (default: torch's kernels make the views, ~3x cheaper) or 'dali'
+            (DALI's graph on the CPU: exactly what a GPU run computes).
         on_corrupt, max_corrupt_fraction: a sample whose bytes fail their check 'fail's the run or is
             'skip'ped (replaced, counted as ``replaced_samples``) until more than this fraction of an
             epoch's samples were skipped on a rank (see ``LoaderConfig``).
@@ -267,6 +269,7 @@ class DataConfig:
     retries: int = StorageOptions.retries
     timeout_s: float = StorageOptions.timeout_s
     device: str = LoaderConfig.device
+    cpu_augment: str = LoaderConfig.cpu_augment
     on_corrupt: str = LoaderConfig.on_corrupt
     max_corrupt_fraction: float = LoaderConfig.max_corrupt_fraction
     n_local: int = ViewConfig.n_local
