@@ -190,14 +190,19 @@ def test_bench_loader_cli_with_local_s3_reports_every_number(tmp_path):
         "s3_samples_per_s",
         "s3_read_samples_per_s",
         "read_cpu_over_raw_pread",
+        "transport_cpu_over_raw_pread",
         "read_stage_cpu_over_raw_pread",
         "augment_cpu_over_torch",
+        "dali_graph_over_torch",
         "reader_samples_per_s_per_core",
     ):
         assert result[key] > 0, key
     assert result["s3_latency_ms"] == 5 and result["s3"]["latency_model"]["latency_ms_per_request"] == 5
     cpu = result["cpu_ms_per_sample"]
     assert result["read_cpu_over_raw_pread"] == pytest.approx(cpu["reader"] / cpu["raw_pread"], rel=0.02)
+    assert result["augment_cpu_over_torch"] == pytest.approx(
+        cpu["augment_cpu_mode"] / cpu["augment_torch"], rel=0.02
+    )
     assert result["s3_speedup_vs_geotiff"] == result["s3"]["augment"]["cache"]["speedup"]
     assert result["s3"]["endpoint_from_env"] and result["s3"]["source"].startswith("s3://")
     assert (result["gpu_samples_per_s"] is None) == (not torch.cuda.is_available())

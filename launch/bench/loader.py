@@ -18,8 +18,9 @@ workers and the same batch size on both sides (``bench_loader``):
   Gaussian blur with DALI's window (skipped when the view draws no blur). Given the same position, the two
   sides' views agree to ~3e-3 in standardised units (tested).
 - **CPU against floors** (``loader_cpu``): the reader's CPU per sample over a raw ``preadv`` of the same
-  bytes (``read_cpu_over_raw_pread``), the whole CPU-mode read stage over the same, and DALI's CPU-mode
-  augmentation over torch's of the same samples and parameters (``augment_cpu_over_torch``).
+  bytes (``read_cpu_over_raw_pread``), the whole CPU-mode read stage over the same, and the loader's
+  CPU-mode augmentation over the torch reference's, per sample, of the same samples and parameters
+  (``augment_cpu_over_torch``; DALI's graph on the CPU: ``dali_graph_over_torch``).
 - **from S3** (``s3_source``/``s3_dataset``, or ``local_s3``; ``loader_s3``): both stages again with both
   sides reading from the object store: the baseline opens ``s3://`` GeoTIFFs with rasterio (GDAL
   ``/vsis3/``); ours reads the shards through a node-local shard cache (filled by the warm-up epoch) and,
@@ -109,7 +110,9 @@ def bench_loader(cfg: LoaderBenchConfig) -> dict:
     Returns:
         A JSON-ready dict: machine, settings, per-side samples/s of ``read`` and ``augment``, the speedups
         ``read_speedup_vs_geotiff`` and ``speedup_vs_geotiff``; the CPU ratios ``read_cpu_over_raw_pread``,
-        ``read_stage_cpu_over_raw_pread`` and ``augment_cpu_over_torch`` (``loader_cpu``), with
+        ``transport_cpu_over_raw_pread``, ``read_stage_cpu_over_raw_pread``, ``augment_cpu_over_torch`` and
+        ``dali_graph_over_torch``
+        (``loader_cpu``), with
         ``cpu_ms_per_sample`` of each part and ``reader_samples_per_s_per_core``; with S3 the same from
         the object store
         (``s3_read_speedup_vs_geotiff``, ``s3_speedup_vs_geotiff`` with the shard cache,
@@ -156,16 +159,20 @@ def bench_loader(cfg: LoaderBenchConfig) -> dict:
         result["read_cpu"] = read_cpu(dataset, cfgs["read"], probe, samples, repeat)
         raw = result["read_cpu"]["raw_pread"]["cpu_ms_per_sample"]
         result["read_cpu_over_raw_pread"] = result["read_cpu"]["ratio"]
+        result["transport_cpu_over_raw_pread"] = result["read_cpu"]["transport_over_raw_pread"]
         stage = result["read"]["ours"]["cpu_ms_per_sample"]
         result["read_stage_cpu_over_raw_pread"] = None if stage is None else round(stage / raw, 2)
         result["augment_cpu"] = augment_cpu(probe, 1, samples // 4 or 1, repeat)
         result["augment_cpu_over_torch"] = result["augment_cpu"]["ratio"]
+        result["dali_graph_over_torch"] = result["augment_cpu"]["dali_graph_over_torch"]
         result["cpu_ms_per_sample"] = {
             "raw_pread": raw,
             "reader": result["read_cpu"]["reader"]["cpu_ms_per_sample"],
+            "dali_transport": result["read_cpu"]["transport"]["cpu_ms_per_sample"],
             "read_stage_cpu_mode": stage,
-            "augment_dali_cpu": result["augment_cpu"]["dali_cpu"]["cpu_ms_per_sample"],
+            "augment_cpu_mode": result["augment_cpu"]["cpu_mode"]["cpu_ms_per_sample"],
             "augment_torch": result["augment_cpu"]["torch"]["cpu_ms_per_sample"],
+            "augment_dali_graph": result["augment_cpu"]["dali_graph"]["cpu_ms_per_sample"],
         }
         result["reader_samples_per_s_per_core"] = round(1000 / result["cpu_ms_per_sample"]["reader"], 1)
 

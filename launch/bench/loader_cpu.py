@@ -6,17 +6,18 @@ Each number is a ratio of CPU-milliseconds per sample of two sides timed in the 
   parallel external source workers, each batch handed to DALI; no graph: on a GPU node that is on the
   GPU), over a raw ``preadv`` of the same S1+S2 bytes of every sample in the epoch's order into one reused
   buffer (one process: the cost of the bytes alone). The reader's extra cost is the member checksums, the
-  view-parameter draws and DALI's transport between processes.
+  view-parameter draws and DALI's transport between processes. ``transport_over_raw_pread``: that
+  transport alone (``PreparedBatches``: batches of the same arrays, nothing read), a floor under the
+  reader's ratio as long as batches cross DALI's parallel external source.
 - ``read_stage_cpu_over_raw_pread``: the whole read stage in DALI's CPU mode (``read`` of the bench: adds
   band selection, standardisation and the S1+S2 concatenation on the CPU) over the same raw pread.
-- ``augment_cpu_over_torch``: the loader's augmentation graph in DALI's CPU mode (``augment_view``:
-  ``warp_affine``, per-band gain/offset, Gaussian blur) against ``torch_view`` (``grid_sample``, the same
-  jitter, torchvision's blur) on the same standardised samples with the same parameters, in this process,
-  one thread each (as the DataLoader baseline's workers run torch: with more, torch's OpenMP threads
-  spin while they wait, which inflates its CPU time several times over on a loaded machine). Below 1:
-  DALI's CPU mode is cheaper. ``geometry_ratio``: the
-  resampling alone (``warp_affine`` against ``grid_sample``), since the two sides' blurs differ in cost
-  (torchvision convolves with a 2-D kernel, DALI with separable 1-D ones).
+- ``augment_cpu_over_torch``: the loader's augmentation in CPU mode (``torch_augment.augment_batch``: a
+  batch per call, what ``SSLLoader`` runs after DALI's CPU graph has standardised the batch) against the
+  torch reference (``torch_view`` per sample, as the DataLoader baseline's workers run it) on the same
+  standardised samples with the same parameters, in this process, one thread each (with more, torch's
+  OpenMP threads spin while they wait, which inflates its CPU time several times over on a loaded
+  machine). Below 1: the loader's CPU mode is cheaper. ``dali_graph_over_torch``: the same views by DALI's
+  graph on the CPU (``augment_view``: ``warp_affine``, arithmetic, ``gaussian_blur``), what a GPU runs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from .loader_sides import cpu_reader_pipeline
 MIN_CPU_S = 0.5
 """CPU seconds each side of a CPU ratio runs at least: 50 ticks of the /proc clock (1 % resolution)."""
 
-__all__ = ["augment_cpu", "interleaved", "raw_pread_epochs", "read_cpu", "reader_epochs"]
+__all__ = ["PreparedBatches", "augment_cpu", "interleaved", "raw_pread_epochs", "read_cpu", "reader_epochs"]
 
 
 def interleaved(sides: dict[str, Epochs], min_samples: int, repeat: int, cpu=None) -> dict:
@@ -94,13 +94,49 @@ def raw_pread_epochs(loader: SSLLoader) -> Epochs:
     return epoch
 
 
+class PreparedBatches:
+    """A batch callable with the outputs of the loader's ``SampleSource`` (the same structure, shapes and
+    dtypes: lists of HWC arrays, ids, view parameters) that reads nothing: its arrays are made once in the
+    worker and handed over at every call. In DALI's parallel external source it times the transport
+    alone (the worker's copy into shared memory, the pipeline's side)."""
+
+    def __init__(self, template: tuple, steps: int):
+        self.layout = [
+            ("list", [(a.shape, a.dtype.str) for a in out])
+            if isinstance(out, list)
+            else (out.shape, out.dtype.str)
+            for out in template
+        ]
+        self.steps = steps
+        self._outputs: tuple | None = None
+
+    def __call__(self, info) -> tuple:
+        if info.iteration >= self.steps:
+            raise StopIteration
+        if self._outputs is None:
+            self._outputs = tuple(
+                [np.ones(shape, dtype) for shape, dtype in spec[1]]
+                if spec[0] == "list"
+                else np.ones(spec[0], spec[1])
+                for spec in self.layout
+            )
+        return self._outputs
+
+
 @contextmanager
-def reader_epochs(dataset: str, cfg: LoaderConfig) -> Iterator[Epochs]:
+def reader_epochs(dataset: str, cfg: LoaderConfig, prepared: bool = False) -> Iterator[Epochs]:
     """Epochs of the loader's ``SampleSource`` in DALI's parallel external source, batches handed to DALI
-    and nothing else (what a GPU node's CPU does before the graph)."""
+    and nothing else (what a GPU node's CPU does before the graph). ``prepared``: the same batches'
+    transport without reading (``PreparedBatches``)."""
+    from types import SimpleNamespace
+
     loader = SSLLoader(dataset, cfg, rank=0, world_size=1)
+    source = None
+    if prepared:
+        template = loader.sample_source()(SimpleNamespace(epoch_idx=0, iteration=0))
+        source = PreparedBatches(template, len(loader))
     pipe = cpu_reader_pipeline(
-        loader, lambda arrays, ids, params: (*arrays.values(), ids, *params), cfg.prefetch
+        loader, lambda arrays, ids, params: (*arrays.values(), ids, *params), cfg.prefetch, source
     )
     pipe.build()
 
@@ -118,9 +154,17 @@ def reader_epochs(dataset: str, cfg: LoaderConfig) -> Iterator[Epochs]:
 
 def read_cpu(dataset: str, cfg: LoaderConfig, probe: SSLLoader, min_samples: int, repeat: int) -> dict:
     """``read_cpu_over_raw_pread`` and what it is made of (see module docstring)."""
-    with reader_epochs(dataset, cfg) as reader:
-        sides = interleaved({"reader": reader, "raw_pread": raw_pread_epochs(probe)}, min_samples, repeat)
-    return {**sides, "ratio": cpu_ratio(sides["reader"], sides["raw_pread"])}
+    with reader_epochs(dataset, cfg) as reader, reader_epochs(dataset, cfg, prepared=True) as transport:
+        sides = interleaved(
+            {"reader": reader, "raw_pread": raw_pread_epochs(probe), "transport": transport},
+            min_samples,
+            repeat,
+        )
+    return {
+        **sides,
+        "ratio": cpu_ratio(sides["reader"], sides["raw_pread"]),
+        "transport_over_raw_pread": cpu_ratio(sides["transport"], sides["raw_pread"]),
+    }
 
 
 def cpu_ratio(side: dict, reference: dict) -> float:
@@ -159,9 +203,10 @@ def _constant(value):
 
 def augment_cpu(loader: SSLLoader, threads: int, min_samples: int, repeat: int) -> dict:
     """``augment_cpu_over_torch`` (see module docstring): the same samples, views and threads."""
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def
 
     from eossl.streaming.dali_pipeline import augment_view
+    from eossl.streaming.torch_augment import augment_batch
 
     batch = _standardised_batch(loader, loader.cfg.batch_size)
     b = len(batch)
@@ -172,76 +217,46 @@ def augment_cpu(loader: SSLLoader, threads: int, min_samples: int, repeat: int) 
         for v in range(len(views))
     ]
 
-    def graph(geometry_only: bool):
-        @pipeline_def(
-            batch_size=b,
-            num_threads=threads,
-            device_id=None,
-            exec_dynamic=True,
-            seed=0,
-            prefetch_queue_depth=1,
-        )
-        def pipeline():
-            x = fn.external_source(source=_constant(batch), batch=True, layout="HWC", no_copy=True)
-            out = []
+    @pipeline_def(
+        batch_size=b, num_threads=threads, device_id=None, exec_dynamic=True, seed=0, prefetch_queue_depth=1
+    )
+    def pipeline():
+        x = fn.external_source(source=_constant(batch), batch=True, layout="HWC", no_copy=True)
+        out = []
+        for v, view in enumerate(views):
+            m, g, o, s = (
+                fn.external_source(source=_constant(a), batch=True, no_copy=True) for a in params[v]
+            )
+            out.append(augment_view(x, m, g, o, s, view.size))
+        return tuple(out)
+
+    pipe = pipeline()
+    pipe.build()
+
+    def dali_graph() -> int:  # one iteration, no prefetch: its work falls inside the timed window
+        pipe.schedule_run()
+        pipe.outputs()
+        return b
+
+    chw = torch.from_numpy(batch).permute(0, 3, 1, 2)  # channels-last strides, as the loader hands them
+    torch_params = [[torch.from_numpy(a) for a in ps] for ps in params]
+
+    def cpu_mode() -> int:
+        for v, view in enumerate(views):
+            augment_batch(chw, *torch_params[v], view.size)
+        return b
+
+    def reference() -> int:
+        for i in range(b):
             for v, view in enumerate(views):
-                m, g, o, s = (
-                    fn.external_source(source=_constant(a), batch=True, no_copy=True) for a in params[v]
-                )
-                if geometry_only:
-                    out.append(
-                        fn.warp_affine(
-                            x,
-                            matrix=m,
-                            size=[view.size] * 2,
-                            inverse_map=True,
-                            interp_type=types.INTERP_LINEAR,
-                            fill_value=0.0,
-                        )
-                    )
-                else:
-                    out.append(augment_view(x, m, g, o, s, view.size))
-            return tuple(out)
-
-        pipe = pipeline()
-        pipe.build()
-
-        def epoch() -> int:  # one iteration, no prefetch: its work falls inside the timed window
-            pipe.schedule_run()
-            pipe.outputs()
-            return b
-
-        return epoch
-
-    chw = torch.from_numpy(batch).permute(0, 3, 1, 2)
-    torch_params = [[d[v] for d in draws] for v in range(len(views))]
-    unit = [
-        [
-            replace(p, gain=np.ones_like(p.gain), offset=np.zeros_like(p.offset), sigma=np.float32(0))
-            for p in ps
-        ]
-        for ps in torch_params
-    ]
-
-    def torch_epochs(per_view: list[list]):
-        def epoch() -> int:
-            for i in range(b):
-                for v, view in enumerate(views):
-                    torch_view(chw[i], per_view[v][i], view.size)
-            return b
-
-        return epoch
+                torch_view(chw[i], draws[i][v], view.size)
+        return b
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         sides = interleaved(
-            {
-                "dali_cpu": graph(False),
-                "torch": torch_epochs(torch_params),
-                "dali_cpu_warp_only": graph(True),
-                "torch_grid_sample_only": torch_epochs(unit),
-            },
+            {"cpu_mode": cpu_mode, "torch": reference, "dali_graph": dali_graph},
             min_samples,
             repeat,
             cpu=time.process_time,
@@ -252,6 +267,6 @@ def augment_cpu(loader: SSLLoader, threads: int, min_samples: int, repeat: int) 
     return {
         **sides,
         "threads": threads,
-        "ratio": cpu_ratio(sides["dali_cpu"], sides["torch"]),
-        "geometry_ratio": cpu_ratio(sides["dali_cpu_warp_only"], sides["torch_grid_sample_only"]),
+        "ratio": cpu_ratio(sides["cpu_mode"], sides["torch"]),
+        "dali_graph_over_torch": cpu_ratio(sides["dali_graph"], sides["torch"]),
     }

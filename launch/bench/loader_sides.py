@@ -43,15 +43,16 @@ SENSORS = ("s1", "s2")
 
 
 # -- ours: the loader's reading path without augmentation -----------------------------------------------
-def cpu_reader_pipeline(loader: SSLLoader, graph: Callable, prefetch: int):
-    """A DALI CPU-mode pipeline: the loader's own ``SampleSource`` (reader and plan) in parallel external
-    source workers, its outputs ``(arrays, ids, view params)`` passed through ``graph``."""
+def cpu_reader_pipeline(loader: SSLLoader, graph: Callable, prefetch: int, source=None):
+    """A DALI CPU-mode pipeline: the loader's own ``SampleSource`` (reader and plan; or ``source``, a
+    batch callable with the same outputs) in parallel external source workers, its outputs ``(arrays, ids,
+    view params)`` passed through ``graph``."""
     from nvidia.dali import pipeline_def
 
     from eossl.streaming.dali_pipeline import external_batches
 
     cfg = loader.cfg
-    source = loader.sample_source()
+    source = loader.sample_source() if source is None else source
 
     @pipeline_def(
         batch_size=cfg.batch_size,
