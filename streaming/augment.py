@@ -146,29 +146,37 @@ def crop_box(rng: np.random.Generator, size: int, scale: tuple[float, float], ra
     return (size - s) / 2, (size - s) / 2, s, s
 
 
-def geometry_matrix(box, out_size: int, linear: np.ndarray) -> np.ndarray:
+def geometry_matrix(box, out_size: int, linear) -> np.ndarray:
     """Affine from output to input coordinates: output square -> (centred transform) -> crop box.
 
     With ``u = p_out / out_size - 0.5`` (the output square centred at 0), ``p_in = c + diag(w, h) L u``,
-    where ``c`` is the box centre and ``L`` the 2x2 flip/rotation/shear part.
+    where ``c`` is the box centre and ``L`` the 2x2 flip/rotation/shear part. Plain float arithmetic: it
+    runs for every view of every sample in the reader, where NumPy's per-call overhead on 2 x 2 matrices
+    cost more than the rest of the draw.
     """
     x0, y0, w, h = box
-    scale = np.diag([w, h]) @ linear / out_size
-    centre = np.array([x0 + w / 2, y0 + h / 2])
-    shift = centre - scale @ np.array([out_size / 2, out_size / 2])
-    return np.concatenate([scale, shift[:, None]], axis=1).astype(np.float32)
+    (a, b), (c, d) = ((float(v) for v in row) for row in linear)
+    s00, s01, s10, s11 = w * a / out_size, w * b / out_size, h * c / out_size, h * d / out_size
+    half = out_size / 2
+    shift_x = (x0 + w / 2) - (s00 * half + s01 * half)
+    shift_y = (y0 + h / 2) - (s10 * half + s11 * half)
+    return np.array([[s00, s01, shift_x], [s10, s11, shift_y]], dtype=np.float32)
 
 
 def _linear_part(rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
-    linear = np.eye(2)
+    """The 2 x 2 flip/rotation/shear part of a view's geometry (a NumPy array only for the random affine:
+    rotations by 90 degrees and flips are exact in plain floats)."""
+    linear = ((1.0, 0.0), (0.0, 1.0))
     if cfg.rot90:
-        k = int(rng.integers(0, 4))
-        rot = np.array([[0.0, -1.0], [1.0, 0.0]])
-        linear = np.linalg.matrix_power(rot, k) @ linear
+        for _ in range(int(rng.integers(0, 4))):  # rotate by 90 degrees: [[0, -1], [1, 0]] @ linear
+            (a, b), (c, d) = linear
+            linear = ((-c, -d), (a, b))
     if rng.random() < cfg.hflip:
-        linear = np.diag([-1.0, 1.0]) @ linear
+        (a, b), row = linear
+        linear = ((-a, -b), row)
     if rng.random() < cfg.vflip:
-        linear = np.diag([1.0, -1.0]) @ linear
+        row, (c, d) = linear
+        linear = (row, (-c, -d))
     if cfg.affine_prob > 0 and rng.random() < cfg.affine_prob:
         a = math.radians(rng.uniform(-cfg.affine_rotate_deg, cfg.affine_rotate_deg))
         rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
@@ -179,8 +187,8 @@ def _linear_part(rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
             ]
         )
         scale = np.diag(rng.uniform(*cfg.affine_scale, size=2))
-        linear = rot @ shear @ scale @ linear
-    return linear
+        return rot @ shear @ scale @ np.array(linear)
+    return np.array(linear)
 
 
 def draw_geometry(rng: np.random.Generator, cfg: AugmentConfig, in_size: int, out_size: int) -> np.ndarray:
@@ -212,9 +220,12 @@ def draw_view(
     gain = np.ones(channels, dtype=np.float32)
     offset = np.zeros(channels, dtype=np.float32)
     if cfg.jitter_prob > 0 and rng.random() < cfg.jitter_prob:
-        n = channels if cfg.jitter_per_band else 1
-        gain = np.broadcast_to(rng.uniform(*cfg.gain, size=n), channels).astype(np.float32)
-        offset = np.broadcast_to(rng.uniform(*cfg.offset, size=n), channels).astype(np.float32)
+        if cfg.jitter_per_band:
+            gain = rng.uniform(*cfg.gain, size=channels).astype(np.float32)
+            offset = rng.uniform(*cfg.offset, size=channels).astype(np.float32)
+        else:
+            gain = np.full(channels, rng.uniform(*cfg.gain, size=1)[0], dtype=np.float32)
+            offset = np.full(channels, rng.uniform(*cfg.offset, size=1)[0], dtype=np.float32)
     mask = np.ones(channels, dtype=np.float32) if keep is None else keep.astype(np.float32).copy()
     if cfg.channel_dropout > 0:
         mask *= (rng.random(channels) >= cfg.channel_dropout).astype(np.float32)

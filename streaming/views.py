@@ -136,6 +136,10 @@ class ViewSet:
             self.views = [view, replace(view, source=1)]
         else:
             self.views = [_View(self.input_spec.sensors, cfg.size, cfg.augment)] * 2
+        # per view, made once: the draw runs for every sample in the reader
+        self._specs = [replace(self.input_spec, sensors=view.sensors) for view in self.views]
+        self._slices = [spec.sensor_slices() for spec in self._specs]
+        self._channels = [spec.channels for spec in self._specs]
 
     @property
     def sources(self) -> int:
@@ -148,7 +152,7 @@ class ViewSet:
         return self.input_spec.sensors
 
     def view_spec(self, v: int) -> InputSpec:
-        return replace(self.input_spec, sensors=self.views[v].sensors)
+        return self._specs[v]
 
     def channels(self, v: int) -> int:
         return self.view_spec(v).channels
@@ -156,12 +160,13 @@ class ViewSet:
     def draw(self, seed: int, epoch: int, position: int) -> list[ViewParams]:
         """Parameters of every view of the sample at ``position`` of epoch ``epoch``'s global order."""
         cfg = self.cfg
-        sample_rng = np.random.default_rng([seed, epoch, position, 0x5A])
         shared = None
         if cfg.mode == "pair" and cfg.pair_geometry == "shared":
+            sample_rng = np.random.default_rng([seed, epoch, position, 0x5A])
             shared = draw_geometry(sample_rng, self.views[0].augment, self.patch_size, cfg.size)
         keep = None
         if cfg.mode == "fusion_partial":
+            sample_rng = np.random.default_rng([seed, epoch, position, 0x5A])
             slices = self.input_spec.sensor_slices()
             choice = int(sample_rng.choice(3, p=list(cfg.partial_probs)))
             keep = np.ones(self.input_spec.channels, dtype=np.float32)
@@ -172,18 +177,17 @@ class ViewSet:
         params = []
         for v, view in enumerate(self.views):
             rng = np.random.default_rng([seed, epoch, position, 0x100 + v])
-            spec = self.view_spec(v)
+            slices = self._slices[v]
             view_keep = keep
             if cfg.mode == "fusion_optional" and rng.random() < cfg.optional_drop:
-                slices = spec.sensor_slices()
-                view_keep = np.ones(spec.channels, dtype=np.float32)
+                view_keep = np.ones(self._channels[v], dtype=np.float32)
                 view_keep[slices[("s1", "s2")[int(rng.integers(0, 2))]]] = 0.0
             params.append(
                 draw_view(
                     rng,
                     view.augment,
-                    spec.channels,
-                    spec.sensor_slices(),
+                    self._channels[v],
+                    slices,
                     self.patch_size,
                     view.size,
                     matrix=shared,
