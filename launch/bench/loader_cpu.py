@@ -3,12 +3,13 @@
 Each number is a ratio of CPU-milliseconds per sample of two sides timed in the same run, interleaved:
 
 - ``read_cpu_over_raw_pread``: the reader as a GPU node runs it, on its CPU (``SampleSource`` in DALI's
-  parallel external source workers, each batch handed to DALI; no graph: on a GPU node that is on the
-  GPU), over a raw ``preadv`` of the same S1+S2 bytes of every sample in the epoch's order into one reused
-  buffer (one process: the cost of the bytes alone). The reader's extra cost is the member checksums, the
-  view-parameter draws and DALI's transport between processes. ``transport_over_raw_pread``: that
-  transport alone (``PreparedBatches``: batches of the same arrays, nothing read), a floor under the
-  reader's ratio as long as batches cross DALI's parallel external source.
+  parallel external source workers, each batch handed to DALI and held there, ``_held``; no graph: on a
+  GPU node that is on the GPU), over a raw ``preadv`` of the same S1+S2 bytes of every sample in the
+  epoch's order into one reused buffer (one process: the cost of the bytes alone). The reader's extra
+  cost is the member checksums, the view-parameter draws and DALI's transport between processes.
+  ``transport_over_raw_pread``: that transport alone (``PreparedBatches``: batches of the same arrays,
+  nothing read), a floor under the reader's ratio as long as batches cross DALI's parallel external
+  source.
 - ``read_stage_cpu_over_raw_pread``: the whole read stage in DALI's CPU mode (``read`` of the bench: adds
   band selection, standardisation and the S1+S2 concatenation on the CPU) over the same raw pread.
 - ``augment_cpu_over_torch``: the loader's augmentation in CPU mode (``torch_augment.augment_batch``: a
@@ -94,6 +95,13 @@ def raw_pread_epochs(loader: SSLLoader) -> Epochs:
     return epoch
 
 
+def _held(arrays: dict, ids, _params) -> tuple:
+    """The end of the reader's side: DALI holds the batch (what its graph's first operator reads in place;
+    on a GPU the copy to the device). Only the arrays' shapes and the ids come out: making the arrays
+    themselves the pipeline's outputs would add a copy of every byte that no real pipeline makes."""
+    return (*(a.shape() for a in arrays.values()), ids)
+
+
 class PreparedBatches:
     """A batch callable with the outputs of the loader's ``SampleSource`` (the same structure, shapes and
     dtypes: lists of HWC arrays, ids, view parameters) that reads nothing: its arrays are made once in the
@@ -135,9 +143,7 @@ def reader_epochs(dataset: str, cfg: LoaderConfig, prepared: bool = False) -> It
     if prepared:
         template = loader.sample_source()(SimpleNamespace(epoch_idx=0, iteration=0))
         source = PreparedBatches(template, len(loader))
-    pipe = cpu_reader_pipeline(
-        loader, lambda arrays, ids, params: (*arrays.values(), ids, *params), cfg.prefetch, source
-    )
+    pipe = cpu_reader_pipeline(loader, _held, cfg.prefetch, source)
     pipe.build()
 
     def epoch() -> int:
