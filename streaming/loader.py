@@ -226,6 +226,7 @@ class SSLLoader:
         self._iterator = None
         self._pipe = None
         self._built_at: LoaderPosition | None = None
+        self._augment_pool = None  # CPU mode: the threads torch's views are made in (made when needed)
         self.substituted = 0  # this rank's samples skipped as corrupt in the whole run (resumes included)
         self.corrupt_shards: dict[str, int] = {}  # shard URL -> samples skipped from it in the whole run
         self.epoch_substituted = (self.position.epoch, 0)  # (epoch, samples skipped in it): the stop rule
@@ -392,8 +393,10 @@ class SSLLoader:
         if self.views_in_graph:
             return [out[f"view{v}"].permute(0, 3, 1, 2) for v in range(n)]
         from .dali_pipeline import view_inputs
-        from .torch_augment import augment_batch
+        from .torch_augment import augment_batch, single_thread_pool
 
+        if self._augment_pool is None:
+            self._augment_pool = single_thread_pool(self.cfg.num_threads)
         _, index = view_inputs(self.views)
         inputs = [out[f"input{k}"].permute(0, 3, 1, 2) for k in range(max(index) + 1)]
         return [
@@ -401,6 +404,7 @@ class SSLLoader:
                 inputs[index[v]],
                 *(out[f"{p}{v}"] for p in ("matrix", "gain", "offset", "sigma")),
                 view.size,
+                pool=self._augment_pool,
             )
             for v, view in enumerate(self.views.views)
         ]

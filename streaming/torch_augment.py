@@ -18,12 +18,14 @@ Tests hold both implementations to each other view by view (tests/test_streaming
 
 from __future__ import annotations
 
+from concurrent.futures import Executor, ThreadPoolExecutor
+
 import torch
 import torch.nn.functional as F
 
 from .augment import NO_BLUR_SIGMA
 
-__all__ = ["augment_batch", "blur_batch", "theta_from_pixel_matrix"]
+__all__ = ["augment_batch", "blur_batch", "single_thread_pool", "theta_from_pixel_matrix"]
 
 
 def theta_from_pixel_matrix(matrix: torch.Tensor, in_hw: tuple[int, int], size: int) -> torch.Tensor:
@@ -81,6 +83,7 @@ def augment_batch(
     offset: torch.Tensor,
     sigma: torch.Tensor,
     size: int,
+    pool: Executor | None = None,
 ) -> torch.Tensor:
     """One view of every sample of a batch.
 
@@ -93,6 +96,7 @@ def augment_batch(
         gain, offset: (B, C) per-band jitter.
         sigma: (B,) blur sigma; at most ``NO_BLUR_SIGMA``: no blur.
         size: output side in pixels.
+        pool: threads that share the samples (``single_thread_pool``); None: this thread.
 
     Returns:
         (B, C, size, size) float32, contiguous (NCHW).
@@ -102,11 +106,31 @@ def augment_batch(
     gain = gain.to(torch.float32)[:, :, None, None]
     offset = offset.to(torch.float32)[:, :, None, None]
     out = torch.empty((b, c, size, size), dtype=torch.float32)
-    for i in range(b):
+
+    def one(i: int) -> None:  # writes sample i's view only: threads never share memory
         grid = F.affine_grid(theta[i : i + 1], [1, c, size, size], align_corners=False)
         y = F.grid_sample(x[i : i + 1], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         view = out[i : i + 1]
-        torch.addcmul(offset[i], y, gain[i], out=view)
+        torch.mul(y, gain[i], out=view).add_(offset[i])
         if sigma[i] > NO_BLUR_SIGMA:
             view.copy_(blur_batch(view, sigma[i : i + 1]))
+
+    if pool is None:
+        for i in range(b):
+            one(i)
+    else:
+        list(pool.map(one, range(b)))
     return out
+
+
+def single_thread_pool(threads: int) -> ThreadPoolExecutor:
+    """``threads`` threads for ``augment_batch``, each running torch's kernels on one OpenMP thread.
+
+    The samples of a batch are independent, so they are spread over threads rather than each kernel over
+    cores: a training process runs torch with one OpenMP thread per core, and those threads spin while
+    they wait; on a busy machine a view cost ~4x the CPU that way (docs/BENCHMARKS.md). torch's thread
+    count is per thread under OpenMP, so the caller's own setting is left alone.
+    """
+    return ThreadPoolExecutor(
+        max(threads, 1), thread_name_prefix="eossl-augment", initializer=torch.set_num_threads, initargs=(1,)
+    )

@@ -121,3 +121,26 @@ def test_blur_uses_each_samples_own_window_and_mirrors_the_border():
             np.testing.assert_allclose(got[i, c], _blur_reference(x[i, c], float(sigma[i])), atol=1e-5)
     with pytest.raises(ValueError, match="larger than 8x8"):
         blur_batch(torch.zeros(1, 1, 8, 8), torch.tensor([3.0]))
+
+
+def test_threads_share_the_samples_and_leave_the_callers_torch_threads_alone():
+    """The loader's pool: the same views, bit for bit, as one thread; its threads run torch on one OpenMP
+    thread each while the caller (the training loop) keeps its own count."""
+    from eossl.streaming.torch_augment import single_thread_pool
+
+    cfg = preset("default")
+    images = RNG.normal(size=(5, 256, 256, 4)).astype(np.float32)
+    params = [draw_view(np.random.default_rng(i), cfg, 4, {"s2": slice(0, 4)}, 256, 64) for i in range(5)]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    args = [torch.from_numpy(np.stack([getattr(p, n) for p in params])) for n in ("matrix", "gain", "offset")]
+    sigma = torch.from_numpy(np.stack([p.sigma for p in params]))
+    before = torch.get_num_threads()  # the suite runs torch on one thread: give the caller two
+    torch.set_num_threads(2)
+    try:
+        with single_thread_pool(3) as pool:
+            threaded = augment_batch(x, *args, sigma, 64, pool=pool)
+            assert set(pool.map(lambda _: torch.get_num_threads(), range(6))) == {1}
+        assert torch.get_num_threads() == 2
+        assert torch.equal(threaded, augment_batch(x, *args, sigma, 64))
+    finally:
+        torch.set_num_threads(before)
