@@ -169,6 +169,15 @@ def test_bench_loader_cli_with_local_s3_reports_every_number(tmp_path):
     comparisons = [result["read"], result["augment"]] + [
         result["s3"][stage][variant] for stage in ("read", "augment") for variant in ("cache", "no_cache")
     ]
+    first = result["s3"]["first_epoch"]  # one round each on an empty cache, with and without reading ahead
+    assert {name: len(rates) for name, rates in first["rounds"].items()} == {
+        "read_while_downloading": 1,
+        "waiting_for_downloads": 1,
+    }
+    assert first["speedup"] == pytest.approx(
+        first["samples_per_s"]["read_while_downloading"] / first["samples_per_s"]["waiting_for_downloads"],
+        rel=0.02,
+    )
     for comparison in comparisons:
         for side in ("ours", "geotiff_dataloader"):
             run = comparison[side]
@@ -187,6 +196,7 @@ def test_bench_loader_cli_with_local_s3_reports_every_number(tmp_path):
         "s3_speedup_vs_geotiff",
         "s3_nocache_read_speedup_vs_geotiff",
         "s3_nocache_speedup_vs_geotiff",
+        "s3_first_epoch_read_while_downloading_speedup",
         "s3_samples_per_s",
         "s3_read_samples_per_s",
         "read_cpu_over_raw_pread",
