@@ -231,9 +231,9 @@ TRAIN = cli_set(
 @pytest.mark.slow
 def test_slurm_job_preempted_checkpoints_requeues_and_resumes(dataset, slurm_stubs, tmp_path):
     """SIGUSR1 to the batch script (what --signal=B:USR1@N sends) -> ranks checkpoint -> requeue -> resume."""
-    run = tmp_path / "run"
+    run, steps = tmp_path / "run", 12  # the stop comes after step 3 and lands mid-run
     job = ClusterJob(
-        train_args=("moco", "--data", str(dataset), "--out", str(run), "--max-steps", "30", *TRAIN),
+        train_args=("moco", "--data", str(dataset), "--out", str(run), "--max-steps", str(steps), *TRAIN),
         nodes=1,
         gpus_per_node=2,
         accelerate_config="launch/accelerate/cpu_multinode.yaml",
@@ -268,9 +268,9 @@ def test_slurm_job_preempted_checkpoints_requeues_and_resumes(dataset, slurm_stu
         log.close()
     first = (tmp_path / "first.log").read_text()
     assert (tmp_path / "requeues").read_text().split() == ["4242"], first[-3000:]
-    steps = history_steps(run)
+    done = history_steps(run)
     checkpoint_step = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
-    assert checkpoint_step == steps[-1] < 30, (checkpoint_step, steps)  # nothing trained is lost
+    assert checkpoint_step == done[-1] < steps, (checkpoint_step, done)  # nothing trained is lost
     assert not (run / "backbone").exists() and "TRAINING-DONE" not in first
     assert "SIGUSR1 received" in first
 
@@ -280,7 +280,7 @@ def test_slurm_job_preempted_checkpoints_requeues_and_resumes(dataset, slurm_stu
     resumed = re.search(r"resumed from \S+step-(\d+)", again.stdout + again.stderr)
     assert resumed and int(resumed.group(1)) == checkpoint_step
     assert "TRAINING-DONE" in again.stdout
-    assert history_steps(run) == list(range(1, 31))
+    assert history_steps(run) == list(range(1, steps + 1))
     ranks = [json.loads(p.read_text()) for p in sorted((run / "ranks").glob("rank-*.json"))]
     assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["params_sha256"] == ranks[1][
         "params_sha256"
