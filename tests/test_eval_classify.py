@@ -55,54 +55,33 @@ def test_multilabel_linear_probe_learns_independent_classes():
 
 @pytest.fixture(scope="module")
 def pretrained(dataset, tmp_path_factory) -> Path:
-    """A 3-step partial-fusion MoCo run (so one model serves s1, s2 and s1s2) and a conv1x1 pair run."""
+    """A 3-step partial-fusion MoCo run (so one model serves s1, s2 and s1s2) and a conv1x1 pair run.
+
+    Trained in this process (torch is imported already; a training command would import it again): the
+    tests read the runs, not how they were started."""
+    from eossl.train.config import load_config
+    from eossl.train.loop import train
+
     runs = tmp_path_factory.mktemp("runs")
-    common = [
-        "--max-steps",
-        "3",
-        "--set",
-        "backbone=resnet18",
-        "--set",
-        "batch_size=8",
-        "--set",
-        "size=64",
-        "--set",
-        "queue_size=32",
-        "--set",
-        "hidden=64",
-        "--set",
-        "workers=0",
-        "--set",
-        "split=train",
-    ]
-    run_cli(
-        "train",
-        "moco",
-        "--data",
-        str(dataset),
-        "--out",
-        str(runs / "fusion"),
-        "--set",
-        "mode=fusion_partial",
-        *common,
-        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
-        cwd=runs,  # the default store: ./mlflow.db
-    )
-    run_cli(
-        "train",
-        "moco",
-        "--data",
-        str(dataset),
-        "--out",
-        str(runs / "pair"),
-        "--set",
-        "mode=pair",
-        "--set",
-        "adapter=conv1x1",
-        *common,
-        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
-        cwd=runs,  # the default store: ./mlflow.db
-    )
+    common = {
+        "data": str(dataset),
+        "max_steps": "3",
+        "backbone": "resnet18",
+        "batch_size": "8",
+        "size": "64",
+        "queue_size": "32",
+        "hidden": "64",
+        "workers": "0",
+        "split": "train",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.chdir(runs)  # the default store: ./mlflow.db
+        for name, extra in (
+            ("fusion", {"mode": "fusion_partial"}),
+            ("pair", {"mode": "pair", "adapter": "conv1x1"}),
+        ):
+            train(load_config("moco", None, {**common, **extra, "out": str(runs / name)}), resume=False)
     return runs
 
 

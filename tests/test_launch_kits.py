@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from eossl.launch.cli import main
 from eossl.launch.cluster import ClusterJob, render_k8s, render_slurm
 from eossl.launch.site import K8sSite, SiteConfig, SlurmSite
 
@@ -231,9 +232,9 @@ TRAIN = cli_set(
 @pytest.mark.slow
 def test_slurm_job_preempted_checkpoints_requeues_and_resumes(dataset, slurm_stubs, tmp_path):
     """SIGUSR1 to the batch script (what --signal=B:USR1@N sends) -> ranks checkpoint -> requeue -> resume."""
-    run = tmp_path / "run"
+    run, steps = tmp_path / "run", 12  # the stop comes after step 3 and lands mid-run
     job = ClusterJob(
-        train_args=("moco", "--data", str(dataset), "--out", str(run), "--max-steps", "30", *TRAIN),
+        train_args=("moco", "--data", str(dataset), "--out", str(run), "--max-steps", str(steps), *TRAIN),
         nodes=1,
         gpus_per_node=2,
         accelerate_config="launch/accelerate/cpu_multinode.yaml",
@@ -268,9 +269,9 @@ def test_slurm_job_preempted_checkpoints_requeues_and_resumes(dataset, slurm_stu
         log.close()
     first = (tmp_path / "first.log").read_text()
     assert (tmp_path / "requeues").read_text().split() == ["4242"], first[-3000:]
-    steps = history_steps(run)
+    done = history_steps(run)
     checkpoint_step = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
-    assert checkpoint_step == steps[-1] < 30, (checkpoint_step, steps)  # nothing trained is lost
+    assert checkpoint_step == done[-1] < steps, (checkpoint_step, done)  # nothing trained is lost
     assert not (run / "backbone").exists() and "TRAINING-DONE" not in first
     assert "SIGUSR1 received" in first
 
@@ -280,7 +281,7 @@ def test_slurm_job_preempted_checkpoints_requeues_and_resumes(dataset, slurm_stu
     resumed = re.search(r"resumed from \S+step-(\d+)", again.stdout + again.stderr)
     assert resumed and int(resumed.group(1)) == checkpoint_step
     assert "TRAINING-DONE" in again.stdout
-    assert history_steps(run) == list(range(1, 31))
+    assert history_steps(run) == list(range(1, steps + 1))
     ranks = [json.loads(p.read_text()) for p in sorted((run / "ranks").glob("rank-*.json"))]
     assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["params_sha256"] == ranks[1][
         "params_sha256"
@@ -332,7 +333,7 @@ def test_mlflow_serve_answers_and_stops_on_sigterm(tmp_path):
 
 
 @pytest.mark.slow
-def test_study_emitted_as_slurm_jobs_trains_and_evaluates_a_cell(dataset, slurm_stubs, tmp_path):
+def test_study_emitted_as_slurm_jobs_trains_and_evaluates_a_cell(dataset, slurm_stubs, tmp_path, capsys):
     """``eossl study --emit slurm``: one job per cell; a job trains through the kit, then evaluates on node 0
     into the cell's MLflow run, which was created up front under the study's parent."""
     import mlflow
@@ -347,26 +348,14 @@ def test_study_emitted_as_slurm_jobs_trains_and_evaluates_a_cell(dataset, slurm_
         "eval": {"protocols": ["knn"], "budget": "all", "inputs": ["s2"]},
     }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
-    emitted = run_cli(
-        "study",
-        "--config",
-        str(tmp_path / "study.yaml"),
-        "--emit",
-        "slurm",
-        "--nodes",
-        "1",
-        "--gpus-per-node",
-        "2",
-        "--accelerate-config",
-        "launch/accelerate/cpu_multinode.yaml",
-        "--repo",
-        str(REPO),
-        "--jobs-dir",
-        str(tmp_path / "jobs"),
-    )
+    # Emitting and the report run in this process (the same entry point as the command): the jobs are the
+    # processes that matter here.
+    emit = ["study", "--config", str(tmp_path / "study.yaml"), "--emit", "slurm", "--nodes", "1"]
+    emit += ["--gpus-per-node", "2", "--accelerate-config", "launch/accelerate/cpu_multinode.yaml"]
+    assert main([*emit, "--repo", str(REPO), "--jobs-dir", str(tmp_path / "jobs")]) == 0
     jobs = sorted((tmp_path / "jobs").glob("*.sbatch"))
     assert [j.name for j in jobs] == ["batch_size-4_epochs-1.sbatch", "batch_size-8_epochs-1.sbatch"], (
-        emitted.stdout
+        capsys.readouterr().out
     )
     cells = {p.parent.name: json.loads(p.read_text()) for p in (out / "cells").glob("*/cell.json")}
     text = jobs[1].read_text()
@@ -386,9 +375,11 @@ def test_study_emitted_as_slurm_jobs_trains_and_evaluates_a_cell(dataset, slurm_
     assert "eval.knn.s2.overall_accuracy" in cell_run.data.metrics and cell_run.info.status == "FINISHED"
     parent = json.loads((out / "study.json").read_text())["parent_run_id"]
     assert cell_run.data.tags["mlflow.parentRunId"] == parent
-    report = run_cli("study", "report", "--config", str(tmp_path / "study.yaml"))
+    assert main(["study", "report", "--config", str(tmp_path / "study.yaml")]) == 0
     rows = (out / "results.csv").read_text().splitlines()
-    assert len(rows) == 3 and "n/a" in rows[1] and "n/a" not in rows[2].split(",")[-2], report.stdout
+    assert len(rows) == 3 and "n/a" in rows[1] and "n/a" not in rows[2].split(",")[-2], (
+        capsys.readouterr().out
+    )
 
 
 @pytest.mark.slow
