@@ -17,12 +17,14 @@ all: test
 # Reinstall when the dependency list changes. One pip command resolves everything together, within the
 # exact tested set of constraints.txt: the torch pin must be in the same command as accelerate/timm/DALI
 # or pip picks another torch (docs/DESIGN.md). EXTRAS picks the DALI build: cuda13 or cuda12 (README).
+# --no-compile: pip would byte-compile all ~19,000 modules of the installed set (~100 CPU-seconds, one
+# core); Python compiles the ones it imports on first use instead, and keeps them in the venv.
 EXTRAS ?= test,cuda13
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing eossl into $(VENV) (first time: a few minutes; log: $(VENV)/install.log)"
-	@$(PY) -m pip install -e '.[$(EXTRAS)]' -c constraints.txt > $(VENV)/install.log 2>&1 || { tail -40 $(VENV)/install.log; exit 1; }
+	@$(PY) -m pip install --no-compile -e '.[$(EXTRAS)]' -c constraints.txt > $(VENV)/install.log 2>&1 || { tail -40 $(VENV)/install.log; exit 1; }
 	@touch $@
 
 install: $(STAMP)
