@@ -266,3 +266,11 @@ def test_augment_preset_reaches_the_views(values, geometry, crop):
         assert views.augment == AugmentConfig.none() and views.pair_augment is False
     with pytest.raises(ValueError, match="augment_preset must be one of default, moco_study"):
         load_config("moco", None, {"data": "d", "out": "o", "augment_preset": "simclr"})
+
+
+def test_an_unknown_compile_backend_is_refused_with_the_known_ones():
+    from eossl.train.builders import compile_backend
+
+    assert compile_backend("aot_eager") == "aot_eager"
+    with pytest.raises(ValueError, match="compile_backend must be one of .*inductor.*, got 'inductr'"):
+        compile_backend("inductr")

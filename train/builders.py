@@ -21,7 +21,7 @@ from eossl.streaming.views import ViewConfig
 from .config import TrainConfig
 from .schedules import cosine_schedule
 
-__all__ = ["build_accelerator", "build_optimizer", "loader_config", "lr_schedule"]
+__all__ = ["build_accelerator", "build_optimizer", "compile_backend", "loader_config", "lr_schedule"]
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -73,6 +73,16 @@ def loader_config(cfg: TrainConfig, views: ViewConfig) -> LoaderConfig:
             timeout_s=lc.timeout_s,
         ),
     )
+
+
+def compile_backend(name: str) -> str:
+    """``name`` when torch.compile knows that backend; else a ValueError that lists the ones it knows."""
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if name not in known:
+        raise ValueError(f"compile_backend must be one of {', '.join(sorted(known))}, got {name!r}")
+    return name
 
 
 def build_optimizer(cfg: TrainConfig, params, lr: float) -> torch.optim.Optimizer:

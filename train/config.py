@@ -310,6 +310,9 @@ class TrainConfig:
             'no', 'bf16' or 'fp16' (fp16 uses a loss scaler).
         channels_last: NHWC memory format for convolutions.
         compile: torch.compile the model.
+        compile_backend: its backend: 'inductor' (default: generated kernels, Triton on a GPU) or another of
+            ``torch._dynamo.list_backends()``, e.g. 'aot_eager' (the same graph capture without code
+            generation: to find graph breaks, or to tell a compiler bug from a model bug).
         seed: seed of everything (data order, augmentation, initialisation).
         log_every: steps between metric logs; ckpt_every: steps between checkpoints (0: only at the end).
         experiment: MLflow experiment name.
@@ -331,6 +334,7 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool = True
     compile: bool = False
+    compile_backend: str = "inductor"
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 500

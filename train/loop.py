@@ -35,7 +35,7 @@ from tqdm import tqdm
 from eossl.streaming.loader import CorruptDataError, SSLLoader
 from eossl.streaming.storage_errors import CorruptShardError
 
-from .builders import build_accelerator, build_optimizer, loader_config, lr_schedule
+from .builders import build_accelerator, build_optimizer, compile_backend, loader_config, lr_schedule
 from .checkpoint import latest_checkpoint, state_digest, write_json_atomic
 from .config import TrainConfig, flatten, to_yaml
 from .distributed import all_reduce_max, all_reduce_min
@@ -103,7 +103,7 @@ class _Run:
         if cfg.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         if cfg.compile:
-            self.method.compile_target().compile()
+            self.method.compile_target().compile(backend=compile_backend(cfg.compile_backend))
         self.steps_per_epoch = max(len(self.loader) // cfg.grad_accum, 1)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.stop_step = min(cfg.max_steps, self.total_steps) if cfg.max_steps else self.total_steps
