@@ -85,9 +85,11 @@ class StorageOptions:
             request latency; 16 in flight make it bound by bandwidth again.
         read_while_downloading: with a node cache, a sample of a shard that is not on the node yet is read
             with a ranged GET while the whole shard downloads in the background, instead of waiting for
-            the download (a 256 MB shard takes seconds). The first epoch then runs at the speed of
-            ranged reads rather than stalling on every new shard, for up to twice its bytes; later epochs
-            read the cached copies. Off: every read waits for its shard's download.
+            the download (a 256 MB shard takes seconds). The first epoch then does not stall on a new
+            shard, for up to twice its bytes; later epochs read the cached copies. Off (default): every
+            read waits for its shard's download, which ``lookahead_steps`` started steps earlier; measured
+            faster for the first epoch in ``eossl bench loader`` (docs/BENCHMARKS.md), and a node whose
+            first epoch is bound by its bandwidth loses by doubling the bytes.
     """
 
     cache_dir: str | None = None
@@ -98,7 +100,7 @@ class StorageOptions:
     lock_timeout_s: float = 600.0
     verify_downloads: bool = True
     requests_in_flight: int = 16
-    read_while_downloading: bool = True
+    read_while_downloading: bool = False
 
     def __post_init__(self) -> None:
         if self.retries < 0 or self.backoff_s < 0 or self.timeout_s <= 0 or self.lock_timeout_s <= 0:

@@ -461,7 +461,11 @@ def test_s3_cache_reads_a_shard_while_it_downloads(dataset, moto, tmp_path):
     cache = tmp_path / "cache"
     try:
         with aws_environment(gate.endpoint):
-            reader = ShardReader(f"s3://{BUCKET}/ds", dataset.shards, StorageOptions(cache_dir=str(cache)))
+            reader = ShardReader(
+                f"s3://{BUCKET}/ds",
+                dataset.shards,
+                StorageOptions(cache_dir=str(cache), read_while_downloading=True),
+            )
             items = dataset.members_of(0)
             _assert_reads_equal(reader, dataset, items)  # the download is held: every read was ranged
             assert gate.held.wait(timeout=30)
@@ -488,7 +492,9 @@ def test_s3_a_failed_background_download_makes_the_next_read_wait_and_name_the_f
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     reader = ShardReader(
-        f"s3://{BUCKET}/ds", dataset.shards, StorageOptions(cache_dir=str(blocker / "cache"), retries=0)
+        f"s3://{BUCKET}/ds",
+        dataset.shards,
+        StorageOptions(cache_dir=str(blocker / "cache"), retries=0, read_while_downloading=True),
     )
     (row, m, shard, offset, size), *_ = dataset.members_of(0)
     assert reader.read(shard, offset, size) == dataset.expected[row, m]
@@ -504,7 +510,9 @@ def test_s3_a_failed_background_download_makes_the_next_read_wait_and_name_the_f
 
 def test_s3_prefetch_then_pickle_reads_from_cache(dataset, moto, tmp_path):
     cache = tmp_path / "cache"
-    reader = ShardReader(f"s3://{BUCKET}/ds", dataset.shards, StorageOptions(cache_dir=str(cache)))
+    reader = ShardReader(
+        f"s3://{BUCKET}/ds", dataset.shards, StorageOptions(cache_dir=str(cache), read_while_downloading=True)
+    )
     reader.prefetch([0, 1, 2])
     deadline = time.monotonic() + 30
     while len(list(cache.rglob("*.tar"))) < 3 and time.monotonic() < deadline:

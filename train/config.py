@@ -239,7 +239,8 @@ class DataConfig:
             the shards of a few steps of every rank on the node (docs/SCALING.md).
         read_while_downloading: with a cache, read samples of a shard not yet on the node by ranged GETs
             while the whole shard downloads (the first epoch does not stall on downloads; up to twice
-            its bytes); false: wait for each shard's download.
+            its bytes); false (default, measured faster: docs/BENCHMARKS.md): wait for each shard's
+            download, started ``lookahead_steps`` ahead.
         retries, timeout_s: attempts after a failed object-store request, and each request's timeout.
         device: DALI device: auto, gpu or cpu.
         cpu_augment: in CPU mode, 'torch' (default: torch's kernels make the views, ~3x cheaper) or 'dali'

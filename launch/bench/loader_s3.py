@@ -88,8 +88,8 @@ def bench_s3(s3_source: str | None, s3_dataset: str | None, setup: Setup) -> dic
 
 def first_epochs(s3_dataset: str, setup: Setup, cache_root: Path) -> dict:
     """Samples/s of the read path's first epoch on a node whose cache is empty: reading a shard's samples
-    by ranged GETs while it downloads (``read_while_downloading``, the default) against waiting for each
-    shard's whole download. ``setup.repeat`` rounds, each with fresh cache folders, in alternating order;
+    by ranged GETs while it downloads (``read_while_downloading``) against waiting for each shard's whole
+    download (the default). ``setup.repeat`` rounds, each with fresh cache folders, in alternating order;
     the reader processes are started before the clock starts (what is timed is the epoch, not start-up)."""
     rates: dict[str, list[float]] = {"read_while_downloading": [], "waiting_for_downloads": []}
     for r in range(setup.repeat):
