@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO   ?= demo-output
 # The demo's one MLflow store (train and eval share it), kept inside the demo's folder.
-DEMO_MLFLOW = sqlite:///$(CURDIR)/$(DEMO)/mlflow.db
+DEMO_MLFLOW = sqlite:///$(abspath $(DEMO))/mlflow.db
 STAMP  := $(VENV)/.installed
 
 .PHONY: all install demo study test lint format bench gpu-check clean
