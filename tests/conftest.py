@@ -235,6 +235,23 @@ def history_steps(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def train_compiled(cfg) -> None:
+    """Train ``cfg`` (``compile=true``) in this process, which has imported torch and timm already (a
+    training command would import them again): dynamo's counters show that a graph was compiled, and the
+    compiled graphs are forgotten afterwards so that later tests in this process run eagerly."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from eossl.train.loop import train
+
+    counters.clear()
+    try:
+        train(cfg, resume=False)
+        assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
+    finally:
+        torch._dynamo.reset()
+
+
 def training_env() -> dict:
     """This environment without tracking and rank variables, for training subprocesses started by tests."""
     return {

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from eossl.train.config import load_config
 from eossl.train.dino import DINOLoss, build_dino
 
-from conftest import TINY_DINO, cli_set, run_cli
+from conftest import TINY_DINO, cli_set, run_cli, train_compiled
 
 
 def _reference_loss(student, teacher, center, n_crops, n_global, t_student, t_teacher) -> float:
@@ -204,13 +204,8 @@ def test_torch_compile_option(dataset, tmp_path, monkeypatch):
     generates Triton kernels, which no CPU test runs. timm's ``test_vit`` (6 blocks of width 64, the same
     VisionTransformer class) keeps the graphs small.
 
-    Trained in this process, which has imported torch and timm already (a training command would import
-    them again): compiling is the test's cost. Here dynamo's counters also show that a graph was compiled.
+    Trained in this process (``train_compiled``).
     """
-    from torch._dynamo.utils import counters
-
-    from eossl.train.loop import train
-
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)  # the default store: ./mlflow.db
     run = tmp_path / "compiled"
@@ -223,12 +218,7 @@ def test_torch_compile_option(dataset, tmp_path, monkeypatch):
         "compile_backend": "aot_eager",
     }
     cfg = load_config("dino", None, {**values, "data": str(dataset), "out": str(run), "max_steps": "2"})
-    counters.clear()
-    try:
-        train(cfg, resume=False)
-        assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
-    finally:
-        torch._dynamo.reset()  # the compiled graphs are this test's: later tests here run eagerly
+    train_compiled(cfg)
     assert sorted(_losses(run)) == [1, 2]
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert {"teacher_entropy", "teacher_student_kl"} <= set(history[-1])

@@ -19,7 +19,7 @@ from eossl.train.builders import loader_config
 from eossl.train.config import load_config
 from eossl.train.methods import get_method
 
-from conftest import TINY_MOCO, cli_set, run_cli
+from conftest import TINY_MOCO, cli_set, run_cli, train_compiled
 
 
 @pytest.mark.slow
@@ -183,25 +183,13 @@ def test_mixed_precision_accumulation_and_clipping(dataset, tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_torch_compile_option(dataset, tmp_path, monkeypatch):
-    """compile=true compiles the query encoder in place: training runs and the export keeps timm's keys.
-
-    Trained in this process, which has imported torch and timm already (a training command would import
-    them again): compiling is the test's cost. Here dynamo's counters also show that a graph was compiled.
-    """
-    from torch._dynamo.utils import counters
-
-    from eossl.train.loop import train
-
+    """compile=true compiles the query encoder in place (inductor): training runs and the export keeps
+    timm's keys. Trained in this process (``train_compiled``): compiling is the test's cost."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = tmp_path / "compiled"
     values = {**TINY_MOCO, "ckpt_every": "2", "log_every": "1", "moco.momentum": "0.9", "compile": "true"}
     cfg = load_config("moco", None, {**values, "data": str(dataset), "out": str(run), "max_steps": "2"})
-    counters.clear()
-    try:
-        train(cfg, resume=False)
-        assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
-    finally:
-        torch._dynamo.reset()  # the compiled graphs are this test's: later tests here run eagerly
+    train_compiled(cfg)
     assert sorted(_losses(run)) == [1, 2]
     card = json.loads((run / "backbone" / "model_card.json").read_text())
     model = timm.create_model("resnet18", in_chans=card["in_chans"], num_classes=0)
