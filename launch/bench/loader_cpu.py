@@ -15,11 +15,11 @@ Each number is a ratio of CPU-milliseconds per sample of two sides timed in the 
 - ``augment_cpu_over_torch``: the loader's augmentation in CPU mode (``torch_augment.augment_batch``: a
   batch per call, what ``SSLLoader`` runs after DALI's CPU graph has standardised the batch) against the
   torch reference (``torch_view`` per sample, then collated into a batch, as the DataLoader baseline's
-  workers run it) on the same
-  standardised samples with the same parameters, in this process, one thread each (with more, torch's
-  OpenMP threads spin while they wait, which inflates its CPU time several times over on a loaded
-  machine). Below 1: the loader's CPU mode is cheaper. ``dali_graph_over_torch``: the same views by DALI's
-  graph on the CPU (``augment_view``: ``warp_affine``, arithmetic, ``gaussian_blur``), what a GPU runs.
+  workers run it) on the same standardised samples with the same parameters, in this process, one thread
+  each (with more, torch's OpenMP threads spin while they wait, which inflates its CPU time several times
+  over on a loaded machine). Below 1: the loader's CPU mode is cheaper. ``dali_graph_over_torch``: the
+  same views by DALI's graph on the CPU (``augment_view``: ``warp_affine``, arithmetic,
+  ``gaussian_blur``), what a GPU runs.
 """
 
 from __future__ import annotations
