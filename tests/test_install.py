@@ -79,6 +79,25 @@ def test_the_makefile_installs_the_tested_set():
     assert "pip install --no-compile -e '.[$(EXTRAS)]' -c constraints.txt" in makefile
 
 
+def test_the_installed_environment_is_byte_compiled():
+    """``make install`` compiles every module once: where PYTHONDONTWRITEBYTECODE is set (CI images,
+    containers), a module without its .pyc is compiled from source again by every process that imports
+    it, which made each training process 3x dearer to start."""
+    import importlib.util
+
+    import mlflow
+    import timm
+    import torch
+    import torch._dynamo
+
+    import eossl.streaming.loader
+    import eossl.train.loop
+
+    modules = (torch, torch._dynamo, mlflow, timm, eossl.streaming.loader, eossl.train.loop)
+    missing = [m.__name__ for m in modules if not Path(importlib.util.cache_from_source(m.__file__)).is_file()]
+    assert not missing, f"no .pyc beside {missing}: make install did not byte-compile the environment"
+
+
 _BLOCK_DALI = "import sys; sys.modules['nvidia.dali'] = None\n"
 
 
