@@ -94,7 +94,8 @@ def test_the_installed_environment_is_byte_compiled():
     import eossl.train.loop
 
     modules = (torch, torch._dynamo, mlflow, timm, eossl.streaming.loader, eossl.train.loop)
-    missing = [m.__name__ for m in modules if not Path(importlib.util.cache_from_source(m.__file__)).is_file()]
+    compiled = {m.__name__: Path(importlib.util.cache_from_source(m.__file__)).is_file() for m in modules}
+    missing = [name for name, ok in compiled.items() if not ok]
     assert not missing, f"no .pyc beside {missing}: make install did not byte-compile the environment"
 
 
