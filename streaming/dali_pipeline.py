@@ -23,6 +23,7 @@ import numpy as np
 
 from eossl.ingest.bands import S2
 
+from .shared_readers import SharedMemoryReaders
 from .source import source_outputs
 from .views import ViewSet
 
@@ -103,7 +104,10 @@ def augment_view(x, matrix, gain, offset, sigma, size: int):
 
 def external_batches(source, views: ViewSet, parallel: bool):
     """The source's outputs as DataNodes: a dict sensor -> raw HWC batch (the partners' batches of the
-    temporal mode as ``<sensor>@1``), the ids, the view parameters."""
+    temporal mode as ``<sensor>@1``), the ids, the view parameters. The shared-memory readers' arrays
+    are read in place (``no_copy``: they stay untouched until DALI is done with them); they come from
+    their own processes, so DALI's parallel workers are not used for them."""
+    in_place = isinstance(source, SharedMemoryReaders)
     names = [s if k == 0 else f"{s}@{k}" for k in range(views.sources) for s in views.sensors]
     n = source_outputs(views)
     outs = fn.external_source(
@@ -111,7 +115,8 @@ def external_batches(source, views: ViewSet, parallel: bool):
         num_outputs=n,
         batch=True,
         batch_info=True,
-        parallel=parallel,
+        parallel=parallel and not in_place,
+        no_copy=True if in_place else None,
         layout=["HWC"] * len(names) + [""] * (n - len(names)),
     )
     return dict(zip(names, outs[: len(names)], strict=True)), outs[len(names)], outs[len(names) + 1 :]
@@ -161,7 +166,8 @@ def build_pipeline(
     s2_stored: Sequence[str] = S2.bands,
     views_in_graph: bool = True,
 ):
-    """Bind ``source`` (a picklable batch callable, see ``source.SampleSource``) to the graph.
+    """Bind ``source`` (a batch callable: ``source.SampleSource``, picklable for DALI's parallel workers,
+    or ``shared_readers.SharedMemoryReaders``, which runs its own) to the graph.
 
     ``s2_stored`` names the S2 bands the dataset stores, in order (``inputs.stored_s2_bands``): the graph
     picks the view's bands among them.

@@ -4,9 +4,10 @@ Flat list of what happens to a sample, and what holds after each stage:
 
   catalog.npz + split + sensor filter   -> rows: the epoch's sample set (dataset row ids)
   EpochPlan(seed, epoch, global batch)  -> a global order; rank r's positions of step k are fixed
-  SampleSource (DALI worker process)    -> per batch: member bytes by byte range (ShardReader), HWC
-                                           arrays (S2 with every stored band), per-view parameters
-                                           drawn from (seed, epoch, position)
+  SampleSource (reader process)         -> per batch: member bytes by byte range (ShardReader) read
+                                           into shared memory the graph reads in place
+                                           (shared_readers), HWC arrays (S2 with every stored band),
+                                           per-view parameters drawn from (seed, epoch, position)
   DALI graph (GPU or CPU mode)          -> S2 bands selected, standardised, resampled, jittered, blurred
                                            views (HWC float32); in CPU mode the graph stops after
                                            standardising and torch_augment makes the views (cpu_augment)
@@ -43,7 +44,9 @@ if TYPE_CHECKING:  # torch is imported where a loader is built: LoaderConfig alo
     import torch
 
 __all__ = [
+    "CPU_AUGMENT",
     "ON_CORRUPT",
+    "READERS",
     "Batch",
     "CorruptDataError",
     "LoaderConfig",
@@ -58,6 +61,7 @@ __all__ = [
 SPLITS = ("train", "test", "all")
 ON_CORRUPT = ("fail", "skip")
 CPU_AUGMENT = ("torch", "dali")
+READERS = ("shared_memory", "dali")
 
 
 class StreamingError(RuntimeError):
@@ -85,7 +89,14 @@ class LoaderConfig:
             GPU's graph run on the CPU, to check what a GPU run computes). The same views either way, to
             float rounding. A GPU always makes them in DALI's graph.
         num_threads: DALI operator threads per rank.
-        workers: reader processes per rank (DALI parallel external source). 0 reads in the main process.
+        workers: reader processes per rank. 0 reads in the main process.
+        readers: how the reader processes hand batches to DALI: 'shared_memory' (default:
+            ``shared_readers``, each sample read straight into shared memory the graph reads in place) or
+            'dali' (DALI's parallel external source, which copies every batch between processes: ~1.35x
+            the CPU of the reading itself on top of it, docs/BENCHMARKS.md).
+        reader_timeout_s: the longest wait for one batch from the reader processes (a stuck reader, e.g.
+            on storage that stopped answering, fails the run instead of hanging it; a dead one is
+            noticed within a second). Far above a batch's reading time, retries included.
         prefetch: batches DALI prepares ahead.
         on_corrupt: what a sample whose bytes fail a check does (truncated shard, a member whose CRC-32C
             differs from the catalog's after the retries of ``storage``): 'fail' stops with an error naming
@@ -112,6 +123,8 @@ class LoaderConfig:
     cpu_augment: str = "torch"
     num_threads: int = 2
     workers: int = 2
+    readers: str = "shared_memory"
+    reader_timeout_s: float = 600.0
     prefetch: int = 2
     on_corrupt: str = "skip"
     max_corrupt_fraction: float = 0.001
@@ -125,6 +138,10 @@ class LoaderConfig:
             raise ValueError(f"device must be gpu, cpu or auto, got {self.device!r}")
         if self.cpu_augment not in CPU_AUGMENT:
             raise ValueError(f"cpu_augment must be one of {CPU_AUGMENT}, got {self.cpu_augment!r}")
+        if self.readers not in READERS:
+            raise ValueError(f"readers must be one of {READERS}, got {self.readers!r}")
+        if self.reader_timeout_s <= 0:
+            raise ValueError(f"reader_timeout_s must be > 0, got {self.reader_timeout_s}")
         if self.batch_size < 1 or self.workers < 0:
             raise ValueError("batch_size must be >= 1 and workers >= 0")
         if self.on_corrupt not in ON_CORRUPT:
@@ -225,6 +242,7 @@ class SSLLoader:
         self.norm = {s: (mean[sl], std[sl]) for s, sl in slices.items()}
         self._iterator = None
         self._pipe = None
+        self._readers = None  # what DALI's external source calls (batch_source)
         self._built_at: LoaderPosition | None = None
         self._augment_pool = None  # CPU mode: the threads torch's views are made in (made when needed)
         self.substituted = 0  # this rank's samples skipped as corrupt in the whole run (resumes included)
@@ -354,11 +372,23 @@ class SSLLoader:
             self.partners,
         )
 
+    def batch_source(self):
+        """What DALI's external source calls for a batch: the ``SampleSource`` itself (read in the main
+        process, or in DALI's parallel workers with ``readers='dali'``), or the shared-memory readers
+        that run it in reader processes."""
+        source = self.sample_source()
+        if self.cfg.workers == 0 or self.cfg.readers == "dali":
+            return source
+        from .shared_readers import SharedMemoryReaders
+
+        return SharedMemoryReaders(source, self.cfg.workers, self.cfg.prefetch, self.cfg.reader_timeout_s)
+
     def _build(self):
         from .dali_pipeline import DALIGenericIterator, build_pipeline, view_inputs
 
+        self._readers = self.batch_source()
         pipe = build_pipeline(
-            self.sample_source(),
+            self._readers,
             self.views,
             self.norm,
             self.cfg.batch_size,
@@ -410,6 +440,8 @@ class SSLLoader:
         ]
 
     def _worker_pids(self) -> list[int]:
+        if hasattr(self._readers, "pids"):
+            return self._readers.pids()
         pool = getattr(self._pipe, "_py_pool", None)
         return pool.pids() if pool is not None else []
 
@@ -451,6 +483,9 @@ class SSLLoader:
             )
 
     def _close_iterator(self) -> None:
+        if hasattr(self._readers, "close"):
+            self._readers.close()
+        self._readers = None
         self._iterator = None
         self._pipe = None
         self._built_at = None
@@ -479,7 +514,7 @@ class SSLLoader:
                     lines = [ln for ln in str(exc).splitlines() if ln.strip()]
                     raise StreamingError(
                         f"streaming {self.dataset} failed at epoch {epoch} step "
-                        f"{self.position.step}: {lines[-1] if lines else exc!r}"
+                        f"{self.position.step}: {lines[-1] if lines else repr(exc)}"
                     ) from exc
                 ids = out["ids"]
                 batch = Batch(

@@ -1,10 +1,12 @@
 """``SampleSource``: one rank's batches of raw sample arrays and view parameters, for DALI's external source.
 
-DALI calls it once per *batch* (``batch=True``, in its parallel reader processes), so the per-sample cost
-is the read itself plus a few microseconds of Python, not DALI's per-sample transport:
+It is called once per *batch* (``batch=True``), in a reader process (``shared_readers``; or DALI's
+parallel workers with ``readers='dali'``), so the per-sample cost is the read itself plus a few
+microseconds of Python, not a per-sample transport:
 
-- each sample's S1 and S2 members are one ``pread`` (or one ranged GET) into a buffer reused per batch
-  slot; on an object store the batch's requests run ``requests_in_flight`` at a time (ranged GETs without
+- each sample's S1 and S2 members are one ``pread`` (or one ranged GET) into a buffer per batch slot:
+  the batch's slot of shared memory with the shared-memory readers (``use_buffers``), else one reused
+  per call; on an object store the batch's requests run ``requests_in_flight`` at a time (ranged GETs without
   a node cache, or while a shard is still downloading into it), so a reader is bound by bandwidth rather
   than by one request's latency;
 - the ``.npy`` header of a member is checked by comparing its bytes with headers already seen (a dataset
@@ -76,7 +78,7 @@ class _Headers:
 
 
 class SampleSource:
-    """Batch callable for DALI's parallel external source (pickled into reader processes).
+    """Batch callable for DALI's external source (pickled into reader processes).
 
     Maps DALI's (epoch_idx, iteration) to this rank's positions in the epoch plan, reads the samples'
     members and draws their view parameters. Raises StopIteration at the epoch's end.
@@ -135,9 +137,15 @@ class SampleSource:
         self._buffers: dict[tuple, np.ndarray] = {}
         self._headers = {s: _Headers(self.patch_size) for s in self.views.sensors}
         self._pool: ThreadPoolExecutor | None = None
+        self._placed = None
+
+    def use_buffers(self, place) -> None:
+        """Read into ``place(key, nbytes)``'s buffers instead of this object's own (``shared_readers``: the
+        batch's slot of shared memory). ``key`` is ('span', k) or ('raw', sensor, k) for sample slot k."""
+        self._placed = place
 
     def __getstate__(self) -> dict:
-        runtime = ("_plans", "_buffers", "_headers", "_pool")
+        runtime = ("_plans", "_buffers", "_headers", "_pool", "_placed")
         # the node's catalog maps travel as file names (node_catalog), not as pickled arrays
         return detach({k: v for k, v in self.__dict__.items() if k not in runtime})
 
@@ -153,9 +161,12 @@ class SampleSource:
         return self._plans[epoch]
 
     def _buffer(self, key: tuple, nbytes: int) -> np.ndarray:
-        """A byte buffer reused per (purpose, slot in the batch): DALI copies a batch when the call returns,
-        so a slot is free again at the next call. Reuse avoids the page faults of a fresh 2 MB allocation
-        per member, which cost more than the read itself."""
+        """A byte buffer per (purpose, slot in the batch): where ``use_buffers`` placed it (shared memory),
+        else one of this object's, reused at the next call (DALI copies a batch when the call returns).
+        Reuse avoids the page faults of a fresh 2 MB allocation per member, which cost more than the read
+        itself."""
+        if self._placed is not None:
+            return self._placed(key, nbytes)
         buf = self._buffers.get(key)
         if buf is None or buf.nbytes < nbytes:
             buf = np.empty(nbytes, dtype=np.uint8)
@@ -209,7 +220,7 @@ class SampleSource:
         return members
 
     def _read(self, row: int, slot: int = 0) -> list[np.ndarray]:
-        """The sample's HWC arrays, one per sensor (views of the slot's buffers; S1 copied if filled)."""
+        """The sample's HWC arrays, one per sensor: views of the slot's buffers, non-finite S1 filled."""
         arrays = []
         members = self._member_bytes(row, slot)
         shard = int(self.shard[row])
@@ -222,7 +233,10 @@ class SampleSource:
                     f"not a valid patch array ({exc})"
                 ) from exc
             if sensor == "s1" and not np.isfinite(arr).all():  # NaN/Inf kept by ingest: band mean
-                arr = np.where(np.isfinite(arr), arr, self.s1_fill).astype(np.float32)
+                if arr.flags.writeable:  # the read buffer: filled in place, where the batch is handed over
+                    np.copyto(arr, self.s1_fill, where=~np.isfinite(arr))
+                else:
+                    arr = np.where(np.isfinite(arr), arr, self.s1_fill).astype(np.float32)
             arrays.append(arr)
         return arrays
 

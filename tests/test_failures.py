@@ -477,9 +477,11 @@ def test_reader_worker_killed_idle_at_the_epoch_end_checkpoints_and_exits_76(dat
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_the_watch_ends_dalis_wait_on_a_worker_that_died_idle(dataset, monkeypatch):
+@pytest.mark.parametrize("readers", ["dali", "shared_memory"])
+def test_the_watch_ends_dalis_wait_on_a_worker_that_died_idle(dataset, monkeypatch, readers):
     """With the checks between batches switched off, only the watchdog stands between a worker killed idle
-    (the whole epoch read) and DALI's endless wait when the next epoch is handed over."""
+    (the whole epoch read) and DALI's endless wait when the next epoch is handed over; the shared-memory
+    readers' own wait names the dead worker the same way."""
     import psutil
 
     from eossl.streaming.inputs import InputSpec
@@ -490,7 +492,7 @@ def test_the_watch_ends_dalis_wait_on_a_worker_that_died_idle(dataset, monkeypat
     monkeypatch.setattr(SSLLoader, "_check_workers", lambda self, epoch, where: None)
     views = ViewConfig(mode="single", inputs=InputSpec(sensors=("s2",)), size=32)
     cfg = LoaderConfig(batch_size=8, split="all", device="cpu", workers=1, num_threads=1, views=views)
-    loader = SSLLoader(str(dataset), replace(cfg, plan=PlanConfig(seed=3, shuffle_buffer=4)))
+    loader = SSLLoader(str(dataset), replace(cfg, plan=PlanConfig(seed=3, shuffle_buffer=4), readers=readers))
     assert len(loader) == 3
     batches = iter(loader)
     for _ in range(3):

@@ -62,6 +62,7 @@ def loader_config(cfg: TrainConfig, views: ViewConfig) -> LoaderConfig:
         cpu_augment=lc.cpu_augment,
         num_threads=lc.threads,
         workers=lc.workers,
+        readers=lc.readers,
         on_corrupt=lc.on_corrupt,
         max_corrupt_fraction=lc.max_corrupt_fraction,
         plan=PlanConfig(seed=cfg.seed, shuffle_buffer=lc.shuffle_buffer, node_affinity=lc.node_affinity),

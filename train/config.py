@@ -22,7 +22,7 @@ import yaml
 
 from eossl.streaming.augment import PRESETS, AugmentConfig, preset
 from eossl.streaming.inputs import InputSpec
-from eossl.streaming.loader import LoaderConfig
+from eossl.streaming.loader import CPU_AUGMENT, READERS, LoaderConfig
 from eossl.streaming.plan import PlanConfig
 from eossl.streaming.storage import StorageOptions
 from eossl.streaming.views import ViewConfig
@@ -245,6 +245,9 @@ class DataConfig:
         device: DALI device: auto, gpu or cpu.
         cpu_augment: in CPU mode, 'torch' (default: torch's kernels make the views, ~3x cheaper) or 'dali'
             (DALI's graph on the CPU: exactly what a GPU run computes).
+        readers: how reader processes hand batches to DALI: 'shared_memory' (default: read straight into
+            shared memory DALI reads in place) or 'dali' (DALI's parallel external source: a copy of every
+            batch between processes). See ``LoaderConfig``.
         on_corrupt, max_corrupt_fraction: a sample whose bytes fail their check 'fail's the run or is
             'skip'ped (replaced, counted as ``replaced_samples``) until more than this fraction of an
             epoch's samples were skipped on a rank (see ``LoaderConfig``).
@@ -271,6 +274,7 @@ class DataConfig:
     timeout_s: float = StorageOptions.timeout_s
     device: str = LoaderConfig.device
     cpu_augment: str = LoaderConfig.cpu_augment
+    readers: str = LoaderConfig.readers
     on_corrupt: str = LoaderConfig.on_corrupt
     max_corrupt_fraction: float = LoaderConfig.max_corrupt_fraction
     n_local: int = ViewConfig.n_local
@@ -285,6 +289,12 @@ class DataConfig:
             raise ValueError(
                 f"loader.pair_geometry must be shared or independent, got {self.pair_geometry!r}"
             )
+        if self.cpu_augment not in CPU_AUGMENT:
+            raise ValueError(
+                f"loader.cpu_augment must be one of {', '.join(CPU_AUGMENT)}, got {self.cpu_augment!r}"
+            )
+        if self.readers not in READERS:
+            raise ValueError(f"loader.readers must be one of {', '.join(READERS)}, got {self.readers!r}")
 
     def augment_config(self) -> AugmentConfig:
         """The views' augmentation: the preset, or none with ``augment=false``."""

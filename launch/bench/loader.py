@@ -90,7 +90,7 @@ def _settings(cfg: LoaderBenchConfig, inputs: list[str]) -> dict:
         "read": "read + decode + S1 NaN fill/clip + standardise + stack -> (B, 12, 256, 256) float32",
         "augment": "ViewConfig(mode='single', s1+s2 land bands, size=224), default AugmentConfig: 2 views",
         "ours": (
-            f"DALI parallel external source (SampleSource, {workers} workers)"
+            f"shared-memory reader processes (SampleSource, {workers} workers) + DALI external source"
             if workers
             else "DALI external source (SampleSource, in process)"
         )

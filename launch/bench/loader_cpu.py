@@ -2,14 +2,15 @@
 
 Each number is a ratio of CPU-milliseconds per sample of two sides timed in the same run, interleaved:
 
-- ``read_cpu_over_raw_pread``: the reader as a GPU node runs it, on its CPU (``SampleSource`` in DALI's
-  parallel external source workers, each batch handed to DALI and held there, ``_held``; no graph: on a
-  GPU node that is on the GPU), over a raw ``preadv`` of the same S1+S2 bytes of every sample in the
-  epoch's order into one reused buffer (one process: the cost of the bytes alone). The reader's extra
-  cost is the member checksums, the view-parameter draws and DALI's transport between processes.
-  ``transport_over_raw_pread``: that transport alone (``PreparedBatches``: batches of the same arrays,
-  nothing read), a floor under the reader's ratio as long as batches cross DALI's parallel external
-  source.
+- ``read_cpu_over_raw_pread``: the reader as a GPU node runs it, on its CPU (the loader's reader
+  processes, ``shared_readers``: ``SampleSource`` reading into shared memory, each batch handed to DALI
+  in place and held there, ``_held``; no graph: on a GPU node that is on the GPU), over a raw ``preadv``
+  of the same S1+S2 bytes of every sample in the epoch's order into one reused buffer (one process: the
+  cost of the bytes alone). The reader's extra cost is the member checksums, the view-parameter draws,
+  writing each batch where the pipeline reads it, and the hand-over.
+  ``transport_over_raw_pread``: DALI's parallel external source alone (``PreparedBatches``: batches of the
+  same arrays, nothing read), what ``readers='dali'`` adds to the reading: a copy of every batch between
+  processes.
 - ``read_stage_cpu_over_raw_pread``: the whole read stage in DALI's CPU mode (``read`` of the bench: adds
   band selection, standardisation and the S1+S2 concatenation on the CPU) over the same raw pread.
 - ``augment_cpu_over_torch``: the loader's augmentation in CPU mode (``torch_augment.augment_batch``: a
@@ -135,9 +136,9 @@ class PreparedBatches:
 
 @contextmanager
 def reader_epochs(dataset: str, cfg: LoaderConfig, prepared: bool = False) -> Iterator[Epochs]:
-    """Epochs of the loader's ``SampleSource`` in DALI's parallel external source, batches handed to DALI
-    and nothing else (what a GPU node's CPU does before the graph). ``prepared``: the same batches'
-    transport without reading (``PreparedBatches``)."""
+    """Epochs of the loader's reader processes, batches handed to DALI and nothing else (what a GPU node's
+    CPU does before the graph). ``prepared``: DALI's parallel external source handing over the same
+    batches without reading (``PreparedBatches``)."""
     from types import SimpleNamespace
 
     loader = SSLLoader(dataset, cfg, rank=0, world_size=1)

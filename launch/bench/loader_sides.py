@@ -1,7 +1,7 @@
 """The two sides of ``eossl bench loader`` and what every comparison of one bench run shares.
 
 *Ours* is the loader itself: ``read_path_epochs`` runs its real reading path without augmentation (the
-loader's own ``SampleSource`` in DALI's parallel external source workers, then its ``standardise`` and the
+loader's own ``SampleSource`` in its reader processes (``shared_readers``), then its ``standardise`` and the
 S1+S2 concatenation in a DALI CPU graph), ``loader_epochs`` the whole ``SSLLoader`` with its views.
 *Theirs* is ``geotiff_baseline``. ``Setup.compare`` times one against the other with the same workers,
 batch size and views.
@@ -44,15 +44,15 @@ SENSORS = ("s1", "s2")
 
 # -- ours: the loader's reading path without augmentation -----------------------------------------------
 def cpu_reader_pipeline(loader: SSLLoader, graph: Callable, prefetch: int, source=None):
-    """A DALI CPU-mode pipeline: the loader's own ``SampleSource`` (reader and plan; or ``source``, a
-    batch callable with the same outputs) in parallel external source workers, its outputs ``(arrays, ids,
-    view params)`` passed through ``graph``."""
+    """A DALI CPU-mode pipeline: the loader's own batch source (``SSLLoader.batch_source``: its reader
+    processes; or ``source``, a batch callable with the same outputs, in DALI's parallel workers), its
+    outputs ``(arrays, ids, view params)`` passed through ``graph``."""
     from nvidia.dali import pipeline_def
 
     from eossl.streaming.dali_pipeline import external_batches
 
     cfg = loader.cfg
-    source = loader.sample_source() if source is None else source
+    source = loader.batch_source() if source is None else source
 
     @pipeline_def(
         batch_size=cfg.batch_size,

@@ -1,0 +1,303 @@
+"""Reader processes that read each batch straight into shared memory, which the DALI pipeline reads in place.
+
+DALI's parallel external source moves a batch twice: its worker returns the batch as Python arrays and
+copies them into DALI's shared memory, then the pipeline's process takes them from there. That transport
+alone cost 1.35x a raw ``pread`` of the same bytes, more than the reading it carries. Here the transport
+costs no copy of sample bytes at all:
+
+- one shared mapping (``memfd_create``: anonymous shared memory, not bound by the size of a ``/dev/shm``
+  mount, gone with the last process that maps it) holds ``slots`` batches. A reader process runs the
+  rank's ``SampleSource`` with its read buffers placed in the batch's slot (``SlotLayout``), so every
+  sample's members are ``pread`` (or downloaded) to where the pipeline will read them;
+- the pipeline's callback (a plain external source with ``no_copy``) wraps those bytes as arrays. Only
+  what is small travels through a queue: the ids, the view parameters, where each array lies;
+- a slot is written again ``slots`` batches later: DALI holds a no-copy input until ``prefetch``
+  iterations after it was fed, and at most ``ahead`` batches are being read at once, so
+  ``slots = ahead + prefetch + 2`` never overwrites what DALI still reads.
+
+Every wait is bounded. The callback waits for a batch at most ``timeout_s`` and checks twice a second
+that every reader process is alive: a dead one is named by pid (``ReaderGone``), a reader's exception
+comes back with its message (``ReaderFailed``). Reader processes exit when their parent is gone (they
+poll it while idle) and when ``close`` sends them a stop.
+
+What a batch holds is the ``SampleSource``'s (a pure function of seed, epoch, step and rank), whichever
+reader reads it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing
+import os
+import queue
+import threading
+import time
+import traceback
+import weakref
+from dataclasses import dataclass
+from multiprocessing import reduction
+from types import SimpleNamespace
+
+import numpy as np
+
+from .source import SampleSource
+from .worker_watch import WorkerGone
+
+__all__ = ["ReaderFailed", "ReaderGone", "SharedMemoryReaders", "SlotLayout"]
+
+ALIGN = 64  # bytes: every array starts on a cache line
+POLL_S = 0.5  # how often a wait checks the reader processes (and a reader its parent)
+# Every page mapped at the start: a page first touched mid-run costs a fault in each process, which made
+# the first passes over the slots ~40 % dearer per sample than the later ones.
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+
+
+class ReaderGone(WorkerGone):
+    """A reader process died (killed, out of memory) while the pipeline waited for its batch."""
+
+
+class ReaderFailed(RuntimeError):
+    """A reader process raised while reading a batch; the message is its exception's."""
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """Where a batch's read buffers lie in its slot: sample slot ``k`` (``k >= batch_size``: the temporal
+    mode's partners) owns ``stride`` bytes; its members read together (``span``) start at 0, members read
+    one by one (``raw``) at ``raw_offset[sensor]``. Sized from the catalog, so no member can overflow it.
+    """
+
+    stride: int
+    raw_offset: dict[str, int]
+    samples: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.stride * self.samples
+
+    @classmethod
+    def for_source(cls, source: SampleSource) -> SlotLayout:
+        sensors = source.views.sensors
+        starts = np.min([source.offset[s] for s in sensors], axis=0)
+        ends = np.max([source.offset[s] + source.size[s] for s in sensors], axis=0)
+        span = int((ends - starts).max()) if len(starts) else 0
+        raw_offset, at = {}, 0
+        for s in sensors:
+            raw_offset[s] = at
+            at += _aligned(int(source.size[s].max()) if len(source.size[s]) else 0)
+        return cls(_aligned(max(span, at, 1)), raw_offset, source.batch_size * source.views.sources)
+
+    def place(self, key: tuple, nbytes: int) -> int:
+        """Byte offset in the slot of ``SampleSource``'s buffer ``key``: ('span', k) or ('raw', sensor, k)."""
+        if key[0] == "span":
+            at, room = 0, self.stride
+        else:
+            at = self.raw_offset[key[1]]
+            room = self.stride - at
+        if key[-1] >= self.samples or nbytes > room:
+            raise RuntimeError(f"read buffer {key} of {nbytes} bytes does not fit its slot ({room} bytes)")
+        return key[-1] * self.stride + at
+
+
+class _SharedFd:
+    """A file descriptor that travels to a spawned process as a descriptor (multiprocessing's ``DupFd``),
+    not as a number."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        return _attach_fd, (reduction.DupFd(self.fd),)
+
+
+def _attach_fd(dup) -> _SharedFd:
+    return _SharedFd(dup.detach())
+
+
+class _SlotBuffers:
+    """``SampleSource``'s buffer hook in a reader process: the read buffers of the batch being read lie in
+    its slot of the shared mapping."""
+
+    def __init__(self, memory: np.ndarray, layout: SlotLayout):
+        self.memory = memory
+        self.layout = layout
+        self.base = 0
+
+    def __call__(self, key: tuple, nbytes: int) -> np.ndarray:
+        at = self.base + self.layout.place(key, nbytes)
+        return self.memory[at : at + nbytes]
+
+
+def _describe(out, memory: np.ndarray) -> tuple:
+    """The source's outputs with every array of the mapping replaced by (offset in the mapping, shape,
+    dtype); an array elsewhere (not expected) travels whole, as a copy."""
+    address = memory.__array_interface__["data"][0]
+    described = []
+    for item in out:
+        if not isinstance(item, list):
+            described.append(item)
+            continue
+        arrays = []
+        for arr in item:
+            at = arr.__array_interface__["data"][0] - address
+            if arr.flags.c_contiguous and 0 <= at and at + arr.nbytes <= memory.nbytes:
+                arrays.append((at, arr.shape, arr.dtype.str))
+            else:
+                arrays.append(np.array(arr, order="C"))  # a copy: the queue pickles it later, in a thread
+        described.append(arrays)
+    return tuple(described)
+
+
+def _serve(source: SampleSource, fd: _SharedFd, nbytes: int, layout: SlotLayout, tasks, results, parent: int):
+    """A reader process: read the batches ``tasks`` names into their slots, report each on ``results``."""
+    mapping = mmap.mmap(fd.fd, nbytes, flags=_MAP_FLAGS)
+    os.close(fd.fd)
+    memory = np.frombuffer(mapping, dtype=np.uint8)
+    buffers = _SlotBuffers(memory, layout)
+    source.use_buffers(buffers)
+    while True:
+        try:
+            task = tasks.get(timeout=POLL_S)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return
+            continue
+        if task is None:
+            return
+        epoch_idx, iteration, slot = task
+        buffers.base = slot * layout.nbytes
+        try:
+            out = source(SimpleNamespace(epoch_idx=epoch_idx, iteration=iteration))
+            results.put((epoch_idx, iteration, "ok", _describe(out, memory)))
+        except StopIteration:
+            results.put((epoch_idx, iteration, "stop", None))
+        except BaseException as exc:  # noqa: BLE001 - reported to the pipeline's process, which raises it
+            text = "".join(traceback.format_exception(exc)).rstrip()
+            results.put((epoch_idx, iteration, "error", f"{text}\n{type(exc).__name__}: {exc}"))
+
+
+class SharedMemoryReaders:
+    """A batch callable for a (non-parallel, ``no_copy``) DALI external source, fed by ``workers`` reader
+    processes that read ``source``'s batches into shared memory. See the module docstring."""
+
+    def __init__(self, source: SampleSource, workers: int, prefetch: int, timeout_s: float):
+        if workers < 1:
+            raise ValueError(f"shared-memory readers need workers >= 1, got {workers}")
+        self.source = source
+        self.layout = SlotLayout.for_source(source)
+        self.ahead = workers + 1  # every reader busy, and one batch queued behind them
+        self.slots = self.ahead + prefetch + 2
+        self.timeout_s = timeout_s
+        nbytes = self.layout.nbytes * self.slots
+        self._fd = os.memfd_create("eossl-readers", os.MFD_CLOEXEC)
+        os.ftruncate(self._fd, nbytes)
+        self._mapping = mmap.mmap(self._fd, nbytes, flags=_MAP_FLAGS)
+        ctx = multiprocessing.get_context("spawn")
+        self._tasks, self._results = ctx.Queue(), ctx.Queue()
+        args = (source, _SharedFd(self._fd), nbytes, self.layout, self._tasks, self._results, os.getpid())
+        self._procs = [
+            ctx.Process(target=_serve, args=args, name=f"eossl-reader-{i}") for i in range(workers)
+        ]
+        for proc in self._procs:
+            proc.daemon = True
+            proc.start()
+        os.close(self._fd)  # the readers hold their own descriptors; the mapping keeps the memory
+        self._closer = weakref.finalize(self, _stop, self._procs, self._tasks)
+        self._epoch_idx = -1
+        self._steps = 0
+        self._submitted = 0  # iterations of the current epoch handed to the readers
+        self._sequence = 0  # batches handed over since the start: the slot of the next one
+        self._done: dict[tuple[int, int], tuple] = {}
+        self._lock = threading.Lock()
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p.pid is not None]
+
+    def close(self) -> None:
+        """Stop the reader processes (idempotent)."""
+        self._closer()
+
+    # -- the callback ----------------------------------------------------------------------------------
+    def _epoch_steps(self, epoch_idx: int) -> int:
+        epoch = self.source.start.epoch + epoch_idx
+        first = self.source.start.step if epoch_idx == 0 else 0
+        return max(self.source.plan(epoch).steps - first, 0)
+
+    def _submit_until(self, iteration: int) -> None:
+        while self._submitted < min(iteration + self.ahead, self._steps):
+            self._tasks.put((self._epoch_idx, self._submitted, self._sequence % self.slots))
+            self._submitted += 1
+            self._sequence += 1
+
+    def _check_alive(self) -> None:
+        dead = [p.pid for p in self._procs if not p.is_alive()]
+        if dead:
+            raise ReaderGone(
+                f"reader worker process(es) {', '.join(map(str, dead))} died (killed, or out of memory)"
+            )
+
+    def _wait(self, key: tuple[int, int]) -> tuple:
+        deadline = time.monotonic() + self.timeout_s
+        while key not in self._done:
+            try:
+                epoch_idx, iteration, status, payload = self._results.get(timeout=POLL_S)
+            except queue.Empty:
+                self._check_alive()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"no batch from the reader processes in {self.timeout_s:.0f} s (epoch index "
+                        f"{key[0]}, iteration {key[1]}): a reader is stuck (storage that stopped answering?)"
+                    ) from None
+                continue
+            if epoch_idx == self._epoch_idx:  # batches of an epoch DALI left behind are dropped
+                self._done[(epoch_idx, iteration)] = (status, payload)
+        return self._done.pop(key)
+
+    def _arrays(self, described: tuple) -> tuple:
+        out = []
+        for item in described:
+            if not isinstance(item, list):
+                out.append(item)
+                continue
+            out.append(
+                [
+                    np.ndarray(d[1], np.dtype(d[2]), buffer=self._mapping, offset=d[0])
+                    if isinstance(d, tuple)
+                    else d
+                    for d in item
+                ]
+            )
+        return tuple(out)
+
+    def __call__(self, info) -> tuple:
+        with self._lock:
+            if info.epoch_idx != self._epoch_idx:
+                self._epoch_idx, self._steps = info.epoch_idx, self._epoch_steps(info.epoch_idx)
+                self._submitted, self._done = 0, {}
+            if info.iteration >= self._steps:
+                raise StopIteration
+            self._submit_until(info.iteration)
+            status, payload = self._wait((info.epoch_idx, info.iteration))
+            if status == "error":
+                raise ReaderFailed(payload)
+            if status == "stop":  # the plan and the readers disagree on the epoch's length: never expected
+                raise RuntimeError(f"a reader found epoch index {info.epoch_idx} over at {info.iteration}")
+            return self._arrays(payload)
+
+
+def _stop(procs: list, tasks) -> None:
+    for _ in procs:
+        try:
+            tasks.put(None)
+        except (OSError, ValueError):
+            break
+    deadline = time.monotonic() + 5.0
+    for proc in procs:
+        proc.join(max(deadline - time.monotonic(), 0.0))
+        if proc.is_alive():
+            proc.kill()
+            proc.join(1.0)

@@ -1,0 +1,208 @@
+"""The shared-memory reader processes: the same batches as the sample source, read into shared memory in
+place; a reader that fails, stops or dies is reported instead of waited on; nothing outlives its owner."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import psutil
+import pytest
+import rasterio
+
+from eossl.streaming.inputs import InputSpec
+from eossl.streaming.loader import LoaderConfig, SSLLoader, StreamingError
+from eossl.streaming.plan import PlanConfig
+from eossl.streaming.shared_readers import ReaderFailed, ReaderGone, SharedMemoryReaders, SlotLayout
+from eossl.streaming.views import ViewConfig
+
+from conftest import complete_triplet, run_cli, sen12ms_path
+
+PAIR = ViewConfig(mode="pair", inputs=InputSpec(sensors=("s1", "s2")), size=32)
+
+
+def _cfg(**kw) -> LoaderConfig:
+    base = LoaderConfig(
+        batch_size=2, split="all", device="cpu", workers=2, num_threads=1, views=PAIR, plan=PlanConfig(seed=5)
+    )
+    return replace(base, **kw)
+
+
+def _info(epoch_idx: int, iteration: int) -> SimpleNamespace:
+    return SimpleNamespace(epoch_idx=epoch_idx, iteration=iteration)
+
+
+def _in_mapping(arr: np.ndarray) -> bool:
+    base = arr
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return isinstance(base, mmap.mmap)
+
+
+def _gone(pids: list[int], within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture(scope="module")
+def nan_dataset(tmp_path_factory) -> Path:
+    """Four triplets; one S1 patch with NaN and +-Inf pixels (kept by ingest, filled by the loader)."""
+    root = tmp_path_factory.mktemp("nan")
+    src, out = root / "src", root / "ds"
+    for scene, patch in ((1, 1), (1, 2), (2, 1), (2, 2)):
+        complete_triplet(src, scene=scene, patch=patch)
+    with rasterio.open(sen12ms_path(src, "s1", scene=1, patch=2), "r+") as f:
+        s1 = f.read()
+        s1[0, 10:12, 20:25] = np.nan
+        s1[1, 100, 100] = np.inf
+        s1[1, 101, 100] = -np.inf
+        f.write(s1)
+    run_cli("ingest", str(src), str(out), "--max-s1-invalid", "0.5", "--no-progress", "--shard-size", "8MB")
+    return out
+
+
+def test_batches_equal_the_sample_source_read_in_place_with_nonfinite_s1_filled(nan_dataset):
+    loader = SSLLoader(str(nan_dataset), _cfg())
+    source = loader.sample_source()
+    readers = loader.batch_source()
+    assert isinstance(readers, SharedMemoryReaders)
+    try:
+        filled = 0
+        for epoch_idx in range(2):
+            for it in range(len(loader)):
+                want, got = source(_info(epoch_idx, it)), readers(_info(epoch_idx, it))
+                assert len(want) == len(got)
+                for w, g in zip(want, got, strict=True):
+                    if isinstance(w, list):
+                        assert all(_in_mapping(a) for a in g)  # handed over without a copy
+                        for a, b in zip(w, g, strict=True):
+                            assert a.dtype == b.dtype and np.array_equal(a, b)
+                    else:
+                        np.testing.assert_array_equal(w, g)
+                s1 = got[0]
+                for row, arr in zip(got[len(loader.views.sensors)][:, 0], s1, strict=True):
+                    assert np.isfinite(arr).all()
+                    if str(loader.catalog.key[row]).endswith("_1_p2"):
+                        filled += 1
+                        assert np.array_equal(arr[10:12, 20:25, 0], np.full((2, 5), source.s1_fill[0]))
+                        assert arr[100, 100, 1] == arr[101, 100, 1] == source.s1_fill[1]
+            with pytest.raises(StopIteration):
+                readers(_info(epoch_idx, len(loader)))
+        assert filled == 2  # the patch, once per epoch
+    finally:
+        readers.close()
+    assert _gone(readers.pids(), 10)
+
+
+def test_every_member_of_the_catalog_fits_its_slot(dataset):
+    loader = SSLLoader(str(dataset), _cfg())
+    source = loader.sample_source()
+    layout = SlotLayout.for_source(source)
+    cat = loader.catalog
+    for row in range(len(cat.key)):
+        start = min(int(cat.offset[s][row]) for s in ("s1", "s2"))
+        end = max(int(cat.offset[s][row] + cat.size[s][row]) for s in ("s1", "s2"))
+        assert layout.place(("span", 1), end - start) == layout.stride
+        for s in ("s1", "s2"):
+            layout.place(("raw", s, 0), int(cat.size[s][row]))
+    with pytest.raises(RuntimeError, match="does not fit its slot"):
+        layout.place(("span", 0), layout.stride + 1)
+    with pytest.raises(RuntimeError, match="does not fit its slot"):
+        layout.place(("span", layout.samples), 1)
+
+
+def test_a_failing_read_comes_back_with_its_message(copy_of_dataset):
+    """A member whose bytes changed after ingest, with on_corrupt='fail': the reader's error, named."""
+    loader = SSLLoader(str(copy_of_dataset), _cfg(on_corrupt="fail"))
+    row = int(loader.plan(0).order[0])
+    shard = copy_of_dataset / loader.manifest["shards"][int(loader.catalog.shard[row])]["path"]
+    at = int(loader.catalog.offset["s2"][row]) + 4096
+    with open(shard, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    readers = loader.batch_source()
+    try:
+        with pytest.raises(ReaderFailed, match=r"CorruptShardError: .*fails its checksum"):
+            readers(_info(0, 0))
+    finally:
+        readers.close()
+    with pytest.raises(StreamingError, match=r"step 0: CorruptShardError: .*s2 member of sample .*checksum"):
+        next(iter(SSLLoader(str(copy_of_dataset), _cfg(on_corrupt="fail"))))
+
+
+def test_a_stuck_reader_times_out_and_a_killed_one_is_named(dataset):
+    loader = SSLLoader(str(dataset), _cfg(reader_timeout_s=2.0))
+    readers = loader.batch_source()
+    try:
+        for pid in readers.pids():
+            os.kill(pid, signal.SIGSTOP)
+        with pytest.raises(TimeoutError, match=r"no batch from the reader processes in 2 s"):
+            readers(_info(0, 0))
+        for pid in readers.pids():
+            os.kill(pid, signal.SIGCONT)
+        readers(_info(0, 0))
+        victim = readers.pids()[1]
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(ReaderGone, match=rf"reader worker process\(es\) {victim} died"):
+            for it in range(1, len(loader)):
+                readers(_info(0, it))
+    finally:
+        readers.close()
+    assert _gone(readers.pids(), 10)
+
+
+def test_readers_stop_with_the_loader_and_when_their_parent_is_killed(dataset, tmp_path):
+    loader = SSLLoader(str(dataset), _cfg())
+    batches = iter(loader)
+    next(batches)
+    pids = loader._worker_pids()
+    assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
+    batches.close()  # the consumer stops mid-epoch
+    assert _gone(pids, 10)
+
+    script = tmp_path / "owner.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import time
+            from eossl.streaming.inputs import InputSpec
+            from eossl.streaming.loader import LoaderConfig, SSLLoader
+            from eossl.streaming.views import ViewConfig
+
+            if __name__ == "__main__":
+                views = ViewConfig(mode="pair", inputs=InputSpec(sensors=("s1", "s2")), size=32)
+                cfg = LoaderConfig(batch_size=2, split="all", device="cpu", workers=2, views=views)
+                loader = SSLLoader({str(dataset)!r}, cfg)
+                batches = iter(loader)
+                next(batches)
+                print(" ".join(map(str, loader._worker_pids())), flush=True)
+                time.sleep(600)
+            """
+        )
+    )
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        line = owner.stdout.readline()
+        pids = [int(p) for p in line.split()]
+        assert len(pids) == 2, line
+        owner.kill()  # no clean-up runs: the readers notice their parent is gone
+        owner.wait(timeout=60)
+        assert _gone(pids, 30), [p for p in pids if psutil.pid_exists(p)]
+    finally:
+        if owner.poll() is None:
+            owner.kill()
