@@ -238,19 +238,22 @@ def start_tracking(
     run_id: str | None,
     description: str | None = None,
 ) -> str | None:
-    """Start (or continue) the run's MLflow run; returns its id on the main process."""
+    """Start (or continue) the run's MLflow run; returns its id on the main process.
+
+    Only the main process talks to MLflow (accelerate's trackers live there too): the other ranks return
+    at once without importing it, ~3 CPU-seconds less to start each of them.
+    """
+    if not acc.is_main_process:
+        return None
     import mlflow
 
     run_dir = Path(cfg.out).resolve()
     quiet_mlflow_logs()
     uri = default_tracking_uri()
-    if acc.is_main_process and uri.startswith("sqlite:///"):  # a moved project folder: artifacts beside it
+    if uri.startswith("sqlite:///"):  # a moved project folder: artifacts beside it
         relocate_local_store(Path(uri.removeprefix("sqlite:///")).resolve())
     point_mlflow_at(uri)
-    if acc.is_main_process:
-        ensure_experiment(
-            cfg.experiment, uri
-        )  # before accelerate: it would tag a new one with the run's tags
+    ensure_experiment(cfg.experiment, uri)  # before accelerate: it would tag a new one with the run's tags
     init = {"run_name": run_dir.name, "tags": tags}
     if description:
         init["description"] = description
@@ -259,11 +262,9 @@ def start_tracking(
     if run_id:
         init["run_id"] = run_id
     # A resumed run keeps the params logged at its start (MLflow refuses changed param values).
-    sampled = acc.is_main_process and system_metrics(cfg.system_metrics_every_s)
+    sampled = system_metrics(cfg.system_metrics_every_s)
     with _system_metrics_env(cfg.system_metrics_every_s) if sampled else contextlib.nullcontext():
         acc.init_trackers(cfg.experiment, config=None if resumed else params, init_kwargs={"mlflow": init})
-    if not acc.is_main_process:
-        return None
     run = mlflow.active_run()
     if ERROR_TAG in mlflow.get_run(run.info.run_id).data.tags:  # this run failed before: it goes on now
         mlflow.MlflowClient().delete_tag(run.info.run_id, ERROR_TAG)
