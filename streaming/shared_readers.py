@@ -190,7 +190,7 @@ class SharedMemoryReaders:
         self.source = source
         self.layout = SlotLayout.for_source(source)
         self.ahead = workers + 1  # every reader busy, and one batch queued behind them
-        self.slots = self.ahead + prefetch + 2
+        self.slots = self.slot_count(workers, prefetch)
         self.timeout_s = timeout_s
         nbytes = self.layout.nbytes * self.slots
         self._fd = os.memfd_create("eossl-readers", os.MFD_CLOEXEC)
@@ -213,6 +213,12 @@ class SharedMemoryReaders:
         self._sequence = 0  # batches handed over since the start: the slot of the next one
         self._done: dict[tuple[int, int], tuple] = {}
         self._lock = threading.Lock()
+
+    @staticmethod
+    def slot_count(workers: int, prefetch: int) -> int:
+        """Batches the shared memory holds: ``ahead`` (workers + 1) being read, ``prefetch`` held by DALI,
+        one being handed over and one spare."""
+        return workers + 1 + prefetch + 2
 
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs if p.pid is not None]

@@ -200,6 +200,7 @@ def test_bench_loader_cli_with_local_s3_reports_every_number(tmp_path):
         "s3_samples_per_s",
         "s3_read_samples_per_s",
         "read_cpu_over_raw_pread",
+        "read_cpu_over_raw_pread_into_batches",
         "transport_cpu_over_raw_pread",
         "read_stage_cpu_over_raw_pread",
         "augment_cpu_over_torch",
@@ -210,6 +211,9 @@ def test_bench_loader_cli_with_local_s3_reports_every_number(tmp_path):
     assert result["s3_latency_ms"] == 5 and result["s3"]["latency_model"]["latency_ms_per_request"] == 5
     cpu = result["cpu_ms_per_sample"]
     assert result["read_cpu_over_raw_pread"] == pytest.approx(cpu["reader"] / cpu["raw_pread"], rel=0.02)
+    assert result["read_cpu_over_raw_pread_into_batches"] == pytest.approx(
+        cpu["reader"] / cpu["raw_pread_into_batches"], rel=0.02
+    )
     assert result["augment_cpu_over_torch"] == pytest.approx(
         cpu["augment_cpu_mode"] / cpu["augment_torch"], rel=0.02
     )

@@ -110,7 +110,8 @@ def bench_loader(cfg: LoaderBenchConfig) -> dict:
     Returns:
         A JSON-ready dict: machine, settings, per-side samples/s of ``read`` and ``augment``, the speedups
         ``read_speedup_vs_geotiff`` and ``speedup_vs_geotiff``; the CPU ratios ``read_cpu_over_raw_pread``,
-        ``transport_cpu_over_raw_pread``, ``read_stage_cpu_over_raw_pread``, ``augment_cpu_over_torch`` and
+        ``read_cpu_over_raw_pread_into_batches``, ``transport_cpu_over_raw_pread``,
+        ``read_stage_cpu_over_raw_pread``, ``augment_cpu_over_torch`` and
         ``dali_graph_over_torch``
         (``loader_cpu``), with
         ``cpu_ms_per_sample`` of each part and ``reader_samples_per_s_per_core``; with S3 the same from
@@ -159,6 +160,7 @@ def bench_loader(cfg: LoaderBenchConfig) -> dict:
         result["read_cpu"] = read_cpu(dataset, cfgs["read"], probe, samples, repeat)
         raw = result["read_cpu"]["raw_pread"]["cpu_ms_per_sample"]
         result["read_cpu_over_raw_pread"] = result["read_cpu"]["ratio"]
+        result["read_cpu_over_raw_pread_into_batches"] = result["read_cpu"]["over_raw_pread_into_batches"]
         result["transport_cpu_over_raw_pread"] = result["read_cpu"]["transport_over_raw_pread"]
         stage = result["read"]["ours"]["cpu_ms_per_sample"]
         result["read_stage_cpu_over_raw_pread"] = None if stage is None else round(stage / raw, 2)
@@ -167,6 +169,7 @@ def bench_loader(cfg: LoaderBenchConfig) -> dict:
         result["dali_graph_over_torch"] = result["augment_cpu"]["dali_graph_over_torch"]
         result["cpu_ms_per_sample"] = {
             "raw_pread": raw,
+            "raw_pread_into_batches": result["read_cpu"]["raw_pread_into_batches"]["cpu_ms_per_sample"],
             "reader": result["read_cpu"]["reader"]["cpu_ms_per_sample"],
             "dali_transport": result["read_cpu"]["transport"]["cpu_ms_per_sample"],
             "read_stage_cpu_mode": stage,

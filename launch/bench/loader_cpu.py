@@ -8,6 +8,10 @@ Each number is a ratio of CPU-milliseconds per sample of two sides timed in the 
   of the same S1+S2 bytes of every sample in the epoch's order into one reused buffer (one process: the
   cost of the bytes alone). The reader's extra cost is the member checksums, the view-parameter draws,
   writing each batch where the pipeline reads it, and the hand-over.
+  ``read_cpu_over_raw_pread_into_batches``: the same reader over the same preads into a sample's place
+  in as many batch-sized buffers as the readers' shared memory holds, in turn: a batch of 32 is ~70 MB,
+  beyond the caches, so every byte also costs its trip to memory; the part of the reader's cost that
+  comes from where a batch has to be, whatever reads it.
   ``transport_over_raw_pread``: DALI's parallel external source alone (``PreparedBatches``: batches of the
   same arrays, nothing read), what ``readers='dali'`` adds to the reading: a copy of every batch between
   processes.
@@ -36,6 +40,7 @@ import numpy as np
 import torch
 
 from eossl.streaming.loader import LoaderConfig, SSLLoader
+from eossl.streaming.shared_readers import SharedMemoryReaders
 
 from .geotiff_baseline import torch_view
 from .harness import Epochs, timed_run, wait_idle
@@ -77,21 +82,28 @@ def interleaved(sides: dict[str, Epochs], min_samples: int, repeat: int, cpu=Non
     }
 
 
-def raw_pread_epochs(loader: SSLLoader) -> Epochs:
-    """One epoch of raw ``preadv`` calls: each sample's S1+S2 span, in the epoch's order, one buffer."""
+def raw_pread_epochs(loader: SSLLoader, batches: int = 0) -> Epochs:
+    """One epoch of raw ``preadv`` calls: each sample's S1+S2 span, in the epoch's order, into one reused
+    buffer; with ``batches``, into a sample's place in one of that many batch-sized buffers, in turn (where
+    a batch has to be written for the pipeline: far more memory than the caches hold)."""
     cat, sensors = loader.catalog, loader.views.sensors
     order = loader.plan(0).order
     shard = cat.shard[order]
     start = np.min([cat.offset[s][order] for s in sensors], axis=0)
     end = np.max([cat.offset[s][order] + cat.size[s][order] for s in sensors], axis=0)
     paths = {int(i): str(loader.sample_source().reader.url(int(i))) for i in np.unique(shard)}
-    buf = memoryview(bytearray(int((end - start).max())))
+    stride = int((end - start).max())
+    places = max(batches, 1) * (loader.cfg.batch_size if batches else 1)
+    buf = memoryview(np.zeros(places * stride, np.uint8))  # touched once here, as a mapped slot is
     spans = list(zip(shard.tolist(), start.tolist(), (end - start).tolist(), strict=True))
     fds = {i: os.open(p, os.O_RDONLY) for i, p in paths.items()}
+    at = [0]
 
     def epoch() -> int:
         for i, offset, size in spans:
-            os.preadv(fds[i], [buf[:size]], offset)
+            place = at[0] % places * stride
+            os.preadv(fds[i], [buf[place : place + size]], offset)
+            at[0] += 1
         return len(spans)
 
     weakref.finalize(epoch, lambda: [os.close(fd) for fd in fds.values()])  # closed with the callable
@@ -165,15 +177,22 @@ def reader_epochs(dataset: str, cfg: LoaderConfig, prepared: bool = False) -> It
 
 def read_cpu(dataset: str, cfg: LoaderConfig, probe: SSLLoader, min_samples: int, repeat: int) -> dict:
     """``read_cpu_over_raw_pread`` and what it is made of (see module docstring)."""
+    slots = SharedMemoryReaders.slot_count(cfg.workers, cfg.prefetch)
     with reader_epochs(dataset, cfg) as reader, reader_epochs(dataset, cfg, prepared=True) as transport:
         sides = interleaved(
-            {"reader": reader, "raw_pread": raw_pread_epochs(probe), "transport": transport},
+            {
+                "reader": reader,
+                "raw_pread": raw_pread_epochs(probe),
+                "raw_pread_into_batches": raw_pread_epochs(probe, batches=slots),
+                "transport": transport,
+            },
             min_samples,
             repeat,
         )
     return {
         **sides,
         "ratio": cpu_ratio(sides["reader"], sides["raw_pread"]),
+        "over_raw_pread_into_batches": cpu_ratio(sides["reader"], sides["raw_pread_into_batches"]),
         "transport_over_raw_pread": cpu_ratio(sides["transport"], sides["raw_pread"]),
     }
 
