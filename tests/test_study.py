@@ -118,8 +118,18 @@ def test_study_keys_unknown_key_names_the_closest_and_methods_come_from_the_regi
         load_study(path, {"method": "simclr"})
 
 
+def _study_here(monkeypatch, *args: str) -> int:
+    """``eossl *args`` in this process, which has imported torch and MLflow already (a command would import
+    them again), in the folder and environment that its process would have: for studies whose own process is
+    not what a test checks. Their cells still train in processes of their own."""
+    monkeypatch.chdir(REPO)
+    for key in set(os.environ) - set(training_env()):
+        monkeypatch.delenv(key)
+    return main(list(args))
+
+
 @pytest.mark.slow
-def test_study_killed_midway_resumes_and_finishes_every_cell_once(dataset, tmp_path, capsys):
+def test_study_killed_midway_resumes_and_finishes_every_cell_once(dataset, tmp_path, capsys, monkeypatch):
     import mlflow
 
     out = tmp_path / "study"
@@ -143,9 +153,12 @@ def test_study_killed_midway_resumes_and_finishes_every_cell_once(dataset, tmp_p
     first = json.loads((out / "cells" / "batch_size-4_epochs-1" / "cell.json").read_text())
     assert "linear" in first["evaluated"]  # the first cell had finished before the kill
 
-    rerun = subprocess.run(cmd, capture_output=True, text=True, env=training_env(), cwd=REPO, timeout=600)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert "batch_size-4_epochs-1: finished, skipped" in rerun.stdout
+    capsys.readouterr()
+    # The re-run, in this process: the kill ended the first study's process, not this one.
+    code = _study_here(monkeypatch, *cmd[3:])
+    rerun = capsys.readouterr()
+    assert code == 0, rerun.out[-3000:] + rerun.err[-3000:]
+    assert "batch_size-4_epochs-1: finished, skipped" in rerun.out
 
     cfg = load_study(study)
     attempts = {}
@@ -214,7 +227,7 @@ def test_study_killed_midway_resumes_and_finishes_every_cell_once(dataset, tmp_p
 
 
 @pytest.mark.slow
-def test_a_failing_cell_is_reported_and_the_others_finish(dataset, tmp_path):
+def test_a_failing_cell_is_reported_and_the_others_finish(dataset, tmp_path, capsys, monkeypatch):
     import mlflow
 
     out = tmp_path / "study"
@@ -246,15 +259,18 @@ def test_a_failing_cell_is_reported_and_the_others_finish(dataset, tmp_path):
     assert client.get_run(good["run_id"]).info.status == "FINISHED"
     rows = (out / "results.csv").read_text().splitlines()
     assert len(rows) == 3  # both cells in the table; the failed one without scores
-    again = subprocess.run(cmd, capture_output=True, text=True, env=training_env(), cwd=REPO, timeout=600)
+    capsys.readouterr()
+    code = _study_here(monkeypatch, *cmd[3:])  # the re-run, in this process: only the failed cell trains
     assert (
-        again.returncode == 1 and "backbone-resnet18_batch_size-8_epochs-1: finished, skipped" in again.stdout
+        code == 1 and "backbone-resnet18_batch_size-8_epochs-1: finished, skipped" in capsys.readouterr().out
     )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", ["sigterm", "ctrl_c"])
-def test_a_stop_request_ends_an_accelerate_launched_cell_at_a_checkpoint(dataset, tmp_path, stop):
+def test_a_stop_request_ends_an_accelerate_launched_cell_at_a_checkpoint(
+    dataset, tmp_path, capsys, monkeypatch, stop
+):
     """A study that starts cells with ``accelerate launch`` (two CPU ranks): SIGTERM to the study, or Ctrl-C
     (SIGINT to the whole process group, as a terminal sends it), reaches the ranks, which checkpoint and
     stop; nothing keeps running. After SIGTERM the re-run resumes the cell to the end: what is resumed is
@@ -312,8 +328,10 @@ def test_a_stop_request_ends_an_accelerate_launched_cell_at_a_checkpoint(dataset
     if stop != "sigterm":
         return
 
-    again = subprocess.run(cmd, capture_output=True, text=True, env=training_env(), cwd=REPO, timeout=600)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    # The re-run in this process (the stopped study's process has ended); the cell's ranks are launched again.
+    capsys.readouterr()
+    code = _study_here(monkeypatch, *cmd[3:])
+    assert code == 0, "".join(capsys.readouterr())[-3000:]
     steps = history_steps(run)
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > last
     rank_files = sorted((run / "ranks").glob("rank-*.json"))
@@ -321,7 +339,7 @@ def test_a_stop_request_ends_an_accelerate_launched_cell_at_a_checkpoint(dataset
 
 
 @pytest.mark.slow
-def test_a_study_can_score_cells_by_land_cover_segmentation(dataset, tmp_path):
+def test_a_study_can_score_cells_by_land_cover_segmentation(dataset, tmp_path, capsys, monkeypatch):
     """eval.task=segment: each cell's backbone gets a linear head trained into land-cover maps (mIoU)."""
     import mlflow
 
@@ -337,10 +355,11 @@ def test_a_study_can_score_cells_by_land_cover_segmentation(dataset, tmp_path):
         "batch_size": 8,
     }
     study.write_text(yaml.safe_dump(data))
-    proc = run_cli("study", "--config", str(study), timeout=600, env=training_env())  # its own store
+    # In this process (what is checked is the score, not the study's process); the cell trains in its own.
+    assert _study_here(monkeypatch, "study", "--config", str(study)) == 0
     state = json.loads((out / "cells" / "batch_size-8_epochs-1" / "cell.json").read_text())
     miou = state["evaluated"]["linear"]["eval.linear.s2.miou"]
-    assert 0.0 <= miou <= 1.0, proc.stdout[-2000:]
+    assert 0.0 <= miou <= 1.0, capsys.readouterr().out[-2000:]
     assert (out / "cells" / "batch_size-8_epochs-1" / "eval" / "linear" / "results.md").exists()
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     assert client.get_run(state["run_id"]).data.metrics["eval.linear.s2.miou"] == pytest.approx(miou)
