@@ -45,9 +45,9 @@ cmd=("$ACCELERATE" launch --config_file "$ACCELERATE_CONFIG"
      -m eossl.train "$@")
 
 if [[ "${EOSSL_DRY_RUN:-0}" == 1 ]]; then
-    printf 'node %s/%s:' "$NODE_RANK" "$NNODES"
-    printf ' %q' "${cmd[@]}"
-    printf '\n'
+    # One write per line: the nodes of a job print into the same output at the same time.
+    quoted=$(printf ' %q' "${cmd[@]}")
+    printf 'node %s/%s:%s\n' "$NODE_RANK" "$NNODES" "$quoted"
     exit 0
 fi
 
