@@ -59,6 +59,19 @@ def sen12ms_path(
     return root / f"{roi}_{season}" / f"{mod}_{scene}" / f"{roi}_{season}_{mod}_{scene}_p{patch}.tif"
 
 
+def spoil_s1(path: Path) -> None:
+    """Non-finite pixels in an S1 GeoTIFF, as real SEN12MS patches have: 10 NaN in VV (rows 10-11,
+    columns 20-24), +Inf at (100, 100) and -Inf at (101, 100) in VH. Ingest keeps them; readers fill them."""
+    import rasterio
+
+    with rasterio.open(path, "r+") as f:
+        s1 = f.read()
+        s1[0, 10:12, 20:25] = np.nan
+        s1[1, 100, 100] = np.inf
+        s1[1, 101, 100] = -np.inf
+        f.write(s1)
+
+
 def complete_triplet(
     root: Path, scene: int, patch: int, roi: str = "ROIs1970", season: str = "fall", x_offset: float = 0.0
 ) -> dict[str, Path]:

@@ -17,7 +17,6 @@ from types import SimpleNamespace
 import numpy as np
 import psutil
 import pytest
-import rasterio
 
 from eossl.streaming.inputs import InputSpec
 from eossl.streaming.loader import LoaderConfig, SSLLoader, StreamingError
@@ -25,7 +24,7 @@ from eossl.streaming.plan import PlanConfig
 from eossl.streaming.shared_readers import ReaderFailed, ReaderGone, SharedMemoryReaders, SlotLayout
 from eossl.streaming.views import ViewConfig
 
-from conftest import complete_triplet, run_cli, sen12ms_path
+from conftest import complete_triplet, run_cli, sen12ms_path, spoil_s1
 
 PAIR = ViewConfig(mode="pair", inputs=InputSpec(sensors=("s1", "s2")), size=32)
 
@@ -64,12 +63,7 @@ def nan_dataset(tmp_path_factory) -> Path:
     src, out = root / "src", root / "ds"
     for scene, patch in ((1, 1), (1, 2), (2, 1), (2, 2)):
         complete_triplet(src, scene=scene, patch=patch)
-    with rasterio.open(sen12ms_path(src, "s1", scene=1, patch=2), "r+") as f:
-        s1 = f.read()
-        s1[0, 10:12, 20:25] = np.nan
-        s1[1, 100, 100] = np.inf
-        s1[1, 101, 100] = -np.inf
-        f.write(s1)
+    spoil_s1(sen12ms_path(src, "s1", scene=1, patch=2))
     run_cli("ingest", str(src), str(out), "--max-s1-invalid", "0.5", "--no-progress", "--shard-size", "8MB")
     return out
 

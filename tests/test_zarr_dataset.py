@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 import torch
 import zarr
 from torch.utils.data import DataLoader
@@ -17,7 +16,7 @@ from eossl.ingest.bands import IGBP_CLASSES, IGBP_SIMPLE_CLASSES
 from eossl.streaming.inputs import InputSpec
 from eossl.streaming.zarr_dataset import ZarrPatchDataset
 
-from conftest import complete_triplet, run_cli, sen12ms_path
+from conftest import complete_triplet, run_cli, sen12ms_path, spoil_s1
 from servers import upload_tree
 
 # Spelled out here, not taken from eossl, so a band-table or band-selection bug cannot cancel out.
@@ -173,13 +172,7 @@ def test_nan_and_inf_s1_pixels_give_finite_x(tmp_path):
     src, out = tmp_path / "src", tmp_path / "ds"
     complete_triplet(src, scene=1, patch=1)
     complete_triplet(src, scene=2, patch=1)
-    s1_path = sen12ms_path(src, "s1", scene=1, patch=1)
-    with rasterio.open(s1_path, "r+") as f:
-        s1 = f.read()
-        s1[0, 10:12, 20:25] = np.nan
-        s1[1, 100, 100] = np.inf
-        s1[1, 101, 100] = -np.inf
-        f.write(s1)
+    spoil_s1(sen12ms_path(src, "s1", scene=1, patch=1))
     run_cli("ingest", str(src), str(out), "--max-s1-invalid", "0.5", "--no-progress", "--shard-size", "16MB")
     g = zarr.open_group(str(out / "data.zarr"), mode="r")
     row = [str(k) for k in g["key"][:]].index("ROIs1970_fall_1_p1")
