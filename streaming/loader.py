@@ -37,7 +37,7 @@ from .plan import EpochPlan, LoaderPosition, PlanConfig, rows_digest
 from .source import SampleSource
 from .storage import ShardReader, StorageOptions
 from .temporal import TEMPORAL_SOURCES, SeasonPartners
-from .views import ViewConfig, ViewSet
+from .views import DRAW_RULE, ViewConfig, ViewSet
 from .worker_watch import WorkerGone, WorkerWatch, dead_processes
 
 if TYPE_CHECKING:  # torch is imported where a loader is built: LoaderConfig alone (a config) needs none
@@ -296,6 +296,7 @@ class SSLLoader:
             "global_batch": self.global_batch,
             "seed": self.cfg.plan.seed,
             "rows_digest": rows_digest(self.rows),
+            "draw_rule": DRAW_RULE,
             **({"nodes": self.cfg.plan.nodes} if self.cfg.plan.node_affinity else {}),
         }
 
@@ -307,6 +308,15 @@ class SSLLoader:
             )
         if state["rows_digest"] != rows_digest(self.rows) or state["seed"] != self.cfg.plan.seed:
             raise ValueError("cannot resume: the sample set or seed differs from the checkpoint's")
+        recorded = state.get(
+            "draw_rule", "numpy generator per sample and view"
+        )  # before the rule was recorded
+        if recorded != DRAW_RULE:
+            raise ValueError(
+                f"cannot resume exactly: the checkpoint's view parameters were drawn by {recorded!r}, this "
+                f"eossl draws them by {DRAW_RULE!r}, so every view after the resume would differ from the "
+                "run's own. Finish the run with the eossl that started it, or start a new run folder"
+            )
         if self.cfg.plan.node_affinity and state.get("nodes", 1) != self.cfg.plan.nodes:
             raise ValueError(
                 f"cannot resume: node_affinity shared the shards out over {state.get('nodes', 1)} nodes, "

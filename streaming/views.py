@@ -30,10 +30,16 @@ import numpy as np
 
 from eossl.ingest.bands import PATCH_SIZE
 
-from .augment import AugmentConfig, ViewParams, draw_geometry, draw_view
+from .augment import GEOMETRY_UNIFORMS, AugmentConfig, ViewParams, draw_geometries, draw_views, uniform_count
+from .counter_rng import uniforms
 from .inputs import InputSpec
 
-__all__ = ["MODES", "ViewConfig", "ViewSet"]
+__all__ = ["DRAW_RULE", "MODES", "ViewConfig", "ViewSet"]
+
+SAMPLE_STREAM, VIEW_STREAM, MODE_STREAM = 0x5A, 0x100, 0x200  # counter_rng streams of a sample's draws
+# How view parameters are drawn, recorded in checkpoints: a run resumed under another rule would get other
+# views from the resume on, so the loader refuses it. Change it with any change to what a draw returns.
+DRAW_RULE = "philox4x32-10/1"
 
 MODES = ("single", "pair", "fusion_all", "fusion_partial", "fusion_optional", "multicrop", "temporal")
 
@@ -159,34 +165,49 @@ class ViewSet:
 
     def draw(self, seed: int, epoch: int, position: int) -> list[ViewParams]:
         """Parameters of every view of the sample at ``position`` of epoch ``epoch``'s global order."""
+        return [view[0] for view in self.draw_batch(seed, epoch, np.array([position]))]
+
+    def draw_batch(self, seed: int, epoch: int, positions: np.ndarray) -> list[ViewParams]:
+        """Per view, the parameters of the samples at ``positions`` (ViewParams with a batch axis). Row i
+        depends only on (seed, epoch, positions[i]): the same as ``draw`` of that position alone.
+
+        Streams (``counter_rng``): ``SAMPLE_STREAM`` for what the views of a sample share (the pair's
+        geometry, the fusion_partial choice), ``VIEW_STREAM + v`` for view v's own draw and
+        ``MODE_STREAM + v`` for its mode's choice (fusion_optional's dropped sensor).
+        """
         cfg = self.cfg
+        positions = np.asarray(positions, dtype=np.int64)
+        b = len(positions)
         shared = None
         if cfg.mode == "pair" and cfg.pair_geometry == "shared":
-            sample_rng = np.random.default_rng([seed, epoch, position, 0x5A])
-            shared = draw_geometry(sample_rng, self.views[0].augment, self.patch_size, cfg.size)
+            u = uniforms(seed, epoch, positions, SAMPLE_STREAM, GEOMETRY_UNIFORMS)
+            shared = draw_geometries(u, self.views[0].augment, self.patch_size, cfg.size)
         keep = None
-        if cfg.mode == "fusion_partial":
-            sample_rng = np.random.default_rng([seed, epoch, position, 0x5A])
+        if cfg.mode == "fusion_partial":  # each sample: S1 only, S2 only or both
+            u = uniforms(seed, epoch, positions, SAMPLE_STREAM, 1)[:, 0]
+            choice = np.searchsorted(np.cumsum(cfg.partial_probs)[:-1], u, side="right")
             slices = self.input_spec.sensor_slices()
-            choice = int(sample_rng.choice(3, p=list(cfg.partial_probs)))
-            keep = np.ones(self.input_spec.channels, dtype=np.float32)
-            if choice == 0:
-                keep[slices["s2"]] = 0.0
-            elif choice == 1:
-                keep[slices["s1"]] = 0.0
+            keep = np.ones((b, self.input_spec.channels))
+            keep[choice == 0, slices["s2"]] = 0.0
+            keep[choice == 1, slices["s1"]] = 0.0
+        counts = [uniform_count(channels, shared is None) for channels in self._channels]
+        drawn = uniforms(seed, epoch, positions, VIEW_STREAM + np.arange(len(self.views)), max(counts))
         params = []
         for v, view in enumerate(self.views):
-            rng = np.random.default_rng([seed, epoch, position, 0x100 + v])
-            slices = self._slices[v]
+            slices, channels = self._slices[v], self._channels[v]
             view_keep = keep
-            if cfg.mode == "fusion_optional" and rng.random() < cfg.optional_drop:
-                view_keep = np.ones(self._channels[v], dtype=np.float32)
-                view_keep[slices[("s1", "s2")[int(rng.integers(0, 2))]]] = 0.0
+            if cfg.mode == "fusion_optional":  # each view: drops one sensor (which: uniformly) or none
+                u = uniforms(seed, epoch, positions, MODE_STREAM + v, 2)
+                view_keep = np.ones((b, channels))
+                dropped = u[:, 0] < cfg.optional_drop
+                for k, sensor in enumerate(("s1", "s2")):
+                    view_keep[dropped & ((u[:, 1] * 2).astype(int) == k), slices[sensor]] = 0.0
+            u = drawn[:, v, : counts[v]]
             params.append(
-                draw_view(
-                    rng,
+                draw_views(
+                    u,
                     view.augment,
-                    self._channels[v],
+                    channels,
                     slices,
                     self.patch_size,
                     view.size,

@@ -12,11 +12,11 @@ from eossl.streaming.augment import (
     NO_BLUR_SIGMA,
     PRESETS,
     AugmentConfig,
-    crop_box,
-    draw_geometry,
     draw_view,
+    draw_views,
     geometry_matrix,
     preset,
+    uniform_count,
 )
 from eossl.streaming.dali_pipeline import augment_view, channel_runs, select_channels, standardise
 from eossl.streaming.inputs import InputSpec
@@ -136,14 +136,6 @@ def test_band_selection_in_the_graph_equals_numpy_take(bands):
     assert channel_runs(np.arange(13), 13) == []  # every band in order: no copy at all
 
 
-def test_crop_box_respects_scale_and_bounds():
-    rng = np.random.default_rng(1)
-    for _ in range(200):
-        x0, y0, w, h = crop_box(rng, 256, (0.2, 1.0), (3 / 4, 4 / 3))
-        assert 0 <= x0 and 0 <= y0 and x0 + w <= 256 + 1e-9 and y0 + h <= 256 + 1e-9
-        assert 0.2 * 256 * 256 * 0.999 <= w * h <= 256 * 256 * 1.001
-
-
 def test_view_params_dropout_and_identity():
     cfg = AugmentConfig(channel_dropout=0.5, jitter_prob=0.0)
     rng = np.random.default_rng(3)
@@ -183,14 +175,18 @@ def test_moco_study_preset_has_no_crop_and_shares_brightness_contrast_across_ban
     assert preset("default") == AugmentConfig() and PRESETS == ("default", "moco_study")
 
 
-def test_per_band_jitter_draws_are_unchanged_by_the_per_view_option():
-    """The default (per-band) jitter consumes the generator exactly as before the option existed."""
-    a = draw_view(np.random.default_rng(9), AugmentConfig(jitter_prob=1.0), 5, {"s2": slice(0, 5)}, 256, 224)
-    rng = np.random.default_rng(9)
-    draw_geometry(rng, AugmentConfig(), 256, 224)
-    rng.random()
-    np.testing.assert_array_equal(a.gain, rng.uniform(0.8, 1.2, size=5).astype(np.float32))
-    assert len(set(a.gain.tolist())) == 5
+def test_per_band_and_shared_jitter_read_the_same_uniforms():
+    """The jitter option changes only the jitter: one gain/offset for every band is the per-band draw's
+    first, and the geometry, mask and blur of the view are the same numbers."""
+    u = np.random.default_rng(9).random((20, uniform_count(5)))
+    slices = {"s2": slice(0, 5)}
+    per_band = draw_views(u, AugmentConfig(jitter_prob=1.0), 5, slices, 256, 224)
+    shared = draw_views(u, AugmentConfig(jitter_prob=1.0, jitter_per_band=False), 5, slices, 256, 224)
+    assert all(len(set(g.tolist())) == 5 for g in per_band.gain)
+    np.testing.assert_array_equal(shared.gain, np.repeat(per_band.gain[:, :1], 5, axis=1))
+    np.testing.assert_array_equal(shared.offset, np.repeat(per_band.offset[:, :1], 5, axis=1))
+    np.testing.assert_array_equal(shared.matrix, per_band.matrix)
+    np.testing.assert_array_equal(shared.sigma, per_band.sigma)
 
 
 def test_pair_geometry_shared_or_independent():
