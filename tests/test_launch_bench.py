@@ -133,6 +133,31 @@ def test_baseline_reads_the_same_patches_from_s3(tiny, s3_endpoint):
         without_endpoint.read(0)
 
 
+def test_raw_preads_read_every_span_once_per_epoch_in_their_processes(tiny):
+    """The floor of the read CPU ratio: in as many processes as the reader has, each sample's S1+S2 span
+    once per epoch, the bytes of the shard files; the processes end with it."""
+    from eossl.launch.bench.raw_pread import RawPreads, _Reader, epoch_spans
+
+    loader = SSLLoader(str(tiny[1]), LoaderConfig(batch_size=3, split="all", device="cpu", workers=0))
+    paths, spans, stride = epoch_spans(loader)
+    cat, order = loader.catalog, loader.plan(0).order  # the epoch's order: whole batches
+    assert len(spans) == len(order) >= len(loader.rows) and all(size <= stride for _, _, size in spans)
+    for (shard, offset, size), row in zip(spans, order, strict=True):  # both members of the sample
+        assert shard == cat.shard[row] and offset == min(cat.offset["s1"][row], cat.offset["s2"][row])
+        assert offset + size == max(cat.offset[s][row] + cat.size[s][row] for s in ("s1", "s2"))
+    one = _Reader(paths, spans[-1:], stride, 1)
+    one.epoch()
+    with open(paths[spans[-1][0]], "rb") as f:
+        f.seek(spans[-1][1])
+        assert bytes(one.buffer[: spans[-1][2]]) == f.read(spans[-1][2])
+    one.close()
+    with RawPreads(loader, batches=3, processes=2) as preads:
+        assert len(preads._procs) == 2 and all(p.is_alive() for p in preads._procs)
+        assert preads() == preads() == len(spans)
+        procs = list(preads._procs)
+    assert not any(p.is_alive() for p in procs)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # every part of the bench: disk, CPU ratios, S3 with latency
 def test_bench_loader_cli_with_local_s3_reports_every_number(tmp_path):
@@ -201,6 +226,7 @@ def test_bench_loader_cli_with_local_s3_reports_every_number(tmp_path):
         "s3_read_samples_per_s",
         "read_cpu_over_raw_pread",
         "read_cpu_over_raw_pread_into_batches",
+        "read_cpu_over_raw_pread_one_process",
         "transport_cpu_over_raw_pread",
         "read_stage_cpu_over_raw_pread",
         "augment_cpu_over_torch",
@@ -214,6 +240,10 @@ def test_bench_loader_cli_with_local_s3_reports_every_number(tmp_path):
     assert result["read_cpu_over_raw_pread_into_batches"] == pytest.approx(
         cpu["reader"] / cpu["raw_pread_into_batches"], rel=0.02
     )
+    assert result["read_cpu_over_raw_pread_one_process"] == pytest.approx(
+        cpu["reader"] / cpu["raw_pread_one_process"], rel=0.02
+    )
+    assert result["raw_pread_processes"] == 1  # as many as the reader's: none here (workers=0)
     assert result["augment_cpu_over_torch"] == pytest.approx(
         cpu["augment_cpu_mode"] / cpu["augment_torch"], rel=0.02
     )

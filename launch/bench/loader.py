@@ -109,8 +109,10 @@ def bench_loader(cfg: LoaderBenchConfig) -> dict:
 
     Returns:
         A JSON-ready dict: machine, settings, per-side samples/s of ``read`` and ``augment``, the speedups
-        ``read_speedup_vs_geotiff`` and ``speedup_vs_geotiff``; the CPU ratios ``read_cpu_over_raw_pread``,
-        ``read_cpu_over_raw_pread_into_batches``, ``transport_cpu_over_raw_pread``,
+        ``read_speedup_vs_geotiff`` and ``speedup_vs_geotiff``; the CPU ratios
+        ``read_cpu_over_raw_pread`` (the raw preads in ``raw_pread_processes`` processes, as many as the
+        reader's), ``read_cpu_over_raw_pread_into_batches``, ``read_cpu_over_raw_pread_one_process``,
+        ``transport_cpu_over_raw_pread``,
         ``read_stage_cpu_over_raw_pread``, ``augment_cpu_over_torch`` and
         ``dali_graph_over_torch``
         (``loader_cpu``), with
@@ -161,6 +163,8 @@ def bench_loader(cfg: LoaderBenchConfig) -> dict:
         raw = result["read_cpu"]["raw_pread"]["cpu_ms_per_sample"]
         result["read_cpu_over_raw_pread"] = result["read_cpu"]["ratio"]
         result["read_cpu_over_raw_pread_into_batches"] = result["read_cpu"]["over_raw_pread_into_batches"]
+        result["read_cpu_over_raw_pread_one_process"] = result["read_cpu"]["over_raw_pread_one_process"]
+        result["raw_pread_processes"] = result["read_cpu"]["processes"]
         result["transport_cpu_over_raw_pread"] = result["read_cpu"]["transport_over_raw_pread"]
         stage = result["read"]["ours"]["cpu_ms_per_sample"]
         result["read_stage_cpu_over_raw_pread"] = None if stage is None else round(stage / raw, 2)
@@ -170,6 +174,7 @@ def bench_loader(cfg: LoaderBenchConfig) -> dict:
         result["cpu_ms_per_sample"] = {
             "raw_pread": raw,
             "raw_pread_into_batches": result["read_cpu"]["raw_pread_into_batches"]["cpu_ms_per_sample"],
+            "raw_pread_one_process": result["read_cpu"]["raw_pread_one_process"]["cpu_ms_per_sample"],
             "reader": result["read_cpu"]["reader"]["cpu_ms_per_sample"],
             "dali_transport": result["read_cpu"]["transport"]["cpu_ms_per_sample"],
             "read_stage_cpu_mode": stage,

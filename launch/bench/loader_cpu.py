@@ -5,13 +5,15 @@ Each number is a ratio of CPU-milliseconds per sample of two sides timed in the 
 - ``read_cpu_over_raw_pread``: the reader as a GPU node runs it, on its CPU (the loader's reader
   processes, ``shared_readers``: ``SampleSource`` reading into shared memory, each batch handed to DALI
   in place and held there, ``_held``; no graph: on a GPU node that is on the GPU), over a raw ``preadv``
-  of the same S1+S2 bytes of every sample in the epoch's order into one reused buffer (one process: the
-  cost of the bytes alone). The reader's extra cost is the member checksums, the view-parameter draws,
-  writing each batch where the pipeline reads it, and the hand-over.
+  of the same S1+S2 bytes of every sample in the epoch's order into one reused buffer, in as many
+  processes as the reader has (``raw_pread.RawPreads``: the cost of the bytes alone, under the same
+  contention for memory and caches). The reader's extra cost is the member checksums, the view-parameter
+  draws, writing each batch where the pipeline reads it, and the hand-over.
   ``read_cpu_over_raw_pread_into_batches``: the same reader over the same preads into a sample's place
   in as many batch-sized buffers as the readers' shared memory holds, in turn: a batch of 32 is ~70 MB,
   beyond the caches, so every byte also costs its trip to memory; the part of the reader's cost that
-  comes from where a batch has to be, whatever reads it.
+  comes from where a batch has to be, whatever reads it. ``read_cpu_over_raw_pread_one_process``: over
+  the raw preads in one process while the other cores idle (the floor with the memory system to itself).
   ``transport_over_raw_pread``: DALI's parallel external source alone (``PreparedBatches``: batches of the
   same arrays, nothing read), what ``readers='dali'`` adds to the reading: a copy of every batch between
   processes.
@@ -29,10 +31,8 @@ Each number is a ratio of CPU-milliseconds per sample of two sides timed in the 
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -45,11 +45,12 @@ from eossl.streaming.shared_readers import SharedMemoryReaders
 from .geotiff_baseline import torch_view
 from .harness import Epochs, timed_run, wait_idle
 from .loader_sides import cpu_reader_pipeline
+from .raw_pread import RawPreads
 
 MIN_CPU_S = 0.5
 """CPU seconds each side of a CPU ratio runs at least: 50 ticks of the /proc clock (1 % resolution)."""
 
-__all__ = ["PreparedBatches", "augment_cpu", "interleaved", "raw_pread_epochs", "read_cpu", "reader_epochs"]
+__all__ = ["PreparedBatches", "augment_cpu", "interleaved", "read_cpu", "reader_epochs"]
 
 
 def interleaved(sides: dict[str, Epochs], min_samples: int, repeat: int, cpu=None) -> dict:
@@ -80,34 +81,6 @@ def interleaved(sides: dict[str, Epochs], min_samples: int, repeat: int, cpu=Non
         }
         for name, rs in runs.items()
     }
-
-
-def raw_pread_epochs(loader: SSLLoader, batches: int = 0) -> Epochs:
-    """One epoch of raw ``preadv`` calls: each sample's S1+S2 span, in the epoch's order, into one reused
-    buffer; with ``batches``, into a sample's place in one of that many batch-sized buffers, in turn (where
-    a batch has to be written for the pipeline: far more memory than the caches hold)."""
-    cat, sensors = loader.catalog, loader.views.sensors
-    order = loader.plan(0).order
-    shard = cat.shard[order]
-    start = np.min([cat.offset[s][order] for s in sensors], axis=0)
-    end = np.max([cat.offset[s][order] + cat.size[s][order] for s in sensors], axis=0)
-    paths = {int(i): str(loader.sample_source().reader.url(int(i))) for i in np.unique(shard)}
-    stride = int((end - start).max())
-    places = max(batches, 1) * (loader.cfg.batch_size if batches else 1)
-    buf = memoryview(np.zeros(places * stride, np.uint8))  # touched once here, as a mapped slot is
-    spans = list(zip(shard.tolist(), start.tolist(), (end - start).tolist(), strict=True))
-    fds = {i: os.open(p, os.O_RDONLY) for i, p in paths.items()}
-    at = [0]
-
-    def epoch() -> int:
-        for i, offset, size in spans:
-            place = at[0] % places * stride
-            os.preadv(fds[i], [buf[place : place + size]], offset)
-            at[0] += 1
-        return len(spans)
-
-    weakref.finalize(epoch, lambda: [os.close(fd) for fd in fds.values()])  # closed with the callable
-    return epoch
 
 
 def _held(arrays: dict, ids, _params) -> tuple:
@@ -178,12 +151,19 @@ def reader_epochs(dataset: str, cfg: LoaderConfig, prepared: bool = False) -> It
 def read_cpu(dataset: str, cfg: LoaderConfig, probe: SSLLoader, min_samples: int, repeat: int) -> dict:
     """``read_cpu_over_raw_pread`` and what it is made of (see module docstring)."""
     slots = SharedMemoryReaders.slot_count(cfg.workers, cfg.prefetch)
-    with reader_epochs(dataset, cfg) as reader, reader_epochs(dataset, cfg, prepared=True) as transport:
+    with (
+        reader_epochs(dataset, cfg) as reader,
+        reader_epochs(dataset, cfg, prepared=True) as transport,
+        RawPreads(probe, processes=max(cfg.workers, 1)) as raw,
+        RawPreads(probe, batches=slots, processes=max(cfg.workers, 1)) as into_batches,
+        RawPreads(probe) as one_process,
+    ):
         sides = interleaved(
             {
                 "reader": reader,
-                "raw_pread": raw_pread_epochs(probe),
-                "raw_pread_into_batches": raw_pread_epochs(probe, batches=slots),
+                "raw_pread": raw,
+                "raw_pread_into_batches": into_batches,
+                "raw_pread_one_process": one_process,
                 "transport": transport,
             },
             min_samples,
@@ -191,8 +171,10 @@ def read_cpu(dataset: str, cfg: LoaderConfig, probe: SSLLoader, min_samples: int
         )
     return {
         **sides,
+        "processes": max(cfg.workers, 1),
         "ratio": cpu_ratio(sides["reader"], sides["raw_pread"]),
         "over_raw_pread_into_batches": cpu_ratio(sides["reader"], sides["raw_pread_into_batches"]),
+        "over_raw_pread_one_process": cpu_ratio(sides["reader"], sides["raw_pread_one_process"]),
         "transport_over_raw_pread": cpu_ratio(sides["transport"], sides["raw_pread"]),
     }
 
