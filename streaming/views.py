@@ -192,27 +192,43 @@ class ViewSet:
             keep[choice == 1, slices["s1"]] = 0.0
         counts = [uniform_count(channels, shared is None) for channels in self._channels]
         drawn = uniforms(seed, epoch, positions, VIEW_STREAM + np.arange(len(self.views)), max(counts))
-        params = []
-        for v, view in enumerate(self.views):
-            slices, channels = self._slices[v], self._channels[v]
-            view_keep = keep
-            if cfg.mode == "fusion_optional":  # each view: drops one sensor (which: uniformly) or none
+        keeps = [keep] * len(self.views)
+        if cfg.mode == "fusion_optional":  # each view: drops one sensor (which: uniformly) or none
+            for v, slices in enumerate(self._slices):
                 u = uniforms(seed, epoch, positions, MODE_STREAM + v, 2)
-                view_keep = np.ones((b, channels))
+                keeps[v] = np.ones((b, self._channels[v]))
                 dropped = u[:, 0] < cfg.optional_drop
                 for k, sensor in enumerate(("s1", "s2")):
-                    view_keep[dropped & ((u[:, 1] * 2).astype(int) == k), slices[sensor]] = 0.0
-            u = drawn[:, v, : counts[v]]
-            params.append(
-                draw_views(
-                    u,
-                    view.augment,
-                    channels,
-                    slices,
-                    self.patch_size,
-                    view.size,
-                    matrix=shared,
-                    keep=view_keep,
-                )
+                    keeps[v][dropped & ((u[:, 1] * 2).astype(int) == k), slices[sensor]] = 0.0
+        # Views with the same recipe (DINO's local crops, the two views of ``single``) in one draw: a draw
+        # is row by row, so stacking their rows changes no number and saves the per-call overhead.
+        groups: dict[_View, list[int]] = {}
+        for v, view in enumerate(self.views):
+            groups.setdefault(view, []).append(v)
+        params: list[ViewParams | None] = [None] * len(self.views)
+        for view, members in groups.items():
+            first, k = members[0], len(members)
+            count, channels = counts[first], self._channels[first]
+            out = draw_views(
+                drawn[:, members, :count].reshape(b * k, count),
+                view.augment,
+                channels,
+                self._slices[first],
+                self.patch_size,
+                view.size,
+                matrix=None if shared is None else np.repeat(shared, k, axis=0),
+                keep=None
+                if keeps[first] is None
+                else np.stack([keeps[v] for v in members], 1).reshape(b * k, -1),
             )
+            if k == 1:
+                params[first] = out
+                continue
+            for j, v in enumerate(members):
+                params[v] = ViewParams(
+                    *(
+                        np.ascontiguousarray(a.reshape(b, k, *a.shape[1:])[:, j])
+                        for a in (out.matrix, out.gain, out.offset, out.sigma)
+                    )
+                )
         return params

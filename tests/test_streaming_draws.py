@@ -185,6 +185,10 @@ def test_a_batch_holds_each_samples_own_draw_whatever_the_batch(mode):
             for name in ("matrix", "gain", "offset", "sigma"):
                 np.testing.assert_array_equal(getattr(params, name)[i], getattr(alone[v], name))
                 np.testing.assert_array_equal(getattr(params, name)[i], getattr(shuffled[v], name)[-1 - i])
+    for i in range(len(positions)):  # views of one recipe (drawn together) still each have their own
+        distinct = {params.matrix[i].tobytes() for params in batch}
+        assert len(distinct) == (1 if mode == "pair" else len(batch))  # pair: one geometry, shared
+        assert all(params.matrix.flags.c_contiguous and params.gain.flags.c_contiguous for params in batch)
     other_epoch = views.draw_batch(11, 3, positions)
     assert not np.array_equal(other_epoch[0].matrix, batch[0].matrix)
 
