@@ -327,6 +327,7 @@ def test_config_changes_name_the_keys_and_accept_a_new_setting_at_its_default():
 def test_a_resume_with_another_config_is_refused_naming_what_changed(dataset, tmp_path, monkeypatch):
     """The checkpoint records the values its digest covers: a changed one is named; a setting the
     checkpoint predates resumes at its default."""
+    from eossl.streaming.views import DRAW_RULE
     from eossl.train.checkpoint import CheckpointError
     from eossl.train.config import load_config
     from eossl.train.loop import train
@@ -345,3 +346,12 @@ def test_a_resume_with_another_config_is_refused_naming_what_changed(dataset, tm
     del trainer["config"]["loader.node_affinity"]  # as written by an eossl without that setting
     (ckpt / "trainer.json").write_text(json.dumps(trainer))
     assert train(load_config("moco", None, {**values, "max_steps": "2"})).steps == 2
+
+    # A checkpoint whose views were drawn by another rule: the views after a resume would differ.
+    (latest,) = sorted((run / "checkpoints").glob("step-*"))[-1:]
+    trainer = json.loads((latest / "trainer.json").read_text())
+    assert trainer["loader"]["draw_rule"] == DRAW_RULE
+    trainer["loader"]["draw_rule"] = "an older rule"
+    (latest / "trainer.json").write_text(json.dumps(trainer))
+    with pytest.raises(ValueError, match="view parameters were drawn by 'an older rule'"):
+        train(load_config("moco", None, {**values, "max_steps": "3"}))
