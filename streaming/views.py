@@ -122,7 +122,7 @@ def _multicrop_views(cfg: ViewConfig) -> list[_View]:
 
 
 class ViewSet:
-    """The concrete views of a ViewConfig and the per-sample parameter draw."""
+    """The concrete views of a ViewConfig and the draw of their parameters (a batch at a time)."""
 
     def __init__(self, cfg: ViewConfig, patch_size: int = PATCH_SIZE):
         """``patch_size``: height and width of the dataset's stored patches (its manifest's source)."""
@@ -142,7 +142,7 @@ class ViewSet:
             self.views = [view, replace(view, source=1)]
         else:
             self.views = [_View(self.input_spec.sensors, cfg.size, cfg.augment)] * 2
-        # per view, made once: the draw runs for every sample in the reader
+        # per view, made once: the draw runs for every batch in the reader
         self._specs = [replace(self.input_spec, sensors=view.sensors) for view in self.views]
         self._slices = [spec.sensor_slices() for spec in self._specs]
         self._channels = [spec.channels for spec in self._specs]
@@ -175,44 +175,23 @@ class ViewSet:
         geometry, the fusion_partial choice), ``VIEW_STREAM + v`` for view v's own draw and
         ``MODE_STREAM + v`` for its mode's choice (fusion_optional's dropped sensor).
         """
-        cfg = self.cfg
         positions = np.asarray(positions, dtype=np.int64)
-        b = len(positions)
-        shared = None
-        if cfg.mode == "pair" and cfg.pair_geometry == "shared":
-            u = uniforms(seed, epoch, positions, SAMPLE_STREAM, GEOMETRY_UNIFORMS)
-            shared = draw_geometries(u, self.views[0].augment, self.patch_size, cfg.size)
-        keep = None
-        if cfg.mode == "fusion_partial":  # each sample: S1 only, S2 only or both
-            u = uniforms(seed, epoch, positions, SAMPLE_STREAM, 1)[:, 0]
-            choice = np.searchsorted(np.cumsum(cfg.partial_probs)[:-1], u, side="right")
-            slices = self.input_spec.sensor_slices()
-            keep = np.ones((b, self.input_spec.channels))
-            keep[choice == 0, slices["s2"]] = 0.0
-            keep[choice == 1, slices["s1"]] = 0.0
+        shared, keeps = self._mode_draws(seed, epoch, positions)
         counts = [uniform_count(channels, shared is None) for channels in self._channels]
         drawn = uniforms(seed, epoch, positions, VIEW_STREAM + np.arange(len(self.views)), max(counts))
-        keeps = [keep] * len(self.views)
-        if cfg.mode == "fusion_optional":  # each view: drops one sensor (which: uniformly) or none
-            for v, slices in enumerate(self._slices):
-                u = uniforms(seed, epoch, positions, MODE_STREAM + v, 2)
-                keeps[v] = np.ones((b, self._channels[v]))
-                dropped = u[:, 0] < cfg.optional_drop
-                for k, sensor in enumerate(("s1", "s2")):
-                    keeps[v][dropped & ((u[:, 1] * 2).astype(int) == k), slices[sensor]] = 0.0
         # Views with the same recipe (DINO's local crops, the two views of ``single``) in one draw: a draw
         # is row by row, so stacking their rows changes no number and saves the per-call overhead.
         groups: dict[_View, list[int]] = {}
         for v, view in enumerate(self.views):
             groups.setdefault(view, []).append(v)
+        b = len(positions)
         params: list[ViewParams | None] = [None] * len(self.views)
         for view, members in groups.items():
             first, k = members[0], len(members)
-            count, channels = counts[first], self._channels[first]
             out = draw_views(
-                drawn[:, members, :count].reshape(b * k, count),
+                drawn[:, members, : counts[first]].reshape(b * k, counts[first]),
                 view.augment,
-                channels,
+                self._channels[first],
                 self._slices[first],
                 self.patch_size,
                 view.size,
@@ -232,3 +211,31 @@ class ViewSet:
                     )
                 )
         return params
+
+    def _mode_draws(
+        self, seed: int, epoch: int, positions: np.ndarray
+    ) -> tuple[np.ndarray | None, list[np.ndarray | None]]:
+        """What the view mode decides before the views' own draws: the pair's shared geometry (B, 2, 3)
+        and each view's (B, C) channel mask (fusion_partial: per sample; fusion_optional: per view)."""
+        cfg, b = self.cfg, len(positions)
+        shared = None
+        if cfg.mode == "pair" and cfg.pair_geometry == "shared":
+            u = uniforms(seed, epoch, positions, SAMPLE_STREAM, GEOMETRY_UNIFORMS)
+            shared = draw_geometries(u, self.views[0].augment, self.patch_size, cfg.size)
+        keeps: list[np.ndarray | None] = [None] * len(self.views)
+        if cfg.mode == "fusion_partial":  # each sample: S1 only, S2 only or both
+            u = uniforms(seed, epoch, positions, SAMPLE_STREAM, 1)[:, 0]
+            choice = np.searchsorted(np.cumsum(cfg.partial_probs)[:-1], u, side="right")
+            slices = self.input_spec.sensor_slices()
+            keep = np.ones((b, self.input_spec.channels))
+            keep[choice == 0, slices["s2"]] = 0.0
+            keep[choice == 1, slices["s1"]] = 0.0
+            keeps = [keep] * len(self.views)
+        if cfg.mode == "fusion_optional":  # each view: drops one sensor (which: uniformly) or none
+            for v, slices in enumerate(self._slices):
+                u = uniforms(seed, epoch, positions, MODE_STREAM + v, 2)
+                keeps[v] = np.ones((b, self._channels[v]))
+                dropped = u[:, 0] < cfg.optional_drop
+                for k, sensor in enumerate(("s1", "s2")):
+                    keeps[v][dropped & ((u[:, 1] * 2).astype(int) == k), slices[sensor]] = 0.0
+        return shared, keeps
