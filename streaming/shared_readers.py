@@ -286,6 +286,9 @@ class SharedMemoryReaders:
                 self._submitted, self._done = 0, {}
             if info.iteration >= self._steps:
                 raise StopIteration
+            # A reader that died idle holds no batch the wait below would miss: look at every call (a
+            # non-blocking waitpid per reader), not only when a batch is late.
+            self._check_alive()
             self._submit_until(info.iteration)
             status, payload = self._wait((info.epoch_idx, info.iteration))
             if status == "error":
