@@ -180,6 +180,32 @@ class _FakeClock:
         return self.now
 
 
+def test_a_signal_handled_inside_the_first_ones_message_is_not_announced_again(monkeypatch, capsys):
+    """Python runs a second signal's handler between the first handler's bytecodes, e.g. inside its print:
+    the study's SIGUSR1 arriving while a rank announces the forwarded Ctrl-C. One announcement per rank."""
+    import builtins
+    import signal
+
+    from eossl.train.preemption import StopRequest
+
+    stop = StopRequest(rank=1, clock=_FakeClock())
+    real_print = builtins.print
+    nested = []
+
+    def print_interrupted(*args, **kwargs):
+        if not nested:  # the SIGUSR1 handler runs in the middle of the first message
+            nested.append(True)
+            stop(signal.SIGUSR1)
+        real_print(*args, **kwargs)
+
+    monkeypatch.setattr(builtins, "print", print_interrupted)
+    stop(signal.SIGINT)
+    monkeypatch.undo()
+    out = capsys.readouterr().out
+    assert nested and out.count("received: checkpointing at the next step boundary") == 1, out
+    assert "rank 1: SIGINT received" in out and stop.signum == signal.SIGUSR1  # the last signal still counts
+
+
 def test_stop_request_real_signals_first_ctrl_c_flags_second_interrupts(capsys):
     """Real signals to this process: SIGTERM/SIGUSR1/SIGINT set the flag; a second SIGINT raises at once."""
     import os

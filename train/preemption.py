@@ -107,14 +107,16 @@ class StopRequest:
                 self.first_interrupt = now
             elif now - self.first_interrupt >= self.REPEAT_AFTER_S:
                 raise KeyboardInterrupt
-        if not self.signum:
+        # Recorded before the message: a second signal (a study's SIGUSR1 right after a forwarded Ctrl-C)
+        # can run its handler inside this one's print, and must find the request already taken.
+        first, self.signum = not self.signum, signum
+        if first:
             again = " (Ctrl-C again to stop without it)" if signum == signal.SIGINT else ""
             print(
                 f"rank {self.rank}: {signal.Signals(signum).name} received: checkpointing at the next step "
                 f"boundary{again}",
                 flush=True,
             )
-        self.signum = signum
 
     @contextmanager
     def installed(self) -> Iterator[StopRequest]:
