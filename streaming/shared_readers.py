@@ -41,7 +41,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .source import SampleSource
-from .worker_watch import WorkerGone
+from .worker_watch import WorkerGone, dead_processes
 
 __all__ = ["ReaderFailed", "ReaderGone", "SharedMemoryReaders", "SlotLayout"]
 
@@ -240,7 +240,9 @@ class SharedMemoryReaders:
             self._sequence += 1
 
     def _check_alive(self) -> None:
-        dead = [p.pid for p in self._procs if not p.is_alive()]
+        # From /proc, not ``is_alive``: where SIGCHLD is ignored a dead child is reaped at once and
+        # ``waitpid`` fails, which ``multiprocessing`` reads as alive.
+        dead = dead_processes([p.pid for p in self._procs])
         if dead:
             raise ReaderGone(
                 f"reader worker process(es) {', '.join(map(str, dead))} died (killed, or out of memory)"
