@@ -4,11 +4,12 @@ It is called once per *batch* (``batch=True``), in a reader process (``shared_re
 parallel workers with ``readers='dali'``), so the per-sample cost is the read itself plus a few
 microseconds of Python, not a per-sample transport:
 
-- each sample's S1 and S2 members are one ``pread`` (or one ranged GET) into a buffer per batch slot:
-  the batch's slot of shared memory with the shared-memory readers (``use_buffers``), else one reused
-  per call; on an object store the batch's requests run ``requests_in_flight`` at a time (ranged GETs without
-  a node cache, or while a shard is still downloading into it), so a reader is bound by bandwidth rather
-  than by one request's latency;
+- each sample's members are read into a buffer per batch slot: the batch's slot of shared memory with
+  the shared-memory readers (``use_buffers``), else one reused per call. From a local file, each member in
+  ``READ_CHUNK_BYTES`` pieces, each checked (CRC-32C) right after its ``pread`` while it is in the core's
+  cache; on an object store S1 + S2 in one ranged GET, the batch's requests ``requests_in_flight`` at a
+  time (without a node cache, or while a shard is still downloading into it), so a reader is bound by
+  bandwidth rather than by one request's latency;
 - the ``.npy`` header of a member is checked by comparing its bytes with headers already seen (a dataset
   holds one header per sensor), instead of being parsed for every member;
 - S2 is handed over with all its stored bands, as a view of the read buffer: the DALI graph selects the
@@ -37,7 +38,7 @@ from .storage import CorruptShardError, ShardReader
 from .temporal import SeasonPartners
 from .views import ViewSet
 
-__all__ = ["COALESCE_GAP_BYTES", "SampleSource", "source_outputs"]
+__all__ = ["COALESCE_GAP_BYTES", "MemberChecksums", "SampleSource", "source_outputs"]
 
 COALESCE_GAP_BYTES = 64 * 2**10  # members at most this far apart are read together (tar headers, padding)
 # partner: the row view 1 is made of in the temporal mode (else the row itself)
@@ -75,6 +76,45 @@ class _Headers:
         if len(raw) != nbytes:
             raise ValueError(f".npy member is {len(raw)} bytes, its header says otherwise")
         return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(shape)
+
+
+class MemberChecksums:
+    """``ReadCheck`` of one read holding a sample's members: each member's CRC-32C, computed piece by piece
+    as the read's bytes arrive (``member_crc32c`` continues a CRC), against the catalog's.
+
+    ``members``: (sensor, offset in the shard, size, expected CRC) of the members to check; ``start``: the
+    read's first byte in the shard. Bytes between members (tar headers) are not checked.
+    """
+
+    __slots__ = ("_at", "_crc", "_key", "_members", "_row", "_start")
+
+    def __init__(self, start: int, members: list[tuple[str, int, int, int]], key: np.ndarray, row: int):
+        self._start = start
+        self._members = members
+        self._key = key
+        self._row = row
+        self.begin()
+
+    def begin(self) -> None:
+        self._at = self._start
+        self._crc = [0] * len(self._members)
+
+    def update(self, data: memoryview) -> None:
+        at, end = self._at, self._at + len(data)
+        for i, (_, offset, size, _) in enumerate(self._members):
+            lo, hi = max(offset, at), min(offset + size, end)
+            if lo < hi:
+                self._crc[i] = member_crc32c(data[lo - at : hi - at], self._crc[i])
+        self._at = end
+
+    def problem(self) -> str | None:
+        for (sensor, offset, size, want), got in zip(self._members, self._crc, strict=True):
+            if got != want:
+                return (
+                    f"{sensor} member of sample {self._key[self._row]} (row {self._row}, bytes {offset}-"
+                    f"{offset + size}) fails its checksum: crc32c {got:08x}, the catalog says {want:08x}"
+                )
+        return None
 
 
 class SampleSource:
@@ -190,52 +230,38 @@ class SampleSource:
         return buf
 
     # -- one sample ------------------------------------------------------------------------------------
-    def _verifier(self, row: int, spans: dict[str, tuple[int, int]], start: int):
-        """``verify(data)`` for ``ShardReader.read``: each member's CRC-32C against the catalog's (None when
-        the catalog has none). ``data`` starts at byte ``start`` of the shard."""
+    def _checksums(self, row: int, spans: dict[str, tuple[int, int]], start: int) -> MemberChecksums | None:
+        """The read's check: each member's CRC-32C against the catalog's (None when the catalog has none)."""
         if self._crc_of is None:
             return None
-        expected = {s: int(self._crc_of[s][row]) for s in spans}
-        # The last member first: the first one (S1, which ``_read`` then scans for non-finite values) is
-        # then checked last and still in the core's cache for that scan (~4x cheaper than from memory).
-        members = sorted(spans.items(), key=lambda item: -item[1][0])
-
-        def verify(data) -> str | None:
-            for sensor, (offset, size) in members:
-                want = expected[sensor]
-                if want < 0:
-                    continue
-                got = member_crc32c(data[offset - start : offset - start + size])
-                if got != want:
-                    return (
-                        f"{sensor} member of sample {self.key[row]} (row {row}, bytes {offset}-"
-                        f"{offset + size}) fails its checksum: crc32c {got:08x}, the catalog says {want:08x}"
-                    )
-            return None
-
-        return verify
+        members = [(s, o, n, int(self._crc_of[s][row])) for s, (o, n) in spans.items()]
+        return MemberChecksums(start, [m for m in members if m[3] >= 0], self.key, row)
 
     def _member_bytes(self, row: int, slot: int) -> dict[str, memoryview]:
-        """The bytes of the sample's members, in one read when they lie together in the shard.
+        """The sample's members: one ranged GET for all of them on an object store, one read per member from
+        a local file.
 
-        Ingest writes a sample's members one after the other (a 512-byte tar header between them), so
-        S1 + S2 is one ``pread`` locally and, more to the point, one ranged GET instead of two on an
-        object store without a cache, where the request, not the bytes, is the cost.
+        Ingest writes a sample's members one after the other (a 512-byte tar header between them), so on
+        an object store without a cache, where the request, not the bytes, is the cost, S1 + S2 is one
+        ranged GET instead of two. Locally, a member is read and checked in pieces (``READ_CHUNK_BYTES``),
+        the last member first: the first one, S1, which ``_read`` then scans for non-finite values, is
+        read last and still in the core's cache for that scan.
         """
         shard = int(self._shard_of[row])
         spans = {s: (int(self._offset_of[s][row]), int(self._size_of[s][row])) for s in self.views.sensors}
-        start = min(o for o, _ in spans.values())
-        end = max(o + n for o, n in spans.values())
-        if len(spans) > 1 and end - start - sum(n for _, n in spans.values()) <= COALESCE_GAP_BYTES:
-            out = self._buffer(("span", slot), end - start)
-            verify = self._verifier(row, spans, start)
-            raw = memoryview(self.reader.read(shard, start, end - start, out=out, verify=verify))
-            return {s: raw[o - start : o - start + n] for s, (o, n) in spans.items()}
+        if len(spans) > 1 and not self.reader.is_local:
+            start = min(o for o, _ in spans.values())
+            end = max(o + n for o, n in spans.values())
+            if end - start - sum(n for _, n in spans.values()) <= COALESCE_GAP_BYTES:
+                out = self._buffer(("span", slot), end - start)
+                check = self._checksums(row, spans, start)
+                raw = memoryview(self.reader.read(shard, start, end - start, out=out, verify=check))
+                return {s: raw[o - start : o - start + n] for s, (o, n) in spans.items()}
         members = {}
-        for sensor, (offset, size) in spans.items():
+        for sensor, (offset, size) in sorted(spans.items(), key=lambda item: -item[1][0]):
             out = self._buffer(("raw", sensor, slot), size)
-            verify = self._verifier(row, {sensor: (offset, size)}, offset)
-            members[sensor] = memoryview(self.reader.read(shard, offset, size, out=out, verify=verify))
+            check = self._checksums(row, {sensor: (offset, size)}, offset)
+            members[sensor] = memoryview(self.reader.read(shard, offset, size, out=out, verify=check))
         return members
 
     def _read(self, row: int, slot: int = 0) -> list[np.ndarray]:

@@ -28,7 +28,8 @@ from eossl.streaming.inputs import InputSpec
 from eossl.streaming.loader import CorruptDataError, LoaderConfig, SSLLoader, StreamingError
 from eossl.streaming.plan import PlanConfig
 from eossl.streaming.shard_cache import marker_path
-from eossl.streaming.storage import CorruptShardError, ShardReader, StorageOptions
+from eossl.streaming.source import MemberChecksums
+from eossl.streaming.storage import READ_CHUNK_BYTES, CorruptShardError, ShardReader, StorageOptions
 from eossl.streaming.views import ViewConfig
 
 from conftest import TINY_MOCO, cli_set, training_env
@@ -94,6 +95,103 @@ def test_catalog_records_each_members_crc32(dataset):
                     assert cat.crc32c[m][row] == member_crc32c(tar.extractfile(name).read())
                     checked += 1
     assert checked >= 3 * len(cat)
+
+
+def _crc32c_bitwise(data: bytes, crc: int = 0) -> int:
+    """CRC-32C from its definition, one bit at a time: reflected polynomial 0x82F63B78, initial value and
+    final XOR 0xFFFFFFFF (RFC 3720, section 12.1); ``crc`` continues a CRC of the bytes before."""
+    crc ^= 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def test_member_crc32c_equals_the_definition_and_continues_across_pieces():
+    # RFC 3720 appendix B.4's vectors and the customary check value of "123456789"
+    assert member_crc32c(bytes(32)) == 0x8A9136AA
+    assert member_crc32c(b"\xff" * 32) == 0x62A8AB43
+    assert member_crc32c(bytes(range(32))) == 0x46DD794E
+    assert member_crc32c(bytes(range(31, -1, -1))) == 0x113FDB5C
+    assert member_crc32c(b"123456789") == 0xE3069283
+    rng = np.random.default_rng(0)
+    buf = rng.integers(0, 256, 4096, dtype=np.uint8)
+    for n in [*range(0, 70), 127, 128, 129, 255, 256, 257, 1000, 4000]:  # the kernels' tails and blocks
+        start = int(rng.integers(0, 64))  # any alignment
+        piece = buf[start : start + n]
+        assert member_crc32c(memoryview(piece)) == _crc32c_bitwise(piece.tobytes()), (start, n)
+    # a member checked piece by piece (as a checked read does) has its whole CRC, whatever the cuts
+    big = rng.integers(0, 256, 3 * READ_CHUNK_BYTES + 12_345, dtype=np.uint8)
+    whole = member_crc32c(big)
+    assert member_crc32c(big[:5000]) == _crc32c_bitwise(big[:5000].tobytes())
+    for cuts in ([READ_CHUNK_BYTES, 2 * READ_CHUNK_BYTES], sorted(rng.integers(1, len(big), 9).tolist())):
+        crc, at = 0, 0
+        for cut in [*cuts, len(big)]:
+            crc = member_crc32c(big[at:cut], crc)
+            at = cut
+        assert crc == whole
+    big[len(big) // 2] ^= 1
+    assert member_crc32c(big) != whole
+
+
+def test_member_checksums_fed_in_any_pieces_name_the_damaged_member():
+    """Two members with a gap between them, as a read of S1 + S2 holds them: fed in pieces of any size
+    (across members and gaps), each member's CRC is the catalog's; a flipped bit names its member; a
+    damaged byte between members (a tar header) is no member's."""
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, 3000, dtype=np.uint8)
+    start = 10_000  # the read's first byte in the shard
+    layout = [("s1", start + 100, 900), ("s2", start + 1512, 1400)]
+
+    def members() -> list:
+        return [(s, o, n, _crc32c_bitwise(data[o - start : o - start + n].tobytes())) for s, o, n in layout]
+
+    keys = np.array(["sample-a", "sample-b"])
+    expected = members()
+    for piece in (1, 7, 512, 1000, 3000):
+        check = MemberChecksums(start, expected, keys, 1)
+        for at in range(0, len(data), piece):
+            check.update(memoryview(data[at : at + piece]))
+        assert check.problem() is None, piece
+        check.begin()  # a new attempt forgets what was fed
+        check.update(memoryview(data[:5]))
+        assert check.problem() is not None
+    for where, member in ((100, "s1"), (999, "s1"), (1512, "s2"), (2911, "s2"), (1200, None)):
+        data[where] ^= 0x10
+        check = MemberChecksums(start, expected, keys, 1)
+        check.update(memoryview(data[:1300]))
+        check.update(memoryview(data[1300:]))
+        problem = check.problem()
+        data[where] ^= 0x10
+        if member is None:
+            assert problem is None
+        else:
+            o, n = dict((s, (o, n)) for s, o, n in layout)[member]
+            assert problem.startswith(f"{member} member of sample sample-b (row 1, bytes {o}-{o + n})"), (
+                problem
+            )
+
+
+def test_a_damaged_byte_in_any_piece_of_a_checked_local_read_is_caught(copy_of_dataset):
+    """A local member is read and checked in ``READ_CHUNK_BYTES`` pieces: a flipped byte at either end
+    of a piece, the member's first or last byte, fails the read and names the member."""
+    root = copy_of_dataset
+    row, key, shard, offset, size = _victim(root)
+    assert size > 3 * READ_CHUNK_BYTES  # the s2 member spans several pieces
+    cat = _catalog(root)
+    path = root / _shards(root)[shard]["path"]
+    reader = ShardReader(str(root), _shards(root))
+    members = [("s2", offset, size, int(cat.crc32c["s2"][row]))]
+    out = np.empty(size, dtype=np.uint8)
+    read = reader.read(shard, offset, size, out=out, verify=MemberChecksums(offset, members, cat.key, row))
+    assert member_crc32c(read) == members[0][3]
+    for at in (0, READ_CHUNK_BYTES - 1, READ_CHUNK_BYTES, 2 * READ_CHUNK_BYTES + 1, size - 1):
+        _flip(path, offset + at, 1)
+        with pytest.raises(CorruptShardError, match=rf"{path.name}: s2 member of sample {key} .*crc32c"):
+            reader.read(shard, offset, size, out=out, verify=MemberChecksums(offset, members, cat.key, row))
+        _flip(path, offset + at, 1)
+    reader.read(shard, offset, size, out=out, verify=MemberChecksums(offset, members, cat.key, row))
 
 
 def test_flipped_bytes_in_a_local_shard_fail_or_are_skipped_and_counted(copy_of_dataset):
