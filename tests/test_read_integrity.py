@@ -157,6 +157,18 @@ def test_member_checksums_fed_in_any_pieces_name_the_damaged_member():
         check.begin()  # a new attempt forgets what was fed
         check.update(memoryview(data[:5]))
         assert check.problem() is not None
+    # one member from the read's first byte (a local member read): the same in any pieces
+    whole = [("s2", start, len(data), _crc32c_bitwise(data.tobytes()))]
+    for piece in (1, 333, 3000):
+        check = MemberChecksums(start, whole, keys, 0)
+        for at in range(0, len(data), piece):
+            check.update(memoryview(data[at : at + piece]))
+        assert check.problem() is None, piece
+    data[2999] ^= 1
+    check = MemberChecksums(start, whole, keys, 0)
+    check.update(memoryview(data))
+    assert check.problem().startswith(f"s2 member of sample sample-a (row 0, bytes {start}-{start + 3000})")
+    data[2999] ^= 1
     for where, member in ((100, "s1"), (999, "s1"), (1512, "s2"), (2911, "s2"), (1200, None)):
         data[where] ^= 0x10
         check = MemberChecksums(start, expected, keys, 1)
