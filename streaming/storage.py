@@ -26,9 +26,9 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -154,32 +154,34 @@ class _OpenFiles:
         self._lock = threading.Lock()
         self._entries: OrderedDict[int, list] = OrderedDict()  # key -> [fd, refs, closing]
 
-    @contextmanager
-    def use(self, key: int, opener: Callable[[], int]) -> Iterator[int]:
+    def acquire(self, key: int, opener: Callable[[], int]) -> list:
+        """The entry [fd, refs, closing] of ``key``, opened by ``opener`` if needed; held (never closed or
+        evicted) until ``release``. A pair of calls rather than a context manager: it runs once per member
+        read, where a generator-based ``with`` costs as much as the rest of the bookkeeping."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 entry[1] += 1
                 self._entries.move_to_end(key)
-        if entry is None:
-            fd = opener()  # outside the lock: may download a whole shard
-            with self._lock:
-                entry = self._entries.get(key)
-                if entry is None:
-                    entry = self._entries[key] = [fd, 1, False]
-                    self._shrink()
-                else:  # another thread opened it meanwhile
-                    os.close(fd)
-                    entry[1] += 1
-        try:
-            yield entry[0]
-        finally:
-            with self._lock:
-                entry[1] -= 1
-                if entry[2] and entry[1] == 0:
-                    os.close(entry[0])
-                elif len(self._entries) > self.capacity:  # grew past the bound while all were in use
-                    self._shrink()
+                return entry
+        fd = opener()  # outside the lock: may download a whole shard
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._entries[key] = [fd, 1, False]
+                self._shrink()
+            else:  # another thread opened it meanwhile
+                os.close(fd)
+                entry[1] += 1
+        return entry
+
+    def release(self, entry: list) -> None:
+        with self._lock:
+            entry[1] -= 1
+            if entry[2] and entry[1] == 0:
+                os.close(entry[0])
+            elif len(self._entries) > self.capacity:  # grew past the bound while all were in use
+                self._shrink()
 
     def __contains__(self, key: int) -> bool:
         with self._lock:
@@ -502,13 +504,16 @@ class ShardReader:
 
         if check is not None:
             check.begin()
-        with self._files.use(shard, opener) as fd:
+        entry = self._files.acquire(shard, opener)
+        try:
             if target is not None:
-                data = _pread_into(fd, offset, target, name, int(self.shards[shard]["bytes"]), check)
+                data = _pread_into(entry[0], offset, target, name, int(self.shards[shard]["bytes"]), check)
             else:
-                data = _pread_exact(fd, offset, size, name, int(self.shards[shard]["bytes"]))
+                data = _pread_exact(entry[0], offset, size, name, int(self.shards[shard]["bytes"]))
                 if check is not None:
                     check.update(memoryview(data))
+        finally:
+            self._files.release(entry)
         if self._cache is not None:
             self._count(**{"cache_misses" if downloaded else "cache_hits": 1})
             self._cache.touch(shard)
