@@ -86,16 +86,13 @@ class MemberChecksums:
     read's first byte in the shard. Bytes between members (tar headers) are not checked.
     """
 
-    __slots__ = ("_at", "_crc", "_key", "_members", "_row", "_start", "_whole")
+    __slots__ = ("_at", "_crc", "_key", "_members", "_row", "_start")
 
     def __init__(self, start: int, members: list[tuple[str, int, int, int]], key: np.ndarray, row: int):
         self._start = start
         self._members = members
         self._key = key
         self._row = row
-        # one member from the read's first byte (a local member read): every byte fed is that member's,
-        # so a piece needs no bounds (a read longer than the member fails its check: never unchecked)
-        self._whole = len(members) == 1 and members[0][1] == start
         self.begin()
 
     def begin(self) -> None:
@@ -103,9 +100,6 @@ class MemberChecksums:
         self._crc = [0] * len(self._members)
 
     def update(self, data: memoryview) -> None:
-        if self._whole:
-            self._crc[0] = member_crc32c(data, self._crc[0])
-            return
         at, end = self._at, self._at + len(data)
         for i, (_, offset, size, _) in enumerate(self._members):
             lo, hi = max(offset, at), min(offset + size, end)
@@ -237,11 +231,13 @@ class SampleSource:
 
     # -- one sample ------------------------------------------------------------------------------------
     def _checksums(self, row: int, spans: dict[str, tuple[int, int]], start: int) -> MemberChecksums | None:
-        """The read's check: each member's CRC-32C against the catalog's (None when the catalog has none)."""
+        """The read's check: each member's CRC-32C against the catalog's (None when the catalog records none
+        for these members)."""
         if self._crc_of is None:
             return None
         members = [(s, o, n, int(self._crc_of[s][row])) for s, (o, n) in spans.items()]
-        return MemberChecksums(start, [m for m in members if m[3] >= 0], self.key, row)
+        checked = [m for m in members if m[3] >= 0]
+        return MemberChecksums(start, checked, self.key, row) if checked else None
 
     def _member_bytes(self, row: int, slot: int) -> dict[str, memoryview]:
         """The sample's members: one ranged GET for all of them on an object store, one read per member from
