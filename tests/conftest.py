@@ -8,7 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +147,25 @@ TINY_DINO = {
     "device": "cpu",
     "dino.drop_path": "0.0",
 }
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request) -> Iterator[Callable[[str], Path]]:
+    """`module_tmp(name)`: a new directory that lives as long as the test module. Removed when the module's
+    last test ends, unless a test failed meanwhile (kept to look at, like a failing test's `tmp_path`).
+    Module fixtures hold datasets and training runs of 0.2-0.5 GB each; kept to the session's end they
+    would add up to several GB on a CI disk."""
+    made: list[Path] = []
+    failed_before = request.session.testsfailed
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    if request.session.testsfailed == failed_before:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def cli_set(values: dict) -> list[str]:

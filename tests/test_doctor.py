@@ -25,8 +25,8 @@ BLOCKED = ("nvidia.dali", "mlflow", "zarr", "rasterio", "webdataset")
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with moto_s3_server(tmp_path_factory.mktemp("moto-doctor")) as endpoint:
+def s3(module_tmp):
+    with moto_s3_server(module_tmp("moto-doctor")) as endpoint:
         yield endpoint
 
 

@@ -54,7 +54,7 @@ def test_multilabel_linear_probe_learns_independent_classes():
 
 
 @pytest.fixture(scope="module")
-def pretrained(dataset, tmp_path_factory) -> Path:
+def pretrained(dataset, module_tmp) -> Path:
     """A 3-step partial-fusion MoCo run (so one model serves s1, s2 and s1s2) and a conv1x1 pair run.
 
     Trained in this process (torch is imported already; a training command would import it again): the
@@ -62,7 +62,7 @@ def pretrained(dataset, tmp_path_factory) -> Path:
     from eossl.train.config import load_config
     from eossl.train.loop import train
 
-    runs = tmp_path_factory.mktemp("runs")
+    runs = module_tmp("runs")
     common = {
         "data": str(dataset),
         "max_steps": "3",

@@ -230,9 +230,9 @@ def test_eval_refuses_what_is_not_a_run_or_checkpoint(tmp_path, dataset, capsys)
 
 
 @pytest.fixture(scope="module")
-def killed_run(dataset, tmp_path_factory) -> Path:
+def killed_run(dataset, module_tmp) -> Path:
     """A 3-step MoCo run with checkpoints at steps 2 and 3, and its final export."""
-    run = tmp_path_factory.mktemp("runs") / "moco"
+    run = module_tmp("runs") / "moco"
     args = ["train", "moco", "--data", str(dataset), "--out", str(run), "--max-steps", "3"]
     values = cli_set({**TINY_MOCO, "ckpt_every": "2", "log_every": "1"})
     run_cli(*args, *values, env=training_env(), cwd=run.parent, timeout=1500)  # its store: beside the run

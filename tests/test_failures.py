@@ -221,9 +221,9 @@ STEPS = 9  # three epochs of the shared dataset at the tiny batch
 
 
 @pytest.fixture(scope="module")
-def reference(dataset, tmp_path_factory) -> dict[int, float]:
+def reference(dataset, module_tmp) -> dict[int, float]:
     """Losses of a run that nothing interrupted (workers=0), for the resumed runs to match."""
-    tmp = tmp_path_factory.mktemp("reference")
+    tmp = module_tmp("reference")
     assert _train_here(dataset, tmp / "run", STEPS, f"sqlite:///{tmp / 'mlflow.db'}") == 0
     return _losses(tmp / "run")
 

@@ -28,10 +28,10 @@ def _tree_bytes(root: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def unfinished(synthetic_source, tmp_path_factory) -> Path:
+def unfinished(synthetic_source, module_tmp) -> Path:
     """Every unit written (3 patches per 8 MB shard), not finalized; Zarr blocks of 2 samples, so most
     shards span two blocks (a per-block re-read of whole shards would read them about twice)."""
-    out = tmp_path_factory.mktemp("reads") / "ds"
+    out = module_tmp("reads") / "ds"
     for part in ((0, 2), (1, 2)):
         cfg = IngestConfig(
             str(synthetic_source),

@@ -35,15 +35,15 @@ SPLIT = SplitOptions(holdout_fraction=0.5, budgets=(2,), budget_seeds=(0,))
 
 
 @pytest.fixture(scope="module")
-def reben_tree(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("reben") / "src"
+def reben_tree(module_tmp) -> Path:
+    out = module_tmp("reben") / "src"
     write_reben_sample(out, patches=9, seed=3, patches_per_product=3)
     return out
 
 
 @pytest.fixture(scope="module")
-def reben_dataset(reben_tree, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("reben") / "ds"
+def reben_dataset(reben_tree, module_tmp) -> Path:
+    out = module_tmp("reben") / "ds"
     summary = run_ingest(
         IngestConfig(source=str(reben_tree), dataset=str(out), workers=1, progress=False, split=SPLIT)
     )

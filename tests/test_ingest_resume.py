@@ -32,8 +32,8 @@ ONE_PER_SHARD = (
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("resume") / "src"
+def source(module_tmp) -> Path:
+    root = module_tmp("resume") / "src"
     for scene in range(1, 7):
         for patch in range(1, 6):
             complete_triplet(root, scene=scene, patch=patch, x_offset=1280.0 * patch)
@@ -41,8 +41,8 @@ def source(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(source, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ref") / "ds"
+def reference(source, module_tmp) -> Path:
+    out = module_tmp("ref") / "ds"
     run_cli("ingest", str(source), str(out), "--workers", "1", "--no-progress", *ONE_PER_SHARD)
     return out
 

@@ -35,15 +35,15 @@ SPLIT = SplitOptions(holdout_fraction=0.34, budgets=(2,), budget_seeds=(0,))
 
 
 @pytest.fixture(scope="module")
-def ben_tree(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ben") / "src"
+def ben_tree(module_tmp) -> Path:
+    out = module_tmp("ben") / "src"
     write_bigearthnet_sample(out, patches=9, seed=3, patches_per_product=3)
     return out
 
 
 @pytest.fixture(scope="module")
-def ben_dataset(ben_tree, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ben") / "ds"
+def ben_dataset(ben_tree, module_tmp) -> Path:
+    out = module_tmp("ben") / "ds"
     lists = (
         str(ben_tree / "patches_with_cloud_and_shadow.csv"),
         str(ben_tree / "patches_with_seasonal_snow.csv"),
@@ -57,8 +57,8 @@ def ben_dataset(ben_tree, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ssl_tree(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ssl") / "src"
+def ssl_tree(module_tmp) -> Path:
+    out = module_tmp("ssl") / "src"
     write_ssl4eo_sample(out, locations=2, seed=1)
     return out
 
@@ -199,9 +199,9 @@ def test_bigearthnet_ingests_verifies_and_records_its_source(ben_tree, ben_datas
 
 
 @pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory) -> str:
+def mlflow_uri(module_tmp) -> str:
     """One SQLite MLflow store for the module's runs: creating a store's tables is most of a tiny run."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    return f"sqlite:///{module_tmp('mlflow') / 'mlflow.db'}"
 
 
 def _train_two_steps(data: Path, tmp_path: Path, monkeypatch, mlflow_uri: str) -> None:

@@ -26,11 +26,11 @@ PATCHES = 8
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, Path]:
+def tiny(module_tmp) -> tuple[Path, Path]:
     """8 synthetic patches (2 scenes) and their ingest in 2 shards."""
     from eossl.ingest.sample_data import write_sample_data
 
-    root = tmp_path_factory.mktemp("bench")
+    root = module_tmp("bench")
     write_sample_data(root / "src", PATCHES, seed=1)
     run_cli(
         "ingest",

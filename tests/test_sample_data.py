@@ -68,9 +68,9 @@ def _overlap(a: dict, b: dict, mod: str) -> tuple[np.ndarray, np.ndarray] | None
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> list[dict]:
+def dataset(module_tmp) -> list[dict]:
     """40 patches, 10 scenes over all four seasons: the dataset the calibration and signal tests use."""
-    root = tmp_path_factory.mktemp("sample40")
+    root = module_tmp("sample40")
     write_sample_data(root, 40, seed=0)
     return _load(root)
 

@@ -57,9 +57,9 @@ def _gone(pids: list[int], within_s: float) -> bool:
 
 
 @pytest.fixture(scope="module")
-def nan_dataset(tmp_path_factory) -> Path:
+def nan_dataset(module_tmp) -> Path:
     """Four triplets; one S1 patch with NaN and +-Inf pixels (kept by ingest, filled by the loader)."""
-    root = tmp_path_factory.mktemp("nan")
+    root = module_tmp("nan")
     src, out = root / "src", root / "ds"
     for scene, patch in ((1, 1), (1, 2), (2, 1), (2, 2)):
         complete_triplet(src, scene=scene, patch=patch)

@@ -126,8 +126,8 @@ def _member_name(key: str, member: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Dataset:
-    base = tmp_path_factory.mktemp("storage")
+def dataset(module_tmp) -> Dataset:
+    base = module_tmp("storage")
     for patch in range(1, 6):
         complete_triplet(base / "src", scene=1, patch=patch)
     run_cli("ingest", str(base / "src"), str(base / "ds"), "--shard-size", "5MB", "--no-progress")
@@ -146,9 +146,9 @@ def dataset(tmp_path_factory) -> Dataset:
 
 
 @pytest.fixture(scope="module")
-def moto(dataset, tmp_path_factory):
+def moto(dataset, module_tmp):
     """A recording moto_server holding the dataset's shards at s3://eossl-storage/ds."""
-    server = MotoProcess(tmp_path_factory.mktemp("moto-storage")).start()
+    server = MotoProcess(module_tmp("moto-storage")).start()
     try:
         with aws_environment(server.endpoint):
             upload_shards(dataset.root, f"s3://{BUCKET}/ds")

@@ -41,10 +41,10 @@ def test_a_partner_is_another_sample_of_the_scene_drawn_from_seed_epoch_and_posi
 
 
 @pytest.fixture(scope="module")
-def ssl_dataset(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("ssl") / "src"
+def ssl_dataset(module_tmp) -> Path:
+    src = module_tmp("ssl") / "src"
     write_ssl4eo_sample(src, locations=2, seed=1)
-    out = tmp_path_factory.mktemp("ssl") / "ds"
+    out = module_tmp("ssl") / "ds"
     split = SplitOptions(holdout_fraction=0.0, budgets=(), budget_seeds=())
     assert run_ingest(IngestConfig(source=str(src), dataset=str(out), workers=1, progress=False, split=split))
     return out

@@ -25,9 +25,9 @@ def _plain_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def project(dataset, tmp_path_factory) -> Path:
+def project(dataset, module_tmp) -> Path:
     """A project folder: a 4-step MoCo run whose stdout went to a file, then a k-NN grid evaluating it."""
-    folder = tmp_path_factory.mktemp("project")
+    folder = module_tmp("project")
     log = folder / "train.log"
     args = ["train", "moco", "--data", str(dataset), "--out", "runs/moco", "--max-steps", "4"]
     values = {

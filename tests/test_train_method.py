@@ -112,8 +112,8 @@ def tiny(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def dataset(synthetic_source, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("method") / "ds"
+def dataset(synthetic_source, module_tmp) -> Path:
+    out = module_tmp("method") / "ds"
     run_cli(
         "ingest", str(synthetic_source), str(out), "--shard-size", "8MB", "--budgets", "2", "--no-progress"
     )

@@ -25,8 +25,8 @@ ALL = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11"
 
 
 @pytest.fixture(scope="module")
-def dataset(synthetic_source, tmp_path_factory) -> Path:
-    ds = tmp_path_factory.mktemp("zarr_dataset") / "ds"
+def dataset(synthetic_source, module_tmp) -> Path:
+    ds = module_tmp("zarr_dataset") / "ds"
     run_cli(
         "ingest",
         str(synthetic_source),
