@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,10 +57,18 @@ def test_a_plain_dataloader_loses_its_batches_there(long_tmpdir):
     assert "AF_UNIX path too long" in proc.stderr and "timed out" in proc.stderr
 
 
-def test_torch_loader_workers_deliver_every_batch_there(long_tmpdir, tmp_path):
+@pytest.fixture
+def short_tmpdir() -> Iterator[Path]:
+    """A usual temporary folder, short whatever TMPDIR the suite runs under."""
+    folder = Path(tempfile.mkdtemp(prefix="eossl-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_torch_loader_workers_deliver_every_batch_there(long_tmpdir, short_tmpdir):
     proc = _run("ours", long_tmpdir)
     assert proc.returncode == 0, proc.stderr
     assert "sockets fit: False" in proc.stdout and "sum: 276.0" in proc.stdout
     assert "AF_UNIX" not in proc.stderr
-    short = _run("ours", tmp_path)  # and under a usual folder, the default sharing is kept
+    short = _run("ours", short_tmpdir)  # and under a usual folder, the default sharing is kept
     assert short.returncode == 0 and "sockets fit: True" in short.stdout and "sum: 276.0" in short.stdout
