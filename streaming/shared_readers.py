@@ -9,11 +9,15 @@ costs no copy of sample bytes at all:
   mount, gone with the last process that maps it) holds ``slots`` batches. A reader process runs the
   rank's ``SampleSource`` with its read buffers placed in the batch's slot (``SlotLayout``), so every
   sample's members are ``pread`` (or downloaded) to where the pipeline will read them;
+- a member of a shard file on this node (a local dataset, a node-cache copy) is not copied at all: the
+  reader checks its bytes where they lie in the page cache (``ShardReader.view``: the file mapped
+  read-only) and the pipeline's process maps the same file and reads them there (``_MappedFiles``);
 - the pipeline's callback (a plain external source with ``no_copy``) wraps those bytes as arrays. Only
   what is small travels through a queue: the ids, the view parameters, where each array lies;
 - a slot is written again ``slots`` batches later: DALI holds a no-copy input until ``prefetch``
   iterations after it was fed, and at most ``ahead`` batches are being read at once, so
-  ``slots = ahead + prefetch + 2`` never overwrites what DALI still reads.
+  ``slots = ahead + prefetch + 2`` never overwrites what DALI still reads; by the same rule the files a
+  batch maps are unmapped ``slots`` batches later.
 
 Every wait is bounded. The callback waits for a batch at most ``timeout_s`` and checks twice a second
 that every reader process is alive: a dead one is named by pid (``ReaderGone``), a reader's exception
@@ -26,6 +30,7 @@ reader reads it.
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import multiprocessing
 import os
@@ -34,6 +39,7 @@ import threading
 import time
 import traceback
 import weakref
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing import reduction
 from types import SimpleNamespace
@@ -41,6 +47,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .source import SampleSource
+from .storage import MappedFile, map_pages
 from .worker_watch import WorkerGone, dead_processes
 
 __all__ = ["ReaderFailed", "ReaderGone", "SharedMemoryReaders", "SlotLayout"]
@@ -132,10 +139,13 @@ class _SlotBuffers:
         return self.memory[at : at + nbytes]
 
 
-def _describe(out, memory: np.ndarray) -> tuple:
-    """The source's outputs with every array of the mapping replaced by (offset in the mapping, shape,
-    dtype); an array elsewhere (not expected) travels whole, as a copy."""
+def _describe(out, memory: np.ndarray, files: list[MappedFile]) -> tuple:
+    """The source's outputs with every array replaced by where it lies: ("slot", offset in the shared
+    memory, shape, dtype), or ("file", offset in the mapped file, shape, dtype, the file's identity) for
+    an array of one of ``files``; an array elsewhere (not expected) travels whole, as a copy."""
     address = memory.__array_interface__["data"][0]
+    files = sorted(files, key=lambda f: f.address)
+    starts = [f.address for f in files]
     described = []
     for item in out:
         if not isinstance(item, list):
@@ -143,13 +153,79 @@ def _describe(out, memory: np.ndarray) -> tuple:
             continue
         arrays = []
         for arr in item:
-            at = arr.__array_interface__["data"][0] - address
-            if arr.flags.c_contiguous and 0 <= at and at + arr.nbytes <= memory.nbytes:
-                arrays.append((at, arr.shape, arr.dtype.str))
-            else:
-                arrays.append(np.array(arr, order="C"))  # a copy: the queue pickles it later, in a thread
+            at = arr.__array_interface__["data"][0]
+            if arr.flags.c_contiguous:
+                if address <= at and at + arr.nbytes <= address + memory.nbytes:
+                    arrays.append(("slot", at - address, arr.shape, arr.dtype.str))
+                    continue
+                k = bisect.bisect_right(starts, at) - 1
+                if k >= 0 and at + arr.nbytes <= starts[k] + files[k].data.nbytes:
+                    f = files[k]
+                    where = (f.path, f.device, f.inode, f.pid, f.fd)
+                    arrays.append(("file", at - f.address, arr.shape, arr.dtype.str, where))
+                    continue
+            arrays.append(np.array(arr, order="C"))  # a copy: the queue pickles it later, in a thread
         described.append(arrays)
     return tuple(described)
+
+
+class _MappedFiles:
+    """The shard files that reader processes hand over in place (``storage.MappedFile``), mapped read-only
+    in the pipeline's process.
+
+    A file is opened by its path, or, where that path now names another file or none (a node-cache copy
+    evicted or replaced since the reader checked it), through the reader's own descriptor
+    (``/proc/<pid>/fd/<fd>``); either way only the very file the reader checked is mapped. Each batch maps
+    its files afresh (``begin``), and a batch's mappings are dropped ``hold`` hand-overs later, when its
+    slot would be written again: DALI reads a no-copy input without holding a reference to it. So this
+    process maps the pages of the last ``hold`` batches only, however large the dataset, and every
+    sample's pages are mapped once, as a ``pread`` copies every sample's bytes once.
+    """
+
+    def __init__(self, hold: int):
+        self.hold = hold
+        self._batches: deque[dict[tuple[int, int], mmap.mmap]] = deque()  # per hand-over: (dev, inode) ->
+
+    def __len__(self) -> int:
+        return sum(len(maps) for maps in self._batches)
+
+    def begin(self) -> None:
+        """A new batch: the mappings of the one ``hold`` hand-overs back are dropped (unmapped once no array
+        made from them is left)."""
+        self._batches.append({})
+        while len(self._batches) > self.hold:
+            self._batches.popleft()
+
+    def array(self, where: tuple, at: int, shape: tuple, dtype: str) -> np.ndarray:
+        """The array at byte ``at`` of the file ``where`` (path, device, inode, reader pid, reader fd), its
+        pages mapped here now: what DALI's first read of them would cost, in this callback instead."""
+        path, device, inode, pid, fd = where
+        maps = self._batches[-1]
+        memory = maps.get((device, inode))
+        if memory is None:
+            memory = maps[(device, inode)] = self._map(path, device, inode, pid, fd)
+        arr = np.ndarray(shape, np.dtype(dtype), buffer=memory, offset=at)
+        if not map_pages(memory, at, arr.nbytes):
+            arr.reshape(-1).view(np.uint8)[:: mmap.PAGESIZE].max(initial=0)
+        return arr
+
+    @staticmethod
+    def _map(path: str, device: int, inode: int, pid: int, fd: int) -> mmap.mmap:
+        for candidate in (path, f"/proc/{pid}/fd/{fd}"):
+            try:
+                opened = os.open(candidate, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(opened)
+                if (st.st_dev, st.st_ino) == (device, inode):
+                    return mmap.mmap(opened, st.st_size, prot=mmap.PROT_READ)
+            finally:
+                os.close(opened)
+        raise ReaderFailed(
+            f"{path}: the shard file a reader checked can no longer be opened by the pipeline's process "
+            f"(removed or replaced, and the reader has closed it); map_files=False reads without mapping"
+        )
 
 
 def _serve(source: SampleSource, fd: _SharedFd, nbytes: int, layout: SlotLayout, tasks, results, parent: int):
@@ -172,7 +248,7 @@ def _serve(source: SampleSource, fd: _SharedFd, nbytes: int, layout: SlotLayout,
         buffers.base = slot * layout.nbytes
         try:
             out = source(SimpleNamespace(epoch_idx=epoch_idx, iteration=iteration))
-            results.put((epoch_idx, iteration, "ok", _describe(out, memory)))
+            results.put((epoch_idx, iteration, "ok", _describe(out, memory, source.reader.mapped_files())))
         except StopIteration:
             results.put((epoch_idx, iteration, "stop", None))
         except BaseException as exc:  # noqa: BLE001 - reported to the pipeline's process, which raises it
@@ -212,6 +288,7 @@ class SharedMemoryReaders:
         self._submitted = 0  # iterations of the current epoch handed to the readers
         self._sequence = 0  # batches handed over since the start: the slot of the next one
         self._done: dict[tuple[int, int], tuple] = {}
+        self._files = _MappedFiles(hold=self.slots)
         self._lock = threading.Lock()
 
     @staticmethod
@@ -271,14 +348,15 @@ class SharedMemoryReaders:
             if not isinstance(item, list):
                 out.append(item)
                 continue
-            out.append(
-                [
-                    np.ndarray(d[1], np.dtype(d[2]), buffer=self._mapping, offset=d[0])
-                    if isinstance(d, tuple)
-                    else d
-                    for d in item
-                ]
-            )
+            arrays = []
+            for d in item:
+                if not isinstance(d, tuple):  # a copy
+                    arrays.append(d)
+                elif d[0] == "slot":
+                    arrays.append(np.ndarray(d[2], np.dtype(d[3]), buffer=self._mapping, offset=d[1]))
+                else:
+                    arrays.append(self._files.array(d[4], d[1], d[2], d[3]))
+            out.append(arrays)
         return tuple(out)
 
     def __call__(self, info) -> tuple:
@@ -297,6 +375,7 @@ class SharedMemoryReaders:
                 raise ReaderFailed(payload)
             if status == "stop":  # the plan and the readers disagree on the epoch's length: never expected
                 raise RuntimeError(f"a reader found epoch index {info.epoch_idx} over at {info.iteration}")
+            self._files.begin()
             return self._arrays(payload)
 
 

@@ -4,12 +4,15 @@ It is called once per *batch* (``batch=True``), in a reader process (``shared_re
 parallel workers with ``readers='dali'``), so the per-sample cost is the read itself plus a few
 microseconds of Python, not a per-sample transport:
 
-- each sample's members are read into a buffer per batch slot: the batch's slot of shared memory with
-  the shared-memory readers (``use_buffers``), else one reused per call. From a local file, each member in
-  ``READ_CHUNK_BYTES`` pieces, each checked (CRC-32C) right after its ``pread`` while it is in the core's
-  cache; on an object store S1 + S2 in one ranged GET, the batch's requests ``requests_in_flight`` at a
-  time (without a node cache, or while a shard is still downloading into it), so a reader is bound by
-  bandwidth rather than by one request's latency;
+- a member of a file on this node (a local dataset, a node-cache copy) is not read at all: it is checked
+  (CRC-32C) where it lies in the page cache and handed over as a view of the mapped file
+  (``ShardReader.view``; the shared-memory readers let the pipeline's process map the same file, so no
+  byte is copied). Otherwise (``map_files`` off, or an object store) the members are read into a buffer
+  per batch slot: the batch's slot of shared memory with the shared-memory readers (``use_buffers``),
+  else one reused per call. From a local file each member in ``READ_CHUNK_BYTES`` pieces, each checked
+  right after its ``pread`` while it is in the core's cache; on an object store S1 + S2 in one ranged
+  GET, the batch's requests ``requests_in_flight`` at a time (without a node cache, or while a shard is
+  still downloading into it), so a reader is bound by bandwidth rather than by one request's latency;
 - the ``.npy`` header of a member is checked by comparing its bytes with headers already seen (a dataset
   holds one header per sensor), instead of being parsed for every member;
 - S2 is handed over with all its stored bands, as a view of the read buffer: the DALI graph selects the
@@ -124,10 +127,11 @@ class SampleSource:
     members and draws their view parameters. Raises StopIteration at the epoch's end.
 
     Outputs (``source_outputs``): per sensor in ``views.sensors`` a list of HWC arrays (S1 float32 with
-    non-finite values replaced by ``s1_fill``, S2 uint16 with every stored band), in the temporal mode
-    then the same for the partners; ``ids`` (B, 6) int64 (row, position, epoch, substituted, corrupt
-    shard or -1, partner row); per view ``matrix`` (B, 2, 3), ``gain`` and ``offset`` (B, C), ``sigma``
-    (B,), float32.
+    non-finite values replaced by ``s1_fill``, S2 uint16 with every stored band; read-only views of a
+    mapped file, or arrays in the read buffers: an S1 with values to fill is copied there first), in the
+    temporal mode then the same for the partners; ``ids`` (B, 6) int64 (row, position, epoch,
+    substituted, corrupt shard or -1, partner row); per view ``matrix`` (B, 2, 3), ``gain`` and
+    ``offset`` (B, C), ``sigma`` (B,), float32.
     """
 
     def __init__(
@@ -255,15 +259,20 @@ class SampleSource:
             start = min(o for o, _ in spans.values())
             end = max(o + n for o, n in spans.values())
             if end - start - sum(n for _, n in spans.values()) <= COALESCE_GAP_BYTES:
-                out = self._buffer(("span", slot), end - start)
                 check = self._checksums(row, spans, start)
-                raw = memoryview(self.reader.read(shard, start, end - start, out=out, verify=check))
+                raw = self.reader.view(shard, start, end - start, verify=check)
+                if raw is None:
+                    out = self._buffer(("span", slot), end - start)
+                    raw = memoryview(self.reader.read(shard, start, end - start, out=out, verify=check))
                 return {s: raw[o - start : o - start + n] for s, (o, n) in spans.items()}
         members = {}
         for sensor, (offset, size) in sorted(spans.items(), key=lambda item: -item[1][0]):
-            out = self._buffer(("raw", sensor, slot), size)
             check = self._checksums(row, {sensor: (offset, size)}, offset)
-            members[sensor] = memoryview(self.reader.read(shard, offset, size, out=out, verify=check))
+            raw = self.reader.view(shard, offset, size, verify=check)
+            if raw is None:
+                out = self._buffer(("raw", sensor, slot), size)
+                raw = memoryview(self.reader.read(shard, offset, size, out=out, verify=check))
+            members[sensor] = raw
         return members
 
     def _read(self, row: int, slot: int = 0) -> list[np.ndarray]:
@@ -280,10 +289,12 @@ class SampleSource:
                     f"not a valid patch array ({exc})"
                 ) from exc
             if sensor == "s1" and not self._all_finite(arr):  # NaN/Inf kept by ingest: band mean
-                if arr.flags.writeable:  # the read buffer: filled in place, where the batch is handed over
-                    np.copyto(arr, self.s1_fill, where=~np.isfinite(arr))
-                else:
-                    arr = np.where(np.isfinite(arr), arr, self.s1_fill).astype(np.float32)
+                if not arr.flags.writeable:  # the file's bytes in place: filled in a copy in the read buffer
+                    buffer = self._buffer(("raw", sensor, slot), arr.nbytes)[: arr.nbytes]
+                    copy = buffer.view(arr.dtype).reshape(arr.shape)
+                    np.copyto(copy, arr)
+                    arr = copy
+                np.copyto(arr, self.s1_fill, where=~np.isfinite(arr))
             arrays.append(arr)
         return arrays
 
@@ -359,6 +370,9 @@ class SampleSource:
 
     def __call__(self, info) -> tuple:
         epoch, plan, positions = self.positions(info.epoch_idx, info.iteration)
+        # The last batch's mappings are dropped (unmapped once nothing points into them): a process maps
+        # the pages of the batch it reads, not of every shard it holds open.
+        self.reader.unmap_files()
         if self.lookahead_steps > 0:
             first = int(positions[0])
             ahead = plan.order[first : first + self.lookahead_steps * self.global_batch]

@@ -2,10 +2,15 @@
 time.
 
 The loader plans which samples to read from ``catalog.npz`` and then asks for single tar members by byte
-range, so a sample costs one ``os.pread`` (local) or one ranged GET (remote) and never a walk over tar
-headers or a whole-shard read. Optionally, remote shards are downloaded whole into a node-local cache
-(``StorageOptions.cache_dir``, ``shard_cache.py``) shared by every process on the node, and read with
-``pread`` from there.
+range, so a sample costs a view of a mapped file or ``os.pread`` calls (local) or one ranged GET (remote)
+and never a walk over tar headers or a whole-shard read. Optionally, remote shards are downloaded whole into a
+node-local cache (``StorageOptions.cache_dir``, ``shard_cache.py``) shared by every process on the node,
+and read from there like a local file.
+
+A file on the node is read in one of two ways: ``read`` copies the bytes into the caller's buffer
+(``pread``, in ``READ_CHUNK_BYTES`` pieces each checked as it lands); ``view`` maps the file read-only and
+returns the bytes where they lie in the page cache, checked there, so a reader that hands them on (the
+loader's reader processes) never copies them (``StorageOptions.map_files``).
 
 Failure policy: every network request gets the client's own timeouts and *our* retry loop (``retry.py``:
 exponential backoff with jitter, the client's retries turned off so that the two do not multiply); after
@@ -22,6 +27,7 @@ Endpoints and credentials come from the standard environment (``AWS_ENDPOINT_URL
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import threading
 import time
@@ -33,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from eossl.ingest.storage import is_remote, url_scheme
 
 from .retry import RetryPolicy, ShortResponseError, retry
@@ -42,6 +50,8 @@ from .storage_errors import CorruptShardError, StorageError
 __all__ = [
     "READ_CHUNK_BYTES",
     "CorruptShardError",
+    "MappedFile",
+    "map_pages",
     "ReadCheck",
     "ShardReader",
     "StorageError",
@@ -116,6 +126,13 @@ class StorageOptions:
             read waits for its shard's download, which ``lookahead_steps`` started steps earlier; measured
             faster for the first epoch in ``eossl bench loader`` (docs/BENCHMARKS.md), and a node whose
             first epoch is bound by its bandwidth loses by doubling the bytes.
+        map_files: read a shard file that is on this node (a local dataset, a cached copy) by mapping it
+            into memory (``ShardReader.view``): the loader's reader processes check a member's bytes in
+            the page cache and hand the pipeline their place there, so no byte is copied on its way to
+            the pipeline, where a ``pread`` copies every byte once more (docs/BENCHMARKS.md). Off: every
+            read is a ``pread`` into the batch's shared memory, for file systems where mapping is slow
+            (some network file systems) or files that may shrink while they are read (a mapped file cut
+            short kills the process that touches its missing pages, where a ``pread`` reports a short read).
     """
 
     cache_dir: str | None = None
@@ -127,6 +144,7 @@ class StorageOptions:
     verify_downloads: bool = True
     requests_in_flight: int = 16
     read_while_downloading: bool = False
+    map_files: bool = True
 
     def __post_init__(self) -> None:
         if self.retries < 0 or self.backoff_s < 0 or self.timeout_s <= 0 or self.lock_timeout_s <= 0:
@@ -142,22 +160,70 @@ class StorageOptions:
         return RetryPolicy(retries=self.retries, backoff_s=self.backoff_s)
 
 
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+_populate = [True]  # False once the kernel has refused it
+
+
+def map_pages(memory: mmap.mmap, offset: int, size: int) -> bool:
+    """Map the pages of ``memory[offset:offset + size]`` into this process now, in one call (``madvise``
+    ``MADV_POPULATE_READ``): half the CPU of taking their page faults as they are first read (64 KiB at a
+    time). False where the kernel (< 5.14) cannot, and the first read maps them."""
+    if not _populate[0] or size <= 0:
+        return False
+    start = offset - offset % mmap.PAGESIZE
+    try:
+        memory.madvise(_MADV_POPULATE_READ, start, offset + size - start)
+    except OSError:
+        _populate[0] = False
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class MappedFile:
+    """A shard file mapped read-only into this process (``ShardReader.view``): ``data`` is its bytes in
+    place (the mapping ``memory``), from ``address``; the rest is what another process needs to map the
+    same file: its ``path``, its identity (``device``, ``inode``: a cached copy can be replaced under the
+    same path) and this process's ``pid`` and ``fd``, through which the file stays reachable
+    (``/proc/<pid>/fd/<fd>``) while this process has it open, even once it is unlinked."""
+
+    memory: mmap.mmap
+    data: memoryview
+    address: int
+    path: str
+    device: int
+    inode: int
+    pid: int
+    fd: int
+
+
+def _map_file(fd: int, path: str, length: int) -> MappedFile:
+    """Map ``length`` bytes of the open file ``fd`` read-only. The mapping lives as long as views of it do:
+    dropping the ``MappedFile`` unmaps nothing that an array handed out still points into."""
+    memory = mmap.mmap(fd, length, prot=mmap.PROT_READ)
+    data = memoryview(memory)
+    address = int(np.frombuffer(data, dtype=np.uint8, count=1).__array_interface__["data"][0])
+    st = os.fstat(fd)
+    return MappedFile(memory, data, address, path, st.st_dev, st.st_ino, os.getpid(), fd)
+
+
 class _OpenFiles:
     """An LRU of open file descriptors with reference counts, so no fd is closed while a thread preads it.
 
     (Closing an fd in use would let the number be reused by another open: a pread would then return bytes
-    of the wrong file.) Entries in use are never evicted; the bound is exceeded while all are in use.
+    of the wrong file.) Entries in use are never evicted; the bound is exceeded while all are in use. An
+    entry may also hold its file's mapping (``mapping``), dropped with the entry.
     """
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self._lock = threading.Lock()
-        self._entries: OrderedDict[int, list] = OrderedDict()  # key -> [fd, refs, closing]
+        self._entries: OrderedDict[int, list] = OrderedDict()  # key -> [fd, refs, closing, MappedFile]
 
     def acquire(self, key: int, opener: Callable[[], int]) -> list:
-        """The entry [fd, refs, closing] of ``key``, opened by ``opener`` if needed; held (never closed or
-        evicted) until ``release``. A pair of calls rather than a context manager: it runs once per member
-        read, where a generator-based ``with`` costs as much as the rest of the bookkeeping."""
+        """The entry [fd, refs, closing, mapping] of ``key``, opened by ``opener`` if needed; held (never
+        closed or evicted) until ``release``. A pair of calls rather than a context manager: it runs once
+        per member read, where a generator-based ``with`` costs as much as the rest of the bookkeeping."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
@@ -168,7 +234,7 @@ class _OpenFiles:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
-                entry = self._entries[key] = [fd, 1, False]
+                entry = self._entries[key] = [fd, 1, False, None]
                 self._shrink()
             else:  # another thread opened it meanwhile
                 os.close(fd)
@@ -182,6 +248,22 @@ class _OpenFiles:
                 os.close(entry[0])
             elif len(self._entries) > self.capacity:  # grew past the bound while all were in use
                 self._shrink()
+
+    def mapping(self, entry: list, path: str, length: int) -> MappedFile:
+        """The held ``entry``'s file mapped read-only (mapped at the first call)."""
+        with self._lock:
+            if entry[3] is None:
+                entry[3] = _map_file(entry[0], path, length)
+            return entry[3]
+
+    def mapped_files(self) -> list[MappedFile]:
+        with self._lock:
+            return [entry[3] for entry in self._entries.values() if entry[3] is not None]
+
+    def unmap_all(self) -> None:
+        with self._lock:
+            for entry in self._entries.values():
+                entry[3] = None
 
     def __contains__(self, key: int) -> bool:
         with self._lock:
@@ -201,7 +283,7 @@ class _OpenFiles:
             self.discard(key)
 
     def __del__(self) -> None:  # a reader dropped without close() does not leak descriptors
-        for fd, refs, _ in list(self._entries.values()):
+        for fd, refs, *_ in list(self._entries.values()):
             if refs == 0:
                 with suppress(OSError):
                     os.close(fd)
@@ -382,13 +464,7 @@ class ShardReader:
             ValueError: the range is outside the shard.
         """
         self._check_process()
-        if not 0 <= shard < len(self.shards):
-            raise ValueError(f"shard {shard} out of range: {self.dataset} has {len(self.shards)} shards")
-        shard_bytes = int(self.shards[shard]["bytes"])
-        if offset < 0 or size < 0 or offset + size > shard_bytes:
-            raise ValueError(
-                f"bytes {offset}-{offset + size} outside {self.url(shard)} ({shard_bytes} bytes)"
-            )
+        self._check_range(shard, offset, size)
         if size == 0:
             return b""
         target = memoryview(out)[:size] if out is not None else None
@@ -397,23 +473,41 @@ class ShardReader:
             self._count(reads_while_downloading=1)
             data = self._ranged_read(shard, offset, size, target, verify)
         elif self.is_local or self._use_cache:
-            data = self._read_file(shard, offset, size, target, verify)
-            problem = verify.problem() if verify is not None else None
-            if problem and self._use_cache:  # damaged on the node's disk after its download check
-                log.warning(
-                    "%s: cached copy fails a check (%s); downloading it again", self.url(shard), problem
-                )
-                self._count(retries=1)
-                self._cache.discard(shard)
-                data = self._read_file(shard, offset, size, target, verify)
-                problem = verify.problem()
-            if problem:
-                name = str(self._cache.paths[shard]) if self._use_cache else self.url(shard)
-                raise CorruptShardError(f"{name}: {problem}")
+            data = self._checked_file(
+                lambda: self._read_file(shard, offset, size, target, verify), shard, verify
+            )
         else:
             data = self._ranged_read(shard, offset, size, target, verify)
         self._count(bytes_read=size)
         return data
+
+    def view(self, shard: int, offset: int, size: int, verify: ReadCheck | None = None) -> memoryview | None:
+        """``read``'s bytes in place, without a copy: a read-only view of the shard's file mapped into memory
+        (``options.map_files``), for a shard that is a file on this node (a local dataset; with a node
+        cache, a shard waited for like ``read`` does, downloading it first). ``verify`` checks the view
+        as ``read`` checks its bytes, a damaged cached copy downloaded again.
+
+        None where the bytes are not in a file here: mapping is off, or a ranged GET would serve ``read``
+        (no cache, or ``read_while_downloading`` for a shard still downloading); ``read`` them instead.
+        The view, and every array made from it, keeps the mapping alive after the file is closed.
+        """
+        self._check_process()
+        self._check_range(shard, offset, size)
+        if not self.options.map_files or not (self.is_local or self._use_cache) or size == 0:
+            return None
+        if self.options.read_while_downloading and self._use_cache and not self._on_node(shard, waiting=True):
+            return None
+        data = self._checked_file(lambda: self._map_member(shard, offset, size, verify), shard, verify)
+        self._count(bytes_read=size)
+        return data
+
+    def mapped_files(self) -> list[MappedFile]:
+        """The shard files this process has mapped and still holds open (``view``)."""
+        return self._files.mapped_files()
+
+    def unmap_files(self) -> None:
+        """Drop every mapping of ``view`` (each is unmapped once no view of it is left); files stay open."""
+        self._files.unmap_all()
 
     def prefetch(self, shards: Sequence[int]) -> None:
         """Start downloading these shards into the cache in the background; a no-op without a cache.
@@ -434,6 +528,32 @@ class ShardReader:
                 self._pool.submit(self._prefetch_one, shard)
 
     # --- reading ---
+
+    def _check_range(self, shard: int, offset: int, size: int) -> None:
+        if not 0 <= shard < len(self.shards):
+            raise ValueError(f"shard {shard} out of range: {self.dataset} has {len(self.shards)} shards")
+        shard_bytes = int(self.shards[shard]["bytes"])
+        if offset < 0 or size < 0 or offset + size > shard_bytes:
+            raise ValueError(
+                f"bytes {offset}-{offset + size} outside {self.url(shard)} ({shard_bytes} bytes)"
+            )
+
+    def _checked_file(self, fetch: Callable[[], bytes | memoryview], shard: int, verify: ReadCheck | None):
+        """``fetch()`` from the shard's file, ``verify``'s problem raised as ``CorruptShardError``; a cached
+        copy that fails it (damaged on the node's disk after its download check) is downloaded again
+        and fetched once more."""
+        data = fetch()
+        problem = verify.problem() if verify is not None else None
+        if problem and self._use_cache:
+            log.warning("%s: cached copy fails a check (%s); downloading it again", self.url(shard), problem)
+            self._count(retries=1)
+            self._cache.discard(shard)
+            data = fetch()
+            problem = verify.problem()
+        if problem:
+            name = str(self._cache.paths[shard]) if self._use_cache else self.url(shard)
+            raise CorruptShardError(f"{name}: {problem}")
+        return data
 
     def _count(self, **increments: int) -> None:
         with self._lock:
@@ -476,15 +596,12 @@ class ShardReader:
         target[:] = data
         return target
 
-    def _read_file(
-        self,
-        shard: int,
-        offset: int,
-        size: int,
-        target: memoryview | None = None,
-        check: ReadCheck | None = None,
-    ) -> bytes | memoryview:
-        name = str(self._cache.paths[shard]) if self._cache is not None else self.url(shard)
+    def _file_name(self, shard: int) -> str:
+        return str(self._cache.paths[shard]) if self._cache is not None else self.url(shard)
+
+    def _acquire_file(self, shard: int) -> tuple[list, bool]:
+        """The shard's open-file entry, held (``self._files.release`` it), and whether the shard was
+        downloaded into the node cache to open it."""
         downloaded = False
 
         def opener() -> int:
@@ -502,21 +619,52 @@ class ShardReader:
                 f"it could be opened (cache_bytes={self.options.cache_bytes} too small?)"
             )
 
+        entry = self._files.acquire(shard, opener)
+        return entry, downloaded
+
+    def _file_read_done(self, shard: int, downloaded: bool) -> None:
+        if self._cache is not None:
+            self._count(**{"cache_misses" if downloaded else "cache_hits": 1})
+            self._cache.touch(shard)
+
+    def _read_file(
+        self,
+        shard: int,
+        offset: int,
+        size: int,
+        target: memoryview | None = None,
+        check: ReadCheck | None = None,
+    ) -> bytes | memoryview:
+        name, shard_bytes = self._file_name(shard), int(self.shards[shard]["bytes"])
         if check is not None:
             check.begin()
-        entry = self._files.acquire(shard, opener)
+        entry, downloaded = self._acquire_file(shard)
         try:
             if target is not None:
-                data = _pread_into(entry[0], offset, target, name, int(self.shards[shard]["bytes"]), check)
+                data = _pread_into(entry[0], offset, target, name, shard_bytes, check)
             else:
-                data = _pread_exact(entry[0], offset, size, name, int(self.shards[shard]["bytes"]))
+                data = _pread_exact(entry[0], offset, size, name, shard_bytes)
                 if check is not None:
                     check.update(memoryview(data))
         finally:
             self._files.release(entry)
-        if self._cache is not None:
-            self._count(**{"cache_misses" if downloaded else "cache_hits": 1})
-            self._cache.touch(shard)
+        self._file_read_done(shard, downloaded)
+        return data
+
+    def _map_member(self, shard: int, offset: int, size: int, check: ReadCheck | None) -> memoryview:
+        """A view of the member's bytes in the shard's mapping (the file's size was checked at its open, so
+        every byte of the range is there), checked."""
+        entry, downloaded = self._acquire_file(shard)
+        try:
+            mapped = self._files.mapping(entry, self._file_name(shard), int(self.shards[shard]["bytes"]))
+        finally:
+            self._files.release(entry)
+        data = mapped.data[offset : offset + size]
+        map_pages(mapped.memory, offset, size)
+        if check is not None:
+            check.begin()
+            check.update(data)
+        self._file_read_done(shard, downloaded)
         return data
 
     def _open_checked(self, path: Path, shard: int) -> int:

@@ -185,9 +185,11 @@ def test_member_checksums_fed_in_any_pieces_name_the_damaged_member():
             )
 
 
-def test_a_damaged_byte_in_any_piece_of_a_checked_local_read_is_caught(copy_of_dataset):
-    """A local member is read and checked in ``READ_CHUNK_BYTES`` pieces: a flipped byte at either end
-    of a piece, the member's first or last byte, fails the read and names the member."""
+@pytest.mark.parametrize("how", ["read", "view"])
+def test_a_damaged_byte_in_any_piece_of_a_checked_local_read_is_caught(copy_of_dataset, how):
+    """A local member is read and checked in ``READ_CHUNK_BYTES`` pieces (``read``), or checked where it
+    lies in the mapped file (``view``): a flipped byte at either end of a piece, the member's first or
+    last byte, fails the read and names the member."""
     root = copy_of_dataset
     row, key, shard, offset, size = _victim(root)
     assert size > 3 * READ_CHUNK_BYTES  # the s2 member spans several pieces
@@ -196,14 +198,20 @@ def test_a_damaged_byte_in_any_piece_of_a_checked_local_read_is_caught(copy_of_d
     reader = ShardReader(str(root), _shards(root))
     members = [("s2", offset, size, int(cat.crc32c["s2"][row]))]
     out = np.empty(size, dtype=np.uint8)
-    read = reader.read(shard, offset, size, out=out, verify=MemberChecksums(offset, members, cat.key, row))
-    assert member_crc32c(read) == members[0][3]
+
+    def checked():
+        check = MemberChecksums(offset, members, cat.key, row)
+        if how == "read":
+            return reader.read(shard, offset, size, out=out, verify=check)
+        return reader.view(shard, offset, size, verify=check)
+
+    assert member_crc32c(checked()) == members[0][3]
     for at in (0, READ_CHUNK_BYTES - 1, READ_CHUNK_BYTES, 2 * READ_CHUNK_BYTES + 1, size - 1):
         _flip(path, offset + at, 1)
         with pytest.raises(CorruptShardError, match=rf"{path.name}: s2 member of sample {key} .*crc32c"):
-            reader.read(shard, offset, size, out=out, verify=MemberChecksums(offset, members, cat.key, row))
+            checked()
         _flip(path, offset + at, 1)
-    reader.read(shard, offset, size, out=out, verify=MemberChecksums(offset, members, cat.key, row))
+    assert member_crc32c(checked()) == members[0][3]
 
 
 def test_flipped_bytes_in_a_local_shard_fail_or_are_skipped_and_counted(copy_of_dataset):

@@ -3,6 +3,7 @@ place; a reader that fails, stops or dies is reported instead of waited on; noth
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 import signal
@@ -21,7 +22,14 @@ import pytest
 from eossl.streaming.inputs import InputSpec
 from eossl.streaming.loader import LoaderConfig, SSLLoader, StreamingError
 from eossl.streaming.plan import PlanConfig
-from eossl.streaming.shared_readers import ReaderFailed, ReaderGone, SharedMemoryReaders, SlotLayout
+from eossl.streaming.shared_readers import (
+    ReaderFailed,
+    ReaderGone,
+    SharedMemoryReaders,
+    SlotLayout,
+    _MappedFiles,
+)
+from eossl.streaming.storage import StorageOptions
 from eossl.streaming.views import ViewConfig
 
 from conftest import complete_triplet, run_cli, sen12ms_path, spoil_s1
@@ -40,11 +48,21 @@ def _info(epoch_idx: int, iteration: int) -> SimpleNamespace:
     return SimpleNamespace(epoch_idx=epoch_idx, iteration=iteration)
 
 
-def _in_mapping(arr: np.ndarray) -> bool:
+def _base(arr: np.ndarray):
     base = arr
     while isinstance(base, np.ndarray) and base.base is not None:
         base = base.base
-    return isinstance(base, mmap.mmap)
+    return base
+
+
+def _in_mapping(arr: np.ndarray) -> bool:
+    return isinstance(_base(arr), mmap.mmap)
+
+
+def _mapped_paths() -> set[str]:
+    """The files mapped into this process (``/proc/self/maps``)."""
+    fields = (line.split(maxsplit=5) for line in Path("/proc/self/maps").read_text().splitlines())
+    return {f[5].strip() for f in fields if len(f) == 6}
 
 
 def _gone(pids: list[int], within_s: float) -> bool:
@@ -99,6 +117,90 @@ def test_batches_equal_the_sample_source_read_in_place_with_nonfinite_s1_filled(
     finally:
         readers.close()
     assert _gone(readers.pids(), 10)
+
+
+@pytest.mark.parametrize("map_files", [True, False])
+def test_members_come_from_the_mapped_files_or_the_slots_the_same_bytes(nan_dataset, map_files):
+    """Mapped (default): every member is handed over where it lies in the shard file, no copy, except a
+    filled S1 (copied into its slot first); ``map_files=False``: every member read into its slot. Both
+    equal the same batches read with ``pread``; the mappings do not pile up over epochs."""
+    loader = SSLLoader(str(nan_dataset), _cfg(storage=StorageOptions(map_files=map_files)))
+    pread = SSLLoader(str(nan_dataset), _cfg(storage=StorageOptions(map_files=False))).sample_source()
+    shard_files = {os.path.realpath(nan_dataset / s["path"]) for s in loader.manifest["shards"]}
+    readers = loader.batch_source()
+    try:
+        from_files = filled = 0
+        epochs = 2 + readers.slots // len(loader)  # past the hand-overs a batch's mappings are held
+        for epoch_idx in range(epochs):
+            for it in range(len(loader)):
+                want, got = pread(_info(epoch_idx, it)), readers(_info(epoch_idx, it))
+                rows = got[len(loader.views.sensors)][:, 0]
+                for k, sensor in enumerate(loader.views.sensors):
+                    for row, a, b in zip(rows, want[k], got[k], strict=True):
+                        assert a.dtype == b.dtype and np.array_equal(a, b)
+                        in_slot = _base(b) is readers._mapping
+                        was_filled = sensor == "s1" and str(loader.catalog.key[row]).endswith("_1_p2")
+                        filled += was_filled
+                        from_files += not in_slot
+                        assert in_slot == (was_filled or not map_files), (sensor, row)
+                        assert b.flags.writeable == in_slot
+            # each batch maps its files afresh; those of batches DALI has let go of are dropped
+            handovers = (epoch_idx + 1) * len(loader)
+            assert len(readers._files) <= len(shard_files) * min(handovers, readers.slots) * map_files
+        assert filled == epochs and from_files == ((2 * 4 - 1) * epochs if map_files else 0)  # 4 samples
+        if map_files:
+            assert shard_files <= _mapped_paths()
+    finally:
+        readers.close()
+
+
+def _file(path: Path, data: bytes) -> tuple:
+    """``data`` written to ``path`` and opened as a reader would: (path, device, inode, pid, fd)."""
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    st = os.fstat(fd)
+    return (str(path), st.st_dev, st.st_ino, os.getpid(), fd)
+
+
+def test_the_pipeline_maps_the_very_file_a_reader_checked(tmp_path):
+    """A node-cache copy replaced under its path (evicted, downloaded again) after a reader checked it:
+    the pipeline maps the file the reader checked, through the reader's descriptor; once that is closed
+    too, a clear error, never the other file's bytes."""
+    path = tmp_path / "shard.tar"
+    where = _file(path, bytes(range(256)) * 64)  # this process stands in for the reader
+    files = _MappedFiles(hold=2)
+    files.begin()
+    assert files.array(where, 256 + 4, (4,), "|u1").tolist() == [4, 5, 6, 7]  # by its path
+    (tmp_path / "new").write_bytes(b"\xff" * 16384)
+    os.replace(tmp_path / "new", path)
+    files.begin()
+    assert files.array(where, 8, (2,), "<u2").tolist() == [0x0908, 0x0B0A]  # by the reader's descriptor
+    os.close(where[4])
+    files.begin()
+    with pytest.raises(
+        ReaderFailed, match=rf"{path}: the shard file a reader checked can no longer be opened"
+    ):
+        files.array(where, 0, (1,), "|u1")
+
+
+def test_a_batchs_mappings_are_dropped_when_its_slot_would_be_written_again(tmp_path):
+    first, second = _file(tmp_path / "a.tar", b"a" * 8192), _file(tmp_path / "b.tar", b"b" * 8192)
+    files = _MappedFiles(hold=3)
+    files.begin()
+    arrays = [files.array(first, 0, (4,), "|u1"), files.array(first, 4, (4,), "|u1")]  # one mapping
+    files.begin()
+    arrays.append(files.array(second, 0, (4,), "|u1"))
+    files.begin()
+    assert len(files) == 2
+    files.begin()  # three hand-overs after the first batch: DALI no longer reads it
+    assert len(files) == 1
+    assert str(tmp_path / "a.tar") in _mapped_paths()  # still mapped while an array points into it
+    assert [bytes(a) for a in arrays] == [b"aaaa", b"aaaa", b"bbbb"]
+    del arrays
+    gc.collect()
+    assert str(tmp_path / "a.tar") not in _mapped_paths()
+    for where in (first, second):
+        os.close(where[4])
 
 
 def test_every_member_of_the_catalog_fits_its_slot(dataset):

@@ -8,6 +8,7 @@ test that is stopped and restarted on the same port. No mocks.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import io
 import json
@@ -233,6 +234,59 @@ def test_local_fd_lru_is_safe_under_threads(dataset, monkeypatch):
     reader.close()
 
 
+def _mapped_paths() -> set[str]:
+    """The files mapped into this process (``/proc/self/maps``)."""
+    fields = (line.split(maxsplit=5) for line in Path("/proc/self/maps").read_text().splitlines())
+    return {f[5].strip() for f in fields if len(f) == 6}
+
+
+def test_local_views_are_the_members_in_place_and_outlive_the_open_files(dataset):
+    reader = ShardReader(str(dataset.root), dataset.shards)
+    views = [reader.view(shard, offset, size) for _, _, shard, offset, size in dataset.items]
+    assert all(v.readonly for v in views)
+    assert [bytes(v) for v in views] == [dataset.expected[it[0], it[1]] for it in dataset.items]
+    assert reader.stats["bytes_read"] == sum(it[4] for it in dataset.items)
+    files = {os.path.realpath(dataset.root / s["path"]) for s in dataset.shards}
+    assert files <= _mapped_paths()  # mapped: the bytes were not copied out of the page cache
+    assert {os.path.realpath(m.path) for m in reader.mapped_files()} == files
+    with pytest.raises(ValueError, match="outside"):
+        reader.view(0, dataset.shards[0]["bytes"] - 10, 11)
+
+    reader.close()  # the files are closed; the views still show their bytes
+    assert reader.mapped_files() == []
+    assert [bytes(v) for v in views] == [dataset.expected[it[0], it[1]] for it in dataset.items]
+    del views
+    gc.collect()
+    assert not files & _mapped_paths()  # unmapped with the last view
+
+    again = ShardReader(str(dataset.root), dataset.shards)
+    _, _, shard, offset, size = dataset.items[0]
+    view = again.view(shard, offset, size)
+    again.unmap_files()  # dropped, but the view keeps its mapping
+    assert again.mapped_files() == []
+    assert os.path.realpath(dataset.root / dataset.shards[shard]["path"]) in _mapped_paths()
+    assert bytes(view) == dataset.expected[dataset.items[0][:2]]
+    again.close()
+
+    off = ShardReader(str(dataset.root), dataset.shards, StorageOptions(map_files=False))
+    assert off.view(shard, offset, size) is None and off.stats["bytes_read"] == 0
+
+
+def test_a_view_of_a_truncated_or_missing_shard_fails_at_its_open(dataset, tmp_path):
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset.root / "shards", copy / "shards")
+    broken = copy / dataset.shards[1]["path"]
+    with open(broken, "r+b") as f:
+        f.truncate(dataset.shards[1]["bytes"] // 2)
+    reader = ShardReader(str(copy), dataset.shards)
+    with pytest.raises(CorruptShardError, match=rf"{broken}.*truncated"):
+        reader.view(1, 0, 512)  # never mapped: pages past the end of a mapped file would kill the process
+    (copy / dataset.shards[2]["path"]).unlink()
+    with pytest.raises(StorageError, match="shard-000002.tar: not found"):
+        reader.view(2, 0, 512)
+    reader.close()
+
+
 # --- S3 without a cache: one ranged GET per read ---
 
 
@@ -327,6 +381,29 @@ def test_s3_cache_downloads_once_then_hits(dataset, moto, tmp_path):
     _assert_reads_equal(again, dataset, items)
     assert again.stats["downloads"] == 0 and again.stats["cache_hits"] == len(items)
     assert len(moto.requests("/shards/")) == 1
+
+
+def test_s3_views_are_of_the_node_copies_only(dataset, moto, tmp_path):
+    """Without a cache, or for a shard still downloading with ``read_while_downloading``, there is no file
+    to map: ``view`` is None and asks nothing of the server; with a cache it waits for the download and
+    maps the copy."""
+    no_cache = ShardReader(f"s3://{BUCKET}/ds", dataset.shards, replace(WAITING, cache_dir=None))
+    _, _, shard, offset, size = dataset.items[0]
+    assert no_cache.view(shard, offset, size) is None and no_cache.stats["requests"] == 0
+    racing_cache = StorageOptions(cache_dir=str(tmp_path / "racing"), read_while_downloading=True)
+    racing = ShardReader(f"s3://{BUCKET}/ds", dataset.shards, racing_cache)
+    assert racing.view(shard, offset, size) is None and racing.stats["requests"] == 0
+
+    cache = tmp_path / "cache"
+    reader = ShardReader(f"s3://{BUCKET}/ds", dataset.shards, replace(WAITING, cache_dir=str(cache)))
+    views = [(it, reader.view(*it[2:])) for it in dataset.items]
+    assert all(bytes(v) == dataset.expected[it[0], it[1]] for it, v in views)
+    assert reader.stats["downloads"] == len(dataset.shards)
+    assert reader.stats["cache_misses"] == len(dataset.shards)
+    assert reader.stats["cache_hits"] == len(dataset.items) - len(dataset.shards)
+    copies = {os.path.realpath(p) for p in cache.rglob("*.tar")}
+    assert {os.path.realpath(m.path) for m in reader.mapped_files()} == copies and copies <= _mapped_paths()
+    reader.close()
 
 
 def test_s3_cache_rejects_a_tampered_shard(dataset, moto, tmp_path):

@@ -70,6 +70,7 @@ def loader_config(cfg: TrainConfig, views: ViewConfig) -> LoaderConfig:
             cache_dir=lc.cache_dir,
             cache_bytes=int(lc.cache_gb * 2**30),
             read_while_downloading=lc.read_while_downloading,
+            map_files=lc.map_files,
             retries=lc.retries,
             timeout_s=lc.timeout_s,
         ),

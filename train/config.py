@@ -241,6 +241,10 @@ class DataConfig:
             while the whole shard downloads (the first epoch does not stall on downloads; up to twice
             its bytes); false (default, measured faster: docs/BENCHMARKS.md): wait for each shard's
             download, started ``lookahead_steps`` ahead.
+        map_files: read shard files on this node (a local dataset, cached copies) by mapping them: the
+            pipeline reads their bytes in the page cache, with no copy (default); false: ``pread`` every
+            sample into shared memory, for file systems where mapping is slow or files that may shrink
+            while read (see ``StorageOptions``).
         retries, timeout_s: attempts after a failed object-store request, and each request's timeout.
         device: DALI device: auto, gpu or cpu.
         cpu_augment: in CPU mode, 'torch' (default: torch's kernels make the views, ~3x cheaper) or 'dali'
@@ -270,6 +274,7 @@ class DataConfig:
     cache_dir: str | None = StorageOptions.cache_dir
     cache_gb: float = StorageOptions.cache_bytes / 2**30
     read_while_downloading: bool = StorageOptions.read_while_downloading
+    map_files: bool = StorageOptions.map_files
     retries: int = StorageOptions.retries
     timeout_s: float = StorageOptions.timeout_s
     device: str = LoaderConfig.device

@@ -7,8 +7,11 @@ Each number is a ratio of CPU-milliseconds per sample of two sides timed in the 
   in place and held there, ``_held``; no graph: on a GPU node that is on the GPU), over a raw ``preadv``
   of the same S1+S2 bytes of every sample in the epoch's order into one reused buffer, in as many
   processes as the reader has (``raw_pread.RawPreads``: the cost of the bytes alone, under the same
-  contention for memory and caches). The reader's extra cost is the member checksums, the view-parameter
-  draws, writing each batch where the pipeline reads it, and the hand-over.
+  contention for memory and caches). With ``map_files`` (the default) the reader copies no byte: its cost
+  is the member checksums (each byte read once, from memory), mapping each sample's pages in the reader
+  and again in the pipeline's process (``shared_readers._MappedFiles`` maps them as it hands a batch
+  over, where DALI's first read of them would otherwise; every batch maps its files afresh, so a small
+  bench dataset costs per sample what a full-size one does), the view-parameter draws and the hand-over.
   ``read_cpu_over_raw_pread_into_batches``: the same reader over the same preads into a sample's place
   in as many batch-sized buffers as the readers' shared memory holds, in turn: a batch of 32 is ~70 MB,
   beyond the caches, so every byte also costs its trip to memory; the part of the reader's cost that
