@@ -47,7 +47,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .source import SampleSource
-from .storage import MappedFile, map_pages
+from .storage import MappedFile, PagesGone, map_pages
 from .worker_watch import WorkerGone, dead_processes
 
 __all__ = ["ReaderFailed", "ReaderGone", "SharedMemoryReaders", "SlotLayout"]
@@ -205,7 +205,14 @@ class _MappedFiles:
         if memory is None:
             memory = maps[(device, inode)] = self._map(path, device, inode, pid, fd)
         arr = np.ndarray(shape, np.dtype(dtype), buffer=memory, offset=at)
-        if not map_pages(memory, at, arr.nbytes):
+        try:
+            populated = map_pages(memory, at, arr.nbytes)
+        except PagesGone:
+            raise ReaderFailed(
+                f"{path}: bytes {at}-{at + arr.nbytes} are no longer in the file: it was cut short after a "
+                f"reader checked them (a shard file must not change while a run reads it)"
+            ) from None
+        if not populated:
             arr.reshape(-1).view(np.uint8)[:: mmap.PAGESIZE].max(initial=0)
         return arr
 

@@ -26,6 +26,7 @@ Endpoints and credentials come from the standard environment (``AWS_ENDPOINT_URL
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -51,6 +52,7 @@ __all__ = [
     "READ_CHUNK_BYTES",
     "CorruptShardError",
     "MappedFile",
+    "PagesGone",
     "map_pages",
     "ReadCheck",
     "ShardReader",
@@ -131,8 +133,9 @@ class StorageOptions:
             the page cache and hand the pipeline their place there, so no byte is copied on its way to
             the pipeline, where a ``pread`` copies every byte once more (docs/BENCHMARKS.md). Off: every
             read is a ``pread`` into the batch's shared memory, for file systems where mapping is slow
-            (some network file systems) or files that may shrink while they are read (a mapped file cut
-            short kills the process that touches its missing pages, where a ``pread`` reports a short read).
+            (some network file systems) or files that may change while they are read (a mapped file cut
+            short is reported when its pages are mapped, ``PagesGone``, but one cut short between that
+            and the pipeline's read kills the process that reads it, where a ``pread`` is a short read).
     """
 
     cache_dir: str | None = None
@@ -164,16 +167,24 @@ _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
 _populate = [True]  # False once the kernel has refused it
 
 
+class PagesGone(OSError):
+    """Pages of a mapped file are past its end now: the file was cut short after it was mapped."""
+
+
 def map_pages(memory: mmap.mmap, offset: int, size: int) -> bool:
     """Map the pages of ``memory[offset:offset + size]`` into this process now, in one call (``madvise``
     ``MADV_POPULATE_READ``): half the CPU of taking their page faults as they are first read (64 KiB at a
-    time). False where the kernel (< 5.14) cannot, and the first read maps them."""
+    time), and a file cut short since it was mapped is an error here (``PagesGone``) instead of a
+    ``SIGBUS`` that kills the process at the first read. False where the kernel (< 5.14) cannot, and the
+    first read maps them."""
     if not _populate[0] or size <= 0:
         return False
     start = offset - offset % mmap.PAGESIZE
     try:
         memory.madvise(_MADV_POPULATE_READ, start, offset + size - start)
-    except OSError:
+    except OSError as exc:
+        if exc.errno == errno.EFAULT:  # what would have been a SIGBUS
+            raise PagesGone(errno.EFAULT, f"bytes {offset}-{offset + size} are past the file's end") from None
         _populate[0] = False
         return False
     return True
@@ -660,7 +671,13 @@ class ShardReader:
         finally:
             self._files.release(entry)
         data = mapped.data[offset : offset + size]
-        map_pages(mapped.memory, offset, size)
+        try:
+            map_pages(mapped.memory, offset, size)
+        except PagesGone:
+            raise CorruptShardError(
+                f"{self._file_name(shard)}: bytes {offset}-{offset + size} are no longer in the file: it was "
+                f"cut short after it was opened (the manifest says {self.shards[shard]['bytes']} bytes)"
+            ) from None
         if check is not None:
             check.begin()
             check.update(data)

@@ -183,6 +183,18 @@ def test_the_pipeline_maps_the_very_file_a_reader_checked(tmp_path):
         files.array(where, 0, (1,), "|u1")
 
 
+def test_a_file_cut_short_after_a_reader_checked_it_is_an_error_not_a_crash(tmp_path):
+    path = tmp_path / "shard.tar"
+    where = _file(path, b"s" * 16384)
+    files = _MappedFiles(hold=2)
+    files.begin()
+    assert bytes(files.array(where, 0, (4,), "|u1")) == b"ssss"
+    os.truncate(path, 4096)  # the pages of bytes 8192-8196 would kill this process if it read them
+    with pytest.raises(ReaderFailed, match=rf"{path}: bytes 8192-8196 are no longer in the file"):
+        files.array(where, 8192, (4,), "|u1")
+    os.close(where[4])
+
+
 def test_a_batchs_mappings_are_dropped_when_its_slot_would_be_written_again(tmp_path):
     first, second = _file(tmp_path / "a.tar", b"a" * 8192), _file(tmp_path / "b.tar", b"b" * 8192)
     files = _MappedFiles(hold=3)

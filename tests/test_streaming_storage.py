@@ -287,6 +287,25 @@ def test_a_view_of_a_truncated_or_missing_shard_fails_at_its_open(dataset, tmp_p
     reader.close()
 
 
+def test_a_shard_cut_short_after_it_was_mapped_fails_the_view_and_the_process_lives_on(dataset, tmp_path):
+    """Pages past a mapped file's end kill the process that reads them (SIGBUS); ``view`` maps a member's
+    pages before anything reads them, so a file cut short while the reader holds it is a clear error."""
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset.root / "shards", copy / "shards")
+    row, m, shard, offset, size = max(dataset.items, key=lambda it: it[3] + it[4])  # the last member
+    reader = ShardReader(str(copy), dataset.shards)
+    first = min((it for it in dataset.items if it[2] == shard), key=lambda it: it[3])
+    assert bytes(reader.view(*first[2:])) == dataset.expected[first[:2]]  # opened and mapped
+    path = copy / dataset.shards[shard]["path"]
+    os.truncate(path, offset)  # the file now ends where the last member begins
+    with pytest.raises(CorruptShardError, match=rf"{path}: bytes {offset}-{offset + size} are no longer"):
+        reader.view(shard, offset, size)
+    with pytest.raises(CorruptShardError, match=rf"{path}: short read"):  # the same through a pread
+        reader.read(shard, offset, size, out=bytearray(size))
+    assert bytes(reader.view(*first[2:])) == dataset.expected[first[:2]]  # what is left still reads
+    reader.close()
+
+
 # --- S3 without a cache: one ranged GET per read ---
 
 
