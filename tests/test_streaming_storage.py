@@ -201,19 +201,23 @@ def test_local_member_read_does_not_read_the_shard(dataset):
     assert rchar() - before < size + 16_384  # the member (a few kB), not the 5 MB shard
 
 
-def test_local_truncated_and_missing_shards(dataset, tmp_path):
+@pytest.mark.parametrize("how", ["read", "view"])
+def test_local_truncated_and_missing_shards(dataset, tmp_path, how):
     copy = tmp_path / "ds"
     shutil.copytree(dataset.root / "shards", copy / "shards")
     broken = copy / dataset.shards[1]["path"]
     with open(broken, "r+b") as f:
         f.truncate(dataset.shards[1]["bytes"] // 2)
     reader = ShardReader(str(copy), dataset.shards)
+    fetch = reader.read if how == "read" else reader.view
     _assert_reads_equal(reader, dataset, dataset.members_of(0))  # the intact shard still reads
+    # even a range that is inside the short file: the size is checked at open (a view never maps it)
     with pytest.raises(CorruptShardError, match=rf"{broken}.*truncated"):
-        reader.read(1, 0, 512)  # even a range that is inside the short file: the size is checked at open
+        fetch(1, 0, 512)
     (copy / dataset.shards[2]["path"]).unlink()
     with pytest.raises(StorageError, match="shard-000002.tar: not found"):
-        reader.read(2, 0, 512)
+        fetch(2, 0, 512)
+    reader.close()
 
 
 def test_local_fd_lru_is_safe_under_threads(dataset, monkeypatch):
@@ -270,21 +274,6 @@ def test_local_views_are_the_members_in_place_and_outlive_the_open_files(dataset
 
     off = ShardReader(str(dataset.root), dataset.shards, StorageOptions(map_files=False))
     assert off.view(shard, offset, size) is None and off.stats["bytes_read"] == 0
-
-
-def test_a_view_of_a_truncated_or_missing_shard_fails_at_its_open(dataset, tmp_path):
-    copy = tmp_path / "ds"
-    shutil.copytree(dataset.root / "shards", copy / "shards")
-    broken = copy / dataset.shards[1]["path"]
-    with open(broken, "r+b") as f:
-        f.truncate(dataset.shards[1]["bytes"] // 2)
-    reader = ShardReader(str(copy), dataset.shards)
-    with pytest.raises(CorruptShardError, match=rf"{broken}.*truncated"):
-        reader.view(1, 0, 512)  # never mapped: pages past the end of a mapped file would kill the process
-    (copy / dataset.shards[2]["path"]).unlink()
-    with pytest.raises(StorageError, match="shard-000002.tar: not found"):
-        reader.view(2, 0, 512)
-    reader.close()
 
 
 def test_a_shard_cut_short_after_it_was_mapped_fails_the_view_and_the_process_lives_on(dataset, tmp_path):
