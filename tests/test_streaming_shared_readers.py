@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 import pytest
 
+import eossl.streaming.storage as storage
 from eossl.streaming.inputs import InputSpec
 from eossl.streaming.loader import LoaderConfig, SSLLoader, StreamingError
 from eossl.streaming.plan import PlanConfig
@@ -162,10 +163,13 @@ def _file(path: Path, data: bytes) -> tuple:
     return (str(path), st.st_dev, st.st_ino, os.getpid(), fd)
 
 
-def test_the_pipeline_maps_the_very_file_a_reader_checked(tmp_path):
+@pytest.mark.parametrize("populate", [True, False], ids=["populate", "page_faults"])
+def test_the_pipeline_maps_the_very_file_a_reader_checked(tmp_path, monkeypatch, populate):
     """A node-cache copy replaced under its path (evicted, downloaded again) after a reader checked it:
     the pipeline maps the file the reader checked, through the reader's descriptor; once that is closed
-    too, a clear error, never the other file's bytes."""
+    too, a clear error, never the other file's bytes. (``populate`` False: pages mapped by touching them,
+    as on a kernel without ``MADV_POPULATE_READ``.)"""
+    monkeypatch.setattr(storage, "_populate", [populate])
     path = tmp_path / "shard.tar"
     where = _file(path, bytes(range(256)) * 64)  # this process stands in for the reader
     files = _MappedFiles(hold=2)

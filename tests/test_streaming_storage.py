@@ -244,7 +244,9 @@ def _mapped_paths() -> set[str]:
     return {f[5].strip() for f in fields if len(f) == 6}
 
 
-def test_local_views_are_the_members_in_place_and_outlive_the_open_files(dataset):
+@pytest.mark.parametrize("populate", [True, False], ids=["populate", "page_faults"])
+def test_local_views_are_the_members_in_place_and_outlive_the_open_files(dataset, monkeypatch, populate):
+    monkeypatch.setattr(storage, "_populate", [populate])  # False: as on a kernel without MADV_POPULATE_READ
     reader = ShardReader(str(dataset.root), dataset.shards)
     views = [reader.view(shard, offset, size) for _, _, shard, offset, size in dataset.items]
     assert all(v.readonly for v in views)

@@ -220,6 +220,7 @@ def test_data_config_defaults_are_the_streaming_ones():
     assert d.shuffle_buffer == PlanConfig().shuffle_buffer
     assert (d.cache_dir, d.retries, d.timeout_s) == (storage.cache_dir, storage.retries, storage.timeout_s)
     assert int(d.cache_gb * 2**30) == storage.cache_bytes
+    assert (d.read_while_downloading, d.map_files) == (storage.read_while_downloading, storage.map_files)
     views = ViewConfig()
     assert (d.mode, d.size, d.n_local, d.local_size) == (
         views.mode,
@@ -228,6 +229,15 @@ def test_data_config_defaults_are_the_streaming_ones():
         views.local_size,
     )
     assert TrainConfig().batch_size == loader.batch_size
+
+
+def test_storage_settings_reach_the_loader_from_set():
+    from eossl.train.builders import loader_config
+    from eossl.train.methods import get_method
+
+    cfg = load_config("moco", None, {"data": "d", "out": "o", "map_files": "false", "cache_gb": "2"})
+    storage = loader_config(cfg, get_method("moco").views(cfg)).storage
+    assert storage.map_files is False and storage.cache_bytes == 2 * 2**30
 
 
 def test_moco_compiles_the_query_encoder_and_dino_the_student():
