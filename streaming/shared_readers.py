@@ -161,7 +161,7 @@ def _describe(out, memory: np.ndarray, files: list[MappedFile]) -> tuple:
                 k = bisect.bisect_right(starts, at) - 1
                 if k >= 0 and at + arr.nbytes <= starts[k] + files[k].data.nbytes:
                     f = files[k]
-                    where = (f.path, f.device, f.inode, f.pid, f.fd)
+                    where = (f.path, f.device, f.inode, f.pid, f.held.fd)
                     arrays.append(("file", at - f.address, arr.shape, arr.dtype.str, where))
                     continue
             arrays.append(np.array(arr, order="C"))  # a copy: the queue pickles it later, in a thread
@@ -235,13 +235,28 @@ class _MappedFiles:
         )
 
 
-def _serve(source: SampleSource, fd: _SharedFd, nbytes: int, layout: SlotLayout, tasks, results, parent: int):
-    """A reader process: read the batches ``tasks`` names into their slots, report each on ``results``."""
+def _serve(
+    source: SampleSource,
+    fd: _SharedFd,
+    nbytes: int,
+    layout: SlotLayout,
+    slots: int,
+    tasks,
+    results,
+    parent: int,
+):
+    """A reader process: read the batches ``tasks`` names into their slots, report each on ``results``.
+
+    The files a batch hands over stay open here (``HeldFile``) for ``slots`` more of this reader's batches:
+    by then the pipeline's process has mapped them (it has handed that batch over before it asks for a
+    batch ``ahead`` later), even where the node cache has meanwhile evicted a copy and closed its
+    descriptor."""
     mapping = mmap.mmap(fd.fd, nbytes, flags=_MAP_FLAGS)
     os.close(fd.fd)
     memory = np.frombuffer(mapping, dtype=np.uint8)
     buffers = _SlotBuffers(memory, layout)
     source.use_buffers(buffers)
+    held: deque[list] = deque(maxlen=slots)
     while True:
         try:
             task = tasks.get(timeout=POLL_S)
@@ -255,7 +270,9 @@ def _serve(source: SampleSource, fd: _SharedFd, nbytes: int, layout: SlotLayout,
         buffers.base = slot * layout.nbytes
         try:
             out = source(SimpleNamespace(epoch_idx=epoch_idx, iteration=iteration))
-            results.put((epoch_idx, iteration, "ok", _describe(out, memory, source.reader.mapped_files())))
+            files = source.reader.mapped_files()
+            held.append([f.held for f in files])
+            results.put((epoch_idx, iteration, "ok", _describe(out, memory, files)))
         except StopIteration:
             results.put((epoch_idx, iteration, "stop", None))
         except BaseException as exc:  # noqa: BLE001 - reported to the pipeline's process, which raises it
@@ -281,7 +298,16 @@ class SharedMemoryReaders:
         self._mapping = mmap.mmap(self._fd, nbytes, flags=_MAP_FLAGS)
         ctx = multiprocessing.get_context("spawn")
         self._tasks, self._results = ctx.Queue(), ctx.Queue()
-        args = (source, _SharedFd(self._fd), nbytes, self.layout, self._tasks, self._results, os.getpid())
+        args = (
+            source,
+            _SharedFd(self._fd),
+            nbytes,
+            self.layout,
+            self.slots,
+            self._tasks,
+            self._results,
+            os.getpid(),
+        )
         self._procs = [
             ctx.Process(target=_serve, args=args, name=f"eossl-reader-{i}") for i in range(workers)
         ]

@@ -32,6 +32,7 @@ import mmap
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +52,7 @@ from .storage_errors import CorruptShardError, StorageError
 __all__ = [
     "READ_CHUNK_BYTES",
     "CorruptShardError",
+    "HeldFile",
     "MappedFile",
     "PagesGone",
     "map_pages",
@@ -190,13 +192,24 @@ def map_pages(memory: mmap.mmap, offset: int, size: int) -> bool:
     return True
 
 
+class HeldFile:
+    """A descriptor of this process's own onto an open file (a ``dup``), closed when this object is
+    dropped: it keeps the file reachable as ``/proc/<pid>/fd/<fd>`` for as long as someone needs that,
+    whatever happens to the descriptor it was made from (the node cache closes a reader's descriptor of a
+    copy it evicts)."""
+
+    def __init__(self, fd: int):
+        self.fd = os.dup(fd)
+        weakref.finalize(self, os.close, self.fd)
+
+
 @dataclass(frozen=True)
 class MappedFile:
     """A shard file mapped read-only into this process (``ShardReader.view``): ``data`` is its bytes in
     place (the mapping ``memory``), from ``address``; the rest is what another process needs to map the
     same file: its ``path``, its identity (``device``, ``inode``: a cached copy can be replaced under the
-    same path) and this process's ``pid`` and ``fd``, through which the file stays reachable
-    (``/proc/<pid>/fd/<fd>``) while this process has it open, even once it is unlinked."""
+    same path) and this process's ``pid`` and ``held`` descriptor, through which the file stays reachable
+    (``/proc/<pid>/fd/<fd>``) while ``held`` lives, even once it is unlinked."""
 
     memory: mmap.mmap
     data: memoryview
@@ -205,7 +218,7 @@ class MappedFile:
     device: int
     inode: int
     pid: int
-    fd: int
+    held: HeldFile
 
 
 def _map_file(fd: int, path: str, length: int) -> MappedFile:
@@ -215,7 +228,7 @@ def _map_file(fd: int, path: str, length: int) -> MappedFile:
     data = memoryview(memory)
     address = int(np.frombuffer(data, dtype=np.uint8, count=1).__array_interface__["data"][0])
     st = os.fstat(fd)
-    return MappedFile(memory, data, address, path, st.st_dev, st.st_ino, os.getpid(), fd)
+    return MappedFile(memory, data, address, path, st.st_dev, st.st_ino, os.getpid(), HeldFile(fd))
 
 
 class _OpenFiles:
@@ -230,6 +243,7 @@ class _OpenFiles:
         self.capacity = capacity
         self._lock = threading.Lock()
         self._entries: OrderedDict[int, list] = OrderedDict()  # key -> [fd, refs, closing, MappedFile]
+        self._mapped: list[MappedFile] = []  # mapped since the last ``unmap_all``, evicted ones included
 
     def acquire(self, key: int, opener: Callable[[], int]) -> list:
         """The entry [fd, refs, closing, mapping] of ``key``, opened by ``opener`` if needed; held (never
@@ -265,16 +279,19 @@ class _OpenFiles:
         with self._lock:
             if entry[3] is None:
                 entry[3] = _map_file(entry[0], path, length)
+                self._mapped.append(entry[3])
+                del self._mapped[: -4 * self.capacity]  # bounded where nobody calls ``unmap_all``
             return entry[3]
 
     def mapped_files(self) -> list[MappedFile]:
         with self._lock:
-            return [entry[3] for entry in self._entries.values() if entry[3] is not None]
+            return list(self._mapped)
 
     def unmap_all(self) -> None:
         with self._lock:
             for entry in self._entries.values():
                 entry[3] = None
+            self._mapped.clear()
 
     def __contains__(self, key: int) -> bool:
         with self._lock:
@@ -292,6 +309,7 @@ class _OpenFiles:
     def close_all(self) -> None:
         for key in list(self._entries):
             self.discard(key)
+        self.unmap_all()
 
     def __del__(self) -> None:  # a reader dropped without close() does not leak descriptors
         for fd, refs, *_ in list(self._entries.values()):
@@ -513,7 +531,8 @@ class ShardReader:
         return data
 
     def mapped_files(self) -> list[MappedFile]:
-        """The shard files this process has mapped and still holds open (``view``)."""
+        """The shard files ``view`` has mapped since the last ``unmap_files`` (the loader's reader: in the
+        batch it is reading), including any the node cache has evicted meanwhile."""
         return self._files.mapped_files()
 
     def unmap_files(self) -> None:

@@ -34,6 +34,7 @@ from eossl.streaming.storage import StorageOptions
 from eossl.streaming.views import ViewConfig
 
 from conftest import complete_triplet, run_cli, sen12ms_path, spoil_s1
+from servers import upload_tree
 
 PAIR = ViewConfig(mode="pair", inputs=InputSpec(sensors=("s1", "s2")), size=32)
 
@@ -151,6 +152,43 @@ def test_members_come_from_the_mapped_files_or_the_slots_the_same_bytes(nan_data
         assert filled == epochs and from_files == ((2 * 4 - 1) * epochs if map_files else 0)  # 4 samples
         if map_files:
             assert shard_files <= _mapped_paths()
+    finally:
+        readers.close()
+
+
+def test_a_node_cache_evicting_the_copies_of_batches_in_flight_changes_no_batch(
+    dataset, s3_endpoint, tmp_path
+):
+    """A node cache that holds two of the dataset's eight shards: copies the readers have mapped and handed
+    over are evicted (unlinked), and evicted ones downloaded again, while their batches are in flight. The
+    pipeline still maps the very files the readers checked, and every batch equals the local dataset's."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    upload_tree(dataset, "s3://readers-cache/ds")
+    shards = SSLLoader(str(dataset), _cfg()).manifest["shards"]
+    assert len(shards) == 8
+    cache = tmp_path / "cache"
+    storage = StorageOptions(
+        cache_dir=str(cache), cache_bytes=2 * max(s["bytes"] for s in shards), retries=1, backoff_s=0.01
+    )
+    local = SSLLoader(str(dataset), _cfg(storage=StorageOptions(map_files=False))).sample_source()
+    loader = SSLLoader("s3://readers-cache/ds", _cfg(storage=storage))
+    readers = loader.batch_source()
+    try:
+        from_files = 0
+        for epoch_idx in range(2):
+            for it in range(len(loader)):
+                want, got = local(_info(epoch_idx, it)), readers(_info(epoch_idx, it))
+                for w, g in zip(want, got, strict=True):
+                    if not isinstance(w, list):
+                        np.testing.assert_array_equal(w, g)
+                        continue
+                    for a, b in zip(w, g, strict=True):
+                        assert np.array_equal(a, b)
+                        from_files += _base(b) is not readers._mapping
+        assert from_files == 2 * 2 * 24  # every member of both epochs, from a mapped copy
+        assert len(list(cache.rglob("*.tar"))) <= 3  # the bound, and one download's room
     finally:
         readers.close()
 
