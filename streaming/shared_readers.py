@@ -35,6 +35,7 @@ import mmap
 import multiprocessing
 import os
 import queue
+import resource
 import threading
 import time
 import traceback
@@ -108,6 +109,25 @@ class SlotLayout:
         if key[-1] >= self.samples or nbytes > room:
             raise RuntimeError(f"read buffer {key} of {nbytes} bytes does not fit its slot ({room} bytes)")
         return key[-1] * self.stride + at
+
+
+def lift_open_file_limit() -> tuple[int, int]:
+    """Lift this process's soft limit on open files to its hard limit; the (soft, hard) limits after.
+
+    A mapping holds a descriptor (Python's ``mmap`` keeps its own) and a reader holds one per file it hands
+    over, for the files of the last ``slots`` batches: with the default 256 MB shards ~150 per process, but
+    small shards and large batches could pass a soft limit of 1,024, which many systems set below a hard
+    limit of tens of thousands."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (
+            ValueError,
+            OSError,
+        ):  # an unlimited hard limit above what the kernel takes: keep the soft one
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 class _SharedFd:
@@ -251,6 +271,7 @@ def _serve(
     by then the pipeline's process has mapped them (it has handed that batch over before it asks for a
     batch ``ahead`` later), even where the node cache has meanwhile evicted a copy and closed its
     descriptor."""
+    lift_open_file_limit()
     mapping = mmap.mmap(fd.fd, nbytes, flags=_MAP_FLAGS)
     os.close(fd.fd)
     memory = np.frombuffer(mapping, dtype=np.uint8)
@@ -293,6 +314,7 @@ class SharedMemoryReaders:
         self.slots = self.slot_count(workers, prefetch)
         self.timeout_s = timeout_s
         nbytes = self.layout.nbytes * self.slots
+        lift_open_file_limit()  # this process maps the files of the last ``slots`` batches
         self._fd = os.memfd_create("eossl-readers", os.MFD_CLOEXEC)
         os.ftruncate(self._fd, nbytes)
         self._mapping = mmap.mmap(self._fd, nbytes, flags=_MAP_FLAGS)

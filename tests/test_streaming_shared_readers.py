@@ -193,6 +193,51 @@ def test_a_node_cache_evicting_the_copies_of_batches_in_flight_changes_no_batch(
         readers.close()
 
 
+def test_the_loaders_processes_lift_a_low_soft_limit_on_open_files(dataset, tmp_path):
+    """Mappings hold descriptors for the last batches' files: a soft limit of 256 under a higher hard one is
+    lifted in the pipeline's process and in every reader."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    script = tmp_path / "limits.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import resource
+            from pathlib import Path
+            from types import SimpleNamespace
+            from eossl.streaming.inputs import InputSpec
+            from eossl.streaming.loader import LoaderConfig, SSLLoader
+            from eossl.streaming.views import ViewConfig
+
+            if __name__ == "__main__":
+                views = ViewConfig(mode="pair", inputs=InputSpec(sensors=("s1", "s2")), size=32)
+                cfg = LoaderConfig(batch_size=2, split="all", device="cpu", workers=2, views=views)
+                before = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                readers = SSLLoader({str(dataset)!r}, cfg).batch_source()
+                readers(SimpleNamespace(epoch_idx=0, iteration=0))  # every reader has started
+                limits = [Path(f"/proc/{{p}}/limits").read_text() for p in readers.pids()]
+                soft = [int(next(l for l in t.splitlines() if "open files" in l).split()[3]) for t in limits]
+                print(before, resource.getrlimit(resource.RLIMIT_NOFILE)[0], *soft)
+                readers.close()
+            """
+        )
+    )
+
+    def low_soft_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, preexec_fn=low_soft_limit
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, main, *readers = (int(v) for v in done.stdout.split())
+    want = hard if hard != resource.RLIM_INFINITY else main
+    assert before == 256 and main == want and readers == [want, want]
+
+
 def _file(path: Path, data: bytes) -> tuple:
     """``data`` written to ``path`` and opened as a reader would: (path, device, inode, pid, fd)."""
     path.write_bytes(data)
