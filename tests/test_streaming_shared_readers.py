@@ -193,6 +193,23 @@ def test_a_node_cache_evicting_the_copies_of_batches_in_flight_changes_no_batch(
         readers.close()
 
 
+def _loader_script(path: Path, dataset: Path, imports: str, body: str) -> Path:
+    """A script at ``path`` that builds the module's pair loader (2 reader workers) on ``dataset`` as
+    ``loader`` and then runs ``body``: a process of its own to limit or kill."""
+    head = f"""
+        from eossl.streaming.inputs import InputSpec
+        from eossl.streaming.loader import LoaderConfig, SSLLoader
+        from eossl.streaming.views import ViewConfig
+
+        if __name__ == "__main__":
+            views = ViewConfig(mode="pair", inputs=InputSpec(sensors=("s1", "s2")), size=32)
+            cfg = LoaderConfig(batch_size=2, split="all", device="cpu", workers=2, views=views)
+            loader = SSLLoader({str(dataset)!r}, cfg)
+        """
+    path.write_text(imports + textwrap.dedent(head) + textwrap.indent(textwrap.dedent(body), "    "))
+    return path
+
+
 def test_the_loaders_processes_lift_a_low_soft_limit_on_open_files(dataset, tmp_path):
     """Mappings hold descriptors for the last batches' files: a soft limit of 256 under a higher hard one is
     lifted in the pipeline's process and in every reader."""
@@ -201,29 +218,19 @@ def test_the_loaders_processes_lift_a_low_soft_limit_on_open_files(dataset, tmp_
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and hard <= 256:
         pytest.skip(f"the hard limit on open files is {hard}")
-    script = tmp_path / "limits.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import resource
-            from pathlib import Path
-            from types import SimpleNamespace
-            from eossl.streaming.inputs import InputSpec
-            from eossl.streaming.loader import LoaderConfig, SSLLoader
-            from eossl.streaming.views import ViewConfig
-
-            if __name__ == "__main__":
-                views = ViewConfig(mode="pair", inputs=InputSpec(sensors=("s1", "s2")), size=32)
-                cfg = LoaderConfig(batch_size=2, split="all", device="cpu", workers=2, views=views)
-                before = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-                readers = SSLLoader({str(dataset)!r}, cfg).batch_source()
-                readers(SimpleNamespace(epoch_idx=0, iteration=0))  # every reader has started
-                limits = [Path(f"/proc/{{p}}/limits").read_text() for p in readers.pids()]
-                soft = [int(next(l for l in t.splitlines() if "open files" in l).split()[3]) for t in limits]
-                print(before, resource.getrlimit(resource.RLIMIT_NOFILE)[0], *soft)
-                readers.close()
-            """
-        )
+    script = _loader_script(
+        tmp_path / "limits.py",
+        dataset,
+        "import resource\nfrom pathlib import Path\nfrom types import SimpleNamespace",
+        """
+        before = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        readers = loader.batch_source()
+        readers(SimpleNamespace(epoch_idx=0, iteration=0))  # every reader has started
+        limits = [Path(f"/proc/{p}/limits").read_text() for p in readers.pids()]
+        soft = [int(next(l for l in t.splitlines() if "open files" in l).split()[3]) for t in limits]
+        print(before, resource.getrlimit(resource.RLIMIT_NOFILE)[0], *soft)
+        readers.close()
+        """,
     )
 
     def low_soft_limit():
@@ -377,25 +384,16 @@ def test_readers_stop_with_the_loader_and_when_their_parent_is_killed(dataset, t
     batches.close()  # the consumer stops mid-epoch
     assert _gone(pids, 10)
 
-    script = tmp_path / "owner.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import time
-            from eossl.streaming.inputs import InputSpec
-            from eossl.streaming.loader import LoaderConfig, SSLLoader
-            from eossl.streaming.views import ViewConfig
-
-            if __name__ == "__main__":
-                views = ViewConfig(mode="pair", inputs=InputSpec(sensors=("s1", "s2")), size=32)
-                cfg = LoaderConfig(batch_size=2, split="all", device="cpu", workers=2, views=views)
-                loader = SSLLoader({str(dataset)!r}, cfg)
-                batches = iter(loader)
-                next(batches)
-                print(" ".join(map(str, loader._worker_pids())), flush=True)
-                time.sleep(600)
-            """
-        )
+    script = _loader_script(
+        tmp_path / "owner.py",
+        dataset,
+        "import time",
+        """
+        batches = iter(loader)
+        next(batches)
+        print(" ".join(map(str, loader._worker_pids())), flush=True)
+        time.sleep(600)
+        """,
     )
     owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
